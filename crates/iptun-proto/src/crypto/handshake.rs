@@ -1,0 +1,163 @@
+//! The two ends of the Noise IK handshake, with iptun's payloads: the
+//! client's timestamp (against replayed inits) and the server's
+//! [`TunnelConfig`].
+
+use snow::{Builder, HandshakeState};
+
+use super::{NOISE_PARAMS, PROLOGUE, PrivateKey, PublicKey, SessionKeys};
+use crate::DropReason;
+use crate::wire::TunnelConfig;
+use crate::wire::config::CONFIG_LEN;
+use crate::wire::message::{INIT_NOISE_LEN, INIT_PAYLOAD_LEN, RESPONSE_NOISE_LEN};
+
+fn builder<'a>(local: &'a PrivateKey) -> Builder<'a> {
+    Builder::new(NOISE_PARAMS.parse().expect("valid Noise parameters"))
+        .local_private_key(local.as_bytes())
+        .and_then(|b| b.prologue(PROLOGUE))
+        .expect("static key and prologue are accepted")
+}
+
+/// The client's half-finished handshake.
+pub struct Initiator {
+    state: HandshakeState,
+}
+
+impl Initiator {
+    /// Write Noise message 1 into `out`, carrying `timestamp` (nanoseconds
+    /// since the Unix epoch; the server requires it to grow).
+    pub fn start(local: &PrivateKey, server: &PublicKey, timestamp: u64, out: &mut [u8; INIT_NOISE_LEN]) -> Self {
+        let mut state = builder(local)
+            .remote_public_key(&server.0)
+            .and_then(Builder::build_initiator)
+            .expect("a 32-byte server key is accepted");
+        let mut payload = [0u8; INIT_PAYLOAD_LEN];
+        payload[..8].copy_from_slice(&timestamp.to_le_bytes());
+        let n = state.write_message(&payload, out).expect("message 1 fits its fixed size");
+        debug_assert_eq!(n, INIT_NOISE_LEN);
+        Self { state }
+    }
+
+    /// Read Noise message 2: the server's config and the session keys.
+    pub fn finish(mut self, noise: &[u8]) -> Result<(TunnelConfig, SessionKeys), DropReason> {
+        let mut payload = [0u8; CONFIG_LEN + 16];
+        let n = self.state.read_message(noise, &mut payload).map_err(|_| DropReason::Unauthenticated)?;
+        let config = TunnelConfig::parse(&payload[..n])?;
+        let transport = self.state.into_stateless_transport_mode().map_err(|_| DropReason::Unauthenticated)?;
+        Ok((config, SessionKeys::new(transport)))
+    }
+}
+
+/// The server's view of a verified init, before it decides to answer.
+pub struct Responder {
+    state: HandshakeState,
+    client: PublicKey,
+    timestamp: u64,
+}
+
+impl Responder {
+    /// Read Noise message 1. On success the client's static key is proven
+    /// (it decrypted under our static key and its own).
+    pub fn read(local: &PrivateKey, noise: &[u8]) -> Result<Self, DropReason> {
+        let mut state = builder(local).build_responder().expect("responder builds");
+        let mut payload = [0u8; INIT_PAYLOAD_LEN];
+        let n = state.read_message(noise, &mut payload).map_err(|_| DropReason::Unauthenticated)?;
+        if n != INIT_PAYLOAD_LEN {
+            return Err(DropReason::Malformed);
+        }
+        let client = state
+            .get_remote_static()
+            .and_then(|k| k.try_into().ok())
+            .map(PublicKey)
+            .ok_or(DropReason::Unauthenticated)?;
+        let timestamp = u64::from_le_bytes(payload[..8].try_into().unwrap());
+        Ok(Self { state, client, timestamp })
+    }
+
+    /// The client's static public key.
+    pub fn client(&self) -> &PublicKey {
+        &self.client
+    }
+
+    /// The client's timestamp (nanoseconds since the Unix epoch).
+    pub fn timestamp(&self) -> u64 {
+        self.timestamp
+    }
+
+    /// Write Noise message 2 carrying `config` into `out`; returns the keys.
+    pub fn accept(mut self, config: &TunnelConfig, out: &mut [u8; RESPONSE_NOISE_LEN]) -> Result<SessionKeys, DropReason> {
+        let n = self.state.write_message(&config.emit(), out).map_err(|_| DropReason::TooLarge)?;
+        debug_assert_eq!(n, RESPONSE_NOISE_LEN);
+        let transport = self.state.into_stateless_transport_mode().map_err(|_| DropReason::Unauthenticated)?;
+        Ok(SessionKeys::new(transport))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn config() -> TunnelConfig {
+        TunnelConfig {
+            client_v4: Ipv4Addr::new(10, 1, 0, 2),
+            server_v4: Ipv4Addr::new(10, 1, 0, 1),
+            prefix_v4: 24,
+            v6: None,
+            mtu: 1420,
+            keepalive_secs: 10,
+        }
+    }
+
+    #[test]
+    fn full_handshake_then_data_both_ways() {
+        let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut m1 = [0u8; INIT_NOISE_LEN];
+        let init = Initiator::start(&client, &server.public_key(), 42, &mut m1);
+        let resp = Responder::read(&server, &m1).unwrap();
+        assert_eq!(resp.client(), &client.public_key());
+        assert_eq!(resp.timestamp(), 42);
+        let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+        let mut server_keys = resp.accept(&config(), &mut m2).unwrap();
+        let (got, mut client_keys) = init.finish(&m2).unwrap();
+        assert_eq!(got, config());
+
+        let mut msg = [0u8; 64];
+        let mut plain = [0u8; 64];
+        let n = client_keys.seal(7, b"hello", &mut msg).unwrap();
+        let Ok(crate::wire::Message::Data { counter, ciphertext, .. }) = crate::wire::Message::parse(&msg[..n]) else { panic!() };
+        let m = server_keys.open(counter, ciphertext, &mut plain).unwrap();
+        assert_eq!(&plain[..m], b"hello");
+        assert_eq!(server_keys.open(counter, ciphertext, &mut plain), Err(DropReason::Replay));
+
+        let n = server_keys.seal(9, b"back", &mut msg).unwrap();
+        let Ok(crate::wire::Message::Data { counter, ciphertext, .. }) = crate::wire::Message::parse(&msg[..n]) else { panic!() };
+        let m = client_keys.open(counter, ciphertext, &mut plain).unwrap();
+        assert_eq!(&plain[..m], b"back");
+    }
+
+    #[test]
+    fn wrong_server_key_fails() {
+        let (client, server, other) = (PrivateKey::generate(), PrivateKey::generate(), PrivateKey::generate());
+        let mut m1 = [0u8; INIT_NOISE_LEN];
+        Initiator::start(&client, &other.public_key(), 1, &mut m1);
+        assert!(Responder::read(&server, &m1).is_err());
+    }
+
+    #[test]
+    fn tampered_data_fails() {
+        let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut m1 = [0u8; INIT_NOISE_LEN];
+        let init = Initiator::start(&client, &server.public_key(), 1, &mut m1);
+        let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+        let mut server_keys = Responder::read(&server, &m1).unwrap().accept(&config(), &mut m2).unwrap();
+        let (_, mut client_keys) = init.finish(&m2).unwrap();
+        let mut msg = [0u8; 64];
+        let n = client_keys.seal(7, b"hello", &mut msg).unwrap();
+        msg[20] ^= 1;
+        let mut plain = [0u8; 64];
+        assert_eq!(server_keys.open(0, &msg[16..n], &mut plain), Err(DropReason::Unauthenticated));
+        // A forged message must not move the replay window.
+        msg[20] ^= 1;
+        assert_eq!(server_keys.open(0, &msg[16..n], &mut plain), Ok(5));
+    }
+}

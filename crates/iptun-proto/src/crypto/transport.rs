@@ -1,0 +1,69 @@
+//! Sealing and opening data messages with the keys of one handshake.
+
+use snow::StatelessTransportState;
+
+use super::ReplayWindow;
+use crate::DropReason;
+use crate::wire::message::{DATA_HEADER_LEN, DATA_OVERHEAD, Message};
+
+/// A sender stops using a keypair before its counter can wrap (WireGuard's margin).
+pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+/// The keys of one completed handshake, with the send counter and replay window.
+pub struct SessionKeys {
+    noise: StatelessTransportState,
+    next_counter: u64,
+    replay: ReplayWindow,
+}
+
+impl SessionKeys {
+    pub(super) fn new(noise: StatelessTransportState) -> Self {
+        Self { noise, next_counter: 0, replay: ReplayWindow::new() }
+    }
+
+    /// Messages sealed so far.
+    pub fn sent(&self) -> u64 {
+        self.next_counter
+    }
+
+    /// Write a complete data message for `receiver` carrying `plaintext` into
+    /// `out`; returns its length (`plaintext.len() + DATA_OVERHEAD`).
+    pub fn seal(&mut self, receiver: u32, plaintext: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        let len = plaintext.len() + DATA_OVERHEAD;
+        if out.len() < len {
+            return Err(DropReason::TooLarge);
+        }
+        let counter = self.next_counter;
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(DropReason::Expired);
+        }
+        self.next_counter += 1;
+        Message::emit_data_header(receiver, counter, out);
+        self.noise
+            .write_message(counter, plaintext, &mut out[DATA_HEADER_LEN..len])
+            .map_err(|_| DropReason::TooLarge)?;
+        Ok(len)
+    }
+
+    /// Authenticate and decrypt a data message's ciphertext into `out`;
+    /// returns the plaintext length. Replays are rejected before decryption.
+    pub fn open(&mut self, counter: u64, ciphertext: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(DropReason::Expired);
+        }
+        if !self.replay.is_fresh(counter) {
+            return Err(DropReason::Replay);
+        }
+        // snow would allocate when `out` is shorter than the ciphertext.
+        if out.len() < ciphertext.len() {
+            return Err(DropReason::TooLarge);
+        }
+        let n = self
+            .noise
+            .read_message(counter, ciphertext, out)
+            .map_err(|_| DropReason::Unauthenticated)?;
+        // Only an authenticated counter may move the window.
+        self.replay.accept(counter);
+        Ok(n)
+    }
+}

@@ -1,0 +1,319 @@
+//! The client: starts and renews the session, seals what the TUN device
+//! gives it, opens what the server sends, keeps NAT mappings alive, and
+//! notices when the server has gone away (a restart) so it can start over.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, HANDSHAKE_RETRY, HANDSHAKE_RETRY_MAX, Keypair,
+    REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
+};
+use crate::crypto::{Initiator, PrivateKey, PublicKey};
+use crate::wire::message::{INIT_LEN, INIT_NOISE_LEN};
+use crate::wire::{InnerPacket, Message, TunnelConfig};
+use crate::{DropCounters, DropReason};
+
+/// What the client needs to know up front.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The client's static key.
+    pub private_key: PrivateKey,
+    /// The server's static public key.
+    pub server_key: PublicKey,
+    /// Start a new handshake after this many messages on one keypair.
+    pub rekey_after_messages: u64,
+}
+
+impl ClientConfig {
+    /// A config with the default rekey limits.
+    pub fn new(private_key: PrivateKey, server_key: PublicKey) -> Self {
+        Self { private_key, server_key, rekey_after_messages: REKEY_AFTER_MESSAGES }
+    }
+}
+
+/// Something the driver must act on outside the packet flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A handshake completed and the server's configuration differs from
+    /// what the TUN device has (always true the first time): configure it.
+    Configured(TunnelConfig),
+}
+
+/// What to do with the result of [`Client::handle_datagram`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientOutput<'a> {
+    /// Nothing to do (a keepalive arrived).
+    Nothing,
+    /// Write this inner packet to the TUN device.
+    Tun(&'a [u8]),
+    /// Send this message to the server.
+    Send(&'a [u8]),
+}
+
+struct Pending {
+    initiator: Initiator,
+    local_index: u32,
+}
+
+/// The client's state machine.
+pub struct Client {
+    config: ClientConfig,
+    epoch: Instant,
+    epoch_unix_nanos: u64,
+    pending: Option<Pending>,
+    current: Option<Keypair>,
+    previous: Option<Keypair>,
+    tunnel: Option<TunnelConfig>,
+    event: Option<ClientEvent>,
+    /// When to send the next init, if one is due.
+    next_handshake: Option<Instant>,
+    attempts: u32,
+    last_rx: Instant,
+    last_tx: Instant,
+    last_keepalive: Instant,
+    last_handshake: Option<Instant>,
+    traffic: Traffic,
+    drops: DropCounters,
+}
+
+impl Client {
+    /// A client that will start its handshake at the first `poll_timers`.
+    /// `unix_nanos` is the wall-clock time at `now`; it seeds the handshake
+    /// timestamps, which must grow across client restarts.
+    pub fn new(config: ClientConfig, now: Instant, unix_nanos: u64) -> Self {
+        Self {
+            config,
+            epoch: now,
+            epoch_unix_nanos: unix_nanos,
+            pending: None,
+            current: None,
+            previous: None,
+            tunnel: None,
+            event: None,
+            next_handshake: Some(now),
+            attempts: 0,
+            last_rx: now,
+            last_tx: now,
+            last_keepalive: now,
+            last_handshake: None,
+            traffic: Traffic::default(),
+            drops: DropCounters::default(),
+        }
+    }
+
+    /// Seal an inner packet from the TUN device into a data message in `out`.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        let result = self.seal_packet(now, packet, out);
+        if let Err(reason) = result {
+            self.drops.add(reason);
+        }
+        result
+    }
+
+    fn seal_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        InnerPacket::new_checked(packet)?;
+        let Some(keypair) = self.current.as_mut().filter(|k| !k.expired(now)) else {
+            self.want_handshake(now);
+            return Err(DropReason::NoSession);
+        };
+        let n = keypair.seal(packet, out)?;
+        let rekey = keypair.keys.sent() >= self.config.rekey_after_messages
+            || now.saturating_duration_since(keypair.born) >= REKEY_AFTER_TIME;
+        if rekey {
+            self.want_handshake(now);
+        }
+        self.last_tx = now;
+        self.traffic.tx(packet.len());
+        Ok(n)
+    }
+
+    /// Handle a message from the server.
+    pub fn handle_datagram<'a>(
+        &'a mut self,
+        now: Instant,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ClientOutput<'a>, DropReason> {
+        let result = match Message::parse(datagram) {
+            Ok(Message::Response { sender, receiver, noise }) => self.complete_handshake(now, sender, receiver, noise, out),
+            Ok(Message::Data { receiver, counter, ciphertext }) => self.open_data(now, receiver, counter, ciphertext, out),
+            Ok(Message::Init { .. }) => Err(DropReason::Malformed),
+            Err(e) => Err(e),
+        };
+        if let Err(reason) = result {
+            self.drops.add(reason);
+        }
+        result
+    }
+
+    fn complete_handshake<'a>(
+        &mut self,
+        now: Instant,
+        sender: u32,
+        receiver: u32,
+        noise: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ClientOutput<'a>, DropReason> {
+        if self.pending.as_ref().is_none_or(|p| p.local_index != receiver) {
+            return Err(DropReason::UnexpectedResponse);
+        }
+        let pending = self.pending.take().expect("checked above");
+        let (tunnel, keys) = pending.initiator.finish(noise)?;
+        self.previous = self.current.replace(Keypair { keys, local_index: receiver, remote_index: sender, born: now });
+        if self.tunnel != Some(tunnel) {
+            self.tunnel = Some(tunnel);
+            self.event = Some(ClientEvent::Configured(tunnel));
+        }
+        self.next_handshake = None;
+        self.attempts = 0;
+        self.last_handshake = Some(now);
+        self.last_rx = now;
+        // Confirm the new keys at once: the server sends with them only after
+        // it has seen us use them.
+        let n = self.send_keepalive(now, out)?;
+        Ok(ClientOutput::Send(&out[..n]))
+    }
+
+    fn open_data<'a>(
+        &mut self,
+        now: Instant,
+        receiver: u32,
+        counter: u64,
+        ciphertext: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ClientOutput<'a>, DropReason> {
+        let keypair = [self.current.as_mut(), self.previous.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|k| k.local_index == receiver)
+            .ok_or(DropReason::UnknownIndex)?;
+        if keypair.expired(now) {
+            return Err(DropReason::Expired);
+        }
+        let n = keypair.keys.open(counter, ciphertext, out)?;
+        self.last_rx = now;
+        if n == 0 {
+            return Ok(ClientOutput::Nothing);
+        }
+        InnerPacket::new_checked(&out[..n])?;
+        self.traffic.rx(n);
+        Ok(ClientOutput::Tun(&out[..n]))
+    }
+
+    /// Run the timers: send an init (first, retry or rekey) or a keepalive
+    /// into `out` when one is due. Call when [`Client::next_timeout`] has
+    /// passed; returns the length of a message to send to the server.
+    pub fn poll_timers(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        self.check_session(now);
+        if self.next_handshake.is_some_and(|t| t <= now) {
+            return self.start_handshake(now, out);
+        }
+        if self.keepalive_due(now) {
+            return self.send_keepalive(now, out).ok();
+        }
+        None
+    }
+
+    /// When [`Client::poll_timers`] next has something to do.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        let Some(k) = &self.current else { return self.next_handshake };
+        let mut t = self.keepalive_at().min(k.born + REJECT_AFTER_TIME);
+        t = match self.next_handshake {
+            Some(h) => t.min(h),
+            None => t.min(k.born + REKEY_AFTER_TIME).min(self.last_rx + self.dead_after()),
+        };
+        Some(t)
+    }
+
+    /// Take the pending event, if any.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.event.take()
+    }
+
+    /// The configuration the server gave, once a handshake completed.
+    pub fn tunnel(&self) -> Option<&TunnelConfig> {
+        self.tunnel.as_ref()
+    }
+
+    /// Whether data can be sent now.
+    pub fn is_connected(&self, now: Instant) -> bool {
+        self.current.as_ref().is_some_and(|k| !k.expired(now))
+    }
+
+    /// When the last handshake completed.
+    pub fn last_handshake(&self) -> Option<Instant> {
+        self.last_handshake
+    }
+
+    /// Traffic counters.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    /// Drop counters.
+    pub fn drops(&self) -> DropCounters {
+        self.drops
+    }
+
+    fn keepalive(&self) -> Duration {
+        let secs = self.tunnel.map_or(DEFAULT_KEEPALIVE_SECS, |t| t.keepalive_secs).max(1);
+        Duration::from_secs(secs.into())
+    }
+
+    fn dead_after(&self) -> Duration {
+        self.keepalive() * DEAD_AFTER_KEEPALIVES
+    }
+
+    fn want_handshake(&mut self, now: Instant) {
+        if self.next_handshake.is_none() {
+            self.next_handshake = Some(now);
+        }
+    }
+
+    /// Decide whether the session needs renewing: old keys, or a silent server.
+    fn check_session(&mut self, now: Instant) {
+        let Some(born) = self.current.as_ref().map(|k| k.born) else { return };
+        let old = now.saturating_duration_since(born) >= REKEY_AFTER_TIME;
+        let silent = now.saturating_duration_since(self.last_rx) >= self.dead_after();
+        if old || silent {
+            self.want_handshake(now);
+        }
+        if now.saturating_duration_since(born) >= REJECT_AFTER_TIME {
+            self.previous = self.current.take();
+        }
+    }
+
+    fn start_handshake(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        if out.len() < INIT_LEN {
+            return None;
+        }
+        let local_index = random_index();
+        let timestamp = self.epoch_unix_nanos + now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let noise: &mut [u8; INIT_NOISE_LEN] = (&mut out[8..INIT_LEN]).try_into().expect("sized above");
+        let initiator = Initiator::start(&self.config.private_key, &self.config.server_key, timestamp, noise);
+        Message::emit_init_header(local_index, out);
+        self.pending = Some(Pending { initiator, local_index });
+        let backoff = HANDSHAKE_RETRY.saturating_mul(1 << self.attempts.min(4)).min(HANDSHAKE_RETRY_MAX);
+        self.attempts += 1;
+        self.next_handshake = Some(now + backoff);
+        Some(INIT_LEN)
+    }
+
+    /// A keepalive is due one interval after the last one, and only once
+    /// traffic has been idle one interval in either direction.
+    fn keepalive_at(&self) -> Instant {
+        self.last_keepalive.max(self.last_tx.min(self.last_rx)) + self.keepalive()
+    }
+
+    fn keepalive_due(&self, now: Instant) -> bool {
+        self.current.is_some() && now >= self.keepalive_at()
+    }
+
+    fn send_keepalive(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, DropReason> {
+        let keypair = self.current.as_mut().ok_or(DropReason::NoSession)?;
+        let n = keypair.seal(&[], out)?;
+        self.last_keepalive = now;
+        self.last_tx = now;
+        Ok(n)
+    }
+}

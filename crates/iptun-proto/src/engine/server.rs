@@ -1,0 +1,434 @@
+//! The server: admits listed keys, hands each a stable address, opens what
+//! clients send and routes it (to the TUN device, or straight to another
+//! client), and seals what the TUN device gives it for the client that owns
+//! the destination address.
+//!
+//! `P` is the driver's name for a path back to a client (a socket address
+//! for UDP; later a transport and an address). A client's path is whatever
+//! its latest authenticated message came from, so roaming clients keep their
+//! session.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Instant;
+
+use super::{DEFAULT_KEEPALIVE_SECS, Keypair, Traffic, random_index};
+use crate::crypto::{PrivateKey, PublicKey, Responder};
+use crate::pool::{AddressPool, Lease};
+use crate::wire::message::{RESPONSE_LEN, RESPONSE_NOISE_LEN};
+use crate::wire::{InnerPacket, Message, TunnelConfig};
+use crate::{DropCounters, DropReason};
+
+/// Handshakes the server will process per second before rate limiting.
+const HANDSHAKES_PER_SEC: u32 = 500;
+
+/// What the server is told at start.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// The server's static key.
+    pub private_key: PrivateKey,
+    /// Client keys admitted.
+    pub allowed: Vec<PublicKey>,
+    /// Addresses to hand out.
+    pub pool: AddressPool,
+    /// MTU of the TUN devices, announced to clients.
+    pub mtu: u16,
+    /// Keepalive interval announced to clients.
+    pub keepalive_secs: u16,
+}
+
+impl ServerConfig {
+    /// A config with the default MTU (1420) and keepalive.
+    pub fn new(private_key: PrivateKey, allowed: Vec<PublicKey>, pool: AddressPool) -> Self {
+        Self { private_key, allowed, pool, mtu: 1420, keepalive_secs: DEFAULT_KEEPALIVE_SECS }
+    }
+}
+
+/// What to do with the result of a `handle_*` call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerOutput<'a, P> {
+    /// Nothing to do.
+    Nothing,
+    /// Write this inner packet to the TUN device.
+    Tun(&'a [u8]),
+    /// Send this message on this path.
+    Send(P, &'a [u8]),
+}
+
+/// A snapshot of one client's session, for `iptun status`.
+#[derive(Clone, Debug)]
+pub struct SessionInfo<P> {
+    /// The client's key.
+    pub key: PublicKey,
+    /// Its addresses.
+    pub lease: Lease,
+    /// Where its latest authenticated message came from.
+    pub path: Option<P>,
+    /// Inner traffic.
+    pub traffic: Traffic,
+    /// Drops attributed to this client.
+    pub drops: DropCounters,
+    /// When its latest handshake completed.
+    pub last_handshake: Option<Instant>,
+}
+
+struct Peer<P> {
+    key: PublicKey,
+    lease: Lease,
+    path: Option<P>,
+    /// Keys confirmed by the client (it has sent data with them).
+    current: Option<Keypair>,
+    previous: Option<Keypair>,
+    /// Keys from the latest handshake, until the client uses them.
+    next: Option<Keypair>,
+    last_timestamp: u64,
+    last_handshake: Option<Instant>,
+    traffic: Traffic,
+    drops: DropCounters,
+}
+
+impl<P> Peer<P> {
+    fn slots(&mut self) -> [&mut Option<Keypair>; 3] {
+        [&mut self.current, &mut self.previous, &mut self.next]
+    }
+}
+
+/// The server's state machine.
+pub struct Server<P> {
+    private_key: PrivateKey,
+    allowed: HashSet<PublicKey>,
+    pool: AddressPool,
+    mtu: u16,
+    keepalive_secs: u16,
+    peers: Vec<Peer<P>>,
+    by_key: HashMap<PublicKey, usize>,
+    by_index: HashMap<u32, usize>,
+    by_v4: HashMap<Ipv4Addr, usize>,
+    by_v6: HashMap<Ipv6Addr, usize>,
+    drops: DropCounters,
+    handshake_budget: TokenBucket,
+    /// Second buffer for re-sealing client-to-client packets.
+    scratch: Box<[u8]>,
+}
+
+impl<P: Clone + PartialEq> Server<P> {
+    /// A server with no sessions yet.
+    pub fn new(config: ServerConfig, now: Instant) -> Self {
+        Self {
+            private_key: config.private_key,
+            allowed: config.allowed.into_iter().collect(),
+            pool: config.pool,
+            mtu: config.mtu,
+            keepalive_secs: config.keepalive_secs,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            by_v4: HashMap::new(),
+            by_v6: HashMap::new(),
+            drops: DropCounters::default(),
+            handshake_budget: TokenBucket::new(HANDSHAKES_PER_SEC, now),
+            scratch: vec![0; 1 << 16].into_boxed_slice(),
+        }
+    }
+
+    /// The server's own tunnel addresses.
+    pub fn addresses(&self) -> Lease {
+        self.pool.server()
+    }
+
+    /// The address pool.
+    pub fn pool(&self) -> &AddressPool {
+        &self.pool
+    }
+
+    /// The MTU announced to clients.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// Drops not attributed to any client (garbage, unknown keys, stale indices).
+    pub fn drops(&self) -> DropCounters {
+        self.drops
+    }
+
+    /// A snapshot of every client that completed a handshake.
+    pub fn sessions(&self) -> Vec<SessionInfo<P>> {
+        self.peers
+            .iter()
+            .map(|p| SessionInfo {
+                key: p.key,
+                lease: p.lease,
+                path: p.path.clone(),
+                traffic: p.traffic,
+                drops: p.drops,
+                last_handshake: p.last_handshake,
+            })
+            .collect()
+    }
+
+    /// Handle a message that arrived on path `from`.
+    pub fn handle_datagram<'a>(
+        &'a mut self,
+        now: Instant,
+        from: &P,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        match Message::parse(datagram) {
+            Ok(Message::Init { sender, noise }) => self.answer_init(now, from, sender, noise, out),
+            Ok(Message::Data { receiver, counter, ciphertext }) => {
+                self.open_data(now, from, receiver, counter, ciphertext, out)
+            }
+            Ok(Message::Response { .. }) => Err(self.count(DropReason::Malformed)),
+            Err(e) => Err(self.count(e)),
+        }
+    }
+
+    /// Seal a packet from the TUN device for the client owning its destination.
+    pub fn handle_tun_packet<'a>(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        let dst = InnerPacket::new_checked(packet).map_err(|e| self.count(e))?.dst();
+        let id = self.owner(dst).ok_or_else(|| self.count(DropReason::NoRoute))?;
+        seal_to(&mut self.peers[id], now, packet, out)
+    }
+
+    /// Expire old keys. Call about once a second.
+    pub fn poll_timers(&mut self, now: Instant) {
+        for peer in &mut self.peers {
+            for slot in peer.slots() {
+                if slot.as_ref().is_some_and(|k| k.expired(now)) {
+                    let gone = slot.take().expect("checked");
+                    self.by_index.remove(&gone.local_index);
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, reason: DropReason) -> DropReason {
+        self.drops.add(reason);
+        reason
+    }
+
+    fn owner(&self, addr: IpAddr) -> Option<usize> {
+        match addr {
+            IpAddr::V4(a) => self.by_v4.get(&a).copied(),
+            IpAddr::V6(a) => self.by_v6.get(&a).copied(),
+        }
+    }
+
+    fn answer_init<'a>(
+        &mut self,
+        now: Instant,
+        from: &P,
+        sender: u32,
+        noise: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        if out.len() < RESPONSE_LEN {
+            return Err(self.count(DropReason::TooLarge));
+        }
+        if !self.handshake_budget.take(now) {
+            return Err(self.count(DropReason::RateLimited));
+        }
+        let responder = Responder::read(&self.private_key, noise).map_err(|e| self.count(e))?;
+        let key = *responder.client();
+        if !self.allowed.contains(&key) {
+            return Err(self.count(DropReason::NotAllowed));
+        }
+        let id = self.peer_for(key).ok_or_else(|| self.count(DropReason::PoolExhausted))?;
+        let config = self.tunnel_config(self.peers[id].lease);
+        let peer = &mut self.peers[id];
+        let timestamp = responder.timestamp();
+        if timestamp <= peer.last_timestamp {
+            peer.drops.add(DropReason::StaleHandshake);
+            return Err(DropReason::StaleHandshake);
+        }
+        let noise_out: &mut [u8; RESPONSE_NOISE_LEN] = (&mut out[12..RESPONSE_LEN]).try_into().expect("sized above");
+        let keys = responder.accept(&config, noise_out)?;
+        let local_index = loop {
+            let i = random_index();
+            if !self.by_index.contains_key(&i) {
+                break i;
+            }
+        };
+        Message::emit_response_header(local_index, sender, out);
+        peer.last_timestamp = timestamp;
+        if let Some(old) = peer.next.replace(Keypair { keys, local_index, remote_index: sender, born: now }) {
+            self.by_index.remove(&old.local_index);
+        }
+        self.by_index.insert(local_index, id);
+        peer.last_handshake = Some(now);
+        peer.path = Some(from.clone());
+        Ok(ServerOutput::Send(from.clone(), &out[..RESPONSE_LEN]))
+    }
+
+    /// The peer record for an admitted key, created with a lease on first sight.
+    fn peer_for(&mut self, key: PublicKey) -> Option<usize> {
+        if let Some(&id) = self.by_key.get(&key) {
+            return Some(id);
+        }
+        let lease = self.pool.assign(&key)?;
+        let id = self.peers.len();
+        self.peers.push(Peer {
+            key,
+            lease,
+            path: None,
+            current: None,
+            previous: None,
+            next: None,
+            last_timestamp: 0,
+            last_handshake: None,
+            traffic: Traffic::default(),
+            drops: DropCounters::default(),
+        });
+        self.by_key.insert(key, id);
+        self.by_v4.insert(lease.v4, id);
+        if let Some(v6) = lease.v6 {
+            self.by_v6.insert(v6, id);
+        }
+        Some(id)
+    }
+
+    fn tunnel_config(&self, lease: Lease) -> TunnelConfig {
+        let server = self.pool.server();
+        TunnelConfig {
+            client_v4: lease.v4,
+            server_v4: server.v4,
+            prefix_v4: self.pool.net4().prefix_len(),
+            v6: match (lease.v6, server.v6, self.pool.net6()) {
+                (Some(c), Some(s), Some(net)) => Some((c, s, net.prefix_len())),
+                _ => None,
+            },
+            mtu: self.mtu,
+            keepalive_secs: self.keepalive_secs,
+        }
+    }
+
+    fn open_data<'a>(
+        &'a mut self,
+        now: Instant,
+        from: &P,
+        receiver: u32,
+        counter: u64,
+        ciphertext: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        let Some(&id) = self.by_index.get(&receiver) else {
+            return Err(self.count(DropReason::UnknownIndex));
+        };
+        let peer = &mut self.peers[id];
+        let n = match open_with(peer, now, receiver, counter, ciphertext, out) {
+            Ok(n) => n,
+            Err(reason) => {
+                peer.drops.add(reason);
+                return Err(reason);
+            }
+        };
+        if peer.path.as_ref() != Some(from) {
+            peer.path = Some(from.clone()); // roaming: follow the client
+        }
+        if n == 0 {
+            // Answer keepalives, so the client can tell a live server from a dead one.
+            return seal_to(peer, now, &[], out);
+        }
+        let packet = InnerPacket::new_checked(&out[..n]).inspect_err(|&e| peer.drops.add(e))?;
+        let owns_source = match packet.src() {
+            IpAddr::V4(a) => a == peer.lease.v4,
+            IpAddr::V6(a) => Some(a) == peer.lease.v6,
+        };
+        if !owns_source {
+            peer.drops.add(DropReason::Spoofed);
+            return Err(DropReason::Spoofed);
+        }
+        peer.traffic.rx(n);
+        match self.owner(packet.dst()) {
+            // Client to client: re-seal without a trip through the kernel.
+            Some(to) if to != id => {
+                let scratch = &mut self.scratch;
+                match seal_to(&mut self.peers[to], now, &out[..n], scratch)? {
+                    ServerOutput::Send(path, msg) => {
+                        let len = msg.len();
+                        Ok(ServerOutput::Send(path, &self.scratch[..len]))
+                    }
+                    _ => unreachable!("seal_to only sends"),
+                }
+            }
+            _ => Ok(ServerOutput::Tun(&out[..n])),
+        }
+    }
+}
+
+/// Open with whichever of the peer's keypairs owns `receiver`; the first
+/// use of the newest keypair confirms it and makes it current.
+fn open_with<P>(
+    peer: &mut Peer<P>,
+    now: Instant,
+    receiver: u32,
+    counter: u64,
+    ciphertext: &[u8],
+    out: &mut [u8],
+) -> Result<usize, DropReason> {
+    let slot = peer
+        .slots()
+        .into_iter()
+        .position(|s| s.as_ref().is_some_and(|k| k.local_index == receiver))
+        .ok_or(DropReason::UnknownIndex)?;
+    let keypair = peer.slots()[slot].as_mut().expect("found above");
+    if keypair.expired(now) {
+        return Err(DropReason::Expired);
+    }
+    let n = keypair.keys.open(counter, ciphertext, out)?;
+    if slot == 2 {
+        peer.previous = peer.current.take();
+        peer.current = peer.next.take();
+    }
+    Ok(n)
+}
+
+fn seal_to<'a, P: Clone>(
+    peer: &mut Peer<P>,
+    now: Instant,
+    packet: &[u8],
+    out: &'a mut [u8],
+) -> Result<ServerOutput<'a, P>, DropReason> {
+    let (Some(keypair), Some(path)) = (peer.current.as_mut().filter(|k| !k.expired(now)), &peer.path) else {
+        peer.drops.add(DropReason::NoSession);
+        return Err(DropReason::NoSession);
+    };
+    let n = keypair.seal(packet, out).inspect_err(|&e| peer.drops.add(e))?;
+    if !packet.is_empty() {
+        peer.traffic.tx(packet.len());
+    }
+    Ok(ServerOutput::Send(path.clone(), &out[..n]))
+}
+
+/// Limits the rate of expensive work (Diffie-Hellman on unauthenticated inits).
+struct TokenBucket {
+    per_sec: u32,
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_sec: u32, now: Instant) -> Self {
+        Self { per_sec, tokens: per_sec, refilled: now }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled);
+        let add = (elapsed.as_secs_f64() * f64::from(self.per_sec)) as u32;
+        if add > 0 {
+            self.tokens = (self.tokens + add).min(self.per_sec);
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}

@@ -1,0 +1,32 @@
+//! The sans-IO core of iptun.
+//!
+//! This crate holds all of iptun's protocol logic and none of its I/O: it never
+//! opens a socket, never touches a TUN device and never reads a clock. Time is
+//! a parameter (`now: Instant`), bytes come in and go out through
+//! caller-owned buffers, and every decision is a plain return value. The
+//! `iptun` binary wraps it in event loops; the tests here drive it with a
+//! simulated network and virtual time.
+//!
+//! Layers, bottom up:
+//! - [`wire`]: checked views over untrusted bytes — our message headers, the
+//!   handshake payloads and the few fields of inner IP packets we route on.
+//!   Parsers never panic; a bad packet yields a [`DropReason`].
+//! - [`crypto`]: keys, the Noise IK handshake (via `snow`), data-message
+//!   sealing with a 64-bit counter nonce and the replay window.
+//! - [`pool`]: the server's address pool, stable per client key.
+//! - [`engine`]: the client and server state machines — handshake, rekey,
+//!   keepalive, roaming, routing between clients — with
+//!   `handle_*`/`poll_*` methods in the manner of quinn-proto and boringtun.
+//!
+//! Invariants: no allocation per data packet; no unauthenticated message is
+//! ever answered with more bytes than it carried; every drop feeds a counter.
+
+pub mod crypto;
+pub mod engine;
+pub mod pool;
+pub mod wire;
+
+mod drop_reason;
+
+pub use drop_reason::{DropCounters, DropReason};
+pub use wire::TunnelConfig;

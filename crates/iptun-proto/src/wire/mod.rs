@@ -1,0 +1,19 @@
+//! Checked views over untrusted bytes.
+//!
+//! Every parser here takes a byte slice from the network or the TUN device
+//! and either returns a borrowed, validated view or a [`DropReason`]. After a
+//! successful parse no accessor panics. Emitters write into caller buffers
+//! and report [`DropReason::TooLarge`] instead of panicking when the buffer is
+//! short. Byte-array tests at the bottom of each file pin the layouts that
+//! `docs/PROTOCOL.md` describes.
+//!
+//! [`DropReason`]: crate::DropReason
+//! [`DropReason::TooLarge`]: crate::DropReason::TooLarge
+
+pub mod config;
+pub mod ip;
+pub mod message;
+
+pub use config::TunnelConfig;
+pub use ip::InnerPacket;
+pub use message::Message;
