@@ -1,1 +1,90 @@
-fn main(){}
+//! `iptun`: an IP tunnel. See `iptun --help`.
+//!
+//! Layout: `cli` (flags and config files), `server`/`client` (the daemons'
+//! event loops around the sans-IO engines of `iptun_proto`), `tun` and
+//! `transport` (the I/O), `netcfg` (addresses, routes, NAT), `control`
+//! (`iptun status`), `demo` (the self-contained namespace demo).
+
+mod cli;
+mod client;
+mod control;
+mod daemon;
+mod demo;
+mod netcfg;
+mod server;
+mod transport;
+mod tun;
+mod url;
+
+use std::io::Read as _;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use iptun_proto::crypto::PrivateKey;
+
+use cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iptun: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Genkey => {
+            println!("{}", PrivateKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading a private key on stdin")?;
+            let key = PrivateKey::from_base64(&text).context("the private key on stdin")?;
+            println!("{}", key.public_key().to_base64());
+            Ok(())
+        }
+        Command::Server(args) => runtime()?.block_on(server::run(args)),
+        Command::Client(args) => runtime()?.block_on(client::run(args)),
+        Command::Status(args) => runtime()?.block_on(status(args)),
+        Command::Demo(args) => demo::run(&args),
+        Command::DemoSink(args) => demo::sink(&args),
+        Command::DemoSource(args) => demo::source(&args),
+    }
+}
+
+/// The data path is one thread per daemon: both tunnel ends usually share a
+/// machine's cores with the traffic they carry.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+}
+
+async fn status(args: cli::StatusArgs) -> anyhow::Result<()> {
+    let paths = match args.control {
+        Some(p) => vec![p],
+        None => control::all_sockets(),
+    };
+    anyhow::ensure!(!paths.is_empty(), "no iptun daemon is running here (no socket in {})", control::RUN_DIR);
+    let mut all = Vec::new();
+    for p in &paths {
+        all.push(control::query(p).await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        all.iter().for_each(|s| print!("{}", control::render(s)));
+    }
+    Ok(())
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = ["info", "debug", "trace"][usize::from(verbose.min(2))];
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

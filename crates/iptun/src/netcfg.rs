@@ -105,6 +105,11 @@ pub fn configure_interface(dev: &str, addrs: &[IpNet], mtu: u16) -> Result<()> {
     Ok(())
 }
 
+/// Remove every address from `dev` (before applying a changed tunnel config).
+pub fn flush_addresses(dev: &str) -> Result<()> {
+    ip(&["addr", "flush", "dev", dev]).map(drop)
+}
+
 /// Adds `ip route add DST <via...>` and records its removal.
 fn add_route_via(undo: &mut Undo, dst: IpNet, via: &[String]) -> Result<()> {
     let dst = dst.to_string();

@@ -1,0 +1,279 @@
+//! Command line and config file. Every flag of `server` and `client` can also
+//! be given in a TOML file (`--config FILE`, keys named like the flags);
+//! flags override the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// An IP tunnel over UDP (and, later, DNS, ICMP and HTTP).
+///
+/// The server admits clients by public key, gives each a stable tunnel
+/// address from its pool and forwards their IP packets (routing or NAT); the
+/// client gets a TUN device configured from the server.
+///
+/// Quick start:
+///   iptun genkey > server.key; iptun pubkey < server.key      (on the server)
+///   iptun genkey > client.key; iptun pubkey < client.key      (on the client)
+///   iptun server --private-key server.key --allow CLIENT_PUB --nat
+///   iptun client --private-key client.key --server-key SERVER_PUB --server udp://HOST:3000 --route default
+#[derive(Debug, Parser)]
+#[command(name = "iptun", version, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a new private key (base64).
+    Genkey,
+    /// Read a private key on stdin and print its public key.
+    Pubkey,
+    /// Run the server: admit clients, hand out addresses, forward their traffic.
+    Server(ServerArgs),
+    /// Run a client: connect to a server and bring up a TUN device.
+    Client(ClientArgs),
+    /// Show the sessions of running iptun daemons on this host.
+    Status(StatusArgs),
+    /// Run a self-contained demo (as root): throwaway network namespaces with
+    /// a server, a client and a target host; shows a ping and a throughput
+    /// figure through the tunnel, then removes everything.
+    Demo(DemoArgs),
+    /// (Used by the demo) accept one TCP connection and count what arrives.
+    #[command(hide = true)]
+    DemoSink(DemoSinkArgs),
+    /// (Used by the demo) send to a sink for some seconds and print the rate.
+    #[command(hide = true)]
+    DemoSource(DemoSourceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoSinkArgs {
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoSourceArgs {
+    pub to: std::net::SocketAddr,
+    pub seconds: u64,
+}
+
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerArgs {
+    /// File holding the server's private key (from `iptun genkey`).
+    #[arg(long, value_name = "FILE")]
+    pub private_key: Option<PathBuf>,
+    /// Admit the client with this public key (repeatable).
+    #[arg(long = "allow", value_name = "PUBKEY")]
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Admit the client keys listed in FILE (one per line; `#` comments).
+    #[arg(long, value_name = "FILE")]
+    pub allow_file: Option<PathBuf>,
+    /// Where to listen (repeatable) [default: udp://0.0.0.0:3000].
+    #[arg(long = "listen", value_name = "URL")]
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// IPv4 address pool; the server takes its first host address [default: 10.1.0.0/24].
+    #[arg(long, value_name = "CIDR")]
+    pub pool: Option<String>,
+    /// IPv6 address pool, or `none` [default: fd69:7074:756e::/64].
+    #[arg(long, value_name = "CIDR")]
+    pub pool6: Option<String>,
+    /// Name of the TUN device [default: iptun0].
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// Forward and masquerade the pool to the server's other networks (nftables).
+    #[arg(long)]
+    #[serde(default)]
+    pub nat: bool,
+    /// MTU of the tunnel [default: 1420].
+    #[arg(long)]
+    pub mtu: Option<u16>,
+    /// Keepalive interval in seconds announced to clients [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub keepalive: Option<u16>,
+    /// Control socket for `iptun status` [default: /run/iptun/TUN.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_offload: bool,
+    /// Read settings from this TOML file (keys named like the flags).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClientArgs {
+    /// File holding the client's private key (from `iptun genkey`).
+    #[arg(long, value_name = "FILE")]
+    pub private_key: Option<PathBuf>,
+    /// The server's public key.
+    #[arg(long, value_name = "PUBKEY")]
+    pub server_key: Option<String>,
+    /// The server, e.g. udp://198.51.100.1:3000 (port 3000 if omitted).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Route CIDR through the tunnel (repeatable); `default` routes everything
+    /// but the server itself.
+    #[arg(long = "route", value_name = "CIDR|default")]
+    #[serde(default)]
+    pub route: Vec<String>,
+    /// Name of the TUN device [default: iptun0].
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// Control socket for `iptun status` [default: /run/iptun/TUN.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_offload: bool,
+    /// Read settings from this TOML file (keys named like the flags).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Ask only this control socket [default: every socket in /run/iptun].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Seconds of the throughput test (one TCP stream through the tunnel).
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+}
+
+/// Read a TOML config file into `T`; errors name the file and the key.
+pub fn load_config<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+impl ServerArgs {
+    /// Apply the config file, if any, under the flags.
+    pub fn merged(self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let file: Self = load_config(&path)?;
+        Ok(Self {
+            private_key: self.private_key.or(file.private_key),
+            allow: if self.allow.is_empty() { file.allow } else { self.allow },
+            allow_file: self.allow_file.or(file.allow_file),
+            listen: if self.listen.is_empty() { file.listen } else { self.listen },
+            pool: self.pool.or(file.pool),
+            pool6: self.pool6.or(file.pool6),
+            tun: self.tun.or(file.tun),
+            nat: self.nat || file.nat,
+            mtu: self.mtu.or(file.mtu),
+            keepalive: self.keepalive.or(file.keepalive),
+            control: self.control.or(file.control),
+            no_offload: self.no_offload || file.no_offload,
+            config: Some(path),
+        })
+    }
+}
+
+impl ClientArgs {
+    /// Apply the config file, if any, under the flags.
+    pub fn merged(self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let file: Self = load_config(&path)?;
+        Ok(Self {
+            private_key: self.private_key.or(file.private_key),
+            server_key: self.server_key.or(file.server_key),
+            server: self.server.or(file.server),
+            route: if self.route.is_empty() { file.route } else { self.route },
+            tun: self.tun.or(file.tun),
+            control: self.control.or(file.control),
+            no_offload: self.no_offload || file.no_offload,
+            config: Some(path),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::new(text)
+    }
+
+    // A tiny temp-file helper, enough for these tests.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new(text: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("iptun-cli-test-{}-{n}.toml", std::process::id()));
+                std::fs::write(&p, text).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f = write("tun = \"fromfile\"\nmtu = 1300\nallow = [\"a\", \"b\"]\nnat = true\n");
+        let args = ServerArgs { tun: Some("flag".into()), config: Some(f.0.clone()), ..Default::default() };
+        let m = args.merged().unwrap();
+        assert_eq!(m.tun.as_deref(), Some("flag"));
+        assert_eq!(m.mtu, Some(1300));
+        assert_eq!(m.allow, ["a", "b"]);
+        assert!(m.nat);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let f = write("tun = \"x\"\nmtuu = 1300\n");
+        let err = ServerArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap_err().to_string();
+        assert!(err.contains("mtuu"), "{err}");
+        assert!(err.contains(&f.0.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let f = write("mtu = \"big\"\n");
+        let err = ServerArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap_err().to_string();
+        assert!(err.contains("mtu"), "{err}");
+    }
+
+    #[test]
+    fn client_file() {
+        let f = write("server = \"udp://192.0.2.1:3000\"\nroute = [\"default\"]\n");
+        let m = ClientArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap();
+        assert_eq!(m.server.as_deref(), Some("udp://192.0.2.1:3000"));
+        assert_eq!(m.route, ["default"]);
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

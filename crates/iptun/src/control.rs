@@ -1,0 +1,175 @@
+//! The local control socket behind `iptun status`: a daemon answers each
+//! connection with one JSON snapshot of its sessions and closes it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use iptun_proto::DropCounters;
+use iptun_proto::engine::Traffic;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Where control sockets live by default.
+pub const RUN_DIR: &str = "/run/iptun";
+
+/// The default control socket of the daemon owning TUN device `tun`.
+pub fn default_path(tun: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{tun}.sock"))
+}
+
+/// What `iptun status` shows for one daemon.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// `server` or `client`.
+    pub role: String,
+    /// The TUN device.
+    pub tun: String,
+    /// The daemon's own tunnel addresses.
+    pub addresses: Vec<String>,
+    /// Server: where it listens. Client: the server URL.
+    pub endpoints: Vec<String>,
+    /// One entry per client (server) or the one session (client).
+    pub sessions: Vec<SessionStatus>,
+    /// Drops not attributed to a session.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One session.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// The peer's public key.
+    pub key: String,
+    /// The client's tunnel addresses.
+    pub addresses: Vec<String>,
+    /// The transport in use (`udp`).
+    pub transport: String,
+    /// The peer's address on that transport.
+    pub endpoint: Option<String>,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// Seconds since the latest handshake completed.
+    pub since_handshake_secs: Option<f64>,
+}
+
+impl SessionStatus {
+    /// Fill the counters from the engine's numbers.
+    pub fn counters(mut self, traffic: Traffic, drops: DropCounters, last: Option<Instant>, now: Instant) -> Self {
+        self.rx_bytes = traffic.rx_bytes;
+        self.rx_packets = traffic.rx_packets;
+        self.tx_bytes = traffic.tx_bytes;
+        self.tx_packets = traffic.tx_packets;
+        self.drops = drop_map(drops);
+        self.since_handshake_secs = last.map(|t| now.saturating_duration_since(t).as_secs_f64());
+        self
+    }
+}
+
+/// Drop counters as a name → count map (non-zero only).
+pub fn drop_map(drops: DropCounters) -> BTreeMap<String, u64> {
+    drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)).collect()
+}
+
+/// A bound control socket; the file is removed on drop.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Bind at `path`, replacing a stale socket that nobody answers on.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("{} is in use: another iptun runs with this TUN name or control socket", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+        Ok(Self { listener, path: path.to_owned() })
+    }
+
+    /// Wait for the next `iptun status`.
+    pub async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Answer one connection in the background, so a slow reader never stalls the tunnel.
+pub fn reply(mut stream: UnixStream, status: &Status) {
+    let body = serde_json::to_vec(status).expect("status serializes");
+    tokio::spawn(async move {
+        let _ = stream.write_all(&body).await;
+    });
+}
+
+/// Ask the daemon at `path` for its status.
+pub async fn query(path: &Path) -> anyhow::Result<Status> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).await.with_context(|| format!("reading from {}", path.display()))?;
+    serde_json::from_slice(&body).with_context(|| format!("bad answer from {}", path.display()))
+}
+
+/// Every control socket in the default directory.
+pub fn all_sockets() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Human-readable status.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{} on {}  addresses {}  {}", s.role, s.tun, s.addresses.join(", "), s.endpoints.join(", "));
+    if !s.drops.is_empty() {
+        let _ = writeln!(out, "  dropped (no session): {}", fmt_drops(&s.drops));
+    }
+    for x in &s.sessions {
+        let _ = writeln!(out, "  peer {}", x.key);
+        let _ = writeln!(out, "    addresses: {}", x.addresses.join(", "));
+        let _ = writeln!(out, "    transport: {} {}", x.transport, x.endpoint.as_deref().unwrap_or("(none yet)"));
+        let _ = writeln!(
+            out,
+            "    received: {} B in {} packets; sent: {} B in {} packets",
+            x.rx_bytes, x.rx_packets, x.tx_bytes, x.tx_packets
+        );
+        match x.since_handshake_secs {
+            Some(t) => writeln!(out, "    latest handshake: {t:.1} s ago"),
+            None => writeln!(out, "    latest handshake: none"),
+        }
+        .ok();
+        if !x.drops.is_empty() {
+            let _ = writeln!(out, "    dropped: {}", fmt_drops(&x.drops));
+        }
+    }
+    out
+}
+
+fn fmt_drops(d: &BTreeMap<String, u64>) -> String {
+    d.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,65 @@
+//! What the server and client loops share: shutdown signals, reading key
+//! files, and rate-limited reporting of drops.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use iptun_proto::DropCounters;
+use iptun_proto::crypto::{PrivateKey, PublicKey};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Read a private key file.
+pub fn read_private_key(path: Option<&Path>) -> anyhow::Result<PrivateKey> {
+    let path = path.context("--private-key FILE is required (create one with `iptun genkey > FILE`)")?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading private key {}", path.display()))?;
+    PrivateKey::from_base64(&text).with_context(|| format!("private key {}", path.display()))
+}
+
+/// Parse a public key given on the command line or in a file.
+pub fn parse_public_key(text: &str, what: &str) -> anyhow::Result<PublicKey> {
+    PublicKey::from_base64(text).with_context(|| format!("{what} `{}`", text.trim()))
+}
+
+/// Logs a summary of new drops at most every few seconds, never per packet.
+pub struct DropReporter {
+    seen: u64,
+    last_report: Option<Instant>,
+}
+
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+impl DropReporter {
+    pub fn new() -> Self {
+        Self { seen: 0, last_report: None }
+    }
+
+    /// Call periodically with the current totals.
+    pub fn tick(&mut self, now: Instant, drops: DropCounters) {
+        let total = drops.total();
+        if total == self.seen || self.last_report.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
+            return;
+        }
+        let reasons: Vec<String> = drops.nonzero().map(|(r, n)| format!("{r} {n}")).collect();
+        tracing::warn!("dropped {} packets since the last report (totals: {})", total - self.seen, reasons.join(", "));
+        self.seen = total;
+        self.last_report = Some(now);
+    }
+}
+
+/// Nanoseconds since the Unix epoch (handshake timestamps).
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,271 @@
+//! The server daemon: one TUN device, one or more listening sockets, the
+//! sans-IO [`Server`] engine in between.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use iptun_proto::engine::{Server, ServerConfig, ServerOutput};
+use iptun_proto::pool::AddressPool;
+
+use crate::cli::ServerArgs;
+use crate::control::{self, ControlSocket, SessionStatus, Status};
+use crate::daemon::{self, DropReporter};
+use crate::netcfg::{self, Undo};
+use crate::transport::udp::{self, UdpReceiver, UdpSender};
+use crate::tun::Tun;
+use crate::url::Listen;
+
+/// A way back to a client: which transport and socket, and the address on it.
+/// New transports add variants here; the engine only compares and clones them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// UDP listener `socket`, client address `addr`.
+    Udp { socket: usize, addr: SocketAddr },
+}
+
+impl Path {
+    fn transport(&self) -> &'static str {
+        match self {
+            Self::Udp { .. } => "udp",
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        match self {
+            Self::Udp { addr, .. } => addr.to_string(),
+        }
+    }
+}
+
+/// Settings after defaults and validation.
+struct Settings {
+    config: ServerConfig,
+    listen: Vec<Listen>,
+    tun: String,
+    nat: bool,
+    control: std::path::PathBuf,
+    offload: bool,
+}
+
+fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
+    let args = args.merged()?;
+    let private_key = daemon::read_private_key(args.private_key.as_deref())?;
+    let mut allowed = Vec::new();
+    for key in &args.allow {
+        allowed.push(daemon::parse_public_key(key, "--allow")?);
+    }
+    if let Some(file) = &args.allow_file {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading --allow-file {}", file.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                allowed.push(daemon::parse_public_key(line, &format!("{}:{}", file.display(), n + 1))?);
+            }
+        }
+    }
+    if allowed.is_empty() {
+        tracing::warn!("no client is admitted: give --allow PUBKEY or --allow-file FILE");
+    }
+    let pool4: Ipv4Net = args
+        .pool
+        .as_deref()
+        .unwrap_or("10.1.0.0/24")
+        .parse()
+        .with_context(|| format!("--pool `{}`: expected an IPv4 CIDR", args.pool.as_deref().unwrap_or_default()))?;
+    let pool6: Option<Ipv6Net> = match args.pool6.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(p.parse().with_context(|| format!("--pool6 `{p}`: expected an IPv6 CIDR or `none`"))?),
+        None => Some("fd69:7074:756e::/64".parse().expect("valid")),
+    };
+    let pool = AddressPool::new(pool4, pool6).context("--pool/--pool6")?;
+    let listen = if args.listen.is_empty() { vec!["udp://0.0.0.0:3000".to_owned()] } else { args.listen };
+    let listen = listen.iter().map(|l| l.parse()).collect::<anyhow::Result<Vec<Listen>>>()?;
+    let mut config = ServerConfig::new(private_key, allowed, pool);
+    if let Some(mtu) = args.mtu {
+        anyhow::ensure!((576..=65000).contains(&mtu), "--mtu {mtu}: must be between 576 and 65000");
+        config.mtu = mtu;
+    }
+    if let Some(k) = args.keepalive {
+        anyhow::ensure!(k >= 1, "--keepalive must be at least 1 second");
+        config.keepalive_secs = k;
+    }
+    let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
+    Ok(Settings {
+        config,
+        listen,
+        control: args.control.unwrap_or_else(|| control::default_path(&tun)),
+        tun,
+        nat: args.nat,
+        offload: !args.no_offload,
+    })
+}
+
+/// Run the server until SIGINT/SIGTERM.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let s = settings(args)?;
+    let now = Instant::now();
+    let mut engine: Server<Path> = Server::new(s.config, now);
+    let control = ControlSocket::bind(&s.control)?;
+    let mut tun = Tun::create(&s.tun, s.offload)?;
+    let me = engine.addresses();
+    let mut addrs = vec![IpNet::new(me.v4.into(), engine.pool().net4().prefix_len())?];
+    if let (Some(v6), Some(net6)) = (me.v6, engine.pool().net6()) {
+        addrs.push(IpNet::new(v6.into(), net6.prefix_len())?);
+    }
+    netcfg::configure_interface(tun.name(), &addrs, engine.mtu())?;
+    let mut undo = Undo::new();
+    if s.nat {
+        netcfg::enable_nat(&mut undo, tun.name(), engine.pool().net4(), engine.pool().net6())?;
+    }
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for l in &s.listen {
+        let Listen::Udp(addr) = l;
+        let (rx, tx) = udp::bind(*addr)?;
+        tracing::info!("listening on udp://{}", rx.local_addr()?);
+        receivers.push(rx);
+        senders.push(tx);
+    }
+    let addr_text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    tracing::info!("server up on {} with {}", tun.name(), addr_text.join(", "));
+    let endpoints: Vec<String> = receivers.iter().map(|r| format!("udp://{}", r.local_addr().unwrap())).collect();
+
+    // Where packets from the TUN device are sealed before joining a send batch.
+    let mut seal_buf = vec![0u8; 1 << 16];
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut drops = DropReporter::new();
+    let shutdown = daemon::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            r = tun.readable() => {
+                r.context("waiting on the TUN device")?;
+                from_tun(&mut engine, &mut tun, &mut senders, &mut seal_buf)?;
+            }
+            i = poll_fn(|cx| ready_receiver(&receivers, cx)) => {
+                from_network(&mut engine, &mut tun, &mut receivers[i], i, &mut senders).await?;
+            }
+            _ = ticker.tick() => {
+                let now = Instant::now();
+                engine.poll_timers(now);
+                drops.tick(now, total_drops(&engine));
+            }
+            conn = control.accept() => {
+                if let Ok(conn) = conn {
+                    control::reply(conn, &status(&engine, tun.name(), &addr_text, &endpoints));
+                }
+            }
+        }
+    }
+    drop(undo);
+    Ok(())
+}
+
+fn ready_receiver(receivers: &[UdpReceiver], cx: &mut std::task::Context<'_>) -> Poll<usize> {
+    for (i, r) in receivers.iter().enumerate() {
+        if r.poll_readable(cx).is_ready() {
+            return Poll::Ready(i);
+        }
+    }
+    Poll::Pending
+}
+
+/// Drain the TUN device: seal each packet for the client that owns its destination.
+fn from_tun(engine: &mut Server<Path>, tun: &mut Tun, senders: &mut [UdpSender], out: &mut [u8]) -> anyhow::Result<()> {
+    loop {
+        let now = Instant::now();
+        let result = tun.try_read_batch(|packet| {
+            if let Ok(ServerOutput::Send(path, msg)) = engine.handle_tun_packet(now, packet, out) {
+                send(senders, path, msg);
+            }
+        });
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e).context("reading the TUN device"),
+        }
+    }
+    senders.iter_mut().for_each(UdpSender::flush);
+    Ok(())
+}
+
+/// Drain one socket: open each datagram, write packets to the TUN device in
+/// one coalesced batch, send replies and client-to-client packets.
+async fn from_network(
+    engine: &mut Server<Path>,
+    tun: &mut Tun,
+    receiver: &mut UdpReceiver,
+    socket: usize,
+    senders: &mut [UdpSender],
+) -> anyhow::Result<()> {
+    loop {
+        let now = Instant::now();
+        let result = receiver.try_recv_batch(|addr, datagram| {
+            let from = Path::Udp { socket, addr };
+            let Some(buf) = tun.stage_buffer(datagram.len()) else { return };
+            match engine.handle_datagram(now, &from, datagram, buf) {
+                Ok(ServerOutput::Tun(packet)) => {
+                    let n = packet.len();
+                    tun.commit(n);
+                }
+                Ok(ServerOutput::Send(path, msg)) => send(senders, path, msg),
+                Ok(ServerOutput::Nothing) | Err(_) => {}
+            }
+        });
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e).context("receiving on a UDP socket"),
+        }
+        tun.flush().await.context("writing to the TUN device")?;
+    }
+    senders.iter_mut().for_each(UdpSender::flush);
+    Ok(())
+}
+
+fn send(senders: &mut [UdpSender], path: Path, msg: &[u8]) {
+    let Path::Udp { socket, addr } = path;
+    senders[socket].send(addr, msg);
+}
+
+fn total_drops(engine: &Server<Path>) -> iptun_proto::DropCounters {
+    let mut all = engine.drops();
+    engine.sessions().iter().for_each(|s| all.merge(&s.drops));
+    all
+}
+
+fn status(engine: &Server<Path>, tun: &str, addresses: &[String], endpoints: &[String]) -> Status {
+    let now = Instant::now();
+    let sessions = engine
+        .sessions()
+        .into_iter()
+        .map(|s| {
+            SessionStatus {
+                key: s.key.to_base64(),
+                addresses: std::iter::once(s.lease.v4.to_string()).chain(s.lease.v6.map(|a| a.to_string())).collect(),
+                transport: s.path.map_or("none", |p| p.transport()).to_owned(),
+                endpoint: s.path.map(|p| p.endpoint()),
+                rx_bytes: 0,
+                rx_packets: 0,
+                tx_bytes: 0,
+                tx_packets: 0,
+                drops: Default::default(),
+                since_handshake_secs: None,
+            }
+            .counters(s.traffic, s.drops, s.last_handshake, now)
+        })
+        .collect();
+    Status {
+        role: "server".into(),
+        tun: tun.into(),
+        addresses: addresses.to_vec(),
+        endpoints: endpoints.to_vec(),
+        sessions,
+        drops: control::drop_map(engine.drops()),
+    }
+}

@@ -1,0 +1,291 @@
+//! The UDP transport, the fast path: batched receives (`recvmmsg` with GRO,
+//! so one syscall can bring dozens of datagrams) and batched sends (GSO: a
+//! run of equal-sized datagrams to one destination leaves in one syscall).
+//! quinn-udp handles the kernel details and falls back where a feature is
+//! missing.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Socket buffer size we ask for: most tunnels lose packets at the receive
+/// buffer long before the link is full.
+const SOCKET_BUFFER: usize = 8 << 20;
+/// Receive buffers per batch, each large enough for a full GRO train.
+const RECV_BUFFERS: usize = 8;
+const RECV_BUFFER_LEN: usize = 64 * 1024;
+/// Most bytes one GSO send may carry (a UDP length field, less headers).
+const GSO_MAX_BYTES: usize = 65000;
+/// The largest datagram we ever build.
+const MAX_DATAGRAM: usize = 65535;
+
+/// Bind a UDP socket to `addr` and return its receiving and sending halves.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    socket.set_nonblocking(true)?;
+    size_buffers(&socket);
+    let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
+    let socket = Arc::new(UdpSocket::from_std(socket)?);
+    let max_segments = state.max_gso_segments();
+    let receiver = UdpReceiver {
+        socket: socket.clone(),
+        state: state.clone(),
+        bufs: vec![0; RECV_BUFFER_LEN * RECV_BUFFERS],
+        meta: vec![RecvMeta::default(); RECV_BUFFERS],
+    };
+    Ok((receiver, UdpSender { socket, state, batch: SendBatch::new(max_segments) }))
+}
+
+/// A socket for talking to `server` from any local port.
+pub fn bind_for(server: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
+    bind(any)
+}
+
+/// The receiving half: batched `recvmmsg` with GRO.
+pub struct UdpReceiver {
+    socket: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    /// `RECV_BUFFERS` receive buffers back to back.
+    bufs: Vec<u8>,
+    meta: Vec<RecvMeta>,
+}
+
+impl UdpReceiver {
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Ready for a receive (as a poll function, so a loop can wait on many).
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.socket.poll_recv_ready(cx)
+    }
+
+    /// Receive one batch without blocking and hand each datagram to `f`.
+    /// Returns `WouldBlock` when nothing is pending.
+    pub fn try_recv_batch(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+        let Self { socket, state, bufs, meta } = self;
+        let mut chunks = bufs.chunks_mut(RECV_BUFFER_LEN);
+        let mut slices: [IoSliceMut<'_>; RECV_BUFFERS] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().expect("RECV_BUFFERS chunks")));
+        let n = socket.try_io(Interest::READABLE, || state.recv(UdpSockRef::from(&**socket), &mut slices, meta))?;
+        for (m, buf) in meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n) {
+            // With GRO one buffer holds several datagrams of `stride` bytes.
+            for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                f(m.addr, datagram);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sending half: datagrams to one destination are batched into GSO
+/// sends. Sends never await: when the socket buffer is full we wait briefly
+/// for room (backpressure), and past that the datagram is dropped, as the
+/// network would.
+pub struct UdpSender {
+    socket: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    batch: SendBatch,
+}
+
+impl UdpSender {
+    /// Build a datagram for `to` in place: `fill` writes it into the given
+    /// buffer and returns its length (or `None` to send nothing). Datagrams
+    /// are batched; call [`UdpSender::flush`] at the end of a burst.
+    pub fn send_with(&mut self, to: SocketAddr, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
+        let Some(len) = fill(self.batch.tail()) else { return };
+        if !self.batch.try_join(to, len) {
+            // The new datagram cannot ride with the current run: send the run,
+            // then start a new one with it.
+            let run = self.batch.len;
+            self.transmit_run();
+            self.batch.start_run(to, run, len);
+        }
+        if self.batch.is_full() {
+            self.flush();
+        }
+    }
+
+    /// Queue a copy of `datagram` for `to`.
+    pub fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.send_with(to, |buf| {
+            buf[..datagram.len()].copy_from_slice(datagram);
+            Some(datagram.len())
+        });
+    }
+
+    /// Send whatever is batched.
+    pub fn flush(&mut self) {
+        self.transmit_run();
+        self.batch.clear();
+    }
+
+    fn transmit_run(&self) {
+        let b = &self.batch;
+        let Some(to) = b.to.filter(|_| b.count > 0) else { return };
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &b.buf[..b.len],
+            segment_size: (b.count > 1).then_some(b.segment),
+            src_ip: None,
+        };
+        for _ in 0..2 {
+            match self.socket.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&*self.socket), &t)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(&self.socket),
+                // A lost datagram is the inner protocol's business; an unreachable
+                // peer must not stop the tunnel.
+                Err(e) => return tracing::debug!("UDP send to {to} failed: {e}"),
+                Ok(()) => return,
+            }
+        }
+    }
+}
+
+/// Block up to 50 ms for room in the socket's send buffer.
+fn wait_writable(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&raw mut pfd, 1, 50) };
+}
+
+/// Ask for big socket buffers. As root `SO_*BUFFORCE` bypasses the
+/// namespace's `rmem_max`; otherwise take what the kernel allows.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let size = SOCKET_BUFFER as libc::c_int;
+        let set = |opt| {
+            // SAFETY: fd is a valid socket and we pass a c_int of the right size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+}
+
+/// A run of datagrams to one destination, all `segment` bytes long except
+/// possibly the last: exactly what one GSO send can carry.
+struct SendBatch {
+    buf: Vec<u8>,
+    len: usize,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    max_segments: usize,
+    /// A shorter datagram ended the run: nothing more may join.
+    closed: bool,
+}
+
+impl SendBatch {
+    fn new(max_segments: usize) -> Self {
+        Self {
+            // Room for a full run plus one maximum-size datagram after it.
+            buf: vec![0; GSO_MAX_BYTES + MAX_DATAGRAM],
+            len: 0,
+            to: None,
+            segment: 0,
+            count: 0,
+            max_segments: max_segments.max(1),
+            closed: false,
+        }
+    }
+
+    /// Where the next datagram is written.
+    fn tail(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    /// Add the datagram just written at the tail to the run, if it fits the
+    /// GSO rules (same destination, not longer than the others).
+    fn try_join(&mut self, to: SocketAddr, len: usize) -> bool {
+        if self.count == 0 {
+            self.start_run(to, self.len, len);
+            return true;
+        }
+        if self.to != Some(to) || self.closed || len > self.segment || self.len + len > GSO_MAX_BYTES {
+            return false;
+        }
+        self.len += len;
+        self.count += 1;
+        self.closed = len < self.segment;
+        true
+    }
+
+    /// Start a new run with the datagram at `buf[at..at + len]`.
+    fn start_run(&mut self, to: SocketAddr, at: usize, len: usize) {
+        self.buf.copy_within(at..at + len, 0);
+        self.len = len;
+        self.to = Some(to);
+        self.segment = len;
+        self.count = 1;
+        self.closed = false;
+    }
+
+    fn is_full(&self) -> bool {
+        self.closed || self.count >= self.max_segments || self.len + self.segment > GSO_MAX_BYTES
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.count = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn equal_datagrams_join_until_a_short_one_closes_the_run() {
+        let mut b = SendBatch::new(64);
+        assert!(b.try_join(addr(1), 100));
+        assert!(b.try_join(addr(1), 100));
+        assert!(!b.is_full());
+        assert!(b.try_join(addr(1), 60));
+        assert!(b.is_full());
+        assert_eq!((b.len, b.count, b.segment), (260, 3, 100));
+    }
+
+    #[test]
+    fn longer_datagram_or_other_destination_starts_a_new_run() {
+        let mut b = SendBatch::new(64);
+        assert!(b.try_join(addr(1), 100));
+        assert!(!b.try_join(addr(1), 101));
+        assert!(!b.try_join(addr(2), 100));
+        b.tail()[..3].copy_from_slice(b"xyz");
+        b.start_run(addr(2), 100, 3);
+        assert_eq!((b.len, b.count, &b.buf[..3]), (3, 1, &b"xyz"[..]));
+    }
+
+    #[test]
+    fn respects_segment_limit() {
+        let mut b = SendBatch::new(2);
+        assert!(b.try_join(addr(1), 100));
+        assert!(b.try_join(addr(1), 100));
+        assert!(b.is_full());
+    }
+}
