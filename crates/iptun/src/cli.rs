@@ -100,7 +100,7 @@ pub struct ServerArgs {
     /// Keepalive interval in seconds announced to clients [default: 10].
     #[arg(long, value_name = "SECS")]
     pub keepalive: Option<u16>,
-    /// Control socket for `iptun status` [default: /run/iptun/TUN.sock].
+    /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
@@ -133,7 +133,7 @@ pub struct ClientArgs {
     /// Name of the TUN device [default: iptun0].
     #[arg(long, value_name = "NAME")]
     pub tun: Option<String>,
-    /// Control socket for `iptun status` [default: /run/iptun/TUN.sock].
+    /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
@@ -151,7 +151,7 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Ask only this control socket [default: every socket in /run/iptun].
+    /// Ask only this control socket [default: every iptun daemon in this network namespace].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
@@ -165,20 +165,31 @@ pub struct DemoArgs {
 
 /// Read a TOML config file into `T`; errors name the file and the key.
 pub fn load_config<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
 }
 
 impl ServerArgs {
     /// Apply the config file, if any, under the flags.
     pub fn merged(self) -> anyhow::Result<Self> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
         let file: Self = load_config(&path)?;
         Ok(Self {
             private_key: self.private_key.or(file.private_key),
-            allow: if self.allow.is_empty() { file.allow } else { self.allow },
+            allow: if self.allow.is_empty() {
+                file.allow
+            } else {
+                self.allow
+            },
             allow_file: self.allow_file.or(file.allow_file),
-            listen: if self.listen.is_empty() { file.listen } else { self.listen },
+            listen: if self.listen.is_empty() {
+                file.listen
+            } else {
+                self.listen
+            },
             pool: self.pool.or(file.pool),
             pool6: self.pool6.or(file.pool6),
             tun: self.tun.or(file.tun),
@@ -195,13 +206,19 @@ impl ServerArgs {
 impl ClientArgs {
     /// Apply the config file, if any, under the flags.
     pub fn merged(self) -> anyhow::Result<Self> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
         let file: Self = load_config(&path)?;
         Ok(Self {
             private_key: self.private_key.or(file.private_key),
             server_key: self.server_key.or(file.server_key),
             server: self.server.or(file.server),
-            route: if self.route.is_empty() { file.route } else { self.route },
+            route: if self.route.is_empty() {
+                file.route
+            } else {
+                self.route
+            },
             tun: self.tun.or(file.tun),
             control: self.control.or(file.control),
             no_offload: self.no_offload || file.no_offload,
@@ -225,7 +242,8 @@ mod tests {
             pub fn new(text: &str) -> Self {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir().join(format!("iptun-cli-test-{}-{n}.toml", std::process::id()));
+                let p = std::env::temp_dir()
+                    .join(format!("iptun-cli-test-{}-{n}.toml", std::process::id()));
                 std::fs::write(&p, text).unwrap();
                 Self(p)
             }
@@ -240,7 +258,11 @@ mod tests {
     #[test]
     fn flags_override_file() {
         let f = write("tun = \"fromfile\"\nmtu = 1300\nallow = [\"a\", \"b\"]\nnat = true\n");
-        let args = ServerArgs { tun: Some("flag".into()), config: Some(f.0.clone()), ..Default::default() };
+        let args = ServerArgs {
+            tun: Some("flag".into()),
+            config: Some(f.0.clone()),
+            ..Default::default()
+        };
         let m = args.merged().unwrap();
         assert_eq!(m.tun.as_deref(), Some("flag"));
         assert_eq!(m.mtu, Some(1300));
@@ -251,7 +273,13 @@ mod tests {
     #[test]
     fn unknown_key_names_key_and_file() {
         let f = write("tun = \"x\"\nmtuu = 1300\n");
-        let err = ServerArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap_err().to_string();
+        let err = ServerArgs {
+            config: Some(f.0.clone()),
+            ..Default::default()
+        }
+        .merged()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("mtuu"), "{err}");
         assert!(err.contains(&f.0.display().to_string()), "{err}");
     }
@@ -259,14 +287,25 @@ mod tests {
     #[test]
     fn bad_value_names_key() {
         let f = write("mtu = \"big\"\n");
-        let err = ServerArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap_err().to_string();
+        let err = ServerArgs {
+            config: Some(f.0.clone()),
+            ..Default::default()
+        }
+        .merged()
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("mtu"), "{err}");
     }
 
     #[test]
     fn client_file() {
         let f = write("server = \"udp://192.0.2.1:3000\"\nroute = [\"default\"]\n");
-        let m = ClientArgs { config: Some(f.0.clone()), ..Default::default() }.merged().unwrap();
+        let m = ClientArgs {
+            config: Some(f.0.clone()),
+            ..Default::default()
+        }
+        .merged()
+        .unwrap();
         assert_eq!(m.server.as_deref(), Some("udp://192.0.2.1:3000"));
         assert_eq!(m.route, ["default"]);
     }

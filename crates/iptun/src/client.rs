@@ -36,9 +36,16 @@ struct Settings {
 fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
     let args = args.merged()?;
     let private_key = daemon::read_private_key(args.private_key.as_deref())?;
-    let server_key = args.server_key.as_deref().context("--server-key PUBKEY is required")?;
+    let server_key = args
+        .server_key
+        .as_deref()
+        .context("--server-key PUBKEY is required")?;
     let server_key = daemon::parse_public_key(server_key, "--server-key")?;
-    let server: ServerUrl = args.server.as_deref().context("--server URL is required (e.g. udp://HOST:3000)")?.parse()?;
+    let server: ServerUrl = args
+        .server
+        .as_deref()
+        .context("--server URL is required (e.g. udp://HOST:3000)")?
+        .parse()?;
     let routes = args
         .route
         .iter()
@@ -48,7 +55,9 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
                 .parse()
                 .or_else(|_| cidr.parse::<IpAddr>().map(IpNet::from))
                 .map(|n: IpNet| Route::Net(n.trunc()))
-                .with_context(|| format!("--route `{cidr}`: expected a CIDR, an address or `default`")),
+                .with_context(|| {
+                    format!("--route `{cidr}`: expected a CIDR, an address or `default`")
+                }),
         })
         .collect::<anyhow::Result<_>>()?;
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
@@ -72,7 +81,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let mut engine = Client::new(s.config, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
-    tracing::info!("connecting to {} ({server}) from {}", s.server, receiver.local_addr()?);
+    tracing::info!(
+        "connecting to {} ({server}) from {}",
+        s.server,
+        receiver.local_addr()?
+    );
 
     let mut drops = DropReporter::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -80,7 +93,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let deadline = engine.next_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let deadline = engine
+            .next_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             () = &mut shutdown => break,
             r = tun.readable() => {
@@ -105,7 +120,14 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         while let Some(ClientEvent::Configured(config)) = engine.poll_event() {
-            configure(&tun, &config, configured.as_ref(), &s.routes, server.ip(), &mut undo)?;
+            configure(
+                &tun,
+                &config,
+                configured.as_ref(),
+                &s.routes,
+                server.ip(),
+                &mut undo,
+            )?;
             configured = Some(config);
         }
     }
@@ -131,7 +153,13 @@ fn configure(
     }
     netcfg::configure_interface(tun.name(), &addrs, config.mtu)?;
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    tracing::info!("tunnel up on {}: {} via {} (MTU {})", tun.name(), shown.join(", "), config.server_v4, config.mtu);
+    tracing::info!(
+        "tunnel up on {}: {} via {} (MTU {})",
+        tun.name(),
+        shown.join(", "),
+        config.server_v4,
+        config.mtu
+    );
     if previous.is_some() {
         return Ok(()); // routes stay: they name the device, not the addresses
     }
@@ -144,12 +172,19 @@ fn configure(
     Ok(())
 }
 
-fn from_tun(engine: &mut Client, tun: &mut Tun, sender: &mut UdpSender, server: SocketAddr) -> anyhow::Result<()> {
+fn from_tun(
+    engine: &mut Client,
+    tun: &mut Tun,
+    sender: &mut UdpSender,
+    server: SocketAddr,
+) -> anyhow::Result<()> {
     loop {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
             // Seal straight into the send batch: no copy.
-            sender.send_with(server, |out| engine.handle_tun_packet(now, packet, out).ok());
+            sender.send_with(server, |out| {
+                engine.handle_tun_packet(now, packet, out).ok()
+            });
         });
         match result {
             Ok(()) => {}
@@ -171,7 +206,9 @@ async fn from_network(
     loop {
         let now = Instant::now();
         let result = receiver.try_recv_batch(|_, datagram| {
-            let Some(buf) = tun.stage_buffer(datagram.len()) else { return };
+            let Some(buf) = tun.stage_buffer(datagram.len()) else {
+                return;
+            };
             match engine.handle_datagram(now, datagram, buf) {
                 Ok(ClientOutput::Tun(packet)) => {
                     let n = packet.len();
@@ -192,10 +229,20 @@ async fn from_network(
     Ok(())
 }
 
-fn status(engine: &Client, tun: &str, url: &ServerUrl, server: SocketAddr, config: Option<&TunnelConfig>) -> Status {
+fn status(
+    engine: &Client,
+    tun: &str,
+    url: &ServerUrl,
+    server: SocketAddr,
+    config: Option<&TunnelConfig>,
+) -> Status {
     let now = Instant::now();
     let addresses: Vec<String> = config
-        .map(|c| std::iter::once(c.client_v4.to_string()).chain(c.v6.map(|v| v.0.to_string())).collect())
+        .map(|c| {
+            std::iter::once(c.client_v4.to_string())
+                .chain(c.v6.map(|v| v.0.to_string()))
+                .collect()
+        })
         .unwrap_or_default();
     let session = SessionStatus {
         key: "server".into(),
@@ -209,7 +256,12 @@ fn status(engine: &Client, tun: &str, url: &ServerUrl, server: SocketAddr, confi
         drops: Default::default(),
         since_handshake_secs: None,
     }
-    .counters(engine.traffic(), engine.drops(), engine.last_handshake(), now);
+    .counters(
+        engine.traffic(),
+        engine.drops(),
+        engine.last_handshake(),
+        now,
+    );
     Status {
         role: "client".into(),
         tun: tun.into(),

@@ -1,5 +1,11 @@
 //! The local control socket behind `iptun status`: a daemon answers each
 //! connection with one JSON snapshot of its sessions and closes it.
+//!
+//! By default the socket is an abstract Unix socket named `@iptun/TUN`.
+//! Abstract names belong to the network namespace, like the TUN device they
+//! describe: daemons in different namespaces never collide, `iptun status`
+//! sees the daemons of its own namespace, and nothing is left on disk. A
+//! `--control PATH` not starting with `@` is a file instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,12 +18,25 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-/// Where control sockets live by default.
-pub const RUN_DIR: &str = "/run/iptun";
+/// Prefix of the default (abstract) control socket names.
+const ABSTRACT_PREFIX: &str = "@iptun/";
 
 /// The default control socket of the daemon owning TUN device `tun`.
 pub fn default_path(tun: &str) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{tun}.sock"))
+    PathBuf::from(format!("{ABSTRACT_PREFIX}{tun}"))
+}
+
+/// A socket address: `@name` is abstract, anything else a file.
+fn socket_addr(path: &Path) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt as _;
+    match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(path),
+    }
+}
+
+fn is_abstract(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.starts_with('@'))
 }
 
 /// What `iptun status` shows for one daemon.
@@ -60,7 +79,13 @@ pub struct SessionStatus {
 
 impl SessionStatus {
     /// Fill the counters from the engine's numbers.
-    pub fn counters(mut self, traffic: Traffic, drops: DropCounters, last: Option<Instant>, now: Instant) -> Self {
+    pub fn counters(
+        mut self,
+        traffic: Traffic,
+        drops: DropCounters,
+        last: Option<Instant>,
+        now: Instant,
+    ) -> Self {
         self.rx_bytes = traffic.rx_bytes;
         self.rx_packets = traffic.rx_packets;
         self.tx_bytes = traffic.tx_bytes;
@@ -73,7 +98,10 @@ impl SessionStatus {
 
 /// Drop counters as a name → count map (non-zero only).
 pub fn drop_map(drops: DropCounters) -> BTreeMap<String, u64> {
-    drops.nonzero().map(|(r, n)| (r.name().to_owned(), n)).collect()
+    drops
+        .nonzero()
+        .map(|(r, n)| (r.name().to_owned(), n))
+        .collect()
 }
 
 /// A bound control socket; the file is removed on drop.
@@ -85,17 +113,32 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Bind at `path`, replacing a stale socket that nobody answers on.
     pub fn bind(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!("{} is in use: another iptun runs with this TUN name or control socket", path.display());
+        let addr =
+            socket_addr(path).with_context(|| format!("control socket {}", path.display()))?;
+        if !is_abstract(path) {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
-            std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+            if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale {}", path.display()))?;
+            }
         }
-        let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
-        Ok(Self { listener, path: path.to_owned() })
+        let listener = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                ": another iptun runs with this TUN name or control socket"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("binding control socket {}: {e}{hint}", path.display())
+        })?;
+        listener.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(listener)?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
     }
 
     /// Wait for the next `iptun status`.
@@ -106,7 +149,9 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !is_abstract(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -120,24 +165,33 @@ pub fn reply(mut stream: UnixStream, status: &Status) {
 
 /// Ask the daemon at `path` for its status.
 pub async fn query(path: &Path) -> anyhow::Result<Status> {
-    let mut stream = UnixStream::connect(path)
-        .await
+    let connect = || -> std::io::Result<UnixStream> {
+        let stream = std::os::unix::net::UnixStream::connect_addr(&socket_addr(path)?)?;
+        stream.set_nonblocking(true)?;
+        UnixStream::from_std(stream)
+    };
+    let mut stream = connect()
         .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))?;
     let mut body = Vec::new();
-    stream.read_to_end(&mut body).await.with_context(|| format!("reading from {}", path.display()))?;
+    stream
+        .read_to_end(&mut body)
+        .await
+        .with_context(|| format!("reading from {}", path.display()))?;
     serde_json::from_slice(&body).with_context(|| format!("bad answer from {}", path.display()))
 }
 
-/// Every control socket in the default directory.
+/// Every listening default control socket in this network namespace
+/// (from `/proc/net/unix`, where abstract names show with a leading `@`).
 pub fn all_sockets() -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(RUN_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let mut paths: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(7))
+        .filter(|name| name.starts_with(ABSTRACT_PREFIX))
+        .map(PathBuf::from)
         .collect();
     paths.sort();
+    paths.dedup();
     paths
 }
 
@@ -145,14 +199,26 @@ pub fn all_sockets() -> Vec<PathBuf> {
 pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "{} on {}  addresses {}  {}", s.role, s.tun, s.addresses.join(", "), s.endpoints.join(", "));
+    let _ = writeln!(
+        out,
+        "{} on {}  addresses {}  {}",
+        s.role,
+        s.tun,
+        s.addresses.join(", "),
+        s.endpoints.join(", ")
+    );
     if !s.drops.is_empty() {
         let _ = writeln!(out, "  dropped (no session): {}", fmt_drops(&s.drops));
     }
     for x in &s.sessions {
         let _ = writeln!(out, "  peer {}", x.key);
         let _ = writeln!(out, "    addresses: {}", x.addresses.join(", "));
-        let _ = writeln!(out, "    transport: {} {}", x.transport, x.endpoint.as_deref().unwrap_or("(none yet)"));
+        let _ = writeln!(
+            out,
+            "    transport: {} {}",
+            x.transport,
+            x.endpoint.as_deref().unwrap_or("(none yet)")
+        );
         let _ = writeln!(
             out,
             "    received: {} B in {} packets; sent: {} B in {} packets",
@@ -171,5 +237,8 @@ pub fn render(s: &Status) -> String {
 }
 
 fn fmt_drops(d: &BTreeMap<String, u64>) -> String {
-    d.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    d.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -21,8 +21,10 @@ pub async fn shutdown_signal() {
 
 /// Read a private key file.
 pub fn read_private_key(path: Option<&Path>) -> anyhow::Result<PrivateKey> {
-    let path = path.context("--private-key FILE is required (create one with `iptun genkey > FILE`)")?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading private key {}", path.display()))?;
+    let path =
+        path.context("--private-key FILE is required (create one with `iptun genkey > FILE`)")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading private key {}", path.display()))?;
     PrivateKey::from_base64(&text).with_context(|| format!("private key {}", path.display()))
 }
 
@@ -41,17 +43,28 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 impl DropReporter {
     pub fn new() -> Self {
-        Self { seen: 0, last_report: None }
+        Self {
+            seen: 0,
+            last_report: None,
+        }
     }
 
     /// Call periodically with the current totals.
     pub fn tick(&mut self, now: Instant, drops: DropCounters) {
         let total = drops.total();
-        if total == self.seen || self.last_report.is_some_and(|t| now.duration_since(t) < REPORT_EVERY) {
+        if total == self.seen
+            || self
+                .last_report
+                .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
+        {
             return;
         }
         let reasons: Vec<String> = drops.nonzero().map(|(r, n)| format!("{r} {n}")).collect();
-        tracing::warn!("dropped {} packets since the last report (totals: {})", total - self.seen, reasons.join(", "));
+        tracing::warn!(
+            "dropped {} packets since the last report (totals: {})",
+            total - self.seen,
+            reasons.join(", ")
+        );
         self.seen = total;
         self.last_report = Some(now);
     }

@@ -44,7 +44,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Pubkey => {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).context("reading a private key on stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading a private key on stdin")?;
             let key = PrivateKey::from_base64(&text).context("the private key on stdin")?;
             println!("{}", key.public_key().to_base64());
             Ok(())
@@ -61,7 +63,10 @@ fn run(command: Command) -> anyhow::Result<()> {
 /// The data path is one thread per daemon: both tunnel ends usually share a
 /// machine's cores with the traffic they carry.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 async fn status(args: cli::StatusArgs) -> anyhow::Result<()> {
@@ -69,7 +74,10 @@ async fn status(args: cli::StatusArgs) -> anyhow::Result<()> {
         Some(p) => vec![p],
         None => control::all_sockets(),
     };
-    anyhow::ensure!(!paths.is_empty(), "no iptun daemon is running here (no socket in {})", control::RUN_DIR);
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "no iptun daemon is running in this network namespace"
+    );
     let mut all = Vec::new();
     for p in &paths {
         all.push(control::query(p).await?);
@@ -86,5 +94,9 @@ fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let level = ["info", "debug", "trace"][usize::from(verbose.min(2))];
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

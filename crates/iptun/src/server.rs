@@ -59,11 +59,15 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         allowed.push(daemon::parse_public_key(key, "--allow")?);
     }
     if let Some(file) = &args.allow_file {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading --allow-file {}", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading --allow-file {}", file.display()))?;
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if !line.is_empty() {
-                allowed.push(daemon::parse_public_key(line, &format!("{}:{}", file.display(), n + 1))?);
+                allowed.push(daemon::parse_public_key(
+                    line,
+                    &format!("{}:{}", file.display(), n + 1),
+                )?);
             }
         }
     }
@@ -75,18 +79,36 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         .as_deref()
         .unwrap_or("10.1.0.0/24")
         .parse()
-        .with_context(|| format!("--pool `{}`: expected an IPv4 CIDR", args.pool.as_deref().unwrap_or_default()))?;
+        .with_context(|| {
+            format!(
+                "--pool `{}`: expected an IPv4 CIDR",
+                args.pool.as_deref().unwrap_or_default()
+            )
+        })?;
     let pool6: Option<Ipv6Net> = match args.pool6.as_deref() {
         Some("none") => None,
-        Some(p) => Some(p.parse().with_context(|| format!("--pool6 `{p}`: expected an IPv6 CIDR or `none`"))?),
+        Some(p) => Some(
+            p.parse()
+                .with_context(|| format!("--pool6 `{p}`: expected an IPv6 CIDR or `none`"))?,
+        ),
         None => Some("fd69:7074:756e::/64".parse().expect("valid")),
     };
     let pool = AddressPool::new(pool4, pool6).context("--pool/--pool6")?;
-    let listen = if args.listen.is_empty() { vec!["udp://0.0.0.0:3000".to_owned()] } else { args.listen };
-    let listen = listen.iter().map(|l| l.parse()).collect::<anyhow::Result<Vec<Listen>>>()?;
+    let listen = if args.listen.is_empty() {
+        vec!["udp://0.0.0.0:3000".to_owned()]
+    } else {
+        args.listen
+    };
+    let listen = listen
+        .iter()
+        .map(|l| l.parse())
+        .collect::<anyhow::Result<Vec<Listen>>>()?;
     let mut config = ServerConfig::new(private_key, allowed, pool);
     if let Some(mtu) = args.mtu {
-        anyhow::ensure!((576..=65000).contains(&mtu), "--mtu {mtu}: must be between 576 and 65000");
+        anyhow::ensure!(
+            (576..=65000).contains(&mtu),
+            "--mtu {mtu}: must be between 576 and 65000"
+        );
         config.mtu = mtu;
     }
     if let Some(k) = args.keepalive {
@@ -119,7 +141,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     netcfg::configure_interface(tun.name(), &addrs, engine.mtu())?;
     let mut undo = Undo::new();
     if s.nat {
-        netcfg::enable_nat(&mut undo, tun.name(), engine.pool().net4(), engine.pool().net6())?;
+        netcfg::enable_nat(
+            &mut undo,
+            tun.name(),
+            engine.pool().net4(),
+            engine.pool().net6(),
+        )?;
     }
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
@@ -132,7 +159,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let addr_text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!("server up on {} with {}", tun.name(), addr_text.join(", "));
-    let endpoints: Vec<String> = receivers.iter().map(|r| format!("udp://{}", r.local_addr().unwrap())).collect();
+    let endpoints: Vec<String> = receivers
+        .iter()
+        .map(|r| format!("udp://{}", r.local_addr().unwrap()))
+        .collect();
 
     // Where packets from the TUN device are sealed before joining a send batch.
     let mut seal_buf = vec![0u8; 1 << 16];
@@ -176,7 +206,12 @@ fn ready_receiver(receivers: &[UdpReceiver], cx: &mut std::task::Context<'_>) ->
 }
 
 /// Drain the TUN device: seal each packet for the client that owns its destination.
-fn from_tun(engine: &mut Server<Path>, tun: &mut Tun, senders: &mut [UdpSender], out: &mut [u8]) -> anyhow::Result<()> {
+fn from_tun(
+    engine: &mut Server<Path>,
+    tun: &mut Tun,
+    senders: &mut [UdpSender],
+    out: &mut [u8],
+) -> anyhow::Result<()> {
     loop {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
@@ -207,7 +242,9 @@ async fn from_network(
         let now = Instant::now();
         let result = receiver.try_recv_batch(|addr, datagram| {
             let from = Path::Udp { socket, addr };
-            let Some(buf) = tun.stage_buffer(datagram.len()) else { return };
+            let Some(buf) = tun.stage_buffer(datagram.len()) else {
+                return;
+            };
             match engine.handle_datagram(now, &from, datagram, buf) {
                 Ok(ServerOutput::Tun(packet)) => {
                     let n = packet.len();
@@ -247,7 +284,9 @@ fn status(engine: &Server<Path>, tun: &str, addresses: &[String], endpoints: &[S
         .map(|s| {
             SessionStatus {
                 key: s.key.to_base64(),
-                addresses: std::iter::once(s.lease.v4.to_string()).chain(s.lease.v6.map(|a| a.to_string())).collect(),
+                addresses: std::iter::once(s.lease.v4.to_string())
+                    .chain(s.lease.v6.map(|a| a.to_string()))
+                    .collect(),
                 transport: s.path.map_or("none", |p| p.transport()).to_owned(),
                 endpoint: s.path.map(|p| p.endpoint()),
                 rx_bytes: 0,

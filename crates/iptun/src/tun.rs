@@ -44,7 +44,9 @@ impl Tun {
             .name(name)
             .offload(offload)
             .build_async()
-            .with_context(|| format!("creating TUN device {name} (is /dev/net/tun there, and are we root?)"))?;
+            .with_context(|| {
+                format!("creating TUN device {name} (is /dev/net/tun there, and are we root?)")
+            })?;
         let name = device.name().unwrap_or_else(|_| name.to_owned());
         Ok(Self {
             device,
@@ -54,7 +56,9 @@ impl Tun {
             read_sizes: vec![0; IDEAL_BATCH_SIZE],
             // Enough to take every datagram of one UDP receive batch; buffers
             // grow to the packet size on first use and are reused after.
-            write_bufs: (0..WRITE_BATCH).map(|_| Vec::with_capacity(HEADROOM + 2048)).collect(),
+            write_bufs: (0..WRITE_BATCH)
+                .map(|_| Vec::with_capacity(HEADROOM + 2048))
+                .collect(),
             staged: 0,
             gro: GROTable::default(),
         })
@@ -73,7 +77,12 @@ impl Tun {
     /// Read one batch without blocking and hand each packet to `f`.
     /// Returns `WouldBlock` when nothing is pending.
     pub fn try_read_batch(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<()> {
-        let n = self.device.try_recv_multiple(&mut self.raw, &mut self.read_bufs, &mut self.read_sizes, HEADROOM)?;
+        let n = self.device.try_recv_multiple(
+            &mut self.raw,
+            &mut self.read_bufs,
+            &mut self.read_sizes,
+            HEADROOM,
+        )?;
         for (buf, &size) in self.read_bufs.iter().zip(&self.read_sizes).take(n) {
             f(&buf[HEADROOM..HEADROOM + size]);
         }
@@ -100,7 +109,10 @@ impl Tun {
             return Ok(());
         }
         let staged = std::mem::take(&mut self.staged);
-        let result = self.device.send_multiple(&mut self.gro, &mut self.write_bufs[..staged], HEADROOM).await;
+        let result = self
+            .device
+            .send_multiple(&mut self.gro, &mut self.write_bufs[..staged], HEADROOM)
+            .await;
         match result {
             Ok(_) => Ok(()),
             // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.

@@ -30,7 +30,9 @@ fn split(url: &str) -> anyhow::Result<(&str, &str)> {
     match scheme {
         "udp" => Ok((scheme, rest.trim_end_matches('/'))),
         "dns" | "icmp" | "http" | "https" | "ws" | "wss" => {
-            bail!("`{url}`: the {scheme} transport is not available in this version (supported: udp://)")
+            bail!(
+                "`{url}`: the {scheme} transport is not available in this version (supported: udp://)"
+            )
         }
         _ => bail!("`{url}`: unknown transport `{scheme}` (supported: udp://)"),
     }
@@ -39,7 +41,9 @@ fn split(url: &str) -> anyhow::Result<(&str, &str)> {
 /// Split `host:port` or `[v6]:port` (port optional).
 fn host_port(rest: &str, url: &str) -> anyhow::Result<(String, u16)> {
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').with_context(|| format!("`{url}`: missing `]`"))?;
+        let (host, after) = v6
+            .split_once(']')
+            .with_context(|| format!("`{url}`: missing `]`"))?;
         (host, after.strip_prefix(':'))
     } else {
         match rest.rsplit_once(':') {
@@ -51,7 +55,9 @@ fn host_port(rest: &str, url: &str) -> anyhow::Result<(String, u16)> {
         bail!("`{url}`: missing host");
     }
     let port = match port {
-        Some(p) => p.parse().with_context(|| format!("`{url}`: bad port `{p}`"))?,
+        Some(p) => p
+            .parse()
+            .with_context(|| format!("`{url}`: bad port `{p}`"))?,
         None => DEFAULT_UDP_PORT,
     };
     Ok((host.to_owned(), port))
@@ -63,7 +69,9 @@ impl std::str::FromStr for Listen {
     fn from_str(url: &str) -> anyhow::Result<Self> {
         let (_, rest) = split(url)?;
         let (host, port) = host_port(rest, url)?;
-        let ip = host.parse().with_context(|| format!("`{url}`: listen on an IP address, not `{host}`"))?;
+        let ip = host
+            .parse()
+            .with_context(|| format!("`{url}`: listen on an IP address, not `{host}`"))?;
         Ok(Self::Udp(SocketAddr::new(ip, port)))
     }
 }
@@ -93,7 +101,11 @@ impl ServerUrl {
 impl std::fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Self::Udp { host, port } = self;
-        if host.contains(':') { write!(f, "udp://[{host}]:{port}") } else { write!(f, "udp://{host}:{port}") }
+        if host.contains(':') {
+            write!(f, "udp://[{host}]:{port}")
+        } else {
+            write!(f, "udp://{host}:{port}")
+        }
     }
 }
 
@@ -103,12 +115,42 @@ mod tests {
 
     #[test]
     fn listen_urls() {
-        assert_eq!("udp://0.0.0.0:3000".parse::<Listen>().unwrap(), Listen::Udp("0.0.0.0:3000".parse().unwrap()));
-        assert_eq!("udp://[::]".parse::<Listen>().unwrap(), Listen::Udp("[::]:3000".parse().unwrap()));
-        assert!("udp://example.com:1".parse::<Listen>().unwrap_err().to_string().contains("IP address"));
-        assert!("dns://0.0.0.0".parse::<Listen>().unwrap_err().to_string().contains("not available"));
-        assert!("0.0.0.0:3000".parse::<Listen>().unwrap_err().to_string().contains("not a URL"));
-        assert!("udp://1.2.3.4:x".parse::<Listen>().unwrap_err().to_string().contains("bad port"));
+        assert_eq!(
+            "udp://0.0.0.0:3000".parse::<Listen>().unwrap(),
+            Listen::Udp("0.0.0.0:3000".parse().unwrap())
+        );
+        assert_eq!(
+            "udp://[::]".parse::<Listen>().unwrap(),
+            Listen::Udp("[::]:3000".parse().unwrap())
+        );
+        assert!(
+            "udp://example.com:1"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("IP address")
+        );
+        assert!(
+            "dns://0.0.0.0"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("not available")
+        );
+        assert!(
+            "0.0.0.0:3000"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("not a URL")
+        );
+        assert!(
+            "udp://1.2.3.4:x"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("bad port")
+        );
     }
 
     #[test]

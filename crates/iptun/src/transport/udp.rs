@@ -39,12 +39,25 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
         bufs: vec![0; RECV_BUFFER_LEN * RECV_BUFFERS],
         meta: vec![RecvMeta::default(); RECV_BUFFERS],
     };
-    Ok((receiver, UdpSender { socket, state, batch: SendBatch::new(max_segments) }))
+    Ok((
+        receiver,
+        UdpSender {
+            socket,
+            state,
+            batch: SendBatch::new(max_segments),
+        },
+    ))
 }
 
 /// A socket for talking to `server` from any local port.
 pub fn bind_for(server: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
-    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("valid");
     bind(any)
 }
 
@@ -71,11 +84,18 @@ impl UdpReceiver {
     /// Receive one batch without blocking and hand each datagram to `f`.
     /// Returns `WouldBlock` when nothing is pending.
     pub fn try_recv_batch(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> io::Result<()> {
-        let Self { socket, state, bufs, meta } = self;
+        let Self {
+            socket,
+            state,
+            bufs,
+            meta,
+        } = self;
         let mut chunks = bufs.chunks_mut(RECV_BUFFER_LEN);
         let mut slices: [IoSliceMut<'_>; RECV_BUFFERS] =
             std::array::from_fn(|_| IoSliceMut::new(chunks.next().expect("RECV_BUFFERS chunks")));
-        let n = socket.try_io(Interest::READABLE, || state.recv(UdpSockRef::from(&**socket), &mut slices, meta))?;
+        let n = socket.try_io(Interest::READABLE, || {
+            state.recv(UdpSockRef::from(&**socket), &mut slices, meta)
+        })?;
         for (m, buf) in meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n) {
             // With GRO one buffer holds several datagrams of `stride` bytes.
             for datagram in buf[..m.len].chunks(m.stride.max(1)) {
@@ -101,7 +121,9 @@ impl UdpSender {
     /// buffer and returns its length (or `None` to send nothing). Datagrams
     /// are batched; call [`UdpSender::flush`] at the end of a burst.
     pub fn send_with(&mut self, to: SocketAddr, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
-        let Some(len) = fill(self.batch.tail()) else { return };
+        let Some(len) = fill(self.batch.tail()) else {
+            return;
+        };
         if !self.batch.try_join(to, len) {
             // The new datagram cannot ride with the current run: send the run,
             // then start a new one with it.
@@ -130,7 +152,9 @@ impl UdpSender {
 
     fn transmit_run(&self) {
         let b = &self.batch;
-        let Some(to) = b.to.filter(|_| b.count > 0) else { return };
+        let Some(to) = b.to.filter(|_| b.count > 0) else {
+            return;
+        };
         let t = Transmit {
             destination: to,
             ecn: None,
@@ -139,7 +163,9 @@ impl UdpSender {
             src_ip: None,
         };
         for _ in 0..2 {
-            match self.socket.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&*self.socket), &t)) {
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.try_send(UdpSockRef::from(&*self.socket), &t)
+            }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(&self.socket),
                 // A lost datagram is the inner protocol's business; an unreachable
                 // peer must not stop the tunnel.
@@ -153,7 +179,11 @@ impl UdpSender {
 /// Block up to 50 ms for room in the socket's send buffer.
 fn wait_writable(socket: &UdpSocket) {
     use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&raw mut pfd, 1, 50) };
 }
@@ -163,7 +193,10 @@ fn wait_writable(socket: &UdpSocket) {
 fn size_buffers(socket: &std::net::UdpSocket) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
         let size = SOCKET_BUFFER as libc::c_int;
         let set = |opt| {
             // SAFETY: fd is a valid socket and we pass a c_int of the right size.
@@ -222,7 +255,11 @@ impl SendBatch {
             self.start_run(to, self.len, len);
             return true;
         }
-        if self.to != Some(to) || self.closed || len > self.segment || self.len + len > GSO_MAX_BYTES {
+        if self.to != Some(to)
+            || self.closed
+            || len > self.segment
+            || self.len + len > GSO_MAX_BYTES
+        {
             return false;
         }
         self.len += len;
