@@ -100,6 +100,13 @@ impl DropCounters {
         self.0[reason as usize]
     }
 
+    /// Add all of `other`'s counts.
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
     /// The sum over all reasons.
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
@@ -107,7 +114,10 @@ impl DropCounters {
 
     /// Non-zero counters with their names.
     pub fn nonzero(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|&r| (r, self.get(r))).filter(|&(_, n)| n > 0)
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.get(r)))
+            .filter(|&(_, n)| n > 0)
     }
 }
 

@@ -56,12 +56,17 @@ impl AddressPool {
         if net4.prefix_len() > 30 {
             return Err(PoolError::TooSmall(net4));
         }
-        if let Some(n6) = net6 {
-            if 128 - n6.prefix_len() < 32 - net4.prefix_len() {
-                return Err(PoolError::V6TooSmall(n6));
-            }
+        if let Some(n6) = net6
+            && 128 - n6.prefix_len() < 32 - net4.prefix_len()
+        {
+            return Err(PoolError::V6TooSmall(n6));
         }
-        Ok(Self { net4, net6, leases: HashMap::new(), taken: HashSet::new() })
+        Ok(Self {
+            net4,
+            net6,
+            leases: HashMap::new(),
+            taken: HashSet::new(),
+        })
     }
 
     /// The IPv4 network.
@@ -112,7 +117,9 @@ impl AddressPool {
     fn lease_for(&self, host: u32) -> Lease {
         Lease {
             v4: Ipv4Addr::from(u32::from(self.net4.network()) + host),
-            v6: self.net6.map(|n| Ipv6Addr::from(u128::from(n.network()) + u128::from(host))),
+            v6: self
+                .net6
+                .map(|n| Ipv6Addr::from(u128::from(n.network()) + u128::from(host))),
         }
     }
 }
@@ -120,7 +127,9 @@ impl AddressPool {
 // A fixed, documented hash so the preferred address of a key never depends
 // on the build (std's hashers make no such promise).
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[cfg(test)]
@@ -133,7 +142,11 @@ mod tests {
     }
 
     fn pool(net: &str) -> AddressPool {
-        AddressPool::new(net.parse().unwrap(), Some("fd69:7074:756e::/64".parse().unwrap())).unwrap()
+        AddressPool::new(
+            net.parse().unwrap(),
+            Some("fd69:7074:756e::/64".parse().unwrap()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -171,13 +184,23 @@ mod tests {
         let a = p.assign(&key(1)).unwrap();
         assert_eq!(a.v4, Ipv4Addr::new(10, 1, 0, 2));
         assert_eq!(p.assign(&key(2)), None);
-        assert_eq!(p.assign(&key(1)), Some(a), "an existing lease survives exhaustion");
+        assert_eq!(
+            p.assign(&key(1)),
+            Some(a),
+            "an existing lease survives exhaustion"
+        );
     }
 
     #[test]
     fn rejects_bad_pools() {
         assert!(AddressPool::new("10.1.0.0/31".parse().unwrap(), None).is_err());
-        assert!(AddressPool::new("10.0.0.0/8".parse().unwrap(), Some("fd00::/112".parse().unwrap())).is_err());
+        assert!(
+            AddressPool::new(
+                "10.0.0.0/8".parse().unwrap(),
+                Some("fd00::/112".parse().unwrap())
+            )
+            .is_err()
+        );
     }
 
     proptest! {

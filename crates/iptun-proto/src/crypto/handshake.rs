@@ -25,25 +25,51 @@ pub struct Initiator {
 impl Initiator {
     /// Write Noise message 1 into `out`, carrying `timestamp` (nanoseconds
     /// since the Unix epoch; the server requires it to grow).
-    pub fn start(local: &PrivateKey, server: &PublicKey, timestamp: u64, out: &mut [u8; INIT_NOISE_LEN]) -> Self {
+    pub fn start(
+        local: &PrivateKey,
+        server: &PublicKey,
+        timestamp: u64,
+        out: &mut [u8; INIT_NOISE_LEN],
+    ) -> Self {
         let mut state = builder(local)
             .remote_public_key(&server.0)
             .and_then(Builder::build_initiator)
             .expect("a 32-byte server key is accepted");
         let mut payload = [0u8; INIT_PAYLOAD_LEN];
         payload[..8].copy_from_slice(&timestamp.to_le_bytes());
-        let n = state.write_message(&payload, out).expect("message 1 fits its fixed size");
+        let n = state
+            .write_message(&payload, out)
+            .expect("message 1 fits its fixed size");
         debug_assert_eq!(n, INIT_NOISE_LEN);
         Self { state }
     }
 
     /// Read Noise message 2: the server's config and the session keys.
     pub fn finish(mut self, noise: &[u8]) -> Result<(TunnelConfig, SessionKeys), DropReason> {
+        let config = self.read_response(noise)?;
+        Ok((config, self.into_keys()?))
+    }
+
+    /// Read Noise message 2 and return the server's config. A message that
+    /// does not authenticate leaves the handshake as it was (snow restores
+    /// its state on a failed read), so a forged response cannot spoil the
+    /// real one that follows it.
+    pub fn read_response(&mut self, noise: &[u8]) -> Result<TunnelConfig, DropReason> {
         let mut payload = [0u8; CONFIG_LEN + 16];
-        let n = self.state.read_message(noise, &mut payload).map_err(|_| DropReason::Unauthenticated)?;
-        let config = TunnelConfig::parse(&payload[..n])?;
-        let transport = self.state.into_stateless_transport_mode().map_err(|_| DropReason::Unauthenticated)?;
-        Ok((config, SessionKeys::new(transport)))
+        let n = self
+            .state
+            .read_message(noise, &mut payload)
+            .map_err(|_| DropReason::Unauthenticated)?;
+        TunnelConfig::parse(&payload[..n])
+    }
+
+    /// The session keys, once [`Initiator::read_response`] succeeded.
+    pub fn into_keys(self) -> Result<SessionKeys, DropReason> {
+        let transport = self
+            .state
+            .into_stateless_transport_mode()
+            .map_err(|_| DropReason::Unauthenticated)?;
+        Ok(SessionKeys::new(transport))
     }
 }
 
@@ -60,7 +86,9 @@ impl Responder {
     pub fn read(local: &PrivateKey, noise: &[u8]) -> Result<Self, DropReason> {
         let mut state = builder(local).build_responder().expect("responder builds");
         let mut payload = [0u8; INIT_PAYLOAD_LEN];
-        let n = state.read_message(noise, &mut payload).map_err(|_| DropReason::Unauthenticated)?;
+        let n = state
+            .read_message(noise, &mut payload)
+            .map_err(|_| DropReason::Unauthenticated)?;
         if n != INIT_PAYLOAD_LEN {
             return Err(DropReason::Malformed);
         }
@@ -70,7 +98,11 @@ impl Responder {
             .map(PublicKey)
             .ok_or(DropReason::Unauthenticated)?;
         let timestamp = u64::from_le_bytes(payload[..8].try_into().unwrap());
-        Ok(Self { state, client, timestamp })
+        Ok(Self {
+            state,
+            client,
+            timestamp,
+        })
     }
 
     /// The client's static public key.
@@ -84,10 +116,20 @@ impl Responder {
     }
 
     /// Write Noise message 2 carrying `config` into `out`; returns the keys.
-    pub fn accept(mut self, config: &TunnelConfig, out: &mut [u8; RESPONSE_NOISE_LEN]) -> Result<SessionKeys, DropReason> {
-        let n = self.state.write_message(&config.emit(), out).map_err(|_| DropReason::TooLarge)?;
+    pub fn accept(
+        mut self,
+        config: &TunnelConfig,
+        out: &mut [u8; RESPONSE_NOISE_LEN],
+    ) -> Result<SessionKeys, DropReason> {
+        let n = self
+            .state
+            .write_message(&config.emit(), out)
+            .map_err(|_| DropReason::TooLarge)?;
         debug_assert_eq!(n, RESPONSE_NOISE_LEN);
-        let transport = self.state.into_stateless_transport_mode().map_err(|_| DropReason::Unauthenticated)?;
+        let transport = self
+            .state
+            .into_stateless_transport_mode()
+            .map_err(|_| DropReason::Unauthenticated)?;
         Ok(SessionKeys::new(transport))
     }
 }
@@ -124,20 +166,41 @@ mod tests {
         let mut msg = [0u8; 64];
         let mut plain = [0u8; 64];
         let n = client_keys.seal(7, b"hello", &mut msg).unwrap();
-        let Ok(crate::wire::Message::Data { counter, ciphertext, .. }) = crate::wire::Message::parse(&msg[..n]) else { panic!() };
+        let Ok(crate::wire::Message::Data {
+            counter,
+            ciphertext,
+            ..
+        }) = crate::wire::Message::parse(&msg[..n])
+        else {
+            panic!()
+        };
         let m = server_keys.open(counter, ciphertext, &mut plain).unwrap();
         assert_eq!(&plain[..m], b"hello");
-        assert_eq!(server_keys.open(counter, ciphertext, &mut plain), Err(DropReason::Replay));
+        assert_eq!(
+            server_keys.open(counter, ciphertext, &mut plain),
+            Err(DropReason::Replay)
+        );
 
         let n = server_keys.seal(9, b"back", &mut msg).unwrap();
-        let Ok(crate::wire::Message::Data { counter, ciphertext, .. }) = crate::wire::Message::parse(&msg[..n]) else { panic!() };
+        let Ok(crate::wire::Message::Data {
+            counter,
+            ciphertext,
+            ..
+        }) = crate::wire::Message::parse(&msg[..n])
+        else {
+            panic!()
+        };
         let m = client_keys.open(counter, ciphertext, &mut plain).unwrap();
         assert_eq!(&plain[..m], b"back");
     }
 
     #[test]
     fn wrong_server_key_fails() {
-        let (client, server, other) = (PrivateKey::generate(), PrivateKey::generate(), PrivateKey::generate());
+        let (client, server, other) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
         let mut m1 = [0u8; INIT_NOISE_LEN];
         Initiator::start(&client, &other.public_key(), 1, &mut m1);
         assert!(Responder::read(&server, &m1).is_err());
@@ -149,13 +212,19 @@ mod tests {
         let mut m1 = [0u8; INIT_NOISE_LEN];
         let init = Initiator::start(&client, &server.public_key(), 1, &mut m1);
         let mut m2 = [0u8; RESPONSE_NOISE_LEN];
-        let mut server_keys = Responder::read(&server, &m1).unwrap().accept(&config(), &mut m2).unwrap();
+        let mut server_keys = Responder::read(&server, &m1)
+            .unwrap()
+            .accept(&config(), &mut m2)
+            .unwrap();
         let (_, mut client_keys) = init.finish(&m2).unwrap();
         let mut msg = [0u8; 64];
         let n = client_keys.seal(7, b"hello", &mut msg).unwrap();
         msg[20] ^= 1;
         let mut plain = [0u8; 64];
-        assert_eq!(server_keys.open(0, &msg[16..n], &mut plain), Err(DropReason::Unauthenticated));
+        assert_eq!(
+            server_keys.open(0, &msg[16..n], &mut plain),
+            Err(DropReason::Unauthenticated)
+        );
         // A forged message must not move the replay window.
         msg[20] ^= 1;
         assert_eq!(server_keys.open(0, &msg[16..n], &mut plain), Ok(5));

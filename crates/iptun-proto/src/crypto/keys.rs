@@ -4,8 +4,8 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::params::DHChoice;
+use snow::resolvers::{CryptoResolver, DefaultResolver};
 
 /// Why a key could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,7 +45,11 @@ impl PrivateKey {
             .resolve_dh(&DHChoice::Curve25519)
             .expect("curve25519 is compiled in");
         dh.set(&self.0);
-        PublicKey(dh.pubkey().try_into().expect("x25519 public keys are 32 bytes"))
+        PublicKey(
+            dh.pubkey()
+                .try_into()
+                .expect("x25519 public keys are 32 bytes"),
+        )
     }
 
     /// Parse base64 text, ignoring surrounding whitespace.
@@ -95,7 +99,9 @@ fn encode(key: &[u8; 32]) -> String {
 
 fn decode(text: &str) -> Result<[u8; 32], KeyError> {
     let bytes = BASE64.decode(text.trim()).map_err(|_| KeyError::Base64)?;
-    bytes.try_into().map_err(|b: Vec<u8>| KeyError::Length(b.len()))
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| KeyError::Length(b.len()))
 }
 
 #[cfg(test)]
@@ -107,9 +113,15 @@ mod tests {
     #[test]
     fn public_key_matches_rfc7748() {
         let hex = |s: &str| -> [u8; 32] {
-            (0..32).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<_>>().try_into().unwrap()
+            (0..32)
+                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+                .collect::<Vec<_>>()
+                .try_into()
+                .unwrap()
         };
-        let private = PrivateKey(hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
+        let private = PrivateKey(hex(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+        ));
         let public = hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
         assert_eq!(private.public_key().0, public);
     }
@@ -117,8 +129,14 @@ mod tests {
     #[test]
     fn base64_known_value() {
         let k = PublicKey([0xff; 32]);
-        assert_eq!(k.to_base64(), "//////////////////////////////////////////8=");
-        assert_eq!(PublicKey::from_base64(" //////////////////////////////////////////8=\n"), Ok(k));
+        assert_eq!(
+            k.to_base64(),
+            "//////////////////////////////////////////8="
+        );
+        assert_eq!(
+            PublicKey::from_base64(" //////////////////////////////////////////8=\n"),
+            Ok(k)
+        );
     }
 
     #[test]

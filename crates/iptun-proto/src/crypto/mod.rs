@@ -15,7 +15,7 @@ mod transport;
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use replay::ReplayWindow;
-pub use transport::{SessionKeys, REJECT_AFTER_MESSAGES};
+pub use transport::{REJECT_AFTER_MESSAGES, SessionKeys};
 
 /// The Noise protocol name.
 pub(crate) const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";

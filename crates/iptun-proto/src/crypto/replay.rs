@@ -27,7 +27,11 @@ impl ReplayWindow {
 
     /// An empty window.
     pub const fn new() -> Self {
-        Self { last: 0, any: false, bitmap: [0; WORDS] }
+        Self {
+            last: 0,
+            any: false,
+            bitmap: [0; WORDS],
+        }
     }
 
     /// Whether `counter` would be accepted. Cheap: call it before decrypting.
@@ -73,7 +77,10 @@ impl ReplayWindow {
     }
 
     fn slot(counter: u64) -> (usize, u64) {
-        (((counter / BITS) % WORDS as u64) as usize, 1 << (counter % BITS))
+        (
+            ((counter / BITS) % WORDS as u64) as usize,
+            1 << (counter % BITS),
+        )
     }
 }
 
@@ -102,7 +109,10 @@ mod tests {
         assert!(w.accept(99));
         assert!(!w.accept(50));
         assert!(w.accept(3000));
-        assert!(!w.accept(3000 - ReplayWindow::SIZE), "exactly SIZE behind is too old");
+        assert!(
+            !w.accept(3000 - ReplayWindow::SIZE),
+            "exactly SIZE behind is too old"
+        );
         assert!(w.accept(3001 - ReplayWindow::SIZE));
     }
 

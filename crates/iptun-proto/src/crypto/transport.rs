@@ -18,7 +18,11 @@ pub struct SessionKeys {
 
 impl SessionKeys {
     pub(super) fn new(noise: StatelessTransportState) -> Self {
-        Self { noise, next_counter: 0, replay: ReplayWindow::new() }
+        Self {
+            noise,
+            next_counter: 0,
+            replay: ReplayWindow::new(),
+        }
     }
 
     /// Messages sealed so far.
@@ -28,7 +32,12 @@ impl SessionKeys {
 
     /// Write a complete data message for `receiver` carrying `plaintext` into
     /// `out`; returns its length (`plaintext.len() + DATA_OVERHEAD`).
-    pub fn seal(&mut self, receiver: u32, plaintext: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+    pub fn seal(
+        &mut self,
+        receiver: u32,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
         let len = plaintext.len() + DATA_OVERHEAD;
         if out.len() < len {
             return Err(DropReason::TooLarge);
@@ -47,7 +56,12 @@ impl SessionKeys {
 
     /// Authenticate and decrypt a data message's ciphertext into `out`;
     /// returns the plaintext length. Replays are rejected before decryption.
-    pub fn open(&mut self, counter: u64, ciphertext: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+    pub fn open(
+        &mut self,
+        counter: u64,
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
         if counter >= REJECT_AFTER_MESSAGES {
             return Err(DropReason::Expired);
         }

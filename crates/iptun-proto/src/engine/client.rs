@@ -27,7 +27,11 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A config with the default rekey limits.
     pub fn new(private_key: PrivateKey, server_key: PublicKey) -> Self {
-        Self { private_key, server_key, rekey_after_messages: REKEY_AFTER_MESSAGES }
+        Self {
+            private_key,
+            server_key,
+            rekey_after_messages: REKEY_AFTER_MESSAGES,
+        }
     }
 }
 
@@ -102,7 +106,12 @@ impl Client {
     }
 
     /// Seal an inner packet from the TUN device into a data message in `out`.
-    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+    pub fn handle_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
         let result = self.seal_packet(now, packet, out);
         if let Err(reason) = result {
             self.drops.add(reason);
@@ -110,7 +119,12 @@ impl Client {
         result
     }
 
-    fn seal_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+    fn seal_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
         InnerPacket::new_checked(packet)?;
         let Some(keypair) = self.current.as_mut().filter(|k| !k.expired(now)) else {
             self.want_handshake(now);
@@ -135,8 +149,16 @@ impl Client {
         out: &'a mut [u8],
     ) -> Result<ClientOutput<'a>, DropReason> {
         let result = match Message::parse(datagram) {
-            Ok(Message::Response { sender, receiver, noise }) => self.complete_handshake(now, sender, receiver, noise, out),
-            Ok(Message::Data { receiver, counter, ciphertext }) => self.open_data(now, receiver, counter, ciphertext, out),
+            Ok(Message::Response {
+                sender,
+                receiver,
+                noise,
+            }) => self.complete_handshake(now, sender, receiver, noise, out),
+            Ok(Message::Data {
+                receiver,
+                counter,
+                ciphertext,
+            }) => self.open_data(now, receiver, counter, ciphertext, out),
             Ok(Message::Init { .. }) => Err(DropReason::Malformed),
             Err(e) => Err(e),
         };
@@ -154,12 +176,20 @@ impl Client {
         noise: &[u8],
         out: &'a mut [u8],
     ) -> Result<ClientOutput<'a>, DropReason> {
-        if self.pending.as_ref().is_none_or(|p| p.local_index != receiver) {
+        let Some(pending) = self.pending.as_mut().filter(|p| p.local_index == receiver) else {
             return Err(DropReason::UnexpectedResponse);
-        }
+        };
+        // Anyone who saw the init can send a response with its index: one
+        // that fails to authenticate must leave the handshake pending.
+        let tunnel = pending.initiator.read_response(noise)?;
         let pending = self.pending.take().expect("checked above");
-        let (tunnel, keys) = pending.initiator.finish(noise)?;
-        self.previous = self.current.replace(Keypair { keys, local_index: receiver, remote_index: sender, born: now });
+        let keys = pending.initiator.into_keys()?;
+        self.previous = self.current.replace(Keypair {
+            keys,
+            local_index: receiver,
+            remote_index: sender,
+            born: now,
+        });
         if self.tunnel != Some(tunnel) {
             self.tunnel = Some(tunnel);
             self.event = Some(ClientEvent::Configured(tunnel));
@@ -216,11 +246,15 @@ impl Client {
 
     /// When [`Client::poll_timers`] next has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
-        let Some(k) = &self.current else { return self.next_handshake };
+        let Some(k) = &self.current else {
+            return self.next_handshake;
+        };
         let mut t = self.keepalive_at().min(k.born + REJECT_AFTER_TIME);
         t = match self.next_handshake {
             Some(h) => t.min(h),
-            None => t.min(k.born + REKEY_AFTER_TIME).min(self.last_rx + self.dead_after()),
+            None => t
+                .min(k.born + REKEY_AFTER_TIME)
+                .min(self.last_rx + self.dead_after()),
         };
         Some(t)
     }
@@ -256,7 +290,10 @@ impl Client {
     }
 
     fn keepalive(&self) -> Duration {
-        let secs = self.tunnel.map_or(DEFAULT_KEEPALIVE_SECS, |t| t.keepalive_secs).max(1);
+        let secs = self
+            .tunnel
+            .map_or(DEFAULT_KEEPALIVE_SECS, |t| t.keepalive_secs)
+            .max(1);
         Duration::from_secs(secs.into())
     }
 
@@ -272,7 +309,9 @@ impl Client {
 
     /// Decide whether the session needs renewing: old keys, or a silent server.
     fn check_session(&mut self, now: Instant) {
-        let Some(born) = self.current.as_ref().map(|k| k.born) else { return };
+        let Some(born) = self.current.as_ref().map(|k| k.born) else {
+            return;
+        };
         let old = now.saturating_duration_since(born) >= REKEY_AFTER_TIME;
         let silent = now.saturating_duration_since(self.last_rx) >= self.dead_after();
         if old || silent {
@@ -288,12 +327,24 @@ impl Client {
             return None;
         }
         let local_index = random_index();
-        let timestamp = self.epoch_unix_nanos + now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let noise: &mut [u8; INIT_NOISE_LEN] = (&mut out[8..INIT_LEN]).try_into().expect("sized above");
-        let initiator = Initiator::start(&self.config.private_key, &self.config.server_key, timestamp, noise);
+        let timestamp =
+            self.epoch_unix_nanos + now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let noise: &mut [u8; INIT_NOISE_LEN] =
+            (&mut out[8..INIT_LEN]).try_into().expect("sized above");
+        let initiator = Initiator::start(
+            &self.config.private_key,
+            &self.config.server_key,
+            timestamp,
+            noise,
+        );
         Message::emit_init_header(local_index, out);
-        self.pending = Some(Pending { initiator, local_index });
-        let backoff = HANDSHAKE_RETRY.saturating_mul(1 << self.attempts.min(4)).min(HANDSHAKE_RETRY_MAX);
+        self.pending = Some(Pending {
+            initiator,
+            local_index,
+        });
+        let backoff = HANDSHAKE_RETRY
+            .saturating_mul(1 << self.attempts.min(4))
+            .min(HANDSHAKE_RETRY_MAX);
         self.attempts += 1;
         self.next_handshake = Some(now + backoff);
         Some(INIT_LEN)

@@ -40,7 +40,13 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// A config with the default MTU (1420) and keepalive.
     pub fn new(private_key: PrivateKey, allowed: Vec<PublicKey>, pool: AddressPool) -> Self {
-        Self { private_key, allowed, pool, mtu: 1420, keepalive_secs: DEFAULT_KEEPALIVE_SECS }
+        Self {
+            private_key,
+            allowed,
+            pool,
+            mtu: 1420,
+            keepalive_secs: DEFAULT_KEEPALIVE_SECS,
+        }
     }
 }
 
@@ -176,9 +182,11 @@ impl<P: Clone + PartialEq> Server<P> {
     ) -> Result<ServerOutput<'a, P>, DropReason> {
         match Message::parse(datagram) {
             Ok(Message::Init { sender, noise }) => self.answer_init(now, from, sender, noise, out),
-            Ok(Message::Data { receiver, counter, ciphertext }) => {
-                self.open_data(now, from, receiver, counter, ciphertext, out)
-            }
+            Ok(Message::Data {
+                receiver,
+                counter,
+                ciphertext,
+            }) => self.open_data(now, from, receiver, counter, ciphertext, out),
             Ok(Message::Response { .. }) => Err(self.count(DropReason::Malformed)),
             Err(e) => Err(self.count(e)),
         }
@@ -191,8 +199,12 @@ impl<P: Clone + PartialEq> Server<P> {
         packet: &[u8],
         out: &'a mut [u8],
     ) -> Result<ServerOutput<'a, P>, DropReason> {
-        let dst = InnerPacket::new_checked(packet).map_err(|e| self.count(e))?.dst();
-        let id = self.owner(dst).ok_or_else(|| self.count(DropReason::NoRoute))?;
+        let dst = InnerPacket::new_checked(packet)
+            .map_err(|e| self.count(e))?
+            .dst();
+        let id = self
+            .owner(dst)
+            .ok_or_else(|| self.count(DropReason::NoRoute))?;
         seal_to(&mut self.peers[id], now, packet, out)
     }
 
@@ -239,7 +251,9 @@ impl<P: Clone + PartialEq> Server<P> {
         if !self.allowed.contains(&key) {
             return Err(self.count(DropReason::NotAllowed));
         }
-        let id = self.peer_for(key).ok_or_else(|| self.count(DropReason::PoolExhausted))?;
+        let id = self
+            .peer_for(key)
+            .ok_or_else(|| self.count(DropReason::PoolExhausted))?;
         let config = self.tunnel_config(self.peers[id].lease);
         let peer = &mut self.peers[id];
         let timestamp = responder.timestamp();
@@ -247,7 +261,9 @@ impl<P: Clone + PartialEq> Server<P> {
             peer.drops.add(DropReason::StaleHandshake);
             return Err(DropReason::StaleHandshake);
         }
-        let noise_out: &mut [u8; RESPONSE_NOISE_LEN] = (&mut out[12..RESPONSE_LEN]).try_into().expect("sized above");
+        let noise_out: &mut [u8; RESPONSE_NOISE_LEN] = (&mut out[12..RESPONSE_LEN])
+            .try_into()
+            .expect("sized above");
         let keys = responder.accept(&config, noise_out)?;
         let local_index = loop {
             let i = random_index();
@@ -257,7 +273,12 @@ impl<P: Clone + PartialEq> Server<P> {
         };
         Message::emit_response_header(local_index, sender, out);
         peer.last_timestamp = timestamp;
-        if let Some(old) = peer.next.replace(Keypair { keys, local_index, remote_index: sender, born: now }) {
+        if let Some(old) = peer.next.replace(Keypair {
+            keys,
+            local_index,
+            remote_index: sender,
+            born: now,
+        }) {
             self.by_index.remove(&old.local_index);
         }
         self.by_index.insert(local_index, id);
@@ -321,7 +342,15 @@ impl<P: Clone + PartialEq> Server<P> {
             return Err(self.count(DropReason::UnknownIndex));
         };
         let peer = &mut self.peers[id];
-        let n = match open_with(peer, now, receiver, counter, ciphertext, out) {
+        let n = match open_with(
+            peer,
+            &mut self.by_index,
+            now,
+            receiver,
+            counter,
+            ciphertext,
+            out,
+        ) {
             Ok(n) => n,
             Err(reason) => {
                 peer.drops.add(reason);
@@ -363,9 +392,11 @@ impl<P: Clone + PartialEq> Server<P> {
 }
 
 /// Open with whichever of the peer's keypairs owns `receiver`; the first
-/// use of the newest keypair confirms it and makes it current.
+/// use of the newest keypair confirms it and makes it current (and the
+/// keypair it displaces from `previous` leaves `by_index`).
 fn open_with<P>(
     peer: &mut Peer<P>,
+    by_index: &mut HashMap<u32, usize>,
     now: Instant,
     receiver: u32,
     counter: u64,
@@ -383,6 +414,9 @@ fn open_with<P>(
     }
     let n = keypair.keys.open(counter, ciphertext, out)?;
     if slot == 2 {
+        if let Some(gone) = peer.previous.take() {
+            by_index.remove(&gone.local_index);
+        }
         peer.previous = peer.current.take();
         peer.current = peer.next.take();
     }
@@ -395,11 +429,16 @@ fn seal_to<'a, P: Clone>(
     packet: &[u8],
     out: &'a mut [u8],
 ) -> Result<ServerOutput<'a, P>, DropReason> {
-    let (Some(keypair), Some(path)) = (peer.current.as_mut().filter(|k| !k.expired(now)), &peer.path) else {
+    let (Some(keypair), Some(path)) = (
+        peer.current.as_mut().filter(|k| !k.expired(now)),
+        &peer.path,
+    ) else {
         peer.drops.add(DropReason::NoSession);
         return Err(DropReason::NoSession);
     };
-    let n = keypair.seal(packet, out).inspect_err(|&e| peer.drops.add(e))?;
+    let n = keypair
+        .seal(packet, out)
+        .inspect_err(|&e| peer.drops.add(e))?;
     if !packet.is_empty() {
         peer.traffic.tx(packet.len());
     }
@@ -415,14 +454,18 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(per_sec: u32, now: Instant) -> Self {
-        Self { per_sec, tokens: per_sec, refilled: now }
+        Self {
+            per_sec,
+            tokens: per_sec,
+            refilled: now,
+        }
     }
 
     fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.refilled);
         let add = (elapsed.as_secs_f64() * f64::from(self.per_sec)) as u32;
         if add > 0 {
-            self.tokens = (self.tokens + add).min(self.per_sec);
+            self.tokens = self.tokens.saturating_add(add).min(self.per_sec);
             self.refilled = now;
         }
         if self.tokens == 0 {

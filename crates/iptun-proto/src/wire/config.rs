@@ -90,7 +90,10 @@ mod tests {
             keepalive_secs: 10,
         };
         let b = c.emit();
-        assert_eq!(&b[..16], &[1, 0, 24, 0, 0x8c, 0x05, 10, 0, 10, 1, 0, 2, 10, 1, 0, 1]);
+        assert_eq!(
+            &b[..16],
+            &[1, 0, 24, 0, 0x8c, 0x05, 10, 0, 10, 1, 0, 2, 10, 1, 0, 1]
+        );
         assert!(b[16..].iter().all(|&x| x == 0));
         assert_eq!(TunnelConfig::parse(&b), Ok(c));
     }
@@ -109,7 +112,11 @@ mod tests {
         for (at, value) in [(0, 2), (1, 0x80), (2, 33), (3, 129), (5, 0)] {
             let mut b = good;
             b[at] = value;
-            assert_eq!(TunnelConfig::parse(&b), Err(DropReason::Malformed), "byte {at}");
+            assert_eq!(
+                TunnelConfig::parse(&b),
+                Err(DropReason::Malformed),
+                "byte {at}"
+            );
         }
         assert_eq!(TunnelConfig::parse(&good[..47]), Err(DropReason::Malformed));
     }

@@ -24,21 +24,34 @@ impl<'a> InnerPacket<'a> {
                     && usize::from(u16::from_be_bytes([buf[2], buf[3]])) <= buf.len()
             }
             Some(6) => {
-                buf.len() >= 40 && 40 + usize::from(u16::from_be_bytes([buf[4], buf[5]])) <= buf.len()
+                buf.len() >= 40
+                    && 40 + usize::from(u16::from_be_bytes([buf[4], buf[5]])) <= buf.len()
             }
             _ => false,
         };
-        if ok { Ok(Self { buf }) } else { Err(DropReason::BadInnerPacket) }
+        if ok {
+            Ok(Self { buf })
+        } else {
+            Err(DropReason::BadInnerPacket)
+        }
     }
 
     /// The source address.
     pub fn src(&self) -> IpAddr {
-        if self.is_v4() { self.v4_at(12).into() } else { self.v6_at(8).into() }
+        if self.is_v4() {
+            self.v4_at(12).into()
+        } else {
+            self.v6_at(8).into()
+        }
     }
 
     /// The destination address.
     pub fn dst(&self) -> IpAddr {
-        if self.is_v4() { self.v4_at(16).into() } else { self.v6_at(24).into() }
+        if self.is_v4() {
+            self.v4_at(16).into()
+        } else {
+            self.v6_at(24).into()
+        }
     }
 
     fn is_v4(&self) -> bool {

@@ -139,7 +139,11 @@ mod tests {
         let m = Message::parse(&DATA_BYTES).unwrap();
         assert_eq!(
             m,
-            Message::Data { receiver: 0x1234_5678, counter: 0x102, ciphertext: &DATA_BYTES[16..] }
+            Message::Data {
+                receiver: 0x1234_5678,
+                counter: 0x102,
+                ciphertext: &DATA_BYTES[16..]
+            }
         );
     }
 
@@ -164,7 +168,10 @@ mod tests {
         bad = DATA_BYTES;
         bad[0] = 9;
         assert_eq!(Message::parse(&bad), Err(DropReason::Malformed));
-        assert_eq!(Message::parse(&DATA_BYTES[..31]), Err(DropReason::Malformed));
+        assert_eq!(
+            Message::parse(&DATA_BYTES[..31]),
+            Err(DropReason::Malformed)
+        );
         assert_eq!(Message::parse(&[1, 0, 0, 0]), Err(DropReason::Malformed));
         assert_eq!(Message::parse(&[]), Err(DropReason::Malformed));
     }

@@ -1,0 +1,678 @@
+//! A deterministic simulated network for the engines, in the manner of
+//! quinn-proto's `Pair`: one [`Server`] and any number of [`Client`]s joined
+//! by a virtual UDP network with latency, seeded loss, reordering (jitter)
+//! and duplication, driven by a virtual clock that jumps from one event to
+//! the next. Nothing here sleeps or touches a socket, so minutes of protocol
+//! time run in milliseconds.
+//!
+//! The sim records everything the engines emit (TUN writes, results,
+//! datagrams on the wire) so tests can assert on behaviour, and it checks one
+//! invariant on every step: the server never answers a handshake init (the
+//! only message an unauthenticated sender can get an answer to) with more
+//! bytes than the init carried.
+
+#![allow(dead_code)] // not every test uses every helper
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use iptun_proto::crypto::{PrivateKey, PublicKey};
+use iptun_proto::engine::{
+    Client, ClientConfig, ClientEvent, ClientOutput, Server, ServerConfig, ServerOutput,
+};
+use iptun_proto::pool::AddressPool;
+use iptun_proto::wire::message::{TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
+use iptun_proto::{DropReason, TunnelConfig};
+
+/// Big enough for any message the engines produce.
+pub const BUF: usize = 2048;
+/// The design's default pool: 10.1.0.0/24 and an IPv6 ULA /64 beside it.
+pub const NET4: &str = "10.1.0.0/24";
+pub const NET6: &str = "fd69:7074:756e::/64";
+/// Somewhere on the internet behind the server's NAT.
+pub const INTERNET_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub const INTERNET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+/// Wall-clock time at the sim's start, for client handshake timestamps.
+pub const UNIX_START: u64 = 1_700_000_000_000_000_000;
+
+// ---------------------------------------------------------------------------
+// Randomness, keys, packets
+// ---------------------------------------------------------------------------
+
+/// xorshift64*: tiny, seeded, good enough to pick losses and delays.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Zero is the one state xorshift cannot leave.
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && ((self.next_u64() >> 11) as f64) < p * (1u64 << 53) as f64
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            *b = self.next_u64() as u8;
+        }
+    }
+
+    pub fn duration_up_to(&mut self, max: Duration) -> Duration {
+        let nanos = max.as_nanos() as u64;
+        if nanos == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(self.below(nanos + 1))
+        }
+    }
+}
+
+/// A fixed private key, so addresses (hashed from keys) are the same every run.
+pub fn key(seed: u8) -> PrivateKey {
+    let text = base64::engine::general_purpose::STANDARD.encode([seed; 32]);
+    PrivateKey::from_base64(&text).expect("32 bytes of base64")
+}
+
+pub fn pool(net4: &str, v6: bool) -> AddressPool {
+    AddressPool::new(net4.parse().unwrap(), v6.then(|| NET6.parse().unwrap())).unwrap()
+}
+
+/// The server key every test uses.
+pub fn server_key() -> PrivateKey {
+    key(200)
+}
+
+pub fn server_config(allowed: &[&PrivateKey], pool: AddressPool) -> ServerConfig {
+    ServerConfig::new(
+        server_key(),
+        allowed.iter().map(|k| k.public_key()).collect(),
+        pool,
+    )
+}
+
+/// A minimal IPv4 packet: a 20-byte header with the right total length
+/// (protocol 253, "experimental"; the checksum is left zero) and `payload`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + payload.len()).unwrap();
+    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 253, 0, 0];
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A minimal IPv6 packet: a 40-byte header (next header 59, "no next
+/// header") with the right payload length, and `payload`.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(payload.len()).unwrap();
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[59, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A payload that names its packet (`tag`, `n`) and has a varying length,
+/// so a mix-up or truncation cannot go unnoticed.
+pub fn payload(tag: u8, n: u32) -> Vec<u8> {
+    let len = 8 + (n as usize * 37) % 600;
+    let mut p = Vec::with_capacity(len);
+    p.push(tag);
+    p.extend_from_slice(&n.to_be_bytes());
+    while p.len() < len {
+        p.push((p.len() as u8).wrapping_mul(31) ^ tag);
+    }
+    p
+}
+
+/// The `n` a [`payload`] carries, read back from an IPv4 or IPv6 packet.
+pub fn payload_id(packet: &[u8]) -> (u8, u32) {
+    let at = if packet[0] >> 4 == 4 { 20 } else { 40 };
+    (
+        packet[at],
+        u32::from_be_bytes(packet[at + 1..at + 5].try_into().unwrap()),
+    )
+}
+
+/// The message type of a datagram (first byte).
+pub fn kind(datagram: &[u8]) -> u8 {
+    datagram.first().copied().unwrap_or(0)
+}
+
+pub fn is_init(d: &[u8]) -> bool {
+    kind(d) == TYPE_INIT
+}
+
+pub fn is_response(d: &[u8]) -> bool {
+    kind(d) == TYPE_RESPONSE
+}
+
+/// Data messages with an empty payload (header + tag only) are keepalives.
+pub fn is_keepalive(d: &[u8]) -> bool {
+    kind(d) == TYPE_DATA && d.len() == iptun_proto::wire::message::DATA_OVERHEAD
+}
+
+/// The receiver index of a data message.
+pub fn receiver_index(d: &[u8]) -> u32 {
+    u32::from_le_bytes(d[4..8].try_into().unwrap())
+}
+
+// ---------------------------------------------------------------------------
+// The network
+// ---------------------------------------------------------------------------
+
+/// How the virtual link treats every datagram (both directions).
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    /// One-way delay every datagram gets.
+    pub latency: Duration,
+    /// Extra random delay in `0..=jitter`; datagrams overtake each other.
+    pub jitter: Duration,
+    /// Probability a datagram is lost.
+    pub loss: f64,
+    /// Probability a datagram is delivered twice (the copy gets its own jitter).
+    pub duplicate: f64,
+}
+
+impl Link {
+    /// 10 ms each way, nothing lost, nothing reordered.
+    pub fn perfect() -> Self {
+        Self {
+            latency: Duration::from_millis(10),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+/// A datagram on the wire.
+#[derive(Clone, Debug)]
+pub struct Datagram {
+    pub sent: Instant,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+struct InFlight {
+    at: Instant,
+    /// Tie-breaker, so equal arrival times keep send order: deterministic.
+    seq: u64,
+    datagram: Datagram,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for InFlight {}
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for InFlight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// One client in the sim, with everything it produced.
+pub struct SimClient {
+    pub client: Client,
+    pub key: PublicKey,
+    /// Its current source address (change it to roam).
+    pub addr: SocketAddr,
+    /// Inner packets it wrote to its TUN device.
+    pub tun: Vec<Vec<u8>>,
+    pub events: Vec<(Instant, ClientEvent)>,
+    /// Every error `handle_datagram` returned.
+    pub errors: Vec<DropReason>,
+    /// Inits it sent, with their times.
+    pub inits: Vec<Instant>,
+    /// When it last opened a data message (a keepalive or a packet).
+    pub last_data_rx: Option<Instant>,
+}
+
+impl SimClient {
+    /// The configuration of the latest `Configured` event.
+    pub fn config(&self) -> Option<TunnelConfig> {
+        self.events
+            .iter()
+            .rev()
+            .map(|&(_, ClientEvent::Configured(c))| c)
+            .next()
+    }
+
+    pub fn v4(&self) -> Ipv4Addr {
+        self.config().expect("configured").client_v4
+    }
+
+    pub fn v6(&self) -> Ipv6Addr {
+        self.config()
+            .expect("configured")
+            .v6
+            .expect("IPv6 configured")
+            .0
+    }
+}
+
+/// The server, its clients and the network between them.
+pub struct Sim {
+    pub start: Instant,
+    pub now: Instant,
+    pub link: Link,
+    pub rng: Rng,
+    pub server: Server<SocketAddr>,
+    pub server_addr: SocketAddr,
+    pub clients: Vec<SimClient>,
+    /// Inner packets the server wrote to its TUN device.
+    pub server_tun: Vec<Vec<u8>>,
+    /// Every error the server's `handle_datagram` returned, with the sender.
+    pub server_errors: Vec<(SocketAddr, DropReason)>,
+    /// Every datagram handed to the network (before loss), in send order.
+    pub wire: Vec<Datagram>,
+    /// Datagrams that arrived at an address nobody holds (a client roamed away).
+    pub undeliverable: Vec<Datagram>,
+    in_flight: BinaryHeap<Reverse<InFlight>>,
+    seq: u64,
+    next_server_tick: Instant,
+    buf: Box<[u8]>,
+}
+
+/// The server ticks its timers this often, as the binary's driver would.
+pub const SERVER_TICK: Duration = Duration::from_secs(1);
+
+impl Sim {
+    pub fn new(config: ServerConfig, link: Link, seed: u64) -> Self {
+        let start = Instant::now();
+        Self {
+            start,
+            now: start,
+            link,
+            rng: Rng::new(seed),
+            server: Server::new(config, start),
+            server_addr: "192.0.2.1:3000".parse().unwrap(),
+            clients: Vec::new(),
+            server_tun: Vec::new(),
+            server_errors: Vec::new(),
+            wire: Vec::new(),
+            undeliverable: Vec::new(),
+            in_flight: BinaryHeap::new(),
+            seq: 0,
+            next_server_tick: start + SERVER_TICK,
+            buf: vec![0; BUF].into_boxed_slice(),
+        }
+    }
+
+    /// The default server (pool 10.1.0.0/24 plus the ULA /64) admitting `allowed`.
+    pub fn with_clients(allowed: &[&PrivateKey], link: Link, seed: u64) -> Self {
+        Self::new(server_config(allowed, pool(NET4, true)), link, seed)
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Add a client with `key`, at 203.0.113.(10 + i):40000; it starts its
+    /// handshake at the next step. Returns its index.
+    pub fn add_client(&mut self, key: PrivateKey) -> usize {
+        let i = self.clients.len();
+        let addr = SocketAddr::from(([203, 0, 113, 10 + i as u8], 40000));
+        self.add_client_with(ClientConfig::new(key, server_key().public_key()), addr)
+    }
+
+    pub fn add_client_with(&mut self, config: ClientConfig, addr: SocketAddr) -> usize {
+        let key = config.private_key.public_key();
+        let client = Client::new(config, self.now, self.unix_now());
+        self.clients.push(SimClient {
+            client,
+            key,
+            addr,
+            tun: Vec::new(),
+            events: Vec::new(),
+            errors: Vec::new(),
+            inits: Vec::new(),
+            last_data_rx: None,
+        });
+        self.clients.len() - 1
+    }
+
+    /// Replace client `i` by a fresh instance with the same key (a client
+    /// restart), now at `addr`. Its records are kept.
+    pub fn restart_client(&mut self, i: usize, config: ClientConfig, addr: SocketAddr) {
+        let unix = self.unix_now();
+        let c = &mut self.clients[i];
+        c.client = Client::new(config, self.now, unix);
+        c.addr = addr;
+    }
+
+    /// Wall-clock nanoseconds now, as a client's `unix_nanos` would read.
+    pub fn unix_now(&self) -> u64 {
+        UNIX_START + self.elapsed().as_nanos() as u64
+    }
+
+    // --- Driving --------------------------------------------------------
+
+    /// When the next thing happens: an arrival, a client timer or a server tick.
+    fn next_event(&self) -> Instant {
+        let mut t = self.next_server_tick;
+        if let Some(Reverse(f)) = self.in_flight.peek() {
+            t = t.min(f.at);
+        }
+        for c in &self.clients {
+            if let Some(ct) = c.client.next_timeout() {
+                t = t.min(ct);
+            }
+        }
+        t.max(self.now)
+    }
+
+    /// Run everything due up to `deadline`, jumping from event to event,
+    /// and leave the clock at `deadline`.
+    pub fn run_until(&mut self, deadline: Instant) {
+        let mut steps = 0u64;
+        loop {
+            let t = self.next_event();
+            if t > deadline {
+                break;
+            }
+            self.now = t;
+            self.step();
+            steps += 1;
+            assert!(
+                steps < 10_000_000,
+                "the sim does not converge (a timer that never moves?)"
+            );
+        }
+        self.now = deadline;
+    }
+
+    /// Jump the clock ahead without running the per-second server tick in
+    /// between (for spans of days). Only while nothing else is going on.
+    pub fn skip(&mut self, d: Duration) {
+        assert!(self.clients.is_empty() && self.in_flight.is_empty());
+        self.now += d;
+        self.next_server_tick = self.now;
+    }
+
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
+    /// Run until `done` holds (checked after every step) or `limit` passes;
+    /// returns whether it held.
+    pub fn run_until_cond(&mut self, limit: Duration, mut done: impl FnMut(&Self) -> bool) -> bool {
+        let deadline = self.now + limit;
+        while !done(self) {
+            let t = self.next_event();
+            if t > deadline {
+                self.now = deadline;
+                return false;
+            }
+            self.now = t;
+            self.step();
+        }
+        true
+    }
+
+    /// Run until client `i` has a session and the server has confirmed it
+    /// (a keepalive made it through), so both ends can send.
+    pub fn connect(&mut self, i: usize) {
+        let ok = self.run_until_cond(Duration::from_secs(120), |s| {
+            s.clients[i].client.is_connected(s.now) && s.server_confirmed(i)
+        });
+        assert!(
+            ok,
+            "client {i} did not connect: {:?}",
+            self.clients[i].client.drops()
+        );
+        // Drain whatever else is in the air, so tests start from quiet.
+        self.settle();
+    }
+
+    /// Whether the server can send to client `i`: the server only seals
+    /// with keys the client has confirmed, so a data message (the answer
+    /// to the confirming keepalive) opened after the latest handshake shows it.
+    pub fn server_confirmed(&self, i: usize) -> bool {
+        let c = &self.clients[i];
+        matches!((c.last_data_rx, c.client.last_handshake()), (Some(rx), Some(hs)) if rx >= hs)
+    }
+
+    /// Deliver everything in flight (timers run meanwhile).
+    pub fn settle(&mut self) {
+        let limit = self.now + Duration::from_secs(10);
+        while let Some(Reverse(f)) = self.in_flight.peek() {
+            let at = f.at;
+            assert!(at <= limit, "the network does not drain");
+            self.run_until(at);
+        }
+    }
+
+    /// Do everything due at `self.now`.
+    fn step(&mut self) {
+        let now = self.now;
+        if self.next_server_tick <= now {
+            self.server.poll_timers(now);
+            self.next_server_tick = now + SERVER_TICK;
+        }
+        while self.in_flight.peek().is_some_and(|Reverse(f)| f.at <= now) {
+            let Reverse(f) = self.in_flight.pop().unwrap();
+            self.deliver(f.datagram);
+        }
+        for i in 0..self.clients.len() {
+            self.poll_client(i);
+        }
+    }
+
+    /// Run client `i`'s timers while they are due.
+    fn poll_client(&mut self, i: usize) {
+        let now = self.now;
+        for _ in 0..16 {
+            if self.clients[i]
+                .client
+                .next_timeout()
+                .is_none_or(|t| t > now)
+            {
+                return;
+            }
+            let Some(n) = self.clients[i].client.poll_timers(now, &mut self.buf) else {
+                continue;
+            };
+            let bytes = self.buf[..n].to_vec();
+            if is_init(&bytes) {
+                self.clients[i].inits.push(now);
+            }
+            let (from, to) = (self.clients[i].addr, self.server_addr);
+            self.send(from, to, bytes);
+            self.take_events(i);
+        }
+        panic!("client {i}'s timer stays due after 16 polls");
+    }
+
+    fn take_events(&mut self, i: usize) {
+        while let Some(e) = self.clients[i].client.poll_event() {
+            self.clients[i].events.push((self.now, e));
+        }
+    }
+
+    /// Put a datagram on the wire: maybe lose it, maybe copy it, delay it.
+    pub fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        let d = Datagram {
+            sent: self.now,
+            from,
+            to,
+            bytes,
+        };
+        self.wire.push(d.clone());
+        if self.rng.chance(self.link.loss) {
+            return;
+        }
+        let copies = if self.rng.chance(self.link.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = self.now + self.link.latency + self.rng.duration_up_to(self.link.jitter);
+            self.seq += 1;
+            self.in_flight.push(Reverse(InFlight {
+                at,
+                seq: self.seq,
+                datagram: d.clone(),
+            }));
+        }
+    }
+
+    /// Hand a datagram to whoever holds its destination address now.
+    pub fn deliver(&mut self, d: Datagram) {
+        // Results are recorded (`server_errors`, `SimClient::errors`) for the tests.
+        if d.to == self.server_addr {
+            let _ = self.server_receive(d.from, &d.bytes);
+        } else if let Some(i) = self.clients.iter().position(|c| c.addr == d.to) {
+            let _ = self.client_receive(i, &d.bytes);
+        } else {
+            self.undeliverable.push(d);
+        }
+    }
+
+    /// The server handles a datagram from `from`; what it says is acted on
+    /// (sent or written to its TUN) and the result returned in owned form.
+    pub fn server_receive(&mut self, from: SocketAddr, bytes: &[u8]) -> Result<Out, DropReason> {
+        let now = self.now;
+        let result = match self
+            .server
+            .handle_datagram(now, &from, bytes, &mut self.buf)
+        {
+            Ok(ServerOutput::Nothing) => Ok(Out::Nothing),
+            Ok(ServerOutput::Tun(p)) => Ok(Out::Tun(p.to_vec())),
+            Ok(ServerOutput::Send(to, m)) => Ok(Out::Send(to, m.to_vec())),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(Out::Tun(p)) => self.server_tun.push(p.clone()),
+            Ok(Out::Send(to, m)) => {
+                // No amplification: an init is all an unauthenticated sender
+                // can get an answer to, and the answer is never bigger.
+                if is_init(bytes) {
+                    assert!(
+                        m.len() <= bytes.len(),
+                        "the answer to an init is larger than the init"
+                    );
+                }
+                self.send(self.server_addr, *to, m.clone());
+            }
+            Ok(Out::Nothing) => {}
+            Err(e) => self.server_errors.push((from, *e)),
+        }
+        result
+    }
+
+    /// Client `i` handles a datagram; as [`Sim::server_receive`].
+    pub fn client_receive(&mut self, i: usize, bytes: &[u8]) -> Result<Out, DropReason> {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let result = match c.client.handle_datagram(now, bytes, &mut self.buf) {
+            Ok(ClientOutput::Nothing) => Ok(Out::Nothing),
+            Ok(ClientOutput::Tun(p)) => Ok(Out::Tun(p.to_vec())),
+            Ok(ClientOutput::Send(m)) => Ok(Out::Send(self.server_addr, m.to_vec())),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(Out::Tun(p)) => {
+                self.clients[i].tun.push(p.clone());
+                self.clients[i].last_data_rx = Some(now);
+            }
+            Ok(Out::Send(to, m)) => self.send(self.clients[i].addr, *to, m.clone()),
+            Ok(Out::Nothing) => self.clients[i].last_data_rx = Some(now),
+            Err(e) => self.clients[i].errors.push(*e),
+        }
+        self.take_events(i);
+        result
+    }
+
+    /// Client `i`'s TUN device gives it `packet`: seal it and send it.
+    pub fn client_send(&mut self, i: usize, packet: &[u8]) -> Result<(), DropReason> {
+        let msg = self.client_seal(i, packet)?;
+        self.send(self.clients[i].addr, self.server_addr, msg);
+        Ok(())
+    }
+
+    /// Seal `packet` at client `i` without sending it (to deliver it later
+    /// by hand with [`Sim::server_receive`]).
+    pub fn client_seal(&mut self, i: usize, packet: &[u8]) -> Result<Vec<u8>, DropReason> {
+        let n = self.clients[i]
+            .client
+            .handle_tun_packet(self.now, packet, &mut self.buf)?;
+        Ok(self.buf[..n].to_vec())
+    }
+
+    /// The server's TUN device gives it `packet`: seal it for its owner and send it.
+    pub fn server_send(&mut self, packet: &[u8]) -> Result<SocketAddr, DropReason> {
+        let (to, msg) = self.server_seal(packet)?;
+        self.send(self.server_addr, to, msg);
+        Ok(to)
+    }
+
+    /// Seal `packet` at the server without sending it.
+    pub fn server_seal(&mut self, packet: &[u8]) -> Result<(SocketAddr, Vec<u8>), DropReason> {
+        match self
+            .server
+            .handle_tun_packet(self.now, packet, &mut self.buf)?
+        {
+            ServerOutput::Send(to, m) => Ok((to, m.to_vec())),
+            other => panic!("handle_tun_packet returned {other:?}"),
+        }
+    }
+
+    /// Datagrams on the wire from `from` matching `pred`.
+    pub fn sent_by(&self, from: SocketAddr, pred: impl Fn(&[u8]) -> bool) -> Vec<&Datagram> {
+        self.wire
+            .iter()
+            .filter(|d| d.from == from && pred(&d.bytes))
+            .collect()
+    }
+
+    /// Errors the server returned for datagrams from `from`.
+    pub fn server_errors_from(&self, from: SocketAddr) -> Vec<DropReason> {
+        self.server_errors
+            .iter()
+            .filter(|(f, _)| *f == from)
+            .map(|&(_, e)| e)
+            .collect()
+    }
+}
+
+/// An engine's answer in owned form, so it outlives the engine's buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Out {
+    Nothing,
+    Tun(Vec<u8>),
+    Send(SocketAddr, Vec<u8>),
+}
