@@ -1,6 +1,7 @@
 //! Arbitrary bytes as a handshake message, at both ends:
 //! - as an init to a `Server` (fixed key, one allowed client key, default
-//!   pool), both as given and framed into an init-sized message;
+//!   pool), both as given and framed into an init-sized message with a valid
+//!   MAC (so it reaches Noise);
 //! - as a response to a `Client` with a pending handshake, both as given and
 //!   with the receiver index patched to the pending one (so it reaches Noise).
 //!
@@ -16,9 +17,10 @@
 use std::cell::RefCell;
 
 use iptun_fuzz::{BUF_LEN, PATH_A, client, keys, now, server};
+use iptun_proto::crypto::Mac1Key;
 use iptun_proto::engine::{Client, ClientOutput, ServerOutput};
 use iptun_proto::wire::Message;
-use iptun_proto::wire::message::{DATA_OVERHEAD, INIT_LEN, RESPONSE_LEN, TYPE_INIT};
+use iptun_proto::wire::message::{DATA_OVERHEAD, INIT_LEN, INIT_MAC_LEN, RESPONSE_LEN, TYPE_INIT};
 use libfuzzer_sys::fuzz_target;
 
 thread_local! {
@@ -35,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
     framed[0] = TYPE_INIT;
     let n = data.len().min(INIT_LEN - 4);
     framed[4..4 + n].copy_from_slice(&data[..n]);
+    let (signed, mac1) = framed.split_at_mut(INIT_LEN - INIT_MAC_LEN);
+    mac1.copy_from_slice(&Mac1Key::new(&keys().server_pub).compute(signed));
     for datagram in [data, &framed[..]] {
         let mut server = server(vec![keys().a_pub]);
         match server.handle_datagram(now(), &PATH_A, datagram, &mut out) {

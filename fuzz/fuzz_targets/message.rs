@@ -4,8 +4,8 @@
 
 use iptun_proto::wire::Message;
 use iptun_proto::wire::message::{
-    DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN, INIT_NOISE_LEN, RESPONSE_LEN, RESPONSE_NOISE_LEN,
-    TAG_LEN,
+    DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, RESPONSE_LEN,
+    RESPONSE_NOISE_LEN, TAG_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -14,10 +14,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match message {
-        Message::Init { sender, noise } => {
+        Message::Init {
+            sender,
+            noise,
+            signed,
+            mac1,
+        } => {
             assert_eq!(data.len(), INIT_LEN);
             assert_eq!(noise.len(), INIT_NOISE_LEN);
-            assert_eq!(noise, &data[8..]);
+            assert_eq!(noise, &data[8..INIT_LEN - INIT_MAC_LEN]);
+            assert_eq!(signed, &data[..INIT_LEN - INIT_MAC_LEN]);
+            assert_eq!(mac1, &data[INIT_LEN - INIT_MAC_LEN..]);
             let mut header = [0u8; 8];
             Message::emit_init_header(sender, &mut header);
             assert_eq!(header, data[..8]);

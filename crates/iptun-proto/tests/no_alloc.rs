@@ -47,16 +47,27 @@ fn data_path_does_not_allocate() {
     let pool = AddressPool::new("10.1.0.0/24".parse().unwrap(), None).unwrap();
     let server_config = ServerConfig::new(server_key.clone(), vec![client_key.public_key()], pool);
     let mut server: Server<SocketAddr> = Server::new(server_config, now);
-    let mut client = Client::new(ClientConfig::new(client_key, server_key.public_key()), now, 1);
+    let mut client = Client::new(
+        ClientConfig::new(client_key, server_key.public_key()),
+        now,
+        1,
+    );
     let from: SocketAddr = "192.0.2.2:4000".parse().unwrap();
     let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
 
     let n = client.poll_timers(now, &mut a).unwrap();
-    let ServerOutput::Send(_, resp) = server.handle_datagram(now, &from, &a[..n], &mut b).unwrap() else { panic!() };
+    let ServerOutput::Send(_, resp) = server.handle_datagram(now, &from, &a[..n], &mut b).unwrap()
+    else {
+        panic!()
+    };
     let resp = resp.to_vec();
-    let ClientOutput::Send(confirm) = client.handle_datagram(now, &resp, &mut a).unwrap() else { panic!() };
+    let ClientOutput::Send(confirm) = client.handle_datagram(now, &resp, &mut a).unwrap() else {
+        panic!()
+    };
     let confirm = confirm.to_vec();
-    server.handle_datagram(now, &from, &confirm, &mut b).unwrap();
+    server
+        .handle_datagram(now, &from, &confirm, &mut b)
+        .unwrap();
     let me = client.tunnel().unwrap().client_v4.octets();
 
     let up = ipv4_packet(me, [198, 51, 100, 2], 1400);
@@ -64,9 +75,22 @@ fn data_path_does_not_allocate() {
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..1000 {
         let n = client.handle_tun_packet(now, &up, &mut a).unwrap();
-        assert!(matches!(server.handle_datagram(now, &from, &a[..n], &mut b), Ok(ServerOutput::Tun(_))));
-        let ServerOutput::Send(_, msg) = server.handle_tun_packet(now, &down, &mut b).unwrap() else { panic!() };
-        assert!(matches!(client.handle_datagram(now, msg, &mut a), Ok(ClientOutput::Tun(_))));
+        assert!(matches!(
+            server.handle_datagram(now, &from, &a[..n], &mut b),
+            Ok(ServerOutput::Tun(_))
+        ));
+        let ServerOutput::Send(_, msg) = server.handle_tun_packet(now, &down, &mut b).unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            client.handle_datagram(now, msg, &mut a),
+            Ok(ClientOutput::Tun(_))
+        ));
     }
-    assert_eq!(ALLOCATIONS.load(Ordering::Relaxed) - before, 0, "allocations on the data path");
+    assert_eq!(
+        ALLOCATIONS.load(Ordering::Relaxed) - before,
+        0,
+        "allocations on the data path"
+    );
 }

@@ -9,11 +9,13 @@
 
 mod handshake;
 mod keys;
+mod mac;
 mod replay;
 mod transport;
 
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyError, PrivateKey, PublicKey};
+pub use mac::{MAC_LEN, Mac1Key};
 pub use replay::ReplayWindow;
 pub use transport::{REJECT_AFTER_MESSAGES, SessionKeys};
 

@@ -8,8 +8,8 @@ use super::{
     DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, HANDSHAKE_RETRY, HANDSHAKE_RETRY_MAX, Keypair,
     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
 };
-use crate::crypto::{Initiator, PrivateKey, PublicKey};
-use crate::wire::message::{INIT_LEN, INIT_NOISE_LEN};
+use crate::crypto::{Initiator, Mac1Key, PrivateKey, PublicKey};
+use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN};
 use crate::wire::{InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
 
@@ -62,6 +62,7 @@ struct Pending {
 /// The client's state machine.
 pub struct Client {
     config: ClientConfig,
+    mac1: Mac1Key,
     epoch: Instant,
     epoch_unix_nanos: u64,
     pending: Option<Pending>,
@@ -86,6 +87,7 @@ impl Client {
     /// timestamps, which must grow across client restarts.
     pub fn new(config: ClientConfig, now: Instant, unix_nanos: u64) -> Self {
         Self {
+            mac1: Mac1Key::new(&config.server_key),
             config,
             epoch: now,
             epoch_unix_nanos: unix_nanos,
@@ -329,8 +331,9 @@ impl Client {
         let local_index = random_index();
         let timestamp =
             self.epoch_unix_nanos + now.saturating_duration_since(self.epoch).as_nanos() as u64;
-        let noise: &mut [u8; INIT_NOISE_LEN] =
-            (&mut out[8..INIT_LEN]).try_into().expect("sized above");
+        let noise: &mut [u8; INIT_NOISE_LEN] = (&mut out[8..INIT_LEN - INIT_MAC_LEN])
+            .try_into()
+            .expect("sized above");
         let initiator = Initiator::start(
             &self.config.private_key,
             &self.config.server_key,
@@ -338,6 +341,8 @@ impl Client {
             noise,
         );
         Message::emit_init_header(local_index, out);
+        let (signed, mac1) = out[..INIT_LEN].split_at_mut(INIT_LEN - INIT_MAC_LEN);
+        mac1.copy_from_slice(&self.mac1.compute(signed));
         self.pending = Some(Pending {
             initiator,
             local_index,

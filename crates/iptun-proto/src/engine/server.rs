@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use super::{DEFAULT_KEEPALIVE_SECS, Keypair, Traffic, random_index};
-use crate::crypto::{PrivateKey, PublicKey, Responder};
+use crate::crypto::{Mac1Key, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{RESPONSE_LEN, RESPONSE_NOISE_LEN};
 use crate::wire::{InnerPacket, Message, TunnelConfig};
@@ -102,6 +102,7 @@ impl<P> Peer<P> {
 /// The server's state machine.
 pub struct Server<P> {
     private_key: PrivateKey,
+    mac1: Mac1Key,
     allowed: HashSet<PublicKey>,
     pool: AddressPool,
     mtu: u16,
@@ -121,6 +122,7 @@ impl<P: Clone + PartialEq> Server<P> {
     /// A server with no sessions yet.
     pub fn new(config: ServerConfig, now: Instant) -> Self {
         Self {
+            mac1: Mac1Key::new(&config.private_key.public_key()),
             private_key: config.private_key,
             allowed: config.allowed.into_iter().collect(),
             pool: config.pool,
@@ -181,7 +183,18 @@ impl<P: Clone + PartialEq> Server<P> {
         out: &'a mut [u8],
     ) -> Result<ServerOutput<'a, P>, DropReason> {
         match Message::parse(datagram) {
-            Ok(Message::Init { sender, noise }) => self.answer_init(now, from, sender, noise, out),
+            Ok(Message::Init {
+                sender,
+                noise,
+                signed,
+                mac1,
+            }) => {
+                // Garbage shaped like an init stops here, before any DH work.
+                if !self.mac1.verify(signed, mac1) {
+                    return Err(self.count(DropReason::Unauthenticated));
+                }
+                self.answer_init(now, from, sender, noise, out)
+            }
             Ok(Message::Data {
                 receiver,
                 counter,

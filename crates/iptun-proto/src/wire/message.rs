@@ -5,7 +5,7 @@
 //! room for flags). Integers are little-endian.
 //!
 //! ```text
-//! Init      | 1 | 0 0 0 | sender u32 | noise IK message 1 (INIT_NOISE_LEN)   |
+//! Init      | 1 | 0 0 0 | sender u32 | noise IK message 1 (INIT_NOISE_LEN) | mac1 (16) |
 //! Response  | 2 | 0 0 0 | sender u32 | receiver u32 | noise message 2 (...) |
 //! Data      | 3 | 0 0 0 | receiver u32 | counter u64 | AEAD ciphertext+tag  |
 //! ```
@@ -23,8 +23,10 @@ pub const TYPE_DATA: u8 = 3;
 pub const INIT_PAYLOAD_LEN: usize = 48;
 /// Bytes of Noise IK message 1: ephemeral key, encrypted static key, encrypted payload.
 pub const INIT_NOISE_LEN: usize = 32 + (32 + 16) + (INIT_PAYLOAD_LEN + 16);
+/// Bytes of the init's MAC (see [`Mac1Key`](crate::crypto::Mac1Key)).
+pub const INIT_MAC_LEN: usize = 16;
 /// Total bytes of an init message.
-pub const INIT_LEN: usize = 8 + INIT_NOISE_LEN;
+pub const INIT_LEN: usize = 8 + INIT_NOISE_LEN + INIT_MAC_LEN;
 /// Bytes of Noise IK message 2 carrying a [`TunnelConfig`](super::TunnelConfig).
 pub const RESPONSE_NOISE_LEN: usize = 32 + (super::config::CONFIG_LEN + 16);
 /// Total bytes of a response message.
@@ -49,6 +51,10 @@ pub enum Message<'a> {
         sender: u32,
         /// Noise IK message 1.
         noise: &'a [u8],
+        /// The bytes the MAC covers (everything before it).
+        signed: &'a [u8],
+        /// The MAC over `signed`, keyed by the server's public key.
+        mac1: &'a [u8],
     },
     /// Handshake response.
     Response {
@@ -79,7 +85,9 @@ impl<'a> Message<'a> {
         match buf[0] {
             TYPE_INIT if buf.len() == INIT_LEN => Ok(Self::Init {
                 sender: u32_at(buf, 4),
-                noise: &buf[8..],
+                noise: &buf[8..INIT_LEN - INIT_MAC_LEN],
+                signed: &buf[..INIT_LEN - INIT_MAC_LEN],
+                mac1: &buf[INIT_LEN - INIT_MAC_LEN..],
             }),
             TYPE_RESPONSE if buf.len() == RESPONSE_LEN => Ok(Self::Response {
                 sender: u32_at(buf, 4),
@@ -95,7 +103,7 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Write the header of an init into `buf[..8]`; the Noise message follows.
+    /// Write the header of an init into `buf[..8]`; the Noise message and the MAC follow.
     pub fn emit_init_header(sender: u32, buf: &mut [u8]) {
         buf[..4].copy_from_slice(&[TYPE_INIT, 0, 0, 0]);
         buf[4..8].copy_from_slice(&sender.to_le_bytes());
@@ -156,7 +164,7 @@ mod tests {
 
     #[test]
     fn sizes_are_as_documented() {
-        assert_eq!(INIT_LEN, 8 + 32 + 48 + 64);
+        assert_eq!(INIT_LEN, 8 + 32 + 48 + 64 + 16);
         assert_eq!(RESPONSE_LEN, 12 + 32 + 48 + 16);
     }
 
@@ -194,7 +202,8 @@ mod tests {
         fn handshake_headers_round_trip(sender: u32, receiver: u32, fill: u8) {
             let mut init = vec![fill; INIT_LEN];
             Message::emit_init_header(sender, &mut init);
-            prop_assert_eq!(Message::parse(&init), Ok(Message::Init { sender, noise: &init[8..] }));
+            let (signed, mac1) = init.split_at(INIT_LEN - INIT_MAC_LEN);
+            prop_assert_eq!(Message::parse(&init), Ok(Message::Init { sender, noise: &signed[8..], signed, mac1 }));
             let mut resp = vec![fill; RESPONSE_LEN];
             Message::emit_response_header(sender, receiver, &mut resp);
             prop_assert_eq!(Message::parse(&resp), Ok(Message::Response { sender, receiver, noise: &resp[12..] }));
