@@ -11,7 +11,7 @@ use iptun_proto::engine::{Client, ClientConfig, ClientEvent, ClientOutput};
 
 use crate::cli::ClientArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
-use crate::daemon::{self, DropReporter};
+use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
@@ -100,11 +100,15 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = &mut shutdown => break,
             r = tun.readable() => {
                 r.context("waiting on the TUN device")?;
-                from_tun(&mut engine, &mut tun, &mut sender, server)?;
+                if !from_tun(&mut engine, &mut tun, &mut sender, server)? {
+                    tokio::task::yield_now().await;
+                }
             }
             r = std::future::poll_fn(|cx| receiver.poll_readable(cx)) => {
                 r.context("waiting on the UDP socket")?;
-                from_network(&mut engine, &mut tun, &mut receiver, &mut sender, server).await?;
+                if !from_network(&mut engine, &mut tun, &mut receiver, &mut sender, server).await? {
+                    tokio::task::yield_now().await;
+                }
             }
             () = tokio::time::sleep_until(deadline.into()) => {
                 while let Some(n) = engine.poll_timers(Instant::now(), &mut buf) {
@@ -177,8 +181,9 @@ fn from_tun(
     tun: &mut Tun,
     sender: &mut UdpSender,
     server: SocketAddr,
-) -> anyhow::Result<()> {
-    loop {
+) -> anyhow::Result<bool> {
+    let mut dry = false;
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
             // Seal straight into the send batch: no copy.
@@ -188,12 +193,15 @@ fn from_tun(
         });
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                dry = true;
+                break;
+            }
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
     sender.flush();
-    Ok(())
+    Ok(dry)
 }
 
 async fn from_network(
@@ -202,8 +210,9 @@ async fn from_network(
     receiver: &mut UdpReceiver,
     sender: &mut UdpSender,
     server: SocketAddr,
-) -> anyhow::Result<()> {
-    loop {
+) -> anyhow::Result<bool> {
+    let mut dry = false;
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = receiver.try_recv_batch(|_, datagram| {
             let Some(buf) = tun.stage_buffer(datagram.len()) else {
@@ -220,13 +229,16 @@ async fn from_network(
         });
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                dry = true;
+                break;
+            }
             Err(e) => return Err(e).context("receiving on the UDP socket"),
         }
         tun.flush().await.context("writing to the TUN device")?;
     }
     sender.flush();
-    Ok(())
+    Ok(dry)
 }
 
 fn status(

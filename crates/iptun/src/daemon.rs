@@ -33,6 +33,14 @@ pub fn parse_public_key(text: &str, what: &str) -> anyhow::Result<PublicKey> {
     PublicKey::from_base64(text).with_context(|| format!("{what} `{}`", text.trim()))
 }
 
+/// Batches one wakeup handles before the event loop looks at its other
+/// sources again: without a bound, a socket that never runs dry (a flood of
+/// garbage datagrams) starves the TUN device, the timers and the control
+/// socket. A source that did not run dry returns `false`, and the loop then
+/// yields to the runtime (which polls the I/O driver and timers); its
+/// readiness stays set, so it is served again at once.
+pub const MAX_BATCHES_PER_WAKEUP: usize = 64;
+
 /// Logs a summary of new drops at most every few seconds, never per packet.
 pub struct DropReporter {
     seen: u64,

@@ -205,11 +205,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn show(exe: &str, seconds: u64) -> anyhow::Result<()> {
+    // Ready once the client has both its address and its route (added just after).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        let route =
+            in_ns(CLIENT, &["ip", "-4", "route", "show", "198.51.100.0/24"]).unwrap_or_default();
         let addr =
             in_ns(CLIENT, &["ip", "-4", "-o", "addr", "show", "dev", "iptun0"]).unwrap_or_default();
-        if let Some(a) = addr.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+        if let (true, Some(a)) = (
+            route.contains("iptun0"),
+            addr.split_whitespace().skip_while(|w| *w != "inet").nth(1),
+        ) {
             println!("== client got tunnel address {a}");
             break;
         }

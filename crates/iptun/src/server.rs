@@ -13,7 +13,7 @@ use iptun_proto::pool::AddressPool;
 
 use crate::cli::ServerArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
-use crate::daemon::{self, DropReporter};
+use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
@@ -175,10 +175,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             () = &mut shutdown => break,
             r = tun.readable() => {
                 r.context("waiting on the TUN device")?;
-                from_tun(&mut engine, &mut tun, &mut senders, &mut seal_buf)?;
+                if !from_tun(&mut engine, &mut tun, &mut senders, &mut seal_buf)? {
+                    tokio::task::yield_now().await;
+                }
             }
             i = poll_fn(|cx| ready_receiver(&receivers, cx)) => {
-                from_network(&mut engine, &mut tun, &mut receivers[i], i, &mut senders).await?;
+                if !from_network(&mut engine, &mut tun, &mut receivers[i], i, &mut senders).await? {
+                    tokio::task::yield_now().await;
+                }
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -205,14 +209,16 @@ fn ready_receiver(receivers: &[UdpReceiver], cx: &mut std::task::Context<'_>) ->
     Poll::Pending
 }
 
-/// Drain the TUN device: seal each packet for the client that owns its destination.
+/// Drain the TUN device (up to a bound): seal each packet for the client
+/// that owns its destination. Returns whether the device ran dry.
 fn from_tun(
     engine: &mut Server<Path>,
     tun: &mut Tun,
     senders: &mut [UdpSender],
     out: &mut [u8],
-) -> anyhow::Result<()> {
-    loop {
+) -> anyhow::Result<bool> {
+    let mut dry = false;
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
             if let Ok(ServerOutput::Send(path, msg)) = engine.handle_tun_packet(now, packet, out) {
@@ -221,24 +227,29 @@ fn from_tun(
         });
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                dry = true;
+                break;
+            }
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
     senders.iter_mut().for_each(UdpSender::flush);
-    Ok(())
+    Ok(dry)
 }
 
-/// Drain one socket: open each datagram, write packets to the TUN device in
-/// one coalesced batch, send replies and client-to-client packets.
+/// Drain one socket (up to a bound): open each datagram, write packets to the
+/// TUN device in one coalesced batch, send replies and client-to-client
+/// packets. Returns whether the socket ran dry.
 async fn from_network(
     engine: &mut Server<Path>,
     tun: &mut Tun,
     receiver: &mut UdpReceiver,
     socket: usize,
     senders: &mut [UdpSender],
-) -> anyhow::Result<()> {
-    loop {
+) -> anyhow::Result<bool> {
+    let mut dry = false;
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = receiver.try_recv_batch(|addr, datagram| {
             let from = Path::Udp { socket, addr };
@@ -256,13 +267,16 @@ async fn from_network(
         });
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                dry = true;
+                break;
+            }
             Err(e) => return Err(e).context("receiving on a UDP socket"),
         }
         tun.flush().await.context("writing to the TUN device")?;
     }
     senders.iter_mut().for_each(UdpSender::flush);
-    Ok(())
+    Ok(dry)
 }
 
 fn send(senders: &mut [UdpSender], path: Path, msg: &[u8]) {
