@@ -119,7 +119,7 @@ fn run(s: &mut Established, data: &[u8], out: &mut [u8], sealed: &mut [u8]) {
         let client = match path {
             PATH_A => &mut s.a,
             PATH_B => &mut s.b,
-            other => panic!("sent to unknown path {other}"),
+            other => panic!("sent to unknown path {other:?}"),
         };
         match client.handle_datagram(now, msg, sealed) {
             Ok(ClientOutput::Tun(p)) => assert_eq!(p, data),

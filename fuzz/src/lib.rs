@@ -25,12 +25,19 @@ pub const CLIENT_B_KEY: &str = "MzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzMzM=";
 pub const UNIX_NANOS: u64 = 1_700_000_000_000_000_000;
 /// Big enough for any datagram the engines can produce.
 pub const BUF_LEN: usize = (1 << 16) + 64;
+
+/// A path back to a client in the fuzz world: just a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Path(pub u32);
+
+impl iptun_proto::engine::PathKind for Path {}
+
 /// The path (driver address) of client A.
-pub const PATH_A: u32 = 1;
+pub const PATH_A: Path = Path(1);
 /// The path of client B.
-pub const PATH_B: u32 = 2;
+pub const PATH_B: Path = Path(2);
 /// A path no client uses.
-pub const PATH_STRANGER: u32 = 99;
+pub const PATH_STRANGER: Path = Path(99);
 
 /// The fixed keys, with their public halves computed once.
 pub struct Keys {
@@ -84,7 +91,7 @@ pub fn pool() -> AddressPool {
 }
 
 /// A fresh server admitting `allowed`, with the default pool.
-pub fn server(allowed: Vec<PublicKey>) -> Server<u32> {
+pub fn server(allowed: Vec<PublicKey>) -> Server<Path> {
     Server::new(
         ServerConfig::new(keys().server.clone(), allowed, pool()),
         base(),
@@ -114,9 +121,9 @@ pub struct Transcript {
 /// Run a handshake between `client` and `server` over path `path`, confirm
 /// the keys with the client's keepalive, and return the messages.
 pub fn connect(
-    server: &mut Server<u32>,
+    server: &mut Server<Path>,
     client: &mut Client,
-    path: u32,
+    path: Path,
     now: Instant,
 ) -> Transcript {
     let mut c_out = vec![0u8; BUF_LEN];
@@ -151,7 +158,7 @@ pub fn connect(
 
 /// A server with two established clients, A (path [`PATH_A`]) and B (path [`PATH_B`]).
 pub struct Established {
-    pub server: Server<u32>,
+    pub server: Server<Path>,
     pub a: Client,
     pub b: Client,
     pub a_lease: Lease,

@@ -203,7 +203,7 @@ pub fn route_default(undo: &mut Undo, dev: &str, server: IpAddr, ipv6: bool) -> 
 }
 
 /// Sets a sysctl through /proc/sys; if it changed, records restoring the old value.
-fn set_sysctl(undo: &mut Undo, path: &'static str, value: &str) -> Result<()> {
+pub fn set_sysctl(undo: &mut Undo, path: &'static str, value: &str) -> Result<()> {
     let old = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     let old = old.trim().to_string();
     if old == value {

@@ -1,19 +1,24 @@
-//! Transport URLs: `udp://HOST:PORT` today; `dns://`, `icmp://` and
+//! Transport URLs: `udp://HOST:PORT` and `icmp://HOST`; `dns://` and
 //! `https://` are recognised so users get a clear "not yet" rather than a
 //! parse error.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use anyhow::{Context as _, bail};
+use iptun_proto::wire::icmp::Family;
 
 /// The default UDP port (the seed's).
 pub const DEFAULT_UDP_PORT: u16 = 3000;
+
+const SUPPORTED: &str = "supported: udp://, icmp://";
 
 /// Where a server listens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listen {
     /// UDP on this address.
     Udp(SocketAddr),
+    /// ICMP echo requests of this family (on all addresses).
+    Icmp(Family),
 }
 
 /// Where a client finds its server.
@@ -21,30 +26,49 @@ pub enum Listen {
 pub enum ServerUrl {
     /// UDP to this host and port.
     Udp { host: String, port: u16 },
+    /// ICMP echo to this host (an IPv6 address selects ICMPv6).
+    Icmp { host: String },
 }
 
-fn split(url: &str) -> anyhow::Result<(&str, &str)> {
+/// A server URL resolved to an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// UDP to this socket address.
+    Udp(SocketAddr),
+    /// ICMP echo to this address.
+    Icmp(IpAddr),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Udp,
+    Icmp,
+}
+
+fn split(url: &str) -> anyhow::Result<(Scheme, &str)> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        bail!("`{url}` is not a URL: expected e.g. udp://HOST:PORT");
+        bail!("`{url}` is not a URL: expected e.g. udp://HOST:PORT or icmp://HOST");
     };
+    let rest = rest.trim_end_matches('/');
     match scheme {
-        "udp" => Ok((scheme, rest.trim_end_matches('/'))),
-        "dns" | "icmp" | "http" | "https" | "ws" | "wss" => {
-            bail!(
-                "`{url}`: the {scheme} transport is not available in this version (supported: udp://)"
-            )
+        "udp" => Ok((Scheme::Udp, rest)),
+        "icmp" => Ok((Scheme::Icmp, rest)),
+        "dns" | "http" | "https" | "ws" | "wss" => {
+            bail!("`{url}`: the {scheme} transport is not available in this version ({SUPPORTED})")
         }
-        _ => bail!("`{url}`: unknown transport `{scheme}` (supported: udp://)"),
+        _ => bail!("`{url}`: unknown transport `{scheme}` ({SUPPORTED})"),
     }
 }
 
 /// Split `host:port` or `[v6]:port` (port optional).
-fn host_port(rest: &str, url: &str) -> anyhow::Result<(String, u16)> {
+fn host_port<'a>(rest: &'a str, url: &str) -> anyhow::Result<(&'a str, Option<&'a str>)> {
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
             .with_context(|| format!("`{url}`: missing `]`"))?;
         (host, after.strip_prefix(':'))
+    } else if rest.matches(':').count() > 1 {
+        (rest, None) // a bare IPv6 address
     } else {
         match rest.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
@@ -54,25 +78,42 @@ fn host_port(rest: &str, url: &str) -> anyhow::Result<(String, u16)> {
     if host.is_empty() {
         bail!("`{url}`: missing host");
     }
-    let port = match port {
+    Ok((host, port))
+}
+
+fn udp_port(port: Option<&str>, url: &str) -> anyhow::Result<u16> {
+    match port {
         Some(p) => p
             .parse()
-            .with_context(|| format!("`{url}`: bad port `{p}`"))?,
-        None => DEFAULT_UDP_PORT,
-    };
-    Ok((host.to_owned(), port))
+            .with_context(|| format!("`{url}`: bad port `{p}`")),
+        None => Ok(DEFAULT_UDP_PORT),
+    }
 }
 
 impl std::str::FromStr for Listen {
     type Err = anyhow::Error;
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
-        let (_, rest) = split(url)?;
+        let (scheme, rest) = split(url)?;
         let (host, port) = host_port(rest, url)?;
-        let ip = host
+        let ip: IpAddr = host
             .parse()
             .with_context(|| format!("`{url}`: listen on an IP address, not `{host}`"))?;
-        Ok(Self::Udp(SocketAddr::new(ip, port)))
+        match scheme {
+            Scheme::Udp => Ok(Self::Udp(SocketAddr::new(ip, udp_port(port, url)?))),
+            Scheme::Icmp => {
+                if port.is_some() || !ip.is_unspecified() {
+                    bail!(
+                        "`{url}`: ICMP listens on all addresses: use icmp://0.0.0.0 or icmp://[::]"
+                    );
+                }
+                Ok(Self::Icmp(if ip.is_ipv4() {
+                    Family::V4
+                } else {
+                    Family::V6
+                }))
+            }
+        }
     }
 }
 
@@ -80,31 +121,54 @@ impl std::str::FromStr for ServerUrl {
     type Err = anyhow::Error;
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
-        let (_, rest) = split(url)?;
+        let (scheme, rest) = split(url)?;
         let (host, port) = host_port(rest, url)?;
-        Ok(Self::Udp { host, port })
+        match scheme {
+            Scheme::Udp => Ok(Self::Udp {
+                host: host.to_owned(),
+                port: udp_port(port, url)?,
+            }),
+            Scheme::Icmp if port.is_some() => bail!("`{url}`: ICMP has no ports"),
+            Scheme::Icmp => Ok(Self::Icmp {
+                host: host.to_owned(),
+            }),
+        }
     }
 }
 
 impl ServerUrl {
-    /// Resolve to a socket address (the first the resolver gives).
-    pub fn resolve(&self) -> anyhow::Result<SocketAddr> {
-        let Self::Udp { host, port } = self;
-        (host.as_str(), *port)
+    /// Resolve to an address (the first the resolver gives).
+    pub fn resolve(&self) -> anyhow::Result<ServerAddr> {
+        let (host, port) = match self {
+            Self::Udp { host, port } => (host, *port),
+            Self::Icmp { host } => (host, 0),
+        };
+        let addr = (host.as_str(), port)
             .to_socket_addrs()
             .with_context(|| format!("resolving server {host}"))?
             .next()
-            .with_context(|| format!("server {host} has no address"))
+            .with_context(|| format!("server {host} has no address"))?;
+        Ok(match self {
+            Self::Udp { .. } => ServerAddr::Udp(addr),
+            Self::Icmp { .. } => ServerAddr::Icmp(addr.ip()),
+        })
     }
 }
 
 impl std::fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self::Udp { host, port } = self;
-        if host.contains(':') {
-            write!(f, "udp://[{host}]:{port}")
+        let (scheme, host) = match self {
+            Self::Udp { host, .. } => ("udp", host),
+            Self::Icmp { host } => ("icmp", host),
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
         } else {
-            write!(f, "udp://{host}:{port}")
+            host.clone()
+        };
+        match self {
+            Self::Udp { port, .. } => write!(f, "{scheme}://{host}:{port}"),
+            Self::Icmp { .. } => write!(f, "{scheme}://{host}"),
         }
     }
 }
@@ -122,6 +186,21 @@ mod tests {
         assert_eq!(
             "udp://[::]".parse::<Listen>().unwrap(),
             Listen::Udp("[::]:3000".parse().unwrap())
+        );
+        assert_eq!(
+            "icmp://0.0.0.0".parse::<Listen>().unwrap(),
+            Listen::Icmp(Family::V4)
+        );
+        assert_eq!(
+            "icmp://[::]".parse::<Listen>().unwrap(),
+            Listen::Icmp(Family::V6)
+        );
+        assert!(
+            "icmp://192.0.2.1"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("all addresses")
         );
         assert!(
             "udp://example.com:1"
@@ -156,10 +235,23 @@ mod tests {
     #[test]
     fn server_urls() {
         let u: ServerUrl = "udp://192.0.2.1".parse().unwrap();
-        assert_eq!(u.resolve().unwrap(), "192.0.2.1:3000".parse().unwrap());
+        assert_eq!(
+            u.resolve().unwrap(),
+            ServerAddr::Udp("192.0.2.1:3000".parse().unwrap())
+        );
         let u: ServerUrl = "udp://[2001:db8::1]:4000/".parse().unwrap();
-        assert_eq!(u.resolve().unwrap(), "[2001:db8::1]:4000".parse().unwrap());
+        assert_eq!(
+            u.resolve().unwrap(),
+            ServerAddr::Udp("[2001:db8::1]:4000".parse().unwrap())
+        );
         assert_eq!(u.to_string(), "udp://[2001:db8::1]:4000");
+        let u: ServerUrl = "icmp://2001:db8::1".parse().unwrap();
+        assert_eq!(
+            u.resolve().unwrap(),
+            ServerAddr::Icmp("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(u.to_string(), "icmp://[2001:db8::1]");
+        assert!("icmp://192.0.2.1:5".parse::<ServerUrl>().is_err());
         assert!("udp://:3000".parse::<ServerUrl>().is_err());
     }
 }

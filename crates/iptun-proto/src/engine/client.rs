@@ -365,6 +365,12 @@ impl Client {
         self.current.is_some() && now >= self.keepalive_at()
     }
 
+    /// Seal a keepalive into `out` now. Poll transports send these as their
+    /// requests when they have no data to carry.
+    pub fn seal_keepalive(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, DropReason> {
+        self.send_keepalive(now, out)
+    }
+
     fn send_keepalive(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, DropReason> {
         let keypair = self.current.as_mut().ok_or(DropReason::NoSession)?;
         let n = keypair.seal(&[], out)?;

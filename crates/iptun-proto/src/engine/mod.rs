@@ -17,7 +17,7 @@ mod server;
 use std::time::{Duration, Instant};
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientOutput};
-pub use server::{Server, ServerConfig, ServerOutput, SessionInfo};
+pub use server::{Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
 
 use crate::crypto::SessionKeys;
 
@@ -35,6 +35,23 @@ pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_secs(16);
 pub const DEFAULT_KEEPALIVE_SECS: u16 = 10;
 /// The client considers the server gone after this many keepalive intervals of silence.
 pub const DEAD_AFTER_KEEPALIVES: u32 = 3;
+
+/// What the server engine needs to know about a path back to a client.
+///
+/// Push transports (UDP, WebSocket) can send whenever they like; poll
+/// transports (DNS, ICMP echo, HTTP long-poll) can only answer a request the
+/// client made. On a polled path the client's keepalives are its requests, so
+/// the engine does not echo them (that would answer every request at once and
+/// turn polling into a busy loop); the driver answers a held request with
+/// [`Server::seal_keepalive`] when it expires instead.
+pub trait PathKind: Clone + PartialEq {
+    /// Whether the server can only answer the client's requests here.
+    fn is_polled(&self) -> bool {
+        false
+    }
+}
+
+impl PathKind for std::net::SocketAddr {}
 
 /// Bytes and packets moved through a session (inner packets, not counting overhead).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

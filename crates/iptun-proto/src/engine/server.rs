@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
-use super::{DEFAULT_KEEPALIVE_SECS, Keypair, Traffic, random_index};
+use super::{DEFAULT_KEEPALIVE_SECS, Keypair, PathKind, Traffic, random_index};
 use crate::crypto::{Mac1Key, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{RESPONSE_LEN, RESPONSE_NOISE_LEN};
@@ -49,6 +49,11 @@ impl ServerConfig {
         }
     }
 }
+
+/// A client's session on this server, stable for the server's lifetime
+/// (across rekeys and reconnects of the same key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(usize);
 
 /// What to do with the result of a `handle_*` call.
 #[derive(Debug, PartialEq, Eq)]
@@ -118,7 +123,7 @@ pub struct Server<P> {
     scratch: Box<[u8]>,
 }
 
-impl<P: Clone + PartialEq> Server<P> {
+impl<P: PathKind> Server<P> {
     /// A server with no sessions yet.
     pub fn new(config: ServerConfig, now: Instant) -> Self {
         Self {
@@ -231,6 +236,30 @@ impl<P: Clone + PartialEq> Server<P> {
                 }
             }
         }
+    }
+
+    /// The session a data message claims to belong to (by its receiver
+    /// index; not authenticated: use it only after `handle_datagram`
+    /// accepted the message). Poll transports key held requests by it.
+    pub fn session_of(&self, datagram: &[u8]) -> Option<SessionId> {
+        match Message::parse(datagram) {
+            Ok(Message::Data { receiver, .. }) => {
+                self.by_index.get(&receiver).map(|&i| SessionId(i))
+            }
+            _ => None,
+        }
+    }
+
+    /// A keepalive for `session` on its current path: how a poll transport
+    /// answers a held request that no data came for.
+    pub fn seal_keepalive<'a>(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        out: &'a mut [u8],
+    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        let peer = self.peers.get_mut(session.0).ok_or(DropReason::NoSession)?;
+        seal_to(peer, now, &[], out)
     }
 
     fn count(&mut self, reason: DropReason) -> DropReason {
@@ -374,7 +403,11 @@ impl<P: Clone + PartialEq> Server<P> {
             peer.path = Some(from.clone()); // roaming: follow the client
         }
         if n == 0 {
-            // Answer keepalives, so the client can tell a live server from a dead one.
+            // Answer keepalives, so the client can tell a live server from a
+            // dead one; on polled paths the driver answers them when they expire.
+            if from.is_polled() {
+                return Ok(ServerOutput::Nothing);
+            }
             return seal_to(peer, now, &[], out);
         }
         let packet = InnerPacket::new_checked(&out[..n]).inspect_err(|&e| peer.drops.add(e))?;

@@ -14,9 +14,8 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// Socket buffer size we ask for: most tunnels lose packets at the receive
-/// buffer long before the link is full.
-const SOCKET_BUFFER: usize = 8 << 20;
+use super::sockopt;
+
 /// Receive buffers per batch, each large enough for a full GRO train.
 const RECV_BUFFERS: usize = 8;
 const RECV_BUFFER_LEN: usize = 64 * 1024;
@@ -29,7 +28,7 @@ const MAX_DATAGRAM: usize = 65535;
 pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
     let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
     socket.set_nonblocking(true)?;
-    size_buffers(&socket);
+    sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
     let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
     let socket = Arc::new(UdpSocket::from_std(socket)?);
     let max_segments = state.max_gso_segments();
@@ -166,52 +165,14 @@ impl UdpSender {
             match self.socket.try_io(Interest::WRITABLE, || {
                 self.state.try_send(UdpSockRef::from(&*self.socket), &t)
             }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(&self.socket),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    sockopt::wait_writable(std::os::fd::AsRawFd::as_raw_fd(&*self.socket))
+                }
                 // A lost datagram is the inner protocol's business; an unreachable
                 // peer must not stop the tunnel.
                 Err(e) => return tracing::debug!("UDP send to {to} failed: {e}"),
                 Ok(()) => return,
             }
-        }
-    }
-}
-
-/// Block up to 50 ms for room in the socket's send buffer.
-fn wait_writable(socket: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&raw mut pfd, 1, 50) };
-}
-
-/// Ask for big socket buffers. As root `SO_*BUFFORCE` bypasses the
-/// namespace's `rmem_max`; otherwise take what the kernel allows.
-fn size_buffers(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        let size = SOCKET_BUFFER as libc::c_int;
-        let set = |opt| {
-            // SAFETY: fd is a valid socket and we pass a c_int of the right size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&raw const size).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
-        };
-        if set(force) != 0 {
-            set(plain);
         }
     }
 }

@@ -1,21 +1,23 @@
-//! The client daemon: a TUN device and one UDP socket to the server, with
-//! the sans-IO [`Client`] engine in between.
+//! The client daemon: a TUN device and one transport to the server
+//! ([`uplink::Uplink`]), with the sans-IO [`Client`] engine in between.
 
-use std::net::{IpAddr, SocketAddr};
+mod uplink;
+
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
 use iptun_proto::TunnelConfig;
-use iptun_proto::engine::{Client, ClientConfig, ClientEvent, ClientOutput};
+use iptun_proto::engine::{Client, ClientConfig, ClientEvent};
 
 use crate::cli::ClientArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
-use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::ServerUrl;
+use uplink::Uplink;
 
 /// What `--route` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,18 +76,14 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
 /// Run the client until SIGINT/SIGTERM.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
-    let server = s.server.resolve()?;
+    let server_key = s.config.server_key;
     let control = ControlSocket::bind(&s.control)?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
-    let (mut receiver, mut sender) = udp::bind_for(server)?;
+    let mut uplink = Uplink::open(s.server.resolve()?)?;
     let mut engine = Client::new(s.config, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
-    tracing::info!(
-        "connecting to {} ({server}) from {}",
-        s.server,
-        receiver.local_addr()?
-    );
+    tracing::info!("connecting to {} ({})", s.server, uplink.describe().1);
 
     let mut drops = DropReporter::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -93,33 +91,38 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let deadline = engine
-            .next_timeout()
+        let deadline = [engine.next_timeout(), uplink.next_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             () = &mut shutdown => break,
             r = tun.readable() => {
                 r.context("waiting on the TUN device")?;
-                if !from_tun(&mut engine, &mut tun, &mut sender, server)? {
+                if !from_tun(&mut engine, &mut tun, &mut uplink)? {
                     tokio::task::yield_now().await;
                 }
             }
-            r = std::future::poll_fn(|cx| receiver.poll_readable(cx)) => {
-                r.context("waiting on the UDP socket")?;
-                if !from_network(&mut engine, &mut tun, &mut receiver, &mut sender, server).await? {
+            r = std::future::poll_fn(|cx| uplink.poll_readable(cx)) => {
+                r.context("waiting on the transport")?;
+                if !uplink.receive(&mut engine, &mut tun).await? {
                     tokio::task::yield_now().await;
                 }
             }
             () = tokio::time::sleep_until(deadline.into()) => {
-                while let Some(n) = engine.poll_timers(Instant::now(), &mut buf) {
-                    sender.send(server, &buf[..n]);
+                let now = Instant::now();
+                while let Some(n) = engine.poll_timers(now, &mut buf) {
+                    uplink.send(now, &buf[..n]);
                 }
-                sender.flush();
+                uplink.top_up(&mut engine, now);
+                uplink.flush();
             }
             _ = ticker.tick() => drops.tick(Instant::now(), engine.drops()),
             conn = control.accept() => {
                 if let Ok(conn) = conn {
-                    control::reply(conn, &status(&engine, tun.name(), &s.server, server, configured.as_ref()));
+                    let st = status(&engine, tun.name(), &s.server, &uplink, &server_key, configured.as_ref());
+                    control::reply(conn, &st);
                 }
             }
         }
@@ -129,7 +132,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 &config,
                 configured.as_ref(),
                 &s.routes,
-                server.ip(),
+                uplink.server_ip(),
                 &mut undo,
             )?;
             configured = Some(config);
@@ -176,20 +179,13 @@ fn configure(
     Ok(())
 }
 
-fn from_tun(
-    engine: &mut Client,
-    tun: &mut Tun,
-    sender: &mut UdpSender,
-    server: SocketAddr,
-) -> anyhow::Result<bool> {
+fn from_tun(engine: &mut Client, tun: &mut Tun, uplink: &mut Uplink) -> anyhow::Result<bool> {
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
-            // Seal straight into the send batch: no copy.
-            sender.send_with(server, |out| {
-                engine.handle_tun_packet(now, packet, out).ok()
-            });
+            // Seal straight into the transport's send buffer: no copy.
+            uplink.send_with(now, |out| engine.handle_tun_packet(now, packet, out).ok());
         });
         match result {
             Ok(()) => {}
@@ -200,44 +196,7 @@ fn from_tun(
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
-    sender.flush();
-    Ok(dry)
-}
-
-async fn from_network(
-    engine: &mut Client,
-    tun: &mut Tun,
-    receiver: &mut UdpReceiver,
-    sender: &mut UdpSender,
-    server: SocketAddr,
-) -> anyhow::Result<bool> {
-    let mut dry = false;
-    for _ in 0..MAX_BATCHES_PER_WAKEUP {
-        let now = Instant::now();
-        let result = receiver.try_recv_batch(|_, datagram| {
-            let Some(buf) = tun.stage_buffer(datagram.len()) else {
-                return;
-            };
-            match engine.handle_datagram(now, datagram, buf) {
-                Ok(ClientOutput::Tun(packet)) => {
-                    let n = packet.len();
-                    tun.commit(n);
-                }
-                Ok(ClientOutput::Send(msg)) => sender.send(server, msg),
-                Ok(ClientOutput::Nothing) | Err(_) => {}
-            }
-        });
-        match result {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                dry = true;
-                break;
-            }
-            Err(e) => return Err(e).context("receiving on the UDP socket"),
-        }
-        tun.flush().await.context("writing to the TUN device")?;
-    }
-    sender.flush();
+    uplink.flush();
     Ok(dry)
 }
 
@@ -245,9 +204,11 @@ fn status(
     engine: &Client,
     tun: &str,
     url: &ServerUrl,
-    server: SocketAddr,
+    uplink: &Uplink,
+    server_key: &iptun_proto::crypto::PublicKey,
     config: Option<&TunnelConfig>,
 ) -> Status {
+    let (transport, endpoint) = uplink.describe();
     let now = Instant::now();
     let addresses: Vec<String> = config
         .map(|c| {
@@ -257,10 +218,10 @@ fn status(
         })
         .unwrap_or_default();
     let session = SessionStatus {
-        key: "server".into(),
+        key: server_key.to_base64(),
         addresses: addresses.clone(),
-        transport: "udp".into(),
-        endpoint: Some(server.to_string()),
+        transport: transport.into(),
+        endpoint: Some(endpoint),
         rx_bytes: 0,
         rx_packets: 0,
         tx_bytes: 0,

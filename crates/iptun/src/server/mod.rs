@@ -1,20 +1,24 @@
-//! The server daemon: one TUN device, one or more listening sockets, the
-//! sans-IO [`Server`] engine in between.
+//! The server daemon: one TUN device, listeners on any mix of transports,
+//! the sans-IO [`Server`] engine in between.
+
+mod icmp;
 
 use std::future::poll_fn;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use iptun_proto::engine::{Server, ServerConfig, ServerOutput};
+use iptun_proto::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId};
 use iptun_proto::pool::AddressPool;
+use iptun_proto::wire::icmp::Family;
 
 use crate::cli::ServerArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
+use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
@@ -25,19 +29,59 @@ use crate::url::Listen;
 pub enum Path {
     /// UDP listener `socket`, client address `addr`.
     Udp { socket: usize, addr: SocketAddr },
+    /// ICMP socket `socket`, client address `ip`; replies can only answer the
+    /// session's held requests, so the session is part of the path.
+    Icmp {
+        socket: usize,
+        ip: IpAddr,
+        session: Option<SessionId>,
+    },
+}
+
+impl PathKind for Path {
+    fn is_polled(&self) -> bool {
+        matches!(self, Self::Icmp { .. })
+    }
 }
 
 impl Path {
     fn transport(&self) -> &'static str {
         match self {
             Self::Udp { .. } => "udp",
+            Self::Icmp { .. } => "icmp",
         }
     }
 
     fn endpoint(&self) -> String {
         match self {
             Self::Udp { addr, .. } => addr.to_string(),
+            Self::Icmp { ip, .. } => ip.to_string(),
         }
+    }
+}
+
+/// Everything that sends to clients: UDP batches, and the ICMP sockets with
+/// the echo requests held for answering.
+struct Senders {
+    udp: Vec<UdpSender>,
+    icmp: icmp::Listeners,
+}
+
+impl Senders {
+    fn send(&mut self, path: Path, msg: &[u8]) {
+        match path {
+            Path::Udp { socket, addr } => self.udp[socket].send(addr, msg),
+            Path::Icmp {
+                session: Some(session),
+                ..
+            } => self.icmp.downstream(session, msg),
+            // No request to answer yet: the client's next one will fetch it.
+            Path::Icmp { session: None, .. } => {}
+        }
+    }
+
+    fn flush(&mut self) {
+        self.udp.iter_mut().for_each(UdpSender::flush);
     }
 }
 
@@ -149,20 +193,35 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )?;
     }
     let mut receivers = Vec::new();
-    let mut senders = Vec::new();
+    let mut senders = Senders {
+        udp: Vec::new(),
+        icmp: icmp::Listeners::new(),
+    };
+    let mut endpoints = Vec::new();
     for l in &s.listen {
-        let Listen::Udp(addr) = l;
-        let (rx, tx) = udp::bind(*addr)?;
-        tracing::info!("listening on udp://{}", rx.local_addr()?);
-        receivers.push(rx);
-        senders.push(tx);
+        match *l {
+            Listen::Udp(addr) => {
+                let (rx, tx) = udp::bind(addr)?;
+                endpoints.push(format!("udp://{}", rx.local_addr()?));
+                receivers.push(rx);
+                senders.udp.push(tx);
+            }
+            Listen::Icmp(family) => {
+                senders
+                    .icmp
+                    .add(IcmpSocket::open(family, Role::Server)?, &mut undo)?;
+                endpoints.push(match family {
+                    Family::V4 => "icmp://0.0.0.0".to_owned(),
+                    Family::V6 => "icmp://[::]".to_owned(),
+                });
+            }
+        }
+    }
+    for e in &endpoints {
+        tracing::info!("listening on {e}");
     }
     let addr_text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!("server up on {} with {}", tun.name(), addr_text.join(", "));
-    let endpoints: Vec<String> = receivers
-        .iter()
-        .map(|r| format!("udp://{}", r.local_addr().unwrap()))
-        .collect();
 
     // Where packets from the TUN device are sealed before joining a send batch.
     let mut seal_buf = vec![0u8; 1 << 16];
@@ -184,9 +243,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     tokio::task::yield_now().await;
                 }
             }
+            i = poll_fn(|cx| senders.icmp.poll_readable(cx)) => {
+                if !icmp::receive(&mut engine, &mut tun, &mut senders, i).await? {
+                    tokio::task::yield_now().await;
+                }
+            }
             _ = ticker.tick() => {
                 let now = Instant::now();
                 engine.poll_timers(now);
+                senders.icmp.expire(&mut engine, now);
                 drops.tick(now, total_drops(&engine));
             }
             conn = control.accept() => {
@@ -214,7 +279,7 @@ fn ready_receiver(receivers: &[UdpReceiver], cx: &mut std::task::Context<'_>) ->
 fn from_tun(
     engine: &mut Server<Path>,
     tun: &mut Tun,
-    senders: &mut [UdpSender],
+    senders: &mut Senders,
     out: &mut [u8],
 ) -> anyhow::Result<bool> {
     let mut dry = false;
@@ -222,7 +287,7 @@ fn from_tun(
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
             if let Ok(ServerOutput::Send(path, msg)) = engine.handle_tun_packet(now, packet, out) {
-                send(senders, path, msg);
+                senders.send(path, msg);
             }
         });
         match result {
@@ -234,7 +299,7 @@ fn from_tun(
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
-    senders.iter_mut().for_each(UdpSender::flush);
+    senders.flush();
     Ok(dry)
 }
 
@@ -246,7 +311,7 @@ async fn from_network(
     tun: &mut Tun,
     receiver: &mut UdpReceiver,
     socket: usize,
-    senders: &mut [UdpSender],
+    senders: &mut Senders,
 ) -> anyhow::Result<bool> {
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
@@ -261,7 +326,7 @@ async fn from_network(
                     let n = packet.len();
                     tun.commit(n);
                 }
-                Ok(ServerOutput::Send(path, msg)) => send(senders, path, msg),
+                Ok(ServerOutput::Send(path, msg)) => senders.send(path, msg),
                 Ok(ServerOutput::Nothing) | Err(_) => {}
             }
         });
@@ -275,13 +340,8 @@ async fn from_network(
         }
         tun.flush().await.context("writing to the TUN device")?;
     }
-    senders.iter_mut().for_each(UdpSender::flush);
+    senders.flush();
     Ok(dry)
-}
-
-fn send(senders: &mut [UdpSender], path: Path, msg: &[u8]) {
-    let Path::Udp { socket, addr } = path;
-    senders[socket].send(addr, msg);
 }
 
 fn total_drops(engine: &Server<Path>) -> iptun_proto::DropCounters {
