@@ -325,7 +325,13 @@ impl<P: PathKind> Server<P> {
         }
         self.by_index.insert(local_index, id);
         peer.last_handshake = Some(now);
-        peer.path = Some(from.clone());
+        // On a polled path an init carries no session, so its path cannot
+        // carry anything but the response (returned below): keep the path
+        // the session's requests came from until the client's next data
+        // message moves it, or downstream data sent meanwhile is lost.
+        if !from.is_polled() || peer.path.is_none() {
+            peer.path = Some(from.clone());
+        }
         Ok(ServerOutput::Send(from.clone(), &out[..RESPONSE_LEN]))
     }
 

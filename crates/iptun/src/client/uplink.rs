@@ -135,10 +135,13 @@ impl Uplink {
     /// pacer's target is outstanding.
     pub(super) fn top_up(&mut self, engine: &mut Client, now: Instant) {
         let Self::Icmp(i) = self else { return };
+        // Always let the pacer forget lost requests, or its deadline stays in
+        // the past and the client loop spins.
+        let due = i.pacer.polls_due(now);
         if !engine.is_connected(now) {
             return; // until the handshake completes, inits are the requests
         }
-        for _ in 0..i.pacer.polls_due(now) {
+        for _ in 0..due {
             i.request(now, |out| engine.seal_keepalive(now, out).ok());
         }
     }

@@ -1,0 +1,727 @@
+//! Simulated-network tests of the ICMP echo poll discipline: real engines,
+//! real echo messages (`wire::icmp`), the binary's drivers mirrored step for
+//! step, a NAT that rewrites echo ids and source addresses, and a stateful
+//! firewall that drops (and counts) any reply not answering an outstanding
+//! request. See `icmp_sim/mod.rs`. Virtual time, seeded loss: deterministic.
+
+mod common;
+mod icmp_sim;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::{INTERNET_V4, Link, NET4, ipv4, key, payload, payload_id, pool, server_config};
+use icmp_sim::*;
+use iptun_proto::engine::{
+    DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, REJECT_AFTER_TIME, REKEY_AFTER_TIME,
+};
+use iptun_proto::wire::message::{TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
+
+const CLIENT_ID: u16 = 0x4242;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+fn link(latency: Duration, loss: f64) -> Link {
+    Link {
+        latency,
+        jitter: Duration::ZERO,
+        loss,
+        duplicate: 0.0,
+    }
+}
+
+fn sim_with(
+    keys: &[&iptun_proto::crypto::PrivateKey],
+    link: Link,
+    mode: IdMode,
+    seed: u64,
+) -> IcmpSim {
+    IcmpSim::new(server_config(keys, pool(NET4, false)), link, mode, seed)
+}
+
+/// A client-to-internet packet from client `i`.
+fn up(sim: &IcmpSim, i: usize, n: u32) -> Vec<u8> {
+    ipv4(sim.clients[i].v4(), INTERNET_V4, &payload(1, n))
+}
+
+/// An internet-to-client packet for client `i`, tagged `tag`.
+fn down(sim: &IcmpSim, i: usize, tag: u8, n: u32) -> Vec<u8> {
+    ipv4(INTERNET_V4, sim.clients[i].v4(), &payload(tag, n))
+}
+
+/// What arrived is a subset of what was sent, each packet byte-identical
+/// and at most once; returns how many arrived.
+fn assert_delivered_once(sent: &HashMap<(u8, u32), Vec<u8>>, got: &[(Instant, Vec<u8>)]) -> usize {
+    let mut seen = HashSet::new();
+    for (_, p) in got {
+        let id = payload_id(p);
+        let original = sent
+            .get(&id)
+            .unwrap_or_else(|| panic!("packet {id:?} was never sent"));
+        assert_eq!(p, original, "packet {id:?} arrived altered");
+        assert!(seen.insert(id), "packet {id:?} arrived twice");
+    }
+    seen.len()
+}
+
+/// The firewall dropped nothing, and the server never answered a request
+/// twice or answered something that was not a request.
+fn assert_one_reply_per_request(sim: &IcmpSim) {
+    assert!(
+        sim.nat.firewall_drops.is_empty(),
+        "the firewall dropped unsolicited replies: {:?}",
+        sim.nat.firewall_drops
+    );
+    assert!(
+        sim.server.violations.is_empty(),
+        "{:?}",
+        sim.server.violations
+    );
+    assert_eq!(sim.server.repeated, 0, "a request arrived twice");
+    // Every reply on the wire answers a request that went up before it.
+    let mut requests: HashMap<(Ipv4Addr, u16, u16), usize> = HashMap::new();
+    let mut replies = 0;
+    for w in &sim.wire {
+        if w.up {
+            *requests.entry((w.src, w.id, w.seq)).or_default() += 1;
+        } else {
+            replies += 1;
+            let n = requests
+                .get_mut(&(w.dst, w.id, w.seq))
+                .filter(|n| **n > 0)
+                .unwrap_or_else(|| panic!("reply {w:?} answers no request"));
+            *n -= 1;
+        }
+    }
+    assert_eq!(replies, sim.server.answered.len());
+}
+
+/// Every request the server received was answered within `HOLD` plus one
+/// timer tick, or is still held and younger than that.
+fn assert_answered_in_time(sim: &IcmpSim) {
+    let limit = HOLD + SERVER_TICK;
+    for a in &sim.server.answered {
+        assert!(
+            a.answered - a.arrived <= limit,
+            "{a:?} was held {:?}",
+            a.answered - a.arrived
+        );
+    }
+    for (r, &at) in &sim.server.open {
+        assert!(
+            sim.now - at <= limit,
+            "{r:?} is held since {:?}",
+            at - sim.start
+        );
+    }
+}
+
+/// Nothing went wrong anywhere: no engine drops or errors, no message lost
+/// for want of a session path.
+fn assert_clean(sim: &IcmpSim) {
+    assert_eq!(sim.server.errors, [], "server errors");
+    assert_eq!(sim.server.drop_total(), 0, "server drops");
+    let lost: Vec<Duration> = sim
+        .server
+        .lost_no_session
+        .iter()
+        .map(|&t| t - sim.start)
+        .collect();
+    let inits: Vec<Duration> = sim
+        .clients
+        .iter()
+        .flat_map(|c| &c.inits)
+        .map(|&t| t - sim.start)
+        .collect();
+    assert_eq!(
+        lost,
+        [],
+        "downstream messages dropped for a path without a session (handshakes at {inits:?})"
+    );
+    for (i, c) in sim.clients.iter().enumerate() {
+        assert_eq!(c.errors, [], "client {i} errors");
+        assert_eq!(c.engine.drops().total(), 0, "client {i} drops");
+        assert_eq!(
+            c.bare_replies, 0,
+            "client {i} got answers without a session"
+        );
+    }
+}
+
+/// Every handshake is a rekey: it starts `REKEY_AFTER_TIME` (plus at most
+/// `slack`: the previous handshake's round trip and retries) after the
+/// previous one.
+fn assert_only_rekeys(inits: &[Instant], slack: Duration) {
+    for w in inits.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= REKEY_AFTER_TIME && gap <= REKEY_AFTER_TIME + slack,
+            "a handshake {gap:?} after the previous one is not a rekey"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Handshake and data through the NAT
+// ---------------------------------------------------------------------------
+
+#[test]
+fn handshake_and_data_over_icmp_through_nat() {
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(20), 0.0), IdMode::PerRequest, 1);
+    let c = sim.add_client(a.clone(), CLIENT_ID);
+    sim.connect(c);
+
+    // The init rides the first request; the response answers that very
+    // request at once (one round trip), not a later one.
+    let first_up = &sim.wire[0];
+    assert!(first_up.up);
+    assert_eq!(first_up.msg.as_deref().map(|m| m[0]), Some(TYPE_INIT));
+    assert_eq!(first_up.src, NAT_IP, "the server sees the NAT's address");
+    assert_ne!(first_up.id, CLIENT_ID, "the NAT rewrote the echo id");
+    let first_down = sim.wire.iter().find(|w| !w.up).unwrap();
+    assert_eq!(first_down.msg.as_deref().map(|m| m[0]), Some(TYPE_RESPONSE));
+    assert_eq!(
+        (first_down.dst, first_down.id, first_down.seq),
+        (first_up.src, first_up.id, first_up.seq)
+    );
+    assert_eq!(first_down.at, first_up.at + ms(20), "answered on arrival");
+    assert_eq!(sim.server.answered[0].how, Answer::Response);
+    // The confirming keepalive is the next request, and the server holds it
+    // (until data or `HOLD` answers it).
+    let confirm = sim.clients[c].requests[1];
+    assert_eq!((confirm.2, confirm.3), (TYPE_DATA, false));
+    assert_eq!(sim.clients[c].inits.len(), 1);
+    assert!(sim.server.open.keys().any(|r| r.seq == confirm.1));
+
+    let info = sim.server.session(&a.public_key()).unwrap();
+    let path = info.path.unwrap();
+    assert_eq!(path.ip, NAT_IP);
+    let session = path.session.expect("the path names the session");
+    assert_eq!(sim.server.engine.sessions().len(), 1);
+
+    // Data both ways, byte-identical and in order.
+    let mut sent_up = Vec::new();
+    let mut sent_down = Vec::new();
+    for n in 0..20 {
+        let p = up(&sim, c, n);
+        sim.client_send(c, &p).unwrap();
+        sent_up.push(p);
+        let p = down(&sim, c, 2, n);
+        sim.server_send(&p).unwrap();
+        sent_down.push(p);
+        sim.run_for(ms(7));
+    }
+    sim.run_for(secs(1));
+    let got_up: Vec<_> = sim.server.tun.iter().map(|(_, p)| p.clone()).collect();
+    let got_down: Vec<_> = sim.clients[c].tun.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(got_up, sent_up);
+    assert_eq!(got_down, sent_down);
+
+    // The server never saw the client's own id, and saw many public ids
+    // (fresh for every request), yet kept one session: it goes by the
+    // authenticated message, not by the echo id.
+    let ids: HashSet<u16> = sim.wire.iter().filter(|w| w.up).map(|w| w.id).collect();
+    assert!(!ids.contains(&CLIENT_ID));
+    assert!(ids.len() >= 3, "public ids seen: {ids:?}");
+
+    // The NAT renumbers: new requests leave from another address. Replies to
+    // the requests held from the old address still go there (and pass the
+    // firewall); the session follows without a handshake.
+    let renumbered = Ipv4Addr::new(203, 0, 113, 99);
+    sim.nat.public_ip = renumbered;
+    let renumbered_at = sim.now;
+    for n in 20..40 {
+        let p = down(&sim, c, 2, n);
+        sim.server_send(&p).unwrap();
+        sent_down.push(p);
+        sim.run_for(secs(1));
+    }
+    sim.run_for(secs(10));
+    let path = sim.server.session(&a.public_key()).unwrap().path.unwrap();
+    assert_eq!(
+        path,
+        IcmpPath {
+            ip: renumbered,
+            session: Some(session)
+        }
+    );
+    let got_down: Vec<_> = sim.clients[c].tun.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(got_down, sent_down);
+    assert_eq!(sim.clients[c].inits.len(), 1, "no new handshake");
+    let old_address_answers = sim
+        .server
+        .answered
+        .iter()
+        .filter(|x| x.request.ip == NAT_IP && x.answered > renumbered_at)
+        .count();
+    assert!(old_address_answers >= MIN_OUTSTANDING);
+
+    // An ordinary ping is answered once, with its payload, as the kernel would.
+    sim.ping(c, 7, 1, b"just a ping");
+    sim.run_for(secs(1));
+    assert_eq!(sim.clients[c].pings, [(7, 1, b"just a ping".to_vec())]);
+
+    assert_one_reply_per_request(&sim);
+    assert_answered_in_time(&sim);
+    assert_clean(&sim);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Exactly one reply per request, through traffic and long idle spells
+// ---------------------------------------------------------------------------
+
+/// Up and down traffic for `span`, a packet each way every `every`.
+fn traffic(
+    sim: &mut IcmpSim,
+    c: usize,
+    span: Duration,
+    every: Duration,
+    n: &mut u32,
+    sent: &mut HashMap<(u8, u32), Vec<u8>>,
+) {
+    let end = sim.now + span;
+    while sim.now < end {
+        let p = up(sim, c, *n);
+        sim.client_send(c, &p).unwrap();
+        sent.insert(payload_id(&p), p);
+        let p = down(sim, c, 2, *n);
+        sim.server_send(&p).unwrap();
+        sent.insert(payload_id(&p), p);
+        *n += 1;
+        sim.run_for(every);
+    }
+}
+
+#[test]
+fn one_reply_per_request() {
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(25), 0.0), IdMode::PerFlow, 2);
+    let c = sim.add_client(a.clone(), CLIENT_ID);
+    sim.connect(c);
+    let t0 = sim.now;
+    let (mut n, mut sent) = (0, HashMap::new());
+
+    // Traffic, a short idle spell, traffic across the first rekey (~120 s).
+    traffic(&mut sim, c, secs(30), ms(50), &mut n, &mut sent);
+    sim.run_until(t0 + secs(105));
+    traffic(&mut sim, c, secs(30), ms(50), &mut n, &mut sent);
+    sim.run_for(secs(5));
+
+    // Ten idle minutes: the client stays connected on keepalives alone.
+    let idle_from = sim.now;
+    let requests_before = sim.clients[c].requests.len();
+    let answered_before = sim.server.answered.len();
+    for _ in 0..600 {
+        sim.run_for(secs(1));
+        assert!(sim.clients[c].engine.is_connected(sim.now));
+    }
+    let idle_to = sim.now;
+    let idle_target = sim.clients[c].pacer.target();
+
+    // A last burst, then let everything in the air land.
+    traffic(&mut sim, c, secs(5), ms(20), &mut n, &mut sent);
+    sim.run_for(secs(2));
+
+    assert_one_reply_per_request(&sim);
+    assert_answered_in_time(&sim);
+    assert_clean(&sim);
+
+    // Held requests that no data came for were answered by a keepalive after
+    // HOLD (within the server's one-second tick), never sooner.
+    let keepalives: Vec<_> = sim
+        .server
+        .answered
+        .iter()
+        .filter(|x| x.how == Answer::Keepalive)
+        .collect();
+    assert!(keepalives.len() > 200, "{} keepalives", keepalives.len());
+    for k in &keepalives {
+        let held = k.answered - k.arrived;
+        assert!(
+            held >= HOLD && held <= HOLD + SERVER_TICK,
+            "{k:?} held {held:?}"
+        );
+    }
+    // While idle, requests are all answered by keepalives (no busy loop:
+    // about MIN_OUTSTANDING requests every HOLD, plus the rekeys).
+    let idle_answers = &sim.server.answered[answered_before..];
+    assert!(
+        idle_answers
+            .iter()
+            .filter(|x| x.answered > idle_from + secs(10) && x.answered < idle_to)
+            .all(|x| matches!(x.how, Answer::Keepalive | Answer::Response))
+    );
+    let idle_requests = sim.clients[c].requests[requests_before..]
+        .iter()
+        .filter(|r| r.0 < idle_to)
+        .count();
+    let expected = (600 / HOLD.as_secs() as usize) * MIN_OUTSTANDING;
+    assert!(
+        idle_requests >= expected * 8 / 10 && idle_requests <= expected * 12 / 10,
+        "{idle_requests} requests in ten idle minutes (about {expected} expected)"
+    );
+    assert_eq!(idle_target, MIN_OUTSTANDING);
+    // And the client kept hearing from the server: a keepalive at least
+    // every HOLD (plus the tick), so it never suspects the server gone.
+    let rx: Vec<Instant> = sim.clients[c]
+        .rx_times()
+        .filter(|&t| t >= idle_from && t < idle_to)
+        .collect();
+    let silence = rx.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(silence <= HOLD + SERVER_TICK, "silent for {silence:?}");
+    // Lossless, so the pacer never had to give up on a request: every one
+    // was answered (within its timeout).
+    assert_eq!(sim.clients[c].forgotten, 0);
+
+    // No handshake other than the two-minute rekeys: five in ten minutes.
+    let inits = &sim.clients[c].inits;
+    assert_only_rekeys(inits, secs(1));
+    let idle_inits = inits
+        .iter()
+        .filter(|&&t| t >= idle_from && t < idle_to)
+        .count();
+    assert!(
+        (4..=5).contains(&idle_inits),
+        "{idle_inits} handshakes while idle"
+    );
+    assert_eq!(sim.clients[c].events.len(), 1, "configured once");
+
+    // Lossless: every packet, both ways, exactly once and intact.
+    let got_up = assert_delivered_once(&sent, &sim.server.tun);
+    let got_down = assert_delivered_once(&sent, &sim.clients[c].tun);
+    assert_eq!(got_up + got_down, sent.len());
+}
+
+// ---------------------------------------------------------------------------
+// 3. Downstream rides held requests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn downstream_never_waits_for_a_round_trip() {
+    const ONE_WAY: Duration = Duration::from_millis(25);
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ONE_WAY, 0.0), IdMode::PerFlow, 3);
+    let c = sim.add_client(a, CLIENT_ID);
+    sim.connect(c);
+
+    // Idle for a minute: the pacer sits at its minimum, and that many
+    // requests are held at the server.
+    sim.run_for(secs(60));
+    assert_eq!(sim.clients[c].pacer.target(), MIN_OUTSTANDING);
+    let held = sim.server.open.len();
+    assert_eq!(held, MIN_OUTSTANDING);
+
+    // A burst of 32 packets from the server's TUN in one instant.
+    let t = sim.now;
+    let taken_before = sim.clients[c].taken.len();
+    let burst: Vec<Vec<u8>> = (0..32).map(|n| down(&sim, c, 2, n)).collect();
+    for p in &burst {
+        sim.server_send(p).unwrap();
+    }
+    sim.run_for(secs(1));
+    let got: Vec<_> = sim.clients[c].tun.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(got, burst, "all delivered, intact and in order");
+    let delays: Vec<Duration> = sim.clients[c].tun.iter().map(|(at, _)| *at - t).collect();
+    // The first ones ride the held requests: one-way latency, no round trip.
+    assert!(delays[..held].iter().all(|&d| d == ONE_WAY), "{delays:?}");
+    // The rest wait only for the requests those replies trigger: the pacer
+    // doubles its target with every reply that brings data.
+    assert!(
+        delays[held..].iter().all(|&d| d >= 3 * ONE_WAY),
+        "{delays:?}"
+    );
+    assert!(*delays.last().unwrap() <= 5 * ONE_WAY, "{delays:?}");
+    let peak = sim.clients[c].taken[taken_before..]
+        .iter()
+        .map(|x| x.target)
+        .max()
+        .unwrap();
+    assert_eq!(peak, MAX_OUTSTANDING, "the pacer grew while data flowed");
+
+    // A steady stream faster than the round trip: with the pacer grown,
+    // enough requests wait at the server that packets leave at once.
+    let stream_from = sim.clients[c].tun.len();
+    let mut sent_at = HashMap::new();
+    for n in 100..500 {
+        let p = down(&sim, c, 2, n);
+        sim.server_send(&p).unwrap();
+        sent_at.insert(n, sim.now);
+        sim.run_for(ms(5));
+    }
+    sim.run_for(secs(1));
+    let stream = &sim.clients[c].tun[stream_from..];
+    assert_eq!(stream.len(), 400);
+    let prompt = stream
+        .iter()
+        .filter(|(at, p)| *at - sent_at[&payload_id(p).1] == ONE_WAY)
+        .count();
+    assert_eq!(
+        prompt, 400,
+        "every packet of the stream rode a held request"
+    );
+    assert!(
+        sim.server
+            .answered
+            .iter()
+            .filter(|x| x.answered >= t)
+            .all(|x| x.how == Answer::Message || x.answered - x.arrived >= HOLD)
+    );
+
+    // Idle again: held requests come back as keepalives and the target
+    // shrinks back to the minimum.
+    let idle_from = sim.clients[c].taken.len();
+    sim.run_for(secs(30));
+    assert!(
+        sim.clients[c].taken[idle_from..]
+            .iter()
+            .all(|x| !x.carried_data)
+    );
+    assert_eq!(sim.clients[c].pacer.target(), MIN_OUTSTANDING);
+    assert_eq!(sim.server.open.len(), MIN_OUTSTANDING);
+
+    assert_one_reply_per_request(&sim);
+    assert_answered_in_time(&sim);
+    assert_clean(&sim);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Two clients behind one NAT
+// ---------------------------------------------------------------------------
+
+#[test]
+fn two_clients_behind_one_nat() {
+    let (a, b) = (key(1), key(2));
+    let mut sim = sim_with(&[&a, &b], link(ms(20), 0.0), IdMode::PerRequest, 4);
+    // Both pick the same echo id; the NAT hands out public ids from one
+    // small pool, so the server sees the same address and the same ids
+    // from both.
+    let ca = sim.add_client(a.clone(), CLIENT_ID);
+    let cb = sim.add_client(b.clone(), CLIENT_ID);
+    sim.connect(ca);
+    sim.connect(cb);
+    let (va, vb) = (sim.clients[ca].v4(), sim.clients[cb].v4());
+    assert_ne!(va, vb);
+    let pa = sim.server.session(&a.public_key()).unwrap().path.unwrap();
+    let pb = sim.server.session(&b.public_key()).unwrap().path.unwrap();
+    assert_eq!((pa.ip, pb.ip), (NAT_IP, NAT_IP), "one public address");
+    assert_ne!(pa.session, pb.session);
+
+    let mut sent = HashMap::new();
+    for n in 0..200 {
+        // Internet to each client, each client to the internet, and each
+        // client to the other (forwarded by the server onto the other's
+        // held requests).
+        let to_a = ipv4(INTERNET_V4, va, &payload(2, n));
+        let to_b = ipv4(INTERNET_V4, vb, &payload(3, n));
+        let a_to_b = ipv4(va, vb, &payload(4, n));
+        let b_to_a = ipv4(vb, va, &payload(5, n));
+        let a_up = ipv4(va, INTERNET_V4, &payload(6, n));
+        let b_up = ipv4(vb, INTERNET_V4, &payload(7, n));
+        sim.server_send(&to_a).unwrap();
+        sim.server_send(&to_b).unwrap();
+        sim.client_send(ca, &a_to_b).unwrap();
+        sim.client_send(cb, &b_to_a).unwrap();
+        sim.client_send(ca, &a_up).unwrap();
+        sim.client_send(cb, &b_up).unwrap();
+        for p in [to_a, to_b, a_to_b, b_to_a, a_up, b_up] {
+            sent.insert(payload_id(&p), p);
+        }
+        sim.run_for(ms(if n % 50 < 40 { 10 } else { 700 }));
+    }
+    sim.run_for(secs(30));
+
+    // Each gets exactly its own packets, all of them, intact.
+    let tags = |tun: &[(Instant, Vec<u8>)]| -> HashMap<u8, usize> {
+        let mut m = HashMap::new();
+        for (_, p) in tun {
+            *m.entry(payload_id(p).0).or_default() += 1;
+        }
+        m
+    };
+    assert_eq!(assert_delivered_once(&sent, &sim.clients[ca].tun), 400);
+    assert_eq!(
+        tags(&sim.clients[ca].tun),
+        HashMap::from([(2, 200), (5, 200)])
+    );
+    assert!(
+        sim.clients[ca]
+            .tun
+            .iter()
+            .all(|(_, p)| p[16..20] == va.octets())
+    );
+    assert_eq!(assert_delivered_once(&sent, &sim.clients[cb].tun), 400);
+    assert_eq!(
+        tags(&sim.clients[cb].tun),
+        HashMap::from([(3, 200), (4, 200)])
+    );
+    assert!(
+        sim.clients[cb]
+            .tun
+            .iter()
+            .all(|(_, p)| p[16..20] == vb.octets())
+    );
+    assert_eq!(assert_delivered_once(&sent, &sim.server.tun), 400);
+
+    // The two really shared public ids, even at the same time: the NAT and
+    // the firewall tell the replies apart by sequence number, the server
+    // by the session the authenticated message belongs to.
+    let ids_a: HashSet<u16> = sim.nat.ids_used[&sim.clients[ca].lan_ip]
+        .iter()
+        .copied()
+        .collect();
+    let ids_b: HashSet<u16> = sim.nat.ids_used[&sim.clients[cb].lan_ip]
+        .iter()
+        .copied()
+        .collect();
+    assert!(
+        ids_a.intersection(&ids_b).count() >= 2,
+        "{ids_a:?} {ids_b:?}"
+    );
+    assert!(sim.nat.ids_shared_live > 100, "{}", sim.nat.ids_shared_live);
+    assert!(sim.server.open.keys().all(|r| r.ip == NAT_IP));
+    assert_eq!(sim.server.engine.sessions().len(), 2);
+
+    assert_one_reply_per_request(&sim);
+    assert_answered_in_time(&sim);
+    assert_clean(&sim);
+}
+
+// ---------------------------------------------------------------------------
+// 5. A lossy path
+// ---------------------------------------------------------------------------
+
+#[test]
+fn lossy_path() {
+    let a = key(1);
+    let lossy = Link {
+        latency: ms(30),
+        jitter: ms(10),
+        loss: 0.1,
+        duplicate: 0.0,
+    };
+    let mut sim = sim_with(&[&a], lossy, IdMode::PerFlow, 5);
+    let c = sim.add_client(a.clone(), CLIENT_ID);
+    sim.connect(c);
+    let session = sim
+        .server
+        .session(&a.public_key())
+        .unwrap()
+        .path
+        .unwrap()
+        .session;
+
+    // Traffic, idle, traffic: six minutes, two rekeys.
+    let (mut n, mut sent) = (0, HashMap::new());
+    traffic(&mut sim, c, secs(100), ms(100), &mut n, &mut sent);
+    sim.run_for(secs(90));
+    traffic(&mut sim, c, secs(100), ms(100), &mut n, &mut sent);
+    sim.run_for(secs(70));
+    let end = sim.now;
+
+    // What arrives is intact and arrives once; about nine in ten make it.
+    let got_up = assert_delivered_once(&sent, &sim.server.tun);
+    let got_down = assert_delivered_once(&sent, &sim.clients[c].tun);
+    let each_way = sent.len() / 2;
+    for got in [got_up, got_down] {
+        assert!(got * 100 >= each_way * 80, "{got} of {each_way} delivered");
+        assert!(got < each_way, "the path is lossy");
+    }
+
+    // The session survived: the client never went long without hearing from
+    // the server (it would start over after DEAD_AFTER_KEEPALIVES
+    // intervals), every handshake was a rekey (or a retry of one), the
+    // server kept the same session, and neither end dropped anything.
+    let dead_after = secs(u64::from(DEFAULT_KEEPALIVE_SECS)) * DEAD_AFTER_KEEPALIVES;
+    let rx: Vec<Instant> = sim.clients[c].rx_times().collect();
+    let silence = rx.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(silence < dead_after / 2, "silent for {silence:?}");
+    let mut attempts: Vec<Instant> = Vec::new();
+    for &t in &sim.clients[c].inits {
+        if attempts.last().is_none_or(|&l| t - l > secs(20)) {
+            attempts.push(t);
+        }
+    }
+    assert_only_rekeys(&attempts, secs(20));
+    assert!(sim.clients[c].inits.len() <= attempts.len() * 3);
+    assert_eq!(attempts.len(), 3, "{:?}", sim.clients[c].inits);
+    assert!(sim.clients[c].engine.is_connected(end));
+    assert_eq!(
+        sim.server
+            .session(&a.public_key())
+            .unwrap()
+            .path
+            .unwrap()
+            .session,
+        session
+    );
+    assert_eq!(sim.clients[c].events.len(), 1, "configured once");
+
+    // Lost requests (or lost replies) were given up on after the pacer's
+    // timeout and replaced: every request that got no reply is one the
+    // pacer forgot (or still waits for), after every top-up the target is
+    // outstanding again, and the client never went longer than the
+    // timeout without sending a request.
+    let cl = &sim.clients[c];
+    let lost = sim.wire.iter().filter(|w| w.lost).count();
+    assert!(lost > 200, "{lost} messages lost");
+    let unanswered = cl.requests.len() - cl.taken.len();
+    assert!(unanswered > 100, "{unanswered} requests unanswered");
+    assert_eq!(cl.forgotten + cl.pacer.outstanding(), unanswered);
+    assert_eq!(cl.short, 0);
+    let quiet = cl
+        .requests
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap();
+    assert!(quiet <= REQUEST_TIMEOUT, "no request for {quiet:?}");
+    // The ones lost when the pacer was at its minimum were replaced by
+    // bare polls exactly when the pacer gave up on them.
+    let sent_at: HashSet<Instant> = cl.requests.iter().map(|r| r.0).collect();
+    let replaced = cl
+        .requests
+        .iter()
+        .filter(|r| r.3 && sent_at.contains(&(r.0 - REQUEST_TIMEOUT)))
+        .count();
+    assert!(replaced > 10, "{replaced} requests replaced on the timeout");
+
+    assert_one_reply_per_request(&sim);
+    assert_answered_in_time(&sim);
+    assert_clean(&sim);
+}
+
+// ---------------------------------------------------------------------------
+// A known bug in the binary's client driver
+// ---------------------------------------------------------------------------
+
+/// While the client has no session, the pacer must still forget requests
+/// that got no answer (lost inits); otherwise `Pacer::next_timeout` stays in
+/// the past and the client loop, which sleeps until it, spins. Happens when
+/// the client starts while the server is unreachable, and when an outage
+/// outlasts `REJECT_AFTER_TIME`.
+#[test]
+fn client_waiting_for_an_unreachable_server_does_not_spin() {
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(20), 1.0), IdMode::PerFlow, 6);
+    let c = sim.add_client(a, CLIENT_ID);
+    // Started while the server is unreachable.
+    sim.run_for(secs(20));
+    sim.link.loss = 0.0;
+    sim.connect(c);
+    // An outage long enough for the keys to expire.
+    sim.link.loss = 1.0;
+    sim.run_for(REJECT_AFTER_TIME + secs(20));
+    assert!(!sim.clients[c].engine.is_connected(sim.now));
+    sim.link.loss = 0.0;
+    sim.connect(c);
+    sim.run_for(secs(30));
+    assert_one_reply_per_request(&sim);
+}
