@@ -189,9 +189,9 @@ pub(super) async fn receive(
             Some(msg) => tunnel_request(engine, tun, senders, request, msg),
             // An ordinary ping: answer it as the kernel would have.
             None => {
-                let socket = &senders.icmp.sockets[index];
-                let mut reply = [0u8; 1500];
-                if let Some(buf) = reply.get_mut(..bytes.len()) {
+                // Any size the kernel would answer (not just 1500 bytes).
+                let (socket, tx) = (&senders.icmp.sockets[index], &mut senders.icmp.tx);
+                if let Some(buf) = tx.get_mut(..bytes.len()) {
                     buf.copy_from_slice(bytes);
                     let n =
                         icmp::emit_echo(family, true, echo.id, echo.seq, buf, echo.payload.len());

@@ -478,3 +478,220 @@ pub fn tcp_transfer_sha256_timeout(
         .unwrap_or_else(|| panic!("receiver printed no sha256: {}", receiver.log()));
     (sent, received)
 }
+
+/// Addresses of [`RoutedTopology`].
+pub mod routed {
+    /// The client's address and the router's on the client side.
+    pub const CLIENT_ADDR: &str = "192.0.2.2";
+    pub const CLIENT_ADDR6: &str = "2001:db8:1::2";
+    pub const ROUTER_CLIENT_ADDR: &str = "192.0.2.1";
+    pub const ROUTER_CLIENT_ADDR6: &str = "2001:db8:1::1";
+    /// The router's address on the server side: what the server sees of the
+    /// client, the router masquerading it.
+    pub const ROUTER_SERVER_ADDR: &str = "203.0.113.1";
+    pub const ROUTER_SERVER_ADDR6: &str = "2001:db8:2::1";
+    /// The server's address on the router's side.
+    pub const SERVER_ADDR: &str = "203.0.113.2";
+    pub const SERVER_ADDR6: &str = "2001:db8:2::2";
+    /// Interfaces: the router's sides, the server's uplink.
+    pub const ROUTER_CLIENT_IF: &str = "rcl0";
+    pub const ROUTER_SERVER_IF: &str = "rsv0";
+    pub const SERVER_UP_IF: &str = "up0";
+}
+
+/// The router's nftables: masquerade what the client side sends to the
+/// server side, and forward only that and its answers (conntrack).
+const ROUTER_NFT: &str = r#"
+table inet iptrouter {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        iifname "rcl0" oifname "rsv0" masquerade
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "rcl0" oifname "rsv0" accept
+    }
+}
+"#;
+
+/// client <-> router <-> server <-> target, with a masquerading, stateful
+/// router between client and server (like a home router):
+/// client 192.0.2.2 / 2001:db8:1::2, router 192.0.2.1 / 2001:db8:1::1 and
+/// 203.0.113.1 / 2001:db8:2::1, server 203.0.113.2 / 2001:db8:2::2 and
+/// 198.51.100.1, target 198.51.100.2 (see [`routed`]). The client's default
+/// routes point at the router; the server knows nothing of 192.0.2.0/24 and
+/// the target nothing beyond 198.51.100.0/24. The router forwards client ->
+/// server and the answers only (conntrack), masquerading (which rewrites
+/// ICMP echo identifiers too).
+pub struct RoutedTopology {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+    pub target: Netns,
+}
+
+impl RoutedTopology {
+    /// Builds the topology and waits (bounded) until the client reaches the
+    /// server over IPv4 and IPv6 through the router.
+    pub fn new(tag: &str) -> Self {
+        use routed::*;
+        let [client, router, server, target] =
+            ["client", "router", "server", "target"].map(|role| Netns::new(tag, role));
+        for ns in [&client, &router, &server, &target] {
+            // No duplicate address detection: addresses are usable at once.
+            for conf in ["all", "default"] {
+                ns.exec_ok(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{conf}.accept_dad=0"),
+                ]);
+            }
+        }
+        veth(
+            &client,
+            CLIENT_IF,
+            &format!("{CLIENT_ADDR}/24"),
+            &router,
+            ROUTER_CLIENT_IF,
+            &format!("{ROUTER_CLIENT_ADDR}/24"),
+        );
+        veth(
+            &router,
+            ROUTER_SERVER_IF,
+            &format!("{ROUTER_SERVER_ADDR}/24"),
+            &server,
+            SERVER_UP_IF,
+            &format!("{SERVER_ADDR}/24"),
+        );
+        veth(
+            &server,
+            SERVER_WAN_IF,
+            &format!("{SERVER_WAN_ADDR}/24"),
+            &target,
+            TARGET_IF,
+            &format!("{TARGET_ADDR}/24"),
+        );
+        for (ns, dev, addr) in [
+            (&client, CLIENT_IF, CLIENT_ADDR6),
+            (&router, ROUTER_CLIENT_IF, ROUTER_CLIENT_ADDR6),
+            (&router, ROUTER_SERVER_IF, ROUTER_SERVER_ADDR6),
+            (&server, SERVER_UP_IF, SERVER_ADDR6),
+        ] {
+            ns.exec_ok(&["ip", "addr", "add", &format!("{addr}/64"), "dev", dev]);
+        }
+        client.exec_ok(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_ADDR]);
+        client.exec_ok(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            ROUTER_CLIENT_ADDR6,
+        ]);
+        router.exec_ok(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &router.name, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        use std::io::Write as _;
+        nft.stdin
+            .take()
+            .expect("stdin")
+            .write_all(ROUTER_NFT.as_bytes())
+            .expect("write the router's ruleset");
+        assert!(nft.wait().expect("wait for nft").success(), "nft -f failed");
+        let topo = Self {
+            client,
+            router,
+            server,
+            target,
+        };
+        for dst in [SERVER_ADDR, SERVER_ADDR6] {
+            wait_until(
+                Duration::from_secs(10),
+                &format!("the client to reach {dst} through the router"),
+                || ping(&topo.client, dst, 1),
+            );
+        }
+        topo
+    }
+}
+
+const FETCH_PY: &str = r#"
+import hashlib, socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+h, n = hashlib.sha256(), 0
+while b := c.recv(1 << 16):
+    h.update(b)
+    n += len(b)
+c.close()
+print("sha256", h.hexdigest(), n, flush=True)
+"#;
+
+const SERVE_PY: &str = r#"
+import hashlib, random, socket, sys
+n = int(sys.argv[1])
+try:
+    s = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+except OSError:
+    s = socket.create_server(("0.0.0.0", 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+rng, h = random.Random(n), hashlib.sha256()
+left = n
+while left:
+    b = rng.randbytes(min(left, 1 << 16))
+    left -= len(b)
+    h.update(b)
+    c.sendall(b)
+c.shutdown(socket.SHUT_WR)
+while c.recv(1 << 16):  # the fetcher closes once it has read everything
+    pass
+c.close()
+print("sha256", h.hexdigest(), n, flush=True)
+"#;
+
+/// The reverse of [`tcp_transfer_sha256`] for a `from` that can't be
+/// reached (behind NAT): `from` connects to a server in `to` listening on
+/// `to_addr`, which sends `bytes` seeded pseudo-random bytes. Returns (sent
+/// by `to`, received by `from`) as "SHA256HEX BYTECOUNT". Bounded to `timeout`.
+pub fn tcp_fetch_sha256(
+    from: &Netns,
+    to: &Netns,
+    to_addr: &str,
+    bytes: u64,
+    timeout: Duration,
+) -> (String, String) {
+    let secs = timeout.as_secs().max(1).to_string();
+    let bytes = bytes.to_string();
+    let mut server = to.spawn(&["timeout", &secs, python(), "-c", SERVE_PY, &bytes]);
+    let mut port = String::new();
+    wait_until(Duration::from_secs(10), "the sender to listen", || {
+        let log = server.log();
+        match log.lines().next() {
+            Some(line) if log.contains('\n') => port = line.trim().to_string(),
+            _ => assert!(server.try_wait().is_none(), "sender died: {log}"),
+        }
+        !port.is_empty()
+    });
+    let received = from.exec_ok(&["timeout", &secs, python(), "-c", FETCH_PY, to_addr, &port]);
+    let status = server.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "sender did not finish: {status:?}\n{}",
+        server.log()
+    );
+    let received =
+        sha_line(&received).unwrap_or_else(|| panic!("fetcher printed no sha256: {received}"));
+    let sent = sha_line(&server.log())
+        .unwrap_or_else(|| panic!("sender printed no sha256: {}", server.log()));
+    (sent, received)
+}
