@@ -8,7 +8,7 @@ use iptun_proto::wire::icmp::{ECHO_HEADER_LEN, Echo, Family, emit_echo, strip_ip
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok((_, icmp)) = strip_ipv4(data) {
+    if let Ok((_, _, icmp)) = strip_ipv4(data) {
         check(Family::V4, icmp);
     }
     check(Family::V4, data);

@@ -142,6 +142,15 @@ impl<S: Copy + Eq + Hash, R> Parking<S, R> {
             .min()
     }
 
+    /// Take one of `session`'s held requests (oldest first), to answer it now.
+    pub fn take_parked(&mut self, session: S) -> Option<R> {
+        self.sessions
+            .get_mut(&session)?
+            .parked
+            .pop_front()
+            .map(|(r, _)| r)
+    }
+
     /// Forget a session (its held requests are simply never answered).
     pub fn remove(&mut self, session: S) {
         if let Some(q) = self.sessions.remove(&session) {

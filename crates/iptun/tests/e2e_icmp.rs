@@ -945,16 +945,13 @@ fn foreign_icmp_does_not_disturb() {
     ping_stats(&topo.client, TARGET_ADDR, 5, &[]).assert_exactly_once(5, "tunnel ping after");
 }
 
-// ------------------------------------------------ known bugs (ignored)
-//
-// Run with `cargo test -p iptun --test e2e_icmp -- --ignored`.
+// ------------------------------------------------ how the host would answer
 
-/// The kernel answers an echo request from the address it was sent to; the
-/// server sends its replies (ordinary and tunnel) from whatever source the
-/// route gives, so a client of a secondary address gets answers from the
-/// primary one, which the NAT's conntrack (and the client) don't match.
+/// The kernel answers an echo request from the address it was sent to, and
+/// so must the server (ordinary and tunnel replies alike): otherwise a client
+/// of a secondary address gets answers from the primary one, which the NAT's
+/// conntrack (and the client) don't match.
 #[test]
-#[ignore = "BUG: echo replies come from the primary address, not the one pinged"]
 fn secondary_server_address_answers_from_it() {
     require_root();
     let tag = "sec";
@@ -987,7 +984,6 @@ fn secondary_server_address_answers_from_it() {
 /// The kernel ignores broadcast echo requests (icmp_echo_ignore_broadcasts,
 /// 1 by default); the server answers them, which makes it a smurf amplifier.
 #[test]
-#[ignore = "BUG: broadcast echo requests are answered"]
 fn broadcast_ping_is_not_answered() {
     require_root();
     let tag = "bcast";
@@ -1013,11 +1009,11 @@ fn broadcast_ping_is_not_answered() {
 }
 
 /// A client that restarts (same key) gets a new session with the same
-/// server-side id; the requests its dead predecessor left held are answered
-/// first, with the new session's downstream, which nobody reads: until they
-/// expire (5 s), downstream is lost.
+/// server-side id; the requests its dead predecessor left held must not
+/// take the new session's downstream (nobody would read it until they
+/// expire, 5 s later): the server answers them at once when requests under
+/// the new keys arrive.
 #[test]
-#[ignore = "BUG: after a client restart, downstream goes to the old process's requests for ~5 s"]
 fn client_restart_downstream_at_once() {
     require_root();
     let tag = "restart";

@@ -123,14 +123,14 @@ pub fn emit_magic(buf: &mut [u8]) {
     buf[ECHO_HEADER_LEN..OVERHEAD].copy_from_slice(&MAGIC);
 }
 
-/// Split what a raw IPv4 socket delivers into the source address and the
-/// ICMP message. Never panics.
-pub fn strip_ipv4(packet: &[u8]) -> Result<(Ipv4Addr, &[u8]), DropReason> {
+/// Split what a raw IPv4 socket delivers into the source and destination
+/// addresses and the ICMP message. Never panics.
+pub fn strip_ipv4(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, &[u8]), DropReason> {
     let ip = Ipv4HeaderSlice::from_slice(packet).map_err(|_| DropReason::Malformed)?;
     let end = usize::from(ip.total_len()).min(packet.len());
     let start = ip.slice().len();
     let icmp = packet.get(start..end).ok_or(DropReason::Malformed)?;
-    Ok((ip.source_addr(), icmp))
+    Ok((ip.source_addr(), ip.destination_addr(), icmp))
 }
 
 #[cfg(test)]
@@ -207,8 +207,9 @@ mod tests {
             0x45, 0, 0, 32, 0, 0, 0, 0, 64, 1, 0, 0, 192, 0, 2, 2, 192, 0, 2, 1,
         ];
         p.extend_from_slice(&REQUEST_V4);
-        let (src, icmp) = strip_ipv4(&p).unwrap();
+        let (src, dst, icmp) = strip_ipv4(&p).unwrap();
         assert_eq!(src, Ipv4Addr::new(192, 0, 2, 2));
+        assert_eq!(dst, Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(icmp, REQUEST_V4);
         assert!(strip_ipv4(&p[..10]).is_err());
     }

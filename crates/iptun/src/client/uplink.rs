@@ -211,7 +211,7 @@ impl IcmpUplink {
             MAGIC.len() + n,
         );
         self.seq = self.seq.wrapping_add(1);
-        self.socket.send_to(self.to, &self.tx[..len]);
+        self.socket.send(self.to, None, &self.tx[..len]);
         self.pacer.sent(now);
     }
 
@@ -220,7 +220,7 @@ impl IcmpUplink {
         let mut dry = false;
         for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
             let (from, bytes) = match self.socket.try_recv(&mut rx) {
-                Ok(Some(x)) => x,
+                Ok(Some(r)) => (r.from, r.icmp),
                 Ok(None) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     dry = true;

@@ -5,6 +5,7 @@
 //! kernel's own echo replies are switched off while we run, so no request is
 //! answered twice.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use iptun_proto::engine::{Server, ServerOutput, SessionId};
 use iptun_proto::poll::{Parking, Reply};
+use iptun_proto::wire::Message;
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
 
 use super::{Path, Senders};
@@ -24,11 +26,13 @@ use crate::tun::Tun;
 /// conntrack's 30 s for ICMP, and short enough to prove liveness often.
 pub const HOLD: Duration = Duration::from_secs(5);
 
-/// A held echo request: where to send the reply and what to echo.
+/// A held echo request: where to send the reply, from which of our
+/// addresses, and what to echo.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Request {
     socket: usize,
     ip: IpAddr,
+    local: IpAddr,
     id: u16,
     seq: u16,
 }
@@ -37,6 +41,8 @@ pub(super) struct Request {
 pub(super) struct Listeners {
     sockets: Vec<IcmpSocket>,
     parking: Parking<SessionId, Request>,
+    /// The receiver index of each session's latest request (see `park`).
+    indices: HashMap<SessionId, u32>,
     rx: Vec<u8>,
     tx: Vec<u8>,
 }
@@ -46,6 +52,7 @@ impl Listeners {
         Self {
             sockets: Vec::new(),
             parking: Parking::new(HOLD),
+            indices: HashMap::new(),
             rx: vec![0; 1 << 16],
             tx: vec![0; 1 << 16],
         }
@@ -110,13 +117,27 @@ impl Listeners {
     }
 
     /// Hold `request` for `session`, answering whatever that releases.
+    /// Requests sealed under older keys are answered at once: after a rekey
+    /// the client has sent fresh ones, and after a client restart the old
+    /// ones belong to a process that is gone (downstream sent on them would
+    /// be lost for up to `HOLD`).
     fn park(
         &mut self,
         engine: &mut Server<Path>,
         now: Instant,
         session: SessionId,
+        index: u32,
         request: Request,
     ) {
+        if self
+            .indices
+            .insert(session, index)
+            .is_some_and(|old| old != index)
+        {
+            while let Some(stale) = self.parking.take_parked(session) {
+                self.keepalive(engine, now, session, stale);
+            }
+        }
         match self.parking.request(session, request, now) {
             Some(Reply {
                 request,
@@ -146,7 +167,7 @@ fn answer(sockets: &[IcmpSocket], buf: &mut [u8], request: Request, message: &[u
         buf,
         MAGIC.len() + message.len(),
     );
-    socket.send_to(request.ip, &buf[..n]);
+    socket.send(request.ip, Some(request.local), &buf[..n]);
 }
 
 /// Drain socket `index` (up to a bound). Returns whether it ran dry.
@@ -171,7 +192,9 @@ pub(super) async fn receive(
                 return Err(e).context("receiving on an ICMP socket");
             }
         };
-        let (ip, bytes) = received;
+        // Broadcast and multicast echoes get no answer, as from the kernel.
+        let Some(local) = received.to else { continue };
+        let (ip, bytes) = (received.from, received.icmp);
         let family = senders.icmp.sockets[index].family();
         let Ok(echo) = Echo::parse(family, bytes) else {
             continue;
@@ -182,6 +205,7 @@ pub(super) async fn receive(
         let request = Request {
             socket: index,
             ip,
+            local,
             id: echo.id,
             seq: echo.seq,
         };
@@ -195,7 +219,7 @@ pub(super) async fn receive(
                     buf.copy_from_slice(bytes);
                     let n =
                         icmp::emit_echo(family, true, echo.id, echo.seq, buf, echo.payload.len());
-                    socket.send_to(ip, &buf[..n]);
+                    socket.send(ip, Some(local), &buf[..n]);
                 }
             }
         }
@@ -216,6 +240,10 @@ fn tunnel_request(
 ) {
     let now = Instant::now();
     let session = engine.session_of(msg);
+    let index = match Message::parse(msg) {
+        Ok(Message::Data { receiver, .. }) => receiver,
+        _ => 0,
+    };
     let from = Path::Icmp {
         socket: request.socket,
         ip: request.ip,
@@ -239,6 +267,6 @@ fn tunnel_request(
         Err(_) => return, // unauthenticated: no answer at all
     }
     if let Some(session) = session {
-        senders.icmp.park(engine, now, session, request);
+        senders.icmp.park(engine, now, session, index, request);
     }
 }

@@ -4,7 +4,6 @@
 //! poll discipline that decides *when* to send lives in `iptun_proto::poll`.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 
@@ -63,6 +62,17 @@ impl IcmpSocket {
                 &libc::IPV6_PMTUDISC_DONT,
             )?,
         }
+        // Learn which local address each message was sent to: replies must leave
+        // from it, and broadcasts get none.
+        match family {
+            Family::V4 => sockopt::set(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, &1 as &libc::c_int)?,
+            Family::V6 => sockopt::set(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVPKTINFO,
+                &1 as &libc::c_int,
+            )?,
+        }
         // SAFETY: the socket owns its fd and keeps it open for as long as the
         // AsyncFd (which owns the socket) lives.
         let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
@@ -82,39 +92,179 @@ impl IcmpSocket {
         self.fd.poll_read_ready(cx).map_ok(|_| ())
     }
 
-    /// Receive one message without blocking: the sender and the ICMP bytes
-    /// (the IPv4 header, which raw IPv4 sockets deliver, is stripped).
-    /// `Ok(None)` for something that is not ICMP we can read.
-    pub fn try_recv<'b>(&self, buf: &'b mut [u8]) -> io::Result<Option<(IpAddr, &'b [u8])>> {
-        let (n, from) = self.fd.try_io(Interest::READABLE, |s| {
-            // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and recv only writes.
-            let uninit =
-                unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) };
-            s.recv_from(uninit)
+    /// Receive one message without blocking. `Ok(None)` for something
+    /// that is not ICMP we can read.
+    pub fn try_recv<'b>(&self, buf: &'b mut [u8]) -> io::Result<Option<Received<'b>>> {
+        let mut control = [0u64; 16]; // aligned room for one pktinfo cmsg
+        let (n, from, local) = self.fd.try_io(Interest::READABLE, |s| {
+            recv_with_pktinfo(s.as_raw_fd(), buf, &mut control)
         })?;
         let packet = &buf[..n];
         Ok(match self.family {
             Family::V4 => icmp::strip_ipv4(packet)
                 .ok()
-                .map(|(src, icmp)| (IpAddr::V4(src), icmp)),
-            Family::V6 => from.as_socket().map(|a| (a.ip(), packet)),
+                .map(|(src, dst, icmp)| Received {
+                    from: IpAddr::V4(src),
+                    // Sent to one of our addresses, not to a broadcast or
+                    // multicast one: the kernel's reply address equals it.
+                    to: (local == Some(IpAddr::V4(dst))).then_some(IpAddr::V4(dst)),
+                    icmp,
+                }),
+            Family::V6 => from.map(|from| Received {
+                from,
+                to: local.filter(|a| !a.is_multicast()),
+                icmp: packet,
+            }),
         })
     }
 
-    /// Send one ICMP message to `to`; waits briefly when the socket buffer
-    /// is full, then drops (as the network would).
-    pub fn send_to(&self, to: IpAddr, message: &[u8]) {
-        let addr = SockAddr::from(SocketAddr::new(to, 0));
+    /// Send one ICMP message to `to`, from the local address `from` when
+    /// given (a reply leaves from the address its request was sent to, or a
+    /// stateful firewall would not match it). Waits briefly when the socket
+    /// buffer is full, then drops (as the network would).
+    pub fn send(&self, to: IpAddr, from: Option<IpAddr>, message: &[u8]) {
         for _ in 0..2 {
-            match self.fd.get_ref().send_to(message, &addr) {
+            match send_with_source(self.fd.as_raw_fd(), to, from, message) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     sockopt::wait_writable(self.fd.as_raw_fd())
                 }
                 Err(e) => return tracing::debug!("ICMP send to {to} failed: {e}"),
-                Ok(_) => return,
+                Ok(()) => return,
             }
         }
     }
+}
+
+/// One message from a raw ICMP socket.
+pub struct Received<'b> {
+    /// The sender.
+    pub from: IpAddr,
+    /// The local unicast address it was sent to; `None` for broadcast and
+    /// multicast, which get no answer (as the kernel does by default).
+    pub to: Option<IpAddr>,
+    /// The ICMP message.
+    pub icmp: &'b [u8],
+}
+
+/// `recvmsg` with the packet-info control message: bytes, sender, and the
+/// local address the kernel would reply from (IPv4: `ipi_spec_dst`; IPv6:
+/// the packet's destination).
+fn recv_with_pktinfo(
+    fd: i32,
+    buf: &mut [u8],
+    control: &mut [u64; 16],
+) -> io::Result<(usize, Option<IpAddr>, Option<IpAddr>)> {
+    let mut addr = socket2::SockAddrStorage::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut addr).cast();
+    msg.msg_namelen = addr.size_of();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(control);
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(fd, &raw mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `addr` with `msg_namelen` bytes.
+    let from = unsafe { SockAddr::new(addr, msg.msg_namelen) }
+        .as_socket()
+        .map(|a| a.ip());
+    let mut local = None;
+    // SAFETY: walking the control buffer the kernel filled, with its macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                    local = Some(IpAddr::V4(u32::from_be(info.ipi_spec_dst.s_addr).into()));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                    local = Some(IpAddr::V6(info.ipi6_addr.s6_addr.into()));
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok((n as usize, from, local))
+}
+
+/// `sendmsg` to `to`, with a packet-info control message choosing the
+/// source address when `from` is given.
+fn send_with_source(fd: i32, to: IpAddr, from: Option<IpAddr>, message: &[u8]) -> io::Result<()> {
+    let to = SockAddr::from(SocketAddr::new(to, 0));
+    let mut iov = libc::iovec {
+        iov_base: message.as_ptr().cast_mut().cast(),
+        iov_len: message.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.as_ptr().cast_mut().cast();
+    msg.msg_namelen = to.len();
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(from) = from {
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: the control buffer has room for one pktinfo cmsg, written
+        // through the kernel's own macros.
+        unsafe {
+            let (level, kind, len) = match from {
+                IpAddr::V4(_) => (
+                    libc::IPPROTO_IP,
+                    libc::IP_PKTINFO,
+                    size_of::<libc::in_pktinfo>(),
+                ),
+                IpAddr::V6(_) => (
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    size_of::<libc::in6_pktinfo>(),
+                ),
+            };
+            msg.msg_controllen = libc::CMSG_SPACE(len as u32) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = level;
+            (*cmsg).cmsg_type = kind;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
+            let data = libc::CMSG_DATA(cmsg);
+            match from {
+                IpAddr::V4(a) => std::ptr::write_unaligned(
+                    data.cast::<libc::in_pktinfo>(),
+                    libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(a).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    },
+                ),
+                IpAddr::V6(a) => std::ptr::write_unaligned(
+                    data.cast::<libc::in6_pktinfo>(),
+                    libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: a.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    },
+                ),
+            }
+        }
+    }
+    // SAFETY: msg points at live buffers of the sizes given.
+    if unsafe { libc::sendmsg(fd, &raw const msg, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Block every ICMP type but the echo messages this role wants.
