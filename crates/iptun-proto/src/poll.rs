@@ -20,9 +20,9 @@ use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 /// Requests held per client; beyond this the oldest is answered at once.
-pub const MAX_PARKED: usize = 64;
+pub const MAX_PARKED: usize = 128;
 /// Downstream messages queued per client while no request is parked.
-pub const MAX_QUEUED: usize = 256;
+pub const MAX_QUEUED: usize = 1024;
 
 /// What the server should send now: answer `request` with `message`, or
 /// with a keepalive when `message` is `None`.

@@ -21,7 +21,7 @@ use crate::url::ServerAddr;
 /// Requests an ICMP client keeps outstanding: at least this many…
 const ICMP_MIN_OUTSTANDING: usize = 2;
 /// …and at most this many (the server holds up to `poll::MAX_PARKED`).
-const ICMP_MAX_OUTSTANDING: usize = 48;
+const ICMP_MAX_OUTSTANDING: usize = 128;
 /// A request unanswered this long is lost (the server holds for 5 s).
 const ICMP_REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 

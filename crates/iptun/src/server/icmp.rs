@@ -70,6 +70,13 @@ impl Listeners {
         Ok(())
     }
 
+    /// Add this transport's own drops to a status report.
+    pub(super) fn add_drops(&self, drops: &mut std::collections::BTreeMap<String, u64>) {
+        if self.parking.dropped() > 0 {
+            drops.insert("icmp_queue_full".into(), self.parking.dropped());
+        }
+    }
+
     /// The index of a socket ready to receive.
     pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<usize> {
         for (i, s) in self.sockets.iter().enumerate() {

@@ -256,7 +256,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             conn = control.accept() => {
                 if let Ok(conn) = conn {
-                    control::reply(conn, &status(&engine, tun.name(), &addr_text, &endpoints));
+                    let mut st = status(&engine, tun.name(), &addr_text, &endpoints);
+                    senders.icmp.add_drops(&mut st.drops);
+                    control::reply(conn, &st);
                 }
             }
         }
