@@ -19,6 +19,42 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// How one poll transport paces itself: the server's hold time and the
+/// client's range of outstanding requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cadence {
+    /// How long the server holds a request before a keepalive answers it.
+    pub hold: Duration,
+    /// The fewest requests the client keeps outstanding (idle).
+    pub min_outstanding: usize,
+    /// The most requests the client keeps outstanding (busy downstream).
+    pub max_outstanding: usize,
+    /// When the client takes an unanswered request as lost: the hold plus
+    /// room for a round trip and the server's one-second timer tick.
+    pub request_timeout: Duration,
+}
+
+impl Cadence {
+    /// ICMP echo: well inside conntrack's 30 s for ICMP, and short enough to
+    /// prove liveness often. Up to half of `MAX_PARKED` bare requests out
+    /// when busy: the other half is room for requests that carry data.
+    pub const ICMP: Self = Self {
+        hold: Duration::from_secs(5),
+        min_outstanding: 2,
+        max_outstanding: MAX_PARKED / 2,
+        request_timeout: Duration::from_secs(7),
+    };
+
+    /// The client's pacer for this cadence.
+    pub fn pacer(&self) -> Pacer {
+        Pacer::new(
+            self.min_outstanding,
+            self.max_outstanding,
+            self.request_timeout,
+        )
+    }
+}
+
 /// Requests held per client; beyond this the oldest is answered at once.
 pub const MAX_PARKED: usize = 128;
 /// Downstream messages queued per client while no request is parked.

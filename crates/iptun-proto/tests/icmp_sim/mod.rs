@@ -42,19 +42,18 @@ use iptun_proto::engine::{
     Client, ClientConfig, ClientEvent, ClientOutput, PathKind, Server, ServerConfig, ServerOutput,
     SessionId, SessionInfo,
 };
-use iptun_proto::poll::{Pacer, Parking, Reply};
+use iptun_proto::poll::{Cadence, Pacer, Parking, Reply};
 use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC};
 use iptun_proto::wire::message::TYPE_INIT;
 
 use crate::common::{BUF, Link, Rng, UNIX_START, server_key};
 
-/// How long the server holds a request (the binary's `server::icmp::HOLD`).
-pub const HOLD: Duration = Duration::from_secs(5);
-/// The binary's client pacing: `ICMP_MIN_OUTSTANDING`, `ICMP_MAX_OUTSTANDING`
-/// and `ICMP_REQUEST_TIMEOUT`.
-pub const MIN_OUTSTANDING: usize = 2;
-pub const MAX_OUTSTANDING: usize = 48;
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
+/// How long the server holds a request (the binary uses `Cadence::ICMP` too).
+pub const HOLD: Duration = Cadence::ICMP.hold;
+/// The client's pacing.
+pub const MIN_OUTSTANDING: usize = Cadence::ICMP.min_outstanding;
+pub const MAX_OUTSTANDING: usize = Cadence::ICMP.max_outstanding;
+pub const REQUEST_TIMEOUT: Duration = Cadence::ICMP.request_timeout;
 /// The server's timer tick (the binary's one-second interval).
 pub const SERVER_TICK: Duration = Duration::from_secs(1);
 /// How long the firewall remembers an unanswered request (Linux conntrack's

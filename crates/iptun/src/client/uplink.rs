@@ -5,11 +5,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use iptun_proto::engine::{Client, ClientOutput};
-use iptun_proto::poll::Pacer;
+use iptun_proto::poll::{Cadence, Pacer};
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
 
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
@@ -17,13 +17,6 @@ use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::ServerAddr;
-
-/// Requests an ICMP client keeps outstanding: at least this many…
-const ICMP_MIN_OUTSTANDING: usize = 2;
-/// …and at most this many (the server holds up to `poll::MAX_PARKED`).
-const ICMP_MAX_OUTSTANDING: usize = 128;
-/// A request unanswered this long is lost (the server holds for 5 s).
-const ICMP_REQUEST_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// The transport to the server.
 pub(super) enum Uplink {
@@ -61,11 +54,7 @@ impl Uplink {
                     // rewrite it on the way out and restore it on the way back).
                     id: crate::daemon::unix_nanos() as u16 ^ std::process::id() as u16,
                     seq: 0,
-                    pacer: Pacer::new(
-                        ICMP_MIN_OUTSTANDING,
-                        ICMP_MAX_OUTSTANDING,
-                        ICMP_REQUEST_TIMEOUT,
-                    ),
+                    pacer: Cadence::ICMP.pacer(),
                     tx: vec![0; 1 << 16],
                     rx: vec![0; 1 << 16],
                 })

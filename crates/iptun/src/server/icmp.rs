@@ -8,11 +8,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use iptun_proto::engine::{Server, ServerOutput, SessionId};
-use iptun_proto::poll::{Parking, Reply};
+use iptun_proto::poll::{Cadence, Parking, Reply};
 use iptun_proto::wire::Message;
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
 
@@ -21,10 +21,6 @@ use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::netcfg::{self, Undo};
 use crate::transport::icmp::IcmpSocket;
 use crate::tun::Tun;
-
-/// How long a request is held before a keepalive answers it. Well inside
-/// conntrack's 30 s for ICMP, and short enough to prove liveness often.
-pub const HOLD: Duration = Duration::from_secs(5);
 
 /// A held echo request: where to send the reply, from which of our
 /// addresses, and what to echo.
@@ -51,7 +47,7 @@ impl Listeners {
     pub(super) fn new() -> Self {
         Self {
             sockets: Vec::new(),
-            parking: Parking::new(HOLD),
+            parking: Parking::new(Cadence::ICMP.hold),
             indices: HashMap::new(),
             rx: vec![0; 1 << 16],
             tx: vec![0; 1 << 16],
@@ -99,7 +95,7 @@ impl Listeners {
         }
     }
 
-    /// Answer held requests that waited `HOLD` with keepalives.
+    /// Answer held requests that waited their hold time with keepalives.
     pub(super) fn expire(&mut self, engine: &mut Server<Path>, now: Instant) {
         while let Some((session, request)) = self.parking.expired(now) {
             self.keepalive(engine, now, session, request);
@@ -127,7 +123,7 @@ impl Listeners {
     /// Requests sealed under older keys are answered at once: after a rekey
     /// the client has sent fresh ones, and after a client restart the old
     /// ones belong to a process that is gone (downstream sent on them would
-    /// be lost for up to `HOLD`).
+    /// be lost for the whole hold time).
     fn park(
         &mut self,
         engine: &mut Server<Path>,
