@@ -23,6 +23,7 @@
 
 pub mod crypto;
 pub mod engine;
+pub mod frag;
 pub mod poll;
 pub mod pool;
 pub mod wire;

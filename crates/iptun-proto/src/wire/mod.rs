@@ -11,6 +11,7 @@
 //! [`DropReason::TooLarge`]: crate::DropReason::TooLarge
 
 pub mod config;
+pub mod dns;
 pub mod icmp;
 pub mod ip;
 pub mod message;

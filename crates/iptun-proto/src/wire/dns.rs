@@ -1,0 +1,1238 @@
+//! DNS as a carrier: tunnel bytes ride upstream in the query name and
+//! downstream in a TXT answer, through recursive resolvers, to a server that
+//! is authoritative for one tunnel domain (say `t.example.com`).
+//!
+//! This module is the codec only: pure functions over bytes, no sockets and
+//! no clock. The DNS message format is `hickory-proto`'s (its [`Name`] and
+//! [`RecordType`] are re-exported here); base32 is `data-encoding`'s. Both
+//! allocate, which is fine at DNS rates (a query is at most 512–4096 bytes
+//! and a resolver path carries a few hundred of them per second), so unlike
+//! the rest of [`wire`](super) these functions return owned values.
+//!
+//! What always works, and what this module does:
+//! - **Upstream**: the payload in base32 (RFC 4648 alphabet, lowercase, no
+//!   padding) split into labels of at most 63 characters, then the domain:
+//!   [`encode_name`]. Resolvers randomise the case of names (0x20), so
+//!   [`decode_name`] ignores case. A name holds at most 253 characters, which
+//!   leaves [`Domain::upstream_capacity`] payload bytes per query (147 under
+//!   `t.example.com`).
+//! - **Uniqueness**: every query must be unique or a cache answers it. The
+//!   codec adds nothing: the caller's payload must carry a nonce or counter.
+//! - **Downstream**: one TXT record, the payload split into character-strings
+//!   of at most 255 raw bytes, TTL 0, AA set, the question echoed byte for
+//!   byte (resolvers check their 0x20 case). A response never exceeds the
+//!   querier's EDNS0 size, or 512 bytes without EDNS0:
+//!   [`downstream_capacity`] says how much payload fits.
+//!
+//! Client side: [`build_query`] (TXT, RD set, EDNS0 when asked),
+//! [`parse_response`] into an [`Answer`].
+//!
+//! Server side, for each datagram:
+//! ```text
+//! let q = parse_query(bytes)?;                      // drop garbage
+//! if !domain.contains(&q.name)       -> build_refused(&q)
+//! else if q.qtype == TXT
+//!      && decode_name(domain, &q.name, buf) is Ok -> tunnel data: park q,
+//!                                                    later build_txt_answer(&q, ..)
+//! else                               -> build_apex_answer(&q, domain)
+//! ```
+//! [`build_apex_answer`] answers SOA and NS at the apex and gives every other
+//! question inside the zone NOERROR with no answer and the SOA in the
+//! authority section (NODATA, RFC 2308), never NXDOMAIN: resolvers that
+//! minimise query names (RFC 9156, on by default in unbound) first ask for
+//! `A` at the shorter names between the apex and the full query name, and an
+//! NXDOMAIN there would tell them that nothing exists below it (RFC 8020), so
+//! the real TXT query would never be sent.
+//!
+//! The delegation: the parent zone should name a nameserver outside the
+//! tunnel domain (`t.example.com NS tns.example.com` plus the address record
+//! of `tns.example.com` in the parent), set with [`Domain::with_nameserver`],
+//! because this server does not know its own addresses and answers NODATA for
+//! `A`/`AAAA` at `ns.t.example.com`, the default nameserver name.
+
+use std::sync::LazyLock;
+
+use data_encoding::{Encoding, Specification};
+use hickory_proto::ProtoError;
+use hickory_proto::op::{
+    Edns, Header, Message, MessageType, OpCode, Query as Question, ResponseCode,
+};
+use hickory_proto::rr::rdata::{NS, SOA, TXT};
+use hickory_proto::rr::{DNSClass, RData, Record};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+pub use hickory_proto::rr::{Name, RecordType};
+
+use crate::DropReason;
+
+/// The longest name in presentation form, without the trailing dot (255
+/// bytes on the wire).
+pub const MAX_NAME_LEN: usize = 253;
+/// The longest label.
+pub const MAX_LABEL_LEN: usize = 63;
+/// The most payload any query name can carry (under a one-character domain):
+/// a buffer this large always holds what [`decode_name`] writes.
+pub const MAX_UPSTREAM_PAYLOAD: usize = 155;
+/// The response size limit without EDNS0 (RFC 1035), and the least an EDNS0
+/// size can mean (RFC 6891).
+pub const CLASSIC_UDP_SIZE: u16 = 512;
+/// The UDP payload size that our responses advertise in their OPT record
+/// (the 2020 DNS flag day's value).
+pub const SERVER_EDNS_SIZE: u16 = 1232;
+/// The TTL of the apex SOA and NS records. TXT answers and negative answers
+/// (the SOA's minimum field) have TTL 0.
+pub const APEX_TTL: u32 = 300;
+/// The longest TXT character-string.
+pub const MAX_CHARACTER_STRING: usize = 255;
+
+/// Bytes of a DNS header.
+const HEADER_LEN: usize = 12;
+/// QTYPE and QCLASS after the question name.
+const QUESTION_TAIL: usize = 4;
+/// A TXT answer's owner (a compression pointer to the question name), TYPE,
+/// CLASS, TTL and RDLENGTH.
+const ANSWER_OVERHEAD: usize = 2 + 2 + 2 + 4 + 2;
+/// An OPT record without options: root name, TYPE, CLASS, TTL, RDLENGTH.
+const OPT_LEN: usize = 1 + 2 + 2 + 4 + 2;
+
+/// RFC 4648 base32, lowercase, no padding; decoding accepts either case and
+/// rejects non-canonical trailing bits.
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+    spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
+    spec.encoding().expect("a valid base32 specification")
+});
+
+/// Why a DNS name or message could not be built.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The tunnel domain (or nameserver name) is not a valid name, is the
+    /// root, or is too long to leave room for data.
+    #[error("invalid tunnel domain or nameserver name {0:?}")]
+    InvalidDomain(String),
+    /// An empty payload has no data labels: its name would be the apex.
+    #[error("an empty payload cannot be encoded in a query name")]
+    EmptyPayload,
+    /// The payload or message exceeds what the name or response can carry.
+    #[error("{len} bytes exceed the capacity of {capacity}")]
+    TooLarge {
+        /// The payload's (or message's) size.
+        len: usize,
+        /// What fits.
+        capacity: usize,
+    },
+    /// A TXT answer was asked for a question of another type.
+    #[error("a TXT answer cannot answer a {0} question")]
+    WrongType(RecordType),
+    /// `hickory-proto` failed to encode the message.
+    #[error("DNS encoding failed: {0}")]
+    Encode(#[from] ProtoError),
+}
+
+/// The tunnel domain: a lowercased, fully qualified name such as
+/// `t.example.com.`, with the nameserver its SOA and NS answers name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Domain {
+    name: Name,
+    /// Presentation length without the trailing dot.
+    text_len: usize,
+    /// `None`: `ns.<domain>`.
+    nameserver: Option<Name>,
+}
+
+impl Domain {
+    /// Parse a tunnel domain such as `t.example.com` (a trailing dot is
+    /// optional; case does not matter). Fails for the root, for characters
+    /// that are not ASCII letters, digits, `-` or `_`, and for domains too
+    /// long to leave a query name room for one payload byte.
+    pub fn new(name: &str) -> Result<Self, DnsError> {
+        let invalid = || DnsError::InvalidDomain(name.to_owned());
+        let mut parsed = Name::from_ascii(name).map_err(|_| invalid())?;
+        if parsed.iter().len() == 0 {
+            return Err(invalid());
+        }
+        parsed.set_fqdn(true);
+        let parsed = parsed.to_lowercase();
+        // `len` counts one dot per label, the trailing one included.
+        let text_len = parsed.len() - 1;
+        // The SOA names hostmaster.<domain>: it must fit too.
+        if upstream_capacity(text_len, MAX_NAME_LEN) == 0
+            || parsed.prepend_label(&b"hostmaster"[..]).is_err()
+        {
+            return Err(invalid());
+        }
+        Ok(Self {
+            name: parsed,
+            text_len,
+            nameserver: None,
+        })
+    }
+
+    /// Name `nameserver` (e.g. `tns.example.com`, best outside the tunnel
+    /// domain, with its address in the parent zone) in SOA and NS answers
+    /// instead of `ns.<domain>`.
+    pub fn with_nameserver(mut self, nameserver: &str) -> Result<Self, DnsError> {
+        let mut ns = Name::from_ascii(nameserver)
+            .map_err(|_| DnsError::InvalidDomain(nameserver.to_owned()))?;
+        if ns.iter().len() == 0 {
+            return Err(DnsError::InvalidDomain(nameserver.to_owned()));
+        }
+        ns.set_fqdn(true);
+        self.nameserver = Some(ns.to_lowercase());
+        Ok(self)
+    }
+
+    /// The domain, lowercase and fully qualified.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// Whether `name` is the domain or below it (ignoring case).
+    pub fn contains(&self, name: &Name) -> bool {
+        self.name.zone_of(name)
+    }
+
+    /// Whether `name` is the domain itself (ignoring case).
+    pub fn is_apex(&self, name: &Name) -> bool {
+        self.name.eq_ignore_root(name)
+    }
+
+    /// How many payload bytes [`encode_name`] fits into a query name of at
+    /// most `max_name_len` characters (without the trailing dot; values above
+    /// [`MAX_NAME_LEN`] count as that), after base32 and label splitting.
+    /// Zero when not even one byte fits.
+    pub fn upstream_capacity(&self, max_name_len: usize) -> usize {
+        upstream_capacity(self.text_len, max_name_len)
+    }
+}
+
+/// Payload bytes that fit in a name of `max_name_len` characters under a
+/// domain of `domain_len` characters.
+fn upstream_capacity(domain_len: usize, max_name_len: usize) -> usize {
+    let room = max_name_len.min(MAX_NAME_LEN).saturating_sub(domain_len);
+    // Every label of up to 63 characters costs one dot.
+    let chars = room - room.div_ceil(MAX_LABEL_LEN + 1);
+    chars * 5 / 8
+}
+
+/// The query name that carries `payload` under `domain`: base32 (lowercase,
+/// no padding) in labels of 63 characters (the last one shorter), then the
+/// domain. Fails for an empty payload and for one longer than
+/// `domain.upstream_capacity(MAX_NAME_LEN)`; callers with a tighter name
+/// budget check [`Domain::upstream_capacity`] themselves.
+/// `name.to_ascii()` gives the presentation form.
+pub fn encode_name(domain: &Domain, payload: &[u8]) -> Result<Name, DnsError> {
+    if payload.is_empty() {
+        return Err(DnsError::EmptyPayload);
+    }
+    let capacity = domain.upstream_capacity(MAX_NAME_LEN);
+    if payload.len() > capacity {
+        return Err(DnsError::TooLarge {
+            len: payload.len(),
+            capacity,
+        });
+    }
+    let mut buf = [0u8; MAX_NAME_LEN];
+    let text = &mut buf[..BASE32.encode_len(payload.len())];
+    BASE32.encode_mut(payload, text);
+    let labels = text.chunks(MAX_LABEL_LEN).chain(domain.name.iter());
+    Ok(Name::from_labels(labels)?)
+}
+
+/// The payload that `name` carries under `domain`, written to the front of
+/// `out`; returns its length. Case does not matter and the data labels may be
+/// split anywhere. Fails with [`DropReason::Malformed`] for a name outside
+/// the domain, the apex itself and anything that is not canonical base32,
+/// and with [`DropReason::TooLarge`] when `out` is short (one of
+/// [`MAX_UPSTREAM_PAYLOAD`] bytes never is). Never panics; never allocates.
+pub fn decode_name(domain: &Domain, name: &Name, out: &mut [u8]) -> Result<usize, DropReason> {
+    if !domain.contains(name) {
+        return Err(DropReason::Malformed);
+    }
+    let data_labels = name.iter().count() - domain.name.iter().count();
+    if data_labels == 0 {
+        return Err(DropReason::Malformed);
+    }
+    let mut text = [0u8; 256];
+    let mut len = 0;
+    for label in name.iter().take(data_labels) {
+        let end = len + label.len();
+        text.get_mut(len..end)
+            .ok_or(DropReason::Malformed)?
+            .copy_from_slice(label);
+        len = end;
+    }
+    let n = BASE32.decode_len(len).map_err(|_| DropReason::Malformed)?;
+    let out = out.get_mut(..n).ok_or(DropReason::TooLarge)?;
+    BASE32
+        .decode_mut(&text[..len], out)
+        .map_err(|_| DropReason::Malformed)
+}
+
+/// The size limit of a response to a querier that advertised `edns_size`
+/// (`None`: no EDNS0, 512 bytes; sizes below 512 count as 512).
+pub fn response_limit(edns_size: Option<u16>) -> usize {
+    usize::from(edns_size.unwrap_or(CLASSIC_UDP_SIZE).max(CLASSIC_UDP_SIZE))
+}
+
+/// How many payload bytes [`build_txt_answer`] fits into a response to a
+/// question whose name takes `question_name_len` bytes on the wire (the
+/// presentation length without the trailing dot plus 2; see
+/// [`Query::name_wire_len`]) from a querier that advertised `edns_size`.
+///
+/// The response is the header, the question, one TXT record whose owner
+/// is compressed to a pointer, one length byte per 255 payload bytes, and an
+/// OPT record when the query had one. A server that wants a smaller limit
+/// than the querier's (e.g. 1232 against IP fragmentation) lowers
+/// [`Query::edns_size`] before building the answer.
+pub fn downstream_capacity(question_name_len: usize, edns_size: Option<u16>) -> usize {
+    let opt = if edns_size.is_some() { OPT_LEN } else { 0 };
+    let fixed = HEADER_LEN + question_name_len + QUESTION_TAIL + ANSWER_OVERHEAD + opt;
+    let rdata = response_limit(edns_size).saturating_sub(fixed);
+    // One length byte for each character-string of up to 255 bytes.
+    rdata - rdata.div_ceil(MAX_CHARACTER_STRING + 1)
+}
+
+/// The bytes of a TXT query for `name` with message id `id` (the caller
+/// draws it at random), RD set, and an EDNS0 OPT record advertising
+/// `edns_size` when it is `Some` (sizes below 512 are sent as 512).
+pub fn build_query(id: u16, name: &Name, edns_size: Option<u16>) -> Result<Vec<u8>, DnsError> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Question::query(name.clone(), RecordType::TXT));
+    if let Some(size) = edns_size {
+        let mut edns = Edns::new();
+        edns.set_max_payload(size);
+        msg.set_edns(edns);
+    }
+    Ok(msg.to_vec()?)
+}
+
+/// What a response to one of our TXT queries said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// NOERROR with a TXT record for the name: its character-strings
+    /// concatenated.
+    Data(Vec<u8>),
+    /// NOERROR without a TXT record for the name (NODATA).
+    Empty,
+    /// TC set: the answer did not fit the size we advertised (or the
+    /// resolver's own limit).
+    Truncated,
+    /// SERVFAIL: the resolver could not reach the server or gave up.
+    ServerFailure,
+    /// REFUSED.
+    Refused,
+    /// NXDOMAIN.
+    NameError,
+    /// Any other response code (FORMERR, NOTIMP, extended codes...).
+    Other(u16),
+}
+
+/// Parse a response to the TXT query `build_query(expected_id,
+/// expected_name, _)`. The message id must match and the question must be
+/// `expected_name` (ignoring case: resolvers may hand back either) TXT IN,
+/// or the result is [`DropReason::UnexpectedResponse`]; bytes that are not a
+/// DNS response with one question are [`DropReason::Malformed`]. Never
+/// panics.
+pub fn parse_response(
+    expected_id: u16,
+    expected_name: &Name,
+    bytes: &[u8],
+) -> Result<Answer, DropReason> {
+    let mut decoder = BinDecoder::new(bytes);
+    let header = Header::read(&mut decoder).map_err(|_| DropReason::Malformed)?;
+    // Check the counts before `Message::read`, which reserves room for every
+    // question the header announces (up to 65535) before reading one.
+    if header.metadata.message_type != MessageType::Response || header.counts.queries != 1 {
+        return Err(DropReason::Malformed);
+    }
+    if header.metadata.id != expected_id {
+        return Err(DropReason::UnexpectedResponse);
+    }
+    let question = Question::read(&mut decoder).map_err(|_| DropReason::Malformed)?;
+    if !question.name().eq_ignore_root(expected_name)
+        || question.query_type() != RecordType::TXT
+        || question.query_class() != DNSClass::IN
+    {
+        return Err(DropReason::UnexpectedResponse);
+    }
+    // A truncated response may be cut anywhere after the question.
+    if header.metadata.truncation {
+        return Ok(Answer::Truncated);
+    }
+    let msg = Message::from_vec(bytes).map_err(|_| DropReason::Malformed)?;
+    match msg.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::ServFail => return Ok(Answer::ServerFailure),
+        ResponseCode::Refused => return Ok(Answer::Refused),
+        ResponseCode::NXDomain => return Ok(Answer::NameError),
+        other => return Ok(Answer::Other(other.into())),
+    }
+    let txt = msg.answers.iter().find_map(|r| match &r.data {
+        RData::TXT(txt) if r.name.eq_ignore_root(question.name()) => Some(txt),
+        _ => None,
+    });
+    Ok(txt.map_or(Answer::Empty, |txt| Answer::Data(txt.txt_data.concat())))
+}
+
+/// A query as the server received it: everything its response must echo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Query {
+    /// The message id.
+    pub id: u16,
+    /// The question name as asked, case preserved: responses echo it byte
+    /// for byte, as resolvers that randomise case (0x20) check.
+    pub name: Name,
+    /// The question type.
+    pub qtype: RecordType,
+    /// The UDP payload size of the querier's EDNS0 OPT record (at least 512;
+    /// hickory raises smaller values), `None` without EDNS0. Responses carry
+    /// an OPT record exactly when this is `Some`, and never exceed
+    /// [`response_limit`] of it: lower it to send smaller responses.
+    pub edns_size: Option<u16>,
+    /// RD, copied into responses.
+    pub recursion_desired: bool,
+    /// CD, copied into responses.
+    pub checking_disabled: bool,
+}
+
+impl Query {
+    /// The question name's length on the wire, uncompressed.
+    pub fn name_wire_len(&self) -> usize {
+        self.name.iter().map(|label| label.len() + 1).sum::<usize>() + 1
+    }
+
+    /// The size limit of responses to this query.
+    pub fn response_limit(&self) -> usize {
+        response_limit(self.edns_size)
+    }
+
+    /// How much payload [`build_txt_answer`] fits into a response to this
+    /// query: [`downstream_capacity`] for its name and EDNS0 size.
+    pub fn downstream_capacity(&self) -> usize {
+        downstream_capacity(self.name_wire_len(), self.edns_size)
+    }
+}
+
+/// Parse a datagram sent to the server. Only standard queries (QR clear,
+/// opcode QUERY) with exactly one question of class IN pass; everything
+/// else, including garbage, is [`DropReason::Malformed`] (dropped unanswered,
+/// so the server never answers what it cannot parse). The EDNS0 version and
+/// options are ignored. Never panics.
+pub fn parse_query(bytes: &[u8]) -> Result<Query, DropReason> {
+    let header = Header::read(&mut BinDecoder::new(bytes)).map_err(|_| DropReason::Malformed)?;
+    // Check the counts before `Message::read` (see `parse_response`).
+    if header.metadata.message_type != MessageType::Query
+        || header.metadata.op_code != OpCode::Query
+        || header.counts.queries != 1
+    {
+        return Err(DropReason::Malformed);
+    }
+    let mut msg = Message::from_vec(bytes).map_err(|_| DropReason::Malformed)?;
+    let question = msg.queries.pop().ok_or(DropReason::Malformed)?;
+    if question.query_class() != DNSClass::IN {
+        return Err(DropReason::Malformed);
+    }
+    Ok(Query {
+        id: msg.metadata.id,
+        qtype: question.query_type(),
+        name: question.name,
+        edns_size: msg.edns.as_ref().map(Edns::max_payload),
+        recursion_desired: msg.metadata.recursion_desired,
+        checking_disabled: msg.metadata.checking_disabled,
+    })
+}
+
+/// The authoritative TXT answer to `q` carrying `payload` (raw bytes in
+/// character-strings of at most 255 bytes; an empty payload is one empty
+/// string), TTL 0. Fails with [`DnsError::WrongType`] when `q` is not a TXT
+/// question and [`DnsError::TooLarge`] when the payload exceeds
+/// [`Query::downstream_capacity`]; the bytes never exceed
+/// [`Query::response_limit`].
+pub fn build_txt_answer(q: &Query, payload: &[u8]) -> Result<Vec<u8>, DnsError> {
+    if q.qtype != RecordType::TXT {
+        return Err(DnsError::WrongType(q.qtype));
+    }
+    let capacity = q.downstream_capacity();
+    if payload.len() > capacity {
+        return Err(DnsError::TooLarge {
+            len: payload.len(),
+            capacity,
+        });
+    }
+    let strings = if payload.is_empty() {
+        vec![payload]
+    } else {
+        payload.chunks(MAX_CHARACTER_STRING).collect()
+    };
+    let mut msg = response(q, ResponseCode::NoError, true);
+    msg.add_answer(Record::from_rdata(
+        q.name.clone(),
+        0,
+        RData::TXT(TXT::from_bytes(strings)),
+    ));
+    finish(&msg, q.response_limit())
+}
+
+/// REFUSED, for questions outside the tunnel domain: the question echoed,
+/// no records, AA clear.
+pub fn build_refused(q: &Query) -> Result<Vec<u8>, DnsError> {
+    finish(
+        &response(q, ResponseCode::Refused, false),
+        q.response_limit(),
+    )
+}
+
+/// The authoritative answer to any question inside the zone that carries
+/// no tunnel data: at the apex, SOA and NS questions get the zone's SOA
+/// (mname: the nameserver, rname: `hostmaster.<domain>`, serial 1, negative
+/// TTL 0) or NS record (the nameserver, no glue), with TTL [`APEX_TTL`];
+/// every other question, at the apex or below it, gets NODATA (NOERROR, no
+/// answer, the SOA in the authority section; see the module docs for why
+/// not NXDOMAIN). The apex names are written with the question's case, so
+/// they compress against the question.
+///
+/// The caller checks [`Domain::contains`] first (names outside get
+/// [`build_refused`]); for a name outside the zone this builds a REFUSED.
+pub fn build_apex_answer(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError> {
+    if !domain.contains(&q.name) {
+        return build_refused(q);
+    }
+    // The apex as the question spells it.
+    let apex = q.name.trim_to(domain.name.iter().count());
+    let nameserver = match &domain.nameserver {
+        Some(ns) => ns.clone(),
+        None => apex.prepend_label(&b"ns"[..])?,
+    };
+    let soa = || -> Result<Record, DnsError> {
+        let hostmaster = apex.prepend_label(&b"hostmaster"[..])?;
+        let soa = SOA::new(nameserver.clone(), hostmaster, 1, 3600, 600, 86400, 0);
+        Ok(Record::from_rdata(apex.clone(), APEX_TTL, RData::SOA(soa)))
+    };
+    let mut msg = response(q, ResponseCode::NoError, true);
+    let at_apex = domain.is_apex(&q.name);
+    match q.qtype {
+        RecordType::SOA if at_apex => {
+            msg.add_answer(soa()?);
+        }
+        RecordType::NS if at_apex => {
+            msg.add_answer(Record::from_rdata(
+                apex.clone(),
+                APEX_TTL,
+                RData::NS(NS(nameserver.clone())),
+            ));
+        }
+        _ => {
+            msg.add_authority(soa()?);
+            // Only a very long domain, nameserver name and question together
+            // overflow 512 bytes: then NODATA without the SOA (RFC 2308
+            // allows it; it is just not cached, which we want anyway).
+            if let Ok(bytes) = finish(&msg, q.response_limit()) {
+                return Ok(bytes);
+            }
+            msg.authorities.clear();
+        }
+    }
+    finish(&msg, q.response_limit())
+}
+
+/// A response to `q`: its id, RD and CD, the question echoed, an OPT record
+/// when the query had one.
+fn response(q: &Query, code: ResponseCode, authoritative: bool) -> Message {
+    let mut msg = Message::response(q.id, OpCode::Query);
+    msg.metadata.authoritative = authoritative;
+    msg.metadata.recursion_desired = q.recursion_desired;
+    msg.metadata.checking_disabled = q.checking_disabled;
+    msg.metadata.response_code = code;
+    msg.add_query(Question::query(q.name.clone(), q.qtype));
+    if q.edns_size.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(SERVER_EDNS_SIZE);
+        msg.set_edns(edns);
+    }
+    msg
+}
+
+/// Serialize `msg`, refusing to exceed `limit` bytes.
+fn finish(msg: &Message, limit: usize) -> Result<Vec<u8>, DnsError> {
+    let bytes = msg.to_vec()?;
+    if bytes.len() > limit {
+        return Err(DnsError::TooLarge {
+            len: bytes.len(),
+            capacity: limit,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn domain() -> Domain {
+        Domain::new("t.example.com").unwrap()
+    }
+
+    /// `hi` (base32 `nbuq`) under t.example.com, as a wire name.
+    const NAME_HI: [u8; 20] = [
+        4, b'n', b'b', b'u', b'q', 1, b't', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c',
+        b'o', b'm', 0,
+    ];
+
+    /// A query's bytes: header, question `name` TXT IN, optional OPT.
+    fn query_bytes(id: u16, flags: [u8; 2], name: &[u8], opt: Option<u16>) -> Vec<u8> {
+        let mut b = id.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags);
+        b.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
+        b.extend_from_slice(name);
+        b.extend_from_slice(&[0, 16, 0, 1]);
+        if let Some(size) = opt {
+            b.extend_from_slice(&[0, 0, 41]);
+            b.extend_from_slice(&size.to_be_bytes());
+            b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        }
+        b
+    }
+
+    /// A copy of `name` with the case of the letters flipped where `mask`
+    /// says, as a resolver doing 0x20 would.
+    fn flip_case(name: &Name, mask: &[bool]) -> Name {
+        let mut i = 0;
+        let labels: Vec<Vec<u8>> = name
+            .iter()
+            .map(|label| {
+                label
+                    .iter()
+                    .map(|&c| {
+                        i += 1;
+                        let flip = mask.get(i % mask.len().max(1)).copied().unwrap_or(false);
+                        if flip && c.is_ascii_alphabetic() {
+                            c ^ 0x20
+                        } else {
+                            c
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Name::from_labels(labels).unwrap()
+    }
+
+    #[test]
+    fn base32_is_rfc4648_lowercase() {
+        // RFC 4648 section 10 test vectors, lowercased, without padding.
+        for (input, output) in [
+            (&b""[..], ""),
+            (b"f", "my"),
+            (b"fo", "mzxq"),
+            (b"foo", "mzxw6"),
+            (b"foob", "mzxw6yq"),
+            (b"fooba", "mzxw6ytb"),
+            (b"foobar", "mzxw6ytboi"),
+        ] {
+            assert_eq!(BASE32.encode(input), output);
+            assert_eq!(BASE32.decode(output.as_bytes()).unwrap(), input);
+            assert_eq!(
+                BASE32.decode(output.to_uppercase().as_bytes()).unwrap(),
+                input
+            );
+        }
+        // Non-canonical trailing bits are refused.
+        assert!(BASE32.decode(b"mz").is_err());
+    }
+
+    #[test]
+    fn domain_parsing() {
+        let d = domain();
+        assert_eq!(d.name().to_ascii(), "t.example.com.");
+        assert_eq!(Domain::new("T.Example.COM.").unwrap(), d);
+        for bad in ["", ".", "a..b", "with space.com", "é.com", &"a".repeat(64)] {
+            assert!(Domain::new(bad).is_err(), "{bad:?}");
+        }
+        // Too long for hostmaster.<domain> or to leave any room for data.
+        let long = [
+            "a".repeat(60),
+            "b".repeat(60),
+            "c".repeat(60),
+            "d".repeat(60),
+        ]
+        .join(".");
+        assert!(Domain::new(&long).is_err());
+        assert!(Domain::new(&long[..230]).is_ok());
+        let ns = d.clone().with_nameserver("TNS.example.com").unwrap();
+        assert_eq!(
+            ns.nameserver.as_ref().unwrap().to_ascii(),
+            "tns.example.com."
+        );
+        assert!(d.with_nameserver(".").is_err());
+    }
+
+    #[test]
+    fn upstream_capacities() {
+        let d = domain();
+        assert_eq!(d.upstream_capacity(MAX_NAME_LEN), 147);
+        assert_eq!(d.upstream_capacity(1000), 147);
+        assert_eq!(d.upstream_capacity(100), 53);
+        assert_eq!(d.upstream_capacity(15), 0);
+        assert_eq!(d.upstream_capacity(16), 1);
+        assert_eq!(Domain::new("t.co").unwrap().upstream_capacity(253), 153);
+        assert_eq!(
+            Domain::new("a").unwrap().upstream_capacity(253),
+            MAX_UPSTREAM_PAYLOAD
+        );
+        // The biggest payload takes the whole name: 63+63+63+47 characters.
+        let name = encode_name(&d, &[0xff; 147]).unwrap();
+        assert_eq!(name.to_ascii().len(), MAX_NAME_LEN + 1);
+        let lens: Vec<usize> = name.iter().map(<[u8]>::len).collect();
+        assert_eq!(lens, [63, 63, 63, 47, 1, 7, 3]);
+        assert!(matches!(
+            encode_name(&d, &[0; 148]),
+            Err(DnsError::TooLarge {
+                len: 148,
+                capacity: 147
+            })
+        ));
+        assert!(matches!(encode_name(&d, &[]), Err(DnsError::EmptyPayload)));
+    }
+
+    #[test]
+    fn encode_and_decode_name() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        assert_eq!(name.to_ascii(), "nbuq.t.example.com.");
+        let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+        let upper = Name::from_ascii("NbUQ.T.eXaMpLe.CoM.").unwrap();
+        assert_eq!(decode_name(&d, &upper, &mut out), Ok(2));
+        assert_eq!(&out[..2], b"hi");
+        // Labels may be split anywhere.
+        let split = Name::from_ascii("n.b.uq.t.example.com").unwrap();
+        assert_eq!(decode_name(&d, &split, &mut out), Ok(2));
+        // A short buffer.
+        assert_eq!(
+            decode_name(&d, &name, &mut out[..1]),
+            Err(DropReason::TooLarge)
+        );
+        for bad in [
+            "t.example.com",       // the apex
+            "nbuq.example.com",    // outside
+            "nbuq.t.example.org",  // outside
+            "nbuq.xt.example.com", // not under the apex label
+            "nbu1.t.example.com",  // not base32
+            "nbur.t.example.com",  // non-canonical trailing bits
+            "nbu.t.example.com",   // impossible length
+            "ns.t.example.com",    // our nameserver name
+            "*.t.example.com",     // wildcard
+            "n-uq.t.example.com",
+        ] {
+            let name = Name::from_ascii(bad).unwrap();
+            assert_eq!(
+                decode_name(&d, &name, &mut out),
+                Err(DropReason::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_bytes_are_pinned() {
+        let name = encode_name(&domain(), b"hi").unwrap();
+        assert_eq!(
+            build_query(0x1234, &name, None).unwrap(),
+            query_bytes(0x1234, [0x01, 0x00], &NAME_HI, None)
+        );
+        assert_eq!(
+            build_query(0x1234, &name, Some(1232)).unwrap(),
+            query_bytes(0x1234, [0x01, 0x00], &NAME_HI, Some(1232))
+        );
+        // Below 512 means 512 (RFC 6891).
+        assert_eq!(
+            build_query(0x1234, &name, Some(100)).unwrap(),
+            query_bytes(0x1234, [0x01, 0x00], &NAME_HI, Some(512))
+        );
+    }
+
+    #[test]
+    fn parse_query_keeps_case() {
+        // As dig +qr sends it through a resolver doing 0x20.
+        let mut name = NAME_HI;
+        name[1] = b'N';
+        name[3] = b'U';
+        name[8] = b'E';
+        let bytes = query_bytes(0xbeef, [0x01, 0x10], &name, Some(4096));
+        let q = parse_query(&bytes).unwrap();
+        assert_eq!(q.id, 0xbeef);
+        assert_eq!(q.name.to_ascii(), "NbUq.t.Example.com.");
+        assert_eq!(q.qtype, RecordType::TXT);
+        assert_eq!(q.edns_size, Some(4096));
+        assert!(q.recursion_desired);
+        assert!(q.checking_disabled);
+        assert_eq!(q.name_wire_len(), NAME_HI.len());
+        let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+        assert_eq!(decode_name(&domain(), &q.name, &mut out), Ok(2));
+        assert_eq!(&out[..2], b"hi");
+
+        // The answer echoes the question byte for byte.
+        let answer = build_txt_answer(&q, b"ok").unwrap();
+        assert_eq!(answer[12..12 + name.len()], name);
+    }
+
+    #[test]
+    fn txt_answer_bytes_are_pinned() {
+        let q = parse_query(&query_bytes(0x1234, [0x01, 0x00], &NAME_HI, None)).unwrap();
+        let mut expected = vec![0x12, 0x34, 0x85, 0x00, 0, 1, 0, 1, 0, 0, 0, 0];
+        expected.extend_from_slice(&NAME_HI);
+        expected.extend_from_slice(&[0, 16, 0, 1]);
+        // Owner: a pointer to the question name; TXT IN, TTL 0, RDLENGTH 3.
+        expected.extend_from_slice(&[0xc0, 0x0c, 0, 16, 0, 1, 0, 0, 0, 0, 0, 3, 2, b'o', b'k']);
+        assert_eq!(build_txt_answer(&q, b"ok").unwrap(), expected);
+
+        // An empty payload is one empty string; with EDNS0 an OPT follows.
+        let q = parse_query(&query_bytes(0x1234, [0x00, 0x00], &NAME_HI, Some(1232))).unwrap();
+        let mut expected = vec![0x12, 0x34, 0x84, 0x00, 0, 1, 0, 1, 0, 0, 0, 1];
+        expected.extend_from_slice(&NAME_HI);
+        expected.extend_from_slice(&[0, 16, 0, 1]);
+        expected.extend_from_slice(&[0xc0, 0x0c, 0, 16, 0, 1, 0, 0, 0, 0, 0, 1, 0]);
+        expected.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(build_txt_answer(&q, b"").unwrap(), expected);
+        let name = encode_name(&domain(), b"hi").unwrap();
+        assert_eq!(
+            parse_response(0x1234, &name, &expected),
+            Ok(Answer::Data(vec![]))
+        );
+    }
+
+    #[test]
+    fn downstream_capacities() {
+        // A full 253-character name (255 on the wire).
+        assert_eq!(downstream_capacity(255, None), 228);
+        assert_eq!(downstream_capacity(255, Some(512)), 217);
+        assert_eq!(downstream_capacity(255, Some(1232)), 934);
+        assert_eq!(downstream_capacity(255, Some(4096)), 3787);
+        // A name of ~100 characters.
+        assert_eq!(downstream_capacity(102, Some(1232)), 1086);
+        assert_eq!(downstream_capacity(102, None), 380);
+        // Sizes below 512 count as 512.
+        assert_eq!(
+            downstream_capacity(20, Some(0)),
+            downstream_capacity(20, Some(512))
+        );
+
+        // Exactly the capacity fits, one more byte does not.
+        let d = domain();
+        for payload_len in [1, 50, 147] {
+            let name = encode_name(&d, &vec![7; payload_len]).unwrap();
+            for edns in [None, Some(512), Some(1232), Some(4096)] {
+                let q = parse_query(&build_query(9, &name, edns).unwrap()).unwrap();
+                let capacity = q.downstream_capacity();
+                let payload = vec![0xa5; capacity];
+                let bytes = build_txt_answer(&q, &payload).unwrap();
+                assert!(bytes.len() <= q.response_limit());
+                assert!(
+                    bytes.len() + 1 >= q.response_limit(),
+                    "{} {edns:?}",
+                    bytes.len()
+                );
+                assert_eq!(parse_response(9, &name, &bytes), Ok(Answer::Data(payload)));
+                assert!(matches!(
+                    build_txt_answer(&q, &vec![0; capacity + 1]),
+                    Err(DnsError::TooLarge { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn names_outside_are_refused() {
+        let d = domain();
+        let name = Name::from_ascii("www.example.com.").unwrap();
+        let q = parse_query(&build_query(5, &name, Some(1232)).unwrap()).unwrap();
+        assert!(!d.contains(&q.name));
+        let bytes = build_refused(&q).unwrap();
+        let msg = Message::from_vec(&bytes).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::Refused);
+        assert!(!msg.metadata.authoritative);
+        assert!(msg.answers.is_empty());
+        assert!(msg.edns.is_some());
+        assert_eq!(parse_response(5, &name, &bytes), Ok(Answer::Refused));
+        assert_eq!(build_apex_answer(&q, &d).unwrap(), bytes);
+    }
+
+    #[test]
+    fn apex_soa_and_ns() {
+        let d = domain();
+        let apex = Name::from_ascii("T.example.COM.").unwrap();
+        let ask = |qtype| {
+            let mut msg = Message::new(77, MessageType::Query, OpCode::Query);
+            msg.add_query(Question::query(apex.clone(), qtype));
+            let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+            let bytes = build_apex_answer(&q, &d).unwrap();
+            assert!(bytes.len() <= 512);
+            let msg = Message::from_vec(&bytes).unwrap();
+            assert_eq!(msg.metadata.id, 77);
+            assert_eq!(msg.metadata.message_type, MessageType::Response);
+            assert!(msg.metadata.authoritative);
+            assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+            assert!(msg.queries[0].name().eq_case(&apex));
+            msg
+        };
+
+        let msg = ask(RecordType::SOA);
+        assert_eq!(msg.answers.len(), 1);
+        let RData::SOA(soa) = &msg.answers[0].data else {
+            panic!("not an SOA: {msg}");
+        };
+        assert_eq!(msg.answers[0].ttl, APEX_TTL);
+        assert!(msg.answers[0].name.eq_case(&apex));
+        assert_eq!(soa.mname.to_ascii().to_lowercase(), "ns.t.example.com.");
+        assert_eq!(
+            soa.rname.to_ascii().to_lowercase(),
+            "hostmaster.t.example.com."
+        );
+        assert_eq!((soa.serial, soa.minimum), (1, 0));
+
+        let msg = ask(RecordType::NS);
+        assert_eq!(msg.answers.len(), 1);
+        let RData::NS(ns) = &msg.answers[0].data else {
+            panic!("not an NS: {msg}");
+        };
+        assert_eq!(ns.0.to_ascii().to_lowercase(), "ns.t.example.com.");
+
+        // Other types at the apex: NODATA with the SOA.
+        for qtype in [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::TXT,
+            RecordType::MX,
+        ] {
+            let msg = ask(qtype);
+            assert!(msg.answers.is_empty());
+            assert_eq!(msg.authorities.len(), 1);
+            assert_eq!(msg.authorities[0].record_type(), RecordType::SOA);
+        }
+
+        // A nameserver outside the zone.
+        let d2 = d.clone().with_nameserver("tns.example.com").unwrap();
+        let mut msg = Message::new(1, MessageType::Query, OpCode::Query);
+        msg.add_query(Question::query(apex.clone(), RecordType::NS));
+        let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+        let msg = Message::from_vec(&build_apex_answer(&q, &d2).unwrap()).unwrap();
+        let RData::NS(ns) = &msg.answers[0].data else {
+            panic!("not an NS: {msg}");
+        };
+        assert_eq!(ns.0.to_ascii(), "tns.example.com.");
+    }
+
+    #[test]
+    fn nodata_below_the_apex() {
+        let d = domain();
+        // A query-name-minimising resolver's A query, and a TXT query that
+        // carries no data: NOERROR, no answer, the SOA.
+        for (name, qtype) in [
+            ("xyz.T.example.com.", RecordType::A),
+            ("ns.t.example.com.", RecordType::AAAA),
+            ("ns.t.example.com.", RecordType::TXT),
+        ] {
+            let name = Name::from_ascii(name).unwrap();
+            let mut msg = Message::new(3, MessageType::Query, OpCode::Query);
+            msg.add_query(Question::query(name.clone(), qtype));
+            let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+            let bytes = build_apex_answer(&q, &d).unwrap();
+            let msg = Message::from_vec(&bytes).unwrap();
+            assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+            assert!(msg.metadata.authoritative);
+            assert!(msg.answers.is_empty());
+            assert_eq!(msg.authorities[0].record_type(), RecordType::SOA);
+            assert_eq!(
+                msg.authorities[0].name.to_ascii().to_lowercase(),
+                "t.example.com."
+            );
+            if qtype == RecordType::TXT {
+                assert_eq!(parse_response(3, &name, &bytes), Ok(Answer::Empty));
+            }
+        }
+    }
+
+    #[test]
+    fn nodata_fits_512_for_long_names() {
+        // The longest domain, a nameserver far away and a full question.
+        let long_domain = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(40),
+        ]
+        .join(".");
+        let d = Domain::new(&long_domain).unwrap();
+        let name = encode_name(&d, &vec![1; d.upstream_capacity(253)]).unwrap();
+        let name = flip_case(&name, &[true, false, false]);
+        let mut msg = Message::new(3, MessageType::Query, OpCode::Query);
+        msg.add_query(Question::query(name, RecordType::A));
+        let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+        for d in [
+            d.clone(),
+            d.clone()
+                .with_nameserver(
+                    &[
+                        "n".repeat(63),
+                        "s".repeat(63),
+                        "x".repeat(63),
+                        "y".repeat(60),
+                    ]
+                    .join("."),
+                )
+                .unwrap(),
+        ] {
+            let bytes = build_apex_answer(&q, &d).unwrap();
+            assert!(bytes.len() <= 512, "{}", bytes.len());
+            assert_eq!(
+                Message::from_vec(&bytes).unwrap().metadata.response_code,
+                ResponseCode::NoError
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_type_and_bad_queries() {
+        let name = encode_name(&domain(), b"x").unwrap();
+        let mut msg = Message::new(1, MessageType::Query, OpCode::Query);
+        msg.add_query(Question::query(name.clone(), RecordType::A));
+        let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+        assert!(matches!(
+            build_txt_answer(&q, b"x"),
+            Err(DnsError::WrongType(RecordType::A))
+        ));
+
+        let good = query_bytes(1, [1, 0], &NAME_HI, None);
+        assert!(parse_query(&good).is_ok());
+        // A response, an UPDATE, no question, two questions, class CH, cut short.
+        let mut response = good.clone();
+        response[2] |= 0x80;
+        let mut update = good.clone();
+        update[2] |= 5 << 3;
+        let mut none = good.clone();
+        none[5] = 0;
+        let mut two = good.clone();
+        two[5] = 2;
+        let mut chaos = good.clone();
+        let len = chaos.len();
+        chaos[len - 1] = 3;
+        for bad in [
+            &response,
+            &update,
+            &none,
+            &two,
+            &chaos,
+            &good[..good.len() - 1],
+            &good[..11],
+        ] {
+            assert_eq!(parse_query(bad), Err(DropReason::Malformed));
+        }
+        // 65535 questions announced: refused from the header alone.
+        let mut many = good.clone();
+        many[4] = 0xff;
+        many[5] = 0xff;
+        assert_eq!(parse_query(&many), Err(DropReason::Malformed));
+        // Queries are not responses.
+        assert_eq!(parse_response(1, &name, &good), Err(DropReason::Malformed));
+    }
+
+    #[test]
+    fn responses_are_matched_to_queries() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let q = parse_query(&build_query(0x4242, &name, None).unwrap()).unwrap();
+        let bytes = build_txt_answer(&q, b"data").unwrap();
+        assert_eq!(
+            parse_response(0x4242, &name, &bytes),
+            Ok(Answer::Data(b"data".to_vec()))
+        );
+        // Case does not matter.
+        let upper = flip_case(&name, &[true]);
+        assert_eq!(
+            parse_response(0x4242, &upper, &bytes),
+            Ok(Answer::Data(b"data".to_vec()))
+        );
+        // Another id or another name.
+        assert_eq!(
+            parse_response(0x4243, &name, &bytes),
+            Err(DropReason::UnexpectedResponse)
+        );
+        let other = encode_name(&d, b"ho").unwrap();
+        assert_eq!(
+            parse_response(0x4242, &other, &bytes),
+            Err(DropReason::UnexpectedResponse)
+        );
+        // Truncated, even when cut after the question.
+        let mut tc = bytes.clone();
+        tc[2] |= 0x02;
+        assert_eq!(parse_response(0x4242, &name, &tc), Ok(Answer::Truncated));
+        assert_eq!(
+            parse_response(0x4242, &name, &tc[..12 + NAME_HI.len() + 4 + 3]),
+            Ok(Answer::Truncated)
+        );
+        // Response codes.
+        for (code, answer) in [
+            (ResponseCode::ServFail, Answer::ServerFailure),
+            (ResponseCode::NXDomain, Answer::NameError),
+            (ResponseCode::Refused, Answer::Refused),
+            (ResponseCode::FormErr, Answer::Other(1)),
+            (ResponseCode::NotImp, Answer::Other(4)),
+        ] {
+            let bytes = response(&q, code, false).to_vec().unwrap();
+            assert_eq!(parse_response(0x4242, &name, &bytes), Ok(answer));
+        }
+        // NOERROR without a TXT record for the name.
+        let bytes = response(&q, ResponseCode::NoError, true).to_vec().unwrap();
+        assert_eq!(parse_response(0x4242, &name, &bytes), Ok(Answer::Empty));
+        // Several character-strings are concatenated.
+        let long: Vec<u8> = (0..600u16).map(|i| i as u8).collect();
+        let q = parse_query(&build_query(1, &name, Some(1232)).unwrap()).unwrap();
+        let bytes = build_txt_answer(&q, &long).unwrap();
+        let msg = Message::from_vec(&bytes).unwrap();
+        let RData::TXT(txt) = &msg.answers[0].data else {
+            panic!("not a TXT: {msg}");
+        };
+        let lens: Vec<usize> = txt.txt_data.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [255, 255, 90]);
+        assert_eq!(parse_response(1, &name, &bytes), Ok(Answer::Data(long)));
+    }
+
+    fn edns_strategy() -> impl Strategy<Value = Option<u16>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(512)),
+            Just(Some(1232)),
+            Just(Some(4096)),
+            any::<Option<u16>>()
+        ]
+    }
+
+    fn domain_strategy() -> impl Strategy<Value = Domain> {
+        prop_oneof![
+            Just(domain()),
+            Just(Domain::new("a").unwrap()),
+            Just(Domain::new(&["x".repeat(63), "y".repeat(63), "z".repeat(40)].join(".")).unwrap()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn upstream_round_trips_through_a_case_randomising_resolver(
+            d in domain_strategy(),
+            max_name_len in 0usize..300,
+            payload in proptest::collection::vec(any::<u8>(), 1..=MAX_UPSTREAM_PAYLOAD),
+            mask in proptest::collection::vec(any::<bool>(), 1..300),
+            id: u16,
+            edns in edns_strategy(),
+        ) {
+            let capacity = d.upstream_capacity(max_name_len);
+            let payload = &payload[..payload.len().min(capacity)];
+            prop_assume!(!payload.is_empty());
+            let name = encode_name(&d, payload).unwrap();
+            prop_assert!(name.to_ascii().len() - 1 <= max_name_len.min(MAX_NAME_LEN));
+            prop_assert!(name.iter().all(|l| l.len() <= MAX_LABEL_LEN));
+            let bytes = build_query(id, &name, edns).unwrap();
+            // The resolver rewrites case on its way to the server.
+            let asked = flip_case(&name, &mask);
+            let mut forwarded = bytes.clone();
+            let mut q = parse_query(&bytes).unwrap();
+            prop_assert!(q.name.eq_case(&name));
+            prop_assert_eq!((q.id, q.qtype, q.recursion_desired), (id, RecordType::TXT, true));
+            prop_assert_eq!(q.edns_size, edns.map(|s| s.max(512)));
+            forwarded.splice(12..12 + q.name_wire_len(), build_query(0, &asked, None).unwrap()[12..12 + q.name_wire_len()].iter().copied());
+            q = parse_query(&forwarded).unwrap();
+            prop_assert!(q.name.eq_case(&asked));
+            let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+            let n = decode_name(&d, &q.name, &mut out).unwrap();
+            prop_assert_eq!(&out[..n], payload);
+        }
+
+        #[test]
+        fn downstream_round_trips_within_the_limit(
+            d in domain_strategy(),
+            up in 1usize..=MAX_UPSTREAM_PAYLOAD,
+            payload in proptest::collection::vec(any::<u8>(), 0..4096),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+            id: u16,
+            edns in edns_strategy(),
+        ) {
+            let name = encode_name(&d, &vec![0x5a; up.min(d.upstream_capacity(MAX_NAME_LEN))]).unwrap();
+            let name = flip_case(&name, &mask);
+            let q = parse_query(&build_query(id, &name, edns).unwrap()).unwrap();
+            let payload = &payload[..payload.len().min(q.downstream_capacity())];
+            let bytes = build_txt_answer(&q, payload).unwrap();
+            prop_assert!(bytes.len() <= response_limit(edns));
+            prop_assert_eq!(parse_response(id, &name, &bytes), Ok(Answer::Data(payload.to_vec())));
+            prop_assert_eq!(parse_response(id, &name.to_lowercase(), &bytes), Ok(Answer::Data(payload.to_vec())));
+            // The question is echoed byte for byte.
+            let asked = build_query(id, &name, edns).unwrap();
+            prop_assert_eq!(&bytes[12..12 + q.name_wire_len() + 4], &asked[12..12 + q.name_wire_len() + 4]);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600), id: u16) {
+            let d = domain();
+            let name = encode_name(&d, b"hi").unwrap();
+            let _ = parse_response(id, &name, &bytes);
+            if let Ok(q) = parse_query(&bytes) {
+                let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+                let _ = decode_name(&d, &q.name, &mut out);
+                let _ = build_refused(&q);
+                let _ = build_apex_answer(&q, &d);
+                let _ = build_txt_answer(&q, b"x");
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..700),
+        ) {
+            let d = domain();
+            let name = encode_name(&d, b"hello").unwrap();
+            let q = parse_query(&build_query(1, &name, Some(1232)).unwrap()).unwrap();
+            for mut bytes in [
+                build_query(1, &name, Some(1232)).unwrap(),
+                build_txt_answer(&q, &payload).unwrap(),
+                build_apex_answer(&q, &d).unwrap(),
+            ] {
+                for &(at, x) in &flips {
+                    let len = bytes.len();
+                    bytes[at % len] ^= x;
+                }
+                bytes.truncate(cut % (bytes.len() + 1));
+                let _ = parse_response(1, &name, &bytes);
+                if let Ok(q) = parse_query(&bytes) {
+                    let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+                    let _ = decode_name(&d, &q.name, &mut out);
+                    let _ = build_apex_answer(&q, &d);
+                }
+            }
+        }
+
+        #[test]
+        fn decode_name_never_panics(
+            labels in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..=63), 0..5),
+            out_len in 0usize..200,
+        ) {
+            let d = domain();
+            let labels = labels.iter().map(Vec::as_slice).chain(d.name().iter());
+            if let Ok(name) = Name::from_labels(labels) {
+                let mut out = vec![0u8; out_len];
+                if let Ok(n) = decode_name(&d, &name, &mut out) {
+                    // What decodes re-encodes to the same name, up to case
+                    // and label splits.
+                    let again = encode_name(&d, &out[..n]).unwrap();
+                    let mut out2 = [0u8; MAX_UPSTREAM_PAYLOAD];
+                    prop_assert_eq!(decode_name(&d, &again, &mut out2), Ok(n));
+                    prop_assert_eq!(&out2[..n], &out[..n]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The DNS codec on arbitrary bytes, as the server receives a query and as
+//! a client receives a response, and as the labels of a query name: never
+//! panics, and what parses round-trips. An accepted query always gets a
+//! REFUSED, a zone answer and (for TXT) a data answer within its size limit,
+//! and the client reads back exactly the payload the server put in; a name
+//! that decodes re-encodes to a name carrying the same payload.
+#![no_main]
+
+use std::sync::LazyLock;
+
+use iptun_proto::wire::dns::{
+    Answer, Domain, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_UPSTREAM_PAYLOAD, Name, Query, RecordType,
+    build_apex_answer, build_refused, build_txt_answer, decode_name, encode_name, parse_query,
+    parse_response,
+};
+use libfuzzer_sys::fuzz_target;
+
+static DOMAIN: LazyLock<Domain> = LazyLock::new(|| Domain::new("t.example.com").unwrap());
+
+fuzz_target!(|data: &[u8]| {
+    let domain = &*DOMAIN;
+
+    // As a datagram to the server.
+    if let Ok(q) = parse_query(data) {
+        server(domain, &q, data);
+    }
+
+    // As a response to a client. Take the id and question the client would
+    // expect from the bytes themselves (read as a query), so that a response
+    // that parses reaches the answer section.
+    let mut as_query = data.to_vec();
+    if let Some(flags) = as_query.get_mut(2) {
+        *flags &= 0x07;
+    }
+    let (id, name) = match parse_query(&as_query) {
+        Ok(q) => (q.id, q.name),
+        Err(_) => (0, encode_name(domain, b"hi").unwrap()),
+    };
+    if let Ok(Answer::Data(payload)) = parse_response(id, &name, data) {
+        assert!(payload.len() < data.len());
+    }
+
+    // As the data labels of a query name: the bytes split at dots.
+    let labels = data
+        .split(|&b| b == b'.')
+        .filter(|l| !l.is_empty() && l.len() <= MAX_LABEL_LEN);
+    if let Ok(name) = Name::from_labels(labels.chain(domain.name().iter())) {
+        check_name(domain, &name);
+    }
+});
+
+/// Everything the server does with a query it accepted.
+fn server(domain: &Domain, q: &Query, data: &[u8]) {
+    check_name(domain, &q.name);
+    let limit = q.response_limit();
+
+    let refused = build_refused(q).expect("REFUSED always builds");
+    assert!(refused.len() <= limit);
+    let zone = build_apex_answer(q, domain).expect("zone answers always build");
+    assert!(zone.len() <= limit);
+    if q.qtype != RecordType::TXT {
+        return;
+    }
+    assert_eq!(parse_response(q.id, &q.name, &refused), Ok(Answer::Refused));
+    assert!(matches!(
+        parse_response(q.id, &q.name, &zone),
+        Ok(Answer::Empty | Answer::Refused)
+    ));
+
+    let payload = &data[..data.len().min(q.downstream_capacity())];
+    let answer = build_txt_answer(q, payload).expect("a payload within capacity fits");
+    assert!(answer.len() <= limit);
+    assert_eq!(
+        parse_response(q.id, &q.name, &answer),
+        Ok(Answer::Data(payload.to_vec()))
+    );
+    assert!(build_txt_answer(q, &vec![0; q.downstream_capacity() + 1]).is_err());
+}
+
+/// A name that decodes re-encodes (canonically split) to the same payload.
+fn check_name(domain: &Domain, name: &Name) {
+    let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+    let Ok(n) = decode_name(domain, name, &mut out) else {
+        return;
+    };
+    assert!(n > 0 && n <= domain.upstream_capacity(MAX_NAME_LEN));
+    let again = encode_name(domain, &out[..n]).expect("a decoded payload re-encodes");
+    let mut out2 = [0u8; MAX_UPSTREAM_PAYLOAD];
+    assert_eq!(decode_name(domain, &again, &mut out2), Ok(n));
+    assert_eq!(out2[..n], out[..n]);
+}
