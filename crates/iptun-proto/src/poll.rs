@@ -107,7 +107,9 @@ impl<S: Copy + Eq + Hash, R> Parking<S, R> {
     }
 
     /// A request arrived for `session`: answer it now if a message waits,
-    /// else hold it (answering the oldest held one if too many are held).
+    /// else hold it. If too many are held, the oldest is released with
+    /// `message: None`; the transport decides whether it needs an answer
+    /// (a keepalive) or may go unanswered.
     pub fn request(&mut self, session: S, request: R, now: Instant) -> Option<Reply<'_, S, R>> {
         self.recycle();
         let q = self.sessions.entry(session).or_insert_with(|| Queues {
@@ -240,6 +242,11 @@ impl Pacer {
 
     /// A request (with or without data) was sent.
     pub fn sent(&mut self, now: Instant) {
+        // A server holds at most `MAX_PARKED` requests; older ones beyond
+        // that will not be answered, so there is no point tracking them.
+        if self.outstanding.len() >= MAX_PARKED {
+            self.outstanding.pop_front();
+        }
         self.outstanding.push_back(now);
     }
 

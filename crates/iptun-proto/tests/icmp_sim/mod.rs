@@ -156,6 +156,8 @@ pub struct IcmpServer {
     pub lost_no_session: Vec<Instant>,
     /// Requests received and not answered yet, with their arrival times.
     pub open: HashMap<Request, Instant>,
+    /// Requests let go unanswered because too many were held.
+    pub overflowed: usize,
     pub answered: Vec<Answered>,
     /// Replies that answered no open request, or a request twice.
     pub violations: Vec<String>,
@@ -174,6 +176,7 @@ impl IcmpServer {
             errors: Vec::new(),
             lost_no_session: Vec::new(),
             open: HashMap::new(),
+            overflowed: 0,
             answered: Vec::new(),
             violations: Vec::new(),
             repeated: 0,
@@ -269,7 +272,11 @@ impl IcmpServer {
             .map(|r| (r.request, r.message.map(<[u8]>::to_vec)));
         match released {
             Some((request, Some(m))) => self.answer(now, request, &m, Answer::Message),
-            Some((request, None)) => self.keepalive(now, session, request),
+            // Too many held: the binary lets the oldest go unanswered.
+            Some((request, None)) => {
+                self.open.remove(&request);
+                self.overflowed += 1;
+            }
             None => {}
         }
     }
