@@ -128,6 +128,14 @@ pub fn add_route(undo: &mut Undo, dst: IpNet, dev: &str) -> Result<()> {
     add_route_via(undo, dst, &["dev".to_string(), dev.to_string()])
 }
 
+/// The MTU of the interface the kernel uses to reach `addr` (for sizing the
+/// tunnel to its carrier); `None` if it cannot be told.
+pub fn path_mtu(addr: IpAddr) -> Option<u16> {
+    let path = parse_route_get(&ip(&["-json", "route", "get", &addr.to_string()]).ok()?).ok()?;
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", path.dev)).ok()?;
+    mtu.trim().parse().ok()
+}
+
 /// The path the kernel currently uses to reach an address.
 #[derive(Debug, PartialEq, Eq)]
 struct CurrentPath {

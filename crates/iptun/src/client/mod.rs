@@ -127,9 +127,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         while let Some(ClientEvent::Configured(config)) = engine.poll_event() {
+            let mtu = tunnel_mtu(&config, &uplink);
             configure(
                 &tun,
                 &config,
+                mtu,
                 configured.as_ref(),
                 &s.routes,
                 uplink.server_ip(),
@@ -142,10 +144,28 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's MTU, lowered if the path to the server cannot carry it
+/// whole (ICMPv6 over a 1500-byte link, say): then TCP's MSS keeps packets
+/// from being fragmented outside the tunnel.
+fn tunnel_mtu(config: &TunnelConfig, uplink: &Uplink) -> u16 {
+    let Some(path) = netcfg::path_mtu(uplink.server_ip()) else {
+        return config.mtu;
+    };
+    let fits = path.saturating_sub(uplink.overhead()).max(576);
+    if fits < config.mtu {
+        tracing::info!(
+            "path MTU {path} to the server: tunnel MTU {fits} instead of {}",
+            config.mtu
+        );
+    }
+    config.mtu.min(fits)
+}
+
 /// Set up (or redo) the TUN device and routes from the server's config.
 fn configure(
     tun: &Tun,
     config: &TunnelConfig,
+    mtu: u16,
     previous: Option<&TunnelConfig>,
     routes: &[Route],
     server: IpAddr,
@@ -158,14 +178,14 @@ fn configure(
     if previous.is_some() {
         netcfg::flush_addresses(tun.name())?;
     }
-    netcfg::configure_interface(tun.name(), &addrs, config.mtu)?;
+    netcfg::configure_interface(tun.name(), &addrs, mtu)?;
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!(
         "tunnel up on {}: {} via {} (MTU {})",
         tun.name(),
         shown.join(", "),
         config.server_v4,
-        config.mtu
+        mtu
     );
     if previous.is_some() {
         return Ok(()); // routes stay: they name the device, not the addresses

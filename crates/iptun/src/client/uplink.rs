@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use iptun_proto::engine::{Client, ClientOutput};
 use iptun_proto::poll::{Cadence, Pacer};
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
+use iptun_proto::wire::message::DATA_OVERHEAD;
 
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::icmp::{IcmpSocket, Role};
@@ -68,6 +69,17 @@ impl Uplink {
             Self::Udp { to, .. } => to.ip(),
             Self::Icmp(i) => i.to,
         }
+    }
+
+    /// Bytes this transport adds around an inner packet on the wire: IP
+    /// header, carrier header, and the data message's own 32 bytes.
+    pub(super) fn overhead(&self) -> u16 {
+        let ip = if self.server_ip().is_ipv4() { 20 } else { 40 };
+        let carrier = match self {
+            Self::Udp { .. } => 8,
+            Self::Icmp(_) => OVERHEAD as u16,
+        };
+        ip + carrier + DATA_OVERHEAD as u16
     }
 
     /// Transport name and server endpoint, for status and logs.
