@@ -127,8 +127,11 @@ pub enum Answer {
     Response,
     /// A downstream message (data, or a message queued for the session).
     Message,
-    /// A keepalive (held request expired, or too many held).
+    /// A keepalive: the held request expired.
     Keepalive,
+    /// A keepalive at once: the request was held under keys the client has
+    /// since replaced (a rekey or a restart).
+    Superseded,
     /// The bare magic: the session is gone.
     Bare,
     /// An ordinary ping, echoed.
@@ -158,6 +161,8 @@ pub struct IcmpServer {
     pub open: HashMap<Request, Instant>,
     /// Requests let go unanswered because too many were held.
     pub overflowed: usize,
+    /// The receiver index of each session's latest request.
+    indices: HashMap<SessionId, u32>,
     pub answered: Vec<Answered>,
     /// Replies that answered no open request, or a request twice.
     pub violations: Vec<String>,
@@ -177,6 +182,7 @@ impl IcmpServer {
             lost_no_session: Vec::new(),
             open: HashMap::new(),
             overflowed: 0,
+            indices: HashMap::new(),
             answered: Vec::new(),
             violations: Vec::new(),
             repeated: 0,
@@ -241,7 +247,11 @@ impl IcmpServer {
             }
         }
         if let Some(session) = session {
-            self.park(now, session, request);
+            let index = match iptun_proto::wire::Message::parse(msg) {
+                Ok(iptun_proto::wire::Message::Data { receiver, .. }) => receiver,
+                _ => 0,
+            };
+            self.park(now, session, index, request);
         }
     }
 
@@ -265,7 +275,18 @@ impl IcmpServer {
         }
     }
 
-    fn park(&mut self, now: Instant, session: SessionId, request: Request) {
+    /// The binary's `Listeners::park`: requests held under older keys are
+    /// answered at once with keepalives when a new receiver index shows up.
+    fn park(&mut self, now: Instant, session: SessionId, index: u32, request: Request) {
+        if self
+            .indices
+            .insert(session, index)
+            .is_some_and(|old| old != index)
+        {
+            while let Some(stale) = self.parking.take_parked(session) {
+                self.keepalive_as(now, session, stale, Answer::Superseded);
+            }
+        }
         let released = self
             .parking
             .request(session, request, now)
@@ -282,9 +303,13 @@ impl IcmpServer {
     }
 
     fn keepalive(&mut self, now: Instant, session: SessionId, request: Request) {
+        self.keepalive_as(now, session, request, Answer::Keepalive);
+    }
+
+    fn keepalive_as(&mut self, now: Instant, session: SessionId, request: Request, kind: Answer) {
         let mut ka = [0u8; 64];
         let (msg, how) = match self.engine.seal_keepalive(now, session, &mut ka) {
-            Ok(ServerOutput::Send(_, m)) => (m.to_vec(), Answer::Keepalive),
+            Ok(ServerOutput::Send(_, m)) => (m.to_vec(), kind),
             _ => (Vec::new(), Answer::Bare),
         };
         self.answer(now, request, &msg, how);
