@@ -90,12 +90,18 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
     let mut buf = vec![0u8; 1 << 16];
+    // One timer, moved only when the deadline changes (not re-armed per packet).
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
         let deadline = [engine.next_timeout(), uplink.next_timeout()]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        if timer.deadline() != deadline.into() {
+            timer.as_mut().reset(deadline.into());
+        }
         tokio::select! {
             () = &mut shutdown => break,
             r = tun.readable() => {
@@ -110,7 +116,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                     tokio::task::yield_now().await;
                 }
             }
-            () = tokio::time::sleep_until(deadline.into()) => {
+            () = &mut timer => {
                 let now = Instant::now();
                 while let Some(n) = engine.poll_timers(now, &mut buf) {
                     uplink.send(now, &buf[..n]);
