@@ -10,6 +10,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod unbound;
+
 /// Panics unless we are root: a silent skip would hide failures in CI.
 pub fn require_root() {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
