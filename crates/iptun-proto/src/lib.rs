@@ -22,6 +22,7 @@
 //! ever answered with more bytes than it carried; every drop feeds a counter.
 
 pub mod crypto;
+pub mod dns;
 pub mod engine;
 pub mod frag;
 pub mod poll;

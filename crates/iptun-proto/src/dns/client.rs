@@ -1,0 +1,650 @@
+//! The client side of the DNS transport: queries out through a recursive
+//! resolver, answers in. See the [module docs](super) for the formats.
+//!
+//! Driving it:
+//!
+//! ```text
+//! uplink.send(now, message)                 // every message the engine emits
+//! while let Some(q) = uplink.poll_query(now) { socket.send_to(q.bytes, resolver) }
+//! uplink.handle_response(now, bytes)        // every datagram from the resolver
+//! while let Some(m) = uplink.poll_message() { engine.handle_datagram(now, &m, ..) }
+//! uplink.handle_timeout(now)                // when next_timeout() passes
+//! ```
+//!
+//! Pacing: the client keeps `target` queries in flight (bare polls fill up
+//! to it), doubling it while answers bring data and lowering it by one per
+//! empty answer, between [`MIN_IN_FLIGHT`] and a congestion window. The
+//! window grows by one per window of answered queries and halves (at most
+//! once per round trip) on SERVFAIL, REFUSED, NXDOMAIN or a timeout, which
+//! also start an exponential back-off ([`BACKOFF_MIN`]..[`BACKOFF_MAX`])
+//! during which no query is sent. At most one query per [`MIN_GAP`].
+//!
+//! Path parameters: it starts with EDNS0 at 1232 and names of up to 253
+//! characters. TC in an answer, or FORMERR/NOTIMP to a short query, turns
+//! EDNS0 off (answers of 512 bytes); FORMERR to a long query, or long
+//! queries failing while short ones get through, shortens names to
+//! [`SHORT_NAME_LEN`]; [`FALLBACK_AFTER_TIMEOUTS`] timeouts in a row step
+//! down one of the two. After [`REPROBE_MIN`] (doubling up to
+//! [`REPROBE_MAX`] while probes fail) the full parameters are tried again.
+//!
+//! Upstream fragments whose query failed are sent again only within
+//! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
+//! after that the inner protocol's own recovery is faster.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
+use crate::DropReason;
+use crate::frag::{Fragmenter, Limits, Reassembler};
+use crate::wire::dns::{
+    Answer, Domain, MAX_NAME_LEN, Name, build_query, encode_name, parse_response,
+};
+
+/// The fewest queries in flight (idle).
+pub const MIN_IN_FLIGHT: usize = 2;
+/// The most queries in flight.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// A query unanswered this long is lost: the server's hold plus room for
+/// the resolver's own retries.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least time between two queries (at most 500 per second).
+pub const MIN_GAP: Duration = Duration::from_millis(2);
+/// The first back-off after a failure.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest back-off.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// The name length used after falling back (resolvers and middleboxes that
+/// refuse long names usually allow about 100 characters).
+pub const SHORT_NAME_LEN: usize = 96;
+/// Timeouts in a row that step the path parameters down.
+pub const FALLBACK_AFTER_TIMEOUTS: u32 = 6;
+/// Long-name failures (with short names getting through) that shorten names.
+pub const LONG_FAILURES: u32 = 2;
+/// First wait before trying the full parameters again.
+pub const REPROBE_MIN: Duration = Duration::from_secs(30);
+/// Longest wait between probes.
+pub const REPROBE_MAX: Duration = Duration::from_secs(600);
+/// A failed fragment is sent again only this soon after its first try.
+pub const RETRY_WINDOW: Duration = Duration::from_millis(2500);
+/// Tries per fragment.
+pub const MAX_TRIES: u8 = 2;
+/// Upstream messages waiting to be split; more are dropped.
+pub const MAX_UP_QUEUE: usize = 64;
+/// Partial downstream messages are dropped this long after their first fragment.
+pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A query to send to the resolver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Query {
+    /// The DNS message id.
+    pub id: u16,
+    /// The DNS message.
+    pub bytes: Vec<u8>,
+}
+
+/// What the status shows of the DNS path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    /// How upstream bytes are encoded in names.
+    pub encoding: &'static str,
+    /// The record type of queries and answers.
+    pub record_type: &'static str,
+    /// The EDNS0 size advertised, `None` without EDNS0 (512-byte answers).
+    pub edns_size: Option<u16>,
+    /// The longest query name in use.
+    pub max_name_len: usize,
+    /// Upstream fragment bytes per query.
+    pub upstream_fragment: usize,
+    /// Largest answer the client takes.
+    pub downstream_limit: usize,
+    /// Queries in flight now.
+    pub in_flight: usize,
+    /// Queries the client wants in flight.
+    pub target: usize,
+    /// The congestion window.
+    pub window: usize,
+    /// The current back-off (zero when none).
+    pub backoff: Duration,
+    /// Counters.
+    pub stats: UplinkStats,
+}
+
+/// Counters of the uplink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UplinkStats {
+    /// Queries sent (data and polls).
+    pub queries: u64,
+    /// Queries that carried a fragment.
+    pub data_queries: u64,
+    /// Answers taken (any response matching a query).
+    pub answers: u64,
+    /// Answers that carried fragments.
+    pub data_answers: u64,
+    /// Queries that timed out.
+    pub timeouts: u64,
+    /// SERVFAIL answers.
+    pub servfails: u64,
+    /// REFUSED answers.
+    pub refused: u64,
+    /// Truncated answers.
+    pub truncated: u64,
+    /// FORMERR, NOTIMP, NXDOMAIN and other error codes.
+    pub errors: u64,
+    /// Fragments sent again.
+    pub retried: u64,
+    /// Upstream fragments or messages dropped (retries used up, too big for
+    /// the path after a fallback, queue full).
+    pub lost: u64,
+    /// Times the path parameters stepped down.
+    pub fallbacks: u64,
+    /// Times the full parameters were tried again.
+    pub reprobes: u64,
+    /// Responses that matched no query in flight, or did not parse.
+    pub unexpected: u64,
+}
+
+struct UpFrag {
+    bytes: Vec<u8>,
+    born: Instant,
+    tries: u8,
+}
+
+struct InFlight {
+    name: Name,
+    qseq: u16,
+    /// A re-ask of an answer that came truncated.
+    reask: bool,
+    sent: Instant,
+    frag: Option<UpFrag>,
+    long: bool,
+    edns: bool,
+}
+
+enum Failure {
+    Timeout,
+    ServFail,
+    Refused,
+    Other,
+}
+
+/// The client's DNS uplink: see the module docs.
+pub struct DnsUplink {
+    domain: Domain,
+    tag: u32,
+    rng: u64,
+    qseq: u16,
+    fragmenter: Fragmenter,
+    messages: VecDeque<Vec<u8>>,
+    frags: VecDeque<UpFrag>,
+    reassembler: Reassembler<()>,
+    delivered: VecDeque<Vec<u8>>,
+    in_flight: HashMap<u16, InFlight>,
+    /// Queries whose answer came truncated, to ask again for less.
+    reask: VecDeque<u16>,
+    target: usize,
+    window: usize,
+    acked: usize,
+    last_sent: Option<Instant>,
+    backoff: Duration,
+    backoff_until: Option<Instant>,
+    last_cut: Option<Instant>,
+    edns: bool,
+    long_names: bool,
+    timeouts_in_row: u32,
+    long_failures: u32,
+    short_ok: bool,
+    reprobe_at: Option<Instant>,
+    reprobe_wait: Duration,
+    last_reprobe: Option<Instant>,
+    stats: UplinkStats,
+}
+
+impl DnsUplink {
+    /// An uplink to the server of `domain`, as client `tag` (random, from
+    /// the caller); `seed` seeds the DNS message ids and first message id.
+    pub fn new(domain: Domain, tag: u32, seed: u64) -> Self {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let first = next_random(&mut rng) as u16;
+        Self {
+            domain,
+            tag,
+            rng,
+            qseq: next_random(&mut rng) as u16,
+            fragmenter: Fragmenter::new(first),
+            messages: VecDeque::new(),
+            frags: VecDeque::new(),
+            reassembler: Reassembler::new(Limits {
+                timeout: REASSEMBLY_TIMEOUT,
+                max_partials_per_key: 64,
+                max_bytes: 1 << 20,
+            }),
+            delivered: VecDeque::new(),
+            in_flight: HashMap::new(),
+            reask: VecDeque::new(),
+            target: MIN_IN_FLIGHT,
+            window: MAX_IN_FLIGHT / 2,
+            acked: 0,
+            last_sent: None,
+            backoff: Duration::ZERO,
+            backoff_until: None,
+            last_cut: None,
+            edns: true,
+            long_names: true,
+            timeouts_in_row: 0,
+            long_failures: 0,
+            short_ok: false,
+            reprobe_at: None,
+            reprobe_wait: REPROBE_MIN,
+            last_reprobe: None,
+            stats: UplinkStats::default(),
+        }
+    }
+
+    /// The client's tag.
+    pub fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> UplinkStats {
+        self.stats
+    }
+
+    /// The DNS path's parameters, for status.
+    pub fn path_info(&self) -> PathInfo {
+        PathInfo {
+            encoding: "base32",
+            record_type: "TXT",
+            edns_size: self.edns.then_some(EDNS_SIZE),
+            max_name_len: self.max_name_len(),
+            upstream_fragment: self.fragment_len(),
+            downstream_limit: self.down_limit(),
+            in_flight: self.in_flight.len(),
+            target: self.target,
+            window: self.window,
+            backoff: self.backoff,
+            stats: self.stats,
+        }
+    }
+
+    /// The longest query name in use.
+    pub fn max_name_len(&self) -> usize {
+        if self.long_names {
+            MAX_NAME_LEN
+        } else {
+            SHORT_NAME_LEN
+        }
+    }
+
+    /// The largest answer we take.
+    fn down_limit(&self) -> usize {
+        if self.edns {
+            usize::from(EDNS_SIZE)
+        } else {
+            CLASSIC_SIZE
+        }
+    }
+
+    /// Fragment bytes (header included) one query carries.
+    fn fragment_len(&self) -> usize {
+        self.domain
+            .upstream_capacity(self.max_name_len())
+            .saturating_sub(UP_HEADER_LEN)
+    }
+
+    /// Queue an upstream tunnel message.
+    pub fn send(&mut self, now: Instant, message: &[u8]) {
+        let _ = now;
+        if self.messages.len() >= MAX_UP_QUEUE {
+            self.stats.lost += 1;
+            return;
+        }
+        self.messages.push_back(message.to_vec());
+    }
+
+    /// Whether there is upstream data waiting.
+    pub fn has_data(&self) -> bool {
+        !self.frags.is_empty() || !self.messages.is_empty() || !self.reask.is_empty()
+    }
+
+    /// The next query to send, if pacing allows one now.
+    pub fn poll_query(&mut self, now: Instant) -> Option<Query> {
+        self.expire(now);
+        if self.backoff_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        if self.last_sent.is_some_and(|t| now < t + MIN_GAP) {
+            return None;
+        }
+        if self.in_flight.len() >= self.window {
+            return None;
+        }
+        let reask = self.reask.pop_front();
+        let frag = if reask.is_some() {
+            None
+        } else if self.has_data() {
+            self.next_fragment(now)
+        } else {
+            None
+        };
+        if reask.is_none() && frag.is_none() && self.in_flight.len() >= self.target.min(self.window)
+        {
+            return None;
+        }
+        let mut payload = vec![0u8; UP_HEADER_LEN];
+        UpHeader {
+            tag: self.tag,
+            qseq: reask.unwrap_or(self.qseq),
+            down_limit: self.down_limit(),
+        }
+        .emit(&mut payload);
+        if let Some(f) = &frag {
+            payload.extend_from_slice(&f.bytes);
+        }
+        let Ok(name) = encode_name(&self.domain, &payload) else {
+            self.stats.lost += 1;
+            return None;
+        };
+        let mut id = next_random(&mut self.rng) as u16;
+        while self.in_flight.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        let bytes = build_query(id, &name, self.edns.then_some(EDNS_SIZE)).ok()?;
+        let qseq = reask.unwrap_or(self.qseq);
+        if reask.is_none() {
+            self.qseq = self.qseq.wrapping_add(1);
+        }
+        self.last_sent = Some(now);
+        self.stats.queries += 1;
+        let long = name.len() > SHORT_NAME_LEN + 1;
+        if let Some(f) = &frag {
+            self.stats.data_queries += 1;
+            if f.tries > 0 {
+                self.stats.retried += 1;
+            }
+        }
+        self.in_flight.insert(
+            id,
+            InFlight {
+                name,
+                qseq,
+                reask: reask.is_some(),
+                sent: now,
+                frag: frag.map(|mut f| {
+                    f.tries += 1;
+                    f
+                }),
+                long,
+                edns: self.edns,
+            },
+        );
+        Some(Query { id, bytes })
+    }
+
+    /// A datagram from the resolver. Complete downstream messages come out
+    /// of [`DnsUplink::poll_message`].
+    pub fn handle_response(&mut self, now: Instant, bytes: &[u8]) -> Result<(), DropReason> {
+        let Some(&[hi, lo]) = bytes.first_chunk::<2>() else {
+            self.stats.unexpected += 1;
+            return Err(DropReason::Malformed);
+        };
+        let id = u16::from_be_bytes([hi, lo]);
+        let Some(q) = self.in_flight.get(&id) else {
+            self.stats.unexpected += 1;
+            return Err(DropReason::UnexpectedResponse);
+        };
+        let answer = match parse_response(id, &q.name, bytes) {
+            Ok(a) => a,
+            Err(e) => {
+                self.stats.unexpected += 1;
+                return Err(e);
+            }
+        };
+        let q = self.in_flight.remove(&id).expect("checked");
+        self.stats.answers += 1;
+        match answer {
+            Answer::Data(payload) => {
+                let mut carried = false;
+                for f in super::fragments(&payload) {
+                    let Ok(f) = f else { break };
+                    carried = true;
+                    if let Some(m) = self.reassembler.push(now, (), f) {
+                        self.delivered.push_back(m.to_vec());
+                    }
+                }
+                self.success(&q, carried);
+            }
+            Answer::Empty => self.success(&q, false),
+            Answer::Truncated => {
+                // The query got through; the answer did not fit the path.
+                self.stats.truncated += 1;
+                if q.edns && self.edns {
+                    self.edns = false;
+                    self.fell_back(now);
+                }
+                // The server still has the answer: ask for it again, now
+                // within 512 bytes (the same qseq: a retry to the server).
+                if q.edns && !q.reask {
+                    self.reask.push_back(q.qseq);
+                }
+                self.target = (self.target.saturating_sub(1)).max(MIN_IN_FLIGHT);
+            }
+            Answer::ServerFailure => {
+                self.stats.servfails += 1;
+                self.failure(now, q, Failure::ServFail);
+            }
+            Answer::Refused => {
+                self.stats.refused += 1;
+                self.failure(now, q, Failure::Refused);
+            }
+            Answer::Other(code @ (1 | 4)) => {
+                // FORMERR, NOTIMP: something in the query is not accepted.
+                let _ = code;
+                self.stats.errors += 1;
+                // Blame the name if it was long (even if names have been
+                // shortened since: then this is an older query's answer).
+                if q.long {
+                    if self.long_names {
+                        self.long_names = false;
+                        self.fell_back(now);
+                    }
+                } else if q.edns && self.edns {
+                    self.edns = false;
+                    self.fell_back(now);
+                }
+                self.failure(now, q, Failure::Other);
+            }
+            Answer::NameError | Answer::Other(_) => {
+                self.stats.errors += 1;
+                self.failure(now, q, Failure::Other);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next complete downstream message.
+    pub fn poll_message(&mut self) -> Option<Vec<u8>> {
+        self.delivered.pop_front()
+    }
+
+    /// When [`DnsUplink::handle_timeout`] (or [`DnsUplink::poll_query`])
+    /// wants calling.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        let lost = self
+            .in_flight
+            .values()
+            .map(|q| q.sent + QUERY_TIMEOUT)
+            .min();
+        let wants = self.has_data() || self.in_flight.len() < self.target;
+        let send = if wants && self.in_flight.len() < self.window {
+            let gap = self.last_sent.map(|t| t + MIN_GAP);
+            match (gap, self.backoff_until) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            None
+        };
+        [lost, send, self.reassembler.next_timeout(), self.reprobe_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Time passed: queries lost, fragments expired, probes due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire(now);
+        self.reassembler.expire(now);
+        if self.reprobe_at.is_some_and(|t| now >= t) {
+            self.reprobe_at = None;
+            self.edns = true;
+            self.long_names = true;
+            self.last_reprobe = Some(now);
+            self.stats.reprobes += 1;
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let lost: Vec<u16> = self
+            .in_flight
+            .iter()
+            .filter(|(_, q)| now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in lost {
+            let q = self.in_flight.remove(&id).expect("listed");
+            self.stats.timeouts += 1;
+            self.failure(now, q, Failure::Timeout);
+        }
+    }
+
+    fn next_fragment(&mut self, now: Instant) -> Option<UpFrag> {
+        let max = self.fragment_len();
+        loop {
+            if let Some(f) = self.frags.pop_front() {
+                if f.bytes.len() <= max {
+                    return Some(f);
+                }
+                self.stats.lost += 1; // made for longer names
+                continue;
+            }
+            let m = self.messages.pop_front()?;
+            match self.fragmenter.split(&m, max) {
+                Ok(split) => {
+                    for f in split.fragments() {
+                        let mut bytes = vec![0; f.wire_len()];
+                        f.emit(&mut bytes).expect("sized");
+                        self.frags.push_back(UpFrag {
+                            bytes,
+                            born: now,
+                            tries: 0,
+                        });
+                    }
+                }
+                Err(_) => self.stats.lost += 1,
+            }
+        }
+    }
+
+    fn success(&mut self, q: &InFlight, carried: bool) {
+        if carried {
+            self.stats.data_answers += 1;
+        }
+        self.timeouts_in_row = 0;
+        self.backoff = Duration::ZERO;
+        self.backoff_until = None;
+        if q.long {
+            self.long_failures = 0;
+            self.short_ok = false;
+        } else {
+            self.short_ok = true;
+        }
+        if q.edns == self.edns && (q.long || !self.long_names) {
+            // The current parameters work: a later fallback starts the
+            // probe timer afresh.
+            if self.last_reprobe.is_some() && self.reprobe_at.is_none() {
+                self.reprobe_wait = REPROBE_MIN;
+            }
+        }
+        self.acked += 1;
+        if self.acked >= self.window {
+            self.acked = 0;
+            self.window = (self.window + 1).min(MAX_IN_FLIGHT);
+        }
+        self.target = if carried {
+            (self.target * 2).min(self.window)
+        } else {
+            self.target.saturating_sub(1).max(MIN_IN_FLIGHT)
+        };
+    }
+
+    fn failure(&mut self, now: Instant, q: InFlight, kind: Failure) {
+        // Path parameters.
+        if matches!(kind, Failure::Timeout | Failure::ServFail) && q.long && self.long_names {
+            self.long_failures += 1;
+            if self.long_failures >= LONG_FAILURES && self.short_ok {
+                self.long_names = false;
+                self.fell_back(now);
+            }
+        }
+        if matches!(kind, Failure::Timeout) {
+            self.timeouts_in_row += 1;
+            if self.timeouts_in_row >= FALLBACK_AFTER_TIMEOUTS {
+                self.timeouts_in_row = 0;
+                if self.edns {
+                    self.edns = false;
+                    self.fell_back(now);
+                } else if self.long_names {
+                    self.long_names = false;
+                    self.fell_back(now);
+                }
+            }
+        }
+        // Congestion: cut once per round of queries.
+        if self.last_cut.is_none_or(|t| q.sent >= t) {
+            self.last_cut = Some(now);
+            self.window = (self.window / 2).max(1);
+            self.acked = 0;
+            self.backoff = if self.backoff.is_zero() {
+                BACKOFF_MIN
+            } else {
+                (self.backoff * 2).min(BACKOFF_MAX)
+            };
+            if matches!(kind, Failure::Refused) {
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+            self.backoff_until = Some(now + self.backoff);
+        }
+        self.target = self.target.min(self.window).max(1);
+        // The fragment: again, if still fresh.
+        if let Some(f) = q.frag {
+            if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
+                self.frags.push_front(f);
+            } else {
+                self.stats.lost += 1;
+            }
+        }
+    }
+
+    fn fell_back(&mut self, now: Instant) {
+        self.stats.fallbacks += 1;
+        // A fallback soon after a probe: the probe failed, wait longer.
+        if self
+            .last_reprobe
+            .is_some_and(|t| now.saturating_duration_since(t) < REPROBE_MIN)
+        {
+            self.reprobe_wait = (self.reprobe_wait * 2).min(REPROBE_MAX);
+        }
+        self.reprobe_at = Some(now + self.reprobe_wait);
+    }
+}
+
+fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}

@@ -1,0 +1,360 @@
+//! The DNS transport end to end in virtual time: real engines, the DNS
+//! uplink and listener, and a simulated recursive resolver between them
+//! (see `dns_sim/mod.rs`).
+
+mod common;
+mod dns_sim;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{INTERNET_V4, NET4, ipv4, key, payload, payload_id, pool, server_config};
+use dns_sim::*;
+use hickory_proto::op::ResponseCode;
+use iptun_proto::dns::server::DnsListener;
+use iptun_proto::dns::{HOLD, UP_HEADER_LEN, UpHeader};
+use iptun_proto::engine::REKEY_AFTER_TIME;
+use iptun_proto::wire::dns::{Answer, Domain, build_query, encode_name, parse_response};
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn sim(cfg: ResolverConfig, seed: u64) -> Sim {
+    let a = key(1);
+    Sim::new(server_config(&[&a], pool(NET4, false)), a, cfg, seed)
+}
+
+fn connect(s: &mut Sim) {
+    let ok = s.run_until_cond(secs(60), Sim::connected);
+    assert!(
+        ok,
+        "no handshake: client errors {:?}, server errors {:?}, uplink {:?}, listener {:?}, resolver {:?}",
+        s.client_errors,
+        s.server_errors,
+        s.uplink.path_info(),
+        s.listener.stats(),
+        s.resolver.stats
+    );
+}
+
+/// Each arrived packet was sent, byte-identical, at most once.
+fn check_delivered(
+    sent: &HashMap<(u8, u32), Vec<u8>>,
+    got: &[(std::time::Instant, Vec<u8>)],
+) -> usize {
+    let mut seen = HashSet::new();
+    for (_, p) in got {
+        let id = payload_id(p);
+        let original = sent.get(&id).unwrap_or_else(|| panic!("{id:?} never sent"));
+        assert_eq!(p, original, "{id:?} altered");
+        assert!(seen.insert(id), "{id:?} twice");
+    }
+    seen.len()
+}
+
+/// Send `n` packets each way, at most `window` waiting at once; returns the
+/// number delivered each way and the simulated time taken.
+fn exchange(s: &mut Sim, n: u32, tag: u8, limit: Duration) -> (usize, usize, Duration) {
+    let v4 = s.client_v4();
+    let (mut up_sent, mut down_sent) = (HashMap::new(), HashMap::new());
+    let (up0, down0) = (s.server_tun.len(), s.client_tun.len());
+    let t0 = s.now;
+    let (mut i, mut j) = (0, 0);
+    let until = s.now + limit;
+    while s.now < until {
+        // Keep a few packets queued each way (a bulk flow's window).
+        while i < n && !s.uplink.has_data() {
+            let p = ipv4(v4, INTERNET_V4, &payload(tag, i));
+            up_sent.insert(payload_id(&p), p.clone());
+            s.client_send(&p).unwrap();
+            i += 1;
+        }
+        let queued = s
+            .session()
+            .and_then(|sess| s.listener.info(sess))
+            .map_or(0, |x| x.queued);
+        if j < n && queued < 8 {
+            let p = ipv4(INTERNET_V4, v4, &payload(tag + 1, j));
+            down_sent.insert(payload_id(&p), p.clone());
+            s.server_send(&p).unwrap();
+            j += 1;
+        }
+        let up = s.server_tun.len() - up0;
+        let down = s.client_tun.len() - down0;
+        if i == n && j == n && up + down >= 2 * n as usize {
+            break;
+        }
+        let step = s.now + ms(5);
+        s.run_until(step);
+    }
+    s.run_for(secs(2));
+    let up = check_delivered(&up_sent, &s.server_tun[up0..]);
+    let down = check_delivered(&down_sent, &s.client_tun[down0..]);
+    (up, down, s.now - t0)
+}
+
+fn report(name: &str, s: &Sim, n: u32, up: usize, down: usize, took: Duration) {
+    let bytes: usize = (0..n).map(|i| 20 + payload(0, i).len()).sum();
+    let secs = took.as_secs_f64();
+    println!(
+        "{name}: {up}/{n} up, {down}/{n} down in {secs:.1} s (~{:.0} B/s each way); path {:?}; resolver {:?}; listener {:?}",
+        bytes as f64 / secs,
+        s.uplink.path_info(),
+        s.resolver.stats,
+        s.listener.stats()
+    );
+}
+
+/// The server answered each arrival at most once, within the hold (plus
+/// nothing: its timer fires exactly), except arrivals superseded by a retry.
+fn check_server(s: &Sim) {
+    assert_eq!(s.server_violations, Vec::<String>::new());
+    assert_eq!(s.resolver.violations, Vec::<String>::new());
+    let mut unanswered_old = 0;
+    for arrivals in s.arrivals.values() {
+        for a in arrivals {
+            match a.answered {
+                Some(t) => assert!(t - a.at <= HOLD, "held {:?}", t - a.at),
+                None if s.now - a.at > HOLD => unanswered_old += 1,
+                None => {}
+            }
+        }
+    }
+    assert!(
+        unanswered_old as u64 <= s.listener.stats().superseded,
+        "{unanswered_old} queries never answered, {} superseded",
+        s.listener.stats().superseded
+    );
+    for &(size, limit) in &s.resolver.answer_sizes {
+        assert!(size <= limit, "{size} > {limit}");
+    }
+}
+
+#[test]
+fn handshake_and_data_through_a_case_randomising_resolver() {
+    let mut s = sim(ResolverConfig::default(), 1);
+    connect(&mut s);
+    let (up, down, took) = exchange(&mut s, 200, 10, secs(120));
+    report("plain 1232", &s, 200, up, down, took);
+    assert_eq!((up, down), (200, 200));
+    check_server(&s);
+    assert_eq!(s.client_errors, []);
+    assert_eq!(s.server_errors, []);
+    assert_eq!(s.inits.len(), 1, "one handshake");
+    let info = s.uplink.path_info();
+    assert_eq!((info.edns_size, info.max_name_len), (Some(1232), 253));
+    assert_eq!(s.uplink.stats().fallbacks, 0);
+    // Answers used the room EDNS0 gives.
+    assert!(s.resolver.answer_sizes.iter().any(|&(n, _)| n > 600));
+}
+
+#[test]
+fn a_cache_that_ignores_ttl_zero_never_answers_a_tunnel_query() {
+    let mut s = sim(
+        ResolverConfig {
+            cache: Cache::IgnoreTtl,
+            ..ResolverConfig::default()
+        },
+        2,
+    );
+    connect(&mut s);
+    let (up, down, took) = exchange(&mut s, 100, 20, secs(120));
+    report("caching", &s, 100, up, down, took);
+    assert_eq!((up, down), (100, 100));
+    assert_eq!(s.resolver.stats.cache_hits, 0, "every query name is unique");
+    check_server(&s);
+    // Idle for a while: polls stay unique too.
+    s.run_for(secs(30));
+    assert_eq!(s.resolver.stats.cache_hits, 0);
+    assert!(s.connected());
+}
+
+#[test]
+fn a_512_byte_path_truncates_and_the_client_falls_back_then_reprobes() {
+    let mut s = sim(
+        ResolverConfig {
+            client_limit: Some(512),
+            ..ResolverConfig::default()
+        },
+        3,
+    );
+    connect(&mut s);
+    let (up, down, took) = exchange(&mut s, 100, 30, secs(120));
+    report("512 path", &s, 100, up, down, took);
+    // Downstream answers in flight when the path turned out to carry only
+    // 512 bytes (and again at each probe) are lost.
+    assert_eq!(up, 100);
+    assert!(down >= 85, "{down}");
+    assert!(s.resolver.stats.truncated > 0);
+    assert!(s.uplink.stats().fallbacks >= 1);
+    check_server(&s);
+    let truncated = s.resolver.stats.truncated;
+    let (up, down, _) = exchange(&mut s, 50, 40, secs(60));
+    assert_eq!(up, 50);
+    assert!(down >= 45, "{down}");
+    // The path heals: a later probe goes back to EDNS0 and stays there.
+    s.resolver.cfg.client_limit = None;
+    s.run_for(secs(700));
+    let (up, down, _) = exchange(&mut s, 50, 50, secs(60));
+    assert_eq!((up, down), (50, 50));
+    assert!(s.uplink.stats().reprobes >= 1);
+    assert_eq!(s.uplink.path_info().edns_size, Some(1232));
+    assert!(s.resolver.stats.truncated >= truncated);
+}
+
+fn name_cap(code: ResponseCode, seed: u64) {
+    let mut s = sim(
+        ResolverConfig {
+            name_cap: Some((100, code)),
+            ..ResolverConfig::default()
+        },
+        seed,
+    );
+    connect(&mut s);
+    let (up, down, took) = exchange(&mut s, 100, 60, secs(180));
+    report(
+        &format!("names capped at 100 ({code:?})"),
+        &s,
+        100,
+        up,
+        down,
+        took,
+    );
+    assert_eq!(s.uplink.path_info().max_name_len, 96);
+    assert!(s.resolver.stats.capped > 0);
+    assert_eq!(down, 100);
+    assert!(up >= 95, "{up}");
+    check_server(&s);
+    // Once short, nothing more is capped (until a probe).
+    let capped = s.resolver.stats.capped;
+    let (up, down, _) = exchange(&mut s, 30, 70, secs(20));
+    assert_eq!((up, down), (30, 30));
+    assert_eq!(s.resolver.stats.capped, capped);
+}
+
+#[test]
+fn names_capped_with_formerr_are_shortened() {
+    name_cap(ResponseCode::FormErr, 4);
+}
+
+#[test]
+fn names_capped_with_servfail_are_shortened() {
+    name_cap(ResponseCode::ServFail, 5);
+}
+
+#[test]
+fn lossy_retrying_duplicating_resolver_from_many_addresses() {
+    let mut s = sim(
+        ResolverConfig {
+            drop_query: 0.03,
+            drop_answer: 0.03,
+            duplicate: 0.1,
+            retry_after: Some(ms(400)),
+            sources: 8,
+            ..ResolverConfig::default()
+        },
+        6,
+    );
+    connect(&mut s);
+    let connected_at = s.now;
+    let (up, down, took) = exchange(&mut s, 200, 80, secs(180));
+    report("lossy", &s, 200, up, down, took);
+    assert!(up >= 170 && down >= 170, "{up} {down}");
+    check_server(&s);
+    assert!(s.listener.stats().retries > 0, "the server saw retries");
+    let sources: HashSet<_> = s.arrivals.keys().map(|(a, _)| a.ip()).collect();
+    assert!(sources.len() > 1);
+    // Handshakes after the first are rekeys, not reconnections.
+    for w in s.inits.windows(2) {
+        assert!(w[1] - w[0] >= REKEY_AFTER_TIME, "{:?}", w[1] - w[0]);
+    }
+    assert!(s.inits.iter().filter(|&&t| t > connected_at).count() <= 1);
+}
+
+#[test]
+fn the_session_survives_a_resolver_outage_and_backs_off() {
+    let mut s = sim(ResolverConfig::default(), 7);
+    connect(&mut s);
+    let (up, down, _) = exchange(&mut s, 20, 90, secs(30));
+    assert_eq!((up, down), (20, 20));
+    let before = s.resolver.stats.client_queries;
+    s.resolver.cfg.down_until = Some(s.now + secs(20));
+    s.run_for(secs(20));
+    let during = s.resolver.stats.client_queries - before;
+    // Backing off: far fewer queries than the idle rate would send.
+    println!("queries during a 20 s outage: {during}");
+    assert!(during < 60, "{during} queries in 20 s of SERVFAIL");
+    assert!(s.uplink.stats().servfails > 0);
+    let ok = s.run_until_cond(secs(30), |s| s.uplink.path_info().backoff.is_zero());
+    assert!(ok, "no recovery");
+    let (up, down, _) = exchange(&mut s, 20, 92, secs(60));
+    assert_eq!((up, down), (20, 20));
+    check_server(&s);
+}
+
+#[test]
+fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
+    let domain = Domain::new(DOMAIN).unwrap();
+    let mut l: DnsListener<u32, SocketAddr> = DnsListener::new(domain.clone());
+    let from: SocketAddr = "198.18.0.1:5353".parse().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut rng = common::Rng::new(9);
+    let mut answers = Vec::new();
+    let mut now = t0;
+    for i in 0..2000u32 {
+        now += ms(1);
+        let mut p = vec![0; UP_HEADER_LEN];
+        UpHeader {
+            tag: rng.next_u64() as u32 % 50,
+            qseq: i as u16,
+            down_limit: 2040,
+        }
+        .emit(&mut p);
+        // Sometimes a fragment of a big message, sometimes nothing.
+        if i % 3 != 0 {
+            let chunk_len = 1 + rng.below(100) as usize;
+            p.extend_from_slice(&[0, (i % 7) as u8, 0, 200]);
+            p.extend((0..chunk_len).map(|_| rng.next_u64() as u8));
+        }
+        p.truncate(domain.upstream_capacity(253));
+        let name = encode_name(&domain, &p).unwrap();
+        let bytes = build_query(i as u16, &name, Some(4096)).unwrap();
+        assert!(l.handle_query(now, from, &bytes).is_none());
+        // Someone sends to an unbound tag: still only ordinary replies.
+        let _ = l.send_to_tag(now, rng.next_u64() as u32 % 50, &vec![0xab; 3000]);
+        if i % 100 == 0 {
+            l.handle_timeout(now, |_| None);
+        }
+        while let Some(t) = l.poll_transmit() {
+            answers.push((i as u16, name.clone(), t.bytes));
+        }
+    }
+    now += secs(2);
+    l.handle_timeout(now, |_| None);
+    while let Some(t) = l.poll_transmit() {
+        answers.push((0, Name::root(), t.bytes));
+    }
+    assert!(answers.len() >= 1900);
+    for (_, _, b) in &answers {
+        assert!(
+            b.len() <= 512,
+            "{} bytes to an unauthenticated query",
+            b.len()
+        );
+    }
+    assert!(l.held() == 0, "all answered");
+    // Outside the zone: REFUSED; never an open resolver.
+    let other = Name::from_ascii("www.example.org.").unwrap();
+    l.handle_query(now, from, &build_query(7, &other, None).unwrap());
+    let t = l.poll_transmit().unwrap();
+    assert_eq!(parse_response(7, &other, &t.bytes), Ok(Answer::Refused));
+    assert!(t.bytes.len() <= 512);
+}
+
+use iptun_proto::wire::dns::Name;
