@@ -75,6 +75,9 @@ pub struct SessionStatus {
     pub drops: BTreeMap<String, u64>,
     /// Seconds since the latest handshake completed.
     pub since_handshake_secs: Option<f64>,
+    /// Transport details of the path (DNS: encoding, sizes, queries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<serde_json::Value>,
 }
 
 impl SessionStatus {

@@ -1,6 +1,7 @@
-//! Transport URLs: `udp://HOST:PORT` and `icmp://HOST`; `dns://` and
-//! `https://` are recognised so users get a clear "not yet" rather than a
-//! parse error.
+//! Transport URLs: `udp://HOST:PORT`, `icmp://HOST` and
+//! `dns://DOMAIN?resolver=IP[:PORT]` (client) /
+//! `dns://ADDR[:PORT]?domain=DOMAIN` (server); `https://` is recognised so
+//! users get a clear "not yet" rather than a parse error.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
@@ -10,15 +11,21 @@ use iptun_proto::wire::icmp::Family;
 /// The default UDP port (the seed's).
 pub const DEFAULT_UDP_PORT: u16 = 3000;
 
-const SUPPORTED: &str = "supported: udp://, icmp://";
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+
+const SUPPORTED: &str = "supported: udp://, icmp://, dns://";
 
 /// Where a server listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
     /// UDP on this address.
     Udp(SocketAddr),
     /// ICMP echo requests of this family (on all addresses).
     Icmp(Family),
+    /// DNS queries for `domain` (the tunnel domain delegated to us) on this
+    /// UDP address.
+    Dns { addr: SocketAddr, domain: String },
 }
 
 /// Where a client finds its server.
@@ -28,32 +35,44 @@ pub enum ServerUrl {
     Udp { host: String, port: u16 },
     /// ICMP echo to this host (an IPv6 address selects ICMPv6).
     Icmp { host: String },
+    /// DNS queries for names under `domain` through `resolvers` (none
+    /// given: the system's, from /etc/resolv.conf).
+    Dns {
+        domain: String,
+        resolvers: Vec<SocketAddr>,
+    },
 }
 
 /// A server URL resolved to an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerAddr {
     /// UDP to this socket address.
     Udp(SocketAddr),
     /// ICMP echo to this address.
     Icmp(IpAddr),
+    /// DNS through these resolvers (at least one) for names under `domain`.
+    Dns {
+        domain: String,
+        resolvers: Vec<SocketAddr>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scheme {
     Udp,
     Icmp,
+    Dns,
 }
 
 fn split(url: &str) -> anyhow::Result<(Scheme, &str)> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        bail!("`{url}` is not a URL: expected e.g. udp://HOST:PORT or icmp://HOST");
+        bail!("`{url}` is not a URL: expected e.g. udp://HOST:PORT, icmp://HOST or dns://DOMAIN");
     };
-    let rest = rest.trim_end_matches('/');
     match scheme {
         "udp" => Ok((Scheme::Udp, rest)),
         "icmp" => Ok((Scheme::Icmp, rest)),
-        "dns" | "http" | "https" | "ws" | "wss" => {
+        "dns" => Ok((Scheme::Dns, rest)),
+        "http" | "https" | "ws" | "wss" => {
             bail!("`{url}`: the {scheme} transport is not available in this version ({SUPPORTED})")
         }
         _ => bail!("`{url}`: unknown transport `{scheme}` ({SUPPORTED})"),
@@ -90,17 +109,97 @@ fn udp_port(port: Option<&str>, url: &str) -> anyhow::Result<u16> {
     }
 }
 
+/// Split off `?key=value&...`; the rest loses trailing slashes.
+fn query<'a>(rest: &'a str, url: &str) -> anyhow::Result<(&'a str, Vec<(&'a str, &'a str)>)> {
+    let (rest, q) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut params = Vec::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("`{url}`: expected key=value, not `{pair}`"))?;
+        params.push((k, v));
+    }
+    Ok((rest.trim_end_matches('/'), params))
+}
+
+/// Reject parameters other than `allowed`.
+fn only_params(params: &[(&str, &str)], allowed: &[&str], url: &str) -> anyhow::Result<()> {
+    if let Some((k, _)) = params.iter().find(|(k, _)| !allowed.contains(k)) {
+        if allowed.is_empty() {
+            bail!("`{url}`: unknown parameter `{k}` (this transport takes none)");
+        }
+        bail!(
+            "`{url}`: unknown parameter `{k}` (expected: {})",
+            allowed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `IP`, `IP:PORT`, `[V6]:PORT` or a bare IPv6 address; port 53 by default.
+fn resolver_addr(text: &str, url: &str) -> anyhow::Result<SocketAddr> {
+    let (host, port) = host_port(text, url)?;
+    let ip: IpAddr = host
+        .parse()
+        .with_context(|| format!("`{url}`: resolver must be an IP address, not `{host}`"))?;
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .with_context(|| format!("`{url}`: bad port `{p}`"))?,
+        None => DNS_PORT,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// The `nameserver` lines of a resolv.conf (port 53).
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then_some(())?;
+            // Drop a zone index (`fe80::1%eth0`): not supported here.
+            let ip: IpAddr = w.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, DNS_PORT))
+        })
+        .collect()
+}
+
 impl std::str::FromStr for Listen {
     type Err = anyhow::Error;
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
         let (scheme, rest) = split(url)?;
+        let (rest, params) = query(rest, url)?;
+        if scheme == Scheme::Dns {
+            only_params(&params, &["domain"], url)?;
+        } else {
+            only_params(&params, &[], url)?;
+        }
         let (host, port) = host_port(rest, url)?;
         let ip: IpAddr = host
             .parse()
             .with_context(|| format!("`{url}`: listen on an IP address, not `{host}`"))?;
         match scheme {
             Scheme::Udp => Ok(Self::Udp(SocketAddr::new(ip, udp_port(port, url)?))),
+            Scheme::Dns => {
+                let Some(&(_, domain)) = params.iter().rfind(|(k, _)| *k == "domain") else {
+                    bail!(
+                        "`{url}`: the DNS listener needs its domain: dns://ADDR[:PORT]?domain=t.example.com"
+                    );
+                };
+                iptun_proto::wire::dns::Domain::new(domain)
+                    .map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
+                let port = match port {
+                    Some(p) => p
+                        .parse()
+                        .with_context(|| format!("`{url}`: bad port `{p}`"))?,
+                    None => DNS_PORT,
+                };
+                Ok(Self::Dns {
+                    addr: SocketAddr::new(ip, port),
+                    domain: domain.to_owned(),
+                })
+            }
             Scheme::Icmp => {
                 if port.is_some() || !ip.is_unspecified() {
                     bail!(
@@ -122,8 +221,27 @@ impl std::str::FromStr for ServerUrl {
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
         let (scheme, rest) = split(url)?;
+        let (rest, params) = query(rest, url)?;
+        if scheme == Scheme::Dns {
+            only_params(&params, &["resolver"], url)?;
+            if rest.is_empty() {
+                bail!("`{url}`: missing the tunnel domain: dns://t.example.com[?resolver=IP]");
+            }
+            iptun_proto::wire::dns::Domain::new(rest)
+                .map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
+            let resolvers = params
+                .iter()
+                .map(|(_, r)| resolver_addr(r, url))
+                .collect::<anyhow::Result<_>>()?;
+            return Ok(Self::Dns {
+                domain: rest.to_owned(),
+                resolvers,
+            });
+        }
+        only_params(&params, &[], url)?;
         let (host, port) = host_port(rest, url)?;
         match scheme {
+            Scheme::Dns => unreachable!("handled above"),
             Scheme::Udp => Ok(Self::Udp {
                 host: host.to_owned(),
                 port: udp_port(port, url)?,
@@ -138,10 +256,28 @@ impl std::str::FromStr for ServerUrl {
 
 impl ServerUrl {
     /// Resolve to an address (the first the resolver gives).
+    /// For DNS: the resolvers given, or the system's.
     pub fn resolve(&self) -> anyhow::Result<ServerAddr> {
         let (host, port) = match self {
             Self::Udp { host, port } => (host, *port),
             Self::Icmp { host } => (host, 0),
+            Self::Dns { domain, resolvers } => {
+                let resolvers = if resolvers.is_empty() {
+                    let text = std::fs::read_to_string("/etc/resolv.conf")
+                        .context("reading /etc/resolv.conf (or give ?resolver=IP)")?;
+                    parse_resolv_conf(&text)
+                } else {
+                    resolvers.clone()
+                };
+                anyhow::ensure!(
+                    !resolvers.is_empty(),
+                    "no resolver: /etc/resolv.conf names none; give dns://{domain}?resolver=IP"
+                );
+                return Ok(ServerAddr::Dns {
+                    domain: domain.clone(),
+                    resolvers,
+                });
+            }
         };
         let addr = (host.as_str(), port)
             .to_socket_addrs()
@@ -151,6 +287,7 @@ impl ServerUrl {
         Ok(match self {
             Self::Udp { .. } => ServerAddr::Udp(addr),
             Self::Icmp { .. } => ServerAddr::Icmp(addr.ip()),
+            Self::Dns { .. } => unreachable!("returned above"),
         })
     }
 }
@@ -160,6 +297,14 @@ impl std::fmt::Display for ServerUrl {
         let (scheme, host) = match self {
             Self::Udp { host, .. } => ("udp", host),
             Self::Icmp { host } => ("icmp", host),
+            Self::Dns { domain, resolvers } => {
+                write!(f, "dns://{domain}")?;
+                for (i, r) in resolvers.iter().enumerate() {
+                    let sep = if i == 0 { '?' } else { '&' };
+                    write!(f, "{sep}resolver={r}")?;
+                }
+                return Ok(());
+            }
         };
         let host = if host.contains(':') {
             format!("[{host}]")
@@ -168,7 +313,7 @@ impl std::fmt::Display for ServerUrl {
         };
         match self {
             Self::Udp { port, .. } => write!(f, "{scheme}://{host}:{port}"),
-            Self::Icmp { .. } => write!(f, "{scheme}://{host}"),
+            Self::Icmp { .. } | Self::Dns { .. } => write!(f, "{scheme}://{host}"),
         }
     }
 }
@@ -209,13 +354,47 @@ mod tests {
                 .to_string()
                 .contains("IP address")
         );
+        assert_eq!(
+            "dns://0.0.0.0?domain=t.example.com"
+                .parse::<Listen>()
+                .unwrap(),
+            Listen::Dns {
+                addr: "0.0.0.0:53".parse().unwrap(),
+                domain: "t.example.com".into()
+            }
+        );
+        assert_eq!(
+            "dns://[::1]:5353/?domain=t.example.com"
+                .parse::<Listen>()
+                .unwrap(),
+            Listen::Dns {
+                addr: "[::1]:5353".parse().unwrap(),
+                domain: "t.example.com".into()
+            }
+        );
         assert!(
             "dns://0.0.0.0"
                 .parse::<Listen>()
                 .unwrap_err()
                 .to_string()
-                .contains("not available")
+                .contains("needs its domain")
         );
+        assert!(
+            "dns://0.0.0.0?resolver=1.2.3.4"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown parameter")
+        );
+        assert!(
+            "udp://0.0.0.0?domain=x"
+                .parse::<Listen>()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown parameter")
+        );
+        let e = "https://0.0.0.0".parse::<Listen>().unwrap_err().to_string();
+        assert!(e.contains("not available") && e.contains("dns://"), "{e}");
         assert!(
             "0.0.0.0:3000"
                 .parse::<Listen>()
@@ -253,5 +432,57 @@ mod tests {
         assert_eq!(u.to_string(), "icmp://[2001:db8::1]");
         assert!("icmp://192.0.2.1:5".parse::<ServerUrl>().is_err());
         assert!("udp://:3000".parse::<ServerUrl>().is_err());
+    }
+
+    #[test]
+    fn dns_server_urls() {
+        let u: ServerUrl = "dns://t.example.com?resolver=192.0.2.1&resolver=[2001:db8::1]:5353"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            u.resolve().unwrap(),
+            ServerAddr::Dns {
+                domain: "t.example.com".into(),
+                resolvers: vec![
+                    "192.0.2.1:53".parse().unwrap(),
+                    "[2001:db8::1]:5353".parse().unwrap()
+                ]
+            }
+        );
+        assert_eq!(
+            u.to_string(),
+            "dns://t.example.com?resolver=192.0.2.1:53&resolver=[2001:db8::1]:5353"
+        );
+        let u: ServerUrl = "dns://t.example.com/".parse().unwrap();
+        assert_eq!(
+            u,
+            ServerUrl::Dns {
+                domain: "t.example.com".into(),
+                resolvers: vec![]
+            }
+        );
+        assert!(
+            "dns://t.example.com?resolver=dns.google"
+                .parse::<ServerUrl>()
+                .is_err()
+        );
+        assert!(
+            "dns://t.example.com?server=1.2.3.4"
+                .parse::<ServerUrl>()
+                .is_err()
+        );
+        assert!("dns://?resolver=1.2.3.4".parse::<ServerUrl>().is_err());
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# comment\nsearch example.com\nnameserver 192.0.2.53\n nameserver  2001:db8::53 \nnameserver bogus\noptions edns0\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![
+                "192.0.2.53:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
     }
 }

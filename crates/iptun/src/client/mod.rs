@@ -254,6 +254,7 @@ fn status(
         tx_packets: 0,
         drops: Default::default(),
         since_handshake_secs: None,
+        path: uplink.path_info(),
     }
     .counters(
         engine.traffic(),

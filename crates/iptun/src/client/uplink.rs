@@ -8,8 +8,10 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use iptun_proto::dns::client::DnsUplink;
 use iptun_proto::engine::{Client, ClientOutput};
 use iptun_proto::poll::{Cadence, Pacer};
+use iptun_proto::wire::dns::Domain;
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
 use iptun_proto::wire::message::DATA_OVERHEAD;
 
@@ -27,6 +29,24 @@ pub(super) enum Uplink {
         to: SocketAddr,
     },
     Icmp(IcmpUplink),
+    Dns(Box<DnsPath>),
+}
+
+/// Timeouts in a row, without an answer, after which the next resolver
+/// (if several are given) takes over.
+const RESOLVER_SWITCH_TIMEOUTS: u64 = 4;
+
+/// The DNS transport: queries to a recursive resolver (or the server
+/// itself), driven by the sans-IO [`DnsUplink`].
+pub(super) struct DnsPath {
+    socket: tokio::net::UdpSocket,
+    resolvers: Vec<SocketAddr>,
+    active: usize,
+    uplink: DnsUplink,
+    /// Timeouts and answers when the active resolver was last judged.
+    seen: (u64, u64),
+    tx: Vec<u8>,
+    rx: Vec<u8>,
 }
 
 pub(super) struct IcmpUplink {
@@ -60,6 +80,9 @@ impl Uplink {
                     rx: vec![0; 1 << 16],
                 })
             }
+            ServerAddr::Dns { domain, resolvers } => {
+                Self::Dns(Box::new(DnsPath::open(&domain, resolvers)?))
+            }
         })
     }
 
@@ -68,6 +91,7 @@ impl Uplink {
         match self {
             Self::Udp { to, .. } => to.ip(),
             Self::Icmp(i) => i.to,
+            Self::Dns(d) => d.resolver().ip(),
         }
     }
 
@@ -78,6 +102,9 @@ impl Uplink {
         let carrier = match self {
             Self::Udp { .. } => 8,
             Self::Icmp(_) => OVERHEAD as u16,
+            // Messages are fragmented into queries and answers anyway:
+            // nothing limits the tunnel MTU but the server's.
+            Self::Dns(_) => return 0,
         };
         ip + carrier + DATA_OVERHEAD as u16
     }
@@ -87,6 +114,15 @@ impl Uplink {
         match self {
             Self::Udp { to, .. } => ("udp", to.to_string()),
             Self::Icmp(i) => ("icmp", i.to.to_string()),
+            Self::Dns(d) => ("dns", d.resolver().to_string()),
+        }
+    }
+
+    /// Transport details for status, where there are any.
+    pub(super) fn path_info(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Dns(d) => Some(d.path_info()),
+            _ => None,
         }
     }
 
@@ -99,6 +135,7 @@ impl Uplink {
         match self {
             Self::Udp { tx, to, .. } => tx.send_with(*to, fill),
             Self::Icmp(i) => i.request(now, fill),
+            Self::Dns(d) => d.send_with(now, fill),
         }
     }
 
@@ -121,6 +158,7 @@ impl Uplink {
         match self {
             Self::Udp { rx, .. } => rx.poll_readable(cx),
             Self::Icmp(i) => i.socket.poll_readable(cx),
+            Self::Dns(d) => d.socket.poll_recv_ready(cx),
         }
     }
 
@@ -129,12 +167,21 @@ impl Uplink {
         match self {
             Self::Udp { .. } => None,
             Self::Icmp(i) => i.pacer.next_timeout(),
+            Self::Dns(d) => d.uplink.next_timeout(),
         }
     }
 
     /// On a poll transport, send bare requests (keepalives) until the
     /// pacer's target is outstanding.
     pub(super) fn top_up(&mut self, engine: &mut Client, now: Instant) {
+        if let Self::Dns(d) = self {
+            // The uplink keeps its own polls outstanding.
+            if d.uplink.next_timeout().is_some_and(|t| t <= now) {
+                d.uplink.handle_timeout(now);
+            }
+            d.pump(now);
+            return;
+        }
         let Self::Icmp(i) = self else { return };
         // Always let the pacer forget lost requests, or its deadline stays in
         // the past and the client loop spins.
@@ -157,6 +204,7 @@ impl Uplink {
         let dry = match self {
             Self::Udp { rx, tx, to } => receive_udp(engine, tun, rx, tx, *to).await?,
             Self::Icmp(i) => i.receive(engine, tun).await?,
+            Self::Dns(d) => d.receive(engine, tun).await?,
         };
         self.top_up(engine, Instant::now());
         self.flush();
@@ -263,6 +311,158 @@ impl IcmpUplink {
             self.pacer.replied(carried_data);
         }
         self.rx = rx;
+        tun.flush().await.context("writing to the TUN device")?;
+        Ok(dry)
+    }
+}
+
+impl DnsPath {
+    fn open(domain: &str, resolvers: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        let domain = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
+        // One socket, of the first resolver's family; others are skipped.
+        let first = *resolvers.first().context("no DNS resolver")?;
+        let resolvers: Vec<SocketAddr> = resolvers
+            .into_iter()
+            .filter(|r| {
+                let same = r.is_ipv4() == first.is_ipv4();
+                if !same {
+                    tracing::warn!("resolver {r}: not of {first}'s family, skipped");
+                }
+                same
+            })
+            .collect();
+        let any: SocketAddr = if first.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("valid");
+        let socket = std::net::UdpSocket::bind(any).context("binding a UDP socket for DNS")?;
+        socket.set_nonblocking(true)?;
+        crate::transport::sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let mut random = [0u8; 12];
+        getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
+        let tag = u32::from_le_bytes(random[..4].try_into().expect("4 bytes"));
+        let seed = u64::from_le_bytes(random[4..].try_into().expect("8 bytes"));
+        Ok(Self {
+            socket,
+            resolvers,
+            active: 0,
+            uplink: DnsUplink::new(domain, tag, seed),
+            seen: (0, 0),
+            tx: vec![0; 1 << 16],
+            rx: vec![0; 1 << 16],
+        })
+    }
+
+    fn resolver(&self) -> SocketAddr {
+        self.resolvers[self.active]
+    }
+
+    fn send_with(&mut self, now: Instant, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
+        let Some(n) = fill(&mut self.tx) else {
+            return;
+        };
+        self.uplink.send(now, &self.tx[..n]);
+        self.pump(now);
+    }
+
+    /// Send every query the uplink's pacing allows now.
+    fn pump(&mut self, now: Instant) {
+        let stats = self.uplink.stats();
+        if self.resolvers.len() > 1 {
+            if stats.answers > self.seen.1 {
+                self.seen = (stats.timeouts, stats.answers);
+            } else if stats.timeouts >= self.seen.0 + RESOLVER_SWITCH_TIMEOUTS {
+                self.active = (self.active + 1) % self.resolvers.len();
+                self.seen = (stats.timeouts, stats.answers);
+                tracing::info!("no answers: switching to resolver {}", self.resolver());
+            }
+        }
+        let to = self.resolver();
+        while let Some(q) = self.uplink.poll_query(now) {
+            // A full socket buffer loses the query: the uplink times it out.
+            let _ = self.socket.try_send_to(&q.bytes, to);
+        }
+    }
+
+    fn path_info(&self) -> serde_json::Value {
+        let p = self.uplink.path_info();
+        let s = p.stats;
+        serde_json::json!({
+            "resolver": self.resolver().to_string(),
+            "tag": format!("{:08x}", self.uplink.tag()),
+            "encoding": p.encoding,
+            "record_type": p.record_type,
+            "edns_size": p.edns_size,
+            "max_name_len": p.max_name_len,
+            "upstream_fragment": p.upstream_fragment,
+            "downstream_limit": p.downstream_limit,
+            "in_flight": p.in_flight,
+            "target": p.target,
+            "window": p.window,
+            "backoff_ms": p.backoff.as_millis() as u64,
+            "stats": {
+                "queries": s.queries,
+                "data_queries": s.data_queries,
+                "answers": s.answers,
+                "data_answers": s.data_answers,
+                "timeouts": s.timeouts,
+                "servfails": s.servfails,
+                "refused": s.refused,
+                "truncated": s.truncated,
+                "errors": s.errors,
+                "retried": s.retried,
+                "lost": s.lost,
+                "fallbacks": s.fallbacks,
+                "reprobes": s.reprobes,
+                "unexpected": s.unexpected,
+            },
+        })
+    }
+
+    async fn receive(&mut self, engine: &mut Client, tun: &mut Tun) -> anyhow::Result<bool> {
+        let mut rx = std::mem::take(&mut self.rx);
+        let mut dry = false;
+        let mut result = Ok(());
+        for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
+            let (n, from) = match self.socket.try_recv_from(&mut rx) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    dry = true;
+                    break;
+                }
+                // ICMP port unreachable from a resolver: its query times out.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => {
+                    result = Err(e).context("receiving on the DNS socket");
+                    break;
+                }
+            };
+            if !self.resolvers.contains(&from) {
+                continue;
+            }
+            let now = Instant::now();
+            let _ = self.uplink.handle_response(now, &rx[..n]);
+            while let Some(m) = self.uplink.poll_message() {
+                let Some(buf) = tun.stage_buffer(m.len()) else {
+                    continue;
+                };
+                match engine.handle_datagram(now, &m, buf) {
+                    Ok(ClientOutput::Tun(packet)) => {
+                        let n = packet.len();
+                        tun.commit(n);
+                    }
+                    Ok(ClientOutput::Send(reply)) => self.uplink.send(now, reply),
+                    Ok(ClientOutput::Nothing) | Err(_) => {}
+                }
+            }
+        }
+        self.rx = rx;
+        result?;
+        self.pump(Instant::now());
         tun.flush().await.context("writing to the TUN device")?;
         Ok(dry)
     }

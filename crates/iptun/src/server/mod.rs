@@ -1,6 +1,7 @@
 //! The server daemon: one TUN device, listeners on any mix of transports,
 //! the sans-IO [`Server`] engine in between.
 
+mod dns;
 mod icmp;
 
 use std::future::poll_fn;
@@ -36,11 +37,18 @@ pub enum Path {
         ip: IpAddr,
         session: Option<SessionId>,
     },
+    /// DNS listener `socket`, client `tag`: answers ride on the tag's held
+    /// queries, whichever resolver sent them; once bound, by session.
+    Dns {
+        socket: usize,
+        tag: u32,
+        session: Option<SessionId>,
+    },
 }
 
 impl PathKind for Path {
     fn is_polled(&self) -> bool {
-        matches!(self, Self::Icmp { .. })
+        matches!(self, Self::Icmp { .. } | Self::Dns { .. })
     }
 }
 
@@ -49,6 +57,7 @@ impl Path {
         match self {
             Self::Udp { .. } => "udp",
             Self::Icmp { .. } => "icmp",
+            Self::Dns { .. } => "dns",
         }
     }
 
@@ -56,6 +65,7 @@ impl Path {
         match self {
             Self::Udp { addr, .. } => addr.to_string(),
             Self::Icmp { ip, .. } => ip.to_string(),
+            Self::Dns { tag, .. } => format!("tag {tag:08x}"),
         }
     }
 }
@@ -65,6 +75,7 @@ impl Path {
 struct Senders {
     udp: Vec<UdpSender>,
     icmp: icmp::Listeners,
+    dns: dns::Listeners,
 }
 
 impl Senders {
@@ -77,6 +88,11 @@ impl Senders {
             } => self.icmp.downstream(session, msg),
             // No request to answer yet: the client's next one will fetch it.
             Path::Icmp { session: None, .. } => {}
+            Path::Dns {
+                socket,
+                tag,
+                session,
+            } => self.dns.send(socket, tag, session, msg),
         }
     }
 
@@ -196,17 +212,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut senders = Senders {
         udp: Vec::new(),
         icmp: icmp::Listeners::new(),
+        dns: dns::Listeners::new(),
     };
     let mut endpoints = Vec::new();
     for l in &s.listen {
-        match *l {
-            Listen::Udp(addr) => {
+        match l {
+            &Listen::Udp(addr) => {
                 let (rx, tx) = udp::bind(addr)?;
                 endpoints.push(format!("udp://{}", rx.local_addr()?));
                 receivers.push(rx);
                 senders.udp.push(tx);
             }
-            Listen::Icmp(family) => {
+            &Listen::Icmp(family) => {
                 senders
                     .icmp
                     .add(IcmpSocket::open(family, Role::Server)?, &mut undo)?;
@@ -214,6 +231,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     Family::V4 => "icmp://0.0.0.0".to_owned(),
                     Family::V6 => "icmp://[::]".to_owned(),
                 });
+            }
+            Listen::Dns { addr, domain } => {
+                let local = senders.dns.add(*addr, domain)?;
+                endpoints.push(format!("dns://{local}?domain={domain}"));
             }
         }
     }
@@ -229,7 +250,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut drops = DropReporter::new();
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
+    // The DNS listeners' timer (holds of 600 ms: finer than the ticker),
+    // moved only when their deadline changes.
+    let dns_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(dns_timer);
     loop {
+        let dns_deadline = senders
+            .dns
+            .next_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if dns_timer.deadline() != dns_deadline.into() {
+            dns_timer.as_mut().reset(dns_deadline.into());
+        }
         tokio::select! {
             () = &mut shutdown => break,
             r = tun.readable() => {
@@ -248,6 +280,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     tokio::task::yield_now().await;
                 }
             }
+            i = poll_fn(|cx| senders.dns.poll_readable(cx)) => {
+                if !dns::receive(&mut engine, &mut tun, &mut senders, i).await? {
+                    tokio::task::yield_now().await;
+                }
+            }
+            () = &mut dns_timer => {
+                senders.dns.handle_timeout(&mut engine, Instant::now());
+            }
             _ = ticker.tick() => {
                 let now = Instant::now();
                 engine.poll_timers(now);
@@ -258,6 +298,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 if let Ok(conn) = conn {
                     let mut st = status(&engine, tun.name(), &addr_text, &endpoints);
                     senders.icmp.add_drops(&mut st.drops);
+                    senders.dns.add_drops(&mut st.drops);
                     control::reply(conn, &st);
                 }
             }
@@ -371,6 +412,7 @@ fn status(engine: &Server<Path>, tun: &str, addresses: &[String], endpoints: &[S
                 tx_packets: 0,
                 drops: Default::default(),
                 since_handshake_secs: None,
+                path: None,
             }
             .counters(s.traffic, s.drops, s.last_handshake, now)
         })

@@ -2,5 +2,5 @@
 //! server. The protocol decisions live in `iptun_proto`; these only do I/O.
 
 pub mod icmp;
-mod sockopt;
+pub mod sockopt;
 pub mod udp;
