@@ -17,7 +17,10 @@
 //! window grows by one per window of answered queries and halves (at most
 //! once per round trip) on SERVFAIL, REFUSED, NXDOMAIN or a timeout, which
 //! also start an exponential back-off ([`BACKOFF_MIN`]..[`BACKOFF_MAX`])
-//! during which no query is sent. At most one query per [`MIN_GAP`].
+//! during which no query is sent. On average at most [`MAX_RATE`] queries
+//! a second, in bursts of at most [`MAX_IN_FLIGHT`] (a token bucket: timers
+//! tick in milliseconds, so a fixed gap between queries would cap far lower
+//! than intended).
 //!
 //! Path parameters: it starts with EDNS0 at 1232 and names of up to 253
 //! characters. TC in an answer, or FORMERR/NOTIMP to a short query, turns
@@ -48,8 +51,9 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// A query unanswered this long is lost: the server's hold plus room for
 /// the resolver's own retries.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-/// The least time between two queries (at most 500 per second).
-pub const MIN_GAP: Duration = Duration::from_millis(2);
+/// The most queries a second, on average: polite to a resolver (unbound
+/// serves tens of thousands), and room for several Mbit/s.
+pub const MAX_RATE: f64 = 4000.0;
 /// The first back-off after a failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest back-off.
@@ -185,7 +189,9 @@ pub struct DnsUplink {
     target: usize,
     window: usize,
     acked: usize,
-    last_sent: Option<Instant>,
+    /// Tokens for [`MAX_RATE`], and when they were counted.
+    tokens: f64,
+    tokens_at: Option<Instant>,
     backoff: Duration,
     backoff_until: Option<Instant>,
     last_cut: Option<Instant>,
@@ -225,7 +231,8 @@ impl DnsUplink {
             target: MIN_IN_FLIGHT,
             window: MAX_IN_FLIGHT / 2,
             acked: 0,
-            last_sent: None,
+            tokens: MAX_IN_FLIGHT as f64,
+            tokens_at: None,
             backoff: Duration::ZERO,
             backoff_until: None,
             last_cut: None,
@@ -308,13 +315,22 @@ impl DnsUplink {
         !self.frags.is_empty() || !self.messages.is_empty() || !self.reask.is_empty()
     }
 
+    fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.tokens_at {
+            let earned = now.saturating_duration_since(at).as_secs_f64() * MAX_RATE;
+            self.tokens = (self.tokens + earned).min(MAX_IN_FLIGHT as f64);
+        }
+        self.tokens_at = Some(now);
+    }
+
     /// The next query to send, if pacing allows one now.
     pub fn poll_query(&mut self, now: Instant) -> Option<Query> {
         self.expire(now);
         if self.backoff_until.is_some_and(|t| now < t) {
             return None;
         }
-        if self.last_sent.is_some_and(|t| now < t + MIN_GAP) {
+        self.refill(now);
+        if self.tokens < 1.0 {
             return None;
         }
         if self.in_flight.len() >= self.window {
@@ -355,7 +371,7 @@ impl DnsUplink {
         if reask.is_none() {
             self.qseq = self.qseq.wrapping_add(1);
         }
-        self.last_sent = Some(now);
+        self.tokens -= 1.0;
         self.stats.queries += 1;
         let long = name.len() > SHORT_NAME_LEN + 1;
         if let Some(f) = &frag {
@@ -478,7 +494,9 @@ impl DnsUplink {
             .min();
         let wants = self.has_data() || self.in_flight.len() < self.target;
         let send = if wants && self.in_flight.len() < self.window {
-            let gap = self.last_sent.map(|t| t + MIN_GAP);
+            let gap = self.tokens_at.filter(|_| self.tokens < 1.0).map(|t| {
+                t + Duration::from_secs_f64((1.0 - self.tokens) / MAX_RATE)
+            });
             match (gap, self.backoff_until) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
