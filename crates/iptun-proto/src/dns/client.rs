@@ -47,13 +47,13 @@ use crate::wire::dns::{
 /// The fewest queries in flight (idle).
 pub const MIN_IN_FLIGHT: usize = 2;
 /// The most queries in flight.
-pub const MAX_IN_FLIGHT: usize = 16;
+pub const MAX_IN_FLIGHT: usize = 32;
 /// A query unanswered this long is lost: the server's hold plus room for
 /// the resolver's own retries.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most queries a second, on average: polite to a resolver (unbound
 /// serves tens of thousands), and room for several Mbit/s.
-pub const MAX_RATE: f64 = 4000.0;
+pub const MAX_RATE: f64 = 8000.0;
 /// The first back-off after a failure.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest back-off.
@@ -494,9 +494,10 @@ impl DnsUplink {
             .min();
         let wants = self.has_data() || self.in_flight.len() < self.target;
         let send = if wants && self.in_flight.len() < self.window {
-            let gap = self.tokens_at.filter(|_| self.tokens < 1.0).map(|t| {
-                t + Duration::from_secs_f64((1.0 - self.tokens) / MAX_RATE)
-            });
+            let gap = self
+                .tokens_at
+                .filter(|_| self.tokens < 1.0)
+                .map(|t| t + Duration::from_secs_f64((1.0 - self.tokens) / MAX_RATE));
             match (gap, self.backoff_until) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
@@ -590,8 +591,11 @@ impl DnsUplink {
             self.acked = 0;
             self.window = (self.window + 1).min(MAX_IN_FLIGHT);
         }
+        // Bare polls take at most half the window: the rest stays free for
+        // queries carrying data, which would otherwise wait for a held poll
+        // to come back (up to the server's hold).
         self.target = if carried {
-            (self.target * 2).min(self.window)
+            (self.target * 2).min(self.window / 2).max(MIN_IN_FLIGHT)
         } else {
             self.target.saturating_sub(1).max(MIN_IN_FLIGHT)
         };
@@ -634,7 +638,7 @@ impl DnsUplink {
             }
             self.backoff_until = Some(now + self.backoff);
         }
-        self.target = self.target.min(self.window).max(1);
+        self.target = self.target.min(self.window / 2).max(1);
         // The fragment: again, if still fresh.
         if let Some(f) = q.frag {
             if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
