@@ -182,7 +182,9 @@ fn kbit_per_s(bytes: u64, took: Duration) -> f64 {
 
 /// Server on 203.0.113.2:53, client through `resolver`: tunnel up, a ping
 /// to the target, 2 MiB each way checked by sha256 and timed.
-fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, what: &str) {
+/// `resolver` is where the client's queries must go; `explicit` says whether
+/// the URL names it (`?resolver=`) or the client finds it in resolv.conf.
+fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, what: &str) {
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
     let listen = format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR);
@@ -208,7 +210,11 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, what: &str) {
         format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR),
         "{st:#}"
     );
-    let url = format!("dns://{DOMAIN}?resolver={resolver}");
+    let url = if explicit {
+        format!("dns://{DOMAIN}?resolver={resolver}")
+    } else {
+        format!("dns://{DOMAIN}")
+    };
     let mut client = Daemon::spawn(
         &topo.client,
         tag,
@@ -284,7 +290,7 @@ fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &st
     let mut opts = UnboundOptions::new(DOMAIN, topo.server_dns(53));
     tweak(&mut opts);
     let unbound: Unbound = topo.start_unbound(&opts);
-    tunnel_case(tag, &topo, addrs::RESOLVER_ADDR, what);
+    tunnel_case(tag, &topo, addrs::RESOLVER_ADDR, true, what);
     // The resolver serves the tunnel domain only.
     let other = dns_query(&topo.client, unbound.addr(), "www.example.org", "A", 1232);
     assert!(
@@ -298,6 +304,46 @@ fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &st
 #[test]
 fn dns_through_unbound() {
     through_unbound("dns", |_| {}, "DNS via unbound");
+}
+
+/// Without `?resolver=`, the client asks the nameservers of its resolv.conf
+/// (`ip netns exec` puts /etc/netns/NS/resolv.conf in place of /etc/resolv.conf).
+#[test]
+fn dns_through_the_system_resolver() {
+    require_root();
+    let tag = "dnssys";
+    let topo = DnsTopology::new(tag, false);
+    let _resolv = NetnsResolvConf::new(&topo.client.name, addrs::RESOLVER_ADDR);
+    let _unbound: Unbound = topo.start_unbound(&UnboundOptions::new(DOMAIN, topo.server_dns(53)));
+    tunnel_case(
+        tag,
+        &topo,
+        addrs::RESOLVER_ADDR,
+        false,
+        "DNS via resolv.conf",
+    );
+}
+
+/// /etc/netns/NS/resolv.conf naming one nameserver, removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str, nameserver: &str) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("creating /etc/netns/NS");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("# iptun test\nnameserver {nameserver}\n"),
+        )
+        .expect("writing resolv.conf");
+        Self(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
@@ -323,5 +369,5 @@ fn dns_direct() {
     require_root();
     let tag = "dnsdir";
     let topo = DnsTopology::new(tag, true);
-    tunnel_case(tag, &topo, addrs::SERVER_ADDR, "DNS direct");
+    tunnel_case(tag, &topo, addrs::SERVER_ADDR, true, "DNS direct");
 }
