@@ -325,11 +325,11 @@ fn dns_through_the_system_resolver() {
 }
 
 /// /etc/netns/NS/resolv.conf naming one nameserver, removed on drop.
-struct NetnsResolvConf(std::path::PathBuf);
+struct NetnsResolvConf(PathBuf);
 
 impl NetnsResolvConf {
     fn new(ns: &str, nameserver: &str) -> Self {
-        let dir = std::path::Path::new("/etc/netns").join(ns);
+        let dir = PathBuf::from("/etc/netns").join(ns);
         std::fs::create_dir_all(&dir).expect("creating /etc/netns/NS");
         std::fs::write(
             dir.join("resolv.conf"),
