@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-/// An IP tunnel over UDP (and, later, DNS, ICMP and HTTP).
+/// An encrypted IP tunnel over UDP, ICMP echo or DNS.
 ///
 /// The server admits clients by public key, gives each a stable tunnel
 /// address from its pool and forwards their IP packets (routing or NAT); the
@@ -19,6 +19,11 @@ use serde::Deserialize;
 ///   iptun genkey > client.key; iptun pubkey < client.key      (on the client)
 ///   iptun server --private-key server.key --allow CLIENT_PUB --nat
 ///   iptun client --private-key client.key --server-key SERVER_PUB --server udp://HOST:3000 --route default
+///
+/// Transports (server --listen / client --server):
+///   udp://ADDR:PORT   /  udp://HOST:PORT       the fast path (port 3000 by default)
+///   icmp://0.0.0.0 or icmp://[::]  /  icmp://HOST   echo requests and replies
+///   dns://ADDR:53?domain=D  /  dns://D[?resolver=IP[:PORT]]   through resolvers
 #[derive(Debug, Parser)]
 #[command(name = "iptun", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -77,7 +82,8 @@ pub struct ServerArgs {
     /// Admit the client keys listed in FILE (one per line; `#` comments).
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<PathBuf>,
-    /// Where to listen (repeatable) [default: udp://0.0.0.0:3000].
+    /// Where to listen (repeatable): udp://ADDR:PORT, icmp://0.0.0.0, icmp://[::],
+    /// dns://ADDR[:PORT]?domain=DOMAIN [default: udp://0.0.0.0:3000].
     #[arg(long = "listen", value_name = "URL")]
     #[serde(default)]
     pub listen: Vec<String>,
@@ -122,7 +128,8 @@ pub struct ClientArgs {
     /// The server's public key.
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<String>,
-    /// The server, e.g. udp://198.51.100.1:3000 (port 3000 if omitted).
+    /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST, or
+    /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none).
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
     /// Route CIDR through the tunnel (repeatable); `default` routes everything
