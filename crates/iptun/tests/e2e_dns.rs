@@ -184,7 +184,8 @@ fn kbit_per_s(bytes: u64, took: Duration) -> f64 {
 /// to the target, 2 MiB each way checked by sha256 and timed.
 /// `resolver` is where the client's queries must go; `explicit` says whether
 /// the URL names it (`?resolver=`) or the client finds it in resolv.conf.
-fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, what: &str) {
+/// Returns the client's DNS path status at the end.
+fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, what: &str) -> Value {
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
     let listen = format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR);
@@ -276,34 +277,39 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
     let rx = session["rx_bytes"].as_u64().expect("rx_bytes");
     let tx = session["tx_bytes"].as_u64().expect("tx_bytes");
     assert!(rx >= TRANSFER && tx >= TRANSFER, "{st:#}");
-    eprintln!(
-        "{what}: client path {:#}",
-        client.status_ok()["sessions"][0]["path"]
-    );
+    let path = client.status_ok()["sessions"][0]["path"].clone();
+    eprintln!("{what}: client path {path:#}");
+    eprintln!("{what}: upstream encoding {}", path["encoding"]);
     client.assert_running();
     server.assert_running();
+    path
 }
 
-fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &str) {
+/// Returns the client's DNS path status at the end.
+fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &str) -> Value {
     require_root();
     let topo = DnsTopology::new(tag, false);
     let mut opts = UnboundOptions::new(DOMAIN, topo.server_dns(53));
     tweak(&mut opts);
     let unbound: Unbound = topo.start_unbound(&opts);
-    tunnel_case(tag, &topo, addrs::RESOLVER_ADDR, true, what);
+    let path = tunnel_case(tag, &topo, addrs::RESOLVER_ADDR, true, what);
     // The resolver serves the tunnel domain only.
     let other = dns_query(&topo.client, unbound.addr(), "www.example.org", "A", 1232);
     assert!(
         other.as_ref().is_none_or(|r| r.rcode != 0),
         "another domain resolved: {other:?}"
     );
+    path
 }
 
 // ---------------------------------------------------------------- tests
 
 #[test]
 fn dns_through_unbound() {
-    through_unbound("dns", |_| {}, "DNS via unbound");
+    let path = through_unbound("dns", |_| {}, "DNS via unbound");
+    // unbound carries 8-bit label bytes: the client probed base128 and
+    // switched to it.
+    assert_eq!(path["encoding"], "base128", "{path:#}");
 }
 
 /// Without `?resolver=`, the client asks the nameservers of its resolv.conf
@@ -348,7 +354,7 @@ impl Drop for NetnsResolvConf {
 
 #[test]
 fn dns_through_unbound_caps_for_id() {
-    through_unbound(
+    let _ = through_unbound(
         "dnscaps",
         |o| o.caps_for_id = true,
         "DNS via unbound (use-caps-for-id)",
@@ -357,7 +363,7 @@ fn dns_through_unbound_caps_for_id() {
 
 #[test]
 fn dns_through_unbound_edns_512() {
-    through_unbound(
+    let _ = through_unbound(
         "dns512",
         |o| o.edns_buffer_size = Some(512),
         "DNS via unbound (EDNS 512)",

@@ -30,6 +30,16 @@
 //! down one of the two. After [`REPROBE_MIN`] (doubling up to
 //! [`REPROBE_MAX`] while probes fail) the full parameters are tried again.
 //!
+//! Encoding: names start in base32, which always works. After
+//! [`PROBE_ENCODING_AFTER`] answers in a row, outside any fallback, the next
+//! query goes out in base128 (7 bits per character, 8-bit label bytes):
+//! when a TXT answer for it comes back (the server decoded it), upstream
+//! switches to base128 (about 40% more per query); when it fails (an error
+//! code, NODATA, a timeout, a mangled name), base32 stays, and the probe is
+//! tried again after [`REPROBE_MIN`], doubling up to [`REPROBE_MAX`]. Every
+//! fallback of the path parameters also returns to base32, and a run of
+//! timeouts in base128 drops the encoding first.
+//!
 //! Upstream fragments whose query failed are sent again only within
 //! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
 //! after that the inner protocol's own recovery is faster.
@@ -41,7 +51,7 @@ use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
 use crate::DropReason;
 use crate::frag::{Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    Answer, Domain, MAX_NAME_LEN, Name, build_query, encode_name, parse_response,
+    Answer, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query, encode_name_as, parse_response,
 };
 
 /// The fewest queries in flight (idle).
@@ -73,6 +83,8 @@ pub const REPROBE_MAX: Duration = Duration::from_secs(600);
 pub const RETRY_WINDOW: Duration = Duration::from_millis(2500);
 /// Tries per fragment.
 pub const MAX_TRIES: u8 = 2;
+/// Answers in a row (outside a fallback) before base128 is probed.
+pub const PROBE_ENCODING_AFTER: u32 = 8;
 /// Upstream messages waiting to be split; more are dropped.
 pub const MAX_UP_QUEUE: usize = 64;
 /// Partial downstream messages are dropped this long after their first fragment.
@@ -144,6 +156,10 @@ pub struct UplinkStats {
     pub fallbacks: u64,
     /// Times the full parameters were tried again.
     pub reprobes: u64,
+    /// Queries sent in base128 to probe the path.
+    pub encoding_probes: u64,
+    /// Base128 probes that failed.
+    pub encoding_failures: u64,
     /// Responses that matched no query in flight, or did not parse.
     pub unexpected: u64,
 }
@@ -155,6 +171,7 @@ struct UpFrag {
 }
 
 struct InFlight {
+    id: u16,
     name: Name,
     qseq: u16,
     /// A re-ask of an answer that came truncated.
@@ -203,6 +220,17 @@ pub struct DnsUplink {
     reprobe_at: Option<Instant>,
     reprobe_wait: Duration,
     last_reprobe: Option<Instant>,
+    /// How names are encoded now.
+    encoding: NameEncoding,
+    /// Answers in a row.
+    good_in_row: u32,
+    /// Base128 answered its last probe (and failed none since).
+    base128_ok: bool,
+    /// The base128 probe in flight (its DNS id).
+    encoding_probe: Option<u16>,
+    /// No base128 probe before then (the last one failed).
+    encoding_retry_at: Option<Instant>,
+    encoding_wait: Duration,
     stats: UplinkStats,
 }
 
@@ -244,6 +272,12 @@ impl DnsUplink {
             reprobe_at: None,
             reprobe_wait: REPROBE_MIN,
             last_reprobe: None,
+            encoding: NameEncoding::Base32,
+            good_in_row: 0,
+            base128_ok: false,
+            encoding_probe: None,
+            encoding_retry_at: None,
+            encoding_wait: REPROBE_MIN,
             stats: UplinkStats::default(),
         }
     }
@@ -261,7 +295,7 @@ impl DnsUplink {
     /// The DNS path's parameters, for status.
     pub fn path_info(&self) -> PathInfo {
         PathInfo {
-            encoding: "base32",
+            encoding: self.encoding.as_str(),
             record_type: "TXT",
             edns_size: self.edns.then_some(EDNS_SIZE),
             max_name_len: self.max_name_len(),
@@ -296,7 +330,7 @@ impl DnsUplink {
     /// Fragment bytes (header included) one query carries.
     fn fragment_len(&self) -> usize {
         self.domain
-            .upstream_capacity(self.max_name_len())
+            .upstream_capacity_as(self.max_name_len(), self.encoding)
             .saturating_sub(UP_HEADER_LEN)
     }
 
@@ -358,7 +392,22 @@ impl DnsUplink {
         if let Some(f) = &frag {
             payload.extend_from_slice(&f.bytes);
         }
-        let Ok(name) = encode_name(&self.domain, &payload) else {
+        // Probe base128 with this query? (Its fragment, sized for base32,
+        // fits: base128 carries more.)
+        let probe = self.encoding == NameEncoding::Base32
+            && self.encoding_probe.is_none()
+            && self.good_in_row >= PROBE_ENCODING_AFTER
+            && self.reprobe_at.is_none()
+            && self.encoding_retry_at.is_none_or(|t| now >= t);
+        let base32_len = self
+            .domain
+            .upstream_capacity_as(self.max_name_len(), NameEncoding::Base32);
+        let encoding = if probe || payload.len() > base32_len {
+            NameEncoding::Base128
+        } else {
+            self.encoding
+        };
+        let Ok(name) = encode_name_as(&self.domain, &payload, encoding) else {
             self.stats.lost += 1;
             return None;
         };
@@ -373,6 +422,10 @@ impl DnsUplink {
         }
         self.tokens -= 1.0;
         self.stats.queries += 1;
+        if probe {
+            self.encoding_probe = Some(id);
+            self.stats.encoding_probes += 1;
+        }
         let long = name.len() > SHORT_NAME_LEN + 1;
         if let Some(f) = &frag {
             self.stats.data_queries += 1;
@@ -383,6 +436,7 @@ impl DnsUplink {
         self.in_flight.insert(
             id,
             InFlight {
+                id,
                 name,
                 qseq,
                 reask: reask.is_some(),
@@ -419,6 +473,29 @@ impl DnsUplink {
         };
         let q = self.in_flight.remove(&id).expect("checked");
         self.stats.answers += 1;
+        if self.encoding_probe == Some(id) {
+            // Only a TXT answer says the server decoded the name: NODATA
+            // comes for names it could not read.
+            self.encoding_probe = None;
+            if matches!(answer, Answer::Data(_)) {
+                self.encoding = NameEncoding::Base128;
+                self.base128_ok = true;
+                self.encoding_wait = REPROBE_MIN;
+                self.encoding_retry_at = None;
+            } else {
+                self.encoding_failed(now);
+                if matches!(answer, Answer::Empty) {
+                    // NODATA: the server could not read the name. Its
+                    // fragment goes again, in base32, at no cost of a try.
+                    if let Some(mut f) = q.frag {
+                        f.tries -= 1;
+                        self.frags.push_front(f);
+                    }
+                    self.good_in_row = 0;
+                    return Ok(());
+                }
+            }
+        }
         match answer {
             Answer::Data(payload) => {
                 let mut carried = false;
@@ -540,9 +617,19 @@ impl DnsUplink {
 
     fn next_fragment(&mut self, now: Instant) -> Option<UpFrag> {
         let max = self.fragment_len();
+        // Fragments split for base128 before a fallback to base32 still go,
+        // in base128 (see `poll_query`), if the names are long enough and
+        // base128 has not failed a probe since.
+        let max_any = if self.base128_ok {
+            self.domain
+                .upstream_capacity_as(self.max_name_len(), NameEncoding::Base128)
+                .saturating_sub(UP_HEADER_LEN)
+        } else {
+            max
+        };
         loop {
             if let Some(f) = self.frags.pop_front() {
-                if f.bytes.len() <= max {
+                if f.bytes.len() <= max_any {
                     return Some(f);
                 }
                 self.stats.lost += 1; // made for longer names
@@ -570,6 +657,7 @@ impl DnsUplink {
         if carried {
             self.stats.data_answers += 1;
         }
+        self.good_in_row = self.good_in_row.saturating_add(1);
         self.timeouts_in_row = 0;
         self.backoff = Duration::ZERO;
         self.backoff_until = None;
@@ -602,6 +690,11 @@ impl DnsUplink {
     }
 
     fn failure(&mut self, now: Instant, q: InFlight, kind: Failure) {
+        self.good_in_row = 0;
+        if self.encoding_probe == Some(q.id) {
+            self.encoding_probe = None;
+            self.encoding_failed(now);
+        }
         // Path parameters.
         if matches!(kind, Failure::Timeout | Failure::ServFail) && q.long && self.long_names {
             self.long_failures += 1;
@@ -614,7 +707,10 @@ impl DnsUplink {
             self.timeouts_in_row += 1;
             if self.timeouts_in_row >= FALLBACK_AFTER_TIMEOUTS {
                 self.timeouts_in_row = 0;
-                if self.edns {
+                if self.encoding == NameEncoding::Base128 {
+                    // The newest parameter first.
+                    self.fell_back(now);
+                } else if self.edns {
                     self.edns = false;
                     self.fell_back(now);
                 } else if self.long_names {
@@ -649,8 +745,22 @@ impl DnsUplink {
         }
     }
 
+    /// The base128 probe failed: base32 until the next try.
+    fn encoding_failed(&mut self, now: Instant) {
+        self.stats.encoding_failures += 1;
+        self.encoding = NameEncoding::Base32;
+        self.base128_ok = false;
+        self.encoding_retry_at = Some(now + self.encoding_wait);
+        self.encoding_wait = (self.encoding_wait * 2).min(REPROBE_MAX);
+    }
+
     fn fell_back(&mut self, now: Instant) {
         self.stats.fallbacks += 1;
+        // Back to what always works; base128 is probed again once the path
+        // is back to its full parameters.
+        self.encoding = NameEncoding::Base32;
+        self.encoding_probe = None;
+        self.good_in_row = 0;
         // A fallback soon after a probe: the probe failed, wait longer.
         if self
             .last_reprobe

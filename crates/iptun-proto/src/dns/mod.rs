@@ -14,8 +14,9 @@
 //!
 //! # Upstream: the query name
 //!
-//! Every TXT query's name carries, base32-encoded
-//! ([`encode_name`](crate::wire::dns::encode_name)):
+//! Every TXT query's name carries, in base32 or (once the client has probed
+//! the path for 8-bit labels) base128
+//! ([`encode_name_as`](crate::wire::dns::encode_name_as)):
 //!
 //! ```text
 //! | tag u32 | qseq u16 | down u8 | fragment (frag.rs), or nothing |

@@ -16,6 +16,10 @@
 //!   [`decode_name`] ignores case. A name holds at most 253 characters, which
 //!   leaves [`Domain::upstream_capacity`] payload bytes per query (147 under
 //!   `t.example.com`).
+//! - **Upstream, denser**, for paths that carry 8-bit label bytes (the
+//!   client probes): [`NameEncoding::Base128`], 7 bits per character after
+//!   the marker `9` (205 bytes under `t.example.com`); [`decode_name`] tells
+//!   the two encodings apart by the marker.
 //! - **Uniqueness**: every query must be unique or a cache answers it. The
 //!   codec adds nothing: the caller's payload must carry a nonce or counter.
 //! - **Downstream**: one TXT record, the payload split into character-strings
@@ -72,7 +76,7 @@ pub const MAX_NAME_LEN: usize = 253;
 pub const MAX_LABEL_LEN: usize = 63;
 /// The most payload any query name can carry (under a one-character domain):
 /// a buffer this large always holds what [`decode_name`] writes.
-pub const MAX_UPSTREAM_PAYLOAD: usize = 155;
+pub const MAX_UPSTREAM_PAYLOAD: usize = 216;
 /// The response size limit without EDNS0 (RFC 1035), and the least an EDNS0
 /// size can mean (RFC 6891).
 pub const CLASSIC_UDP_SIZE: u16 = 512;
@@ -104,6 +108,126 @@ static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
     spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
     spec.encoding().expect("a valid base32 specification")
 });
+
+/// How upstream payload bytes are written into the labels of a query name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NameEncoding {
+    /// RFC 4648 base32, lowercase: 5 bits per character, letters and digits
+    /// only. What always works.
+    #[default]
+    Base32,
+    /// 7 bits per character over [`BASE128_ALPHABET`] (ASCII digits, letters,
+    /// `-`, `_` and the bytes `0x80..=0xD9`), after the marker
+    /// [`BASE128_MARKER`]. Needs a path that carries 8-bit label bytes.
+    Base128,
+}
+
+impl NameEncoding {
+    /// Its name, for status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Base32 => "base32",
+            Self::Base128 => "base128",
+        }
+    }
+}
+
+/// The first character of a base128 name's first label: base32 never
+/// writes a `9`, so [`decode_name`] tells the two apart.
+pub const BASE128_MARKER: u8 = b'9';
+
+/// The 128 symbols of base128, value order: `0-9`, `a-z`, `-`, `_`, then the
+/// 90 bytes `0x80..=0xD9`. Resolvers randomise the case of ASCII letters
+/// only (0x20) and carry label bytes 8-bit clean, so every symbol survives;
+/// letters decode in either case. (`data-encoding` cannot express this: its
+/// symbols must be ASCII, hence the hand-written packing below.)
+pub const BASE128_ALPHABET: [u8; 128] = {
+    let mut a = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        a[i] = match i {
+            0..=9 => b'0' + i as u8,
+            10..=35 => b'a' + (i - 10) as u8,
+            36 => b'-',
+            37 => b'_',
+            _ => 0x80 + (i - 38) as u8,
+        };
+        i += 1;
+    }
+    a
+};
+
+/// The value of base128 symbol `c` (letters in either case).
+fn base128_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'z' => Some(c - b'a' + 10),
+        b'A'..=b'Z' => Some(c - b'A' + 10),
+        b'-' => Some(36),
+        b'_' => Some(37),
+        0x80..=0xD9 => Some(c - 0x80 + 38),
+        _ => None,
+    }
+}
+
+/// Characters that base128 writes for `n` bytes.
+pub fn base128_encode_len(n: usize) -> usize {
+    (n * 8).div_ceil(7)
+}
+
+/// Write `input` in base128 (big-endian bit order, the last symbol padded
+/// with zero bits) to the front of `out`; returns the characters written.
+/// Panics when `out` is shorter than [`base128_encode_len`].
+pub fn base128_encode(input: &[u8], out: &mut [u8]) -> usize {
+    let len = base128_encode_len(input.len());
+    let out = &mut out[..len];
+    let (mut acc, mut bits, mut o) = (0u32, 0u32, 0);
+    for &b in input {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 7 {
+            bits -= 7;
+            out[o] = BASE128_ALPHABET[((acc >> bits) & 0x7f) as usize];
+            o += 1;
+        }
+        acc &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out[o] = BASE128_ALPHABET[((acc << (7 - bits)) & 0x7f) as usize];
+        o += 1;
+    }
+    debug_assert_eq!(o, len);
+    len
+}
+
+/// Decode base128 `input` (letters in either case) to the front of `out`;
+/// returns the bytes written. Fails for symbols outside the alphabet, for
+/// lengths base128 never writes, for non-zero padding bits (so every byte
+/// string has exactly one encoding, up to case) and when `out` is short.
+/// Never panics.
+pub fn base128_decode(input: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+    let n = input.len() * 7 / 8;
+    if base128_encode_len(n) != input.len() {
+        return Err(DropReason::Malformed);
+    }
+    let out = out.get_mut(..n).ok_or(DropReason::TooLarge)?;
+    let (mut acc, mut bits, mut o) = (0u32, 0u32, 0);
+    for &c in input {
+        let v = base128_value(c).ok_or(DropReason::Malformed)?;
+        acc = (acc << 7) | u32::from(v);
+        bits += 7;
+        if bits >= 8 {
+            bits -= 8;
+            out[o] = (acc >> bits) as u8;
+            o += 1;
+            acc &= (1 << bits) - 1;
+        }
+    }
+    if acc != 0 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(o)
+}
 
 /// Why a DNS name or message could not be built.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -158,7 +282,7 @@ impl Domain {
         // `len` counts one dot per label, the trailing one included.
         let text_len = parsed.len() - 1;
         // The SOA names hostmaster.<domain>: it must fit too.
-        if upstream_capacity(text_len, MAX_NAME_LEN) == 0
+        if upstream_capacity(text_len, MAX_NAME_LEN, NameEncoding::Base32) == 0
             || parsed.prepend_label(&b"hostmaster"[..]).is_err()
         {
             return Err(invalid());
@@ -204,17 +328,26 @@ impl Domain {
     /// [`MAX_NAME_LEN`] count as that), after base32 and label splitting.
     /// Zero when not even one byte fits.
     pub fn upstream_capacity(&self, max_name_len: usize) -> usize {
-        upstream_capacity(self.text_len, max_name_len)
+        upstream_capacity(self.text_len, max_name_len, NameEncoding::Base32)
+    }
+
+    /// [`Domain::upstream_capacity`] for names in `encoding`
+    /// ([`encode_name_as`]).
+    pub fn upstream_capacity_as(&self, max_name_len: usize, encoding: NameEncoding) -> usize {
+        upstream_capacity(self.text_len, max_name_len, encoding)
     }
 }
 
 /// Payload bytes that fit in a name of `max_name_len` characters under a
 /// domain of `domain_len` characters.
-fn upstream_capacity(domain_len: usize, max_name_len: usize) -> usize {
+fn upstream_capacity(domain_len: usize, max_name_len: usize, encoding: NameEncoding) -> usize {
     let room = max_name_len.min(MAX_NAME_LEN).saturating_sub(domain_len);
     // Every label of up to 63 characters costs one dot.
     let chars = room - room.div_ceil(MAX_LABEL_LEN + 1);
-    chars * 5 / 8
+    match encoding {
+        NameEncoding::Base32 => chars * 5 / 8,
+        NameEncoding::Base128 => chars.saturating_sub(1) * 7 / 8,
+    }
 }
 
 /// The query name that carries `payload` under `domain`: base32 (lowercase,
@@ -224,10 +357,21 @@ fn upstream_capacity(domain_len: usize, max_name_len: usize) -> usize {
 /// budget check [`Domain::upstream_capacity`] themselves.
 /// `name.to_ascii()` gives the presentation form.
 pub fn encode_name(domain: &Domain, payload: &[u8]) -> Result<Name, DnsError> {
+    encode_name_as(domain, payload, NameEncoding::Base32)
+}
+
+/// [`encode_name`] in `encoding`: for [`NameEncoding::Base128`] the text is
+/// [`BASE128_MARKER`] then the payload in base128, split into labels of 63
+/// bytes like base32. The limit is [`Domain::upstream_capacity_as`].
+pub fn encode_name_as(
+    domain: &Domain,
+    payload: &[u8],
+    encoding: NameEncoding,
+) -> Result<Name, DnsError> {
     if payload.is_empty() {
         return Err(DnsError::EmptyPayload);
     }
-    let capacity = domain.upstream_capacity(MAX_NAME_LEN);
+    let capacity = domain.upstream_capacity_as(MAX_NAME_LEN, encoding);
     if payload.len() > capacity {
         return Err(DnsError::TooLarge {
             len: payload.len(),
@@ -235,8 +379,18 @@ pub fn encode_name(domain: &Domain, payload: &[u8]) -> Result<Name, DnsError> {
         });
     }
     let mut buf = [0u8; MAX_NAME_LEN];
-    let text = &mut buf[..BASE32.encode_len(payload.len())];
-    BASE32.encode_mut(payload, text);
+    let text = match encoding {
+        NameEncoding::Base32 => {
+            let text = &mut buf[..BASE32.encode_len(payload.len())];
+            BASE32.encode_mut(payload, text);
+            text
+        }
+        NameEncoding::Base128 => {
+            buf[0] = BASE128_MARKER;
+            let n = base128_encode(payload, &mut buf[1..]);
+            &mut buf[..1 + n]
+        }
+    };
     let labels = text.chunks(MAX_LABEL_LEN).chain(domain.name.iter());
     Ok(Name::from_labels(labels)?)
 }
@@ -244,8 +398,9 @@ pub fn encode_name(domain: &Domain, payload: &[u8]) -> Result<Name, DnsError> {
 /// The payload that `name` carries under `domain`, written to the front of
 /// `out`; returns its length. Case does not matter and the data labels may be
 /// split anywhere. Fails with [`DropReason::Malformed`] for a name outside
-/// the domain, the apex itself and anything that is not canonical base32,
-/// and with [`DropReason::TooLarge`] when `out` is short (one of
+/// the domain, the apex itself and anything that is not canonical base32 or
+/// [`BASE128_MARKER`] then canonical base128 (the marker is tried first; see
+/// [`encode_name_as`]), and with [`DropReason::TooLarge`] when `out` is short (one of
 /// [`MAX_UPSTREAM_PAYLOAD`] bytes never is). Never panics; never allocates.
 pub fn decode_name(domain: &Domain, name: &Name, out: &mut [u8]) -> Result<usize, DropReason> {
     if !domain.contains(name) {
@@ -263,6 +418,12 @@ pub fn decode_name(domain: &Domain, name: &Name, out: &mut [u8]) -> Result<usize
             .ok_or(DropReason::Malformed)?
             .copy_from_slice(label);
         len = end;
+    }
+    if text[0] == BASE128_MARKER {
+        return match base128_decode(&text[1..len], out)? {
+            0 => Err(DropReason::Malformed),
+            n => Ok(n),
+        };
     }
     let n = BASE32.decode_len(len).map_err(|_| DropReason::Malformed)?;
     let out = out.get_mut(..n).ok_or(DropReason::TooLarge)?;
@@ -623,6 +784,90 @@ mod tests {
     }
 
     #[test]
+    fn base128_alphabet_and_vectors() {
+        let mut seen = [false; 256];
+        for (i, &c) in BASE128_ALPHABET.iter().enumerate() {
+            assert!(!seen[usize::from(c)], "{c:#x} twice");
+            seen[usize::from(c)] = true;
+            assert_eq!(base128_value(c), Some(i as u8));
+            assert_eq!(base128_value(c.to_ascii_uppercase()), Some(i as u8));
+            assert!(!c.is_ascii_uppercase());
+        }
+        assert_eq!(BASE128_ALPHABET[127], 0xD9);
+        // Base32 never writes the marker.
+        assert!(!BASE32.encode(&[0xff; 40]).contains('9'));
+        let enc = |input: &[u8]| {
+            let mut out = vec![0; base128_encode_len(input.len())];
+            base128_encode(input, &mut out);
+            out
+        };
+        assert_eq!(enc(b""), b"");
+        // 0x00 -> 0000000|0 -> "00"; 0xff -> 1111111|1000000 -> 127, 64.
+        assert_eq!(enc(&[0]), b"00");
+        assert_eq!(enc(&[0xff]), [0xD9, 0x80 + 64 - 38]);
+        // Seven bytes are exactly eight characters.
+        assert_eq!(enc(&[0; 7]), b"00000000");
+        assert_eq!(base128_encode_len(7), 8);
+        let mut out = [0u8; 8];
+        // A length base128 never writes, padding bits set, bad symbols.
+        assert_eq!(base128_decode(b"0", &mut out), Err(DropReason::Malformed));
+        assert_eq!(base128_decode(b"01", &mut out), Err(DropReason::Malformed));
+        assert_eq!(base128_decode(b"0.", &mut out), Err(DropReason::Malformed));
+        assert_eq!(
+            base128_decode(&[b'0', 0xDA], &mut out),
+            Err(DropReason::Malformed)
+        );
+        assert_eq!(
+            base128_decode(b"00", &mut out[..0]),
+            Err(DropReason::TooLarge)
+        );
+        assert_eq!(base128_decode(b"00", &mut out), Ok(1));
+    }
+
+    #[test]
+    fn base128_names_keep_their_bytes_on_the_wire() {
+        let d = domain();
+        let payload: Vec<u8> = (0..=255u8).cycle().take(205).collect();
+        let name = encode_name_as(&d, &payload, NameEncoding::Base128).unwrap();
+        assert_eq!(name.iter().next().unwrap()[0], BASE128_MARKER);
+        assert!(name.iter().flatten().any(|&c| c >= 0x80));
+        let bytes = build_query(7, &name, Some(1232)).unwrap();
+        let q = parse_query(&bytes).unwrap();
+        assert!(q.name.eq_case(&name));
+        let upper = flip_case(&q.name, &[true]);
+        let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+        assert_eq!(decode_name(&d, &upper, &mut out), Ok(205));
+        assert_eq!(&out[..205], &payload[..]);
+        // The answer echoes the name; the client's check ignores case only.
+        let answer = build_txt_answer(&q, b"ok").unwrap();
+        assert_eq!(
+            parse_response(7, &upper, &answer),
+            Ok(Answer::Data(b"ok".to_vec()))
+        );
+        let mut mangled = name.iter().map(<[u8]>::to_vec).collect::<Vec<_>>();
+        for c in mangled.iter_mut().flatten() {
+            if *c >= 0x80 {
+                *c = b'?';
+            }
+        }
+        let mangled = Name::from_labels(mangled.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(
+            parse_response(7, &mangled, &answer),
+            Err(DropReason::UnexpectedResponse)
+        );
+        assert_eq!(
+            decode_name(&d, &mangled, &mut out),
+            Err(DropReason::Malformed)
+        );
+        // The bare marker carries nothing.
+        let empty = Name::from_labels([&b"9"[..]].into_iter().chain(d.name().iter())).unwrap();
+        assert_eq!(
+            decode_name(&d, &empty, &mut out),
+            Err(DropReason::Malformed)
+        );
+    }
+
+    #[test]
     fn base32_is_rfc4648_lowercase() {
         // RFC 4648 section 10 test vectors, lowercased, without padding.
         for (input, output) in [
@@ -680,10 +925,27 @@ mod tests {
         assert_eq!(d.upstream_capacity(15), 0);
         assert_eq!(d.upstream_capacity(16), 1);
         assert_eq!(Domain::new("t.co").unwrap().upstream_capacity(253), 153);
+        assert_eq!(Domain::new("a").unwrap().upstream_capacity(253), 155);
         assert_eq!(
-            Domain::new("a").unwrap().upstream_capacity(253),
+            Domain::new("a")
+                .unwrap()
+                .upstream_capacity_as(253, NameEncoding::Base128),
             MAX_UPSTREAM_PAYLOAD
         );
+        // Base128: 236 characters, one of them the marker.
+        assert_eq!(d.upstream_capacity_as(253, NameEncoding::Base128), 205);
+        assert_eq!(d.upstream_capacity_as(96, NameEncoding::Base128), 70);
+        assert_eq!(d.upstream_capacity_as(15, NameEncoding::Base128), 0);
+        assert_eq!(d.upstream_capacity_as(17, NameEncoding::Base128), 1);
+        let name = encode_name_as(&d, &[0xff; 205], NameEncoding::Base128).unwrap();
+        assert_eq!(name.len(), MAX_NAME_LEN + 1);
+        assert!(matches!(
+            encode_name_as(&d, &[0; 206], NameEncoding::Base128),
+            Err(DnsError::TooLarge {
+                len: 206,
+                capacity: 205
+            })
+        ));
         // The biggest payload takes the whole name: 63+63+63+47 characters.
         let name = encode_name(&d, &[0xff; 147]).unwrap();
         assert_eq!(name.to_ascii().len(), MAX_NAME_LEN + 1);
@@ -1121,6 +1383,50 @@ mod tests {
 
     proptest! {
         #[test]
+        fn base128_round_trips_any_bytes_in_any_case(
+            input in proptest::collection::vec(any::<u8>(), 0..300),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+        ) {
+            let mut text = vec![0u8; base128_encode_len(input.len())];
+            prop_assert_eq!(base128_encode(&input, &mut text), text.len());
+            prop_assert!(text.iter().all(|c| BASE128_ALPHABET.contains(c)));
+            for (i, c) in text.iter_mut().enumerate() {
+                if mask[i % mask.len()] && c.is_ascii_alphabetic() {
+                    *c ^= 0x20;
+                }
+            }
+            let mut out = vec![0u8; input.len()];
+            prop_assert_eq!(base128_decode(&text, &mut out), Ok(input.len()));
+            prop_assert_eq!(out, input);
+        }
+
+        #[test]
+        fn base128_rejects_bytes_outside_the_alphabet(
+            input in proptest::collection::vec(any::<u8>(), 1..100),
+            at: proptest::sample::Index,
+            bad in any::<u8>().prop_filter("outside", |c| base128_value(*c).is_none()),
+        ) {
+            let mut text = vec![0u8; base128_encode_len(input.len())];
+            base128_encode(&input, &mut text);
+            let at = at.index(text.len());
+            text[at] = bad;
+            let mut out = vec![0u8; input.len()];
+            prop_assert_eq!(base128_decode(&text, &mut out), Err(DropReason::Malformed));
+        }
+
+        #[test]
+        fn base128_decode_is_canonical(
+            text in proptest::collection::vec(any::<u8>(), 0..80),
+        ) {
+            let mut out = [0u8; 80];
+            if let Ok(n) = base128_decode(&text, &mut out) {
+                let mut again = vec![0u8; base128_encode_len(n)];
+                base128_encode(&out[..n], &mut again);
+                prop_assert_eq!(again.to_ascii_lowercase(), text.to_ascii_lowercase());
+            }
+        }
+
+        #[test]
         fn upstream_round_trips_through_a_case_randomising_resolver(
             d in domain_strategy(),
             max_name_len in 0usize..300,
@@ -1128,12 +1434,13 @@ mod tests {
             mask in proptest::collection::vec(any::<bool>(), 1..300),
             id: u16,
             edns in edns_strategy(),
+            encoding in prop_oneof![Just(NameEncoding::Base32), Just(NameEncoding::Base128)],
         ) {
-            let capacity = d.upstream_capacity(max_name_len);
+            let capacity = d.upstream_capacity_as(max_name_len, encoding);
             let payload = &payload[..payload.len().min(capacity)];
             prop_assume!(!payload.is_empty());
-            let name = encode_name(&d, payload).unwrap();
-            prop_assert!(name.to_ascii().len() - 1 <= max_name_len.min(MAX_NAME_LEN));
+            let name = encode_name_as(&d, payload, encoding).unwrap();
+            prop_assert!(name.len() - 1 <= max_name_len.min(MAX_NAME_LEN));
             prop_assert!(name.iter().all(|l| l.len() <= MAX_LABEL_LEN));
             let bytes = build_query(id, &name, edns).unwrap();
             // The resolver rewrites case on its way to the server.
@@ -1227,7 +1534,13 @@ mod tests {
                 if let Ok(n) = decode_name(&d, &name, &mut out) {
                     // What decodes re-encodes to the same name, up to case
                     // and label splits.
-                    let again = encode_name(&d, &out[..n]).unwrap();
+                    let first = name.iter().next().unwrap()[0];
+                    let encoding = if first == BASE128_MARKER {
+                        NameEncoding::Base128
+                    } else {
+                        NameEncoding::Base32
+                    };
+                    let again = encode_name_as(&d, &out[..n], encoding).unwrap();
                     let mut out2 = [0u8; MAX_UPSTREAM_PAYLOAD];
                     prop_assert_eq!(decode_name(&d, &again, &mut out2), Ok(n));
                     prop_assert_eq!(&out2[..n], &out[..n]);

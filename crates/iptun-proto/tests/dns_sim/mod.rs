@@ -59,6 +59,9 @@ pub enum Cache {
 #[derive(Clone, Debug)]
 pub struct ResolverConfig {
     pub randomize_case: bool,
+    /// Replace label bytes >= 0x80 with `?` on the way to the server (a
+    /// resolver or middlebox that is not 8-bit clean).
+    pub mangle_8bit: bool,
     pub cache: Cache,
     /// EDNS0 size the resolver advertises to the server (`None`: no EDNS0).
     pub upstream_edns: Option<u16>,
@@ -84,6 +87,7 @@ impl Default for ResolverConfig {
     fn default() -> Self {
         Self {
             randomize_case: true,
+            mangle_8bit: false,
             cache: Cache::RespectTtl,
             upstream_edns: Some(1232),
             client_limit: None,
@@ -548,6 +552,11 @@ impl Sim {
         } else {
             q.name.clone()
         };
+        let name = if r.cfg.mangle_8bit {
+            mangle_8bit(&name)
+        } else {
+            name
+        };
         let pid = r.next_pid;
         r.next_pid += 1;
         r.pending.insert(
@@ -668,6 +677,18 @@ fn randomize_case(name: &Name, rng: &mut Rng) -> Name {
                         c
                     }
                 })
+                .collect()
+        })
+        .collect();
+    Name::from_labels(labels.iter().map(Vec::as_slice)).unwrap()
+}
+
+fn mangle_8bit(name: &Name) -> Name {
+    let labels: Vec<Vec<u8>> = name
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|&c| if c >= 0x80 { b'?' } else { c })
                 .collect()
         })
         .collect();

@@ -418,6 +418,8 @@ impl DnsPath {
                 "lost": s.lost,
                 "fallbacks": s.fallbacks,
                 "reprobes": s.reprobes,
+                "encoding_probes": s.encoding_probes,
+                "encoding_failures": s.encoding_failures,
                 "unexpected": s.unexpected,
             },
         })
