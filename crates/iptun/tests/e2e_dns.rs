@@ -30,68 +30,6 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------- helpers
 
-/// A directory for one test's key files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("{}files", ns_prefix(tag)));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A key pair: the private key in a file, the public key as base64.
-struct Key {
-    file: PathBuf,
-    public: String,
-}
-
-impl Key {
-    fn generate(dir: &TempDir, name: &str) -> Self {
-        let out = Command::new(iptun_bin())
-            .arg("genkey")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iptun genkey");
-        assert!(out.status.success(), "iptun genkey: {out:?}");
-        let file = dir.0.join(format!("{name}.key"));
-        std::fs::write(&file, &out.stdout).expect("write key file");
-        let out = Command::new(iptun_bin())
-            .arg("pubkey")
-            .stdin(std::fs::File::open(&file).expect("open key file"))
-            .output()
-            .expect("run iptun pubkey");
-        assert!(out.status.success(), "iptun pubkey: {out:?}");
-        let public = String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_string();
-        Self { file, public }
-    }
-
-    fn path(&self) -> &str {
-        self.file.to_str().expect("utf-8 path")
-    }
-}
-
-/// Removes a file on drop (a control socket left by a killed daemon).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// A running `iptun server` or `iptun client` with its own control socket.
 struct Daemon {
     process: Proc,

@@ -697,3 +697,78 @@ pub fn tcp_fetch_sha256(
         .unwrap_or_else(|| panic!("sender printed no sha256: {}", server.log()));
     (sent, received)
 }
+
+// ------------------------------------------------ daemons' files
+
+/// A directory for one test's key and config files, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}files", ns_prefix(tag)));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self(path)
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A key pair: the private key in a file, the public key as base64.
+pub struct Key {
+    pub file: PathBuf,
+    pub public: String,
+}
+
+impl Key {
+    /// `iptun genkey > DIR/NAME.key` and `iptun pubkey < DIR/NAME.key`.
+    pub fn generate(dir: &TempDir, name: &str) -> Self {
+        let out = Command::new(iptun_bin())
+            .arg("genkey")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run iptun genkey");
+        assert!(out.status.success(), "iptun genkey: {out:?}");
+        let file = dir.file(&format!("{name}.key"));
+        std::fs::write(&file, &out.stdout).expect("write key file");
+        let out = Command::new(iptun_bin())
+            .arg("pubkey")
+            .stdin(std::fs::File::open(&file).expect("open key file"))
+            .output()
+            .expect("run iptun pubkey");
+        assert!(out.status.success(), "iptun pubkey: {out:?}");
+        let public = String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string();
+        assert_eq!(public.len(), 44, "a base64 X25519 key: {public:?}");
+        Self { file, public }
+    }
+
+    pub fn path(&self) -> &str {
+        self.file.to_str().expect("utf-8 path")
+    }
+}
+
+/// A unique control socket path for daemon `role` of test `tag`.
+pub fn control_path(tag: &str, role: &str) -> PathBuf {
+    PathBuf::from(format!("/run/iptun/{}{role}.sock", ns_prefix(tag)))
+}
+
+/// Removes a file on drop (a control socket left by a killed daemon).
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
