@@ -25,6 +25,7 @@ pub mod crypto;
 pub mod dns;
 pub mod engine;
 pub mod frag;
+pub mod http;
 pub mod poll;
 pub mod pool;
 pub mod wire;

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-/// An encrypted IP tunnel over UDP, ICMP echo or DNS.
+/// An encrypted IP tunnel over UDP, ICMP echo, DNS or HTTP(S).
 ///
 /// The server admits clients by public key, gives each a stable tunnel
 /// address from its pool and forwards their IP packets (routing or NAT); the
@@ -24,6 +24,8 @@ use serde::Deserialize;
 ///   udp://ADDR:PORT   /  udp://HOST:PORT       the fast path (port 3000 by default)
 ///   icmp://0.0.0.0 or icmp://[::]  /  icmp://HOST   echo requests and replies
 ///   dns://ADDR:53?domain=D  /  dns://D[?resolver=IP[:PORT]]   through resolvers
+///   https://ADDR:443/PATH  /  https://HOST/PATH   WebSocket or long-poll, via proxies
+///   http://ADDR:80/PATH    /  http://HOST/PATH    behind a TLS-terminating reverse proxy
 #[derive(Debug, Parser)]
 #[command(name = "iptun", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -83,7 +85,9 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<PathBuf>,
     /// Where to listen (repeatable): udp://ADDR:PORT, icmp://0.0.0.0, icmp://[::],
-    /// dns://ADDR[:PORT]?domain=DOMAIN [default: udp://0.0.0.0:3000].
+    /// dns://ADDR[:PORT]?domain=DOMAIN, https://ADDR[:PORT]/PATH,
+    /// http://ADDR[:PORT]/PATH (behind a TLS-terminating reverse proxy)
+    /// [default: udp://0.0.0.0:3000].
     #[arg(long = "listen", value_name = "URL")]
     #[serde(default)]
     pub listen: Vec<String>,
@@ -100,6 +104,13 @@ pub struct ServerArgs {
     #[arg(long)]
     #[serde(default)]
     pub nat: bool,
+    /// TLS certificate chain (PEM) for https:// listeners [default: a
+    /// self-signed certificate derived from the private key; its pin is logged].
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// MTU of the tunnel [default: 1420].
     #[arg(long)]
     pub mtu: Option<u16>,
@@ -128,10 +139,26 @@ pub struct ClientArgs {
     /// The server's public key.
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<String>,
-    /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST, or
-    /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none).
+    /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST,
+    /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none),
+    /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH.
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
+    /// https://: accept exactly the server certificate with this fingerprint
+    /// (sha256:HEX, as the server logs it) instead of checking it against CAs.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "tls_ca")]
+    pub tls_pin: Option<String>,
+    /// https://: trust the CA certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// http(s)://: go through this HTTP proxy (CONNECT for https://), or
+    /// `none` [default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY].
+    #[arg(long, value_name = "http://[USER:PASS@]HOST:PORT")]
+    pub proxy: Option<String>,
+    /// http(s)://: WebSocket, long-poll, or WebSocket falling back to
+    /// long-poll when a middlebox refuses the upgrade.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub http_mode: Option<crate::transport::http_client::Mode>,
     /// Route CIDR through the tunnel (repeatable); `default` routes everything
     /// but the server itself.
     #[arg(long = "route", value_name = "CIDR|default")]
@@ -201,6 +228,8 @@ impl ServerArgs {
             pool6: self.pool6.or(file.pool6),
             tun: self.tun.or(file.tun),
             nat: self.nat || file.nat,
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
             mtu: self.mtu.or(file.mtu),
             keepalive: self.keepalive.or(file.keepalive),
             control: self.control.or(file.control),
@@ -221,6 +250,10 @@ impl ClientArgs {
             private_key: self.private_key.or(file.private_key),
             server_key: self.server_key.or(file.server_key),
             server: self.server.or(file.server),
+            tls_pin: self.tls_pin.or(file.tls_pin),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            proxy: self.proxy.or(file.proxy),
+            http_mode: self.http_mode.or(file.http_mode),
             route: if self.route.is_empty() {
                 file.route
             } else {

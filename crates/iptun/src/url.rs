@@ -1,7 +1,7 @@
 //! Transport URLs: `udp://HOST:PORT`, `icmp://HOST` and
 //! `dns://DOMAIN?resolver=IP[:PORT]` (client) /
-//! `dns://ADDR[:PORT]?domain=DOMAIN` (server); `https://` is recognised so
-//! users get a clear "not yet" rather than a parse error.
+//! `dns://ADDR[:PORT]?domain=DOMAIN` (server), `https://HOST[:PORT]/PATH`
+//! and `http://HOST[:PORT]/PATH`.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
@@ -14,7 +14,11 @@ pub const DEFAULT_UDP_PORT: u16 = 3000;
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
 
-const SUPPORTED: &str = "supported: udp://, icmp://, dns://";
+/// The HTTP ports.
+pub const HTTP_PORT: u16 = 80;
+pub const HTTPS_PORT: u16 = 443;
+
+const SUPPORTED: &str = "supported: udp://, icmp://, dns://, https://, http://";
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +30,13 @@ pub enum Listen {
     /// DNS queries for `domain` (the tunnel domain delegated to us) on this
     /// UDP address.
     Dns { addr: SocketAddr, domain: String },
+    /// HTTP requests for `path` on this TCP address, with TLS or without
+    /// (behind a reverse proxy that terminates it).
+    Http {
+        addr: SocketAddr,
+        path: String,
+        tls: bool,
+    },
 }
 
 /// Where a client finds its server.
@@ -41,6 +52,36 @@ pub enum ServerUrl {
         domain: String,
         resolvers: Vec<SocketAddr>,
     },
+    /// WebSocket or long-poll requests for `path` on `host:port`.
+    Http(HttpUrl),
+}
+
+/// An `http://` or `https://` server URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Starts with `/`.
+    pub path: String,
+}
+
+impl HttpUrl {
+    /// `host:port`, bracketing an IPv6 address.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.path)
+    }
 }
 
 /// A server URL resolved to an address.
@@ -55,6 +96,8 @@ pub enum ServerAddr {
         domain: String,
         resolvers: Vec<SocketAddr>,
     },
+    /// HTTP(S); resolved when connecting (perhaps by a proxy).
+    Http(HttpUrl),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -62,18 +105,24 @@ enum Scheme {
     Udp,
     Icmp,
     Dns,
+    Http,
+    Https,
 }
 
 fn split(url: &str) -> anyhow::Result<(Scheme, &str)> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        bail!("`{url}` is not a URL: expected e.g. udp://HOST:PORT, icmp://HOST or dns://DOMAIN");
+        bail!(
+            "`{url}` is not a URL: expected e.g. udp://HOST:PORT, icmp://HOST, dns://DOMAIN or https://HOST/PATH"
+        );
     };
     match scheme {
         "udp" => Ok((Scheme::Udp, rest)),
         "icmp" => Ok((Scheme::Icmp, rest)),
         "dns" => Ok((Scheme::Dns, rest)),
-        "http" | "https" | "ws" | "wss" => {
-            bail!("`{url}`: the {scheme} transport is not available in this version ({SUPPORTED})")
+        "http" => Ok((Scheme::Http, rest)),
+        "https" => Ok((Scheme::Https, rest)),
+        "ws" | "wss" => {
+            bail!("`{url}`: use http:// or https:// (WebSocket is used over them) ({SUPPORTED})")
         }
         _ => bail!("`{url}`: unknown transport `{scheme}` ({SUPPORTED})"),
     }
@@ -120,6 +169,30 @@ fn query<'a>(rest: &'a str, url: &str) -> anyhow::Result<(&'a str, Vec<(&'a str,
         params.push((k, v));
     }
     Ok((rest.trim_end_matches('/'), params))
+}
+
+/// Split `authority/path` of an HTTP URL: host, port (default by scheme),
+/// path (`/` if none).
+fn http_parts(rest: &str, tls: bool, url: &str) -> anyhow::Result<(String, u16, String)> {
+    if rest.contains('?') || rest.contains('#') {
+        bail!("`{url}`: HTTP URLs take no query or fragment");
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.contains('@') {
+        bail!("`{url}`: no credentials in the server URL (they belong to --proxy)");
+    }
+    let (host, port) = host_port(authority, url)?;
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .with_context(|| format!("`{url}`: bad port `{p}`"))?,
+        None if tls => HTTPS_PORT,
+        None => HTTP_PORT,
+    };
+    Ok((host.to_owned(), port, path.to_owned()))
 }
 
 /// Reject parameters other than `allowed`.
@@ -169,6 +242,18 @@ impl std::str::FromStr for Listen {
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
         let (scheme, rest) = split(url)?;
+        if let Scheme::Http | Scheme::Https = scheme {
+            let tls = scheme == Scheme::Https;
+            let (host, port, path) = http_parts(rest, tls, url)?;
+            let ip: IpAddr = host
+                .parse()
+                .with_context(|| format!("`{url}`: listen on an IP address, not `{host}`"))?;
+            return Ok(Self::Http {
+                addr: SocketAddr::new(ip, port),
+                path,
+                tls,
+            });
+        }
         let (rest, params) = query(rest, url)?;
         if scheme == Scheme::Dns {
             only_params(&params, &["domain"], url)?;
@@ -200,6 +285,7 @@ impl std::str::FromStr for Listen {
                     domain: domain.to_owned(),
                 })
             }
+            Scheme::Http | Scheme::Https => unreachable!("handled above"),
             Scheme::Icmp => {
                 if port.is_some() || !ip.is_unspecified() {
                     bail!(
@@ -221,6 +307,16 @@ impl std::str::FromStr for ServerUrl {
 
     fn from_str(url: &str) -> anyhow::Result<Self> {
         let (scheme, rest) = split(url)?;
+        if let Scheme::Http | Scheme::Https = scheme {
+            let tls = scheme == Scheme::Https;
+            let (host, port, path) = http_parts(rest, tls, url)?;
+            return Ok(Self::Http(HttpUrl {
+                tls,
+                host,
+                port,
+                path,
+            }));
+        }
         let (rest, params) = query(rest, url)?;
         if scheme == Scheme::Dns {
             only_params(&params, &["resolver"], url)?;
@@ -241,7 +337,7 @@ impl std::str::FromStr for ServerUrl {
         only_params(&params, &[], url)?;
         let (host, port) = host_port(rest, url)?;
         match scheme {
-            Scheme::Dns => unreachable!("handled above"),
+            Scheme::Dns | Scheme::Http | Scheme::Https => unreachable!("handled above"),
             Scheme::Udp => Ok(Self::Udp {
                 host: host.to_owned(),
                 port: udp_port(port, url)?,
@@ -261,6 +357,7 @@ impl ServerUrl {
         let (host, port) = match self {
             Self::Udp { host, port } => (host, *port),
             Self::Icmp { host } => (host, 0),
+            Self::Http(u) => return Ok(ServerAddr::Http(u.clone())),
             Self::Dns { domain, resolvers } => {
                 let resolvers = if resolvers.is_empty() {
                     let text = std::fs::read_to_string("/etc/resolv.conf")
@@ -287,7 +384,7 @@ impl ServerUrl {
         Ok(match self {
             Self::Udp { .. } => ServerAddr::Udp(addr),
             Self::Icmp { .. } => ServerAddr::Icmp(addr.ip()),
-            Self::Dns { .. } => unreachable!("returned above"),
+            Self::Dns { .. } | Self::Http(_) => unreachable!("returned above"),
         })
     }
 }
@@ -297,6 +394,7 @@ impl std::fmt::Display for ServerUrl {
         let (scheme, host) = match self {
             Self::Udp { host, .. } => ("udp", host),
             Self::Icmp { host } => ("icmp", host),
+            Self::Http(u) => return u.fmt(f),
             Self::Dns { domain, resolvers } => {
                 write!(f, "dns://{domain}")?;
                 for (i, r) in resolvers.iter().enumerate() {
@@ -313,7 +411,9 @@ impl std::fmt::Display for ServerUrl {
         };
         match self {
             Self::Udp { port, .. } => write!(f, "{scheme}://{host}:{port}"),
-            Self::Icmp { .. } | Self::Dns { .. } => write!(f, "{scheme}://{host}"),
+            Self::Icmp { .. } | Self::Dns { .. } | Self::Http(_) => {
+                write!(f, "{scheme}://{host}")
+            }
         }
     }
 }
@@ -393,8 +493,26 @@ mod tests {
                 .to_string()
                 .contains("unknown parameter")
         );
-        let e = "https://0.0.0.0".parse::<Listen>().unwrap_err().to_string();
-        assert!(e.contains("not available") && e.contains("dns://"), "{e}");
+        assert_eq!(
+            "https://0.0.0.0:8443/tunnel".parse::<Listen>().unwrap(),
+            Listen::Http {
+                addr: "0.0.0.0:8443".parse().unwrap(),
+                path: "/tunnel".into(),
+                tls: true
+            }
+        );
+        assert_eq!(
+            "http://[::1]".parse::<Listen>().unwrap(),
+            Listen::Http {
+                addr: "[::1]:80".parse().unwrap(),
+                path: "/".into(),
+                tls: false
+            }
+        );
+        let e = "https://example.com/t".parse::<Listen>().unwrap_err();
+        assert!(e.to_string().contains("IP address"), "{e}");
+        let e = "wss://0.0.0.0/t".parse::<Listen>().unwrap_err().to_string();
+        assert!(e.contains("https://"), "{e}");
         assert!(
             "0.0.0.0:3000"
                 .parse::<Listen>()
@@ -484,5 +602,30 @@ mod tests {
                 "[2001:db8::53]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn http_server_urls() {
+        let u: ServerUrl = "https://vpn.example.com/tun/nel".parse().unwrap();
+        assert_eq!(
+            u,
+            ServerUrl::Http(HttpUrl {
+                tls: true,
+                host: "vpn.example.com".into(),
+                port: 443,
+                path: "/tun/nel".into()
+            })
+        );
+        assert_eq!(u.to_string(), "https://vpn.example.com:443/tun/nel");
+        let u: ServerUrl = "http://[2001:db8::1]:8080".parse().unwrap();
+        assert_eq!(u.to_string(), "http://[2001:db8::1]:8080/");
+        for bad in [
+            "https://u:p@host/x",
+            "https://host/x?y=1",
+            "https://:80/x",
+            "http://h:99999/",
+        ] {
+            assert!(bad.parse::<ServerUrl>().is_err(), "{bad}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The client daemon: a TUN device and one transport to the server
 //! ([`uplink::Uplink`]), with the sans-IO [`Client`] engine in between.
 
+mod http;
 mod uplink;
 
 use std::net::IpAddr;
@@ -15,6 +16,8 @@ use crate::cli::ClientArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
+use crate::transport::http_client::Mode;
+use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
 use crate::url::ServerUrl;
 use uplink::Uplink;
@@ -33,6 +36,7 @@ struct Settings {
     tun: String,
     control: std::path::PathBuf,
     offload: bool,
+    http: http::HttpOptions,
 }
 
 fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
@@ -62,6 +66,34 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
                 }),
         })
         .collect::<anyhow::Result<_>>()?;
+    let trust = match (&args.tls_pin, &args.tls_ca) {
+        (Some(pin), None) => Trust::Pin(tls::parse_pin(pin)?),
+        (None, Some(ca)) => Trust::CaFile(ca.clone()),
+        (None, None) => Trust::System,
+        (Some(_), Some(_)) => anyhow::bail!("--tls-pin and --tls-ca exclude each other"),
+    };
+    let is_http = matches!(server, ServerUrl::Http(_));
+    if !is_http
+        && (args.tls_pin.is_some()
+            || args.tls_ca.is_some()
+            || args.proxy.is_some()
+            || args.http_mode.is_some())
+    {
+        anyhow::bail!(
+            "--tls-pin, --tls-ca, --proxy and --http-mode apply to http(s):// servers only"
+        );
+    }
+    if let ServerUrl::Http(u) = &server
+        && !u.tls
+        && (args.tls_pin.is_some() || args.tls_ca.is_some())
+    {
+        anyhow::bail!("--tls-pin/--tls-ca: {u} does not use TLS (https:// does)");
+    }
+    let http = http::HttpOptions {
+        trust,
+        proxy: args.proxy,
+        mode: args.http_mode.unwrap_or(Mode::Auto),
+    };
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config: ClientConfig::new(private_key, server_key),
@@ -70,6 +102,7 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         control: args.control.unwrap_or_else(|| control::default_path(&tun)),
         tun,
         offload: !args.no_offload,
+        http,
     })
 }
 
@@ -79,7 +112,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let server_key = s.config.server_key;
     let control = ControlSocket::bind(&s.control)?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
-    let mut uplink = Uplink::open(s.server.resolve()?)?;
+    let mut uplink = Uplink::open(s.server.resolve()?, &s.http)?;
     let mut engine = Client::new(s.config, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;

@@ -15,6 +15,7 @@ use iptun_proto::wire::dns::Domain;
 use iptun_proto::wire::icmp::{self, Echo, Family, MAGIC, OVERHEAD};
 use iptun_proto::wire::message::DATA_OVERHEAD;
 
+use super::http::{HttpOptions, HttpPath};
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
@@ -30,6 +31,7 @@ pub(super) enum Uplink {
     },
     Icmp(IcmpUplink),
     Dns(Box<DnsPath>),
+    Http(Box<HttpPath>),
 }
 
 /// Timeouts in a row, without an answer, after which the next resolver
@@ -60,7 +62,7 @@ pub(super) struct IcmpUplink {
 }
 
 impl Uplink {
-    pub(super) fn open(server: ServerAddr) -> anyhow::Result<Self> {
+    pub(super) fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<Self> {
         Ok(match server {
             ServerAddr::Udp(to) => {
                 let (rx, tx) = udp::bind_for(to)?;
@@ -83,6 +85,7 @@ impl Uplink {
             ServerAddr::Dns { domain, resolvers } => {
                 Self::Dns(Box::new(DnsPath::open(&domain, resolvers)?))
             }
+            ServerAddr::Http(url) => Self::Http(Box::new(HttpPath::open(url, http)?)),
         })
     }
 
@@ -92,6 +95,7 @@ impl Uplink {
             Self::Udp { to, .. } => to.ip(),
             Self::Icmp(i) => i.to,
             Self::Dns(d) => d.resolver().ip(),
+            Self::Http(h) => h.first_hop().ip(),
         }
     }
 
@@ -102,9 +106,9 @@ impl Uplink {
         let carrier = match self {
             Self::Udp { .. } => 8,
             Self::Icmp(_) => OVERHEAD as u16,
-            // Messages are fragmented into queries and answers anyway:
-            // nothing limits the tunnel MTU but the server's.
-            Self::Dns(_) => return 0,
+            // Messages are fragmented into queries and answers, or ride
+            // a TCP stream: nothing limits the tunnel MTU but the server's.
+            Self::Dns(_) | Self::Http(_) => return 0,
         };
         ip + carrier + DATA_OVERHEAD as u16
     }
@@ -115,6 +119,7 @@ impl Uplink {
             Self::Udp { to, .. } => ("udp", to.to_string()),
             Self::Icmp(i) => ("icmp", i.to.to_string()),
             Self::Dns(d) => ("dns", d.resolver().to_string()),
+            Self::Http(h) => (h.scheme(), h.url().to_string()),
         }
     }
 
@@ -122,6 +127,7 @@ impl Uplink {
     pub(super) fn path_info(&self) -> Option<serde_json::Value> {
         match self {
             Self::Dns(d) => Some(d.path_info()),
+            Self::Http(h) => Some(h.path_info()),
             _ => None,
         }
     }
@@ -136,6 +142,7 @@ impl Uplink {
             Self::Udp { tx, to, .. } => tx.send_with(*to, fill),
             Self::Icmp(i) => i.request(now, fill),
             Self::Dns(d) => d.send_with(now, fill),
+            Self::Http(h) => h.send_with(fill),
         }
     }
 
@@ -149,13 +156,16 @@ impl Uplink {
 
     /// Send whatever is batched.
     pub(super) fn flush(&mut self) {
-        if let Self::Udp { tx, .. } = self {
-            tx.flush();
+        match self {
+            Self::Udp { tx, .. } => tx.flush(),
+            Self::Http(h) => h.flush(),
+            _ => {}
         }
     }
 
-    pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    pub(super) fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {
+            Self::Http(h) => h.poll_readable(cx),
             Self::Udp { rx, .. } => rx.poll_readable(cx),
             Self::Icmp(i) => i.socket.poll_readable(cx),
             Self::Dns(d) => d.socket.poll_recv_ready(cx),
@@ -165,7 +175,7 @@ impl Uplink {
     /// When the transport's own timers next need [`Uplink::top_up`].
     pub(super) fn next_timeout(&self) -> Option<Instant> {
         match self {
-            Self::Udp { .. } => None,
+            Self::Udp { .. } | Self::Http(_) => None,
             Self::Icmp(i) => i.pacer.next_timeout(),
             Self::Dns(d) => d.uplink.next_timeout(),
         }
@@ -205,6 +215,7 @@ impl Uplink {
             Self::Udp { rx, tx, to } => receive_udp(engine, tun, rx, tx, *to).await?,
             Self::Icmp(i) => i.receive(engine, tun).await?,
             Self::Dns(d) => d.receive(engine, tun).await?,
+            Self::Http(h) => h.receive(engine, tun).await?,
         };
         self.top_up(engine, Instant::now());
         self.flush();

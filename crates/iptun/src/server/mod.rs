@@ -2,6 +2,7 @@
 //! the sans-IO [`Server`] engine in between.
 
 mod dns;
+mod http;
 mod icmp;
 
 use std::future::poll_fn;
@@ -20,6 +21,7 @@ use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::icmp::{IcmpSocket, Role};
+use crate::transport::tls;
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
@@ -44,6 +46,11 @@ pub enum Path {
         tag: u32,
         session: Option<SessionId>,
     },
+    /// WebSocket connection `conn` on HTTP listener `listener`.
+    Ws { listener: usize, conn: u64 },
+    /// Long-poll client `tag` on HTTP listener `listener`: downstream
+    /// messages wait in its mailbox for its next request.
+    Poll { listener: usize, tag: u64 },
 }
 
 impl PathKind for Path {
@@ -53,11 +60,14 @@ impl PathKind for Path {
 }
 
 impl Path {
-    fn transport(&self) -> &'static str {
+    fn transport(&self, senders: &Senders) -> &'static str {
         match self {
             Self::Udp { .. } => "udp",
             Self::Icmp { .. } => "icmp",
             Self::Dns { .. } => "dns",
+            Self::Ws { listener, .. } | Self::Poll { listener, .. } => {
+                senders.http.scheme(*listener)
+            }
         }
     }
 
@@ -66,6 +76,8 @@ impl Path {
             Self::Udp { addr, .. } => addr.to_string(),
             Self::Icmp { ip, .. } => ip.to_string(),
             Self::Dns { tag, .. } => format!("tag {tag:08x}"),
+            Self::Ws { conn, .. } => format!("websocket {conn}"),
+            Self::Poll { tag, .. } => format!("long-poll {tag:016x}"),
         }
     }
 }
@@ -76,6 +88,7 @@ struct Senders {
     udp: Vec<UdpSender>,
     icmp: icmp::Listeners,
     dns: dns::Listeners,
+    http: http::Listeners,
 }
 
 impl Senders {
@@ -93,11 +106,13 @@ impl Senders {
                 tag,
                 session,
             } => self.dns.send(socket, tag, session, msg),
+            Path::Ws { .. } | Path::Poll { .. } => self.http.send(path, msg),
         }
     }
 
     fn flush(&mut self) {
         self.udp.iter_mut().for_each(UdpSender::flush);
+        self.http.flush();
     }
 }
 
@@ -109,6 +124,8 @@ struct Settings {
     nat: bool,
     control: std::path::PathBuf,
     offload: bool,
+    /// For `https://` listeners.
+    tls: Option<tls::ServerTls>,
 }
 
 fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
@@ -163,6 +180,22 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         .iter()
         .map(|l| l.parse())
         .collect::<anyhow::Result<Vec<Listen>>>()?;
+    let wants_tls = listen
+        .iter()
+        .any(|l| matches!(l, Listen::Http { tls: true, .. }));
+    let tls = if wants_tls {
+        Some(tls::server(
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            &private_key,
+        )?)
+    } else {
+        anyhow::ensure!(
+            args.tls_cert.is_none() && args.tls_key.is_none(),
+            "--tls-cert/--tls-key: no https:// listener to use them"
+        );
+        None
+    };
     let mut config = ServerConfig::new(private_key, allowed, pool);
     if let Some(mtu) = args.mtu {
         anyhow::ensure!(
@@ -183,6 +216,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         tun,
         nat: args.nat,
         offload: !args.no_offload,
+        tls,
     })
 }
 
@@ -213,6 +247,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         udp: Vec::new(),
         icmp: icmp::Listeners::new(),
         dns: dns::Listeners::new(),
+        http: http::Listeners::new(),
     };
     let mut endpoints = Vec::new();
     for l in &s.listen {
@@ -236,7 +271,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 let local = senders.dns.add(*addr, domain)?;
                 endpoints.push(format!("dns://{local}?domain={domain}"));
             }
+            Listen::Http { addr, path, tls } => {
+                let config = if *tls {
+                    s.tls.as_ref().map(|t| t.config.clone())
+                } else {
+                    None
+                };
+                let local = senders.http.add(*addr, path, config).await?;
+                endpoints.push(match (&s.tls, tls) {
+                    (Some(t), true) if t.self_signed => {
+                        format!("https://{local}{path} (self-signed, pin {})", t.pin)
+                    }
+                    (Some(t), true) => format!("https://{local}{path} (pin {})", t.pin),
+                    _ => format!("http://{local}{path}"),
+                });
+            }
         }
+    }
+    if let Some(t) = s.tls.as_ref().filter(|t| t.self_signed) {
+        tracing::info!(
+            "TLS certificate pin: {} (self-signed; clients give --tls-pin {})",
+            t.pin,
+            t.pin
+        );
     }
     for e in &endpoints {
         tracing::info!("listening on {e}");
@@ -259,6 +316,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .dns
             .next_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let poll_deadline = [senders.dns.next_timeout(), senders.http.next_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(dns_deadline);
+        let dns_deadline = dns_deadline.min(poll_deadline);
         if dns_timer.deadline() != dns_deadline.into() {
             dns_timer.as_mut().reset(dns_deadline.into());
         }
@@ -285,8 +348,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     tokio::task::yield_now().await;
                 }
             }
+            ev = senders.http.next_event() => {
+                if let Some(ev) = ev {
+                    http::receive(&mut engine, &mut tun, &mut senders, ev).await.context("writing to the TUN device")?;
+                }
+            }
             () = &mut dns_timer => {
-                senders.dns.handle_timeout(&mut engine, Instant::now());
+                let now = Instant::now();
+                senders.dns.handle_timeout(&mut engine, now);
+                senders.http.handle_timeout(now);
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -296,9 +366,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             conn = control.accept() => {
                 if let Ok(conn) = conn {
-                    let mut st = status(&engine, tun.name(), &addr_text, &endpoints);
+                    let mut st = status(&engine, &senders, tun.name(), &addr_text, &endpoints);
                     senders.icmp.add_drops(&mut st.drops);
                     senders.dns.add_drops(&mut st.drops);
+                    senders.http.add_drops(&mut st.drops);
                     control::reply(conn, &st);
                 }
             }
@@ -393,7 +464,13 @@ fn total_drops(engine: &Server<Path>) -> iptun_proto::DropCounters {
     all
 }
 
-fn status(engine: &Server<Path>, tun: &str, addresses: &[String], endpoints: &[String]) -> Status {
+fn status(
+    engine: &Server<Path>,
+    senders: &Senders,
+    tun: &str,
+    addresses: &[String],
+    endpoints: &[String],
+) -> Status {
     let now = Instant::now();
     let sessions = engine
         .sessions()
@@ -404,7 +481,7 @@ fn status(engine: &Server<Path>, tun: &str, addresses: &[String], endpoints: &[S
                 addresses: std::iter::once(s.lease.v4.to_string())
                     .chain(s.lease.v6.map(|a| a.to_string()))
                     .collect(),
-                transport: s.path.map_or("none", |p| p.transport()).to_owned(),
+                transport: s.path.map_or("none", |p| p.transport(senders)).to_owned(),
                 endpoint: s.path.map(|p| p.endpoint()),
                 rx_bytes: 0,
                 rx_packets: 0,

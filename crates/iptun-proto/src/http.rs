@@ -1,0 +1,451 @@
+//! The HTTP transports' framing and long-poll discipline, sans IO.
+//!
+//! # Framing
+//!
+//! A WebSocket binary message, a long-poll request body and a long-poll
+//! response body all carry the same thing: zero or more tunnel messages,
+//! each behind its length.
+//!
+//! ```text
+//! | len u16 | message (len bytes) | len u16 | message | ...
+//! ```
+//!
+//! So a backlog of small messages (TCP acknowledgements, keepalives) costs
+//! one WebSocket frame or one HTTP exchange, not one each. A body that ends
+//! inside a message is malformed from that point on ([`Messages`] stops).
+//!
+//! # Long-poll
+//!
+//! Where a middlebox refuses the WebSocket upgrade, the client falls back to
+//! `POST PATH?c=<tag>` requests: each carries upstream messages (or none,
+//! a bare poll) and its response carries whatever downstream messages the
+//! server has for the tag. The server answers a request that carries data
+//! at once, and holds a bare poll ([`Mailboxes`]) until downstream data
+//! arrives or [`HOLD`] passes, so downstream data waits for no round trip
+//! while the client keeps [`POLLERS`] polls outstanding. Requests are
+//! sorted by the client's random 64-bit tag: requests of one client arrive
+//! on several TCP connections, through proxies that pool and reuse them.
+//! The tag only routes; the session's keys authenticate.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Bytes of the length before each message.
+pub const LEN_PREFIX: usize = 2;
+/// The largest message a frame can carry.
+pub const MAX_MESSAGE: usize = u16::MAX as usize;
+/// A sender closes a batch (one WebSocket message, one HTTP body) once it
+/// holds this much: big enough to amortise the framing, small enough to
+/// keep the TCP connection's queue, and the inner TCP's delay, short.
+pub const BATCH_TARGET: usize = 64 * 1024;
+/// The largest body a receiver accepts.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// How long the server holds a bare poll. Inside the read timeouts of
+/// common proxies (nginx: 60 s; squid: 15 min), short enough to prove the
+/// path alive often.
+pub const HOLD: Duration = Duration::from_secs(15);
+/// Bare polls the client keeps outstanding: while the server answers one,
+/// the other is held.
+pub const POLLERS: usize = 2;
+/// Bare polls the server holds per tag; beyond, the oldest is answered.
+pub const MAX_HELD: usize = 4;
+/// Downstream bytes the server queues per tag while no poll is held;
+/// beyond, messages are dropped (the inner TCP sees loss and slows down,
+/// rather than a queue growing behind it).
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// A tag with nothing held that has not polled for this long is forgotten.
+pub const IDLE: Duration = Duration::from_secs(120);
+
+/// Builds one batch of framed messages. Its buffer is zeroed once and
+/// reused: messages are written in place, and [`Batch::take`] copies out
+/// only the bytes framed.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append a message that `fill` writes into the buffer it is given
+    /// (up to [`MAX_MESSAGE`] bytes), returning its length; `None` appends
+    /// nothing.
+    pub fn push_with(&mut self, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
+        let start = self.used;
+        let end = start + LEN_PREFIX + MAX_MESSAGE;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        if let Some(n) = fill(&mut self.buf[start + LEN_PREFIX..end]).filter(|&n| n <= MAX_MESSAGE)
+        {
+            self.buf[start..start + LEN_PREFIX].copy_from_slice(&(n as u16).to_be_bytes());
+            self.used = start + LEN_PREFIX + n;
+        }
+    }
+
+    /// Append a copy of `msg` (dropped if longer than [`MAX_MESSAGE`]).
+    pub fn push(&mut self, msg: &[u8]) {
+        self.push_with(|out| {
+            out.get_mut(..msg.len())?.copy_from_slice(msg);
+            Some(msg.len())
+        });
+    }
+
+    /// Bytes framed so far.
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    /// Whether nothing is framed.
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Take the framed bytes, leaving the batch empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        let out = self.buf[..self.used].to_vec();
+        self.used = 0;
+        out
+    }
+}
+
+/// The messages framed in `body`.
+pub fn messages(body: &[u8]) -> Messages<'_> {
+    Messages { rest: body }
+}
+
+/// Iterator over the messages of a body; stops at the first frame that
+/// runs past the end ([`Messages::malformed`] tells).
+#[derive(Clone, Debug)]
+pub struct Messages<'a> {
+    rest: &'a [u8],
+}
+
+impl Messages<'_> {
+    /// Whether bytes were left that do not form a whole frame.
+    pub fn malformed(&self) -> bool {
+        !self.rest.is_empty()
+    }
+}
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let (len, rest) = self.rest.split_first_chunk::<LEN_PREFIX>()?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        let msg = rest.get(..len)?;
+        self.rest = &rest[len..];
+        Some(msg)
+    }
+}
+
+/// One client's mailbox: downstream bytes (framed) and the polls held.
+struct Mailbox<R> {
+    queued: Batch,
+    held: VecDeque<(R, Instant)>,
+    last_request: Instant,
+}
+
+/// An answer the server owes: send `body` in reply to `request`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer<R> {
+    /// The held request (the driver's handle to its response).
+    pub request: R,
+    /// Framed messages, possibly none.
+    pub body: Vec<u8>,
+}
+
+/// The server's long-poll state: a mailbox per client tag. `R` is the
+/// driver's handle to a pending response.
+pub struct Mailboxes<R> {
+    boxes: HashMap<u64, Mailbox<R>>,
+    /// Tags whose queued bytes may meet a held poll.
+    ready: Vec<u64>,
+    /// Messages dropped because a mailbox was full or unknown.
+    pub dropped: u64,
+}
+
+impl<R> Default for Mailboxes<R> {
+    fn default() -> Self {
+        Self {
+            boxes: HashMap::new(),
+            ready: Vec::new(),
+            dropped: 0,
+        }
+    }
+}
+
+impl<R> Mailboxes<R> {
+    /// No mailboxes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A request from `tag` is being handled: make sure its mailbox exists,
+    /// so the answers its messages produce are kept for it.
+    pub fn open(&mut self, now: Instant, tag: u64) {
+        self.mailbox(now, tag);
+    }
+
+    fn mailbox(&mut self, now: Instant, tag: u64) -> &mut Mailbox<R> {
+        let mailbox = self.boxes.entry(tag).or_insert_with(|| Mailbox {
+            queued: Batch::new(),
+            held: VecDeque::new(),
+            last_request: now,
+        });
+        mailbox.last_request = now;
+        mailbox
+    }
+
+    /// A request from `tag` arrived (its upstream messages already handled).
+    /// A request that carried data, or finds data queued, is answered at
+    /// once; a bare poll is held.
+    pub fn request(
+        &mut self,
+        now: Instant,
+        tag: u64,
+        request: R,
+        carried_data: bool,
+    ) -> Vec<Answer<R>> {
+        let mailbox = self.mailbox(now, tag);
+        if carried_data || !mailbox.queued.is_empty() {
+            let body = mailbox.queued.take();
+            return vec![Answer { request, body }];
+        }
+        mailbox.held.push_back((request, now + HOLD));
+        let mut answers = Vec::new();
+        while mailbox.held.len() > MAX_HELD {
+            let (request, _) = mailbox.held.pop_front().expect("non-empty");
+            answers.push(Answer {
+                request,
+                body: Vec::new(),
+            });
+        }
+        answers
+    }
+
+    /// Queue a downstream message for `tag`; [`Mailboxes::poll_answer`]
+    /// hands it to a held poll. Dropped if the tag is unknown or its queue
+    /// is full.
+    pub fn send(&mut self, tag: u64, msg: &[u8]) {
+        match self.boxes.get_mut(&tag) {
+            Some(m) if m.queued.len() + LEN_PREFIX + msg.len() <= MAX_QUEUED_BYTES => {
+                if m.queued.is_empty() {
+                    self.ready.push(tag);
+                }
+                m.queued.push(msg);
+            }
+            _ => self.dropped += 1,
+        }
+    }
+
+    /// An answer that queued data allows now: call after a batch of
+    /// [`Mailboxes::send`]s until it returns `None`.
+    pub fn poll_answer(&mut self) -> Option<Answer<R>> {
+        while let Some(tag) = self.ready.pop() {
+            let Some(m) = self.boxes.get_mut(&tag) else {
+                continue;
+            };
+            if m.queued.is_empty() {
+                continue;
+            }
+            // No poll held: the data waits for the next request.
+            let Some((request, _)) = m.held.pop_front() else {
+                continue;
+            };
+            return Some(Answer {
+                request,
+                body: m.queued.take(),
+            });
+        }
+        None
+    }
+
+    /// When [`Mailboxes::handle_timeout`] next has work.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.boxes
+            .values()
+            .filter_map(|m| m.held.front().map(|(_, t)| *t))
+            .min()
+    }
+
+    /// Answer (empty) the polls held past [`HOLD`]; forget idle tags.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Answer<R>> {
+        let mut answers = Vec::new();
+        for m in self.boxes.values_mut() {
+            while m.held.front().is_some_and(|(_, t)| *t <= now) {
+                let (request, _) = m.held.pop_front().expect("non-empty");
+                answers.push(Answer {
+                    request,
+                    body: Vec::new(),
+                });
+            }
+        }
+        self.boxes
+            .retain(|_, m| !m.held.is_empty() || now.duration_since(m.last_request) < IDLE);
+        answers
+    }
+
+    /// Tags known.
+    pub fn len(&self) -> usize {
+        self.boxes.len()
+    }
+
+    /// Whether no tag is known.
+    pub fn is_empty(&self) -> bool {
+        self.boxes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame(msgs: &[&[u8]]) -> Vec<u8> {
+        let mut b = Batch::new();
+        msgs.iter().for_each(|m| b.push(m));
+        b.take()
+    }
+
+    #[test]
+    fn frames_in_bytes() {
+        assert_eq!(
+            frame(&[b"ab", b"", b"c"]),
+            [0, 2, b'a', b'b', 0, 0, 0, 1, b'c']
+        );
+    }
+
+    #[test]
+    fn truncated_frame_stops_and_is_flagged() {
+        let body = [0, 1, b'x', 0, 5, b'y'];
+        let mut it = messages(&body);
+        assert_eq!(it.next(), Some(&b"x"[..]));
+        assert_eq!(it.next(), None);
+        assert!(it.malformed());
+        let mut whole = messages(&body[..3]);
+        assert_eq!(whole.next(), Some(&b"x"[..]));
+        assert_eq!(whole.next(), None);
+        assert!(!whole.malformed());
+    }
+
+    #[test]
+    fn refused_fill_appends_nothing() {
+        let mut b = Batch::new();
+        b.push(b"keep");
+        b.push_with(|_| None);
+        b.push_with(|_| Some(MAX_MESSAGE + 1));
+        assert_eq!(b.take(), frame(&[b"keep"]));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..2000), 0..20)) {
+            let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+            let body = frame(&refs);
+            let mut it = messages(&body);
+            let back: Vec<&[u8]> = it.by_ref().collect();
+            prop_assert_eq!(back, refs);
+            prop_assert!(!it.malformed());
+        }
+
+        #[test]
+        fn parser_never_reads_past_the_end(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let total: usize = messages(&body).map(|m| m.len() + LEN_PREFIX).sum();
+            prop_assert!(total <= body.len());
+        }
+    }
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn data_request_answered_at_once_bare_poll_held_until_data() {
+        let now = t0();
+        let mut m = Mailboxes::new();
+        assert!(m.request(now, 7, 1, false).is_empty());
+        let a = m.request(now, 7, 2, true);
+        assert_eq!(
+            a,
+            vec![Answer {
+                request: 2,
+                body: vec![]
+            }]
+        );
+        m.send(7, b"down");
+        assert_eq!(
+            m.poll_answer(),
+            Some(Answer {
+                request: 1,
+                body: frame(&[b"down"])
+            })
+        );
+        assert_eq!(m.poll_answer(), None);
+    }
+
+    #[test]
+    fn queued_data_waits_for_the_next_request() {
+        let now = t0();
+        let mut m = Mailboxes::new();
+        m.request(now, 1, 10, true);
+        m.send(1, b"a");
+        m.send(1, b"b");
+        assert_eq!(m.poll_answer(), None);
+        let a = m.request(now, 1, 11, false);
+        assert_eq!(
+            a,
+            vec![Answer {
+                request: 11,
+                body: frame(&[b"a", b"b"])
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_tag_and_full_queue_drop() {
+        let now = t0();
+        let mut m: Mailboxes<u32> = Mailboxes::new();
+        m.send(9, b"x");
+        assert_eq!(m.dropped, 1);
+        m.request(now, 9, 1, true);
+        let big = vec![0u8; 60_000];
+        for _ in 0..MAX_QUEUED_BYTES / 60_000 + 2 {
+            m.send(9, &big);
+        }
+        assert!(m.dropped >= 2);
+        let a = m.request(now, 9, 2, false);
+        assert!(a[0].body.len() <= MAX_QUEUED_BYTES);
+    }
+
+    #[test]
+    fn holds_expire_empty_and_excess_polls_are_released() {
+        let now = t0();
+        let mut m = Mailboxes::new();
+        let mut released = Vec::new();
+        for r in 0..MAX_HELD as u32 + 2 {
+            released.extend(m.request(now, 3, r, false));
+        }
+        assert_eq!(
+            released.iter().map(|a| a.request).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(m.next_timeout(), Some(now + HOLD));
+        assert!(
+            m.handle_timeout(now + HOLD - Duration::from_millis(1))
+                .is_empty()
+        );
+        let expired = m.handle_timeout(now + HOLD);
+        assert_eq!(expired.len(), MAX_HELD);
+        assert!(expired.iter().all(|a| a.body.is_empty()));
+        assert_eq!(m.len(), 1);
+        m.handle_timeout(now + IDLE);
+        assert!(m.is_empty());
+    }
+}
