@@ -89,4 +89,10 @@ fn main() {
     write("server_datagram", "ipv4-internet-to-a", &v4_net_to_a);
     write("server_datagram", "ipv6-a-to-b", &v6_a_to_b);
     write("server_datagram", "ipv6-a-to-server", &v6_a_to_server);
+
+    // HTTP: a framed body, a long-poll query, a mailbox script (a held
+    // poll from tag 0, a 1-byte message to it, answers collected).
+    write("http", "frames", &[0, 2, b'a', b'b', 0, 0]);
+    write("http", "query", b"c=00000000000000ff");
+    write("http", "mailbox", &[0x00, 0x05, b'x', 0x02]);
 }

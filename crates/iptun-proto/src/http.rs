@@ -57,6 +57,21 @@ pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// A tag with nothing held that has not polled for this long is forgotten.
 pub const IDLE: Duration = Duration::from_secs(120);
 
+/// The query of a long-poll request for client `tag`.
+pub fn poll_query(tag: u64) -> String {
+    format!("c={tag:016x}")
+}
+
+/// The client tag in a long-poll request's query (`c=<16 hex digits>`,
+/// among other parameters perhaps).
+pub fn poll_tag(query: Option<&str>) -> Option<u64> {
+    let value = query?.split('&').find_map(|kv| kv.strip_prefix("c="))?;
+    if value.len() != 16 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(value, 16).ok()
+}
+
 /// Builds one batch of framed messages. Its buffer is zeroed once and
 /// reused: messages are written in place, and [`Batch::take`] copies out
 /// only the bytes framed.
@@ -360,6 +375,22 @@ mod tests {
             let total: usize = messages(&body).map(|m| m.len() + LEN_PREFIX).sum();
             prop_assert!(total <= body.len());
         }
+    }
+
+    #[test]
+    fn poll_tags() {
+        assert_eq!(poll_tag(Some(&poll_query(255))), Some(255));
+        assert_eq!(poll_tag(Some("x=1&c=ffffffffffffffff")), Some(u64::MAX));
+        for bad in [
+            "c=ff",
+            "c=",
+            "c=zzzzzzzzzzzzzzzz",
+            "d=00000000000000ff",
+            "c=+fffffffffffffff",
+        ] {
+            assert_eq!(poll_tag(Some(bad)), None, "{bad}");
+        }
+        assert_eq!(poll_tag(None), None);
     }
 
     fn t0() -> Instant {

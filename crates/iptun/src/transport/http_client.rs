@@ -403,7 +403,7 @@ impl PollConn {
 
     /// POST `body`; the response's body.
     async fn exchange(&mut self, config: &Config, body: Bytes) -> anyhow::Result<Bytes> {
-        let query = format!("?c={:016x}", config.tag);
+        let query = format!("?{}", iptun_proto::http::poll_query(config.tag));
         let req = request(config, self.absolute, Method::POST, &query)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(Full::new(body))?;

@@ -51,6 +51,8 @@ pub type Events = mpsc::Sender<(usize, Event)>;
 pub const WS_QUEUE: usize = 16;
 /// Connections open at once, over all listeners; beyond, new ones are closed.
 const MAX_CONNECTIONS: usize = 4096;
+/// A WebSocket that has sent nothing for this long is closed.
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// Time for a TLS handshake and for a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -159,7 +161,7 @@ async fn handle(
         return accept_websocket(req, listener.index, events);
     }
     if req.method() == Method::POST
-        && let Some(tag) = poll_tag(req.uri().query())
+        && let Some(tag) = iptun_proto::http::poll_tag(req.uri().query())
     {
         return long_poll(req, tag, listener.index, events).await;
     }
@@ -182,14 +184,6 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
         && header_has(req, header::UPGRADE, "websocket")
         && req.headers().get(header::SEC_WEBSOCKET_VERSION) == Some(&HeaderValue::from_static("13"))
         && req.headers().contains_key(header::SEC_WEBSOCKET_KEY)
-}
-
-/// `c=<16 hex digits>` in the query: the client's long-poll tag.
-fn poll_tag(query: Option<&str>) -> Option<u64> {
-    let value = query?.split('&').find_map(|kv| kv.strip_prefix("c="))?;
-    (value.len() == 16)
-        .then(|| u64::from_str_radix(value, 16).ok())
-        .flatten()
 }
 
 /// Answer 101 and hand the upgraded connection to a WebSocket task.
@@ -254,7 +248,9 @@ where
     }
     let (mut sink, mut stream) = ws.split();
     let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        // Clients ping an idle connection every few seconds: silence means
+        // the client is gone without a FIN.
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(IDLE_CLOSE, stream.next()).await {
             if let Message::Binary(body) = msg {
                 let ev = Event::WsData { conn, body };
                 if events.send((index, ev)).await.is_err() {
@@ -316,19 +312,4 @@ async fn long_poll(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn poll_tags() {
-        assert_eq!(poll_tag(Some("c=00000000000000ff")), Some(255));
-        assert_eq!(poll_tag(Some("x=1&c=ffffffffffffffff")), Some(u64::MAX));
-        for bad in ["c=ff", "c=", "c=zzzzzzzzzzzzzzzz", "d=00000000000000ff"] {
-            assert_eq!(poll_tag(Some(bad)), None, "{bad}");
-        }
-        assert_eq!(poll_tag(None), None);
-    }
 }
