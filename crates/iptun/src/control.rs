@@ -232,11 +232,30 @@ pub fn render(s: &Status) -> String {
             None => writeln!(out, "    latest handshake: none"),
         }
         .ok();
+        if let Some(path) = x.path.as_ref().and_then(fmt_path) {
+            let _ = writeln!(out, "    path: {path}");
+        }
         if !x.drops.is_empty() {
             let _ = writeln!(out, "    dropped: {}", fmt_drops(&x.drops));
         }
     }
     out
+}
+
+/// The path's plain settings (`mode websocket, reconnects 0, ...`); nested
+/// counters and unset fields only in `--json`.
+fn fmt_path(path: &serde_json::Value) -> Option<String> {
+    let fields: Vec<String> = path
+        .as_object()?
+        .iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some(format!("{k} {s}")),
+            serde_json::Value::Number(n) => Some(format!("{k} {n}")),
+            serde_json::Value::Bool(b) => Some(format!("{k} {b}")),
+            _ => None,
+        })
+        .collect();
+    (!fields.is_empty()).then(|| fields.join(", "))
 }
 
 fn fmt_drops(d: &BTreeMap<String, u64>) -> String {
