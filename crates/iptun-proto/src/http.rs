@@ -38,8 +38,10 @@ pub const MAX_MESSAGE: usize = u16::MAX as usize;
 /// holds this much: big enough to amortise the framing, small enough to
 /// keep the TCP connection's queue, and the inner TCP's delay, short.
 pub const BATCH_TARGET: usize = 64 * 1024;
-/// The largest body a receiver accepts.
-pub const MAX_BODY: usize = 4 << 20;
+/// The largest body (or WebSocket message) a receiver accepts: a sender's
+/// batches stay far below it, and it bounds what one connection can make
+/// the server buffer.
+pub const MAX_BODY: usize = 1 << 20;
 
 /// How long the server holds a bare poll. Inside the read timeouts of
 /// common proxies (nginx: 60 s; squid: 15 min), short enough to prove the
@@ -56,6 +58,9 @@ pub const MAX_HELD: usize = 4;
 pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// A tag with nothing held that has not polled for this long is forgotten.
 pub const IDLE: Duration = Duration::from_secs(120);
+/// Tags the server keeps at once; requests from further new tags are
+/// answered at once, empty (anyone can make up tags).
+pub const MAX_TAGS: usize = 4096;
 
 /// The query of a long-poll request for client `tag`.
 pub fn poll_query(tag: u64) -> String {
@@ -208,14 +213,18 @@ impl<R> Mailboxes<R> {
         self.mailbox(now, tag);
     }
 
-    fn mailbox(&mut self, now: Instant, tag: u64) -> &mut Mailbox<R> {
+    /// The tag's mailbox, new if there is room.
+    fn mailbox(&mut self, now: Instant, tag: u64) -> Option<&mut Mailbox<R>> {
+        if self.boxes.len() >= MAX_TAGS && !self.boxes.contains_key(&tag) {
+            return None;
+        }
         let mailbox = self.boxes.entry(tag).or_insert_with(|| Mailbox {
             queued: Batch::new(),
             held: VecDeque::new(),
             last_request: now,
         });
         mailbox.last_request = now;
-        mailbox
+        Some(mailbox)
     }
 
     /// A request from `tag` arrived (its upstream messages already handled).
@@ -228,7 +237,12 @@ impl<R> Mailboxes<R> {
         request: R,
         carried_data: bool,
     ) -> Vec<Answer<R>> {
-        let mailbox = self.mailbox(now, tag);
+        let Some(mailbox) = self.mailbox(now, tag) else {
+            return vec![Answer {
+                request,
+                body: Vec::new(),
+            }];
+        };
         if carried_data || !mailbox.queued.is_empty() {
             let body = mailbox.queued.take();
             return vec![Answer { request, body }];
@@ -453,6 +467,28 @@ mod tests {
         assert!(m.dropped >= 2);
         let a = m.request(now, 9, 2, false);
         assert!(a[0].body.len() <= MAX_QUEUED_BYTES);
+    }
+
+    #[test]
+    fn new_tags_beyond_the_limit_are_answered_at_once() {
+        let now = t0();
+        let mut m = Mailboxes::new();
+        for tag in 0..MAX_TAGS as u64 {
+            m.open(now, tag);
+        }
+        let a = m.request(now, u64::MAX, 1, false);
+        assert_eq!(
+            a,
+            vec![Answer {
+                request: 1,
+                body: vec![]
+            }]
+        );
+        assert_eq!(m.len(), MAX_TAGS);
+        assert!(
+            m.request(now, 0, 2, false).is_empty(),
+            "known tags still held"
+        );
     }
 
     #[test]

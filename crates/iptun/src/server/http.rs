@@ -40,7 +40,7 @@ pub(super) struct Listeners {
 
 impl Listeners {
     pub(super) fn new() -> Self {
-        let (events_tx, events) = mpsc::channel(1024);
+        let (events_tx, events) = mpsc::channel(256);
         Self {
             events,
             events_tx,
