@@ -231,9 +231,11 @@ measure_iptun_http() { # name tag [client flags]
         | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s[0]["sessions"][0]["path"]["mode"])' 2>/dev/null || echo "?")
     log "$name: mode $mode"
     measure_both "$name" $IPTUN_ADDR_S "$tag"
-    grep -q "CONNECT $ADDR_S:443 $PROXY_USER" "$TMP/squid/access.log" 2>/dev/null \
-        || log "$name: WARNING: squid logged no CONNECT to $ADDR_S:443 yet (it logs when a tunnel closes)"
     iptun_down
+    # squid logs a CONNECT when the tunnel closes: the traffic went through it
+    sleep 0.5
+    grep -q "CONNECT $ADDR_S:443 $PROXY_USER" "$TMP/squid/access.log" 2>/dev/null \
+        || die "$name: squid logged no authenticated CONNECT to $ADDR_S:443"
 }
 
 # A quick PKI (CA, server and client certificates, P-256) for OpenVPN's TLS

@@ -69,6 +69,11 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, and waits (bounded) for the exit.
+    fn stop(&mut self) {
+        self.process.stop(Duration::from_secs(10));
+    }
+
     /// The daemon's entry of `iptun status --json`, if it answers.
     fn status(&self) -> Option<Value> {
         let out = std::process::Command::new("timeout")
@@ -362,10 +367,15 @@ fn https_behind_nginx_reverse_proxy() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS behind nginx");
     assert_transport_mode(&session, "https", "websocket");
-    let access = nginx.access_log();
-    assert!(
-        access.contains(&format!("\"GET {TUNNEL_PATH}")) && access.contains("\" 101 "),
-        "nginx saw no WebSocket upgrade:\n{access}"
+    // nginx logs the upgraded request when it ends.
+    client.stop();
+    wait_until(
+        Duration::from_secs(10),
+        "nginx to log the WebSocket upgrade",
+        || {
+            let access = nginx.access_log();
+            access.contains(&format!("\"GET {TUNNEL_PATH} ")) && access.contains("\" 101 ")
+        },
     );
 }
 
@@ -395,13 +405,13 @@ fn https_through_squid_with_basic_auth() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS through squid");
     assert_transport_mode(&session, "https", "websocket");
-    let log = squid.access_log();
-    assert!(
-        log.contains(&format!(
-            "CONNECT {}:{HTTPS_PORT} {PROXY_USER}",
-            addrs::SERVER_ADDR
-        )),
-        "squid logged no authenticated CONNECT:\n{log}"
+    // squid logs a CONNECT when the tunnel closes.
+    client.stop();
+    let connect = format!("CONNECT {}:{HTTPS_PORT} {PROXY_USER}", addrs::SERVER_ADDR);
+    wait_until(
+        Duration::from_secs(10),
+        "squid to log the authenticated CONNECT",
+        || squid.access_log().contains(&connect),
     );
 }
 
