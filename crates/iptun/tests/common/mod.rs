@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod http;
 pub mod unbound;
 
 /// Panics unless we are root: a silent skip would hide failures in CI.
