@@ -401,25 +401,49 @@ impl PollConn {
             .context("connecting timed out")?
     }
 
-    /// POST `body`; the response's body.
+    /// POST `body`; the response's body. Proxies may close a connection
+    /// after each response (tinyproxy does): then a new one carries it.
+    /// Also a request lost that way is resent once.
     async fn exchange(&mut self, config: &Config, body: Bytes) -> anyhow::Result<Bytes> {
         let query = format!("?{}", iptun_proto::http::poll_query(config.tag));
-        let req = request(config, self.absolute, Method::POST, &query)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .body(Full::new(body))?;
-        let resp = tokio::time::timeout(HOLD + CONNECT_TIMEOUT, self.send.send_request(req))
-            .await
-            .context("no answer to a long-poll request")?
-            .context("long-poll request")?;
-        if resp.status() != StatusCode::OK {
-            bail!("long-poll request answered {}", resp.status());
+        let absolute = self.absolute; // the same for every connection
+        let post = || {
+            request(config, absolute, Method::POST, &query)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(Full::new(body.clone()))
+        };
+        if self.send.ready().await.is_err() {
+            *self = Self::open(config).await?;
         }
-        let body = tokio::time::timeout(HOLD, Limited::new(resp.into_body(), MAX_BODY).collect())
+        let resp = match self.send.send_request(post()?).await {
+            // Closed under us (a proxy that does not keep connections alive
+            // closed it after its last response): resend on a new one. A
+            // duplicate reaching the server is dropped by the replay window.
+            Err(e) if e.is_canceled() || e.is_incomplete_message() => {
+                *self = Self::open(config).await?;
+                self.send.send_request(post()?)
+            }
+            r => return read_response(r).await,
+        };
+        let resp = tokio::time::timeout(HOLD + CONNECT_TIMEOUT, resp)
             .await
-            .context("long-poll response timed out")?
-            .map_err(|e| anyhow::anyhow!("long-poll response: {e}"))?;
-        Ok(body.to_bytes())
+            .context("no answer to a long-poll request")?;
+        read_response(resp).await
     }
+}
+
+async fn read_response(
+    resp: hyper::Result<hyper::Response<hyper::body::Incoming>>,
+) -> anyhow::Result<Bytes> {
+    let resp = resp.context("long-poll request")?;
+    if resp.status() != StatusCode::OK {
+        bail!("long-poll request answered {}", resp.status());
+    }
+    let body = tokio::time::timeout(HOLD, Limited::new(resp.into_body(), MAX_BODY).collect())
+        .await
+        .context("long-poll response timed out")?
+        .map_err(|e| anyhow::anyhow!("long-poll response: {e}"))?;
+    Ok(body.to_bytes())
 }
 
 /// Long-poll until a connection breaks: one connection posts what comes
