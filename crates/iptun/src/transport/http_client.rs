@@ -164,6 +164,9 @@ pub async fn run(
         });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+        // After a fallback, the next connection tries WebSocket again: the
+        // middlebox that refused it may be gone (the client roamed).
+        mode = config.mode;
     }
 }
 
