@@ -44,6 +44,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// ...and is taken for dead after this long without hearing anything.
 const DEAD_AFTER: Duration = Duration::from_secs(20);
+/// A new WebSocket must answer the client's first ping this fast.
+const FIRST_ANSWER: Duration = Duration::from_secs(5);
 /// Reconnection back-off.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(16);
@@ -125,7 +127,18 @@ pub async fn run(
                     if down.send(Down::Connected).await.is_err() {
                         return;
                     }
-                    run_websocket(ws, &mut up, &down).await
+                    let mut heard = false;
+                    let r = run_websocket(ws, &mut up, &down, &mut heard).await;
+                    if let (Err(e), false, Mode::Auto) = (&r, heard, mode) {
+                        // Upgraded, yet not even a pong came back: something
+                        // in the path answers for the server or buffers.
+                        tracing::warn!(
+                            "WebSocket carried nothing ({e:#}): falling back to long-poll"
+                        );
+                        mode = Mode::LongPoll;
+                        continue;
+                    }
+                    r
                 }
                 Err(Refusal::Upgrade(why)) if mode == Mode::Auto => {
                     tracing::warn!("WebSocket upgrade refused ({why}): falling back to long-poll");
@@ -337,10 +350,12 @@ async fn open_websocket(
 }
 
 /// Move batches both ways until the connection breaks or goes quiet.
+/// `heard` tells whether anything at all came back.
 async fn run_websocket<S>(
     ws: WebSocketStream<S>,
     up: &mut mpsc::Receiver<Bytes>,
     down: &mpsc::Sender<Down>,
+    heard: &mut bool,
 ) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -348,8 +363,15 @@ where
     let (mut sink, mut stream) = ws.split();
     let reader = async {
         loop {
-            match tokio::time::timeout(DEAD_AFTER, stream.next()).await {
-                Err(_) => bail!("nothing heard for {DEAD_AFTER:?}"),
+            // The first answer (to the ping the writer starts with) must be
+            // quick; later, silence is judged over a longer time.
+            let wait = if *heard { DEAD_AFTER } else { FIRST_ANSWER };
+            let msg = tokio::time::timeout(wait, stream.next()).await;
+            if let Ok(Some(Ok(_))) = msg {
+                *heard = true;
+            }
+            match msg {
+                Err(_) => bail!("nothing heard for {wait:?}"),
                 Ok(None) => bail!("closed by the server"),
                 Ok(Some(Err(e))) => bail!("WebSocket: {e}"),
                 Ok(Some(Ok(Message::Binary(body)))) => {
@@ -362,6 +384,7 @@ where
         }
     };
     let writer = async {
+        sink.send(Message::Ping(Bytes::new())).await?;
         loop {
             let body = match tokio::time::timeout(PING_EVERY, up.recv()).await {
                 Err(_) => {
