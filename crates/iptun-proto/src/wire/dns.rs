@@ -1796,6 +1796,230 @@ mod tests {
         assert_eq!(parse_response(1, &name, &bytes), Ok(Answer::Data(long)));
     }
 
+    fn type_strategy() -> impl Strategy<Value = AnswerType> {
+        proptest::sample::select(AnswerType::ALL.to_vec())
+    }
+
+    /// The answer as a resolver may pass it on: its records in another
+    /// order (`perm` drives a Fisher-Yates shuffle) and the letters of
+    /// names inside them flipped where `mask` says.
+    fn resolver_rewrite(bytes: &[u8], perm: u64, mask: &[bool]) -> Vec<u8> {
+        let mut msg = Message::from_vec(bytes).unwrap();
+        let mut x = perm | 1;
+        for i in (1..msg.answers.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            msg.answers.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        for r in &mut msg.answers {
+            match &mut r.data {
+                RData::CNAME(c) => c.0 = flip_case(&c.0, mask),
+                RData::MX(mx) => mx.exchange = flip_case(&mx.exchange, mask),
+                RData::SRV(srv) => srv.target = flip_case(&srv.target, mask),
+                _ => {}
+            }
+        }
+        msg.to_vec().unwrap()
+    }
+
+    /// A query for `name` asking for `ty`, as the server parses it.
+    fn typed_query(id: u16, name: &Name, ty: AnswerType, edns: Option<u16>) -> Query {
+        parse_query(&build_query_as(id, name, ty, edns).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn answer_types_map_to_record_types() {
+        for ty in AnswerType::ALL {
+            assert_eq!(AnswerType::of(ty.record_type()), Some(ty));
+            assert_eq!(ty.as_str(), ty.record_type().to_string());
+        }
+        assert_eq!(AnswerType::of(RecordType::SOA), None);
+        let q = typed_query(
+            1,
+            &encode_name(&domain(), b"x").unwrap(),
+            AnswerType::A,
+            None,
+        );
+        assert_eq!(
+            (q.qtype, q.answer_type()),
+            (RecordType::A, Some(AnswerType::A))
+        );
+        let mut soa = q.clone();
+        soa.qtype = RecordType::SOA;
+        assert_eq!(soa.answer_capacity(&domain()), 0);
+        assert!(matches!(
+            build_answer(&soa, &domain(), b""),
+            Err(DnsError::WrongType(RecordType::SOA))
+        ));
+    }
+
+    #[test]
+    fn address_answers_are_pinned() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let q = typed_query(7, &name, AnswerType::A, None);
+        let msg = Message::from_vec(&build_answer(&q, &d, b"hey").unwrap()).unwrap();
+        // | 0 3 | h e y | 0: two records, the last padded.
+        let addrs: Vec<[u8; 4]> = msg
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => a.0.octets(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(addrs, [[11, 0, 3, b'h'], [12, b'e', b'y', 0]]);
+        assert!(
+            msg.answers
+                .iter()
+                .all(|r| r.ttl == 0 && r.name.eq_case(&name))
+        );
+        let q6 = typed_query(7, &name, AnswerType::Aaaa, None);
+        let msg = Message::from_vec(&build_answer(&q6, &d, b"").unwrap()).unwrap();
+        let RData::AAAA(a) = &msg.answers[0].data else {
+            panic!("{msg}");
+        };
+        assert_eq!(
+            a.0.octets(),
+            [0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+
+        // What does not decode: a gap, a duplicate, a sequence number out
+        // of range, a length beyond the data, non-zero or excess padding.
+        let garbled = |addrs: &[[u8; 4]]| {
+            let records = addrs.iter().map(|a| a.to_vec()).collect();
+            decode_addresses(AnswerType::A, records)
+        };
+        assert_eq!(
+            garbled(&[[12, b'e', b'y', 0], [11, 0, 3, b'h']]),
+            Some(b"hey".to_vec())
+        );
+        for bad in [
+            &[[11, 0, 3, b'h'], [13, b'e', b'y', 0]][..],
+            &[[11, 0, 3, b'h'], [11, 0, 3, b'h']],
+            &[[10, 0, 0, 0]],
+            &[[11, 0, 5, b'h'], [12, b'e', b'y', 0]],
+            &[[11, 0, 3, b'h'], [12, b'e', b'y', 1]],
+            &[[11, 0, 0, 0], [12, 0, 0, 0]],
+        ] {
+            assert_eq!(garbled(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn answer_names_are_not_query_names() {
+        let d = domain();
+        let name = encode_answer_name(&d, b"hi").unwrap();
+        assert_eq!(name.to_ascii(), "8nbuq.t.example.com.");
+        assert_eq!(decode_answer_name(&d, &name), Some(b"hi".to_vec()));
+        let upper = Name::from_ascii("8NbUQ.T.example.com.").unwrap();
+        assert_eq!(decode_answer_name(&d, &upper), Some(b"hi".to_vec()));
+        // A resolver that looks an answer name up asks no tunnel question.
+        let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+        assert_eq!(decode_name(&d, &name, &mut out), Err(DropReason::Malformed));
+        let empty = encode_answer_name(&d, b"").unwrap();
+        assert_eq!(decode_answer_name(&d, &empty), Some(vec![]));
+        for bad in [
+            "nbuq.t.example.com.",
+            "8nbuq.example.com.",
+            "8nbu1.t.example.com.",
+        ] {
+            let name = Name::from_ascii(bad).unwrap();
+            assert_eq!(decode_answer_name(&d, &name), None, "{bad}");
+        }
+        // 236 characters under t.example.com: the marker and 234 of base32.
+        assert_eq!(d.answer_name_capacity(), 146);
+        let full = encode_answer_name(&d, &[0xff; 146]).unwrap();
+        assert_eq!(full.to_ascii().len(), 1 + 234 + 4 + 13 + 1);
+        assert_eq!(d.answer_name_wire_len(146), 254);
+        assert!(encode_answer_name(&d, &[0; 147]).is_err());
+    }
+
+    #[test]
+    fn answer_capacities() {
+        let d = domain();
+        // A full question name, no EDNS0: 512 - 12 - 259 = 241 bytes left.
+        let cap = |ty, edns| answer_capacity(ty, &d, 255, edns);
+        assert_eq!(cap(AnswerType::Null, None), 241 - 13);
+        assert_eq!(cap(AnswerType::Txt, None), 228);
+        // A full answer name takes 254 bytes: 241 - 12 hold a shorter one.
+        assert_eq!(cap(AnswerType::Cname, None), 130);
+        assert_eq!(cap(AnswerType::Cname, Some(1232)), 146);
+        assert_eq!(cap(AnswerType::Mx, None), 129);
+        // At 1232: 950 bytes, three full MX names (14 + 254 bytes each) and
+        // one of 132 - 15 bytes.
+        assert_eq!(cap(AnswerType::Mx, Some(1232)), 3 * 146 + 71);
+        assert_eq!(cap(AnswerType::Srv, Some(1232)), 3 * 146 + 61);
+        assert_eq!(cap(AnswerType::A, None), 15 * 3 - 2);
+        assert_eq!(cap(AnswerType::Aaaa, None), 8 * 15 - 2);
+        // At 1232: 950 bytes, 59 A records, 33 AAAA (capped at 32).
+        assert_eq!(cap(AnswerType::A, Some(1232)), 59 * 3 - 2);
+        assert_eq!(cap(AnswerType::Aaaa, Some(1232)), 32 * 15 - 2);
+        assert_eq!(
+            answer_capacity(AnswerType::A, &d, 30, Some(4096)),
+            A_MAX_RECORDS * 3 - 2
+        );
+        // Exactly the capacity fits, one more byte does not.
+        for ty in AnswerType::ALL {
+            for (len, edns) in [(1, None), (147, None), (60, Some(1232)), (147, Some(4096))] {
+                let name = encode_name(&d, &vec![3; len]).unwrap();
+                let q = typed_query(9, &name, ty, edns);
+                let capacity = q.answer_capacity(&d);
+                let payload: Vec<u8> = (0..capacity).map(|i| i as u8).collect();
+                let bytes = build_answer(&q, &d, &payload).unwrap();
+                assert!(bytes.len() <= q.response_limit(), "{ty:?} {}", bytes.len());
+                assert_eq!(
+                    parse_answer(9, &name, ty, &d, &bytes),
+                    Ok(Answer::Data(payload))
+                );
+                assert!(matches!(
+                    build_answer(&q, &d, &vec![0; capacity + 1]),
+                    Err(DnsError::TooLarge { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn answers_of_another_type_or_without_records() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let q = typed_query(5, &name, AnswerType::Null, Some(1232));
+        let bytes = build_answer(&q, &d, b"data").unwrap();
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &bytes),
+            Ok(Answer::Data(b"data".to_vec()))
+        );
+        // The question's type must be the one asked.
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Txt, &d, &bytes),
+            Err(DropReason::UnexpectedResponse)
+        );
+        // Stripped records: NODATA; a record altered: garbled.
+        let mut msg = Message::from_vec(&bytes).unwrap();
+        msg.answers.clear();
+        let stripped = msg.to_vec().unwrap();
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &stripped),
+            Ok(Answer::Empty)
+        );
+        let mut msg = Message::from_vec(&bytes).unwrap();
+        msg.answers[0].data = RData::NULL(NULL::with(b"xdata".to_vec()));
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &msg.to_vec().unwrap()),
+            Ok(Answer::Garbled)
+        );
+        let q = typed_query(5, &name, AnswerType::Mx, Some(1232));
+        let mut msg = Message::from_vec(&build_answer(&q, &d, &[1; 300]).unwrap()).unwrap();
+        assert_eq!(msg.answers.len(), 3);
+        msg.answers.remove(1);
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Mx, &d, &msg.to_vec().unwrap()),
+            Ok(Answer::Garbled)
+        );
+    }
+
     fn edns_strategy() -> impl Strategy<Value = Option<u16>> {
         prop_oneof![
             Just(None),
@@ -1911,6 +2135,66 @@ mod tests {
             // The question is echoed byte for byte.
             let asked = build_query(id, &name, edns).unwrap();
             prop_assert_eq!(&bytes[12..12 + q.name_wire_len() + 4], &asked[12..12 + q.name_wire_len() + 4]);
+        }
+
+        #[test]
+        fn every_answer_type_round_trips_through_a_shuffling_case_randomising_resolver(
+            d in domain_strategy(),
+            ty in type_strategy(),
+            up in 1usize..=MAX_UPSTREAM_PAYLOAD,
+            payload in proptest::collection::vec(any::<u8>(), 0..1400),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+            perm: u64,
+            id: u16,
+            edns in edns_strategy(),
+        ) {
+            let name = encode_name(&d, &vec![0x5a; up.min(d.upstream_capacity(MAX_NAME_LEN))]).unwrap();
+            let name = flip_case(&name, &mask);
+            let q = typed_query(id, &name, ty, edns);
+            let payload = &payload[..payload.len().min(q.answer_capacity(&d))];
+            let bytes = build_answer(&q, &d, payload).unwrap();
+            prop_assert!(bytes.len() <= response_limit(edns));
+            // The question is echoed byte for byte.
+            let asked = build_query_as(id, &name, ty, edns).unwrap();
+            prop_assert_eq!(&bytes[12..12 + q.name_wire_len() + 4], &asked[12..12 + q.name_wire_len() + 4]);
+            let rewritten = resolver_rewrite(&bytes, perm, &mask);
+            for b in [&bytes, &rewritten] {
+                prop_assert_eq!(
+                    parse_answer(id, &name.to_lowercase(), ty, &d, b),
+                    Ok(Answer::Data(payload.to_vec()))
+                );
+            }
+        }
+
+        #[test]
+        fn answer_names_round_trip_in_any_case(
+            d in domain_strategy(),
+            payload in proptest::collection::vec(any::<u8>(), 0..=146),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+        ) {
+            let payload = &payload[..payload.len().min(d.answer_name_capacity())];
+            let name = encode_answer_name(&d, payload).unwrap();
+            prop_assert!(name.len() - 1 <= MAX_NAME_LEN);
+            prop_assert_eq!(name.len() + 1, d.answer_name_wire_len(payload.len()));
+            prop_assert_eq!(decode_answer_name(&d, &flip_case(&name, &mask)), Some(payload.to_vec()));
+            let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+            prop_assert_eq!(decode_name(&d, &name, &mut out), Err(DropReason::Malformed));
+        }
+
+        #[test]
+        fn garbage_answers_of_every_type_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            ty in type_strategy(),
+            id: u16,
+        ) {
+            let d = domain();
+            let name = encode_name(&d, b"hi").unwrap();
+            let _ = parse_answer(id, &name, ty, &d, &bytes);
+            let mut records = bytes.chunks(4).map(<[u8]>::to_vec).collect::<Vec<_>>();
+            records.retain(|r| r.len() == 4);
+            if !records.is_empty() {
+                let _ = decode_addresses(AnswerType::A, records);
+            }
         }
 
         #[test]
