@@ -40,6 +40,18 @@
 //! fallback of the path parameters also returns to base32, and a run of
 //! timeouts in base128 drops the encoding first.
 //!
+//! Record types ([`AnswerType`], most preferred first: NULL, TXT, CNAME,
+//! MX, SRV, AAAA, A): it starts on TXT. After [`PROBE_TYPE_AFTER`] answers
+//! in a row, one query (never the base128 probe) asks for the most
+//! preferred type above the one in use that is not backing off; an answer
+//! of that type whose fragments all parse switches to it, anything else
+//! backs that type off ([`REPROBE_MIN`] doubling up to [`REPROBE_MAX`]).
+//! [`TYPE_FAILURES`] failures in a row of the type in use (REFUSED,
+//! NXDOMAIN, NODATA, garbled records, FORMERR/NOTIMP that neither a long
+//! name nor EDNS0 explains) step it down to the next type below that is not
+//! backing off, so a path that filters TXT still works and one that loses
+//! NULL falls back to TXT until a probe finds NULL again.
+//!
 //! Upstream fragments whose query failed are sent again only within
 //! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
 //! after that the inner protocol's own recovery is faster.

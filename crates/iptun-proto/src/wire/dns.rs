@@ -1,5 +1,5 @@
 //! DNS as a carrier: tunnel bytes ride upstream in the query name and
-//! downstream in a TXT answer, through recursive resolvers, to a server that
+//! downstream in the answer's records, through recursive resolvers, to a server that
 //! is authoritative for one tunnel domain (say `t.example.com`).
 //!
 //! This module is the codec only: pure functions over bytes, no sockets and
@@ -27,17 +27,23 @@
 //!   byte (resolvers check their 0x20 case). A response never exceeds the
 //!   querier's EDNS0 size, or 512 bytes without EDNS0:
 //!   [`downstream_capacity`] says how much payload fits.
+//! - **Downstream, other record types** ([`AnswerType`]), for paths that
+//!   carry them (the client probes): NULL, CNAME, MX, SRV, AAAA and A
+//!   answers, the question's type choosing: [`build_answer`],
+//!   [`answer_capacity`], [`parse_answer`]. Names in CNAME, MX and SRV
+//!   records are [`encode_answer_name`]'s, which [`decode_name`] refuses.
 //!
-//! Client side: [`build_query`] (TXT, RD set, EDNS0 when asked),
-//! [`parse_response`] into an [`Answer`].
+//! Client side: [`build_query`] (TXT, RD set, EDNS0 when asked) or
+//! [`build_query_as`] (another type), [`parse_response`] or
+//! [`parse_answer`] into an [`Answer`].
 //!
 //! Server side, for each datagram:
 //! ```text
 //! let q = parse_query(bytes)?;                      // drop garbage
 //! if !domain.contains(&q.name)       -> build_refused(&q)
-//! else if q.qtype == TXT
+//! else if q.answer_type() is Some
 //!      && decode_name(domain, &q.name, buf) is Ok -> tunnel data: park q,
-//!                                                    later build_txt_answer(&q, ..)
+//!                                                    later build_answer(&q, domain, ..)
 //! else                               -> build_apex_answer(&q, domain)
 //! ```
 //! [`build_apex_answer`] answers SOA and NS at the apex and gives every other
