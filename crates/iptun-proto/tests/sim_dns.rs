@@ -16,7 +16,10 @@ use hickory_proto::rr::RecordType;
 use iptun_proto::dns::server::DnsListener;
 use iptun_proto::dns::{HOLD, UP_HEADER_LEN, UpHeader};
 use iptun_proto::engine::REKEY_AFTER_TIME;
-use iptun_proto::wire::dns::{Answer, Domain, build_query, encode_name, parse_response};
+use iptun_proto::wire::dns::{
+    Answer, AnswerType, Domain, build_query, build_query_as, encode_name, parse_answer,
+    parse_response,
+};
 
 fn ms(m: u64) -> Duration {
     Duration::from_millis(m)
@@ -514,6 +517,51 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
     let t = l.poll_transmit().unwrap();
     assert_eq!(parse_response(7, &other, &t.bytes), Ok(Answer::Refused));
     assert!(t.bytes.len() <= 512);
+}
+
+#[test]
+fn a_new_tags_first_address_query_is_not_held() {
+    // As a qname-minimising resolver's A query at a suffix of a query name
+    // may look: tunnel data of a tag nobody has.
+    let domain = Domain::new(DOMAIN).unwrap();
+    let mut l: DnsListener<u32, SocketAddr> = DnsListener::new(domain.clone());
+    let from: SocketAddr = "198.18.0.1:5353".parse().unwrap();
+    let now = Instant::now();
+    for (i, ty) in [
+        AnswerType::A,
+        AnswerType::Aaaa,
+        AnswerType::Txt,
+        AnswerType::Null,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut p = vec![0; UP_HEADER_LEN];
+        UpHeader {
+            tag: 100 + i as u32,
+            qseq: 0,
+            down_limit: 1232,
+        }
+        .emit(&mut p);
+        let name = encode_name(&domain, &p).unwrap();
+        let bytes = build_query_as(i as u16, &name, ty, Some(1232)).unwrap();
+        assert!(l.handle_query(now, from, &bytes).is_none());
+        let answered = l.poll_transmit();
+        if matches!(ty, AnswerType::A | AnswerType::Aaaa) {
+            let t = answered.expect("answered at once");
+            let got = parse_answer(i as u16, &name, ty, &domain, &t.bytes);
+            assert_eq!(got, Ok(Answer::Data(vec![])));
+            // The tag's next query is held as usual.
+            p[5] = 1;
+            let name = encode_name(&domain, &p).unwrap();
+            let bytes = build_query_as(9, &name, ty, Some(1232)).unwrap();
+            l.handle_query(now, from, &bytes);
+            assert_eq!(l.poll_transmit(), None);
+        } else {
+            assert_eq!(answered, None, "{ty:?} held");
+        }
+    }
+    assert_eq!(l.held(), 4);
 }
 
 use iptun_proto::wire::dns::Name;

@@ -41,8 +41,8 @@ use super::{CLASSIC_SIZE, DOWN_LEN_PREFIX, HOLD, HOLD_WITH_DATA, UP_HEADER_LEN, 
 use crate::DropReason;
 use crate::frag::{Fragment, Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, SERVER_EDNS_SIZE, build_answer, build_apex_answer,
-    build_refused, decode_name, parse_query,
+    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, SERVER_EDNS_SIZE, build_answer,
+    build_apex_answer, build_refused, decode_name, parse_query,
 };
 
 /// Queries held per bound tag; beyond, the oldest is answered empty.
@@ -325,6 +325,13 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         };
         self.stats.queries += 1;
         let has_fragment = n > UP_HEADER_LEN;
+        // A resolver that minimises query names (RFC 9156) asks A or AAAA at
+        // the names between the apex and the full one, and such a suffix of a
+        // base32 name may decode as tunnel data of a made-up tag: the first
+        // query of a tag of those types is answered at once, so no resolver
+        // waits out a hold on a tag that does not exist.
+        let minimised_maybe =
+            !self.tags.contains_key(&h.tag) && matches!(q.qtype, RecordType::A | RecordType::AAAA);
         if !self.tag_entry(now, h.tag) {
             // No room for another tag: answer, keep nothing.
             self.answer_now(from, q, h.down_limit, false, Vec::new());
@@ -391,7 +398,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         }
 
         let max_held = if bound { MAX_HELD } else { MAX_HELD_UNBOUND };
-        let answer_at_once = !tag.queue.is_empty()
+        let answer_at_once = minimised_maybe
+            || !tag.queue.is_empty()
             || (has_fragment && tag.held.len() >= HOLD_WITH_DATA)
             || (!bound && self.unbound_held >= MAX_HELD_UNBOUND_TOTAL);
         if answer_at_once {
