@@ -520,6 +520,26 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
 }
 
 #[test]
+fn a_resolver_that_starts_dropping_null_sends_the_client_back_to_txt() {
+    let mut s = typed_path(ResolverConfig::default(), 26, 30, "NULL");
+    assert_eq!(s.uplink.path_info().record_type, "NULL");
+    s.resolver.cfg.blocked = vec![(RecordType::NULL, Block::Drop)];
+    let (up, down, took) = exchange(&mut s, 50, 160, secs(120));
+    report("NULL dropped mid-session", &s, 50, up, down, took);
+    // Fragments in flight when NULL went dark time out (2 s) and are lost.
+    assert!(up >= 35 && down >= 40, "{up} {down}");
+    let info = s.uplink.path_info();
+    assert_eq!(info.record_type, "TXT");
+    assert_eq!(info.stats.type_fallbacks, 1);
+    // Base128 went first, then NULL; the rest of the path stayed.
+    assert_eq!(info.edns_size, Some(1232));
+    assert_eq!(info.max_name_len, 253);
+    check_server(&s);
+    let (up, down, _) = exchange(&mut s, 30, 170, secs(60));
+    assert_eq!((up, down), (30, 30));
+}
+
+#[test]
 fn a_new_tags_first_address_query_is_not_held() {
     // As a qname-minimising resolver's A query at a suffix of a query name
     // may look: tunnel data of a tag nobody has.

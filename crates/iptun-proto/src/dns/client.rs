@@ -50,7 +50,9 @@
 //! NXDOMAIN, NODATA, garbled records, FORMERR/NOTIMP that neither a long
 //! name nor EDNS0 explains) step it down to the next type below that is not
 //! backing off, so a path that filters TXT still works and one that loses
-//! NULL falls back to TXT until a probe finds NULL again.
+//! NULL falls back to TXT until a probe finds NULL again. A run of timeouts
+//! steps NULL down right after base128, and any type once EDNS0 and long
+//! names are gone too (a path may drop a type silently).
 //!
 //! Upstream fragments whose query failed are sent again only within
 //! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
@@ -802,19 +804,27 @@ impl DnsUplink {
                 self.fell_back(now);
             }
         }
-        if matches!(kind, Failure::Timeout) {
+        // Queries of a type the client has left since say nothing of the
+        // path it uses now.
+        if matches!(kind, Failure::Timeout) && q.rtype == self.rtype {
             self.timeouts_in_row += 1;
             if self.timeouts_in_row >= FALLBACK_AFTER_TIMEOUTS {
                 self.timeouts_in_row = 0;
                 if self.encoding == NameEncoding::Base128 {
                     // The newest parameter first.
                     self.fell_back(now);
+                } else if type_index(self.rtype) < type_index(AnswerType::Txt) {
+                    // A probed record type (a path may drop NULL silently).
+                    self.step_type_down(now);
                 } else if self.edns {
                     self.edns = false;
                     self.fell_back(now);
                 } else if self.long_names {
                     self.long_names = false;
                     self.fell_back(now);
+                } else {
+                    // Nothing else left to blame.
+                    self.step_type_down(now);
                 }
             }
         }
@@ -885,13 +895,17 @@ impl DnsUplink {
     }
 
     /// The type in use failed once more; after [`TYPE_FAILURES`] in a row,
-    /// step down the ladder to the next type not backing off (or just the
-    /// next one), with the back-off cleared: the type was to blame.
+    /// step down the ladder.
     fn type_failed(&mut self, now: Instant) {
         self.type_failures_in_row += 1;
-        if self.type_failures_in_row < TYPE_FAILURES {
-            return;
+        if self.type_failures_in_row >= TYPE_FAILURES {
+            self.step_type_down(now);
         }
+    }
+
+    /// To the next type down the ladder not backing off (or just the next
+    /// one), with the back-off cleared: the type was to blame.
+    fn step_type_down(&mut self, now: Instant) {
         self.type_failures_in_row = 0;
         self.hold_off_type(now, self.rtype);
         let below = &AnswerType::ALL[type_index(self.rtype) + 1..];
