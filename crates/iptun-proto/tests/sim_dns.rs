@@ -540,6 +540,23 @@ fn a_resolver_that_starts_dropping_null_sends_the_client_back_to_txt() {
 }
 
 #[test]
+fn a_resolver_that_starts_mangling_8bit_labels_costs_base128_not_the_record_type() {
+    let mut s = typed_path(ResolverConfig::default(), 27, 30, "base128, NULL");
+    assert_eq!(s.uplink.path_info().encoding, "base128");
+    s.resolver.cfg.mangle_8bit = true;
+    let (up, down, took) = exchange(&mut s, 50, 180, secs(60));
+    report("8-bit mangled mid-session", &s, 50, up, down, took);
+    assert!(up >= 45 && down >= 45, "{up} {down}");
+    let info = s.uplink.path_info();
+    // The server answers NODATA to names it cannot read: base128 goes,
+    // NULL stays.
+    assert_eq!((info.encoding, info.record_type), ("base32", "NULL"));
+    assert_eq!(info.stats.type_fallbacks, 0);
+    assert!(info.stats.encoding_failures >= 1);
+    check_server(&s);
+}
+
+#[test]
 fn a_new_tags_first_address_query_is_not_held() {
     // As a qname-minimising resolver's A query at a suffix of a query name
     // may look: tunnel data of a tag nobody has.

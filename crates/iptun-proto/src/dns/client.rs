@@ -48,7 +48,8 @@
 //! backs that type off ([`REPROBE_MIN`] doubling up to [`REPROBE_MAX`]).
 //! [`TYPE_FAILURES`] failures in a row of the type in use (REFUSED,
 //! NXDOMAIN, NODATA, garbled records, FORMERR/NOTIMP that neither a long
-//! name nor EDNS0 explains) step it down to the next type below that is not
+//! name nor EDNS0 explains; NODATA to a base128 name drops base128 instead)
+//! step it down to the next type below that is not
 //! backing off, so a path that filters TXT still works and one that loses
 //! NULL falls back to TXT until a probe finds NULL again. A run of timeouts
 //! steps NULL down right after base128, and any type once EDNS0 and long
@@ -65,8 +66,8 @@ use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
 use crate::DropReason;
 use crate::frag::{Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    Answer, AnswerType, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query_as, encode_name_as,
-    parse_answer,
+    Answer, AnswerType, BASE128_MARKER, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query_as,
+    encode_name_as, parse_answer,
 };
 
 /// The fewest queries in flight (idle).
@@ -588,9 +589,16 @@ impl DnsUplink {
             }
             Answer::Empty | Answer::Garbled => {
                 // The server always answers with a record of the type
-                // asked: the path strips or alters them.
+                // asked: the path strips or alters them, or (NODATA) the
+                // server could not read a base128 name.
                 self.good_in_row = 0;
-                if current {
+                let base128 = q.name.iter().next().and_then(<[u8]>::first) == Some(&BASE128_MARKER);
+                if answer == Answer::Empty && base128 {
+                    // (Once, not again for the base128 queries in flight.)
+                    if self.encoding == NameEncoding::Base128 {
+                        self.encoding_failed(now);
+                    }
+                } else if current {
                     self.type_failed(now);
                 }
                 if let Some(f) = q.frag.take() {
