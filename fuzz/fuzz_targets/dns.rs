@@ -1,16 +1,19 @@
 //! The DNS codec on arbitrary bytes, as the server receives a query and as
 //! a client receives a response, and as the labels of a query name: never
 //! panics, and what parses round-trips. An accepted query always gets a
-//! REFUSED, a zone answer and (for TXT) a data answer within its size limit,
-//! and the client reads back exactly the payload the server put in; a name
-//! that decodes re-encodes to a name carrying the same payload.
+//! REFUSED, a zone answer and (for TXT, NULL, CNAME, MX, SRV, AAAA, A) a data
+//! answer of its type within its size limit, and the client reads back
+//! exactly the payload the server put in, whatever order the records come
+//! in; a name that decodes re-encodes to a name carrying the same payload,
+//! and so does an answer name.
 #![no_main]
 
 use std::sync::LazyLock;
 
 use iptun_proto::wire::dns::{
-    Answer, Domain, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_UPSTREAM_PAYLOAD, Name, Query, RecordType,
-    build_apex_answer, build_refused, build_txt_answer, decode_name, encode_name, parse_query,
+    Answer, AnswerType, Domain, MAX_LABEL_LEN, MAX_NAME_LEN, MAX_UPSTREAM_PAYLOAD, Name, Query,
+    RecordType, build_answer, build_apex_answer, build_refused, build_txt_answer,
+    decode_answer_name, decode_name, encode_answer_name, encode_name, parse_answer, parse_query,
     parse_response,
 };
 use libfuzzer_sys::fuzz_target;
@@ -39,6 +42,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Answer::Data(payload)) = parse_response(id, &name, data) {
         assert!(payload.len() < data.len());
     }
+    for ty in AnswerType::ALL {
+        if let Ok(Answer::Data(payload)) = parse_answer(id, &name, ty, domain, data) {
+            assert!(payload.len() < data.len());
+        }
+    }
 
     // As the data labels of a query name: the bytes split at dots.
     let labels = data
@@ -46,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
         .filter(|l| !l.is_empty() && l.len() <= MAX_LABEL_LEN);
     if let Ok(name) = Name::from_labels(labels.chain(domain.name().iter())) {
         check_name(domain, &name);
+        check_answer_name(domain, &name);
     }
 });
 
@@ -58,6 +67,31 @@ fn server(domain: &Domain, q: &Query, data: &[u8]) {
     assert!(refused.len() <= limit);
     let zone = build_apex_answer(q, domain).expect("zone answers always build");
     assert!(zone.len() <= limit);
+    let Some(ty) = q.answer_type() else {
+        assert!(build_answer(q, domain, b"").is_err());
+        return;
+    };
+    assert_eq!(
+        parse_answer(q.id, &q.name, ty, domain, &refused),
+        Ok(Answer::Refused)
+    );
+    assert!(matches!(
+        parse_answer(q.id, &q.name, ty, domain, &zone),
+        Ok(Answer::Empty | Answer::Refused)
+    ));
+    let capacity = q.answer_capacity(domain);
+    let payload = &data[..data.len().min(capacity)];
+    if let Ok(answer) = build_answer(q, domain, payload) {
+        assert!(answer.len() <= limit);
+        assert_eq!(
+            parse_answer(q.id, &q.name, ty, domain, &answer),
+            Ok(Answer::Data(payload.to_vec()))
+        );
+    } else {
+        // Only where not even an empty answer of the type fits.
+        assert!(capacity == 0 && build_answer(q, domain, b"").is_err());
+    }
+    assert!(build_answer(q, domain, &vec![0; capacity + 1]).is_err());
     if q.qtype != RecordType::TXT {
         return;
     }
@@ -88,4 +122,16 @@ fn check_name(domain: &Domain, name: &Name) {
     let mut out2 = [0u8; MAX_UPSTREAM_PAYLOAD];
     assert_eq!(decode_name(domain, &again, &mut out2), Ok(n));
     assert_eq!(out2[..n], out[..n]);
+}
+
+/// An answer name that decodes re-encodes to the same payload; it is never
+/// a query name.
+fn check_answer_name(domain: &Domain, name: &Name) {
+    let Some(payload) = decode_answer_name(domain, name) else {
+        return;
+    };
+    let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+    assert!(decode_name(domain, name, &mut out).is_err());
+    let again = encode_answer_name(domain, &payload).expect("a decoded payload re-encodes");
+    assert_eq!(decode_answer_name(domain, &again), Some(payload));
 }

@@ -12,10 +12,14 @@ use std::time::{Duration, Instant};
 use common::{INTERNET_V4, NET4, ipv4, key, payload, payload_id, pool, server_config};
 use dns_sim::*;
 use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 use iptun_proto::dns::server::DnsListener;
 use iptun_proto::dns::{HOLD, UP_HEADER_LEN, UpHeader};
 use iptun_proto::engine::REKEY_AFTER_TIME;
-use iptun_proto::wire::dns::{Answer, Domain, build_query, encode_name, parse_response};
+use iptun_proto::wire::dns::{
+    Answer, AnswerType, Domain, build_query, build_query_as, encode_name, parse_answer,
+    parse_response,
+};
 
 fn ms(m: u64) -> Duration {
     Duration::from_millis(m)
@@ -155,6 +159,111 @@ fn handshake_and_data_through_a_case_randomising_resolver() {
     assert_eq!(info.upstream_fragment, 205 - UP_HEADER_LEN);
     // Answers used the room EDNS0 gives.
     assert!(s.resolver.answer_sizes.iter().any(|&(n, _)| n > 600));
+    // The path carries NULL records: answers went NULL after one probe.
+    assert_eq!(info.record_type, "NULL");
+    assert_eq!(s.uplink.stats().type_probes, 1);
+    assert_eq!(s.uplink.stats().type_probe_failures, 0);
+    assert_eq!(s.uplink.stats().type_fallbacks, 0);
+}
+
+/// Connect and move `n` packets each way through `cfg`; returns the sim.
+fn typed_path(cfg: ResolverConfig, seed: u64, n: u32, what: &str) -> Sim {
+    let mut s = sim(cfg, seed);
+    connect(&mut s);
+    let (up, down, took) = exchange(&mut s, n, 110, secs(300));
+    report(what, &s, n, up, down, took);
+    assert_eq!((up, down), (n as usize, n as usize));
+    check_server(&s);
+    assert_eq!(s.client_errors, []);
+    assert_eq!(s.server_errors, []);
+    s
+}
+
+#[test]
+fn a_resolver_that_refuses_txt_and_null_still_carries_the_tunnel() {
+    let refused = Block::Code(ResponseCode::Refused);
+    let cfg = ResolverConfig {
+        blocked: vec![(RecordType::TXT, refused), (RecordType::NULL, refused)],
+        ..ResolverConfig::default()
+    };
+    let mut s = typed_path(cfg, 21, 100, "no TXT, no NULL");
+    let info = s.uplink.path_info();
+    assert_eq!(info.record_type, "CNAME");
+    assert_eq!(info.stats.type_fallbacks, 1);
+    assert!(info.stats.type_probes >= 1);
+    assert_eq!(info.stats.type_probes, info.stats.type_probe_failures);
+    // Probes of NULL and TXT back off (30 s, 60 s, ... per type) and the
+    // tunnel stays on CNAME.
+    let blocked = s.resolver.stats.blocked;
+    s.run_for(secs(600));
+    let (up, down, _) = exchange(&mut s, 30, 120, secs(60));
+    assert_eq!((up, down), (30, 30));
+    assert_eq!(s.uplink.path_info().record_type, "CNAME");
+    let more = s.resolver.stats.blocked - blocked;
+    assert!(
+        (2..=16).contains(&more),
+        "{more} blocked queries in 11 minutes"
+    );
+}
+
+#[test]
+fn a_resolver_that_passes_only_a_records_and_shuffles_them() {
+    let cfg = ResolverConfig {
+        only: Some(vec![RecordType::A]),
+        blocked_others: Block::Strip,
+        shuffle: true,
+        ..ResolverConfig::default()
+    };
+    let s = typed_path(cfg, 22, 40, "A only, shuffled");
+    let info = s.uplink.path_info();
+    assert_eq!(info.record_type, "A");
+    // TXT, CNAME, MX, SRV, AAAA failed in turn.
+    assert_eq!(info.stats.type_fallbacks, 5);
+    assert!(s.resolver.stats.shuffled > 100, "{:?}", s.resolver.stats);
+}
+
+#[test]
+fn mx_and_srv_records_in_any_order() {
+    for (ty, seed) in [(RecordType::MX, 23), (RecordType::SRV, 24)] {
+        let cfg = ResolverConfig {
+            only: Some(vec![ty]),
+            blocked_others: Block::Code(ResponseCode::Refused),
+            shuffle: true,
+            ..ResolverConfig::default()
+        };
+        let s = typed_path(cfg, seed, 60, &format!("{ty} only, shuffled"));
+        assert_eq!(s.uplink.path_info().record_type, ty.to_string());
+        assert!(s.resolver.stats.shuffled > 10, "{:?}", s.resolver.stats);
+    }
+}
+
+#[test]
+fn a_resolver_that_starts_refusing_null_sends_the_client_back_to_txt() {
+    let mut s = typed_path(ResolverConfig::default(), 25, 50, "NULL");
+    assert_eq!(s.uplink.path_info().record_type, "NULL");
+    s.resolver.cfg.blocked = vec![(RecordType::NULL, Block::Code(ResponseCode::Refused))];
+    let (up, down, took) = exchange(&mut s, 100, 130, secs(120));
+    report("NULL refused mid-session", &s, 100, up, down, took);
+    assert!(up >= 95 && down >= 95, "{up} {down}");
+    let info = s.uplink.path_info();
+    assert_eq!(info.record_type, "TXT");
+    assert_eq!(info.stats.type_fallbacks, 1);
+    check_server(&s);
+    // Still refused: TXT stays, NULL is probed now and then.
+    s.run_for(secs(300));
+    let (up, down, _) = exchange(&mut s, 30, 140, secs(60));
+    assert_eq!((up, down), (30, 30));
+    assert_eq!(s.uplink.path_info().record_type, "TXT");
+    let failures = s.uplink.stats().type_probe_failures;
+    assert!(failures >= 1);
+    // The path heals: a later probe goes back to NULL.
+    s.resolver.cfg.blocked.clear();
+    s.run_for(secs(700));
+    let (up, down, _) = exchange(&mut s, 30, 150, secs(60));
+    assert_eq!((up, down), (30, 30));
+    assert_eq!(s.uplink.path_info().record_type, "NULL");
+    assert_eq!(s.uplink.stats().type_fallbacks, 1);
+    check_server(&s);
 }
 
 #[test]
@@ -408,6 +517,88 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
     let t = l.poll_transmit().unwrap();
     assert_eq!(parse_response(7, &other, &t.bytes), Ok(Answer::Refused));
     assert!(t.bytes.len() <= 512);
+}
+
+#[test]
+fn a_resolver_that_starts_dropping_null_sends_the_client_back_to_txt() {
+    let mut s = typed_path(ResolverConfig::default(), 26, 30, "NULL");
+    assert_eq!(s.uplink.path_info().record_type, "NULL");
+    s.resolver.cfg.blocked = vec![(RecordType::NULL, Block::Drop)];
+    let (up, down, took) = exchange(&mut s, 50, 160, secs(120));
+    report("NULL dropped mid-session", &s, 50, up, down, took);
+    // Fragments in flight when NULL went dark time out (2 s) and are lost.
+    assert!(up >= 35 && down >= 40, "{up} {down}");
+    let info = s.uplink.path_info();
+    assert_eq!(info.record_type, "TXT");
+    assert_eq!(info.stats.type_fallbacks, 1);
+    // Base128 went first, then NULL; the rest of the path stayed.
+    assert_eq!(info.edns_size, Some(1232));
+    assert_eq!(info.max_name_len, 253);
+    check_server(&s);
+    let (up, down, _) = exchange(&mut s, 30, 170, secs(60));
+    assert_eq!((up, down), (30, 30));
+}
+
+#[test]
+fn a_resolver_that_starts_mangling_8bit_labels_costs_base128_not_the_record_type() {
+    let mut s = typed_path(ResolverConfig::default(), 27, 30, "base128, NULL");
+    assert_eq!(s.uplink.path_info().encoding, "base128");
+    s.resolver.cfg.mangle_8bit = true;
+    let (up, down, took) = exchange(&mut s, 50, 180, secs(60));
+    report("8-bit mangled mid-session", &s, 50, up, down, took);
+    assert!(up >= 45 && down >= 45, "{up} {down}");
+    let info = s.uplink.path_info();
+    // The server answers NODATA to names it cannot read: base128 goes,
+    // NULL stays.
+    assert_eq!((info.encoding, info.record_type), ("base32", "NULL"));
+    assert_eq!(info.stats.type_fallbacks, 0);
+    assert!(info.stats.encoding_failures >= 1);
+    check_server(&s);
+}
+
+#[test]
+fn a_new_tags_first_address_query_is_not_held() {
+    // As a qname-minimising resolver's A query at a suffix of a query name
+    // may look: tunnel data of a tag nobody has.
+    let domain = Domain::new(DOMAIN).unwrap();
+    let mut l: DnsListener<u32, SocketAddr> = DnsListener::new(domain.clone());
+    let from: SocketAddr = "198.18.0.1:5353".parse().unwrap();
+    let now = Instant::now();
+    for (i, ty) in [
+        AnswerType::A,
+        AnswerType::Aaaa,
+        AnswerType::Txt,
+        AnswerType::Null,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut p = vec![0; UP_HEADER_LEN];
+        UpHeader {
+            tag: 100 + i as u32,
+            qseq: 0,
+            down_limit: 1232,
+        }
+        .emit(&mut p);
+        let name = encode_name(&domain, &p).unwrap();
+        let bytes = build_query_as(i as u16, &name, ty, Some(1232)).unwrap();
+        assert!(l.handle_query(now, from, &bytes).is_none());
+        let answered = l.poll_transmit();
+        if matches!(ty, AnswerType::A | AnswerType::Aaaa) {
+            let t = answered.expect("answered at once");
+            let got = parse_answer(i as u16, &name, ty, &domain, &t.bytes);
+            assert_eq!(got, Ok(Answer::Data(vec![])));
+            // The tag's next query is held as usual.
+            p[5] = 1;
+            let name = encode_name(&domain, &p).unwrap();
+            let bytes = build_query_as(9, &name, ty, Some(1232)).unwrap();
+            l.handle_query(now, from, &bytes);
+            assert_eq!(l.poll_transmit(), None);
+        } else {
+            assert_eq!(answered, None, "{ty:?} held");
+        }
+    }
+    assert_eq!(l.held(), 4);
 }
 
 use iptun_proto::wire::dns::Name;

@@ -40,6 +40,21 @@
 //! fallback of the path parameters also returns to base32, and a run of
 //! timeouts in base128 drops the encoding first.
 //!
+//! Record types ([`AnswerType`], most preferred first: NULL, TXT, CNAME,
+//! MX, SRV, AAAA, A): it starts on TXT. After [`PROBE_TYPE_AFTER`] answers
+//! in a row, one query (never the base128 probe) asks for the most
+//! preferred type above the one in use that is not backing off; an answer
+//! of that type whose fragments all parse switches to it, anything else
+//! backs that type off ([`REPROBE_MIN`] doubling up to [`REPROBE_MAX`]).
+//! [`TYPE_FAILURES`] failures in a row of the type in use (REFUSED,
+//! NXDOMAIN, NODATA, garbled records, FORMERR/NOTIMP that neither a long
+//! name nor EDNS0 explains; NODATA to a base128 name drops base128 instead)
+//! step it down to the next type below that is not
+//! backing off, so a path that filters TXT still works and one that loses
+//! NULL falls back to TXT until a probe finds NULL again. A run of timeouts
+//! steps NULL down right after base128, and any type once EDNS0 and long
+//! names are gone too (a path may drop a type silently).
+//!
 //! Upstream fragments whose query failed are sent again only within
 //! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
 //! after that the inner protocol's own recovery is faster.
@@ -51,7 +66,8 @@ use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
 use crate::DropReason;
 use crate::frag::{Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    Answer, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query, encode_name_as, parse_response,
+    Answer, AnswerType, BASE128_MARKER, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query_as,
+    encode_name_as, parse_answer,
 };
 
 /// The fewest queries in flight (idle).
@@ -85,6 +101,11 @@ pub const RETRY_WINDOW: Duration = Duration::from_millis(2500);
 pub const MAX_TRIES: u8 = 2;
 /// Answers in a row (outside a fallback) before base128 is probed.
 pub const PROBE_ENCODING_AFTER: u32 = 8;
+/// Answers in a row before a better record type is probed.
+pub const PROBE_TYPE_AFTER: u32 = 8;
+/// Failures in a row of the record type in use (REFUSED, NOTIMP, NODATA, a
+/// garbled answer...) that step it down the ladder.
+pub const TYPE_FAILURES: u32 = 3;
 /// Upstream messages waiting to be split; more are dropped.
 pub const MAX_UP_QUEUE: usize = 64;
 /// Partial downstream messages are dropped this long after their first fragment.
@@ -160,6 +181,12 @@ pub struct UplinkStats {
     pub encoding_probes: u64,
     /// Base128 probes that failed.
     pub encoding_failures: u64,
+    /// Queries sent with a better record type to probe the path.
+    pub type_probes: u64,
+    /// Record type probes that failed.
+    pub type_probe_failures: u64,
+    /// Times the record type stepped down the ladder.
+    pub type_fallbacks: u64,
     /// Responses that matched no query in flight, or did not parse.
     pub unexpected: u64,
 }
@@ -180,6 +207,8 @@ struct InFlight {
     frag: Option<UpFrag>,
     long: bool,
     edns: bool,
+    /// The record type asked for.
+    rtype: AnswerType,
 }
 
 enum Failure {
@@ -231,6 +260,16 @@ pub struct DnsUplink {
     /// No base128 probe before then (the last one failed).
     encoding_retry_at: Option<Instant>,
     encoding_wait: Duration,
+    /// The record type of queries and answers now.
+    rtype: AnswerType,
+    /// The record type probe in flight: its DNS id and the type.
+    type_probe: Option<(u16, AnswerType)>,
+    /// Per type (in [`AnswerType::ALL`] order): no probe before then, and
+    /// the wait after its next failure.
+    type_retry_at: [Option<Instant>; 7],
+    type_wait: [Duration; 7],
+    /// Failures in a row of the type in use.
+    type_failures_in_row: u32,
     stats: UplinkStats,
 }
 
@@ -278,6 +317,11 @@ impl DnsUplink {
             encoding_probe: None,
             encoding_retry_at: None,
             encoding_wait: REPROBE_MIN,
+            rtype: AnswerType::Txt,
+            type_probe: None,
+            type_retry_at: [None; 7],
+            type_wait: [REPROBE_MIN; 7],
+            type_failures_in_row: 0,
             stats: UplinkStats::default(),
         }
     }
@@ -296,7 +340,7 @@ impl DnsUplink {
     pub fn path_info(&self) -> PathInfo {
         PathInfo {
             encoding: self.encoding.as_str(),
-            record_type: "TXT",
+            record_type: self.rtype.as_str(),
             edns_size: self.edns.then_some(EDNS_SIZE),
             max_name_len: self.max_name_len(),
             upstream_fragment: self.fragment_len(),
@@ -407,6 +451,10 @@ impl DnsUplink {
         } else {
             self.encoding
         };
+        // Probe a better record type with this query? (Not one that probes
+        // the encoding: a failure must say which one failed.)
+        let type_probe = if probe { None } else { self.type_to_probe(now) };
+        let rtype = type_probe.unwrap_or(self.rtype);
         let Ok(name) = encode_name_as(&self.domain, &payload, encoding) else {
             self.stats.lost += 1;
             return None;
@@ -415,7 +463,7 @@ impl DnsUplink {
         while self.in_flight.contains_key(&id) {
             id = id.wrapping_add(1);
         }
-        let bytes = build_query(id, &name, self.edns.then_some(EDNS_SIZE)).ok()?;
+        let bytes = build_query_as(id, &name, rtype, self.edns.then_some(EDNS_SIZE)).ok()?;
         let qseq = reask.unwrap_or(self.qseq);
         if reask.is_none() {
             self.qseq = self.qseq.wrapping_add(1);
@@ -425,6 +473,10 @@ impl DnsUplink {
         if probe {
             self.encoding_probe = Some(id);
             self.stats.encoding_probes += 1;
+        }
+        if let Some(t) = type_probe {
+            self.type_probe = Some((id, t));
+            self.stats.type_probes += 1;
         }
         let long = name.len() > SHORT_NAME_LEN + 1;
         if let Some(f) = &frag {
@@ -447,6 +499,7 @@ impl DnsUplink {
                 }),
                 long,
                 edns: self.edns,
+                rtype,
             },
         );
         Some(Query { id, bytes })
@@ -464,15 +517,38 @@ impl DnsUplink {
             self.stats.unexpected += 1;
             return Err(DropReason::UnexpectedResponse);
         };
-        let answer = match parse_response(id, &q.name, bytes) {
+        let answer = match parse_answer(id, &q.name, q.rtype, &self.domain, bytes) {
             Ok(a) => a,
             Err(e) => {
                 self.stats.unexpected += 1;
                 return Err(e);
             }
         };
-        let q = self.in_flight.remove(&id).expect("checked");
+        let mut q = self.in_flight.remove(&id).expect("checked");
         self.stats.answers += 1;
+        if let Some((_, t)) = self.type_probe.filter(|&(p, _)| p == id) {
+            self.type_probe = None;
+            if intact(&answer) {
+                self.switch_type(t);
+            } else {
+                self.type_probe_failed(now, t);
+                self.good_in_row = 0;
+                if !matches!(
+                    answer,
+                    Answer::ServerFailure | Answer::Truncated | Answer::Data(_)
+                ) {
+                    // The probed type's fault and nothing else's: its
+                    // fragment goes again, at no cost of a try.
+                    if let Some(mut f) = q.frag.take() {
+                        f.tries -= 1;
+                        self.frags.push_front(f);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        // Whether this answer says the type in use fails.
+        let current = q.rtype == self.rtype;
         if self.encoding_probe == Some(id) {
             // Only a TXT answer says the server decoded the name: NODATA
             // comes for names it could not read.
@@ -506,9 +582,29 @@ impl DnsUplink {
                         self.delivered.push_back(m.to_vec());
                     }
                 }
+                if current {
+                    self.type_failures_in_row = 0;
+                }
                 self.success(&q, carried);
             }
-            Answer::Empty => self.success(&q, false),
+            Answer::Empty | Answer::Garbled => {
+                // The server always answers with a record of the type
+                // asked: the path strips or alters them, or (NODATA) the
+                // server could not read a base128 name.
+                self.good_in_row = 0;
+                let base128 = q.name.iter().next().and_then(<[u8]>::first) == Some(&BASE128_MARKER);
+                if answer == Answer::Empty && base128 {
+                    // (Once, not again for the base128 queries in flight.)
+                    if self.encoding == NameEncoding::Base128 {
+                        self.encoding_failed(now);
+                    }
+                } else if current {
+                    self.type_failed(now);
+                }
+                if let Some(f) = q.frag.take() {
+                    self.retry_fragment(now, f);
+                }
+            }
             Answer::Truncated => {
                 // The query got through; the answer did not fit the path.
                 self.stats.truncated += 1;
@@ -529,6 +625,9 @@ impl DnsUplink {
             }
             Answer::Refused => {
                 self.stats.refused += 1;
+                if current {
+                    self.type_failed(now);
+                }
                 self.failure(now, q, Failure::Refused);
             }
             Answer::Other(code @ (1 | 4)) => {
@@ -545,11 +644,17 @@ impl DnsUplink {
                 } else if q.edns && self.edns {
                     self.edns = false;
                     self.fell_back(now);
+                } else if current && !q.edns {
+                    // Neither the name nor EDNS0: the record type.
+                    self.type_failed(now);
                 }
                 self.failure(now, q, Failure::Other);
             }
             Answer::NameError | Answer::Other(_) => {
                 self.stats.errors += 1;
+                if current {
+                    self.type_failed(now);
+                }
                 self.failure(now, q, Failure::Other);
             }
         }
@@ -695,6 +800,10 @@ impl DnsUplink {
             self.encoding_probe = None;
             self.encoding_failed(now);
         }
+        if let Some((_, t)) = self.type_probe.filter(|&(p, _)| p == q.id) {
+            self.type_probe = None;
+            self.type_probe_failed(now, t);
+        }
         // Path parameters.
         if matches!(kind, Failure::Timeout | Failure::ServFail) && q.long && self.long_names {
             self.long_failures += 1;
@@ -703,19 +812,27 @@ impl DnsUplink {
                 self.fell_back(now);
             }
         }
-        if matches!(kind, Failure::Timeout) {
+        // Queries of a type the client has left since say nothing of the
+        // path it uses now.
+        if matches!(kind, Failure::Timeout) && q.rtype == self.rtype {
             self.timeouts_in_row += 1;
             if self.timeouts_in_row >= FALLBACK_AFTER_TIMEOUTS {
                 self.timeouts_in_row = 0;
                 if self.encoding == NameEncoding::Base128 {
                     // The newest parameter first.
                     self.fell_back(now);
+                } else if type_index(self.rtype) < type_index(AnswerType::Txt) {
+                    // A probed record type (a path may drop NULL silently).
+                    self.step_type_down(now);
                 } else if self.edns {
                     self.edns = false;
                     self.fell_back(now);
                 } else if self.long_names {
                     self.long_names = false;
                     self.fell_back(now);
+                } else {
+                    // Nothing else left to blame.
+                    self.step_type_down(now);
                 }
             }
         }
@@ -735,13 +852,80 @@ impl DnsUplink {
             self.backoff_until = Some(now + self.backoff);
         }
         self.target = self.target.min(self.window / 2).max(1);
-        // The fragment: again, if still fresh.
         if let Some(f) = q.frag {
-            if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
-                self.frags.push_front(f);
-            } else {
-                self.stats.lost += 1;
-            }
+            self.retry_fragment(now, f);
+        }
+    }
+
+    /// A fragment whose query failed: again, if still fresh.
+    fn retry_fragment(&mut self, now: Instant, f: UpFrag) {
+        if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
+            self.frags.push_front(f);
+        } else {
+            self.stats.lost += 1;
+        }
+    }
+
+    /// The type to probe with the next query, if one is due: the most
+    /// preferred type above the one in use that is not backing off.
+    fn type_to_probe(&self, now: Instant) -> Option<AnswerType> {
+        if self.type_probe.is_some() || self.good_in_row < PROBE_TYPE_AFTER {
+            return None;
+        }
+        let above = &AnswerType::ALL[..type_index(self.rtype)];
+        above
+            .iter()
+            .copied()
+            .find(|&t| self.type_retry_at[type_index(t)].is_none_or(|at| now >= at))
+    }
+
+    /// A probe's answer came back intact: `t` from now on.
+    fn switch_type(&mut self, t: AnswerType) {
+        let i = type_index(t);
+        self.type_retry_at[i] = None;
+        self.type_wait[i] = REPROBE_MIN;
+        if type_index(t) < type_index(self.rtype) {
+            self.rtype = t;
+            self.type_failures_in_row = 0;
+        }
+    }
+
+    fn type_probe_failed(&mut self, now: Instant, t: AnswerType) {
+        self.stats.type_probe_failures += 1;
+        self.hold_off_type(now, t);
+    }
+
+    /// No probe of `t` for a while, longer each time.
+    fn hold_off_type(&mut self, now: Instant, t: AnswerType) {
+        let i = type_index(t);
+        self.type_retry_at[i] = Some(now + self.type_wait[i]);
+        self.type_wait[i] = (self.type_wait[i] * 2).min(REPROBE_MAX);
+    }
+
+    /// The type in use failed once more; after [`TYPE_FAILURES`] in a row,
+    /// step down the ladder.
+    fn type_failed(&mut self, now: Instant) {
+        self.type_failures_in_row += 1;
+        if self.type_failures_in_row >= TYPE_FAILURES {
+            self.step_type_down(now);
+        }
+    }
+
+    /// To the next type down the ladder not backing off (or just the next
+    /// one), with the back-off cleared: the type was to blame.
+    fn step_type_down(&mut self, now: Instant) {
+        self.type_failures_in_row = 0;
+        self.hold_off_type(now, self.rtype);
+        let below = &AnswerType::ALL[type_index(self.rtype) + 1..];
+        let next = below
+            .iter()
+            .find(|&&t| self.type_retry_at[type_index(t)].is_none_or(|at| now >= at))
+            .or(below.first());
+        if let Some(&t) = next {
+            self.rtype = t;
+            self.stats.type_fallbacks += 1;
+            self.backoff = Duration::ZERO;
+            self.backoff_until = None;
         }
     }
 
@@ -770,6 +954,19 @@ impl DnsUplink {
         }
         self.reprobe_at = Some(now + self.reprobe_wait);
     }
+}
+
+/// The position of `t` on the ladder ([`AnswerType::ALL`]).
+fn type_index(t: AnswerType) -> usize {
+    AnswerType::ALL
+        .iter()
+        .position(|&x| x == t)
+        .expect("every type is on the ladder")
+}
+
+/// A data answer whose fragments all parse: the path carried it intact.
+fn intact(answer: &Answer) -> bool {
+    matches!(answer, Answer::Data(p) if super::fragments(p).all(|f| f.is_ok()))
 }
 
 fn next_random(state: &mut u64) -> u64 {

@@ -14,7 +14,7 @@
 //!
 //! # Upstream: the query name
 //!
-//! Every TXT query's name carries, in base32 or (once the client has probed
+//! Every query's name carries, in base32 or (once the client has probed
 //! the path for 8-bit labels) base128
 //! ([`encode_name_as`](crate::wire::dns::encode_name_as)):
 //!
@@ -36,16 +36,28 @@
 //! - then one fragment of an upstream tunnel message, or nothing (a bare
 //!   poll, which gives the server a query to hold for downstream data).
 //!
-//! # Downstream: the TXT answer
+//! # Downstream: the answer
 //!
-//! The TXT payload is zero or more fragments, each behind its length:
+//! The answer's payload is zero or more fragments, each behind its length:
 //!
 //! ```text
 //! | len u16 | fragment (len bytes) | len u16 | fragment | ...
 //! ```
 //!
 //! so small messages (keepalives, TCP acknowledgements) share one answer.
-//! An empty TXT answer carries nothing.
+//! An empty payload carries nothing.
+//!
+//! The query's type says which records carry the payload
+//! ([`build_answer`](crate::wire::dns::build_answer) has the encodings):
+//! NULL (raw RDATA, the densest), TXT (what always works), CNAME, MX and SRV
+//! (base32 in names under the domain, for paths that pass only name-typed
+//! records; MX preference and SRV priority order the parts), AAAA and A
+//! (15 or 3 bytes a record behind a sequence byte, since resolvers shuffle
+//! address records). The server answers the type asked; the client
+//! ([`client`]) starts on TXT, probes NULL once the path is healthy, and
+//! steps down the ladder TXT, CNAME, MX, SRV, AAAA, A when the type in use
+//! keeps failing (REFUSED, NOTIMP, NODATA, garbled records), probing the
+//! types above again with back-off.
 //!
 //! # The poll discipline
 //!

@@ -24,7 +24,7 @@
 //! client's engine hears the server; otherwise empty).
 //!
 //! What anyone may get: REFUSED outside the domain, the apex answers, and
-//! for a tag that no authenticated message has bound yet, TXT answers of at
+//! for a tag that no authenticated message has bound yet, data answers of at
 //! most [`CLASSIC_SIZE`] bytes (the handshake response rides one). Only a
 //! bound tag gets answers up to its client's (and its resolver's) EDNS0
 //! size, capped at 1232.
@@ -41,8 +41,8 @@ use super::{CLASSIC_SIZE, DOWN_LEN_PREFIX, HOLD, HOLD_WITH_DATA, UP_HEADER_LEN, 
 use crate::DropReason;
 use crate::frag::{Fragment, Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, SERVER_EDNS_SIZE, build_apex_answer,
-    build_refused, build_txt_answer, decode_name, parse_query,
+    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, SERVER_EDNS_SIZE, build_answer,
+    build_apex_answer, build_refused, decode_name, parse_query,
 };
 
 /// Queries held per bound tag; beyond, the oldest is answered empty.
@@ -309,7 +309,9 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             self.reply(from, build_refused(&q));
             return None;
         }
-        let decoded = (q.qtype == RecordType::TXT)
+        let decoded = q
+            .answer_type()
+            .is_some()
             .then(|| decode_name(&self.domain, &q.name, &mut self.scratch).ok())
             .flatten();
         let parsed = decoded.and_then(|n| {
@@ -323,6 +325,13 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         };
         self.stats.queries += 1;
         let has_fragment = n > UP_HEADER_LEN;
+        // A resolver that minimises query names (RFC 9156) asks A or AAAA at
+        // the names between the apex and the full one, and such a suffix of a
+        // base32 name may decode as tunnel data of a made-up tag: the first
+        // query of a tag of those types is answered at once, so no resolver
+        // waits out a hold on a tag that does not exist.
+        let minimised_maybe =
+            !self.tags.contains_key(&h.tag) && matches!(q.qtype, RecordType::A | RecordType::AAAA);
         if !self.tag_entry(now, h.tag) {
             // No room for another tag: answer, keep nothing.
             self.answer_now(from, q, h.down_limit, false, Vec::new());
@@ -351,7 +360,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 // re-asking after TC takes smaller answers); the rest go
                 // back to the front of the queue.
                 let old = payload.clone();
-                let capacity = q.downstream_capacity();
+                let capacity = q.answer_capacity(&self.domain);
                 let mut payload = Vec::new();
                 let mut rest = Vec::new();
                 for f in super::fragments(&old).map_while(Result::ok) {
@@ -367,7 +376,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     tag.queue.push_front(b);
                 }
                 tag.remember_answer(h.qseq, &payload, now);
-                self.reply_txt(from, &q, payload);
+                self.reply_data(from, &q, payload);
                 self.flush(h.tag, now);
                 return None;
             }
@@ -375,22 +384,28 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         }
         tag.seen.insert(h.qseq, Seen::Held);
         tag.seen_order.push_back((h.qseq, now));
-        // Fragments fit a 512-byte answer to the query, so an answer
-        // re-asked with a smaller size (after TC) can still carry them.
-        tag.caps
-            .push_back(dns::downstream_capacity(q.name_wire_len(), None));
+        // Fragments fit a 512-byte answer to the query (of its type), so an
+        // answer re-asked with a smaller size (after TC) can still carry them.
+        let ty = q.answer_type().expect("decoded only for data types");
+        tag.caps.push_back(dns::answer_capacity(
+            ty,
+            &self.domain,
+            q.name_wire_len(),
+            None,
+        ));
         if tag.caps.len() > 8 {
             tag.caps.pop_front();
         }
 
         let max_held = if bound { MAX_HELD } else { MAX_HELD_UNBOUND };
-        let answer_at_once = !tag.queue.is_empty()
+        let answer_at_once = minimised_maybe
+            || !tag.queue.is_empty()
             || (has_fragment && tag.held.len() >= HOLD_WITH_DATA)
             || (!bound && self.unbound_held >= MAX_HELD_UNBOUND_TOTAL);
         if answer_at_once {
-            let payload = tag.take_payload(q.downstream_capacity(), &mut self.stats);
+            let payload = tag.take_payload(q.answer_capacity(&self.domain), &mut self.stats);
             tag.remember_answer(h.qseq, &payload, now);
-            self.reply_txt(from, &q, payload);
+            self.reply_data(from, &q, payload);
         } else {
             tag.held.push_back(Held {
                 to: from,
@@ -407,7 +422,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     self.unbound_held -= 1;
                 }
                 tag.remember_answer(old.qseq, &[], now);
-                self.reply_txt(old.to, &old.query, Vec::new());
+                self.reply_data(old.to, &old.query, Vec::new());
             }
         }
 
@@ -524,7 +539,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 if t.session.is_none() {
                     self.unbound_held -= 1;
                 }
-                let mut payload = t.take_payload(h.query.downstream_capacity(), &mut self.stats);
+                let capacity = h.query.answer_capacity(&self.domain);
+                let mut payload = t.take_payload(capacity, &mut self.stats);
                 let ka_due = t
                     .last_keepalive
                     .is_none_or(|at| now.saturating_duration_since(at) >= KEEPALIVE_EVERY);
@@ -532,7 +548,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     && let Some(ka) = keepalive(s)
                     && let Ok(split) = t
                         .fragmenter
-                        .split(&ka, h.query.downstream_capacity() - DOWN_LEN_PREFIX)
+                        .split(&ka, capacity.saturating_sub(DOWN_LEN_PREFIX))
                     && split.count() == 1
                 {
                     let f = split.fragment(0).expect("one");
@@ -542,7 +558,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     t.last_keepalive = Some(now);
                 }
                 t.remember_answer(h.qseq, &payload, now);
-                reply_txt(&mut self.out, &mut self.stats, h.to, &h.query, payload);
+                let out = (&mut self.out, &mut self.stats, &self.domain);
+                reply_data(out, h.to, &h.query, payload);
             }
             t.trim_seen(now);
             let limit = if t.session.is_some() {
@@ -593,7 +610,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             self.unbound_held -= t.held.len();
         }
         while let Some(h) = t.held.pop_front() {
-            reply_txt(&mut self.out, &mut self.stats, h.to, &h.query, Vec::new());
+            let out = (&mut self.out, &mut self.stats, &self.domain);
+            reply_data(out, h.to, &h.query, Vec::new());
         }
     }
 
@@ -607,9 +625,10 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             if t.session.is_none() {
                 self.unbound_held -= 1;
             }
-            let payload = t.take_payload(h.query.downstream_capacity(), &mut self.stats);
+            let payload = t.take_payload(h.query.answer_capacity(&self.domain), &mut self.stats);
             t.remember_answer(h.qseq, &payload, now);
-            reply_txt(&mut self.out, &mut self.stats, h.to, &h.query, payload);
+            let out = (&mut self.out, &mut self.stats, &self.domain);
+            reply_data(out, h.to, &h.query, payload);
         }
     }
 
@@ -622,11 +641,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         payload: Vec<u8>,
     ) {
         limit_query(&mut q, down_limit, bound);
-        self.reply_txt(to, &q, payload);
+        self.reply_data(to, &q, payload);
     }
 
-    fn reply_txt(&mut self, to: A, q: &Query, payload: Vec<u8>) {
-        reply_txt(&mut self.out, &mut self.stats, to, q, payload);
+    fn reply_data(&mut self, to: A, q: &Query, payload: Vec<u8>) {
+        reply_data(
+            (&mut self.out, &mut self.stats, &self.domain),
+            to,
+            q,
+            payload,
+        );
     }
 
     fn reply(&mut self, to: A, bytes: Result<Vec<u8>, dns::DnsError>) {
@@ -636,19 +660,19 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     }
 }
 
-fn reply_txt<A>(
-    out: &mut VecDeque<Transmit<A>>,
-    stats: &mut ListenerStats,
+/// Answer `q` with `payload` in records of its type; if even an empty
+/// answer of that type does not fit (a very long domain), NODATA.
+fn reply_data<A>(
+    (out, stats, domain): (&mut VecDeque<Transmit<A>>, &mut ListenerStats, &Domain),
     to: A,
     q: &Query,
     payload: Vec<u8>,
 ) {
-    let bytes = match build_txt_answer(q, &payload) {
-        Ok(b) => b,
-        Err(_) => match build_txt_answer(q, &[]) {
-            Ok(b) => b,
-            Err(_) => return,
-        },
+    let Ok(bytes) = build_answer(q, domain, &payload)
+        .or_else(|_| build_answer(q, domain, &[]))
+        .or_else(|_| build_apex_answer(q, domain))
+    else {
+        return;
     };
     if payload.is_empty() {
         stats.answered_empty += 1;

@@ -1,5 +1,5 @@
 //! DNS as a carrier: tunnel bytes ride upstream in the query name and
-//! downstream in a TXT answer, through recursive resolvers, to a server that
+//! downstream in the answer's records, through recursive resolvers, to a server that
 //! is authoritative for one tunnel domain (say `t.example.com`).
 //!
 //! This module is the codec only: pure functions over bytes, no sockets and
@@ -27,17 +27,23 @@
 //!   byte (resolvers check their 0x20 case). A response never exceeds the
 //!   querier's EDNS0 size, or 512 bytes without EDNS0:
 //!   [`downstream_capacity`] says how much payload fits.
+//! - **Downstream, other record types** ([`AnswerType`]), for paths that
+//!   carry them (the client probes): NULL, CNAME, MX, SRV, AAAA and A
+//!   answers, the question's type choosing: [`build_answer`],
+//!   [`answer_capacity`], [`parse_answer`]. Names in CNAME, MX and SRV
+//!   records are [`encode_answer_name`]'s, which [`decode_name`] refuses.
 //!
-//! Client side: [`build_query`] (TXT, RD set, EDNS0 when asked),
-//! [`parse_response`] into an [`Answer`].
+//! Client side: [`build_query`] (TXT, RD set, EDNS0 when asked) or
+//! [`build_query_as`] (another type), [`parse_response`] or
+//! [`parse_answer`] into an [`Answer`].
 //!
 //! Server side, for each datagram:
 //! ```text
 //! let q = parse_query(bytes)?;                      // drop garbage
 //! if !domain.contains(&q.name)       -> build_refused(&q)
-//! else if q.qtype == TXT
+//! else if q.answer_type() is Some
 //!      && decode_name(domain, &q.name, buf) is Ok -> tunnel data: park q,
-//!                                                    later build_txt_answer(&q, ..)
+//!                                                    later build_answer(&q, domain, ..)
 //! else                               -> build_apex_answer(&q, domain)
 //! ```
 //! [`build_apex_answer`] answers SOA and NS at the apex and gives every other
@@ -54,6 +60,7 @@
 //! because this server does not know its own addresses and answers NODATA for
 //! `A`/`AAAA` at `ns.t.example.com`, the default nameserver name.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
 
 use data_encoding::{Encoding, Specification};
@@ -61,7 +68,7 @@ use hickory_proto::ProtoError;
 use hickory_proto::op::{
     Edns, Header, Message, MessageType, OpCode, Query as Question, ResponseCode,
 };
-use hickory_proto::rr::rdata::{NS, SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, NULL, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, RData, Record};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
@@ -131,6 +138,100 @@ impl NameEncoding {
         }
     }
 }
+
+/// The record types that carry downstream payload, in the client's order
+/// of preference (see [`build_answer`] for each one's encoding). The
+/// question's type says which one the server answers with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AnswerType {
+    /// The payload as the raw RDATA of one NULL record (behind one byte):
+    /// the densest.
+    Null,
+    /// The payload in the character-strings of one TXT record: what always
+    /// works.
+    #[default]
+    Txt,
+    /// The payload in the name of one CNAME record ([`encode_answer_name`]):
+    /// for paths that only pass name-typed records.
+    Cname,
+    /// The payload in the exchange names of MX records, the preference
+    /// numbering them.
+    Mx,
+    /// The payload in the target names of SRV records, the priority
+    /// numbering them.
+    Srv,
+    /// The payload in AAAA records, 15 bytes each behind a sequence byte.
+    Aaaa,
+    /// The payload in A records, 3 bytes each behind a sequence byte.
+    A,
+}
+
+impl AnswerType {
+    /// Every type, most preferred first.
+    pub const ALL: [Self; 7] = [
+        Self::Null,
+        Self::Txt,
+        Self::Cname,
+        Self::Mx,
+        Self::Srv,
+        Self::Aaaa,
+        Self::A,
+    ];
+
+    /// The record (and question) type.
+    pub fn record_type(self) -> RecordType {
+        match self {
+            Self::Null => RecordType::NULL,
+            Self::Txt => RecordType::TXT,
+            Self::Cname => RecordType::CNAME,
+            Self::Mx => RecordType::MX,
+            Self::Srv => RecordType::SRV,
+            Self::Aaaa => RecordType::AAAA,
+            Self::A => RecordType::A,
+        }
+    }
+
+    /// The answer type of questions of type `rt`, if any.
+    pub fn of(rt: RecordType) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.record_type() == rt)
+    }
+
+    /// Its name, for status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Null => "NULL",
+            Self::Txt => "TXT",
+            Self::Cname => "CNAME",
+            Self::Mx => "MX",
+            Self::Srv => "SRV",
+            Self::Aaaa => "AAAA",
+            Self::A => "A",
+        }
+    }
+}
+
+/// The first character of every answer name ([`encode_answer_name`]):
+/// neither base32 nor the base128 marker, so [`decode_name`] never takes an
+/// answer name (which a resolver may look up) for a query name.
+pub const ANSWER_NAME_MARKER: u8 = b'8';
+/// The first octet of the A record with sequence number 0; sequence numbers
+/// run up to [`A_MAX_RECORDS`] - 1, so every address lies in 11.0.0.0 to
+/// 99.255.255.255: public unicast, which resolvers with DNS rebinding
+/// protection do not strip (unlike 10/8 or 127/8).
+pub const A_FIRST_OCTET: u8 = 11;
+/// The most A records in an answer.
+pub const A_MAX_RECORDS: usize = 89;
+/// The first byte of the AAAA record with sequence number 0: addresses
+/// stay within 2000::/3, global unicast.
+pub const AAAA_FIRST_BYTE: u8 = 0x20;
+/// The most AAAA records in an answer.
+pub const AAAA_MAX_RECORDS: usize = 32;
+/// The first byte of a NULL answer's RDATA, before the payload: an empty
+/// RDATA is what DNS UPDATE uses for deletions, and parsers (hickory's
+/// among them) reject it in answers.
+pub const NULL_LEAD: u8 = 0;
+/// Bytes of the payload length before the payload in address records.
+const ADDRESS_LEN_PREFIX: usize = 2;
 
 /// The first character of a base128 name's first label: base32 never
 /// writes a `9`, so [`decode_name`] tells the two apart.
@@ -247,8 +348,9 @@ pub enum DnsError {
         /// What fits.
         capacity: usize,
     },
-    /// A TXT answer was asked for a question of another type.
-    #[error("a TXT answer cannot answer a {0} question")]
+    /// A data answer was asked for a question of a type that carries none
+    /// (or a TXT answer for a question of another type).
+    #[error("no data answer for a {0} question")]
     WrongType(RecordType),
     /// `hickory-proto` failed to encode the message.
     #[error("DNS encoding failed: {0}")]
@@ -335,6 +437,29 @@ impl Domain {
     /// ([`encode_name_as`]).
     pub fn upstream_capacity_as(&self, max_name_len: usize, encoding: NameEncoding) -> usize {
         upstream_capacity(self.text_len, max_name_len, encoding)
+    }
+}
+
+impl Domain {
+    /// Payload bytes one answer name carries ([`encode_answer_name`]).
+    pub fn answer_name_capacity(&self) -> usize {
+        let room = MAX_NAME_LEN.saturating_sub(self.text_len);
+        let chars = room - room.div_ceil(MAX_LABEL_LEN + 1);
+        chars.saturating_sub(1) * 5 / 8
+    }
+
+    /// Wire length of the answer name carrying `n` bytes, uncompressed.
+    fn answer_name_wire_len(&self, n: usize) -> usize {
+        let chars = 1 + BASE32.encode_len(n);
+        chars + chars.div_ceil(MAX_LABEL_LEN) + self.text_len + 2
+    }
+
+    /// The most payload bytes an answer name within `budget` wire bytes
+    /// carries; `None` when not even an empty one fits.
+    fn answer_name_bytes_within(&self, budget: usize) -> Option<usize> {
+        (0..=self.answer_name_capacity())
+            .rev()
+            .find(|&n| self.answer_name_wire_len(n) <= budget)
     }
 }
 
@@ -432,6 +557,81 @@ pub fn decode_name(domain: &Domain, name: &Name, out: &mut [u8]) -> Result<usize
         .map_err(|_| DropReason::Malformed)
 }
 
+/// The name that carries `payload` (at most
+/// [`Domain::answer_name_capacity`] bytes, maybe none) in a CNAME, MX or SRV
+/// answer: [`ANSWER_NAME_MARKER`], then the payload in base32, in labels of
+/// 63 characters, under the tunnel domain.
+pub fn encode_answer_name(domain: &Domain, payload: &[u8]) -> Result<Name, DnsError> {
+    let capacity = domain.answer_name_capacity();
+    if payload.len() > capacity {
+        return Err(DnsError::TooLarge {
+            len: payload.len(),
+            capacity,
+        });
+    }
+    let mut text = vec![ANSWER_NAME_MARKER];
+    text.extend_from_slice(BASE32.encode(payload).as_bytes());
+    let labels = text.chunks(MAX_LABEL_LEN).chain(domain.name.iter());
+    Ok(Name::from_labels(labels)?)
+}
+
+/// The payload of an answer name under `domain` (case and label splits
+/// ignored); `None` for anything [`encode_answer_name`] does not write.
+pub fn decode_answer_name(domain: &Domain, name: &Name) -> Option<Vec<u8>> {
+    if !domain.contains(name) {
+        return None;
+    }
+    let data_labels = name.iter().count() - domain.name.iter().count();
+    let text: Vec<u8> = name.iter().take(data_labels).flatten().copied().collect();
+    let (&marker, data) = text.split_first()?;
+    if marker != ANSWER_NAME_MARKER {
+        return None;
+    }
+    BASE32.decode(data).ok()
+}
+
+/// The records of an address answer: `| len u16 | payload |`, zero-padded to
+/// whole records, `chunk` bytes (3 or 15) behind each record's sequence
+/// number, counted from `first`.
+fn encode_addresses(payload: &[u8], chunk: usize, first: u8) -> Vec<Vec<u8>> {
+    let len = u16::try_from(payload.len()).unwrap_or(u16::MAX);
+    let mut stream = len.to_be_bytes().to_vec();
+    stream.extend_from_slice(payload);
+    stream.resize(stream.len().div_ceil(chunk) * chunk, 0);
+    stream
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut rr = vec![first.wrapping_add(i as u8)];
+            rr.extend_from_slice(c);
+            rr
+        })
+        .collect()
+}
+
+/// The payload of address records (each one's octets) in any order; `None`
+/// unless their sequence numbers are exactly 0..n and the length and
+/// padding are what [`encode_addresses`] writes.
+fn decode_addresses(ty: AnswerType, mut records: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    let (first, max) = match ty {
+        AnswerType::A => (A_FIRST_OCTET, A_MAX_RECORDS),
+        _ => (AAAA_FIRST_BYTE, AAAA_MAX_RECORDS),
+    };
+    records.sort_by_key(|r| r[0].wrapping_sub(first));
+    let mut stream = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if i >= max || usize::from(r[0].wrapping_sub(first)) != i {
+            return None;
+        }
+        stream.extend_from_slice(&r[1..]);
+    }
+    let (len, rest) = stream.split_first_chunk::<ADDRESS_LEN_PREFIX>()?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    let chunk = records[0].len() - 1;
+    let (payload, padding) = rest.split_at_checked(len)?;
+    (padding.len() < chunk && padding.iter().all(|&b| b == 0)).then(|| payload.to_vec())
+}
+
 /// The size limit of a response to a querier that advertised `edns_size`
 /// (`None`: no EDNS0, 512 bytes; sizes below 512 count as 512).
 pub fn response_limit(edns_size: Option<u16>) -> usize {
@@ -456,13 +656,69 @@ pub fn downstream_capacity(question_name_len: usize, edns_size: Option<u16>) -> 
     rdata - rdata.div_ceil(MAX_CHARACTER_STRING + 1)
 }
 
+/// How many payload bytes [`build_answer`] fits into a `ty` answer to a
+/// question whose name takes `question_name_len` bytes on the wire, from a
+/// querier that advertised `edns_size`; [`downstream_capacity`] for TXT.
+/// Names in records are counted uncompressed (the encoder may compress
+/// some). Zero where not even an empty answer fits.
+pub fn answer_capacity(
+    ty: AnswerType,
+    domain: &Domain,
+    question_name_len: usize,
+    edns_size: Option<u16>,
+) -> usize {
+    let opt = if edns_size.is_some() { OPT_LEN } else { 0 };
+    let fixed = HEADER_LEN + question_name_len + QUESTION_TAIL + opt;
+    let budget = response_limit(edns_size).saturating_sub(fixed);
+    let rr = ANSWER_OVERHEAD;
+    match ty {
+        AnswerType::Txt => downstream_capacity(question_name_len, edns_size),
+        AnswerType::Null => budget.saturating_sub(rr + 1).min(usize::from(u16::MAX) - 1),
+        AnswerType::Cname => budget
+            .checked_sub(rr)
+            .and_then(|b| domain.answer_name_bytes_within(b))
+            .unwrap_or(0),
+        AnswerType::Mx => names_capacity(domain, budget, rr + 2),
+        AnswerType::Srv => names_capacity(domain, budget, rr + 6),
+        AnswerType::Aaaa => addresses_capacity(budget / (rr + 16), AAAA_MAX_RECORDS, 15),
+        AnswerType::A => addresses_capacity(budget / (rr + 4), A_MAX_RECORDS, 3),
+    }
+}
+
+/// Payload in MX or SRV records of `per_record` bytes before the name: full
+/// names while they fit, then one shorter name.
+fn names_capacity(domain: &Domain, budget: usize, per_record: usize) -> usize {
+    let cap = domain.answer_name_capacity();
+    let full = per_record + domain.answer_name_wire_len(cap);
+    let k = budget / full;
+    let rest = (budget - k * full)
+        .checked_sub(per_record)
+        .and_then(|b| domain.answer_name_bytes_within(b))
+        .unwrap_or(0);
+    k * cap + rest
+}
+
+fn addresses_capacity(records: usize, max: usize, chunk: usize) -> usize {
+    (records.min(max) * chunk).saturating_sub(ADDRESS_LEN_PREFIX)
+}
+
 /// The bytes of a TXT query for `name` with message id `id` (the caller
 /// draws it at random), RD set, and an EDNS0 OPT record advertising
 /// `edns_size` when it is `Some` (sizes below 512 are sent as 512).
 pub fn build_query(id: u16, name: &Name, edns_size: Option<u16>) -> Result<Vec<u8>, DnsError> {
+    build_query_as(id, name, AnswerType::Txt, edns_size)
+}
+
+/// [`build_query`] asking for `ty` records.
+pub fn build_query_as(
+    id: u16,
+    name: &Name,
+    ty: AnswerType,
+    edns_size: Option<u16>,
+) -> Result<Vec<u8>, DnsError> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
-    msg.add_query(Question::query(name.clone(), RecordType::TXT));
+    msg.add_query(Question::query(name.clone(), ty.record_type()));
     if let Some(size) = edns_size {
         let mut edns = Edns::new();
         edns.set_max_payload(size);
@@ -477,8 +733,11 @@ pub enum Answer {
     /// NOERROR with a TXT record for the name: its character-strings
     /// concatenated.
     Data(Vec<u8>),
-    /// NOERROR without a TXT record for the name (NODATA).
+    /// NOERROR without a record of the asked type for the name (NODATA).
     Empty,
+    /// NOERROR with records of the asked type that do not decode: a
+    /// resolver or middlebox dropped, altered or added some.
+    Garbled,
     /// TC set: the answer did not fit the size we advertised (or the
     /// resolver's own limit).
     Truncated,
@@ -493,14 +752,39 @@ pub enum Answer {
 }
 
 /// Parse a response to the TXT query `build_query(expected_id,
-/// expected_name, _)`. The message id must match and the question must be
-/// `expected_name` (ignoring case: resolvers may hand back either) TXT IN,
-/// or the result is [`DropReason::UnexpectedResponse`]; bytes that are not a
-/// DNS response with one question are [`DropReason::Malformed`]. Never
-/// panics.
+/// expected_name, _)`: [`parse_answer`] for [`AnswerType::Txt`], which
+/// needs no domain.
 pub fn parse_response(
     expected_id: u16,
     expected_name: &Name,
+    bytes: &[u8],
+) -> Result<Answer, DropReason> {
+    parse_typed(expected_id, expected_name, AnswerType::Txt, None, bytes)
+}
+
+/// Parse a response to the query `build_query_as(expected_id,
+/// expected_name, ty, _)`. The message id must match and the question must be
+/// `expected_name` (ignoring case: resolvers may hand back either) of type
+/// `ty`, class IN, or the result is [`DropReason::UnexpectedResponse`];
+/// bytes that are not a DNS response with one question are
+/// [`DropReason::Malformed`]. The payload is decoded from the records of
+/// type `ty` owned by the name (see [`build_answer`]; names under `domain`,
+/// case ignored; RR order ignored). Never panics.
+pub fn parse_answer(
+    expected_id: u16,
+    expected_name: &Name,
+    ty: AnswerType,
+    domain: &Domain,
+    bytes: &[u8],
+) -> Result<Answer, DropReason> {
+    parse_typed(expected_id, expected_name, ty, Some(domain), bytes)
+}
+
+fn parse_typed(
+    expected_id: u16,
+    expected_name: &Name,
+    ty: AnswerType,
+    domain: Option<&Domain>,
     bytes: &[u8],
 ) -> Result<Answer, DropReason> {
     let mut decoder = BinDecoder::new(bytes);
@@ -515,7 +799,7 @@ pub fn parse_response(
     }
     let question = Question::read(&mut decoder).map_err(|_| DropReason::Malformed)?;
     if !question.name().eq_ignore_root(expected_name)
-        || question.query_type() != RecordType::TXT
+        || question.query_type() != ty.record_type()
         || question.query_class() != DNSClass::IN
     {
         return Err(DropReason::UnexpectedResponse);
@@ -532,11 +816,63 @@ pub fn parse_response(
         ResponseCode::NXDomain => return Ok(Answer::NameError),
         other => return Ok(Answer::Other(other.into())),
     }
-    let txt = msg.answers.iter().find_map(|r| match &r.data {
-        RData::TXT(txt) if r.name.eq_ignore_root(question.name()) => Some(txt),
-        _ => None,
-    });
-    Ok(txt.map_or(Answer::Empty, |txt| Answer::Data(txt.txt_data.concat())))
+    let records: Vec<&RData> = msg
+        .answers
+        .iter()
+        .filter(|r| r.record_type() == ty.record_type() && r.name.eq_ignore_root(question.name()))
+        .map(|r| &r.data)
+        .collect();
+    if records.is_empty() {
+        return Ok(Answer::Empty);
+    }
+    Ok(decode_records(ty, domain, &records).map_or(Answer::Garbled, Answer::Data))
+}
+
+/// The payload of an answer's records of type `ty` (see [`build_answer`]).
+fn decode_records(ty: AnswerType, domain: Option<&Domain>, records: &[&RData]) -> Option<Vec<u8>> {
+    match ty {
+        // One record carries it all; a second one would be a resolver's.
+        AnswerType::Txt => match records[0] {
+            RData::TXT(txt) => Some(txt.txt_data.concat()),
+            _ => None,
+        },
+        AnswerType::Null => match records[0] {
+            RData::NULL(null) => match null.anything.split_first() {
+                Some((&NULL_LEAD, payload)) => Some(payload.to_vec()),
+                _ => None,
+            },
+            _ => None,
+        },
+        AnswerType::Cname => match records[0] {
+            RData::CNAME(CNAME(name)) => decode_answer_name(domain?, name),
+            _ => None,
+        },
+        AnswerType::Mx | AnswerType::Srv => {
+            let named = records.iter().map(|r| match r {
+                RData::MX(mx) => Some((mx.preference, &mx.exchange)),
+                RData::SRV(srv) => Some((srv.priority, &srv.target)),
+                _ => None,
+            });
+            let mut named: Vec<(u16, &Name)> = named.collect::<Option<_>>()?;
+            named.sort_by_key(|&(order, _)| order);
+            let mut out = Vec::new();
+            for (i, (order, name)) in named.into_iter().enumerate() {
+                if usize::from(order) != i {
+                    return None;
+                }
+                out.extend(decode_answer_name(domain?, name)?);
+            }
+            Some(out)
+        }
+        AnswerType::Aaaa | AnswerType::A => {
+            let addrs = records.iter().map(|r| match r {
+                RData::A(a) => Some(a.0.octets().to_vec()),
+                RData::AAAA(a) => Some(a.0.octets().to_vec()),
+                _ => None,
+            });
+            decode_addresses(ty, addrs.collect::<Option<_>>()?)
+        }
+    }
 }
 
 /// A query as the server received it: everything its response must echo.
@@ -575,6 +911,19 @@ impl Query {
     /// query: [`downstream_capacity`] for its name and EDNS0 size.
     pub fn downstream_capacity(&self) -> usize {
         downstream_capacity(self.name_wire_len(), self.edns_size)
+    }
+
+    /// The type of data answer this question asks for, if any.
+    pub fn answer_type(&self) -> Option<AnswerType> {
+        AnswerType::of(self.qtype)
+    }
+
+    /// How much payload [`build_answer`] fits into a response to this
+    /// query ([`answer_capacity`]); zero for types that carry none.
+    pub fn answer_capacity(&self, domain: &Domain) -> usize {
+        self.answer_type().map_or(0, |ty| {
+            answer_capacity(ty, domain, self.name_wire_len(), self.edns_size)
+        })
     }
 }
 
@@ -636,6 +985,96 @@ pub fn build_txt_answer(q: &Query, payload: &[u8]) -> Result<Vec<u8>, DnsError> 
         RData::TXT(TXT::from_bytes(strings)),
     ));
     finish(&msg, q.response_limit())
+}
+
+/// The authoritative answer to `q` carrying `payload` in records of the
+/// question's type, TTL 0, owned by the question name:
+/// - TXT: [`build_txt_answer`].
+/// - NULL: one record, its RDATA [`NULL_LEAD`] then the payload.
+/// - CNAME: one record, the payload in its name ([`encode_answer_name`]).
+/// - MX, SRV: one record per [`Domain::answer_name_capacity`] bytes (at
+///   least one), the payload in the exchange or target names; preference or
+///   priority 0, 1, 2... gives their order (SRV weight and port 0).
+/// - AAAA, A: `| len u16 | payload |` zero-padded to whole records, 15 or 3
+///   bytes per record behind a sequence byte ([`AAAA_FIRST_BYTE`] or
+///   [`A_FIRST_OCTET`] plus the record's number): resolvers shuffle
+///   address records.
+///
+/// Fails with [`DnsError::WrongType`] for other question types and
+/// [`DnsError::TooLarge`] when the payload exceeds [`Query::answer_capacity`]
+/// (or not even an empty answer fits); the bytes never exceed
+/// [`Query::response_limit`].
+pub fn build_answer(q: &Query, domain: &Domain, payload: &[u8]) -> Result<Vec<u8>, DnsError> {
+    let ty = q.answer_type().ok_or(DnsError::WrongType(q.qtype))?;
+    if ty == AnswerType::Txt {
+        return build_txt_answer(q, payload);
+    }
+    let capacity = q.answer_capacity(domain);
+    if payload.len() > capacity {
+        return Err(DnsError::TooLarge {
+            len: payload.len(),
+            capacity,
+        });
+    }
+    let mut msg = response(q, ResponseCode::NoError, true);
+    for rdata in answer_rdata(ty, domain, payload)? {
+        msg.add_answer(Record::from_rdata(q.name.clone(), 0, rdata));
+    }
+    finish(&msg, q.response_limit())
+}
+
+/// The records of a non-TXT answer (see [`build_answer`]).
+fn answer_rdata(ty: AnswerType, domain: &Domain, payload: &[u8]) -> Result<Vec<RData>, DnsError> {
+    let names = || -> Result<Vec<Name>, DnsError> {
+        let cap = domain.answer_name_capacity().max(1);
+        let chunks: Vec<&[u8]> = if payload.is_empty() {
+            vec![payload]
+        } else {
+            payload.chunks(cap).collect()
+        };
+        chunks
+            .into_iter()
+            .map(|c| encode_answer_name(domain, c))
+            .collect()
+    };
+    let order = |i: usize| u16::try_from(i).unwrap_or(u16::MAX);
+    Ok(match ty {
+        AnswerType::Txt => vec![RData::TXT(TXT::from_bytes(
+            payload.chunks(MAX_CHARACTER_STRING).collect(),
+        ))],
+        AnswerType::Null => {
+            let mut rdata = vec![NULL_LEAD];
+            rdata.extend_from_slice(payload);
+            vec![RData::NULL(NULL::with(rdata))]
+        }
+        AnswerType::Cname => vec![RData::CNAME(CNAME(encode_answer_name(domain, payload)?))],
+        AnswerType::Mx => names()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| RData::MX(MX::new(order(i), n)))
+            .collect(),
+        AnswerType::Srv => names()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| RData::SRV(SRV::new(order(i), 0, 0, n)))
+            .collect(),
+        AnswerType::Aaaa => encode_addresses(payload, 15, AAAA_FIRST_BYTE)
+            .into_iter()
+            .map(|o| {
+                RData::AAAA(AAAA::from(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(o).expect("16 bytes"),
+                )))
+            })
+            .collect(),
+        AnswerType::A => encode_addresses(payload, 3, A_FIRST_OCTET)
+            .into_iter()
+            .map(|o| {
+                RData::A(A::from(Ipv4Addr::from(
+                    <[u8; 4]>::try_from(o).expect("4 bytes"),
+                )))
+            })
+            .collect(),
+    })
 }
 
 /// REFUSED, for questions outside the tunnel domain: the question echoed,
@@ -1363,6 +1802,230 @@ mod tests {
         assert_eq!(parse_response(1, &name, &bytes), Ok(Answer::Data(long)));
     }
 
+    fn type_strategy() -> impl Strategy<Value = AnswerType> {
+        proptest::sample::select(AnswerType::ALL.to_vec())
+    }
+
+    /// The answer as a resolver may pass it on: its records in another
+    /// order (`perm` drives a Fisher-Yates shuffle) and the letters of
+    /// names inside them flipped where `mask` says.
+    fn resolver_rewrite(bytes: &[u8], perm: u64, mask: &[bool]) -> Vec<u8> {
+        let mut msg = Message::from_vec(bytes).unwrap();
+        let mut x = perm | 1;
+        for i in (1..msg.answers.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            msg.answers.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        for r in &mut msg.answers {
+            match &mut r.data {
+                RData::CNAME(c) => c.0 = flip_case(&c.0, mask),
+                RData::MX(mx) => mx.exchange = flip_case(&mx.exchange, mask),
+                RData::SRV(srv) => srv.target = flip_case(&srv.target, mask),
+                _ => {}
+            }
+        }
+        msg.to_vec().unwrap()
+    }
+
+    /// A query for `name` asking for `ty`, as the server parses it.
+    fn typed_query(id: u16, name: &Name, ty: AnswerType, edns: Option<u16>) -> Query {
+        parse_query(&build_query_as(id, name, ty, edns).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn answer_types_map_to_record_types() {
+        for ty in AnswerType::ALL {
+            assert_eq!(AnswerType::of(ty.record_type()), Some(ty));
+            assert_eq!(ty.as_str(), ty.record_type().to_string());
+        }
+        assert_eq!(AnswerType::of(RecordType::SOA), None);
+        let q = typed_query(
+            1,
+            &encode_name(&domain(), b"x").unwrap(),
+            AnswerType::A,
+            None,
+        );
+        assert_eq!(
+            (q.qtype, q.answer_type()),
+            (RecordType::A, Some(AnswerType::A))
+        );
+        let mut soa = q.clone();
+        soa.qtype = RecordType::SOA;
+        assert_eq!(soa.answer_capacity(&domain()), 0);
+        assert!(matches!(
+            build_answer(&soa, &domain(), b""),
+            Err(DnsError::WrongType(RecordType::SOA))
+        ));
+    }
+
+    #[test]
+    fn address_answers_are_pinned() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let q = typed_query(7, &name, AnswerType::A, None);
+        let msg = Message::from_vec(&build_answer(&q, &d, b"hey").unwrap()).unwrap();
+        // | 0 3 | h e y | 0: two records, the last padded.
+        let addrs: Vec<[u8; 4]> = msg
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => a.0.octets(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(addrs, [[11, 0, 3, b'h'], [12, b'e', b'y', 0]]);
+        assert!(
+            msg.answers
+                .iter()
+                .all(|r| r.ttl == 0 && r.name.eq_case(&name))
+        );
+        let q6 = typed_query(7, &name, AnswerType::Aaaa, None);
+        let msg = Message::from_vec(&build_answer(&q6, &d, b"").unwrap()).unwrap();
+        let RData::AAAA(a) = &msg.answers[0].data else {
+            panic!("{msg}");
+        };
+        assert_eq!(
+            a.0.octets(),
+            [0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+
+        // What does not decode: a gap, a duplicate, a sequence number out
+        // of range, a length beyond the data, non-zero or excess padding.
+        let garbled = |addrs: &[[u8; 4]]| {
+            let records = addrs.iter().map(|a| a.to_vec()).collect();
+            decode_addresses(AnswerType::A, records)
+        };
+        assert_eq!(
+            garbled(&[[12, b'e', b'y', 0], [11, 0, 3, b'h']]),
+            Some(b"hey".to_vec())
+        );
+        for bad in [
+            &[[11, 0, 3, b'h'], [13, b'e', b'y', 0]][..],
+            &[[11, 0, 3, b'h'], [11, 0, 3, b'h']],
+            &[[10, 0, 0, 0]],
+            &[[11, 0, 5, b'h'], [12, b'e', b'y', 0]],
+            &[[11, 0, 3, b'h'], [12, b'e', b'y', 1]],
+            &[[11, 0, 0, 0], [12, 0, 0, 0]],
+        ] {
+            assert_eq!(garbled(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn answer_names_are_not_query_names() {
+        let d = domain();
+        let name = encode_answer_name(&d, b"hi").unwrap();
+        assert_eq!(name.to_ascii(), "8nbuq.t.example.com.");
+        assert_eq!(decode_answer_name(&d, &name), Some(b"hi".to_vec()));
+        let upper = Name::from_ascii("8NbUQ.T.example.com.").unwrap();
+        assert_eq!(decode_answer_name(&d, &upper), Some(b"hi".to_vec()));
+        // A resolver that looks an answer name up asks no tunnel question.
+        let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+        assert_eq!(decode_name(&d, &name, &mut out), Err(DropReason::Malformed));
+        let empty = encode_answer_name(&d, b"").unwrap();
+        assert_eq!(decode_answer_name(&d, &empty), Some(vec![]));
+        for bad in [
+            "nbuq.t.example.com.",
+            "8nbuq.example.com.",
+            "8nbu1.t.example.com.",
+        ] {
+            let name = Name::from_ascii(bad).unwrap();
+            assert_eq!(decode_answer_name(&d, &name), None, "{bad}");
+        }
+        // 236 characters under t.example.com: the marker and 234 of base32.
+        assert_eq!(d.answer_name_capacity(), 146);
+        let full = encode_answer_name(&d, &[0xff; 146]).unwrap();
+        assert_eq!(full.to_ascii().len(), 1 + 234 + 4 + 13 + 1);
+        assert_eq!(d.answer_name_wire_len(146), 254);
+        assert!(encode_answer_name(&d, &[0; 147]).is_err());
+    }
+
+    #[test]
+    fn answer_capacities() {
+        let d = domain();
+        // A full question name, no EDNS0: 512 - 12 - 259 = 241 bytes left.
+        let cap = |ty, edns| answer_capacity(ty, &d, 255, edns);
+        assert_eq!(cap(AnswerType::Null, None), 241 - 13);
+        assert_eq!(cap(AnswerType::Txt, None), 228);
+        // A full answer name takes 254 bytes: 241 - 12 hold a shorter one.
+        assert_eq!(cap(AnswerType::Cname, None), 130);
+        assert_eq!(cap(AnswerType::Cname, Some(1232)), 146);
+        assert_eq!(cap(AnswerType::Mx, None), 129);
+        // At 1232: 950 bytes, three full MX names (14 + 254 bytes each) and
+        // one of 132 - 15 bytes.
+        assert_eq!(cap(AnswerType::Mx, Some(1232)), 3 * 146 + 71);
+        assert_eq!(cap(AnswerType::Srv, Some(1232)), 3 * 146 + 61);
+        assert_eq!(cap(AnswerType::A, None), 15 * 3 - 2);
+        assert_eq!(cap(AnswerType::Aaaa, None), 8 * 15 - 2);
+        // At 1232: 950 bytes, 59 A records, 33 AAAA (capped at 32).
+        assert_eq!(cap(AnswerType::A, Some(1232)), 59 * 3 - 2);
+        assert_eq!(cap(AnswerType::Aaaa, Some(1232)), 32 * 15 - 2);
+        assert_eq!(
+            answer_capacity(AnswerType::A, &d, 30, Some(4096)),
+            A_MAX_RECORDS * 3 - 2
+        );
+        // Exactly the capacity fits, one more byte does not.
+        for ty in AnswerType::ALL {
+            for (len, edns) in [(1, None), (147, None), (60, Some(1232)), (147, Some(4096))] {
+                let name = encode_name(&d, &vec![3; len]).unwrap();
+                let q = typed_query(9, &name, ty, edns);
+                let capacity = q.answer_capacity(&d);
+                let payload: Vec<u8> = (0..capacity).map(|i| i as u8).collect();
+                let bytes = build_answer(&q, &d, &payload).unwrap();
+                assert!(bytes.len() <= q.response_limit(), "{ty:?} {}", bytes.len());
+                assert_eq!(
+                    parse_answer(9, &name, ty, &d, &bytes),
+                    Ok(Answer::Data(payload))
+                );
+                assert!(matches!(
+                    build_answer(&q, &d, &vec![0; capacity + 1]),
+                    Err(DnsError::TooLarge { .. })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn answers_of_another_type_or_without_records() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let q = typed_query(5, &name, AnswerType::Null, Some(1232));
+        let bytes = build_answer(&q, &d, b"data").unwrap();
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &bytes),
+            Ok(Answer::Data(b"data".to_vec()))
+        );
+        // The question's type must be the one asked.
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Txt, &d, &bytes),
+            Err(DropReason::UnexpectedResponse)
+        );
+        // Stripped records: NODATA; a record altered: garbled.
+        let mut msg = Message::from_vec(&bytes).unwrap();
+        msg.answers.clear();
+        let stripped = msg.to_vec().unwrap();
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &stripped),
+            Ok(Answer::Empty)
+        );
+        let mut msg = Message::from_vec(&bytes).unwrap();
+        msg.answers[0].data = RData::NULL(NULL::with(b"xdata".to_vec()));
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Null, &d, &msg.to_vec().unwrap()),
+            Ok(Answer::Garbled)
+        );
+        let q = typed_query(5, &name, AnswerType::Mx, Some(1232));
+        let mut msg = Message::from_vec(&build_answer(&q, &d, &[1; 300]).unwrap()).unwrap();
+        assert_eq!(msg.answers.len(), 3);
+        msg.answers.remove(1);
+        assert_eq!(
+            parse_answer(5, &name, AnswerType::Mx, &d, &msg.to_vec().unwrap()),
+            Ok(Answer::Garbled)
+        );
+    }
+
     fn edns_strategy() -> impl Strategy<Value = Option<u16>> {
         prop_oneof![
             Just(None),
@@ -1478,6 +2141,66 @@ mod tests {
             // The question is echoed byte for byte.
             let asked = build_query(id, &name, edns).unwrap();
             prop_assert_eq!(&bytes[12..12 + q.name_wire_len() + 4], &asked[12..12 + q.name_wire_len() + 4]);
+        }
+
+        #[test]
+        fn every_answer_type_round_trips_through_a_shuffling_case_randomising_resolver(
+            d in domain_strategy(),
+            ty in type_strategy(),
+            up in 1usize..=MAX_UPSTREAM_PAYLOAD,
+            payload in proptest::collection::vec(any::<u8>(), 0..1400),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+            perm: u64,
+            id: u16,
+            edns in edns_strategy(),
+        ) {
+            let name = encode_name(&d, &vec![0x5a; up.min(d.upstream_capacity(MAX_NAME_LEN))]).unwrap();
+            let name = flip_case(&name, &mask);
+            let q = typed_query(id, &name, ty, edns);
+            let payload = &payload[..payload.len().min(q.answer_capacity(&d))];
+            let bytes = build_answer(&q, &d, payload).unwrap();
+            prop_assert!(bytes.len() <= response_limit(edns));
+            // The question is echoed byte for byte.
+            let asked = build_query_as(id, &name, ty, edns).unwrap();
+            prop_assert_eq!(&bytes[12..12 + q.name_wire_len() + 4], &asked[12..12 + q.name_wire_len() + 4]);
+            let rewritten = resolver_rewrite(&bytes, perm, &mask);
+            for b in [&bytes, &rewritten] {
+                prop_assert_eq!(
+                    parse_answer(id, &name.to_lowercase(), ty, &d, b),
+                    Ok(Answer::Data(payload.to_vec()))
+                );
+            }
+        }
+
+        #[test]
+        fn answer_names_round_trip_in_any_case(
+            d in domain_strategy(),
+            payload in proptest::collection::vec(any::<u8>(), 0..=146),
+            mask in proptest::collection::vec(any::<bool>(), 1..64),
+        ) {
+            let payload = &payload[..payload.len().min(d.answer_name_capacity())];
+            let name = encode_answer_name(&d, payload).unwrap();
+            prop_assert!(name.len() - 1 <= MAX_NAME_LEN);
+            prop_assert_eq!(name.len() + 1, d.answer_name_wire_len(payload.len()));
+            prop_assert_eq!(decode_answer_name(&d, &flip_case(&name, &mask)), Some(payload.to_vec()));
+            let mut out = [0u8; MAX_UPSTREAM_PAYLOAD];
+            prop_assert_eq!(decode_name(&d, &name, &mut out), Err(DropReason::Malformed));
+        }
+
+        #[test]
+        fn garbage_answers_of_every_type_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            ty in type_strategy(),
+            id: u16,
+        ) {
+            let d = domain();
+            let name = encode_name(&d, b"hi").unwrap();
+            let _ = parse_answer(id, &name, ty, &d, &bytes);
+            let mut records = bytes.chunks(4).map(<[u8]>::to_vec).collect::<Vec<_>>();
+            records.retain(|r| r.len() == 4);
+            if !records.is_empty() {
+                let _ = decode_addresses(AnswerType::A, records);
+            }
         }
 
         #[test]

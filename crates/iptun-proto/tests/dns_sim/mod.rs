@@ -7,7 +7,8 @@
 //! limit answer sizes (512 without EDNS0, or an EDNS0 size), cap name
 //! lengths with FORMERR or SERVFAIL, drop and duplicate queries, retry on
 //! its own, send from several source addresses, and fail outright for a
-//! while. It checks the server on every answer: question echoed with the
+//! while, refuse or strip chosen record types (or let only some through),
+//! and shuffle the records of answers. It checks the server on every answer: question echoed with the
 //! case it was asked in, size within what it advertised.
 
 #![allow(dead_code)]
@@ -18,6 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, OpCode, Query as Question, ResponseCode};
+use hickory_proto::rr::RecordType;
 use iptun_proto::DropReason;
 use iptun_proto::dns::client::DnsUplink;
 use iptun_proto::dns::server::DnsListener;
@@ -25,7 +27,9 @@ use iptun_proto::engine::{
     Client, ClientConfig, ClientEvent, ClientOutput, PathKind, Server, ServerConfig, ServerOutput,
     SessionId,
 };
-use iptun_proto::wire::dns::{Domain, Name, Query, build_query, parse_query, response_limit};
+use iptun_proto::wire::dns::{
+    AnswerType, Domain, Name, Query, build_query_as, parse_query, response_limit,
+};
 
 use crate::common::{BUF, Rng, UNIX_START, server_key};
 
@@ -56,8 +60,26 @@ pub enum Cache {
     IgnoreTtl,
 }
 
+/// What the resolver does with queries of a record type it filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// Answer with this code at once, never asking the server.
+    Code(ResponseCode),
+    /// Ask the server, but pass NOERROR without its records (NODATA).
+    Strip,
+    /// Never answer.
+    Drop,
+}
+
 #[derive(Clone, Debug)]
 pub struct ResolverConfig {
+    /// Record types the resolver filters, and how.
+    pub blocked: Vec<(RecordType, Block)>,
+    /// Only these record types pass (the rest get `blocked_others`).
+    pub only: Option<Vec<RecordType>>,
+    pub blocked_others: Block,
+    /// Shuffle the order of the records in every answer.
+    pub shuffle: bool,
     pub randomize_case: bool,
     /// Replace label bytes >= 0x80 with `?` on the way to the server (a
     /// resolver or middlebox that is not 8-bit clean).
@@ -86,6 +108,10 @@ pub struct ResolverConfig {
 impl Default for ResolverConfig {
     fn default() -> Self {
         Self {
+            blocked: Vec::new(),
+            only: None,
+            blocked_others: Block::Code(ResponseCode::Refused),
+            shuffle: false,
             randomize_case: true,
             mangle_8bit: false,
             cache: Cache::RespectTtl,
@@ -108,6 +134,8 @@ struct Pending {
     /// The question name as the client wrote it, on the wire.
     client_name: Vec<u8>,
     client_edns: Option<u16>,
+    qtype: RecordType,
+    strip: bool,
     name: Name,
     cache_key: String,
     done: bool,
@@ -124,6 +152,22 @@ pub struct ResolverStats {
     pub gave_up: u64,
     pub late_answers: u64,
     pub outage_servfails: u64,
+    /// Queries of a filtered record type.
+    pub blocked: u64,
+    pub shuffled: u64,
+}
+
+impl ResolverConfig {
+    /// How the resolver filters queries of type `qtype`, if it does.
+    pub fn block(&self, qtype: RecordType) -> Option<Block> {
+        if let Some(&(_, b)) = self.blocked.iter().find(|(t, _)| *t == qtype) {
+            return Some(b);
+        }
+        self.only
+            .as_ref()
+            .filter(|only| !only.contains(&qtype))
+            .map(|_| self.blocked_others)
+    }
 }
 
 pub struct Resolver {
@@ -369,8 +413,8 @@ impl Sim {
                 if !p.done {
                     p.done = true;
                     self.resolver.stats.gave_up += 1;
-                    let (id, name) = (p.client_id, p.client_name.clone());
-                    let bytes = error_response(id, &name, ResponseCode::ServFail);
+                    let (id, name, qtype) = (p.client_id, p.client_name.clone(), p.qtype);
+                    let bytes = error_response(id, &name, qtype, ResponseCode::ServFail);
                     self.schedule(now + CLIENT_LATENCY, Ev::ToClient(bytes));
                 }
             }
@@ -524,7 +568,7 @@ impl Sim {
         let client_name = bytes[12..12 + q.name_wire_len()].to_vec();
         if r.cfg.down_until.is_some_and(|t| now < t) {
             r.stats.outage_servfails += 1;
-            let b = error_response(q.id, &client_name, ResponseCode::ServFail);
+            let b = error_response(q.id, &client_name, q.qtype, ResponseCode::ServFail);
             self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
             return;
         }
@@ -532,9 +576,22 @@ impl Sim {
             && q.name_wire_len() - 2 > cap
         {
             r.stats.capped += 1;
-            let b = error_response(q.id, &client_name, code);
+            let b = error_response(q.id, &client_name, q.qtype, code);
             self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
             return;
+        }
+        let block = r.cfg.block(q.qtype);
+        if block.is_some() {
+            r.stats.blocked += 1;
+        }
+        match block {
+            Some(Block::Code(code)) => {
+                let b = error_response(q.id, &client_name, q.qtype, code);
+                self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+                return;
+            }
+            Some(Block::Drop) => return,
+            Some(Block::Strip) | None => {}
         }
         let cache_key = format!("{}/{}", q.name.to_lowercase().to_ascii(), q.qtype);
         if let Some((answer, until)) = r.cache.get(&cache_key)
@@ -565,6 +622,8 @@ impl Sim {
                 client_id: q.id,
                 client_name,
                 client_edns: q.edns_size,
+                qtype: q.qtype,
+                strip: block == Some(Block::Strip),
                 name,
                 cache_key,
                 done: false,
@@ -590,7 +649,8 @@ impl Sim {
             Ipv4Addr::new(198, 18, 0, 1 + r.rng.below(r.cfg.sources as u64) as u8),
             1024 + r.rng.below(60000) as u16,
         ));
-        let bytes = build_query(id, &p.name, r.cfg.upstream_edns).unwrap();
+        let ty = AnswerType::of(p.qtype).expect("the client asks for data types only");
+        let bytes = build_query_as(id, &p.name, ty, r.cfg.upstream_edns).unwrap();
         r.upstream.insert((src, id), pid);
         r.stats.upstream_queries += 1;
         if let Some(after) = r.cfg.retry_after.filter(|_| p.tries < 3) {
@@ -633,6 +693,16 @@ impl Sim {
         }
         p.done = true;
         let mut b = bytes.to_vec();
+        if p.strip || r.cfg.shuffle {
+            let mut m = msg.clone();
+            if p.strip {
+                m.answers.clear();
+            } else if m.answers.len() > 1 {
+                r.stats.shuffled += 1;
+                shuffle(&mut r.rng, &mut m.answers);
+            }
+            b = m.to_vec().unwrap();
+        }
         b[..2].copy_from_slice(&p.client_id.to_be_bytes());
         b[12..12 + p.client_name.len()].copy_from_slice(&p.client_name);
         let mut limit = response_limit(p.client_edns);
@@ -655,13 +725,20 @@ impl Sim {
         }
         if b.len() > limit {
             r.stats.truncated += 1;
-            b = truncated_response(p.client_id, &p.client_name);
+            b = truncated_response(p.client_id, &p.client_name, p.qtype);
         }
         r.answer_sizes.push((b.len(), limit));
         if r.rng.chance(r.cfg.drop_answer) {
             return;
         }
         self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+    }
+}
+
+/// Fisher-Yates.
+fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u64 + 1) as usize);
     }
 }
 
@@ -703,27 +780,26 @@ fn question_name(wire: &[u8]) -> Name {
     parse_query(&q).unwrap().name
 }
 
-pub fn error_response(id: u16, client_name: &[u8], code: ResponseCode) -> Vec<u8> {
+pub fn error_response(
+    id: u16,
+    client_name: &[u8],
+    qtype: RecordType,
+    code: ResponseCode,
+) -> Vec<u8> {
     let mut m = Message::response(id, OpCode::Query);
     m.metadata.response_code = code;
     m.metadata.recursion_desired = true;
     m.metadata.recursion_available = true;
-    m.add_query(Question::query(
-        question_name(client_name),
-        hickory_proto::rr::RecordType::TXT,
-    ));
+    m.add_query(Question::query(question_name(client_name), qtype));
     m.to_vec().unwrap()
 }
 
-fn truncated_response(id: u16, client_name: &[u8]) -> Vec<u8> {
+fn truncated_response(id: u16, client_name: &[u8], qtype: RecordType) -> Vec<u8> {
     let mut m = Message::response(id, OpCode::Query);
     m.metadata.truncation = true;
     m.metadata.recursion_desired = true;
     m.metadata.recursion_available = true;
-    m.add_query(Question::query(
-        question_name(client_name),
-        hickory_proto::rr::RecordType::TXT,
-    ));
+    m.add_query(Question::query(question_name(client_name), qtype));
     m.to_vec().unwrap()
 }
 

@@ -431,6 +431,9 @@ impl DnsPath {
                 "reprobes": s.reprobes,
                 "encoding_probes": s.encoding_probes,
                 "encoding_failures": s.encoding_failures,
+                "type_probes": s.type_probes,
+                "type_probe_failures": s.type_probe_failures,
+                "type_fallbacks": s.type_fallbacks,
                 "unexpected": s.unexpected,
             },
         })
