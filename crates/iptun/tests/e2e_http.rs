@@ -282,6 +282,14 @@ fn assert_transport_mode(session: &Value, transport: &str, mode: &str) {
     assert_eq!(session["path"]["mode"], mode, "{session:#}");
 }
 
+/// The session went through the proxy at `listen` (its status names it) and
+/// the status doesn't show the proxy's password.
+fn assert_proxied(session: &Value, listen: std::net::SocketAddr) {
+    let proxy = session["path"]["proxy"].to_string();
+    assert!(proxy.contains(&listen.to_string()), "{session:#}");
+    assert!(!session.to_string().contains(PROXY_PASS), "{session:#}");
+}
+
 // ---------------------------------------------------------------- tests
 
 /// (a) Straight to the server over HTTPS, its self-signed certificate
@@ -405,6 +413,7 @@ fn https_through_squid_with_basic_auth() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS through squid");
     assert_transport_mode(&session, "https", "websocket");
+    assert_proxied(&session, squid.listen());
     // squid logs a CONNECT when the tunnel closes.
     client.stop();
     let connect = format!("CONNECT {}:{HTTPS_PORT} {PROXY_USER}", addrs::SERVER_ADDR);
@@ -445,6 +454,7 @@ fn https_proxy_from_environment() {
         "HTTPS through tinyproxy from HTTPS_PROXY",
     );
     assert_transport_mode(&session, "https", "websocket");
+    assert_proxied(&session, tinyproxy.listen());
     let log = tinyproxy.log();
     assert!(
         log.contains("CONNECT") && log.contains(addrs::SERVER_ADDR),
@@ -504,7 +514,8 @@ fn wrong_proxy_password_is_reported() {
 
 /// (d) Long-poll where WebSocket can't pass: the server's http:// listener
 /// reached through a forward proxy that drops `Upgrade` from forwarded
-/// requests (default `--http-mode auto` must fall back).
+/// requests (default `--http-mode auto` must fall back). Squid is given by
+/// `http_proxy` in the environment, tinyproxy by `--proxy`.
 fn long_poll_through(tag: &str, use_squid: bool) {
     require_root();
     let topo = HttpTopology::new(tag, false);
@@ -518,18 +529,16 @@ fn long_poll_through(tag: &str, use_squid: bool) {
         Box::new(topo.start_tinyproxy())
     };
     let what = format!("long-poll through {}", proxy.name());
-    let mut client = start_client(
-        &topo,
-        tag,
-        "client",
-        &ckey,
-        &skey,
-        &url,
-        &["--proxy", &proxy.url()],
-        &[],
-    );
+    let proxy_url = proxy.url();
+    let (flags, env): (&[&str], &[(&str, &str)]) = if use_squid {
+        (&[], &[("http_proxy", &proxy_url)])
+    } else {
+        (&["--proxy", &proxy_url], &[])
+    };
+    let mut client = start_client(&topo, tag, "client", &ckey, &skey, &url, flags, env);
     let session = tunnel_works(&topo, &mut client, &mut server, &what);
     assert_transport_mode(&session, "http", "long-poll");
+    assert_proxied(&session, proxy.listen());
     let log = proxy.log();
     assert!(
         log.contains(TUNNEL_PATH),
@@ -755,4 +764,35 @@ fn other_paths_404_and_unknown_key_gets_no_tunnel() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS next to a stranger");
     assert_transport_mode(&session, "https", "websocket");
+}
+
+/// `NO_PROXY` naming the server wins over `HTTPS_PROXY` (which points at a
+/// port where nothing listens): the client goes straight to the server.
+#[test]
+fn no_proxy_bypasses_the_environment_proxy() {
+    require_root();
+    let tag = "htnoproxy";
+    let topo = HttpTopology::new(tag, true);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let url = topo.server_https_url();
+    let mut server = start_server(&topo, tag, &skey, &[&ckey], &[&url], &[]);
+    let pin = server_pin(&mut server);
+    let dead_proxy = format!("http://{}:9", addrs::MIDDLE_ADDR);
+    let mut client = start_client(
+        &topo,
+        tag,
+        "client",
+        &ckey,
+        &skey,
+        &url,
+        &["--tls-pin", &pin],
+        &[
+            ("HTTPS_PROXY", &dead_proxy),
+            ("NO_PROXY", &format!("example.org,{}", addrs::SERVER_ADDR)),
+        ],
+    );
+    let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS with NO_PROXY");
+    assert_transport_mode(&session, "https", "websocket");
+    assert!(session["path"]["proxy"].is_null(), "{session:#}");
 }
