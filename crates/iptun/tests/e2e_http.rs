@@ -619,27 +619,28 @@ fn long_poll_forced_by_flag() {
 /// (e) The client's TCP connection is reset under it (`ss -K` in its
 /// namespace, or an nftables reset where the kernel lacks socket destroy):
 /// it reconnects, keeps its tunnel address, counts the reconnect, and the
-/// tunnel carries traffic again.
-#[test]
-fn killed_connection_recovers_with_the_same_address() {
+/// tunnel carries traffic again. Straight to the server, or through squid
+/// (then the killed connection is the one to the proxy, carrying CONNECT).
+fn killed_connection_recovers(tag: &str, via_squid: bool) {
     require_root();
-    let tag = "htkill";
-    let topo = HttpTopology::new(tag, true);
+    let topo = HttpTopology::new(tag, !via_squid);
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
     let url = topo.server_https_url();
     let mut server = start_server(&topo, tag, &skey, &[&ckey], &[&url], &[]);
     let pin = server_pin(&mut server);
-    let mut client = start_client(
-        &topo,
-        tag,
-        "client",
-        &ckey,
-        &skey,
-        &url,
-        &["--tls-pin", &pin],
-        &[],
-    );
+    let squid = via_squid.then(|| topo.start_squid());
+    let proxy_url = squid.as_ref().map(|s| s.url()).unwrap_or_default();
+    let mut flags = vec!["--tls-pin", &pin];
+    if via_squid {
+        flags.extend(["--proxy", &proxy_url]);
+    }
+    let mut client = start_client(&topo, tag, "client", &ckey, &skey, &url, &flags, &[]);
+    // The connection to kill: the client's to the server, or to the proxy.
+    let (dst, dport) = match &squid {
+        Some(s) => (addrs::MIDDLE_ADDR, s.listen().port()),
+        None => (addrs::SERVER_ADDR, HTTPS_PORT),
+    };
     let addr = client.wait_tunnel_address();
     wait_until(Duration::from_secs(20), "a ping through the tunnel", || {
         ping(&topo.client, TARGET_ADDR, 1)
@@ -650,10 +651,12 @@ fn killed_connection_recovers_with_the_same_address() {
         .as_u64()
         .unwrap_or_else(|| panic!("no path.reconnects in the client's session: {before:#}"));
 
-    let (method, ports) = kill_tcp(&topo.client, addrs::SERVER_ADDR, HTTPS_PORT, None, || {
+    let (method, ports) = kill_tcp(&topo.client, dst, dport, None, || {
         ping(&topo.client, TARGET_ADDR, 1);
     });
-    eprintln!("killed the client's connection(s) from port(s) {ports:?} with {method:?}");
+    eprintln!(
+        "killed the client's connection(s) to {dst}:{dport} from port(s) {ports:?} with {method:?}"
+    );
 
     wait_until(Duration::from_secs(30), "the client to reconnect", || {
         client.assert_running();
@@ -675,18 +678,33 @@ fn killed_connection_recovers_with_the_same_address() {
         Some(addr.as_str()),
         "a new tunnel address after the reconnect"
     );
-    let now = tcp_connections(&topo.client, addrs::SERVER_ADDR, HTTPS_PORT);
+    let now = tcp_connections(&topo.client, dst, dport);
     assert!(
         !now.is_empty() && now.iter().all(|p| !ports.contains(p)),
         "the client should be on a new connection: was {ports:?}, now {now:?}"
     );
-    let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS after a reset");
+    let session = tunnel_works(
+        &topo,
+        &mut client,
+        &mut server,
+        &format!("{tag}: after a reset"),
+    );
     assert_transport_mode(&session, "https", "websocket");
     assert_eq!(
         client.tunnel_address().as_deref(),
         Some(addr.as_str()),
         "a new tunnel address after the reconnect"
     );
+}
+
+#[test]
+fn killed_connection_recovers_with_the_same_address() {
+    killed_connection_recovers("htkill", false);
+}
+
+#[test]
+fn killed_proxy_connection_recovers_with_the_same_address() {
+    killed_connection_recovers("htkillpx", true);
 }
 
 /// (f) Other paths on the server's ports get 404 (https:// and http://
