@@ -282,6 +282,14 @@ fn assert_transport_mode(session: &Value, transport: &str, mode: &str) {
     assert_eq!(session["path"]["mode"], mode, "{session:#}");
 }
 
+/// The session went through the proxy at `listen` (its status names it) and
+/// the status doesn't show the proxy's password.
+fn assert_proxied(session: &Value, listen: std::net::SocketAddr) {
+    let proxy = session["path"]["proxy"].to_string();
+    assert!(proxy.contains(&listen.to_string()), "{session:#}");
+    assert!(!session.to_string().contains(PROXY_PASS), "{session:#}");
+}
+
 // ---------------------------------------------------------------- tests
 
 /// (a) Straight to the server over HTTPS, its self-signed certificate
@@ -405,6 +413,7 @@ fn https_through_squid_with_basic_auth() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS through squid");
     assert_transport_mode(&session, "https", "websocket");
+    assert_proxied(&session, squid.listen());
     // squid logs a CONNECT when the tunnel closes.
     client.stop();
     let connect = format!("CONNECT {}:{HTTPS_PORT} {PROXY_USER}", addrs::SERVER_ADDR);
@@ -445,6 +454,7 @@ fn https_proxy_from_environment() {
         "HTTPS through tinyproxy from HTTPS_PROXY",
     );
     assert_transport_mode(&session, "https", "websocket");
+    assert_proxied(&session, tinyproxy.listen());
     let log = tinyproxy.log();
     assert!(
         log.contains("CONNECT") && log.contains(addrs::SERVER_ADDR),
@@ -504,7 +514,8 @@ fn wrong_proxy_password_is_reported() {
 
 /// (d) Long-poll where WebSocket can't pass: the server's http:// listener
 /// reached through a forward proxy that drops `Upgrade` from forwarded
-/// requests (default `--http-mode auto` must fall back).
+/// requests (default `--http-mode auto` must fall back). Squid is given by
+/// `http_proxy` in the environment, tinyproxy by `--proxy`.
 fn long_poll_through(tag: &str, use_squid: bool) {
     require_root();
     let topo = HttpTopology::new(tag, false);
@@ -518,18 +529,16 @@ fn long_poll_through(tag: &str, use_squid: bool) {
         Box::new(topo.start_tinyproxy())
     };
     let what = format!("long-poll through {}", proxy.name());
-    let mut client = start_client(
-        &topo,
-        tag,
-        "client",
-        &ckey,
-        &skey,
-        &url,
-        &["--proxy", &proxy.url()],
-        &[],
-    );
+    let proxy_url = proxy.url();
+    let (flags, env): (&[&str], &[(&str, &str)]) = if use_squid {
+        (&[], &[("http_proxy", &proxy_url)])
+    } else {
+        (&["--proxy", &proxy_url], &[])
+    };
+    let mut client = start_client(&topo, tag, "client", &ckey, &skey, &url, flags, env);
     let session = tunnel_works(&topo, &mut client, &mut server, &what);
     assert_transport_mode(&session, "http", "long-poll");
+    assert_proxied(&session, proxy.listen());
     let log = proxy.log();
     assert!(
         log.contains(TUNNEL_PATH),
@@ -610,27 +619,28 @@ fn long_poll_forced_by_flag() {
 /// (e) The client's TCP connection is reset under it (`ss -K` in its
 /// namespace, or an nftables reset where the kernel lacks socket destroy):
 /// it reconnects, keeps its tunnel address, counts the reconnect, and the
-/// tunnel carries traffic again.
-#[test]
-fn killed_connection_recovers_with_the_same_address() {
+/// tunnel carries traffic again. Straight to the server, or through squid
+/// (then the killed connection is the one to the proxy, carrying CONNECT).
+fn killed_connection_recovers(tag: &str, via_squid: bool) {
     require_root();
-    let tag = "htkill";
-    let topo = HttpTopology::new(tag, true);
+    let topo = HttpTopology::new(tag, !via_squid);
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
     let url = topo.server_https_url();
     let mut server = start_server(&topo, tag, &skey, &[&ckey], &[&url], &[]);
     let pin = server_pin(&mut server);
-    let mut client = start_client(
-        &topo,
-        tag,
-        "client",
-        &ckey,
-        &skey,
-        &url,
-        &["--tls-pin", &pin],
-        &[],
-    );
+    let squid = via_squid.then(|| topo.start_squid());
+    let proxy_url = squid.as_ref().map(|s| s.url()).unwrap_or_default();
+    let mut flags = vec!["--tls-pin", &pin];
+    if via_squid {
+        flags.extend(["--proxy", &proxy_url]);
+    }
+    let mut client = start_client(&topo, tag, "client", &ckey, &skey, &url, &flags, &[]);
+    // The connection to kill: the client's to the server, or to the proxy.
+    let (dst, dport) = match &squid {
+        Some(s) => (addrs::MIDDLE_ADDR, s.listen().port()),
+        None => (addrs::SERVER_ADDR, HTTPS_PORT),
+    };
     let addr = client.wait_tunnel_address();
     wait_until(Duration::from_secs(20), "a ping through the tunnel", || {
         ping(&topo.client, TARGET_ADDR, 1)
@@ -641,10 +651,12 @@ fn killed_connection_recovers_with_the_same_address() {
         .as_u64()
         .unwrap_or_else(|| panic!("no path.reconnects in the client's session: {before:#}"));
 
-    let (method, ports) = kill_tcp(&topo.client, addrs::SERVER_ADDR, HTTPS_PORT, None, || {
+    let (method, ports) = kill_tcp(&topo.client, dst, dport, None, || {
         ping(&topo.client, TARGET_ADDR, 1);
     });
-    eprintln!("killed the client's connection(s) from port(s) {ports:?} with {method:?}");
+    eprintln!(
+        "killed the client's connection(s) to {dst}:{dport} from port(s) {ports:?} with {method:?}"
+    );
 
     wait_until(Duration::from_secs(30), "the client to reconnect", || {
         client.assert_running();
@@ -666,18 +678,33 @@ fn killed_connection_recovers_with_the_same_address() {
         Some(addr.as_str()),
         "a new tunnel address after the reconnect"
     );
-    let now = tcp_connections(&topo.client, addrs::SERVER_ADDR, HTTPS_PORT);
+    let now = tcp_connections(&topo.client, dst, dport);
     assert!(
         !now.is_empty() && now.iter().all(|p| !ports.contains(p)),
         "the client should be on a new connection: was {ports:?}, now {now:?}"
     );
-    let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS after a reset");
+    let session = tunnel_works(
+        &topo,
+        &mut client,
+        &mut server,
+        &format!("{tag}: after a reset"),
+    );
     assert_transport_mode(&session, "https", "websocket");
     assert_eq!(
         client.tunnel_address().as_deref(),
         Some(addr.as_str()),
         "a new tunnel address after the reconnect"
     );
+}
+
+#[test]
+fn killed_connection_recovers_with_the_same_address() {
+    killed_connection_recovers("htkill", false);
+}
+
+#[test]
+fn killed_proxy_connection_recovers_with_the_same_address() {
+    killed_connection_recovers("htkillpx", true);
 }
 
 /// (f) Other paths on the server's ports get 404 (https:// and http://
@@ -755,4 +782,35 @@ fn other_paths_404_and_unknown_key_gets_no_tunnel() {
     );
     let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS next to a stranger");
     assert_transport_mode(&session, "https", "websocket");
+}
+
+/// `NO_PROXY` naming the server wins over `HTTPS_PROXY` (which points at a
+/// port where nothing listens): the client goes straight to the server.
+#[test]
+fn no_proxy_bypasses_the_environment_proxy() {
+    require_root();
+    let tag = "htnoproxy";
+    let topo = HttpTopology::new(tag, true);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let url = topo.server_https_url();
+    let mut server = start_server(&topo, tag, &skey, &[&ckey], &[&url], &[]);
+    let pin = server_pin(&mut server);
+    let dead_proxy = format!("http://{}:9", addrs::MIDDLE_ADDR);
+    let mut client = start_client(
+        &topo,
+        tag,
+        "client",
+        &ckey,
+        &skey,
+        &url,
+        &["--tls-pin", &pin],
+        &[
+            ("HTTPS_PROXY", &dead_proxy),
+            ("NO_PROXY", &format!("example.org,{}", addrs::SERVER_ADDR)),
+        ],
+    );
+    let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS with NO_PROXY");
+    assert_transport_mode(&session, "https", "websocket");
+    assert!(session["path"]["proxy"].is_null(), "{session:#}");
 }
