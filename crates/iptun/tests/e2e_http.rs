@@ -319,6 +319,44 @@ fn https_direct_with_pinned_certificate() {
 }
 
 /// (a') A client pinning another certificate gets no tunnel (and says why).
+/// (a') The server with its own certificate and key (PEM files); the
+/// client checks it against a CA file and the server's IP address.
+#[test]
+fn https_with_certificate_files_and_ca() {
+    require_root();
+    let tag = "htcafile";
+    let topo = HttpTopology::new(tag, true);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let pki = TestPki::generate(addrs::SERVER_ADDR);
+    let url = topo.server_https_url();
+    let (cert, key, ca) = (
+        pki.cert_pem.display().to_string(),
+        pki.key_pem.display().to_string(),
+        pki.ca_pem.display().to_string(),
+    );
+    let mut server = start_server(
+        &topo,
+        tag,
+        &skey,
+        &[&ckey],
+        &[&url],
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let mut client = start_client(
+        &topo,
+        tag,
+        "client",
+        &ckey,
+        &skey,
+        &url,
+        &["--tls-ca", &ca],
+        &[],
+    );
+    let session = tunnel_works(&topo, &mut client, &mut server, "HTTPS with a CA file");
+    assert_transport_mode(&session, "https", "websocket");
+}
+
 #[test]
 fn https_wrong_pin_gets_no_tunnel() {
     require_root();
