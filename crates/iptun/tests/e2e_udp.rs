@@ -255,11 +255,6 @@ fn session_with<'a>(status: &'a Value, addr: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no session with address {addr}: {status:#}"))
 }
 
-fn assert_same_transfer(sent: &str, received: &str, bytes: u64) {
-    assert_eq!(sent, received, "sha256 and byte count, sent vs received");
-    assert!(sent.ends_with(&format!(" {bytes}")), "{sent}");
-}
-
 // ---------------------------------------------------------------- tests
 
 #[test]

@@ -662,6 +662,41 @@ c.close()
 print("sha256", h.hexdigest(), n, flush=True)
 "#;
 
+/// Both ends of a transfer agree: same sha256 and byte count, and `bytes` of them.
+pub fn assert_same_transfer(sent: &str, received: &str, bytes: u64) {
+    assert_eq!(sent, received, "sha256 and byte count, sent vs received");
+    assert!(sent.ends_with(&format!(" {bytes}")), "{sent}");
+}
+
+/// `bytes` from `client` to the target and `bytes` back (on a connection the
+/// client opens: the target may have no way to reach it), each checked by
+/// sha256, each within `timeout`; prints the rates under `what` and
+/// returns the two durations.
+pub fn transfer_both_ways(
+    client: &Netns,
+    target: &Netns,
+    target_addr: &str,
+    bytes: u64,
+    timeout: Duration,
+    what: &str,
+) -> (Duration, Duration) {
+    let started = Instant::now();
+    let (sent, received) = tcp_transfer_sha256_timeout(client, target, target_addr, bytes, timeout);
+    let up = started.elapsed();
+    assert_same_transfer(&sent, &received, bytes);
+    let started = Instant::now();
+    let (sent, received) = tcp_fetch_sha256(client, target, target_addr, bytes, timeout);
+    let down = started.elapsed();
+    assert_same_transfer(&sent, &received, bytes);
+    let mbit = |took: Duration| bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
+    eprintln!(
+        "{what}: {bytes} bytes up in {up:.2?} ({:.2} Mbit/s), down in {down:.2?} ({:.2} Mbit/s)",
+        mbit(up),
+        mbit(down)
+    );
+    (up, down)
+}
+
 /// The reverse of [`tcp_transfer_sha256`] for a `from` that can't be
 /// reached (behind NAT): `from` connects to a server in `to` listening on
 /// `to_addr`, which sends `bytes` seeded pseudo-random bytes. Returns (sent
