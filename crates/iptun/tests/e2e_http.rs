@@ -292,7 +292,6 @@ fn https_direct_with_pinned_certificate() {
     assert_transport_mode(&session, "https", "websocket");
 }
 
-/// (a') A client pinning another certificate gets no tunnel (and says why).
 /// (a') The server with its own certificate and key (PEM files); the
 /// client checks it against a CA file and the server's IP address.
 #[test]
@@ -331,6 +330,7 @@ fn https_with_certificate_files_and_ca() {
     assert_transport_mode(&session, "https", "websocket");
 }
 
+/// (a') A client pinning another certificate gets no tunnel (and says why).
 #[test]
 fn https_wrong_pin_gets_no_tunnel() {
     require_root();
