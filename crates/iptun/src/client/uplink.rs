@@ -139,7 +139,7 @@ impl Uplink {
         fill: impl FnOnce(&mut [u8]) -> Option<usize>,
     ) {
         match self {
-            Self::Udp { tx, to, .. } => tx.send_with(*to, fill),
+            Self::Udp { tx, to, .. } => tx.send_with((*to).into(), fill),
             Self::Icmp(i) => i.request(now, fill),
             Self::Dns(d) => d.send_with(now, fill),
             Self::Http(h) => h.send_with(fill),
@@ -241,7 +241,7 @@ async fn receive_udp(
                     let n = packet.len();
                     tun.commit(n);
                 }
-                Ok(ClientOutput::Send(msg)) => tx.send(to, msg),
+                Ok(ClientOutput::Send(msg)) => tx.send(to.into(), msg),
                 Ok(ClientOutput::Nothing) | Err(_) => {}
             }
         });

@@ -1,28 +1,29 @@
-//! The server's DNS listeners: a plain UDP socket per `dns://` listener, the
+//! The server's DNS listeners: a UDP socket per `dns://` listener, the
 //! sans-IO [`DnsListener`] behind it. Queries are held by the listener until
 //! downstream data (or its hold time) answers them, each exactly once; every
-//! answer goes out through [`DnsListener::poll_transmit`].
+//! answer goes out through [`DnsListener::poll_transmit`], from the address
+//! the query came to (resolvers drop answers from any other).
 
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use super::{Path, Senders};
+use crate::daemon::MAX_BATCHES_PER_WAKEUP;
+use crate::transport::udp::{self, Peer, UdpReceiver, UdpSender};
+use crate::tun::Tun;
 use anyhow::Context as _;
 use iptun_proto::dns::server::DnsListener;
 use iptun_proto::engine::{Server, ServerOutput, SessionId};
 use iptun_proto::wire::dns::Domain;
-use tokio::net::UdpSocket;
-
-use super::{Path, Senders};
-use crate::daemon::MAX_BATCHES_PER_WAKEUP;
-use crate::transport::sockopt;
-use crate::tun::Tun;
 
 /// The DNS sockets and their listeners (same index).
 pub(super) struct Listeners {
-    sockets: Vec<UdpSocket>,
-    listeners: Vec<DnsListener<SessionId, SocketAddr>>,
-    rx: Vec<u8>,
+    receivers: Vec<UdpReceiver>,
+    senders: Vec<UdpSender>,
+    listeners: Vec<DnsListener<SessionId, Peer>>,
+    /// Queries of one receive batch, taken off the socket before handling.
+    queries: Vec<(Peer, Vec<u8>)>,
     msg: Vec<u8>,
     /// Answers the socket had no room for.
     send_errors: u64,
@@ -31,9 +32,10 @@ pub(super) struct Listeners {
 impl Listeners {
     pub(super) fn new() -> Self {
         Self {
-            sockets: Vec::new(),
+            receivers: Vec::new(),
+            senders: Vec::new(),
             listeners: Vec::new(),
-            rx: vec![0; 1 << 16],
+            queries: Vec::new(),
             msg: vec![0; 1 << 16],
             send_errors: 0,
         }
@@ -43,21 +45,18 @@ impl Listeners {
     /// bound address.
     pub(super) fn add(&mut self, addr: SocketAddr, domain: &str) -> anyhow::Result<SocketAddr> {
         let domain = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
-        let socket =
-            std::net::UdpSocket::bind(addr).with_context(|| format!("binding DNS {addr}"))?;
-        socket.set_nonblocking(true)?;
-        sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
-        let socket = UdpSocket::from_std(socket)?;
-        let local = socket.local_addr()?;
-        self.sockets.push(socket);
+        let (rx, tx) = udp::bind(addr).with_context(|| format!("DNS listener {addr}"))?;
+        let local = rx.local_addr()?;
+        self.receivers.push(rx);
+        self.senders.push(tx);
         self.listeners.push(DnsListener::new(domain));
         Ok(local)
     }
 
     /// The index of a socket ready to receive.
     pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<usize> {
-        for (i, s) in self.sockets.iter().enumerate() {
-            if s.poll_recv_ready(cx).is_ready() {
+        for (i, r) in self.receivers.iter().enumerate() {
+            if r.poll_readable(cx).is_ready() {
                 return Poll::Ready(i);
             }
         }
@@ -88,13 +87,12 @@ impl Listeners {
 
     /// Send every answer listener `i` has ready.
     fn transmit(&mut self, i: usize) {
-        let socket = &self.sockets[i];
+        let sender = &mut self.senders[i];
         while let Some(t) = self.listeners[i].poll_transmit() {
-            if socket.try_send_to(&t.bytes, t.to).is_err() {
-                // Full buffer or gone resolver: the resolver retries.
-                self.send_errors += 1;
-            }
+            // A full socket buffer loses the answer: the resolver retries.
+            sender.send(t.to, &t.bytes);
         }
+        sender.flush();
     }
 
     /// Answer held queries whose hold passed (with keepalives), forget
@@ -142,13 +140,17 @@ pub(super) async fn receive(
     senders: &mut Senders,
     index: usize,
 ) -> anyhow::Result<bool> {
-    let mut rx = std::mem::take(&mut senders.dns.rx);
+    let mut queries = std::mem::take(&mut senders.dns.queries);
     let mut msg = std::mem::take(&mut senders.dns.msg);
     let mut dry = false;
     let mut result = Ok(());
-    for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
-        let (n, from) = match senders.dns.sockets[index].try_recv_from(&mut rx) {
-            Ok(r) => r,
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
+        // Take the batch off the socket first: handling a query may send
+        // on this listener.
+        let received = senders.dns.receivers[index]
+            .try_recv_batch(|peer, query| queries.push((peer, query.to_vec())));
+        match received {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 dry = true;
                 break;
@@ -159,20 +161,22 @@ pub(super) async fn receive(
                 result = Err(e).context("receiving on a DNS socket");
                 break;
             }
-        };
+        }
         let now = Instant::now();
-        let delivered = senders.dns.listeners[index]
-            .handle_query(now, from, &rx[..n])
-            .map(|d| {
-                msg[..d.message.len()].copy_from_slice(d.message);
-                (d.tag, d.message.len())
-            });
-        if let Some((tag, len)) = delivered {
-            tunnel_message(engine, tun, senders, index, tag, &msg[..len], now);
+        for (from, query) in queries.drain(..) {
+            let delivered = senders.dns.listeners[index]
+                .handle_query(now, from, &query)
+                .map(|d| {
+                    msg[..d.message.len()].copy_from_slice(d.message);
+                    (d.tag, d.message.len())
+                });
+            if let Some((tag, len)) = delivered {
+                tunnel_message(engine, tun, senders, index, tag, &msg[..len], now);
+            }
         }
         senders.dns.transmit(index);
     }
-    senders.dns.rx = rx;
+    senders.dns.queries = queries;
     senders.dns.msg = msg;
     result?;
     tun.flush().await.context("writing to the TUN device")?;

@@ -6,7 +6,7 @@ mod http;
 mod icmp;
 
 use std::future::poll_fn;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::tls;
-use crate::transport::udp::{self, UdpReceiver, UdpSender};
+use crate::transport::udp::{self, Peer, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
 
@@ -30,8 +30,8 @@ use crate::url::Listen;
 /// New transports add variants here; the engine only compares and clones them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// UDP listener `socket`, client address `addr`.
-    Udp { socket: usize, addr: SocketAddr },
+    /// UDP listener `socket`, client address and our address it talks to.
+    Udp { socket: usize, peer: Peer },
     /// ICMP socket `socket`, client address `ip`; replies can only answer the
     /// session's held requests, so the session is part of the path.
     Icmp {
@@ -73,7 +73,7 @@ impl Path {
 
     fn endpoint(&self) -> String {
         match self {
-            Self::Udp { addr, .. } => addr.to_string(),
+            Self::Udp { peer, .. } => peer.addr.to_string(),
             Self::Icmp { ip, .. } => ip.to_string(),
             Self::Dns { tag, .. } => format!("tag {tag:08x}"),
             Self::Ws { conn, .. } => format!("websocket {conn}"),
@@ -94,7 +94,7 @@ struct Senders {
 impl Senders {
     fn send(&mut self, path: Path, msg: &[u8]) {
         match path {
-            Path::Udp { socket, addr } => self.udp[socket].send(addr, msg),
+            Path::Udp { socket, peer } => self.udp[socket].send(peer, msg),
             Path::Icmp {
                 session: Some(session),
                 ..
@@ -430,8 +430,8 @@ async fn from_network(
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
-        let result = receiver.try_recv_batch(|addr, datagram| {
-            let from = Path::Udp { socket, addr };
+        let result = receiver.try_recv_batch(|peer, datagram| {
+            let from = Path::Udp { socket, peer };
             let Some(buf) = tun.stage_buffer(datagram.len()) else {
                 return;
             };

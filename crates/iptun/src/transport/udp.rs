@@ -5,7 +5,7 @@
 //! missing.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -23,6 +23,23 @@ const RECV_BUFFER_LEN: usize = 64 * 1024;
 const GSO_MAX_BYTES: usize = 65000;
 /// The largest datagram we ever build.
 const MAX_DATAGRAM: usize = 65535;
+
+/// A remote address, and the local address it reached us at. Replies go
+/// out from that address: on a host with several, the kernel would pick one
+/// by route, and NATs and firewalls on the way drop answers from an address
+/// the peer never talked to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// `None`: whatever the kernel picks.
+    pub local: Option<IpAddr>,
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, local: None }
+    }
+}
 
 /// Bind a UDP socket to `addr` and return its receiving and sending halves.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
@@ -82,7 +99,7 @@ impl UdpReceiver {
 
     /// Receive one batch without blocking and hand each datagram to `f`.
     /// Returns `WouldBlock` when nothing is pending.
-    pub fn try_recv_batch(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+    pub fn try_recv_batch(&mut self, mut f: impl FnMut(Peer, &[u8])) -> io::Result<()> {
         let Self {
             socket,
             state,
@@ -97,8 +114,12 @@ impl UdpReceiver {
         })?;
         for (m, buf) in meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n) {
             // With GRO one buffer holds several datagrams of `stride` bytes.
+            let peer = Peer {
+                addr: m.addr,
+                local: m.dst_ip,
+            };
             for datagram in buf[..m.len].chunks(m.stride.max(1)) {
-                f(m.addr, datagram);
+                f(peer, datagram);
             }
         }
         Ok(())
@@ -119,7 +140,7 @@ impl UdpSender {
     /// Build a datagram for `to` in place: `fill` writes it into the given
     /// buffer and returns its length (or `None` to send nothing). Datagrams
     /// are batched; call [`UdpSender::flush`] at the end of a burst.
-    pub fn send_with(&mut self, to: SocketAddr, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
+    pub fn send_with(&mut self, to: Peer, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
         let Some(len) = fill(self.batch.tail()) else {
             return;
         };
@@ -136,7 +157,7 @@ impl UdpSender {
     }
 
     /// Queue a copy of `datagram` for `to`.
-    pub fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+    pub fn send(&mut self, to: Peer, datagram: &[u8]) {
         self.send_with(to, |buf| {
             buf[..datagram.len()].copy_from_slice(datagram);
             Some(datagram.len())
@@ -155,11 +176,11 @@ impl UdpSender {
             return;
         };
         let t = Transmit {
-            destination: to,
+            destination: to.addr,
             ecn: None,
             contents: &b.buf[..b.len],
             segment_size: (b.count > 1).then_some(b.segment),
-            src_ip: None,
+            src_ip: to.local,
         };
         for _ in 0..2 {
             match self.socket.try_io(Interest::WRITABLE, || {
@@ -170,7 +191,7 @@ impl UdpSender {
                 }
                 // A lost datagram is the inner protocol's business; an unreachable
                 // peer must not stop the tunnel.
-                Err(e) => return tracing::debug!("UDP send to {to} failed: {e}"),
+                Err(e) => return tracing::debug!("UDP send to {} failed: {e}", to.addr),
                 Ok(()) => return,
             }
         }
@@ -182,7 +203,7 @@ impl UdpSender {
 struct SendBatch {
     buf: Vec<u8>,
     len: usize,
-    to: Option<SocketAddr>,
+    to: Option<Peer>,
     segment: usize,
     count: usize,
     max_segments: usize,
@@ -211,7 +232,7 @@ impl SendBatch {
 
     /// Add the datagram just written at the tail to the run, if it fits the
     /// GSO rules (same destination, not longer than the others).
-    fn try_join(&mut self, to: SocketAddr, len: usize) -> bool {
+    fn try_join(&mut self, to: Peer, len: usize) -> bool {
         if self.count == 0 {
             self.start_run(to, self.len, len);
             return true;
@@ -230,7 +251,7 @@ impl SendBatch {
     }
 
     /// Start a new run with the datagram at `buf[at..at + len]`.
-    fn start_run(&mut self, to: SocketAddr, at: usize, len: usize) {
+    fn start_run(&mut self, to: Peer, at: usize, len: usize) {
         self.buf.copy_within(at..at + len, 0);
         self.len = len;
         self.to = Some(to);
@@ -253,8 +274,8 @@ impl SendBatch {
 mod tests {
     use super::*;
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([192, 0, 2, 1], port))
+    fn addr(port: u16) -> Peer {
+        SocketAddr::from(([192, 0, 2, 1], port)).into()
     }
 
     #[test]
@@ -277,6 +298,17 @@ mod tests {
         b.tail()[..3].copy_from_slice(b"xyz");
         b.start_run(addr(2), 100, 3);
         assert_eq!((b.len, b.count, &b.buf[..3]), (3, 1, &b"xyz"[..]));
+    }
+
+    #[test]
+    fn another_local_address_starts_a_new_run() {
+        let mut b = SendBatch::new(64);
+        assert!(b.try_join(addr(1), 100));
+        let other = Peer {
+            local: Some([192, 0, 2, 9].into()),
+            ..addr(1)
+        };
+        assert!(!b.try_join(other, 100));
     }
 
     #[test]
