@@ -327,32 +327,53 @@ impl IcmpUplink {
     }
 }
 
+/// One socket for all the resolvers: IPv4 only when they all are, else
+/// dual-stack IPv6 (IPv4 resolvers reached by mapped addresses). Where the
+/// host has no IPv6, the IPv6 resolvers are skipped.
+fn resolver_socket(
+    resolvers: Vec<SocketAddr>,
+) -> anyhow::Result<(tokio::net::UdpSocket, Vec<SocketAddr>)> {
+    let open = |any: &str| -> std::io::Result<std::net::UdpSocket> {
+        let any: SocketAddr = any.parse().expect("valid");
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(any),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if any.is_ipv6() {
+            socket.set_only_v6(false)?; // before bind, or it does not apply
+        }
+        socket.bind(&any.into())?;
+        Ok(socket.into())
+    };
+    let (socket, resolvers) = if resolvers.iter().all(SocketAddr::is_ipv4) {
+        (open("0.0.0.0:0"), resolvers)
+    } else {
+        match open("[::]:0") {
+            Ok(s) => (Ok(s), resolvers),
+            Err(e) => {
+                let (v4, v6): (Vec<_>, Vec<_>) =
+                    resolvers.into_iter().partition(SocketAddr::is_ipv4);
+                tracing::warn!("no IPv6 socket ({e}): skipping resolvers {v6:?}");
+                anyhow::ensure!(
+                    !v4.is_empty(),
+                    "no IPv6 socket for the resolvers {v6:?}: {e}"
+                );
+                (open("0.0.0.0:0"), v4)
+            }
+        }
+    };
+    let socket = socket.context("binding a UDP socket for DNS")?;
+    socket.set_nonblocking(true)?;
+    crate::transport::sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
+    Ok((tokio::net::UdpSocket::from_std(socket)?, resolvers))
+}
+
 impl DnsPath {
     fn open(domain: &str, resolvers: Vec<SocketAddr>) -> anyhow::Result<Self> {
         let domain = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
-        // One socket, of the first resolver's family; others are skipped.
-        let first = *resolvers.first().context("no DNS resolver")?;
-        let resolvers: Vec<SocketAddr> = resolvers
-            .into_iter()
-            .filter(|r| {
-                let same = r.is_ipv4() == first.is_ipv4();
-                if !same {
-                    tracing::warn!("resolver {r}: not of {first}'s family, skipped");
-                }
-                same
-            })
-            .collect();
-        let any: SocketAddr = if first.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .expect("valid");
-        let socket = std::net::UdpSocket::bind(any).context("binding a UDP socket for DNS")?;
-        socket.set_nonblocking(true)?;
-        crate::transport::sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        anyhow::ensure!(!resolvers.is_empty(), "no DNS resolver");
+        let (socket, resolvers) = resolver_socket(resolvers)?;
         let mut random = [0u8; 12];
         getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
         let tag = u32::from_le_bytes(random[..4].try_into().expect("4 bytes"));
@@ -372,6 +393,17 @@ impl DnsPath {
         self.resolvers[self.active]
     }
 
+    /// `to` as the socket takes it: IPv4 resolvers as IPv4-mapped addresses
+    /// on a dual-stack socket.
+    fn socket_addr(&self, to: SocketAddr) -> SocketAddr {
+        match to.ip() {
+            IpAddr::V4(v4) if self.socket.local_addr().is_ok_and(|a| a.is_ipv6()) => {
+                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
+            }
+            _ => to,
+        }
+    }
+
     fn send_with(&mut self, now: Instant, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
         let Some(n) = fill(&mut self.tx) else {
             return;
@@ -388,14 +420,17 @@ impl DnsPath {
                 self.seen = (stats.timeouts, stats.answers);
             } else if stats.timeouts >= self.seen.0 + RESOLVER_SWITCH_TIMEOUTS {
                 self.active = (self.active + 1) % self.resolvers.len();
-                self.seen = (stats.timeouts, stats.answers);
+                // The queries still out went to the old resolver: their
+                // timeouts must not count against the new one.
+                let in_flight = self.uplink.path_info().in_flight as u64;
+                self.seen = (stats.timeouts + in_flight, stats.answers);
                 tracing::info!("no answers: switching to resolver {}", self.resolver());
             }
         }
         let to = self.resolver();
         while let Some(q) = self.uplink.poll_query(now) {
             // A full socket buffer loses the query: the uplink times it out.
-            let _ = self.socket.try_send_to(&q.bytes, to);
+            let _ = self.socket.try_send_to(&q.bytes, self.socket_addr(to));
         }
     }
 
@@ -457,6 +492,7 @@ impl DnsPath {
                     break;
                 }
             };
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
             if !self.resolvers.contains(&from) {
                 continue;
             }
