@@ -12,13 +12,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iptun_proto::dns::{UP_HEADER_LEN, UpHeader};
 use iptun_proto::wire::dns::{Domain, encode_name};
 use serde_json::Value;
 
+use common::daemon::Daemon;
 use common::unbound::{DOMAIN, DnsTopology, Unbound, UnboundOptions, addrs, dns_query};
 use common::*;
 
@@ -30,87 +30,10 @@ const TRANSFER: u64 = 2 << 20;
 /// (Uploads run at ~330 queries/s, about 52 s for 2 MiB: the 2 ms gap
 /// between queries, rounded up by the timer, bounds them.)
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(90);
+/// A bound for the client to get its tunnel address.
+const TUNNEL_UP: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
-
-/// A running `iptun server` or `iptun client` with its own control socket.
-struct Daemon {
-    process: Proc,
-    control: RemoveOnDrop,
-}
-
-impl Daemon {
-    fn spawn(ns: &Netns, tag: &str, role: &str, args: &[&str]) -> Self {
-        let control = format!("/run/iptun/{}{role}.sock", ns_prefix(tag));
-        let mut all = vec![iptun_bin()];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--control", &control]);
-        Self {
-            process: ns.spawn(&all),
-            control: RemoveOnDrop(control.into()),
-        }
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.process.try_wait() {
-            panic!(
-                "iptun exited unexpectedly with {status}; log:\n{}",
-                self.process.log()
-            );
-        }
-    }
-
-    /// The daemon's entry of `iptun status --json`, if it answers.
-    fn status(&self) -> Option<Value> {
-        let out = Command::new("timeout")
-            .arg("5")
-            .arg(iptun_bin())
-            .args(["status", "--json", "--control"])
-            .arg(&self.control.0)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iptun status");
-        if !out.status.success() {
-            return None;
-        }
-        let all: Value = serde_json::from_slice(&out.stdout).ok()?;
-        all.as_array()?.first().cloned()
-    }
-
-    fn status_ok(&mut self) -> Value {
-        self.assert_running();
-        self.status()
-            .unwrap_or_else(|| panic!("no status; log:\n{}", self.process.log()))
-    }
-
-    fn wait_up(&mut self) {
-        wait_until(Duration::from_secs(10), "the daemon to answer", || {
-            self.assert_running();
-            self.status().is_some()
-        });
-    }
-
-    /// Waits until a client has its tunnel address (and routes); returns it.
-    fn wait_tunnel_address(&mut self) -> String {
-        let mut addr = None;
-        wait_until(
-            Duration::from_secs(30),
-            "the client's tunnel address",
-            || {
-                self.assert_running();
-                addr = self.status().and_then(|s| {
-                    s["addresses"]
-                        .as_array()?
-                        .first()?
-                        .as_str()
-                        .map(str::to_string)
-                });
-                addr.is_some()
-            },
-        );
-        addr.expect("checked")
-    }
-}
 
 /// Server on 203.0.113.2:53, client through `resolver`: tunnel up, a ping
 /// to the target, 2 MiB each way checked by sha256 and timed.
@@ -165,7 +88,7 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
         ],
     );
     let started = Instant::now();
-    let addr = client.wait_tunnel_address();
+    let addr = client.wait_tunnel_address(TUNNEL_UP);
     assert!(addr.starts_with("10.1.0."), "{addr}");
     eprintln!("{what}: tunnel up in {:.2?}", started.elapsed());
     let st = client.status_ok();

@@ -12,12 +12,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::daemon::Daemon;
 use common::routed::*;
 use common::*;
 
@@ -32,119 +31,10 @@ const HOLD: Duration = Duration::from_secs(5);
 
 const IGNORE_V4: &str = "/proc/sys/net/ipv4/icmp_echo_ignore_all";
 const IGNORE_V6: &str = "/proc/sys/net/ipv6/icmp/echo_ignore_all";
+/// A bound for a client to get its tunnel address.
+const TUNNEL_UP: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------- helpers
-
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// A running `iptun server` or `iptun client` with its own control socket.
-/// Dropping it kills the process (printing its log if the test is failing),
-/// then removes the socket.
-struct Daemon {
-    process: Proc,
-    control: RemoveOnDrop,
-}
-
-impl Daemon {
-    fn spawn(ns: &Netns, tag: &str, role: &str, args: &[&str]) -> Self {
-        let control = format!("/run/iptun/{}{role}.sock", ns_prefix(tag));
-        let mut all = vec![iptun_bin()];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--control", &control]);
-        Self {
-            process: ns.spawn(&all),
-            control: RemoveOnDrop(control.into()),
-        }
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.process.try_wait() {
-            panic!(
-                "iptun exited unexpectedly with {status}; log:\n{}",
-                self.process.log()
-            );
-        }
-    }
-
-    /// The daemon's entry of `iptun status --json`, if it answers.
-    fn status(&self) -> Option<Value> {
-        let out = Command::new("timeout")
-            .arg("5")
-            .arg(iptun_bin())
-            .args(["status", "--json", "--control"])
-            .arg(&self.control.0)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iptun status");
-        if !out.status.success() {
-            return None;
-        }
-        let all: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "iptun status printed bad JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
-        let all = all.as_array().expect("status is a JSON array");
-        assert_eq!(all.len(), 1, "one daemon per control socket: {all:?}");
-        Some(all[0].clone())
-    }
-
-    fn status_ok(&mut self) -> Value {
-        self.assert_running();
-        self.status()
-            .unwrap_or_else(|| panic!("no status; log:\n{}", self.process.log()))
-    }
-
-    /// Waits until the daemon answers on its control socket.
-    fn wait_up(&mut self) -> Value {
-        let mut status = None;
-        wait_until(Duration::from_secs(10), "the daemon to answer", || {
-            self.assert_running();
-            status = self.status();
-            status.is_some()
-        });
-        status.expect("checked")
-    }
-
-    /// Waits until a client has its tunnel address (and routes); returns it.
-    fn wait_tunnel_address(&mut self) -> String {
-        let mut addr = None;
-        wait_until(
-            Duration::from_secs(15),
-            "the client's tunnel address",
-            || {
-                self.assert_running();
-                addr = self.status().and_then(|s| {
-                    s["addresses"]
-                        .as_array()?
-                        .first()?
-                        .as_str()
-                        .map(str::to_string)
-                });
-                addr.is_some()
-            },
-        );
-        addr.expect("checked")
-    }
-
-    /// SIGTERM, then waits; panics (with the log) unless it exits cleanly.
-    fn stop(&mut self) -> ExitStatus {
-        let status = self.process.stop(Duration::from_secs(10));
-        assert!(
-            status.success(),
-            "exit after SIGTERM: {status}; log:\n{}",
-            self.process.log()
-        );
-        status
-    }
-}
 
 fn start_server(ns: &Netns, tag: &str, key: &Key, client: &Key, extra: &[&str]) -> Daemon {
     let mut args = vec![
@@ -175,7 +65,7 @@ fn start_client(ns: &Netns, tag: &str, key: &Key, server_key: &Key, server_url: 
         TARGET_NET,
     ];
     let mut d = Daemon::spawn(ns, tag, "client", &args);
-    let addr = d.wait_tunnel_address();
+    let addr = d.wait_tunnel_address(TUNNEL_UP);
     assert!(addr.starts_with("10.1.0."), "{addr}");
     d
 }

@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::daemon::Daemon;
 use common::*;
 
 /// The TUN device name every daemon here uses (one per namespace).
@@ -24,139 +23,27 @@ const SERVER_TUN_ADDR: &str = "10.1.0.1";
 const TARGET_NET: &str = "198.51.100.0/24";
 /// The size of the big transfers.
 const BIG: u64 = 50 << 20;
+/// A bound for a client to get its tunnel address.
+const TUNNEL_UP: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- helpers
 
-/// A running `iptun server` or `iptun client`. Dropping it kills the process
-/// (and prints its log if the test is failing), then removes its socket.
-struct Daemon {
-    // Fields drop in order: the process dies before its socket is removed.
-    process: Proc,
-    control: RemoveOnDrop,
-}
-
-impl Daemon {
-    fn spawn(ns: &Netns, control: PathBuf, args: &[&str]) -> Self {
-        let control_arg = control.to_str().expect("utf-8 path").to_string();
-        let mut all = vec![iptun_bin()];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--control", &control_arg]);
-        Self {
-            process: ns.spawn(&all),
-            control: RemoveOnDrop(control),
-        }
-    }
-
-    fn control(&self) -> &Path {
-        &self.control.0
-    }
-
-    /// Panics with the log if the daemon has exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.process.try_wait() {
-            panic!(
-                "iptun exited unexpectedly with {status}; log:\n{}",
-                self.process.log()
-            );
-        }
-    }
-
-    /// The daemon's entry of `iptun status --json`, if it answers.
-    fn status(&self) -> Option<Value> {
-        let out = Command::new("timeout")
-            .arg("5")
-            .arg(iptun_bin())
-            .args(["status", "--json", "--control"])
-            .arg(self.control())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iptun status");
-        if !out.status.success() {
-            return None;
-        }
-        let all: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "iptun status printed bad JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
-        let all = all.as_array().expect("status is a JSON array");
-        assert_eq!(all.len(), 1, "one daemon per control socket: {all:?}");
-        Some(all[0].clone())
-    }
-
-    fn status_ok(&mut self) -> Value {
-        self.assert_running();
-        self.status()
-            .unwrap_or_else(|| panic!("no status; log:\n{}", self.process.log()))
-    }
-
-    /// Waits until the daemon answers on its control socket (its event
-    /// loop runs: TUN device, NAT and sockets are set up).
-    fn wait_up(&mut self) -> Value {
-        let mut status = None;
-        wait_until(Duration::from_secs(10), "the daemon to answer", || {
-            self.assert_running();
-            status = self.status();
-            status.is_some()
-        });
-        status.expect("checked")
-    }
-
-    /// Waits until a client has its tunnel configuration (addresses and
-    /// routes: both are set before the status shows the addresses); returns
-    /// its IPv4 tunnel address.
-    fn wait_tunnel_address(&mut self) -> String {
-        let mut addr = None;
-        wait_until(
-            Duration::from_secs(10),
-            "the client's tunnel address",
-            || {
-                self.assert_running();
-                addr = self.status().and_then(|s| {
-                    s["addresses"]
-                        .as_array()?
-                        .first()?
-                        .as_str()
-                        .map(str::to_string)
-                });
-                addr.is_some()
-            },
-        );
-        addr.expect("checked")
-    }
-
-    /// SIGTERM or SIGINT, then waits; panics (with the log) unless the
-    /// daemon exits cleanly.
-    fn stop_with(&mut self, signal: &str) -> ExitStatus {
-        self.process.signal(signal);
-        let status = self
-            .process
-            .wait_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("no exit within 10 s of SIG{signal}"));
-        assert!(
-            status.success(),
-            "exit after SIG{signal}: {status}; log:\n{}",
-            self.process.log()
-        );
-        status
-    }
-}
-
-fn start_server(ns: &Netns, control: PathBuf, key: &Key, allow: &[&Key], extra: &[&str]) -> Daemon {
+fn start_server(ns: &Netns, tag: &str, key: &Key, allow: &[&Key], extra: &[&str]) -> Daemon {
     let mut args = vec!["server", "--private-key", key.path()];
     for k in allow {
         args.extend(["--allow", k.public.as_str()]);
     }
     args.extend_from_slice(extra);
-    let mut d = Daemon::spawn(ns, control, &args);
+    let mut d = Daemon::spawn(ns, tag, "server", &args);
     d.wait_up();
     d
 }
 
+/// `role` names the client's control socket (`c0`, `c1`...).
 fn start_client(
     ns: &Netns,
-    control: PathBuf,
+    tag: &str,
+    role: &str,
     key: &Key,
     server_key: &Key,
     server_addr: &str,
@@ -173,7 +60,7 @@ fn start_client(
         &url,
     ];
     args.extend_from_slice(extra);
-    Daemon::spawn(ns, control, &args)
+    Daemon::spawn(ns, tag, role, &args)
 }
 
 /// The IPv4 addresses on `dev` in `ns` (empty if it has none or does not exist).
@@ -264,22 +151,17 @@ fn nat_ping_and_50mb_transfer() {
     let topo = Topology::new(tag);
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
-    let mut server = start_server(
-        &topo.server,
-        control_path(tag, "server"),
-        &skey,
-        &[&ckey],
-        &["--nat"],
-    );
+    let mut server = start_server(&topo.server, tag, &skey, &[&ckey], &["--nat"]);
     let mut client = start_client(
         topo.client(),
-        control_path(tag, "c0"),
+        tag,
+        "c0",
         &ckey,
         &skey,
         topo.server_addr(),
         &["--route", TARGET_NET],
     );
-    let addr = client.wait_tunnel_address();
+    let addr = client.wait_tunnel_address(TUNNEL_UP);
     assert!(addr.starts_with("10.1.0."), "{addr}");
     assert_eq!(ipv4_addrs(topo.client(), TUN), [addr.as_str()]);
 
@@ -316,19 +198,14 @@ fn two_clients_ping_each_other() {
     let dir = TempDir::new(tag);
     let skey = Key::generate(&dir, "server");
     let keys = [Key::generate(&dir, "c0"), Key::generate(&dir, "c1")];
-    let mut server = start_server(
-        &topo.server,
-        control_path(tag, "server"),
-        &skey,
-        &[&keys[0], &keys[1]],
-        &[],
-    );
+    let mut server = start_server(&topo.server, tag, &skey, &[&keys[0], &keys[1]], &[]);
     let mut clients: Vec<Daemon> = (0..2)
         .map(|i| {
             let c = &topo.clients[i];
             start_client(
                 &c.ns,
-                control_path(tag, &format!("c{i}")),
+                tag,
+                &format!("c{i}"),
                 &keys[i],
                 &skey,
                 &c.server_addr,
@@ -338,7 +215,7 @@ fn two_clients_ping_each_other() {
         .collect();
     let addrs: Vec<String> = clients
         .iter_mut()
-        .map(Daemon::wait_tunnel_address)
+        .map(|c| c.wait_tunnel_address(TUNNEL_UP))
         .collect();
     assert_ne!(addrs[0], addrs[1], "each client has its own address");
 
@@ -373,35 +250,15 @@ fn unlisted_key_is_rejected() {
         Key::generate(&dir, "listed"),
         Key::generate(&dir, "unlisted"),
     );
-    let mut server = start_server(
-        &topo.server,
-        control_path(tag, "server"),
-        &skey,
-        &[&listed],
-        &["--nat"],
-    );
+    let mut server = start_server(&topo.server, tag, &skey, &[&listed], &["--nat"]);
     let route = ["--route", TARGET_NET];
     let c = &topo.clients[1];
-    let mut bad = start_client(
-        &c.ns,
-        control_path(tag, "c1"),
-        &unlisted,
-        &skey,
-        &c.server_addr,
-        &route,
-    );
+    let mut bad = start_client(&c.ns, tag, "c1", &unlisted, &skey, &c.server_addr, &route);
     let c = &topo.clients[0];
-    let mut good = start_client(
-        &c.ns,
-        control_path(tag, "c0"),
-        &listed,
-        &skey,
-        &c.server_addr,
-        &route,
-    );
+    let mut good = start_client(&c.ns, tag, "c0", &listed, &skey, &c.server_addr, &route);
 
     // The listed client works next to it.
-    good.wait_tunnel_address();
+    good.wait_tunnel_address(TUNNEL_UP);
     ping_eventually(&topo.clients[0].ns, TARGET_ADDR, Duration::from_secs(10));
 
     let bad_ns = &topo.clients[1].ns;
@@ -492,22 +349,17 @@ fn garbage_flood_during_transfer() {
     let topo = Topology::new(tag);
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
-    let mut server = start_server(
-        &topo.server,
-        control_path(tag, "server"),
-        &skey,
-        &[&ckey],
-        &["--nat"],
-    );
+    let mut server = start_server(&topo.server, tag, &skey, &[&ckey], &["--nat"]);
     let mut client = start_client(
         topo.client(),
-        control_path(tag, "c0"),
+        tag,
+        "c0",
         &ckey,
         &skey,
         topo.server_addr(),
         &["--route", TARGET_NET],
     );
-    client.wait_tunnel_address();
+    client.wait_tunnel_address(TUNNEL_UP);
     ping_eventually(topo.client(), TARGET_ADDR, Duration::from_secs(10));
 
     // From the client's namespace, to the port the tunnel uses; bounded to 60 s.
@@ -582,37 +434,31 @@ fn server_restart_client_recovers() {
     let dir = TempDir::new(tag);
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
     let server_args = ["--nat", "--keepalive", "1"];
-    let server_control = control_path(tag, "server");
-    let mut server = start_server(
-        &topo.server,
-        server_control.clone(),
-        &skey,
-        &[&ckey],
-        &server_args,
-    );
+    let mut server = start_server(&topo.server, tag, &skey, &[&ckey], &server_args);
     let mut client = start_client(
         topo.client(),
-        control_path(tag, "c0"),
+        tag,
+        "c0",
         &ckey,
         &skey,
         topo.server_addr(),
         &["--route", TARGET_NET],
     );
-    let addr = client.wait_tunnel_address();
+    let addr = client.wait_tunnel_address(TUNNEL_UP);
     ping_eventually(topo.client(), TARGET_ADDR, Duration::from_secs(10));
 
     server.stop_with("TERM");
-    assert!(!server_control.exists(), "the server removes its socket");
+    assert!(!server.control().exists(), "the server removes its socket");
     drop(server);
     assert!(!ping(topo.client(), TARGET_ADDR, 1), "no server, no tunnel");
 
     let down_since = Instant::now();
-    let mut server = start_server(&topo.server, server_control, &skey, &[&ckey], &server_args);
+    let mut server = start_server(&topo.server, tag, &skey, &[&ckey], &server_args);
     ping_eventually(topo.client(), TARGET_ADDR, Duration::from_secs(20));
     eprintln!("tunnel back {:?} after the restart", down_since.elapsed());
 
     client.assert_running();
-    let again = client.wait_tunnel_address();
+    let again = client.wait_tunnel_address(TUNNEL_UP);
     assert_eq!(again, addr, "the same key gets the same address");
     assert_eq!(ipv4_addrs(topo.client(), TUN), [addr.as_str()]);
     let status = server.status_ok();
@@ -642,19 +488,18 @@ fn cleanup_on_exit() {
     // Round one stops both daemons with SIGTERM, round two with SIGINT (and
     // shows nothing left behind gets in the way of a second start).
     for signal in ["TERM", "INT"] {
-        let (server_control, client_control) =
-            (control_path(tag, "server"), control_path(tag, "c0"));
-        let mut server = start_server(sns, server_control.clone(), &skey, &[&ckey], &["--nat"]);
+        let mut server = start_server(sns, tag, &skey, &[&ckey], &["--nat"]);
         let mut client = start_client(
             cns,
-            client_control.clone(),
+            tag,
+            "c0",
             &ckey,
             &skey,
             &server_addr,
             &["--route", "default"],
         );
-        client.wait_tunnel_address();
-        assert!(server_control.exists() && client_control.exists());
+        client.wait_tunnel_address(TUNNEL_UP);
+        assert!(server.control().exists() && client.control().exists());
 
         let (v4, v6) = (routes(cns, false), routes(cns, true));
         for half in ["0.0.0.0/1", "128.0.0.0/1"] {
@@ -677,7 +522,7 @@ fn cleanup_on_exit() {
         client.stop_with(signal);
         server.stop_with(signal);
         // Before the guards in `Daemon` remove them: the daemons must have.
-        for path in [&server_control, &client_control] {
+        for path in [server.control(), client.control()] {
             assert!(!path.exists(), "{} left (SIG{signal})", path.display());
         }
         drop((client, server));

@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod daemon;
 pub mod http;
 pub mod unbound;
 
@@ -380,7 +381,8 @@ pub fn ping(ns: &Netns, dst: &str, count: u32) -> bool {
     .success()
 }
 
-fn python() -> &'static str {
+/// The Python interpreter for the tests' helper scripts.
+pub fn python() -> &'static str {
     // The system interpreter starts faster than a pyenv shim, if both exist.
     if std::path::Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
