@@ -203,12 +203,15 @@ fn dns_through_unbound() {
 
 /// Without `?resolver=`, the client asks the nameservers of its resolv.conf
 /// (`ip netns exec` puts /etc/netns/NS/resolv.conf in place of /etc/resolv.conf).
+/// The first one named is an IPv6 address nobody answers at: the client
+/// must not skip the IPv4 one after it, and must move on to it.
 #[test]
 fn dns_through_the_system_resolver() {
     require_root();
     let tag = "dnssys";
     let topo = DnsTopology::new(tag, false);
-    let _resolv = NetnsResolvConf::new(&topo.client.name, addrs::RESOLVER_ADDR);
+    let dead = "2001:db8:1::99";
+    let _resolv = NetnsResolvConf::new(&topo.client.name, &[dead, addrs::RESOLVER_ADDR]);
     let _unbound: Unbound = topo.start_unbound(&UnboundOptions::new(DOMAIN, topo.server_dns(53)));
     tunnel_case(
         tag,
@@ -219,18 +222,19 @@ fn dns_through_the_system_resolver() {
     );
 }
 
-/// /etc/netns/NS/resolv.conf naming one nameserver, removed on drop.
+/// /etc/netns/NS/resolv.conf naming these nameservers, removed on drop.
 struct NetnsResolvConf(PathBuf);
 
 impl NetnsResolvConf {
-    fn new(ns: &str, nameserver: &str) -> Self {
+    fn new(ns: &str, nameservers: &[&str]) -> Self {
         let dir = PathBuf::from("/etc/netns").join(ns);
         std::fs::create_dir_all(&dir).expect("creating /etc/netns/NS");
-        std::fs::write(
-            dir.join("resolv.conf"),
-            format!("# iptun test\nnameserver {nameserver}\n"),
-        )
-        .expect("writing resolv.conf");
+        let lines: String = nameservers
+            .iter()
+            .map(|n| format!("nameserver {n}\n"))
+            .collect();
+        std::fs::write(dir.join("resolv.conf"), format!("# iptun test\n{lines}"))
+            .expect("writing resolv.conf");
         Self(dir)
     }
 }

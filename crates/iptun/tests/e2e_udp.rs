@@ -668,3 +668,38 @@ fn bad_flags_give_clear_errors() {
     assert!(!link_exists(&ns, TUN), "a TUN device was created");
     assert!(!control.0.exists(), "a control socket was created");
 }
+
+/// A server with two addresses on its uplink, reached at the second one
+/// through a masquerading, stateful router: its answers must leave from
+/// that address (the routing would pick the first, which the router's
+/// conntrack does not match, and the tunnel would never come up).
+#[test]
+fn secondary_server_address_answers_from_it() {
+    require_root();
+    let tag = "udpsec";
+    let topo = RoutedTopology::new(tag);
+    let secondary = "203.0.113.3";
+    topo.server.exec_ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{secondary}/24"),
+        "dev",
+        routed::SERVER_UP_IF,
+    ]);
+    ping_eventually(&topo.client, secondary, Duration::from_secs(5));
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let _server = start_server(&topo.server, tag, &skey, &[&ckey], &["--nat"]);
+    let mut client = start_client(
+        &topo.client,
+        tag,
+        "c0",
+        &ckey,
+        &skey,
+        secondary,
+        &["--route", TARGET_NET],
+    );
+    client.wait_tunnel_address(TUNNEL_UP);
+    ping_eventually(&topo.client, TARGET_ADDR, Duration::from_secs(10));
+}
