@@ -33,25 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Netns, Proc, SERVER_WAN_ADDR, SERVER_WAN_IF, TARGET_ADDR, TARGET_IF, TempDir};
+use super::{Netns, Proc, TempDir};
 
-/// Addresses, interfaces and ports of [`HttpTopology`] (documentation ranges).
-pub mod addrs {
-    /// Client and middle box on 192.0.2.0/24.
-    pub const CLIENT_ADDR: &str = "192.0.2.2";
-    pub const MIDDLE_ADDR: &str = "192.0.2.1";
-    /// Middle box and server on 203.0.113.0/24.
-    pub const MIDDLE_UP_ADDR: &str = "203.0.113.1";
-    pub const SERVER_ADDR: &str = "203.0.113.2";
-    /// Server and target: `super::SERVER_WAN_ADDR` and `super::TARGET_ADDR`
-    /// on 198.51.100.0/24, as in the other topologies.
-    /// Interfaces: the client's uplink, the middle box's two sides, the
-    /// server's side to the middle box.
-    pub const CLIENT_IF: &str = "eth0";
-    pub const MIDDLE_CLIENT_IF: &str = "mcl0";
-    pub const MIDDLE_SERVER_IF: &str = "msv0";
-    pub const SERVER_UP_IF: &str = "up0";
-}
+pub use super::line::addrs;
 
 /// The tunnel's URL path on the server (and on nginx).
 pub const TUNNEL_PATH: &str = "/tunnel";
@@ -71,84 +55,11 @@ pub const TINYPROXY_PORT: u16 = 8888;
 pub const PROXY_USER: &str = "tunneler";
 pub const PROXY_PASS: &str = "pr0xy-Pass";
 
-/// client — middle — server — target:
-/// client 192.0.2.2, middle 192.0.2.1 and 203.0.113.1, server 203.0.113.2 and
-/// 198.51.100.1, target 198.51.100.2 (see [`addrs`]).
-///
-/// Without `direct` the client reaches only the middle box (no route beyond
-/// its link, the middle box doesn't forward, the server has no route back):
-/// the realistic setup for a forward proxy or a reverse proxy, which then is
-/// the client's only way out. With `direct` the middle box also routes
-/// between client and server (both ways, no NAT). The target knows only
-/// 198.51.100.0/24 in both cases.
-pub struct HttpTopology {
-    pub client: Netns,
-    pub middle: Netns,
-    pub server: Netns,
-    pub target: Netns,
-    pub direct: bool,
-}
+/// client — middle — server — target: [`LineTopology`], the HTTP
+/// middleboxes running in the middle.
+pub use super::line::LineTopology as HttpTopology;
 
 impl HttpTopology {
-    /// Builds the topology and waits (bounded) until every link works.
-    pub fn new(tag: &str, direct: bool) -> Self {
-        use addrs::*;
-        let [client, middle, server, target] =
-            ["client", "middle", "server", "target"].map(|role| Netns::new(tag, role));
-        super::veth(
-            &client,
-            CLIENT_IF,
-            &format!("{CLIENT_ADDR}/24"),
-            &middle,
-            MIDDLE_CLIENT_IF,
-            &format!("{MIDDLE_ADDR}/24"),
-        );
-        super::veth(
-            &middle,
-            MIDDLE_SERVER_IF,
-            &format!("{MIDDLE_UP_ADDR}/24"),
-            &server,
-            SERVER_UP_IF,
-            &format!("{SERVER_ADDR}/24"),
-        );
-        super::veth(
-            &server,
-            SERVER_WAN_IF,
-            &format!("{SERVER_WAN_ADDR}/24"),
-            &target,
-            TARGET_IF,
-            &format!("{TARGET_ADDR}/24"),
-        );
-        if direct {
-            middle.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            client.exec_ok(&["ip", "route", "add", "203.0.113.0/24", "via", MIDDLE_ADDR]);
-            server.exec_ok(&["ip", "route", "add", "192.0.2.0/24", "via", MIDDLE_UP_ADDR]);
-        }
-        let topo = Self {
-            client,
-            middle,
-            server,
-            target,
-            direct,
-        };
-        let mut checks = vec![
-            (&topo.client, MIDDLE_ADDR),
-            (&topo.middle, SERVER_ADDR),
-            (&topo.server, TARGET_ADDR),
-        ];
-        if direct {
-            checks.push((&topo.client, SERVER_ADDR));
-        }
-        for (ns, dst) in checks {
-            super::wait_until(
-                Duration::from_secs(10),
-                &format!("{} to reach {dst}", ns.name),
-                || super::ping(ns, dst, 1),
-            );
-        }
-        topo
-    }
-
     /// `https://203.0.113.2/tunnel`: the server's own TLS listener.
     pub fn server_https_url(&self) -> String {
         format!("https://{}{TUNNEL_PATH}", addrs::SERVER_ADDR)

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod daemon;
 pub mod http;
+pub mod line;
 pub mod unbound;
 
 /// Panics unless we are root: a silent skip would hide failures in CI.

@@ -13,161 +13,26 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::{Netns, Proc, SERVER_WAN_ADDR, SERVER_WAN_IF, TARGET_ADDR, TARGET_IF};
+use super::{Netns, Proc};
 
 /// The tunnel domain the tests delegate to the server.
 pub const DOMAIN: &str = "t.example.com";
 
-/// Addresses and interfaces of [`DnsTopology`] (documentation ranges).
+/// Addresses of [`DnsTopology`]: [`LineTopology`]'s, the resolver being the
+/// middle box.
 pub mod addrs {
-    /// Client and resolver on 192.0.2.0/24 and 2001:db8:1::/64.
-    pub const CLIENT_ADDR: &str = "192.0.2.2";
-    pub const CLIENT_ADDR6: &str = "2001:db8:1::2";
-    pub const RESOLVER_ADDR: &str = "192.0.2.1";
-    pub const RESOLVER_ADDR6: &str = "2001:db8:1::1";
-    /// Resolver and server on 203.0.113.0/24 and 2001:db8:2::/64.
-    pub const RESOLVER_UP_ADDR: &str = "203.0.113.1";
-    pub const RESOLVER_UP_ADDR6: &str = "2001:db8:2::1";
-    pub const SERVER_ADDR: &str = "203.0.113.2";
-    pub const SERVER_ADDR6: &str = "2001:db8:2::2";
-    /// Server and target: `super::SERVER_WAN_ADDR` and `super::TARGET_ADDR`
-    /// on 198.51.100.0/24, as in the other topologies.
-    /// Interfaces: the client's uplink, the resolver's two sides, the
-    /// server's side to the resolver.
-    pub const CLIENT_IF: &str = "eth0";
-    pub const RESOLVER_CLIENT_IF: &str = "rcl0";
-    pub const RESOLVER_SERVER_IF: &str = "rsv0";
-    pub const SERVER_UP_IF: &str = "up0";
+    pub use super::super::line::addrs::*;
+    pub const RESOLVER_ADDR: &str = MIDDLE_ADDR;
+    pub const RESOLVER_ADDR6: &str = MIDDLE_ADDR6;
+    pub const RESOLVER_UP_ADDR: &str = MIDDLE_UP_ADDR;
+    pub const RESOLVER_UP_ADDR6: &str = MIDDLE_UP_ADDR6;
 }
 
-/// client — resolver — server — target:
-/// client 192.0.2.2 / 2001:db8:1::2, resolver 192.0.2.1 / 2001:db8:1::1 and
-/// 203.0.113.1 / 2001:db8:2::1, server 203.0.113.2 / 2001:db8:2::2 and
-/// 198.51.100.1, target 198.51.100.2 (see [`addrs`]).
-///
-/// Without `direct` the client can reach only the resolver: it has no route
-/// beyond its link, the resolver doesn't forward and the server has no route
-/// back. With `direct` the resolver also routes between client and server
-/// (both ways, no NAT), so the client reaches the server's 203.0.113.2 too.
-/// The target knows only 198.51.100.0/24 in both cases.
-pub struct DnsTopology {
-    pub client: Netns,
-    pub resolver: Netns,
-    pub server: Netns,
-    pub target: Netns,
-    pub direct: bool,
-}
+/// client — resolver — server — target: [`LineTopology`], unbound running
+/// in the middle ([`DnsTopology::start_unbound`]).
+pub use super::line::LineTopology as DnsTopology;
 
 impl DnsTopology {
-    /// Builds the topology and waits (bounded) until every link works.
-    pub fn new(tag: &str, direct: bool) -> Self {
-        use addrs::*;
-        let [client, resolver, server, target] =
-            ["client", "resolver", "server", "target"].map(|role| Netns::new(tag, role));
-        for ns in [&client, &resolver, &server, &target] {
-            // No duplicate address detection: addresses are usable at once.
-            for conf in ["all", "default"] {
-                ns.exec_ok(&[
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv6.conf.{conf}.accept_dad=0"),
-                ]);
-            }
-        }
-        super::veth(
-            &client,
-            CLIENT_IF,
-            &format!("{CLIENT_ADDR}/24"),
-            &resolver,
-            RESOLVER_CLIENT_IF,
-            &format!("{RESOLVER_ADDR}/24"),
-        );
-        super::veth(
-            &resolver,
-            RESOLVER_SERVER_IF,
-            &format!("{RESOLVER_UP_ADDR}/24"),
-            &server,
-            SERVER_UP_IF,
-            &format!("{SERVER_ADDR}/24"),
-        );
-        super::veth(
-            &server,
-            SERVER_WAN_IF,
-            &format!("{SERVER_WAN_ADDR}/24"),
-            &target,
-            TARGET_IF,
-            &format!("{TARGET_ADDR}/24"),
-        );
-        for (ns, dev, addr) in [
-            (&client, CLIENT_IF, CLIENT_ADDR6),
-            (&resolver, RESOLVER_CLIENT_IF, RESOLVER_ADDR6),
-            (&resolver, RESOLVER_SERVER_IF, RESOLVER_UP_ADDR6),
-            (&server, SERVER_UP_IF, SERVER_ADDR6),
-        ] {
-            ns.exec_ok(&["ip", "addr", "add", &format!("{addr}/64"), "dev", dev]);
-        }
-        if direct {
-            resolver.exec_ok(&[
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ]);
-            client.exec_ok(&["ip", "route", "add", "203.0.113.0/24", "via", RESOLVER_ADDR]);
-            client.exec_ok(&[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                "2001:db8:2::/64",
-                "via",
-                RESOLVER_ADDR6,
-            ]);
-            server.exec_ok(&[
-                "ip",
-                "route",
-                "add",
-                "192.0.2.0/24",
-                "via",
-                RESOLVER_UP_ADDR,
-            ]);
-            server.exec_ok(&[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                "2001:db8:1::/64",
-                "via",
-                RESOLVER_UP_ADDR6,
-            ]);
-        }
-        let topo = Self {
-            client,
-            resolver,
-            server,
-            target,
-            direct,
-        };
-        let mut checks = vec![
-            (&topo.client, RESOLVER_ADDR),
-            (&topo.client, RESOLVER_ADDR6),
-            (&topo.resolver, SERVER_ADDR),
-            (&topo.resolver, SERVER_ADDR6),
-            (&topo.server, TARGET_ADDR),
-        ];
-        if direct {
-            checks.extend([(&topo.client, SERVER_ADDR), (&topo.client, SERVER_ADDR6)]);
-        }
-        for (ns, dst) in checks {
-            super::wait_until(
-                Duration::from_secs(10),
-                &format!("{} to reach {dst}", ns.name),
-                || super::ping(ns, dst, 1),
-            );
-        }
-        topo
-    }
-
     /// The server's address (the stub's) for DNS on `port`.
     pub fn server_dns(&self, port: u16) -> SocketAddr {
         SocketAddr::new(addrs::SERVER_ADDR.parse().unwrap(), port)
@@ -184,7 +49,7 @@ impl DnsTopology {
     /// Starts unbound in the resolver namespace, on the resolver's
     /// client-side address, port 53.
     pub fn start_unbound(&self, opts: &UnboundOptions) -> Unbound {
-        Unbound::start(&self.resolver, self.resolver_ip(), opts)
+        Unbound::start(&self.middle, self.resolver_ip(), opts)
     }
 }
 
