@@ -14,6 +14,7 @@ use iptun_proto::engine::{Client, ClientOutput};
 use iptun_proto::http::{BATCH_TARGET, Batch, messages};
 use tokio::sync::mpsc;
 
+use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::http_client::{self, Down, Info, Mode};
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
@@ -153,7 +154,7 @@ impl HttpPath {
         tun: &mut Tun,
     ) -> anyhow::Result<bool> {
         let mut dry = false;
-        for _ in 0..64 {
+        for _ in 0..MAX_BATCHES_PER_WAKEUP {
             let Some(down) = self.pending.take().or_else(|| self.down.try_recv().ok()) else {
                 dry = true;
                 break;

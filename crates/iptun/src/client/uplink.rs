@@ -42,6 +42,8 @@ const RESOLVER_SWITCH_TIMEOUTS: u64 = 4;
 /// itself), driven by the sans-IO [`DnsUplink`].
 pub(super) struct DnsPath {
     socket: tokio::net::UdpSocket,
+    /// Whether `socket` is dual-stack IPv6 (IPv4 resolvers mapped).
+    dual_stack: bool,
     resolvers: Vec<SocketAddr>,
     active: usize,
     uplink: DnsUplink,
@@ -374,12 +376,14 @@ impl DnsPath {
         let domain = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
         anyhow::ensure!(!resolvers.is_empty(), "no DNS resolver");
         let (socket, resolvers) = resolver_socket(resolvers)?;
+        let dual_stack = socket.local_addr()?.is_ipv6();
         let mut random = [0u8; 12];
         getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
         let tag = u32::from_le_bytes(random[..4].try_into().expect("4 bytes"));
         let seed = u64::from_le_bytes(random[4..].try_into().expect("8 bytes"));
         Ok(Self {
             socket,
+            dual_stack,
             resolvers,
             active: 0,
             uplink: DnsUplink::new(domain, tag, seed),
@@ -397,7 +401,7 @@ impl DnsPath {
     /// on a dual-stack socket.
     fn socket_addr(&self, to: SocketAddr) -> SocketAddr {
         match to.ip() {
-            IpAddr::V4(v4) if self.socket.local_addr().is_ok_and(|a| a.is_ipv6()) => {
+            IpAddr::V4(v4) if self.dual_stack => {
                 SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
             }
             _ => to,
@@ -427,10 +431,10 @@ impl DnsPath {
                 tracing::info!("no answers: switching to resolver {}", self.resolver());
             }
         }
-        let to = self.resolver();
+        let to = self.socket_addr(self.resolver());
         while let Some(q) = self.uplink.poll_query(now) {
             // A full socket buffer loses the query: the uplink times it out.
-            let _ = self.socket.try_send_to(&q.bytes, self.socket_addr(to));
+            let _ = self.socket.try_send_to(&q.bytes, to);
         }
     }
 

@@ -22,8 +22,6 @@ pub(super) struct Listeners {
     receivers: Vec<UdpReceiver>,
     senders: Vec<UdpSender>,
     listeners: Vec<DnsListener<SessionId, Peer>>,
-    /// Queries of one receive batch, taken off the socket before handling.
-    queries: Vec<(Peer, Vec<u8>)>,
     msg: Vec<u8>,
     /// Answers the socket had no room for.
     send_errors: u64,
@@ -35,7 +33,6 @@ impl Listeners {
             receivers: Vec::new(),
             senders: Vec::new(),
             listeners: Vec::new(),
-            queries: Vec::new(),
             msg: vec![0; 1 << 16],
             send_errors: 0,
         }
@@ -140,15 +137,25 @@ pub(super) async fn receive(
     senders: &mut Senders,
     index: usize,
 ) -> anyhow::Result<bool> {
-    let mut queries = std::mem::take(&mut senders.dns.queries);
+    // The receivers are set aside while their queries are handled: that
+    // may send on this listener (`senders` as a whole is borrowed).
+    let mut receivers = std::mem::take(&mut senders.dns.receivers);
     let mut msg = std::mem::take(&mut senders.dns.msg);
     let mut dry = false;
     let mut result = Ok(());
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
-        // Take the batch off the socket first: handling a query may send
-        // on this listener.
-        let received = senders.dns.receivers[index]
-            .try_recv_batch(|peer, query| queries.push((peer, query.to_vec())));
+        let now = Instant::now();
+        let received = receivers[index].try_recv_batch(|from, query| {
+            let delivered = senders.dns.listeners[index]
+                .handle_query(now, from, query)
+                .map(|d| {
+                    msg[..d.message.len()].copy_from_slice(d.message);
+                    (d.tag, d.message.len())
+                });
+            if let Some((tag, len)) = delivered {
+                tunnel_message(engine, tun, senders, index, tag, &msg[..len], now);
+            }
+        });
         match received {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -162,21 +169,9 @@ pub(super) async fn receive(
                 break;
             }
         }
-        let now = Instant::now();
-        for (from, query) in queries.drain(..) {
-            let delivered = senders.dns.listeners[index]
-                .handle_query(now, from, &query)
-                .map(|d| {
-                    msg[..d.message.len()].copy_from_slice(d.message);
-                    (d.tag, d.message.len())
-                });
-            if let Some((tag, len)) = delivered {
-                tunnel_message(engine, tun, senders, index, tag, &msg[..len], now);
-            }
-        }
         senders.dns.transmit(index);
     }
-    senders.dns.queries = queries;
+    senders.dns.receivers = receivers;
     senders.dns.msg = msg;
     result?;
     tun.flush().await.context("writing to the TUN device")?;

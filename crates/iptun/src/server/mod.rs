@@ -307,23 +307,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut drops = DropReporter::new();
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
-    // The DNS listeners' timer (holds of 600 ms: finer than the ticker),
-    // moved only when their deadline changes.
-    let dns_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(dns_timer);
+    // The poll transports' timer (DNS holds of 600 ms, HTTP long-poll holds:
+    // finer than the ticker), moved only when their deadline changes.
+    let poll_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(poll_timer);
+    let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     loop {
-        let dns_deadline = senders
-            .dns
-            .next_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let poll_deadline = [senders.dns.next_timeout(), senders.http.next_timeout()]
+        let deadline = [senders.dns.next_timeout(), senders.http.next_timeout()]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(dns_deadline);
-        let dns_deadline = dns_deadline.min(poll_deadline);
-        if dns_timer.deadline() != dns_deadline.into() {
-            dns_timer.as_mut().reset(dns_deadline.into());
+            .unwrap_or(never);
+        if poll_timer.deadline() != deadline.into() {
+            poll_timer.as_mut().reset(deadline.into());
         }
         tokio::select! {
             () = &mut shutdown => break,
@@ -353,7 +349,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     http::receive(&mut engine, &mut tun, &mut senders, ev).await.context("writing to the TUN device")?;
                 }
             }
-            () = &mut dns_timer => {
+            () = &mut poll_timer => {
                 let now = Instant::now();
                 senders.dns.handle_timeout(&mut engine, now);
                 senders.http.handle_timeout(now);

@@ -606,7 +606,7 @@ fn parse_proxy(text: &str) -> anyhow::Result<Proxy> {
     };
     let authorization = userinfo.map(|u| {
         use base64::Engine as _;
-        let decoded = percent_decode(u);
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(u).collect();
         format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(decoded)
@@ -616,29 +616,6 @@ fn parse_proxy(text: &str) -> anyhow::Result<Proxy> {
         authority,
         authorization,
     })
-}
-
-/// `%XX` escapes in a URL's user info.
-fn percent_decode(text: &str) -> Vec<u8> {
-    let b = text.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -26,25 +26,20 @@ fn provider() -> Arc<CryptoProvider> {
 /// `sha256:<hex>` of a DER certificate: what `--tls-pin` takes.
 pub fn pin_of(cert: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert);
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", data_encoding::HEXLOWER.encode(digest.as_ref()))
 }
 
 /// Parse `sha256:<64 hex digits>`.
 pub fn parse_pin(text: &str) -> anyhow::Result<[u8; 32]> {
-    let hex = text
-        .trim()
+    text.trim()
         .strip_prefix("sha256:")
-        .with_context(|| format!("--tls-pin `{text}`: expected sha256:<64 hex digits>"))?;
-    anyhow::ensure!(
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-        "--tls-pin `{text}`: expected sha256:<64 hex digits>"
-    );
-    let mut pin = [0u8; 32];
-    for (i, b) in pin.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
-    }
-    Ok(pin)
+        .and_then(|hex| {
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(hex.as_bytes())
+                .ok()
+        })
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .with_context(|| format!("--tls-pin `{text}`: expected sha256:<64 hex digits>"))
 }
 
 /// The server's TLS settings and the pin of its certificate.
