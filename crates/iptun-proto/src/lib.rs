@@ -21,13 +21,13 @@
 //! Invariants: no allocation per data packet; no unauthenticated message is
 //! ever answered with more bytes than it carried; every drop feeds a counter.
 
+pub mod connection;
 pub mod crypto;
-pub mod dns;
+pub mod endpoint;
 pub mod engine;
 pub mod frag;
-pub mod http;
-pub mod poll;
 pub mod pool;
+pub mod transport;
 pub mod wire;
 
 mod drop_reason;

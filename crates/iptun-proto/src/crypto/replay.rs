@@ -42,6 +42,12 @@ impl ReplayWindow {
         self.last - counter < Self::SIZE && !self.bit(counter)
     }
 
+    /// Whether `counter` is above every counter accepted so far: the
+    /// newest message, not one delayed behind others.
+    pub fn is_newest(&self, counter: u64) -> bool {
+        !self.any || counter > self.last
+    }
+
     /// Record `counter` as received; false if it was a replay or too old.
     /// Call only after the message authenticated.
     pub fn accept(&mut self, counter: u64) -> bool {

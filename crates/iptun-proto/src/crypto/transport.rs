@@ -54,6 +54,12 @@ impl SessionKeys {
         Ok(len)
     }
 
+    /// Whether a message with `counter` would be the newest received (the
+    /// server follows a roaming client only on its newest messages).
+    pub fn is_newest(&self, counter: u64) -> bool {
+        self.replay.is_newest(counter)
+    }
+
     /// Authenticate and decrypt a data message's ciphertext into `out`;
     /// returns the plaintext length. Replays are rejected before decryption.
     pub fn open(

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::crypto::{Initiator, Mac1Key, PrivateKey, PublicKey};
 use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN};
-use crate::wire::{InnerPacket, Message, TunnelConfig};
+use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
 
 /// What the client needs to know up front.
@@ -52,11 +52,20 @@ pub enum ClientOutput<'a> {
     Tun(&'a [u8]),
     /// Send this message to the server.
     Send(&'a [u8]),
+    /// The server answered probe `id`, which reached it `len` bytes long.
+    ProbeReply {
+        /// The probe's id.
+        id: u32,
+        /// The probe's length as the server got it.
+        len: u16,
+    },
 }
 
 struct Pending {
     initiator: Initiator,
     local_index: u32,
+    /// The init as sent, so it can be sent again on other paths.
+    init: [u8; INIT_LEN],
 }
 
 /// The client's state machine.
@@ -227,6 +236,16 @@ impl Client {
         if n == 0 {
             return Ok(ClientOutput::Nothing);
         }
+        if Control::is_control(&out[..n]) {
+            return match Control::parse(&out[..n])? {
+                Control {
+                    kind: ControlKind::ProbeReply,
+                    id,
+                    len,
+                } => Ok(ClientOutput::ProbeReply { id, len }),
+                _ => Err(DropReason::BadInnerPacket),
+            };
+        }
         InnerPacket::new_checked(&out[..n])?;
         self.traffic.rx(n);
         Ok(ClientOutput::Tun(&out[..n]))
@@ -346,6 +365,7 @@ impl Client {
         self.pending = Some(Pending {
             initiator,
             local_index,
+            init: out[..INIT_LEN].try_into().expect("sized above"),
         });
         let backoff = HANDSHAKE_RETRY
             .saturating_mul(1 << self.attempts.min(4))
@@ -363,6 +383,38 @@ impl Client {
 
     fn keepalive_due(&self, now: Instant) -> bool {
         self.current.is_some() && now >= self.keepalive_at()
+    }
+
+    /// The init of the handshake in progress, to send again on another
+    /// path (the server answers whichever copy reaches it first).
+    pub fn pending_init(&self) -> Option<&[u8]> {
+        self.pending.as_ref().map(|p| &p.init[..])
+    }
+
+    /// Seal a probe (a [`Control`] message the server answers on the path
+    /// it came by, without moving the session there) into `out`. The probe
+    /// is padded to `len` bytes and asks for a reply of `reply_len`.
+    pub fn seal_probe(
+        &mut self,
+        now: Instant,
+        id: u32,
+        len: usize,
+        reply_len: u16,
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
+        let keypair = self
+            .current
+            .as_mut()
+            .filter(|k| !k.expired(now))
+            .ok_or(DropReason::NoSession)?;
+        let probe = Control {
+            kind: ControlKind::Probe,
+            id,
+            len: reply_len,
+        };
+        let mut plain = [0u8; 1 << 11];
+        let n = probe.emit(len.min(plain.len()), &mut plain)?;
+        keypair.seal(&plain[..n], out)
     }
 
     /// Seal a keepalive into `out` now. Poll transports send these as their

@@ -10,17 +10,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{DEFAULT_KEEPALIVE_SECS, Keypair, PathKind, Traffic, random_index};
 use crate::crypto::{Mac1Key, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{RESPONSE_LEN, RESPONSE_NOISE_LEN};
-use crate::wire::{InnerPacket, Message, TunnelConfig};
+use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
 
 /// Handshakes the server will process per second before rate limiting.
 const HANDSHAKES_PER_SEC: u32 = 500;
+/// How often expired keys are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// What the server is told at start.
 #[derive(Debug)]
@@ -53,7 +55,7 @@ impl ServerConfig {
 /// A client's session on this server, stable for the server's lifetime
 /// (across rekeys and reconnects of the same key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(usize);
+pub struct SessionId(pub(crate) usize);
 
 /// What to do with the result of a `handle_*` call.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +64,11 @@ pub enum ServerOutput<'a, P> {
     Nothing,
     /// Write this inner packet to the TUN device.
     Tun(&'a [u8]),
+    /// Answer the message just handled on the path it came from, whatever
+    /// the session's path is: a handshake response, a keepalive's echo, a
+    /// probe's reply. On a polled path this answers the very request that
+    /// carried the message.
+    Reply(&'a [u8]),
     /// Send this message on this path.
     Send(P, &'a [u8]),
 }
@@ -121,6 +128,10 @@ pub struct Server<P> {
     handshake_budget: TokenBucket,
     /// Second buffer for re-sealing client-to-client packets.
     scratch: Box<[u8]>,
+    /// Sessions whose path changed, with the path they left.
+    moved: Vec<(SessionId, P)>,
+    /// When to look for expired keys next (once a second while there are sessions).
+    next_sweep: Option<Instant>,
 }
 
 impl<P: PathKind> Server<P> {
@@ -141,6 +152,8 @@ impl<P: PathKind> Server<P> {
             drops: DropCounters::default(),
             handshake_budget: TokenBucket::new(HANDSHAKES_PER_SEC, now),
             scratch: vec![0; 1 << 16].into_boxed_slice(),
+            moved: Vec::new(),
+            next_sweep: None,
         }
     }
 
@@ -223,11 +236,29 @@ impl<P: PathKind> Server<P> {
         let id = self
             .owner(dst)
             .ok_or_else(|| self.count(DropReason::NoRoute))?;
-        seal_to(&mut self.peers[id], now, packet, out)
+        let (path, n) = seal_to(&mut self.peers[id], now, packet, out)?;
+        Ok(ServerOutput::Send(path, &out[..n]))
     }
 
-    /// Expire old keys. Call about once a second.
-    pub fn poll_timers(&mut self, now: Instant) {
+    /// The path a packet from the TUN device would be sent on, without
+    /// sealing it: lets a caller choose where to seal it (room in front for
+    /// a transport's header).
+    pub fn route(&self, packet: &[u8]) -> Option<&P> {
+        let dst = InnerPacket::new_checked(packet).ok()?.dst();
+        self.peers[self.owner(dst)?].path.as_ref()
+    }
+
+    /// When [`Server::handle_timeout`] next has work: a sweep for expired
+    /// keys once a second while there are sessions.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Expire old keys.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_none_or(|t| t > now) {
+            return;
+        }
         for peer in &mut self.peers {
             for slot in peer.slots() {
                 if slot.as_ref().is_some_and(|k| k.expired(now)) {
@@ -236,6 +267,19 @@ impl<P: PathKind> Server<P> {
                 }
             }
         }
+        self.next_sweep = (!self.by_index.is_empty()).then(|| now + SWEEP_EVERY);
+    }
+
+    /// A session whose path changed (the client roamed, or moved to another
+    /// transport), with the path it left: the caller releases what it holds
+    /// for that path (parked requests, held queries, mailboxes).
+    pub fn poll_path_change(&mut self) -> Option<(SessionId, P)> {
+        self.moved.pop()
+    }
+
+    /// The path a session's downstream goes to now.
+    pub fn path_of(&self, session: SessionId) -> Option<&P> {
+        self.peers.get(session.0)?.path.as_ref()
     }
 
     /// The session a data message claims to belong to (by its receiver
@@ -250,16 +294,16 @@ impl<P: PathKind> Server<P> {
         }
     }
 
-    /// A keepalive for `session` on its current path: how a poll transport
-    /// answers a held request that no data came for.
-    pub fn seal_keepalive<'a>(
+    /// A keepalive for `session` into `out` (its length): how a poll
+    /// transport answers a held request that no data came for.
+    pub fn seal_keepalive(
         &mut self,
         now: Instant,
         session: SessionId,
-        out: &'a mut [u8],
-    ) -> Result<ServerOutput<'a, P>, DropReason> {
+        out: &mut [u8],
+    ) -> Result<usize, DropReason> {
         let peer = self.peers.get_mut(session.0).ok_or(DropReason::NoSession)?;
-        seal_to(peer, now, &[], out)
+        seal_to(peer, now, &[], out).map(|(_, n)| n)
     }
 
     fn count(&mut self, reason: DropReason) -> DropReason {
@@ -325,14 +369,18 @@ impl<P: PathKind> Server<P> {
         }
         self.by_index.insert(local_index, id);
         peer.last_handshake = Some(now);
-        // On a polled path an init carries no session, so its path cannot
-        // carry anything but the response (returned below): keep the path
-        // the session's requests came from until the client's next data
-        // message moves it, or downstream data sent meanwhile is lost.
-        if !from.is_polled() || peer.path.is_none() {
+        // The response answers the init on its own path. The session's
+        // downstream stays where it is until the client's first data
+        // message with the new keys moves it: an init may come on a path the
+        // client only tries (several at once when it starts), and the server
+        // sends nothing with the new keys before that message anyway.
+        if peer.path.is_none() {
             peer.path = Some(from.clone());
         }
-        Ok(ServerOutput::Send(from.clone(), &out[..RESPONSE_LEN]))
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_EVERY);
+        }
+        Ok(ServerOutput::Reply(&out[..RESPONSE_LEN]))
     }
 
     /// The peer record for an admitted key, created with a lease on first sight.
@@ -390,7 +438,7 @@ impl<P: PathKind> Server<P> {
             return Err(self.count(DropReason::UnknownIndex));
         };
         let peer = &mut self.peers[id];
-        let n = match open_with(
+        let (n, newest) = match open_with(
             peer,
             &mut self.by_index,
             now,
@@ -399,14 +447,36 @@ impl<P: PathKind> Server<P> {
             ciphertext,
             out,
         ) {
-            Ok(n) => n,
+            Ok(opened) => opened,
             Err(reason) => {
                 peer.drops.add(reason);
                 return Err(reason);
             }
         };
-        if peer.path.as_ref() != Some(from) {
-            peer.path = Some(from.clone()); // roaming: follow the client
+        if Control::is_control(&out[..n]) {
+            // A probe: answered where it came from; the session stays put.
+            let probe = Control::parse(&out[..n]).inspect_err(|&e| peer.drops.add(e))?;
+            if probe.kind != ControlKind::Probe {
+                peer.drops.add(DropReason::BadInnerPacket);
+                return Err(DropReason::BadInnerPacket);
+            }
+            let reply = Control {
+                kind: ControlKind::ProbeReply,
+                id: probe.id,
+                len: u16::try_from(n).unwrap_or(u16::MAX),
+            };
+            let len = usize::from(probe.len).min(usize::from(self.mtu));
+            let scratch = &mut self.scratch;
+            let plain = reply.emit(len, scratch)?;
+            let (_, sealed) = seal_to(peer, now, &scratch[..plain], out)?;
+            return Ok(ServerOutput::Reply(&out[..sealed]));
+        }
+        // Roaming: follow the client to the path of its newest message (a
+        // message delayed on a path it has left must not pull it back).
+        if newest && peer.path.as_ref() != Some(from) {
+            if let Some(old) = peer.path.replace(from.clone()) {
+                self.moved.push((SessionId(id), old));
+            }
         }
         if n == 0 {
             // Answer keepalives, so the client can tell a live server from a
@@ -414,7 +484,8 @@ impl<P: PathKind> Server<P> {
             if from.is_polled() {
                 return Ok(ServerOutput::Nothing);
             }
-            return seal_to(peer, now, &[], out);
+            let (_, sealed) = seal_to(peer, now, &[], out)?;
+            return Ok(ServerOutput::Reply(&out[..sealed]));
         }
         let packet = InnerPacket::new_checked(&out[..n]).inspect_err(|&e| peer.drops.add(e))?;
         let owns_source = match packet.src() {
@@ -430,13 +501,8 @@ impl<P: PathKind> Server<P> {
             // Client to client: re-seal without a trip through the kernel.
             Some(to) if to != id => {
                 let scratch = &mut self.scratch;
-                match seal_to(&mut self.peers[to], now, &out[..n], scratch)? {
-                    ServerOutput::Send(path, msg) => {
-                        let len = msg.len();
-                        Ok(ServerOutput::Send(path, &self.scratch[..len]))
-                    }
-                    _ => unreachable!("seal_to only sends"),
-                }
+                let (path, len) = seal_to(&mut self.peers[to], now, &out[..n], scratch)?;
+                Ok(ServerOutput::Send(path, &self.scratch[..len]))
             }
             _ => Ok(ServerOutput::Tun(&out[..n])),
         }
@@ -454,7 +520,7 @@ fn open_with<P>(
     counter: u64,
     ciphertext: &[u8],
     out: &mut [u8],
-) -> Result<usize, DropReason> {
+) -> Result<(usize, bool), DropReason> {
     let slot = peer
         .slots()
         .into_iter()
@@ -464,6 +530,8 @@ fn open_with<P>(
     if keypair.expired(now) {
         return Err(DropReason::Expired);
     }
+    // Only the keys in use (or about to be) say where the client is now.
+    let newest = slot != 1 && keypair.keys.is_newest(counter);
     let n = keypair.keys.open(counter, ciphertext, out)?;
     if slot == 2 {
         if let Some(gone) = peer.previous.take() {
@@ -472,15 +540,17 @@ fn open_with<P>(
         peer.previous = peer.current.take();
         peer.current = peer.next.take();
     }
-    Ok(n)
+    Ok((n, newest))
 }
 
-fn seal_to<'a, P: Clone>(
+/// Seal `packet` (or a keepalive) for `peer` into `out`: the path it goes
+/// on and the message's length.
+fn seal_to<P: Clone>(
     peer: &mut Peer<P>,
     now: Instant,
     packet: &[u8],
-    out: &'a mut [u8],
-) -> Result<ServerOutput<'a, P>, DropReason> {
+    out: &mut [u8],
+) -> Result<(P, usize), DropReason> {
     let (Some(keypair), Some(path)) = (
         peer.current.as_mut().filter(|k| !k.expired(now)),
         &peer.path,
@@ -491,10 +561,10 @@ fn seal_to<'a, P: Clone>(
     let n = keypair
         .seal(packet, out)
         .inspect_err(|&e| peer.drops.add(e))?;
-    if !packet.is_empty() {
+    if !packet.is_empty() && !Control::is_control(packet) {
         peer.traffic.tx(packet.len());
     }
-    Ok(ServerOutput::Send(path.clone(), &out[..n]))
+    Ok((path.clone(), n))
 }
 
 /// Limits the rate of expensive work (Diffie-Hellman on unauthenticated inits).

@@ -11,11 +11,13 @@
 //! [`DropReason::TooLarge`]: crate::DropReason::TooLarge
 
 pub mod config;
+pub mod control;
 pub mod dns;
 pub mod icmp;
 pub mod ip;
 pub mod message;
 
 pub use config::TunnelConfig;
+pub use control::{Control, ControlKind};
 pub use ip::InnerPacket;
 pub use message::Message;

@@ -60,6 +60,7 @@
 //! after that the inner protocol's own recovery is faster.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
@@ -270,6 +271,11 @@ pub struct DnsUplink {
     type_wait: [Duration; 7],
     /// Failures in a row of the type in use.
     type_failures_in_row: u32,
+    /// Failed queries (timeouts, error codes) since the last answer.
+    failures_in_row: u32,
+    /// Keep bare polls outstanding (the path is in use); else send only
+    /// queries that carry data.
+    polling: bool,
     stats: UplinkStats,
 }
 
@@ -322,8 +328,27 @@ impl DnsUplink {
             type_retry_at: [None; 7],
             type_wait: [REPROBE_MIN; 7],
             type_failures_in_row: 0,
+            failures_in_row: 0,
+            polling: true,
             stats: UplinkStats::default(),
         }
+    }
+
+    /// Keep bare polls outstanding (the path is in use), or send only
+    /// queries that carry data (a path kept in reserve).
+    pub fn set_polling(&mut self, on: bool) {
+        self.polling = on;
+    }
+
+    /// Queries that failed (timed out, or got an error code) since the
+    /// last answer: a path whose resolver broke says so fast.
+    pub fn failures_in_row(&self) -> u32 {
+        self.failures_in_row
+    }
+
+    /// Bare polls to keep in flight.
+    fn poll_target(&self) -> usize {
+        if self.polling { self.target } else { 0 }
     }
 
     /// The client's tag.
@@ -422,7 +447,9 @@ impl DnsUplink {
         } else {
             None
         };
-        if reask.is_none() && frag.is_none() && self.in_flight.len() >= self.target.min(self.window)
+        if reask.is_none()
+            && frag.is_none()
+            && self.in_flight.len() >= self.poll_target().min(self.window)
         {
             return None;
         }
@@ -674,7 +701,7 @@ impl DnsUplink {
             .values()
             .map(|q| q.sent + QUERY_TIMEOUT)
             .min();
-        let wants = self.has_data() || self.in_flight.len() < self.target;
+        let wants = self.has_data() || self.in_flight.len() < self.poll_target();
         let send = if wants && self.in_flight.len() < self.window {
             let gap = self
                 .tokens_at
@@ -764,6 +791,7 @@ impl DnsUplink {
         }
         self.good_in_row = self.good_in_row.saturating_add(1);
         self.timeouts_in_row = 0;
+        self.failures_in_row = 0;
         self.backoff = Duration::ZERO;
         self.backoff_until = None;
         if q.long {
@@ -796,6 +824,7 @@ impl DnsUplink {
 
     fn failure(&mut self, now: Instant, q: InFlight, kind: Failure) {
         self.good_in_row = 0;
+        self.failures_in_row = self.failures_in_row.saturating_add(1);
         if self.encoding_probe == Some(q.id) {
             self.encoding_probe = None;
             self.encoding_failed(now);
@@ -976,4 +1005,122 @@ fn next_random(state: &mut u64) -> u64 {
     x ^= x >> 27;
     *state = x;
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Timeouts in a row, without an answer, after which the next resolver
+/// (if several are given) takes over.
+pub const RESOLVER_SWITCH_TIMEOUTS: u64 = 4;
+
+/// The client half as a path: the [`DnsUplink`] and the resolvers it
+/// queries, one at a time, moving to the next when the one in use stops
+/// answering.
+pub struct DnsClient {
+    uplink: DnsUplink,
+    resolvers: Vec<SocketAddr>,
+    active: usize,
+    /// Timeouts and answers when the active resolver was last judged.
+    seen: (u64, u64),
+    switches: u64,
+}
+
+impl DnsClient {
+    /// A client of the server of `domain` through `resolvers` (at least
+    /// one), as tag `tag`; `seed` seeds the query ids.
+    pub fn new(domain: Domain, resolvers: Vec<SocketAddr>, tag: u32, seed: u64) -> Self {
+        assert!(!resolvers.is_empty(), "a DNS path needs a resolver");
+        Self {
+            uplink: DnsUplink::new(domain, tag, seed),
+            resolvers,
+            active: 0,
+            seen: (0, 0),
+            switches: 0,
+        }
+    }
+
+    /// The resolver in use.
+    pub fn resolver(&self) -> SocketAddr {
+        self.resolvers[self.active]
+    }
+
+    /// All resolvers.
+    pub fn resolvers(&self) -> &[SocketAddr] {
+        &self.resolvers
+    }
+
+    /// Times the client moved to another resolver.
+    pub fn switches(&self) -> u64 {
+        self.switches
+    }
+
+    /// The uplink (its state and counters).
+    pub fn uplink(&self) -> &DnsUplink {
+        &self.uplink
+    }
+
+    /// Keep bare polls outstanding, or not.
+    pub fn set_polling(&mut self, on: bool) {
+        self.uplink.set_polling(on);
+    }
+
+    /// Queue an upstream tunnel message.
+    pub fn send(&mut self, now: Instant, message: &[u8]) {
+        self.uplink.send(now, message);
+    }
+
+    /// The next query to send, and to which resolver.
+    pub fn poll_query(&mut self, now: Instant) -> Option<(SocketAddr, Query)> {
+        self.judge_resolver();
+        let q = self.uplink.poll_query(now)?;
+        Some((self.resolver(), q))
+    }
+
+    /// Move on to the next resolver when the active one stopped answering.
+    fn judge_resolver(&mut self) {
+        if self.resolvers.len() < 2 {
+            return;
+        }
+        let stats = self.uplink.stats();
+        if stats.answers > self.seen.1 {
+            self.seen = (stats.timeouts, stats.answers);
+        } else if stats.timeouts >= self.seen.0 + RESOLVER_SWITCH_TIMEOUTS {
+            self.active = (self.active + 1) % self.resolvers.len();
+            self.switches += 1;
+            // The queries still out went to the old resolver: their
+            // timeouts must not count against the new one.
+            let in_flight = self.uplink.path_info().in_flight as u64;
+            self.seen = (stats.timeouts + in_flight, stats.answers);
+        }
+    }
+
+    /// A datagram from `from`: anything not from one of our resolvers is
+    /// dropped. Complete messages come out of [`DnsClient::poll_message`].
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<(), DropReason> {
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if !self.resolvers.contains(&from) {
+            return Err(DropReason::UnexpectedResponse);
+        }
+        self.uplink.handle_response(now, bytes)
+    }
+
+    /// The next complete downstream message.
+    pub fn poll_message(&mut self) -> Option<Vec<u8>> {
+        self.uplink.poll_message()
+    }
+
+    /// When [`DnsClient::handle_timeout`] wants calling.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.uplink.next_timeout()
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.uplink.next_timeout().is_some_and(|t| t <= now) {
+            self.uplink.handle_timeout(now);
+        }
+    }
 }

@@ -165,6 +165,225 @@ impl<'a> Iterator for Messages<'a> {
     }
 }
 
+/// Which HTTP mode a client uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// WebSocket, falling back to long-poll when the upgrade is refused.
+    Auto,
+    /// WebSocket only.
+    WebSocket,
+    /// Long-poll only.
+    LongPoll,
+}
+
+/// The first reconnection back-off of an HTTP path.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// The longest reconnection back-off.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(16);
+
+/// What the client asks its HTTP driver to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Open a connection: a WebSocket (`true`) or long-poll connections.
+    Dial {
+        /// WebSocket, else long-poll.
+        websocket: bool,
+    },
+    /// Close whatever is open.
+    Hangup,
+}
+
+/// What the HTTP driver saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpEvent {
+    /// The connection asked for is open.
+    Opened,
+    /// The HTTP exchange worked but the WebSocket upgrade was refused (a
+    /// proxy that strips `Upgrade`, a middlebox answering 4xx).
+    UpgradeRefused(String),
+    /// The connection failed or ended; `heard`: whether anything at all
+    /// came back on it (an upgraded WebSocket that carries nothing, not
+    /// even a pong, means something in the path answers for the server).
+    Closed {
+        /// Anything arrived on the connection.
+        heard: bool,
+        /// What failed, for status.
+        why: String,
+    },
+}
+
+/// The client half's connection state, for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpClientInfo {
+    /// "websocket", "long-poll", "connecting", or "closed".
+    pub mode: &'static str,
+    /// A connection is open.
+    pub connected: bool,
+    /// Connections opened after the first.
+    pub reconnects: u64,
+    /// Why the last connection ended.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dial {
+    /// Nothing open, nothing wanted.
+    Idle,
+    /// A connection is being opened.
+    Dialing { websocket: bool },
+    /// A connection is open.
+    Open { websocket: bool },
+    /// Waiting before the next attempt.
+    Backoff { until: Instant },
+}
+
+/// The client half: which mode to dial, when to dial again, and when a
+/// failure is the path's (and not just the WebSocket's). The driver opens
+/// and closes connections as told ([`HttpClient::poll_command`]) and
+/// reports what happened ([`HttpClient::handle_event`]); batches of framed
+/// messages flow through it meanwhile.
+#[derive(Debug)]
+pub struct HttpClient {
+    mode: Mode,
+    wanted: bool,
+    state: Dial,
+    /// The state the driver was last told about.
+    told: Option<Command>,
+    backoff: Duration,
+    opened: u64,
+    last_error: Option<String>,
+}
+
+impl HttpClient {
+    /// A client in `mode`, closed until wanted.
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            wanted: false,
+            state: Dial::Idle,
+            told: None,
+            backoff: BACKOFF_MIN,
+            opened: 0,
+            last_error: None,
+        }
+    }
+
+    /// Whether a connection should be open (the path is in use or probed).
+    pub fn want(&mut self, now: Instant, wanted: bool) {
+        self.wanted = wanted;
+        match (wanted, self.state) {
+            (true, Dial::Idle) => self.dial(self.mode != Mode::LongPoll),
+            (true, Dial::Backoff { until }) if until <= now => {
+                self.dial(self.mode != Mode::LongPoll);
+            }
+            (false, Dial::Dialing { .. } | Dial::Open { .. } | Dial::Backoff { .. }) => {
+                self.state = Dial::Idle;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a connection is open.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, Dial::Open { .. })
+    }
+
+    fn dial(&mut self, websocket: bool) {
+        self.state = Dial::Dialing { websocket };
+    }
+
+    /// What the driver must do now, if anything changed.
+    pub fn poll_command(&mut self, now: Instant) -> Option<Command> {
+        if let Dial::Backoff { until } = self.state
+            && until <= now
+            && self.wanted
+        {
+            self.dial(self.mode != Mode::LongPoll);
+        }
+        let command = match self.state {
+            Dial::Dialing { websocket } => Command::Dial { websocket },
+            Dial::Idle | Dial::Backoff { .. } => Command::Hangup,
+            Dial::Open { .. } => return None,
+        };
+        if self.told == Some(command) {
+            return None;
+        }
+        // A hangup before anything was ever dialled says nothing new.
+        if self.told.is_none() && command == Command::Hangup {
+            return None;
+        }
+        self.told = Some(command);
+        Some(command)
+    }
+
+    /// What the driver saw. Returns `Some(why)` when the path failed (as
+    /// opposed to a WebSocket refused where long-poll is tried next).
+    pub fn handle_event(&mut self, now: Instant, event: HttpEvent) -> Option<String> {
+        let (websocket, was_open) = match self.state {
+            Dial::Dialing { websocket } => (websocket, false),
+            Dial::Open { websocket } => (websocket, true),
+            // Late news of a connection we have since closed.
+            Dial::Idle | Dial::Backoff { .. } => return None,
+        };
+        let why = match event {
+            HttpEvent::Opened => {
+                self.state = Dial::Open { websocket };
+                self.opened += 1;
+                self.backoff = BACKOFF_MIN;
+                return None;
+            }
+            HttpEvent::UpgradeRefused(why) if websocket && self.mode == Mode::Auto => {
+                self.last_error = Some(format!("WebSocket upgrade refused: {why}"));
+                self.dial(false);
+                return None;
+            }
+            HttpEvent::Closed { heard: false, why }
+                if websocket && was_open && self.mode == Mode::Auto =>
+            {
+                // Upgraded, yet not even a pong came back: something in the
+                // path answers for the server or buffers.
+                self.last_error = Some(format!("WebSocket carried nothing: {why}"));
+                self.dial(false);
+                return None;
+            }
+            HttpEvent::UpgradeRefused(why) => format!("WebSocket upgrade refused: {why}"),
+            HttpEvent::Closed { why, .. } => why,
+        };
+        self.last_error = Some(why.clone());
+        // After a fallback, the next connection tries WebSocket again: the
+        // middlebox that refused it may be gone (the client roamed).
+        self.state = Dial::Backoff {
+            until: now + self.backoff,
+        };
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Some(why)
+    }
+
+    /// When [`HttpClient::poll_command`] has something to say next.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        match self.state {
+            Dial::Backoff { until } if self.wanted => Some(until),
+            _ => None,
+        }
+    }
+
+    /// The connection state, for status.
+    pub fn info(&self) -> HttpClientInfo {
+        let (mode, connected) = match self.state {
+            Dial::Open { websocket: true } => ("websocket", true),
+            Dial::Open { websocket: false } => ("long-poll", true),
+            Dial::Dialing { .. } => ("connecting", false),
+            Dial::Idle | Dial::Backoff { .. } => ("closed", false),
+        };
+        HttpClientInfo {
+            mode,
+            connected,
+            reconnects: self.opened.saturating_sub(1),
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
 /// One client's mailbox: downstream bytes (framed) and the polls held.
 struct Mailbox<R> {
     queued: Batch,
@@ -321,6 +540,21 @@ impl<R> Mailboxes<R> {
         answers
     }
 
+    /// Forget `tag` (its client went to another path): its held polls
+    /// are answered empty, what was queued for it is dropped.
+    pub fn close(&mut self, tag: u64) -> Vec<Answer<R>> {
+        let Some(m) = self.boxes.remove(&tag) else {
+            return Vec::new();
+        };
+        m.held
+            .into_iter()
+            .map(|(request, _)| Answer {
+                request,
+                body: Vec::new(),
+            })
+            .collect()
+    }
+
     /// Tags known.
     pub fn len(&self) -> usize {
         self.boxes.len()
@@ -336,6 +570,61 @@ impl<R> Mailboxes<R> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn auto_falls_back_to_long_poll_and_tries_websocket_again_after_a_failure() {
+        let t0 = Instant::now();
+        let mut c = HttpClient::new(Mode::Auto);
+        assert_eq!(c.poll_command(t0), None, "nothing until wanted");
+        c.want(t0, true);
+        assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: true }));
+        assert_eq!(c.poll_command(t0), None, "said once");
+        assert_eq!(c.handle_event(t0, HttpEvent::UpgradeRefused("403".into())), None);
+        assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: false }));
+        assert_eq!(c.handle_event(t0, HttpEvent::Opened), None);
+        assert_eq!(c.info().mode, "long-poll");
+        let why = c.handle_event(t0, HttpEvent::Closed { heard: true, why: "reset".into() });
+        assert_eq!(why.as_deref(), Some("reset"), "a path failure");
+        assert_eq!(c.poll_command(t0), Some(Command::Hangup));
+        assert_eq!(c.next_timeout(), Some(t0 + BACKOFF_MIN));
+        let t1 = t0 + BACKOFF_MIN;
+        assert_eq!(c.poll_command(t1), Some(Command::Dial { websocket: true }));
+    }
+
+    #[test]
+    fn a_silent_websocket_falls_back_and_backoff_grows() {
+        let t0 = Instant::now();
+        let mut c = HttpClient::new(Mode::Auto);
+        c.want(t0, true);
+        c.poll_command(t0);
+        c.handle_event(t0, HttpEvent::Opened);
+        let silent = HttpEvent::Closed { heard: false, why: "no pong".into() };
+        assert_eq!(c.handle_event(t0, silent), None);
+        assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: false }));
+        for i in 0..8 {
+            let why = c.handle_event(t0, HttpEvent::Closed { heard: false, why: "refused".into() });
+            assert!(why.is_some());
+            let wait = c.next_timeout().unwrap() - t0;
+            assert_eq!(wait, (BACKOFF_MIN * (1 << i)).min(BACKOFF_MAX));
+            c.poll_command(t0 + wait);
+        }
+    }
+
+    #[test]
+    fn forced_modes_never_switch_and_unwanted_paths_hang_up() {
+        let t0 = Instant::now();
+        let mut c = HttpClient::new(Mode::WebSocket);
+        c.want(t0, true);
+        assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: true }));
+        assert!(c.handle_event(t0, HttpEvent::UpgradeRefused("400".into())).is_some());
+        let mut lp = HttpClient::new(Mode::LongPoll);
+        lp.want(t0, true);
+        assert_eq!(lp.poll_command(t0), Some(Command::Dial { websocket: false }));
+        lp.handle_event(t0, HttpEvent::Opened);
+        lp.want(t0, false);
+        assert_eq!(lp.poll_command(t0), Some(Command::Hangup));
+        assert_eq!(lp.handle_event(t0, HttpEvent::Closed { heard: true, why: "x".into() }), None);
+    }
 
     fn frame(msgs: &[&[u8]]) -> Vec<u8> {
         let mut b = Batch::new();

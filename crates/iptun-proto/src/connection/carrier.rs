@@ -1,0 +1,150 @@
+//! One candidate path's transport, client side: how a tunnel message goes
+//! on its wire and comes off it. Enum dispatch over the four transports.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::transport::Kind;
+use crate::transport::dns::client::DnsClient;
+use crate::transport::http::{HttpClient, LEN_PREFIX, MAX_MESSAGE};
+use crate::transport::icmp::{self, IcmpClient};
+use crate::transport::poll::Cadence;
+
+/// How a path reaches the server.
+pub enum Carrier {
+    /// UDP datagrams to the server's address.
+    Udp {
+        /// The server's address.
+        server: SocketAddr,
+    },
+    /// ICMP echo requests to the server.
+    Icmp(IcmpClient),
+    /// DNS queries through resolvers.
+    Dns(Box<DnsClient>),
+    /// HTTP(S): the driver's connection carries framed batches.
+    Http(HttpClient),
+}
+
+impl Carrier {
+    pub(super) fn kind(&self) -> Kind {
+        match self {
+            Self::Udp { .. } => Kind::Udp,
+            Self::Icmp(_) => Kind::Icmp,
+            Self::Dns(_) => Kind::Dns,
+            Self::Http(_) => Kind::Http,
+        }
+    }
+
+    /// Bytes the transport writes in front of a tunnel message: a message
+    /// is sealed at `buf[headroom..]` and framed around in place.
+    pub(super) fn headroom(&self) -> usize {
+        match self {
+            Self::Udp { .. } | Self::Dns(_) => 0,
+            Self::Icmp(_) => icmp::HEADROOM,
+            Self::Http(_) => LEN_PREFIX,
+        }
+    }
+
+    /// Put the `len`-byte message at `buf[headroom..]` on the wire: its
+    /// wire form's length at `buf[..]`, or `None` when the transport
+    /// queued it (DNS splits messages into queries, which come out of
+    /// [`Carrier::poll_transmit`]).
+    pub(super) fn frame(&mut self, now: Instant, buf: &mut [u8], len: usize) -> Option<usize> {
+        match self {
+            Self::Udp { .. } => Some(len),
+            Self::Icmp(c) => Some(c.frame(now, buf, len)),
+            Self::Dns(c) => {
+                c.send(now, &buf[..len]);
+                None
+            }
+            Self::Http(_) if len > MAX_MESSAGE => None,
+            Self::Http(_) => {
+                buf[..LEN_PREFIX].copy_from_slice(&(len as u16).to_be_bytes());
+                Some(LEN_PREFIX + len)
+            }
+        }
+    }
+
+    /// Where the driver sends what [`Carrier::frame`] made: the server's
+    /// address (the port is meaningless for ICMP), or `None` for HTTP,
+    /// whose connection is the destination.
+    pub(super) fn destination(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Udp { server } => Some(*server),
+            Self::Icmp(c) => Some(SocketAddr::new(c.server(), 0)),
+            Self::Dns(c) => Some(c.resolver()),
+            Self::Http(_) => None,
+        }
+    }
+
+    /// The server's address on the underlay, if the path talks to it directly.
+    pub(super) fn server_ip(&self) -> Option<IpAddr> {
+        match self {
+            Self::Udp { server } => Some(server.ip()),
+            Self::Icmp(c) => Some(c.server()),
+            Self::Dns(_) | Self::Http(_) => None,
+        }
+    }
+
+    /// How long traffic sent on the path may go unanswered before the path
+    /// counts as dead: the server's longest hold, plus room for a round
+    /// trip and for the path's own recovery (a resolver's retry, a proxy).
+    pub(super) fn liveness(&self) -> Duration {
+        match self {
+            Self::Udp { .. } => Duration::from_secs(4),
+            Self::Dns(_) => Duration::from_secs(4),
+            Self::Icmp(_) => Cadence::ICMP.hold + Duration::from_secs(3),
+            Self::Http(_) => Duration::from_secs(5),
+        }
+    }
+
+    /// Whether the server answers a keepalive at once here (push paths);
+    /// on polled paths the requests themselves are answered.
+    pub(super) fn echoes_keepalives(&self) -> bool {
+        matches!(self, Self::Udp { .. } | Self::Http(_))
+    }
+
+    /// How long a probe may go unanswered.
+    pub(super) fn probe_timeout(&self) -> Duration {
+        match self {
+            // Opening the connection (TCP, proxy, TLS, upgrade) comes first.
+            Self::Http(_) => Duration::from_secs(12),
+            _ => Duration::from_secs(4),
+        }
+    }
+
+    /// Keep requests outstanding (the path is in use and the session up), or not.
+    pub(super) fn set_polling(&mut self, on: bool) {
+        match self {
+            Self::Icmp(c) => c.set_polling(on),
+            Self::Dns(c) => c.set_polling(on),
+            Self::Udp { .. } | Self::Http(_) => {}
+        }
+    }
+
+    /// When the transport's own timers next need [`Carrier::handle_timeout`]
+    /// or [`Carrier::poll_transmit`].
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Udp { .. } => None,
+            Self::Icmp(c) => c.next_timeout(),
+            Self::Dns(c) => c.next_timeout(),
+            Self::Http(c) => c.next_timeout(),
+        }
+    }
+
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        if let Self::Dns(c) = self {
+            c.handle_timeout(now);
+        }
+    }
+
+    /// A DNS query the uplink wants sent now, copied into `buf`.
+    pub(super) fn poll_query(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let Self::Dns(c) = self else { return None };
+        let (to, q) = c.poll_query(now)?;
+        let out = buf.get_mut(..q.bytes.len())?;
+        out.copy_from_slice(&q.bytes);
+        Some((to, q.bytes.len()))
+    }
+}

@@ -1,0 +1,774 @@
+//! The server's endpoint: the session engine ([`Server`]) and the state of
+//! every listener's transport, on any mix of UDP, ICMP echo, DNS and HTTP.
+//!
+//! It has the shape of quinn-proto's endpoint: feed it what arrives
+//! ([`Endpoint::handle_input`] for a listener's datagrams, echoes, queries
+//! and bodies; [`Endpoint::handle_tun_packet`] for packets from the TUN
+//! device) with the current time, send what [`Endpoint::poll_transmit`]
+//! gives, and call [`Endpoint::handle_timeout`] when
+//! [`Endpoint::poll_timeout`] passes. The driver owns the sockets, the HTTP
+//! connections and the TUN device, and nothing else.
+//!
+//! What it decides, per transport:
+//! - which session a message belongs to (by its receiver index, never by
+//!   addresses: NATs rewrite those and resolvers send from pools);
+//! - on polled paths (ICMP echo, DNS), which held request carries what: a
+//!   handshake response or a probe's reply answers the very request that
+//!   carried the init or probe, downstream data the session's oldest held
+//!   request, an expired hold a keepalive; each request is answered at
+//!   most once;
+//! - when a session moves to another path (the client roamed, or moved to
+//!   another transport), what it held on the old one is released: parked
+//!   echo requests are let go, held DNS queries and long polls answered
+//!   empty, queued downstream dropped.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use crate::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
+use crate::transport::dns::server::DnsListener;
+use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
+use crate::transport::icmp::{self, IcmpListener, Incoming, Request};
+use crate::transport::{Kind, TunSink};
+use crate::wire::Message;
+use crate::wire::dns::Domain;
+use crate::wire::icmp::{ECHO_HEADER_LEN, Family};
+use crate::DropCounters;
+
+/// A listener: its index in the list the endpoint was made with.
+pub type ListenerId = usize;
+
+/// Room for any message and its framing.
+pub const BUF_LEN: usize = 1 << 16;
+
+/// A UDP peer, and the local address it reached us at. Replies leave from
+/// that address: on a host with several, the kernel would pick one by
+/// route, and NATs, firewalls and resolvers drop answers from an address
+/// the peer never talked to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpAddr {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Our address it sent to (`None`: whatever the kernel picks).
+    pub local: Option<IpAddr>,
+}
+
+impl From<SocketAddr> for UdpAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, local: None }
+    }
+}
+
+/// A transport a listener speaks.
+#[derive(Clone, Debug)]
+pub enum ListenerConfig {
+    /// UDP datagrams.
+    Udp,
+    /// ICMP echo of one family.
+    Icmp(Family),
+    /// DNS, as the authoritative server of a domain.
+    Dns(Domain),
+    /// HTTP(S): WebSocket and long-poll.
+    Http,
+}
+
+/// The server's way back to a client: the engine's path type. A session's
+/// path is where its latest (newest) authenticated message came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// A UDP peer of listener `listener`.
+    Udp {
+        /// The listener.
+        listener: ListenerId,
+        /// The client's address and ours.
+        peer: UdpAddr,
+    },
+    /// Echo requests from `ip` on listener `listener`: replies can only
+    /// answer the session's held requests, so the session is part of it.
+    Icmp {
+        /// The listener.
+        listener: ListenerId,
+        /// The client's (public) address.
+        ip: IpAddr,
+        /// The session its requests carry.
+        session: Option<SessionId>,
+    },
+    /// The DNS client with `tag`: answers ride on the tag's held queries,
+    /// whichever resolver sent them.
+    Dns {
+        /// The listener.
+        listener: ListenerId,
+        /// The client's tag.
+        tag: u32,
+    },
+    /// WebSocket connection `conn`.
+    Ws {
+        /// The listener.
+        listener: ListenerId,
+        /// The driver's connection id.
+        conn: u64,
+    },
+    /// Long-poll client `tag`: downstream waits in its mailbox.
+    Poll {
+        /// The listener.
+        listener: ListenerId,
+        /// The client's tag.
+        tag: u64,
+    },
+}
+
+impl PathKind for Path {
+    fn is_polled(&self) -> bool {
+        matches!(self, Self::Icmp { .. } | Self::Dns { .. })
+    }
+}
+
+impl Path {
+    /// The transport.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Udp { .. } => Kind::Udp,
+            Self::Icmp { .. } => Kind::Icmp,
+            Self::Dns { .. } => Kind::Dns,
+            Self::Ws { .. } | Self::Poll { .. } => Kind::Http,
+        }
+    }
+
+    /// The listener it came through.
+    pub fn listener(&self) -> ListenerId {
+        match *self {
+            Self::Udp { listener, .. }
+            | Self::Icmp { listener, .. }
+            | Self::Dns { listener, .. }
+            | Self::Ws { listener, .. }
+            | Self::Poll { listener, .. } => listener,
+        }
+    }
+
+    /// The client's end, for status.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Udp { peer, .. } => peer.addr.to_string(),
+            Self::Icmp { ip, .. } => ip.to_string(),
+            Self::Dns { tag, .. } => format!("tag {tag:08x}"),
+            Self::Ws { conn, .. } => format!("websocket {conn}"),
+            Self::Poll { tag, .. } => format!("long-poll {tag:016x}"),
+        }
+    }
+}
+
+/// What arrived on a listener.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// A UDP datagram (on a UDP or DNS listener).
+    Datagram {
+        /// The sender and our address it reached.
+        from: UdpAddr,
+        /// The datagram.
+        bytes: &'a [u8],
+    },
+    /// An ICMP message (without IP header).
+    Icmp {
+        /// The sender.
+        from: IpAddr,
+        /// Our address it was sent to; `None` for broadcast and multicast.
+        to: Option<IpAddr>,
+        /// The ICMP message.
+        bytes: &'a [u8],
+    },
+    /// A WebSocket message's body (framed tunnel messages).
+    WebSocket {
+        /// The driver's connection id.
+        conn: u64,
+        /// The body.
+        body: &'a [u8],
+    },
+    /// A long-poll request: its body is framed tunnel messages (or none),
+    /// its response is owed ([`Destination::PollAnswer`]).
+    Poll {
+        /// The client's tag.
+        tag: u64,
+        /// The driver's handle to the response.
+        request: u64,
+        /// The body.
+        body: &'a [u8],
+    },
+}
+
+/// Where a transmit goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A UDP peer (UDP and DNS listeners).
+    Udp(UdpAddr),
+    /// An echo reply to `to`, from our address `from`.
+    Icmp {
+        /// The client.
+        to: IpAddr,
+        /// Our address the request was sent to.
+        from: IpAddr,
+    },
+    /// A framed message for WebSocket connection `conn` (the driver batches).
+    WebSocket(u64),
+    /// The whole body answering long-poll request `request`.
+    PollAnswer(u64),
+}
+
+/// Something to send: the first `len` bytes of the buffer given, on
+/// listener `listener`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The listener whose socket (or connection) sends it.
+    pub listener: ListenerId,
+    /// Where.
+    pub to: Destination,
+    /// Its length.
+    pub len: usize,
+}
+
+enum Listener {
+    Udp,
+    Icmp(IcmpListener),
+    Dns(Box<DnsListener<SessionId, UdpAddr>>),
+    Http(Mailboxes<u64>),
+}
+
+/// What became of one tunnel message.
+enum Handled {
+    /// Answer the request that carried it with the `len` bytes in `reply`.
+    Reply(usize),
+    /// Opened (delivered, forwarded, or a keepalive).
+    Done,
+    /// Not authenticated, or dropped: no answer at all.
+    Dropped,
+}
+
+/// The server's endpoint: see the module docs.
+pub struct Endpoint {
+    engine: Server<Path>,
+    listeners: Vec<Listener>,
+    /// Transmits made while handling input or timers.
+    queued: VecDeque<(ListenerId, Destination, Vec<u8>)>,
+    /// Buffers of sent transmits, for reuse.
+    spare: Vec<Vec<u8>>,
+    /// Where the engine's replies are copied.
+    reply: Box<[u8]>,
+    /// Where opened packets go when the TUN batch is full, and where a DNS
+    /// message is copied out of its listener.
+    scratch: Box<[u8]>,
+    tun_full: u64,
+    http_malformed: u64,
+}
+
+impl Endpoint {
+    /// An endpoint with `listeners` (in the order the driver indexes them).
+    pub fn new(config: ServerConfig, listeners: Vec<ListenerConfig>, now: Instant) -> Self {
+        Self {
+            engine: Server::new(config, now),
+            listeners: listeners
+                .into_iter()
+                .map(|l| match l {
+                    ListenerConfig::Udp => Listener::Udp,
+                    ListenerConfig::Icmp(f) => Listener::Icmp(IcmpListener::new(f)),
+                    ListenerConfig::Dns(d) => Listener::Dns(Box::new(DnsListener::new(d))),
+                    ListenerConfig::Http => Listener::Http(Mailboxes::new()),
+                })
+                .collect(),
+            queued: VecDeque::new(),
+            spare: Vec::new(),
+            reply: vec![0; BUF_LEN].into_boxed_slice(),
+            scratch: vec![0; BUF_LEN].into_boxed_slice(),
+            tun_full: 0,
+            http_malformed: 0,
+        }
+    }
+
+    /// The session engine (addresses, pool, MTU).
+    pub fn engine(&self) -> &Server<Path> {
+        &self.engine
+    }
+
+    /// Every client that completed a handshake.
+    pub fn sessions(&self) -> Vec<SessionInfo<Path>> {
+        self.engine.sessions()
+    }
+
+    /// Drops not attributed to a client, and every client's.
+    pub fn drops(&self) -> DropCounters {
+        let mut all = self.engine.drops();
+        for s in self.engine.sessions() {
+            all.merge(&s.drops);
+        }
+        all
+    }
+
+    /// The transports' own counters of what they dropped.
+    pub fn transport_drops(&self) -> Vec<(&'static str, u64)> {
+        let mut out = vec![
+            ("tun_full", self.tun_full),
+            ("http_malformed", self.http_malformed),
+        ];
+        for l in &self.listeners {
+            match l {
+                Listener::Udp => {}
+                Listener::Icmp(i) => out.push(("icmp_queue_full", i.dropped())),
+                Listener::Dns(d) => {
+                    let s = d.stats();
+                    out.extend([
+                        ("dns_malformed", s.malformed),
+                        ("dns_refused", s.refused),
+                        ("dns_queue_full", s.queue_full),
+                        ("dns_oversize", s.oversize),
+                        ("dns_evicted_tags", s.evicted_tags),
+                    ]);
+                }
+                Listener::Http(m) => out.push(("http_mailbox_dropped", m.dropped)),
+            }
+        }
+        out.retain(|&(_, n)| n > 0);
+        out
+    }
+
+    /// A packet from the TUN device, for the client that owns its
+    /// destination: sealed into `buf` (the send buffer of the first UDP
+    /// listener's driver, say: zero copies there) when it can go at once,
+    /// else queued by its transport for the client's next request.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
+        let path = *self.engine.route(packet)?;
+        let headroom = match path {
+            Path::Icmp { session: None, .. } => return None, // no request to answer yet
+            Path::Icmp { .. } => icmp::HEADROOM,
+            Path::Ws { .. } => LEN_PREFIX,
+            _ => 0,
+        };
+        let n = match self.engine.handle_tun_packet(now, packet, buf.get_mut(headroom..)?) {
+            Ok(ServerOutput::Send(_, msg)) => msg.len(),
+            _ => return None,
+        };
+        match path {
+            Path::Udp { listener, peer } => Some(Transmit {
+                listener,
+                to: Destination::Udp(peer),
+                len: n,
+            }),
+            Path::Ws { listener, conn } => {
+                buf[..LEN_PREFIX].copy_from_slice(&(n as u16).to_be_bytes());
+                Some(Transmit {
+                    listener,
+                    to: Destination::WebSocket(conn),
+                    len: LEN_PREFIX + n,
+                })
+            }
+            Path::Icmp {
+                listener,
+                session: Some(s),
+                ..
+            } => {
+                let Listener::Icmp(l) = &mut self.listeners[listener] else {
+                    return None;
+                };
+                let Some(request) = l.take_parked(s) else {
+                    l.queue(s, &buf[headroom..headroom + n]);
+                    return None;
+                };
+                let len = l.frame_reply(request, buf, icmp::HEADROOM, n);
+                Some(Transmit {
+                    listener,
+                    to: Destination::Icmp {
+                        to: request.ip,
+                        from: request.local,
+                    },
+                    len,
+                })
+            }
+            _ => {
+                self.send_on(now, path, &buf[..n]);
+                None
+            }
+        }
+    }
+
+    /// What arrived on `listener`. Inner packets go to `tun`; answers come
+    /// out of [`Endpoint::poll_transmit`].
+    pub fn handle_input(&mut self, now: Instant, listener: ListenerId, input: Input<'_>, tun: &mut impl TunSink) {
+        match (&mut self.listeners[listener], input) {
+            (Listener::Udp, Input::Datagram { from, bytes }) => {
+                let path = Path::Udp { listener, peer: from };
+                if let Handled::Reply(n) = self.handle_message(now, path, bytes, tun) {
+                    self.queue(listener, Destination::Udp(from), 0, n);
+                }
+            }
+            (Listener::Dns(d), Input::Datagram { from, bytes }) => {
+                let Some(delivered) = d.handle_query(now, from, bytes) else {
+                    return;
+                };
+                let (tag, len) = (delivered.tag, delivered.message.len());
+                self.scratch[..len].copy_from_slice(delivered.message);
+                self.dns_message(now, listener, tag, len, tun);
+            }
+            (Listener::Icmp(l), Input::Icmp { from, to, bytes }) => {
+                match l.classify(from, to, bytes) {
+                    Some(Incoming::Tunnel(request, msg)) => {
+                        self.icmp_request(now, listener, request, msg, tun);
+                    }
+                    Some(Incoming::Ping(request, payload)) => {
+                        // An ordinary ping: answered as the kernel would.
+                        let start = ECHO_HEADER_LEN;
+                        self.reply[start..start + payload.len()].copy_from_slice(payload);
+                        self.answer_echo(listener, request, start, payload.len());
+                    }
+                    None => {}
+                }
+            }
+            (Listener::Http(_), Input::WebSocket { conn, body }) => {
+                let path = Path::Ws { listener, conn };
+                let mut msgs = messages(body);
+                for msg in msgs.by_ref() {
+                    if let Handled::Reply(n) = self.handle_message(now, path, msg, tun) {
+                        self.reply.copy_within(..n, LEN_PREFIX);
+                        self.reply[..LEN_PREFIX].copy_from_slice(&(n as u16).to_be_bytes());
+                        self.queue(listener, Destination::WebSocket(conn), 0, LEN_PREFIX + n);
+                    }
+                }
+                self.http_malformed += u64::from(msgs.malformed());
+            }
+            (Listener::Http(m), Input::Poll { tag, request, body }) => {
+                m.open(now, tag);
+                let path = Path::Poll { listener, tag };
+                let mut msgs = messages(body);
+                for msg in msgs.by_ref() {
+                    if let Handled::Reply(n) = self.handle_message(now, path, msg, tun)
+                        && let Listener::Http(m) = &mut self.listeners[listener]
+                    {
+                        m.send(tag, &self.reply[..n]);
+                    }
+                }
+                self.http_malformed += u64::from(msgs.malformed());
+                let answers = self.mailboxes(listener).request(now, tag, request, !body.is_empty());
+                self.queue_answers(listener, answers);
+            }
+            _ => debug_assert!(false, "input of another transport on listener {listener}"),
+        }
+    }
+
+    fn mailboxes(&mut self, listener: ListenerId) -> &mut Mailboxes<u64> {
+        match &mut self.listeners[listener] {
+            Listener::Http(m) => m,
+            _ => unreachable!("an HTTP listener"),
+        }
+    }
+
+    fn queue_answers(&mut self, listener: ListenerId, answers: Vec<http::Answer<u64>>) {
+        for a in answers {
+            self.queued
+                .push_back((listener, Destination::PollAnswer(a.request), a.body));
+        }
+    }
+
+    /// Open one tunnel message that came by `from`, deliver or forward what
+    /// it carries, and release what the session held on a path it left.
+    fn handle_message(&mut self, now: Instant, from: Path, msg: &[u8], tun: &mut impl TunSink) -> Handled {
+        let Self {
+            engine, scratch, reply, ..
+        } = self;
+        let (out, spilled) = match tun.buffer(msg.len()) {
+            Some(b) => (b, false),
+            None => (&mut scratch[..], true),
+        };
+        let handled = match engine.handle_datagram(now, &from, msg, out) {
+            Ok(ServerOutput::Tun(packet)) => {
+                let n = packet.len();
+                if spilled {
+                    self.tun_full += 1;
+                } else {
+                    tun.commit(n);
+                }
+                Handled::Done
+            }
+            Ok(ServerOutput::Reply(r)) => {
+                reply[..r.len()].copy_from_slice(r);
+                Handled::Reply(r.len())
+            }
+            Ok(ServerOutput::Send(path, m)) => {
+                // Client to client: re-sealed by the engine.
+                let n = m.len();
+                reply[..n].copy_from_slice(m);
+                let mut sealed = std::mem::take(&mut self.reply);
+                self.send_on(now, path, &sealed[..n]);
+                std::mem::swap(&mut self.reply, &mut sealed);
+                Handled::Done
+            }
+            Ok(ServerOutput::Nothing) => Handled::Done,
+            Err(_) => Handled::Dropped,
+        };
+        while let Some((session, old)) = self.engine.poll_path_change() {
+            self.release(now, session, old);
+        }
+        handled
+    }
+
+    /// A downstream message on `path`, by whatever means the path's
+    /// transport has: at once, on a held request, or queued for the next.
+    fn send_on(&mut self, now: Instant, path: Path, msg: &[u8]) {
+        match path {
+            Path::Udp { listener, peer } => {
+                let mut b = self.buffer();
+                b.extend_from_slice(msg);
+                self.queued.push_back((listener, Destination::Udp(peer), b));
+            }
+            Path::Ws { listener, conn } => {
+                let mut b = self.buffer();
+                b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                b.extend_from_slice(msg);
+                self.queued.push_back((listener, Destination::WebSocket(conn), b));
+            }
+            Path::Icmp {
+                listener,
+                session: Some(s),
+                ..
+            } => {
+                let Listener::Icmp(l) = &mut self.listeners[listener] else {
+                    return;
+                };
+                match l.take_parked(s) {
+                    Some(request) => {
+                        let start = icmp::HEADROOM;
+                        let mut b = std::mem::take(&mut self.reply);
+                        b[start..start + msg.len()].copy_from_slice(msg);
+                        self.reply = b;
+                        self.answer_echo(listener, request, start, msg.len());
+                    }
+                    None => l.queue(s, msg),
+                }
+            }
+            // No request to answer yet: the client's next one fetches it.
+            Path::Icmp { session: None, .. } => {}
+            Path::Dns { listener, tag } => {
+                if let Listener::Dns(d) = &mut self.listeners[listener] {
+                    let _ = d.send_to_tag(now, tag, msg);
+                }
+            }
+            Path::Poll { listener, tag } => self.mailboxes(listener).send(tag, msg),
+        }
+    }
+
+    /// Queue the echo reply to `request` around the `len` bytes at
+    /// `self.reply[start..]`.
+    fn answer_echo(&mut self, listener: ListenerId, request: Request, start: usize, len: usize) {
+        let Listener::Icmp(l) = &self.listeners[listener] else {
+            return;
+        };
+        let n = l.frame_reply(request, &mut self.reply, start, len);
+        let to = Destination::Icmp {
+            to: request.ip,
+            from: request.local,
+        };
+        self.queue(listener, to, 0, n);
+    }
+
+    /// Queue a copy of `self.reply[at..at + len]`.
+    fn queue(&mut self, listener: ListenerId, to: Destination, at: usize, len: usize) {
+        let mut b = self.buffer();
+        b.extend_from_slice(&self.reply[at..at + len]);
+        self.queued.push_back((listener, to, b));
+    }
+
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    /// An echo request carrying a tunnel message: open it, then hold the
+    /// request for the session's downstream.
+    fn icmp_request(&mut self, now: Instant, listener: ListenerId, request: Request, msg: &[u8], tun: &mut impl TunSink) {
+        let session = self.engine.session_of(msg);
+        let index = match Message::parse(msg) {
+            Ok(Message::Data { receiver, .. }) => receiver,
+            _ => 0,
+        };
+        let from = Path::Icmp {
+            listener,
+            ip: request.ip,
+            session,
+        };
+        match self.handle_message(now, from, msg, tun) {
+            // A handshake response or a probe's reply answers the very
+            // request that carried the init or probe.
+            Handled::Reply(n) => {
+                self.reply.copy_within(..n, icmp::HEADROOM);
+                self.answer_echo(listener, request, icmp::HEADROOM, n);
+                return;
+            }
+            Handled::Dropped => return, // unauthenticated: no answer at all
+            Handled::Done => {}
+        }
+        let Some(session) = session else { return };
+        let Listener::Icmp(l) = &mut self.listeners[listener] else {
+            return;
+        };
+        let mut stale = Vec::new();
+        if let Some((request, m)) = l.park(now, session, index, request, &mut stale) {
+            let start = icmp::HEADROOM;
+            self.reply[start..start + m.len()].copy_from_slice(m);
+            let len = m.len();
+            self.answer_echo(listener, request, start, len);
+        }
+        for request in stale {
+            self.echo_keepalive(now, listener, session, request);
+        }
+    }
+
+    /// Answer `request` with a keepalive of `session` (or, if the session is
+    /// gone, with the bare magic: a request is always answered once).
+    fn echo_keepalive(&mut self, now: Instant, listener: ListenerId, session: SessionId, request: Request) {
+        let start = icmp::HEADROOM;
+        let n = self
+            .engine
+            .seal_keepalive(now, session, &mut self.reply[start..])
+            .unwrap_or(0);
+        self.answer_echo(listener, request, start, n);
+    }
+
+    /// A complete upstream message (in `scratch`) from DNS client `tag`:
+    /// open it, answer what it asks, and bind the tag to its session once
+    /// the session's path is this tag.
+    fn dns_message(&mut self, now: Instant, listener: ListenerId, tag: u32, len: usize, tun: &mut impl TunSink) {
+        let mut msg = std::mem::take(&mut self.scratch);
+        let session = self.engine.session_of(&msg[..len]);
+        let from = Path::Dns { listener, tag };
+        let handled = self.handle_message(now, from, &msg[..len], tun);
+        std::mem::swap(&mut self.scratch, &mut msg);
+        let Listener::Dns(d) = &mut self.listeners[listener] else {
+            return;
+        };
+        match handled {
+            // The handshake response or probe reply goes to the tag that
+            // asked (which a probe does not bind).
+            Handled::Reply(n) => {
+                let _ = d.send_to_tag(now, tag, &self.reply[..n]);
+            }
+            Handled::Dropped => return, // unauthenticated: the hold answers it empty
+            Handled::Done => {}
+        }
+        if let Some(s) = session
+            && self.engine.path_of(s) == Some(&from)
+        {
+            d.bind(now, tag, s);
+        }
+    }
+
+    /// `session` left `old`: release what it held there.
+    fn release(&mut self, now: Instant, session: SessionId, old: Path) {
+        let new = self.engine.path_of(session).copied();
+        let _ = now;
+        match old {
+            Path::Icmp { listener, .. } => {
+                let same = matches!(new, Some(Path::Icmp { listener: l, .. }) if l == listener);
+                if let (false, Listener::Icmp(l)) = (same, &mut self.listeners[listener]) {
+                    l.release(session);
+                }
+            }
+            Path::Dns { listener, .. } => {
+                if let Listener::Dns(d) = &mut self.listeners[listener] {
+                    d.unbind(session);
+                }
+            }
+            Path::Poll { listener, tag } => {
+                let answers = self.mailboxes(listener).close(tag);
+                self.queue_answers(listener, answers);
+            }
+            Path::Udp { .. } | Path::Ws { .. } => {}
+        }
+    }
+
+    /// The next thing to send, into `buf` (a buffer the endpoint may swap
+    /// for one of its own: no copy of bodies).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let _ = now;
+        if let Some((listener, to, mut bytes)) = self.queued.pop_front() {
+            std::mem::swap(buf, &mut bytes);
+            if self.spare.len() < 64 {
+                self.spare.push(bytes);
+            }
+            return Some(Transmit {
+                listener,
+                to,
+                len: buf.len(),
+            });
+        }
+        for (listener, l) in self.listeners.iter_mut().enumerate() {
+            match l {
+                Listener::Dns(d) => {
+                    if let Some(t) = d.poll_transmit() {
+                        buf.clear();
+                        buf.extend_from_slice(&t.bytes);
+                        return Some(Transmit {
+                            listener,
+                            to: Destination::Udp(t.to),
+                            len: buf.len(),
+                        });
+                    }
+                }
+                Listener::Http(m) => {
+                    if let Some(a) = m.poll_answer() {
+                        *buf = a.body;
+                        return Some(Transmit {
+                            listener,
+                            to: Destination::PollAnswer(a.request),
+                            len: buf.len(),
+                        });
+                    }
+                }
+                Listener::Udp | Listener::Icmp(_) => {}
+            }
+        }
+        None
+    }
+
+    /// When [`Endpoint::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let listeners = self.listeners.iter().filter_map(|l| match l {
+            Listener::Udp => None,
+            Listener::Icmp(i) => i.next_timeout(),
+            Listener::Dns(d) => d.next_timeout(),
+            Listener::Http(m) => m.next_timeout(),
+        });
+        self.engine.poll_timeout().into_iter().chain(listeners).min()
+    }
+
+    /// Time passed: keys expire, holds end (answered with keepalives or
+    /// empty), idle tags are forgotten.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.engine.handle_timeout(now);
+        for listener in 0..self.listeners.len() {
+            match &mut self.listeners[listener] {
+                Listener::Icmp(l) => {
+                    let mut expired = Vec::new();
+                    while let Some(x) = l.expired(now) {
+                        expired.push(x);
+                    }
+                    for (session, request) in expired {
+                        self.echo_keepalive(now, listener, session, request);
+                    }
+                }
+                Listener::Dns(d) => {
+                    if d.next_timeout().is_none_or(|t| t > now) {
+                        continue;
+                    }
+                    let engine = &mut self.engine;
+                    let mut ka = [0u8; 64];
+                    d.handle_timeout(now, |s| {
+                        let n = engine.seal_keepalive(now, s, &mut ka).ok()?;
+                        Some(ka[..n].to_vec())
+                    });
+                }
+                Listener::Http(m) => {
+                    let answers = m.handle_timeout(now);
+                    self.queue_answers(listener, answers);
+                }
+                Listener::Udp => {}
+            }
+        }
+    }
+}
