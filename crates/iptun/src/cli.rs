@@ -141,9 +141,13 @@ pub struct ClientArgs {
     pub server_key: Option<String>,
     /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST,
     /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none),
-    /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH.
-    #[arg(long, value_name = "URL")]
-    pub server: Option<String>,
+    /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH. Repeat it to give
+    /// several ways to the same server, most preferred first: the client
+    /// uses the first that works, moves the session to the next when it
+    /// stops working, and back when it works again.
+    #[arg(long = "server", value_name = "URL")]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub server: Vec<String>,
     /// https://: accept exactly the server certificate with this fingerprint
     /// (sha256:HEX, as the server logs it) instead of checking it against CAs.
     #[arg(long, value_name = "sha256:HEX", conflicts_with = "tls_ca")]
@@ -195,6 +199,20 @@ pub struct DemoArgs {
     /// Seconds of the throughput test (one TCP stream through the tunnel).
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+}
+
+/// A string or a list of strings (`server = "udp://h"` or `server = ["udp://h", "icmp://h"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Read a TOML config file into `T`; errors name the file and the key.
@@ -249,7 +267,11 @@ impl ClientArgs {
         Ok(Self {
             private_key: self.private_key.or(file.private_key),
             server_key: self.server_key.or(file.server_key),
-            server: self.server.or(file.server),
+            server: if self.server.is_empty() {
+                file.server
+            } else {
+                self.server
+            },
             tls_pin: self.tls_pin.or(file.tls_pin),
             tls_ca: self.tls_ca.or(file.tls_ca),
             proxy: self.proxy.or(file.proxy),
@@ -346,8 +368,19 @@ mod tests {
         }
         .merged()
         .unwrap();
-        assert_eq!(m.server.as_deref(), Some("udp://192.0.2.1:3000"));
+        assert_eq!(m.server, ["udp://192.0.2.1:3000"]);
         assert_eq!(m.route, ["default"]);
+        let f = write("server = [\"udp://h:3000\", \"icmp://h\", \"dns://t.example.com\"]\n");
+        let m = ClientArgs {
+            config: Some(f.0.clone()),
+            ..Default::default()
+        }
+        .merged()
+        .unwrap();
+        assert_eq!(
+            m.server,
+            ["udp://h:3000", "icmp://h", "dns://t.example.com"]
+        );
     }
 
     #[test]

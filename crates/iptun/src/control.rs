@@ -54,6 +54,39 @@ pub struct Status {
     pub sessions: Vec<SessionStatus>,
     /// Drops not attributed to a session.
     pub drops: BTreeMap<String, u64>,
+    /// Client: every candidate path, most preferred first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<CandidateStatus>,
+    /// Client: moves of the session from one path to another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moves: Option<u64>,
+    /// Client: the path in use failed and the others are being probed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub searching: bool,
+}
+
+/// One of a client's candidate paths.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CandidateStatus {
+    /// The `--server` URL.
+    pub url: String,
+    /// `udp`, `icmp`, `dns`, `https` or `http`.
+    pub transport: String,
+    /// `in use`, `standby`, `failed` or `untried`.
+    pub state: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Seconds until it is probed next.
+    pub next_probe_secs: Option<f64>,
+    /// Round-trip time of its last probe (or handshake), in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds since an authenticated message last came by it.
+    pub last_heard_secs: Option<f64>,
+    /// Times it failed.
+    pub failures: u64,
+    /// Transport details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// One session.
@@ -239,7 +272,38 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(out, "    dropped: {}", fmt_drops(&x.drops));
         }
     }
+    if !s.paths.is_empty() {
+        let moves = s.moves.unwrap_or(0);
+        let searching = if s.searching {
+            "; the path in use failed, probing the others"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  paths (moves: {moves}{searching}):");
+        for p in &s.paths {
+            let _ = writeln!(out, "    {}", fmt_candidate(p));
+        }
+    }
     out
+}
+
+/// `* udp://h:3000  in use, rtt 0.3 ms` (the star marks the path in use).
+fn fmt_candidate(p: &CandidateStatus) -> String {
+    let mark = if p.state == "in use" { '*' } else { ' ' };
+    let mut parts = vec![p.state.clone()];
+    if let Some(why) = &p.reason {
+        parts[0] = format!("{} ({why})", p.state);
+    }
+    if let Some(rtt) = p.rtt_ms {
+        parts.push(format!("rtt {rtt:.1} ms"));
+    }
+    if let Some(t) = p.next_probe_secs {
+        parts.push(format!("next probe in {t:.0} s"));
+    }
+    if p.failures > 0 {
+        parts.push(format!("failed {} times", p.failures));
+    }
+    format!("{mark} {:<40} {}", p.url, parts.join(", "))
 }
 
 /// The path's plain settings (`mode websocket, reconnects 0, ...`); nested

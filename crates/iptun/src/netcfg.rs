@@ -181,13 +181,37 @@ fn parse_route_get(json: &str) -> Result<CurrentPath> {
     })
 }
 
-/// For `--route default`: first pin a host route (/32 or /128) for `server` via
-/// the route it uses now, then route 0.0.0.0/1 and 128.0.0.0/1 (and ::/1 and
-/// 8000::/1 when `ipv6` is true) through `dev`. All recorded in undo.
-pub fn route_default(undo: &mut Undo, dev: &str, server: IpAddr, ipv6: bool) -> Result<()> {
+/// For `--route default`: first pin a host route (/32 or /128) for each
+/// address in `underlay` (the server, resolvers, a proxy: whatever the
+/// tunnel's own paths talk to) via the route it uses now, then route
+/// 0.0.0.0/1 and 128.0.0.0/1 (and ::/1 and 8000::/1 when `ipv6` is true)
+/// through `dev`. All recorded in undo.
+pub fn route_default(undo: &mut Undo, dev: &str, underlay: &[IpAddr], ipv6: bool) -> Result<()> {
+    let mut pinned = Vec::new();
+    for &server in underlay {
+        if pinned.contains(&server) {
+            continue;
+        }
+        pinned.push(server);
+        pin_host(undo, dev, server)?;
+    }
+    // Two halves are more specific than any default route, which stays untouched.
+    let mut halves = vec!["0.0.0.0/1", "128.0.0.0/1"];
+    if ipv6 {
+        halves.extend(["::/1", "8000::/1"]);
+    }
+    for half in halves {
+        add_route(undo, half.parse().expect("valid literal"), dev)?;
+    }
+    Ok(())
+}
+
+/// Keep `server` on the route it uses now (a host route), so traffic to it
+/// does not enter the tunnel.
+fn pin_host(undo: &mut Undo, dev: &str, server: IpAddr) -> Result<()> {
     let path = parse_route_get(&ip(&["-json", "route", "get", &server.to_string()])?)?;
     if path.dev == dev {
-        bail!("server {server} is already routed through {dev}; cannot keep it outside the tunnel");
+        bail!("{server} is already routed through {dev}; cannot keep it outside the tunnel");
     }
     if !path.local {
         match add_route_via(undo, IpNet::from(server), &path.nexthop) {
@@ -198,14 +222,6 @@ pub fn route_default(undo: &mut Undo, dev: &str, server: IpAddr, ipv6: bool) -> 
             }
             Err(e) => return Err(e),
         }
-    }
-    // Two halves are more specific than any default route, which stays untouched.
-    let mut halves = vec!["0.0.0.0/1", "128.0.0.0/1"];
-    if ipv6 {
-        halves.extend(["::/1", "8000::/1"]);
-    }
-    for half in halves {
-        add_route(undo, half.parse().expect("valid literal"), dev)?;
     }
     Ok(())
 }

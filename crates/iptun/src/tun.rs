@@ -19,8 +19,12 @@ const _: () = assert!(HEADROOM >= VIRTIO_NET_HDR_LEN);
 
 /// Largest packet a TUN read or write can carry.
 const MAX_PACKET: usize = 65535;
-/// Packets staged for one coalesced write.
+/// Packets staged for one coalesced write, to begin with.
 const WRITE_BATCH: usize = 512;
+/// The most packets one write batch grows to (a long-poll body of a
+/// megabyte holds more than `WRITE_BATCH` packets); beyond, packets are
+/// dropped and counted by the caller.
+const MAX_WRITE_BATCH: usize = 8192;
 
 /// An open TUN device with its batch buffers.
 pub struct Tun {
@@ -90,8 +94,12 @@ impl Tun {
     }
 
     /// A buffer of at least `len` bytes to write the next packet into, or
-    /// `None` when the batch is full (call [`Tun::flush`] first).
+    /// `None` when the batch is full (call [`Tun::flush`] first). The batch
+    /// grows as needed up to `MAX_WRITE_BATCH` packets, and keeps its size.
     pub fn stage_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        if self.staged == self.write_bufs.len() && self.staged < MAX_WRITE_BATCH {
+            self.write_bufs.push(Vec::with_capacity(HEADROOM + 2048));
+        }
         let buf = self.write_bufs.get_mut(self.staged)?;
         buf.resize(HEADROOM + len, 0);
         Some(&mut buf[HEADROOM..])
@@ -122,5 +130,15 @@ impl Tun {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl iptun_proto::transport::TunSink for Tun {
+    fn buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.stage_buffer(len)
+    }
+
+    fn commit(&mut self, len: usize) {
+        Self::commit(self, len);
     }
 }

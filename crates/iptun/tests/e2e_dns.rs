@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use iptun_proto::dns::{UP_HEADER_LEN, UpHeader};
+use iptun_proto::transport::dns::{UP_HEADER_LEN, UpHeader};
 use iptun_proto::wire::dns::{Domain, encode_name};
 use serde_json::Value;
 

@@ -142,6 +142,13 @@ pub enum Event {
         /// Why the old path was left.
         why: String,
     },
+    /// A path failed (for the log: the policy already acted on it).
+    Failed {
+        /// The path.
+        path: PathId,
+        /// Why.
+        why: String,
+    },
     /// An HTTP path's connection must be opened or closed.
     Http {
         /// The path.
@@ -234,7 +241,7 @@ pub enum PathDetail {
         /// Times the client moved to another resolver.
         switches: u64,
         /// Parameters and counters.
-        info: crate::transport::dns::client::PathInfo,
+        info: Box<crate::transport::dns::client::PathInfo>,
     },
     /// The HTTP connection.
     Http(http::HttpClientInfo),
@@ -342,7 +349,12 @@ impl Connection {
     /// A connection over `paths` (most preferred first, at least one).
     /// `unix_nanos` is the wall-clock time at `now`; it seeds handshake
     /// timestamps, which must grow across client restarts.
-    pub fn new(config: ClientConfig, paths: Vec<PathConfig>, now: Instant, unix_nanos: u64) -> Self {
+    pub fn new(
+        config: ClientConfig,
+        paths: Vec<PathConfig>,
+        now: Instant,
+        unix_nanos: u64,
+    ) -> Self {
         assert!(!paths.is_empty(), "a connection needs a path");
         let paths = paths
             .into_iter()
@@ -405,6 +417,14 @@ impl Connection {
         self.paths[path].carrier.server_ip()
     }
 
+    /// The resolvers of a DNS path (none for other transports).
+    pub fn resolvers(&self, path: PathId) -> &[SocketAddr] {
+        match &self.paths[path].carrier {
+            Carrier::Dns(c) => c.resolvers(),
+            _ => &[],
+        }
+    }
+
     /// Whether the session has keys to send with.
     pub fn is_connected(&self, now: Instant) -> bool {
         self.engine.is_connected(now)
@@ -428,7 +448,12 @@ impl Connection {
     /// should be the send buffer of [`Connection::current_path`]'s driver;
     /// zero copies on UDP). `None`: dropped and counted, or queued by the
     /// transport (DNS), whose queries come out of `poll_transmit`.
-    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
+    pub fn handle_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
         let path = self.current;
         let c = &mut self.paths[path];
         let h = c.carrier.headroom();
@@ -468,10 +493,10 @@ impl Connection {
                 let opened = self.open(now, path, msg, tun);
                 // An answer without a session (the server lost it) still
                 // answers a request; forged or stale ones do not.
-                if opened.is_some() || msg.is_empty() {
-                    if let Carrier::Icmp(c) = &mut self.paths[path].carrier {
-                        c.replied(opened == Some(true));
-                    }
+                if (opened.is_some() || msg.is_empty())
+                    && let Carrier::Icmp(c) = &mut self.paths[path].carrier
+                {
+                    c.replied(opened == Some(true));
                 }
             }
             Carrier::Dns(c) => {
@@ -506,7 +531,13 @@ impl Connection {
 
     /// Open one tunnel message from `path`. `Some(carried_data)` when it
     /// authenticated.
-    fn open(&mut self, now: Instant, path: PathId, msg: &[u8], tun: &mut impl TunSink) -> Option<bool> {
+    fn open(
+        &mut self,
+        now: Instant,
+        path: PathId,
+        msg: &[u8],
+        tun: &mut impl TunSink,
+    ) -> Option<bool> {
         let handshakes = self.engine.last_handshake();
         let Self {
             engine, scratch, ..
@@ -659,7 +690,8 @@ impl Connection {
         c.failures += 1;
         c.probe = None;
         c.unanswered_since = None;
-        c.state = PathState::Failed(why);
+        c.state = PathState::Failed(why.clone());
+        self.events.push_back(Event::Failed { path, why });
         if path != self.current {
             self.schedule_probe(now, path);
             self.refresh(now);
@@ -754,7 +786,8 @@ impl Connection {
         if self.measuring.len() > 4096 {
             self.measuring.remove(0);
         }
-        self.queued.push_back((path, self.scratch[h..h + n].to_vec()));
+        self.queued
+            .push_back((path, self.scratch[h..h + n].to_vec()));
         true
     }
 
@@ -765,7 +798,7 @@ impl Connection {
         loop {
             let (path, len) = if let Some((path, msg)) = self.queued.pop_front() {
                 (path, self.stage(path, &msg, buf))
-            } else if let Some((path, len)) = self.from_engine(now, buf) {
+            } else if let Some((path, len)) = self.engine_timers(now, buf) {
                 (path, Some(len))
             } else if let Some(path) = self.due_probe(now) {
                 (path, self.probe(now, path, buf))
@@ -800,7 +833,7 @@ impl Connection {
     /// The engine's timers: an init (first, retry, rekey) or a keepalive,
     /// for the path in use. Inits are also copied onto every path in the
     /// startup race or being probed in a search.
-    fn from_engine(&mut self, now: Instant, buf: &mut [u8]) -> Option<(PathId, usize)> {
+    fn engine_timers(&mut self, now: Instant, buf: &mut [u8]) -> Option<(PathId, usize)> {
         let path = self.current;
         let h = self.paths[path].carrier.headroom();
         let n = self.engine.poll_timers(now, &mut buf[h..])?;
@@ -814,14 +847,14 @@ impl Connection {
     /// A candidate due for a probe (or, in the startup race, for its copy
     /// of the init).
     fn due_probe(&mut self, now: Instant) -> Option<PathId> {
-        let init = self.engine.pending_init().map(|i| {
-            u32::from_le_bytes(i[4..8].try_into().expect("4 bytes"))
-        });
+        let init = self
+            .engine
+            .pending_init()
+            .map(|i| u32::from_le_bytes(i[4..8].try_into().expect("4 bytes")));
         if let Some(start) = self.race {
             // Paths join the race one by one; each gets the current init.
-            let joined = (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos())
-                as usize
-                + 1;
+            let joined =
+                (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos()) as usize + 1;
             return (0..joined.min(self.paths.len()))
                 .find(|&i| init.is_some() && self.paths[i].init_sent != init);
         }
@@ -835,7 +868,11 @@ impl Connection {
     /// handshake's init. Its length at `buf[headroom..]`.
     fn probe(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
         let h = self.paths[path].carrier.headroom();
-        if let Some(init) = self.engine.pending_init().filter(|_| self.race.is_some() || !self.engine.is_connected(now)) {
+        if let Some(init) = self
+            .engine
+            .pending_init()
+            .filter(|_| self.race.is_some() || !self.engine.is_connected(now))
+        {
             let index = u32::from_le_bytes(init[4..8].try_into().expect("4 bytes"));
             buf.get_mut(h..h + init.len())?.copy_from_slice(init);
             let c = &mut self.paths[path];
@@ -847,13 +884,14 @@ impl Connection {
             return Some(init.len());
         }
         let id = self.next_probe_id;
-        let n = match self.engine.seal_probe(now, id, CONTROL_LEN, CONTROL_LEN as u16, &mut buf[h..]) {
-            Ok(n) => n,
-            Err(_) => {
-                // No keys and no init yet: the engine starts one soon.
-                self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
-                return None;
-            }
+        let reply = CONTROL_LEN as u16;
+        let Ok(n) = self
+            .engine
+            .seal_probe(now, id, CONTROL_LEN, reply, &mut buf[h..])
+        else {
+            // No keys and no init yet: the engine starts one soon.
+            self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
+            return None;
         };
         self.next_probe_id = self.next_probe_id.wrapping_add(1);
         let c = &mut self.paths[path];
@@ -964,16 +1002,15 @@ impl Connection {
         for i in 0..self.paths.len() {
             self.paths[i].carrier.handle_timeout(now);
             let c = &self.paths[i];
-            if c.probe.is_some_and(|(_, sent)| now >= sent + c.carrier.probe_timeout()) {
+            if c.probe
+                .is_some_and(|(_, sent)| now >= sent + c.carrier.probe_timeout())
+            {
                 self.fail(now, i, "no answer to a probe".into());
             }
         }
         let c = &self.paths[self.current];
         if c.dead_at().is_some_and(|t| t <= now) && !self.searching {
-            let why = format!(
-                "nothing came back for {} s",
-                c.carrier.liveness().as_secs()
-            );
+            let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
             self.fail(now, self.current, why);
         }
         self.refresh(now);
@@ -1011,7 +1048,7 @@ impl Connection {
                         resolver: dns.resolver(),
                         tag: dns.uplink().tag(),
                         switches: dns.switches(),
-                        info: dns.uplink().path_info(),
+                        info: Box::new(dns.uplink().path_info()),
                     },
                     Carrier::Http(h) => PathDetail::Http(h.info()),
                 },

@@ -1,8 +1,8 @@
-//! The client daemon: a TUN device and one transport to the server
-//! ([`uplink::Uplink`]), with the sans-IO [`Client`] engine in between.
+//! The client daemon: a TUN device, one socket per candidate path
+//! ([`paths::PathDriver`]), and the sans-IO [`Connection`] in between,
+//! which owns the session and decides which path carries it.
 
-mod http;
-mod uplink;
+mod paths;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -10,17 +10,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ipnet::IpNet;
 use iptun_proto::TunnelConfig;
-use iptun_proto::engine::{Client, ClientConfig, ClientEvent};
+use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail, PathState};
+use iptun_proto::engine::ClientConfig;
+use iptun_proto::transport::Kind;
+use iptun_proto::wire::message::DATA_OVERHEAD;
 
 use crate::cli::ClientArgs;
-use crate::control::{self, ControlSocket, SessionStatus, Status};
+use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
 use crate::url::ServerUrl;
-use uplink::Uplink;
+pub use paths::{HttpOptions, PathDriver};
 
 /// What `--route` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,17 +32,20 @@ enum Route {
     Net(IpNet),
 }
 
-struct Settings {
-    config: ClientConfig,
-    server: ServerUrl,
+/// The client's settings after defaults and validation.
+pub struct Settings {
+    pub config: ClientConfig,
+    /// The server's URLs, most preferred first.
+    pub servers: Vec<ServerUrl>,
     routes: Vec<Route>,
     tun: String,
     control: std::path::PathBuf,
     offload: bool,
-    http: http::HttpOptions,
+    pub http: HttpOptions,
 }
 
-fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
+/// Validate the client's flags (shared with `iptun probe`).
+pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
     let args = args.merged()?;
     let private_key = daemon::read_private_key(args.private_key.as_deref())?;
     let server_key = args
@@ -47,11 +53,21 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         .as_deref()
         .context("--server-key PUBKEY is required")?;
     let server_key = daemon::parse_public_key(server_key, "--server-key")?;
-    let server: ServerUrl = args
+    anyhow::ensure!(
+        !args.server.is_empty(),
+        "--server URL is required (e.g. udp://HOST:3000; repeat it for more paths)"
+    );
+    let servers = args
         .server
-        .as_deref()
-        .context("--server URL is required (e.g. udp://HOST:3000)")?
-        .parse()?;
+        .iter()
+        .map(|u| u.parse())
+        .collect::<anyhow::Result<Vec<ServerUrl>>>()?;
+    for (i, u) in servers.iter().enumerate() {
+        anyhow::ensure!(
+            !servers[..i].contains(u),
+            "--server {u} is given twice (each URL is one path)"
+        );
+    }
     let routes = args
         .route
         .iter()
@@ -72,8 +88,14 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         (None, None) => Trust::System,
         (Some(_), Some(_)) => anyhow::bail!("--tls-pin and --tls-ca exclude each other"),
     };
-    let is_http = matches!(server, ServerUrl::Http(_));
-    if !is_http
+    let http_urls: Vec<_> = servers
+        .iter()
+        .filter_map(|s| match s {
+            ServerUrl::Http(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    if http_urls.is_empty()
         && (args.tls_pin.is_some()
             || args.tls_ca.is_some()
             || args.proxy.is_some()
@@ -83,13 +105,16 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
             "--tls-pin, --tls-ca, --proxy and --http-mode apply to http(s):// servers only"
         );
     }
-    if let ServerUrl::Http(u) = &server
-        && !u.tls
+    if !http_urls.is_empty()
+        && http_urls.iter().all(|u| !u.tls)
         && (args.tls_pin.is_some() || args.tls_ca.is_some())
     {
-        anyhow::bail!("--tls-pin/--tls-ca: {u} does not use TLS (https:// does)");
+        anyhow::bail!(
+            "--tls-pin/--tls-ca: {} does not use TLS (https:// does)",
+            http_urls[0]
+        );
     }
-    let http = http::HttpOptions {
+    let http = HttpOptions {
         trust,
         proxy: args.proxy,
         mode: args.http_mode.unwrap_or(Mode::Auto),
@@ -97,7 +122,7 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config: ClientConfig::new(private_key, server_key),
-        server,
+        servers,
         routes,
         control: args.control.unwrap_or_else(|| control::default_path(&tun)),
         tun,
@@ -106,32 +131,70 @@ fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
     })
 }
 
+/// The candidate paths that could be opened, in preference order.
+pub struct OpenPaths {
+    pub urls: Vec<ServerUrl>,
+    pub drivers: Vec<PathDriver>,
+    pub configs: Vec<PathConfig>,
+}
+
+/// The paths of the URLs that can be used: each resolved and its socket
+/// opened. A URL that fails is left out with a warning when there are
+/// others; none left is an error.
+pub fn open_paths(s: &Settings) -> anyhow::Result<OpenPaths> {
+    let mut open = OpenPaths {
+        urls: Vec::new(),
+        drivers: Vec::new(),
+        configs: Vec::new(),
+    };
+    let mut errors = Vec::new();
+    for url in &s.servers {
+        match url.resolve().and_then(|a| paths::open(a, &s.http)) {
+            Ok((driver, config)) => {
+                open.urls.push(url.clone());
+                open.drivers.push(driver);
+                open.configs.push(config);
+            }
+            Err(e) => {
+                tracing::warn!("--server {url}: {e:#}; leaving it out");
+                errors.push(format!("{url}: {e:#}"));
+            }
+        }
+    }
+    if open.drivers.is_empty() {
+        anyhow::bail!("no --server URL can be used: {}", errors.join("; "));
+    }
+    Ok(open)
+}
+
 /// Run the client until SIGINT/SIGTERM.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
     let server_key = s.config.server_key;
     let control = ControlSocket::bind(&s.control)?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
-    let mut uplink = Uplink::open(s.server.resolve()?, &s.http)?;
-    let mut engine = Client::new(s.config, Instant::now(), daemon::unix_nanos());
+    let OpenPaths {
+        urls,
+        mut drivers,
+        configs,
+    } = open_paths(&s)?;
+    let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
-    tracing::info!("connecting to {} ({})", s.server, uplink.describe().1);
+    let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
+    tracing::info!("connecting to {}", shown.join(", then "));
 
     let mut drops = DropReporter::new();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut reports = tokio::time::interval(Duration::from_secs(10));
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
-    let mut buf = vec![0u8; 1 << 16];
+    let mut buf = Vec::new();
     // One timer, moved only when the deadline changes (not re-armed per packet).
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
+    let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     loop {
-        let deadline = [engine.next_timeout(), uplink.next_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let deadline = conn.poll_timeout().unwrap_or(never);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
@@ -139,65 +202,108 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = &mut shutdown => break,
             r = tun.readable() => {
                 r.context("waiting on the TUN device")?;
-                if !from_tun(&mut engine, &mut tun, &mut uplink)? {
+                if !from_tun(&mut conn, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
-            r = std::future::poll_fn(|cx| uplink.poll_readable(cx)) => {
-                r.context("waiting on the transport")?;
-                if !uplink.receive(&mut engine, &mut tun).await? {
+            (i, r) = std::future::poll_fn(|cx| ready_path(&mut drivers, cx)) => {
+                r.with_context(|| format!("waiting on --server {}", urls[i]))?;
+                if !drivers[i].receive(&mut conn, i, &mut tun).await? {
                     tokio::task::yield_now().await;
                 }
             }
-            () = &mut timer => {
-                let now = Instant::now();
-                while let Some(n) = engine.poll_timers(now, &mut buf) {
-                    uplink.send(now, &buf[..n]);
-                }
-                uplink.top_up(&mut engine, now);
-                uplink.flush();
-            }
-            _ = ticker.tick() => drops.tick(Instant::now(), engine.drops()),
-            conn = control.accept() => {
-                if let Ok(conn) = conn {
-                    let st = status(&engine, tun.name(), &s.server, &uplink, &server_key, configured.as_ref());
-                    control::reply(conn, &st);
+            () = &mut timer => conn.handle_timeout(Instant::now()),
+            _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),
+            c = control.accept() => {
+                if let Ok(c) = c {
+                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    control::reply(c, &st);
                 }
             }
         }
-        while let Some(ClientEvent::Configured(config)) = engine.poll_event() {
-            let mtu = tunnel_mtu(&config, &uplink);
-            configure(
-                &tun,
-                &config,
-                mtu,
-                configured.as_ref(),
-                &s.routes,
-                uplink.server_ip(),
-                &mut undo,
-            )?;
-            configured = Some(config);
+        transmit(&mut conn, &mut drivers, &mut buf);
+        while let Some(event) = conn.poll_event() {
+            match event {
+                Event::Configured(config) => {
+                    let mtu = tunnel_mtu(&config, &conn);
+                    let underlay: Vec<IpAddr> = drivers
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, d)| d.underlay(&conn, i))
+                        .collect();
+                    configure(
+                        &tun,
+                        &config,
+                        mtu,
+                        configured.as_ref(),
+                        &s.routes,
+                        &underlay,
+                        &mut undo,
+                    )?;
+                    configured = Some(config);
+                }
+                Event::Moved { from, to, why } => {
+                    tracing::warn!("moved from {} to {}: {why}", urls[from], urls[to]);
+                }
+                Event::Failed { path, why } => tracing::warn!("{}: {why}", urls[path]),
+                Event::Http { path, command } => drivers[path].command(command),
+                Event::Measured { .. } => {}
+            }
         }
     }
     drop(undo);
     Ok(())
 }
 
-/// The server's MTU, lowered if the path to the server cannot carry it
-/// whole (ICMPv6 over a 1500-byte link, say): then TCP's MSS keeps packets
-/// from being fragmented outside the tunnel.
-fn tunnel_mtu(config: &TunnelConfig, uplink: &Uplink) -> u16 {
-    let Some(path) = netcfg::path_mtu(uplink.server_ip()) else {
-        return config.mtu;
-    };
-    let fits = path.saturating_sub(uplink.overhead()).max(576);
-    if fits < config.mtu {
-        tracing::info!(
-            "path MTU {path} to the server: tunnel MTU {fits} instead of {}",
-            config.mtu
-        );
+/// The index of a path whose socket is ready.
+fn ready_path(
+    drivers: &mut [PathDriver],
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<(usize, std::io::Result<()>)> {
+    for (i, d) in drivers.iter_mut().enumerate() {
+        if let std::task::Poll::Ready(r) = d.poll_readable(cx) {
+            return std::task::Poll::Ready((i, r));
+        }
     }
-    config.mtu.min(fits)
+    std::task::Poll::Pending
+}
+
+/// Send what the connection has to send, and flush every batch.
+pub fn transmit(conn: &mut Connection, drivers: &mut [PathDriver], buf: &mut Vec<u8>) {
+    let now = Instant::now();
+    while let Some(t) = conn.poll_transmit(now, buf) {
+        if let Some(e) = drivers[t.path].send(t, &buf[..t.len]) {
+            conn.handle_path_event(now, t.path, e);
+        }
+    }
+    drivers.iter_mut().for_each(PathDriver::flush);
+}
+
+/// The server's MTU, lowered if a path to the server cannot carry it whole
+/// (ICMPv6 over a 1500-byte link, say): then TCP's MSS keeps packets from
+/// being fragmented outside the tunnel, whichever path carries them.
+fn tunnel_mtu(config: &TunnelConfig, conn: &Connection) -> u16 {
+    let mut mtu = config.mtu;
+    for path in 0..conn.path_count() {
+        let Some(ip) = conn.server_ip(path) else {
+            continue; // fragmented into queries, or a TCP stream
+        };
+        let Some(link) = netcfg::path_mtu(ip) else {
+            continue;
+        };
+        let carrier = match conn.kind(path) {
+            Kind::Icmp => iptun_proto::wire::icmp::OVERHEAD,
+            _ => 8,
+        };
+        let header = if ip.is_ipv4() { 20 } else { 40 };
+        let overhead = (header + carrier + DATA_OVERHEAD) as u16;
+        let fits = link.saturating_sub(overhead).max(576);
+        if fits < mtu {
+            tracing::info!("path MTU {link} to the server: tunnel MTU {fits} instead of {mtu}");
+            mtu = fits;
+        }
+    }
+    mtu
 }
 
 /// Set up (or redo) the TUN device and routes from the server's config.
@@ -207,7 +313,7 @@ fn configure(
     mtu: u16,
     previous: Option<&TunnelConfig>,
     routes: &[Route],
-    server: IpAddr,
+    underlay: &[IpAddr],
     undo: &mut Undo,
 ) -> anyhow::Result<()> {
     let mut addrs = vec![IpNet::new(config.client_v4.into(), config.prefix_v4)?];
@@ -231,20 +337,30 @@ fn configure(
     }
     for route in routes {
         match route {
-            Route::Default => netcfg::route_default(undo, tun.name(), server, config.v6.is_some())?,
+            Route::Default => {
+                netcfg::route_default(undo, tun.name(), underlay, config.v6.is_some())?;
+            }
             Route::Net(net) => netcfg::add_route(undo, *net, tun.name())?,
         }
     }
     Ok(())
 }
 
-fn from_tun(engine: &mut Client, tun: &mut Tun, uplink: &mut Uplink) -> anyhow::Result<bool> {
+fn from_tun(
+    conn: &mut Connection,
+    tun: &mut Tun,
+    drivers: &mut [PathDriver],
+) -> anyhow::Result<bool> {
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
-            // Seal straight into the transport's send buffer: no copy.
-            uplink.send_with(now, |out| engine.handle_tun_packet(now, packet, out).ok());
+            // Sealed straight into the path's send buffer: no copy.
+            let path = conn.current_path();
+            let failed = drivers[path].send_with(|buf| conn.handle_tun_packet(now, packet, buf));
+            if let Some(e) = failed {
+                conn.handle_path_event(now, path, e);
+            }
         });
         match result {
             Ok(()) => {}
@@ -255,20 +371,117 @@ fn from_tun(engine: &mut Client, tun: &mut Tun, uplink: &mut Uplink) -> anyhow::
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
-    uplink.flush();
+    drivers.iter_mut().for_each(PathDriver::flush);
     Ok(dry)
 }
 
+/// The transport's name as users know it (`https` for TLS).
+pub fn transport_name(url: &ServerUrl) -> &'static str {
+    match url {
+        ServerUrl::Udp { .. } => "udp",
+        ServerUrl::Icmp { .. } => "icmp",
+        ServerUrl::Dns { .. } => "dns",
+        ServerUrl::Http(u) if u.tls => "https",
+        ServerUrl::Http(_) => "http",
+    }
+}
+
+/// A path's transport details for status.
+fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value> {
+    Some(match detail {
+        PathDetail::Udp => return None,
+        PathDetail::Icmp(s) => serde_json::json!({
+            "requests": s.requests,
+            "replies": s.replies,
+            "unanswered": s.unanswered,
+            "outstanding": s.outstanding,
+            "window": s.target,
+        }),
+        PathDetail::Dns {
+            resolver,
+            tag,
+            switches,
+            info: p,
+        } => {
+            let s = p.stats;
+            serde_json::json!({
+                "resolver": resolver.to_string(),
+                "resolver_switches": switches,
+                "tag": format!("{tag:08x}"),
+                "encoding": p.encoding,
+                "record_type": p.record_type,
+                "edns_size": p.edns_size,
+                "max_name_len": p.max_name_len,
+                "upstream_fragment": p.upstream_fragment,
+                "downstream_limit": p.downstream_limit,
+                "in_flight": p.in_flight,
+                "target": p.target,
+                "window": p.window,
+                "backoff_ms": p.backoff.as_millis() as u64,
+                "stats": {
+                    "queries": s.queries,
+                    "data_queries": s.data_queries,
+                    "answers": s.answers,
+                    "data_answers": s.data_answers,
+                    "timeouts": s.timeouts,
+                    "servfails": s.servfails,
+                    "refused": s.refused,
+                    "truncated": s.truncated,
+                    "errors": s.errors,
+                    "retried": s.retried,
+                    "lost": s.lost,
+                    "fallbacks": s.fallbacks,
+                    "reprobes": s.reprobes,
+                    "encoding_probes": s.encoding_probes,
+                    "encoding_failures": s.encoding_failures,
+                    "type_probes": s.type_probes,
+                    "type_probe_failures": s.type_probe_failures,
+                    "type_fallbacks": s.type_fallbacks,
+                    "unexpected": s.unexpected,
+                },
+            })
+        }
+        PathDetail::Http(h) => {
+            let mut v = serde_json::json!({
+                "mode": h.mode,
+                "connected": h.connected,
+                "reconnects": h.reconnects,
+                "last_error": h.last_error,
+            });
+            if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), driver.info())
+            {
+                o.extend(extra);
+            }
+            v
+        }
+    })
+}
+
+/// Where a path reaches the server, for status.
+fn endpoint(detail: &PathDetail, url: &ServerUrl, conn: &Connection, path: usize) -> String {
+    match detail {
+        PathDetail::Dns { resolver, .. } => resolver.to_string(),
+        PathDetail::Http(_) => url.to_string(),
+        _ => match (url, conn.server_ip(path)) {
+            (ServerUrl::Udp { port, .. }, Some(ip)) => {
+                std::net::SocketAddr::new(ip, *port).to_string()
+            }
+            (_, Some(ip)) => ip.to_string(),
+            _ => url.to_string(),
+        },
+    }
+}
+
 fn status(
-    engine: &Client,
+    conn: &Connection,
+    drivers: &[PathDriver],
+    urls: &[ServerUrl],
     tun: &str,
-    url: &ServerUrl,
-    uplink: &Uplink,
     server_key: &iptun_proto::crypto::PublicKey,
     config: Option<&TunnelConfig>,
 ) -> Status {
-    let (transport, endpoint) = uplink.describe();
     let now = Instant::now();
+    let st = conn.status(now);
     let addresses: Vec<String> = config
         .map(|c| {
             std::iter::once(c.client_v4.to_string())
@@ -276,31 +489,60 @@ fn status(
                 .collect()
         })
         .unwrap_or_default();
+    let current = &st.paths[st.current];
     let session = SessionStatus {
         key: server_key.to_base64(),
         addresses: addresses.clone(),
-        transport: transport.into(),
-        endpoint: Some(endpoint),
+        transport: transport_name(&urls[st.current]).into(),
+        endpoint: Some(endpoint(
+            &current.detail,
+            &urls[st.current],
+            conn,
+            st.current,
+        )),
         rx_bytes: 0,
         rx_packets: 0,
         tx_bytes: 0,
         tx_packets: 0,
         drops: Default::default(),
         since_handshake_secs: None,
-        path: uplink.path_info(),
+        path: detail(&current.detail, &drivers[st.current]),
     }
     .counters(
-        engine.traffic(),
-        engine.drops(),
-        engine.last_handshake(),
+        conn.traffic(),
+        conn.drops(),
+        conn.engine().last_handshake(),
         now,
     );
+    let candidates = st
+        .paths
+        .iter()
+        .zip(urls)
+        .zip(drivers)
+        .map(|((p, url), driver)| CandidateStatus {
+            url: url.to_string(),
+            transport: transport_name(url).into(),
+            state: p.state.as_str().into(),
+            reason: match &p.state {
+                PathState::Failed(why) => Some(why.clone()),
+                _ => None,
+            },
+            next_probe_secs: p.next_probe.map(|d| d.as_secs_f64()),
+            rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            last_heard_secs: p.last_heard.map(|d| d.as_secs_f64()),
+            failures: p.failures,
+            detail: detail(&p.detail, driver),
+        })
+        .collect();
     Status {
         role: "client".into(),
         tun: tun.into(),
         addresses,
-        endpoints: vec![url.to_string()],
+        endpoints: urls.iter().map(ToString::to_string).collect(),
         sessions: vec![session],
         drops: Default::default(),
+        paths: candidates,
+        moves: Some(st.moves),
+        searching: st.searching,
     }
 }

@@ -1,109 +1,143 @@
 //! The server loop's side of the HTTP listeners: the connection tasks
-//! ([`http_server`]) send [`Event`]s here; downstream messages go back
-//! batched per WebSocket, or into the long-poll [`Mailboxes`].
+//! ([`http_server`]) send [`Event`]s here; what the endpoint answers goes
+//! back batched per WebSocket, or as the body of a held long-poll response.
+//! The long-poll discipline itself (mailboxes, holds) is the endpoint's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use iptun_proto::engine::{Server, ServerOutput};
-use iptun_proto::http::{BATCH_TARGET, Batch, Mailboxes, messages};
+use iptun_proto::endpoint::{Endpoint, Input, ListenerId};
+use iptun_proto::transport::http::BATCH_TARGET;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Path, Senders};
-use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::http_server::{self, Event, Listener};
 use crate::tun::Tun;
 
 /// One WebSocket's way back: its task's queue and the batch being built.
 struct WsDown {
     tx: mpsc::Sender<Bytes>,
-    batch: Batch,
+    batch: Vec<u8>,
 }
 
-/// The HTTP listeners' shared state.
-pub(super) struct Listeners {
+/// The HTTP listeners' connections.
+pub struct HttpConnections {
     events: mpsc::Receiver<(usize, Event)>,
     events_tx: mpsc::Sender<(usize, Event)>,
-    /// Per listener: whether it speaks TLS (for status).
-    tls: Vec<bool>,
+    listeners: usize,
     ws: HashMap<u64, WsDown>,
-    /// WebSockets with a batch waiting for [`Listeners::flush`].
+    /// WebSockets with a batch waiting for [`HttpConnections::flush`].
     dirty: Vec<u64>,
-    polls: Mailboxes<oneshot::Sender<Vec<u8>>>,
+    /// Long-poll responses owed, by the endpoint's request handle.
+    polls: HashMap<u64, oneshot::Sender<Vec<u8>>>,
+    next_request: u64,
     /// Downstream batches dropped because a WebSocket's queue was full.
-    queue_full: u64,
-    /// Bodies that ended inside a message.
-    malformed: u64,
+    pub queue_full: u64,
 }
 
-impl Listeners {
-    pub(super) fn new() -> Self {
+impl HttpConnections {
+    pub fn new() -> Self {
         let (events_tx, events) = mpsc::channel(256);
         Self {
             events,
             events_tx,
-            tls: Vec::new(),
+            listeners: 0,
             ws: HashMap::new(),
             dirty: Vec::new(),
-            polls: Mailboxes::new(),
+            polls: HashMap::new(),
+            next_request: 0,
             queue_full: 0,
-            malformed: 0,
         }
     }
 
-    /// Listen on `addr` for `path`; returns the bound address.
-    pub(super) async fn add(
+    /// Listen on `addr` for `path` as the endpoint's listener `index`;
+    /// returns the bound address.
+    pub async fn add(
         &mut self,
+        index: ListenerId,
         addr: SocketAddr,
         path: &str,
         tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     ) -> anyhow::Result<SocketAddr> {
         let listener = Listener {
-            index: self.tls.len(),
+            index,
             path: path.to_owned(),
-            tls: tls.clone(),
+            tls,
         };
         let local = http_server::spawn(addr, listener, self.events_tx.clone()).await?;
-        self.tls.push(tls.is_some());
+        self.listeners += 1;
         Ok(local)
     }
 
-    /// The transport's name for listener `i`.
-    pub(super) fn scheme(&self, listener: usize) -> &'static str {
-        if self.tls.get(listener).copied().unwrap_or(false) {
-            "https"
-        } else {
-            "http"
-        }
-    }
-
     /// The next event, once one is there.
-    pub(super) async fn next_event(&mut self) -> Option<(usize, Event)> {
-        if self.tls.is_empty() {
+    pub async fn next_event(&mut self) -> Option<(usize, Event)> {
+        if self.listeners == 0 {
             return std::future::pending().await;
         }
         self.events.recv().await
     }
 
-    /// A downstream message on the path to a client.
-    pub(super) fn send(&mut self, path: Path, msg: &[u8]) {
-        match path {
-            Path::Ws { conn, .. } => {
-                let Some(ws) = self.ws.get_mut(&conn) else {
-                    return;
-                };
-                if ws.batch.is_empty() {
-                    self.dirty.push(conn);
+    /// Hand `first` and whatever other events wait (up to a bound) to the endpoint.
+    pub async fn receive(
+        &mut self,
+        ep: &mut Endpoint,
+        tun: &mut Tun,
+        first: (usize, Event),
+    ) -> std::io::Result<()> {
+        let mut next = Some(first);
+        for _ in 0..crate::daemon::MAX_BATCHES_PER_WAKEUP * 8 {
+            let Some((listener, event)) = next.take() else {
+                break;
+            };
+            let now = Instant::now();
+            match event {
+                Event::WsOpen { conn, tx } => {
+                    let batch = Vec::new();
+                    self.ws.insert(conn, WsDown { tx, batch });
                 }
-                ws.batch.push(msg);
-                if ws.batch.len() >= BATCH_TARGET {
-                    Self::send_batch(ws, &mut self.queue_full);
+                Event::WsClosed { conn } => {
+                    self.ws.remove(&conn);
+                }
+                Event::WsData { conn, body } => {
+                    ep.handle_input(now, listener, Input::WebSocket { conn, body: &body }, tun);
+                }
+                Event::Poll { tag, body, reply } => {
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.polls.insert(request, reply);
+                    let input = Input::Poll {
+                        tag,
+                        request,
+                        body: &body,
+                    };
+                    ep.handle_input(now, listener, input, tun);
                 }
             }
-            Path::Poll { tag, .. } => self.polls.send(tag, msg),
-            _ => {}
+            tun.flush().await?;
+            next = self.events.try_recv().ok();
+        }
+        Ok(())
+    }
+
+    /// A framed message for WebSocket `conn`.
+    pub fn send_ws(&mut self, conn: u64, framed: &[u8]) {
+        let Some(ws) = self.ws.get_mut(&conn) else {
+            return; // closed meanwhile
+        };
+        if ws.batch.is_empty() {
+            self.dirty.push(conn);
+        }
+        ws.batch.extend_from_slice(framed);
+        if ws.batch.len() >= BATCH_TARGET {
+            Self::send_batch(ws, &mut self.queue_full);
+        }
+    }
+
+    /// The body answering long-poll `request`.
+    pub fn answer(&mut self, request: u64, body: Vec<u8>) {
+        if let Some(reply) = self.polls.remove(&request) {
+            let _ = reply.send(body); // the client may have gone
         }
     }
 
@@ -111,129 +145,19 @@ impl Listeners {
         if ws.batch.is_empty() {
             return;
         }
-        if ws.tx.try_send(Bytes::from(ws.batch.take())).is_err() {
+        let body = Bytes::copy_from_slice(&ws.batch);
+        ws.batch.clear();
+        if ws.tx.try_send(body).is_err() {
             *queue_full += 1; // the inner TCP sees loss and slows down
         }
     }
 
-    /// Send the batches built since the last flush; answer held polls.
-    pub(super) fn flush(&mut self) {
+    /// Send the batches built since the last flush.
+    pub fn flush(&mut self) {
         for conn in self.dirty.drain(..) {
             if let Some(ws) = self.ws.get_mut(&conn) {
                 Self::send_batch(ws, &mut self.queue_full);
             }
         }
-        while let Some(a) = self.polls.poll_answer() {
-            let _ = a.request.send(a.body);
-        }
     }
-
-    pub(super) fn next_timeout(&self) -> Option<Instant> {
-        self.polls.next_timeout()
-    }
-
-    /// Answer polls held past their hold (empty).
-    pub(super) fn handle_timeout(&mut self, now: Instant) {
-        for a in self.polls.handle_timeout(now) {
-            let _ = a.request.send(a.body);
-        }
-    }
-
-    /// Add this transport's own counters to a status report.
-    pub(super) fn add_drops(&self, drops: &mut std::collections::BTreeMap<String, u64>) {
-        for (k, v) in [
-            ("http_queue_full", self.queue_full),
-            ("http_malformed", self.malformed),
-            ("http_mailbox_dropped", self.polls.dropped),
-        ] {
-            if v > 0 {
-                *drops.entry(k.into()).or_default() += v;
-            }
-        }
-    }
-}
-
-/// Handle `first` and whatever other events are waiting (up to a bound).
-pub(super) async fn receive(
-    engine: &mut Server<Path>,
-    tun: &mut Tun,
-    senders: &mut Senders,
-    first: (usize, Event),
-) -> anyhow::Result<()> {
-    let mut next = Some(first);
-    for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
-        let Some((listener, event)) = next.take() else {
-            break;
-        };
-        handle(engine, tun, senders, listener, event).await?;
-        next = senders.http.events.try_recv().ok();
-    }
-    tun.flush().await?;
-    senders.flush();
-    Ok(())
-}
-
-async fn handle(
-    engine: &mut Server<Path>,
-    tun: &mut Tun,
-    senders: &mut Senders,
-    listener: usize,
-    event: Event,
-) -> std::io::Result<()> {
-    let now = Instant::now();
-    match event {
-        Event::WsOpen { conn, tx } => {
-            let batch = Batch::new();
-            senders.http.ws.insert(conn, WsDown { tx, batch });
-        }
-        Event::WsClosed { conn } => {
-            senders.http.ws.remove(&conn);
-        }
-        Event::WsData { conn, body } => {
-            let from = Path::Ws { listener, conn };
-            upstream(engine, tun, senders, &from, &body, now).await?;
-        }
-        Event::Poll { tag, body, reply } => {
-            senders.http.polls.open(now, tag);
-            let from = Path::Poll { listener, tag };
-            upstream(engine, tun, senders, &from, &body, now).await?;
-            let carried_data = !body.is_empty();
-            for a in senders.http.polls.request(now, tag, reply, carried_data) {
-                let _ = a.request.send(a.body);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The messages of one body from `from`, into the engine.
-async fn upstream(
-    engine: &mut Server<Path>,
-    tun: &mut Tun,
-    senders: &mut Senders,
-    from: &Path,
-    body: &[u8],
-    now: Instant,
-) -> std::io::Result<()> {
-    let mut msgs = messages(body);
-    for msg in msgs.by_ref() {
-        if tun.stage_buffer(msg.len()).is_none() {
-            tun.flush().await?; // a body can hold more packets than a write batch
-        }
-        let Some(buf) = tun.stage_buffer(msg.len()) else {
-            continue;
-        };
-        match engine.handle_datagram(now, from, msg, buf) {
-            Ok(ServerOutput::Tun(packet)) => {
-                let n = packet.len();
-                tun.commit(n);
-            }
-            Ok(ServerOutput::Send(path, reply)) => senders.send(path, reply),
-            Ok(ServerOutput::Nothing) | Err(_) => {}
-        }
-    }
-    if msgs.malformed() {
-        senders.http.malformed += 1;
-    }
-    Ok(())
 }

@@ -1,19 +1,20 @@
-//! The server daemon: one TUN device, listeners on any mix of transports,
-//! the sans-IO [`Server`] engine in between.
+//! The server daemon: one TUN device, listeners on any mix of transports
+//! (one socket or HTTP listener each), and the sans-IO [`Endpoint`] in
+//! between, which owns the sessions and every transport's state.
 
-mod dns;
 mod http;
-mod icmp;
 
 use std::future::poll_fn;
-use std::net::IpAddr;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use iptun_proto::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId};
+use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Transmit};
+use iptun_proto::engine::ServerConfig;
 use iptun_proto::pool::AddressPool;
+use iptun_proto::transport::Kind;
+use iptun_proto::wire::dns::Domain;
 use iptun_proto::wire::icmp::Family;
 
 use crate::cli::ServerArgs;
@@ -22,96 +23,124 @@ use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::netcfg::{self, Undo};
 use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::tls;
-use crate::transport::udp::{self, Peer, UdpReceiver, UdpSender};
+use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
+use http::HttpConnections;
 
-/// A way back to a client: which transport and socket, and the address on it.
-/// New transports add variants here; the engine only compares and clones them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
-    /// UDP listener `socket`, client address and our address it talks to.
-    Udp { socket: usize, peer: Peer },
-    /// ICMP socket `socket`, client address `ip`; replies can only answer the
-    /// session's held requests, so the session is part of the path.
+/// One listener's socket (UDP and DNS listeners are both UDP sockets);
+/// HTTP listeners' connections live in [`HttpConnections`].
+enum ListenerDriver {
+    Udp {
+        rx: UdpReceiver,
+        tx: UdpSender,
+    },
     Icmp {
-        socket: usize,
-        ip: IpAddr,
-        session: Option<SessionId>,
+        socket: IcmpSocket,
+        buf: Vec<u8>,
     },
-    /// DNS listener `socket`, client `tag`: answers ride on the tag's held
-    /// queries, whichever resolver sent them; once bound, by session.
-    Dns {
-        socket: usize,
-        tag: u32,
-        session: Option<SessionId>,
+    /// `https` or `http`.
+    Http {
+        tls: bool,
     },
-    /// WebSocket connection `conn` on HTTP listener `listener`.
-    Ws { listener: usize, conn: u64 },
-    /// Long-poll client `tag` on HTTP listener `listener`: downstream
-    /// messages wait in its mailbox for its next request.
-    Poll { listener: usize, tag: u64 },
 }
 
-impl PathKind for Path {
-    fn is_polled(&self) -> bool {
-        matches!(self, Self::Icmp { .. } | Self::Dns { .. })
-    }
-}
-
-impl Path {
-    fn transport(&self, senders: &Senders) -> &'static str {
+impl ListenerDriver {
+    fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         match self {
-            Self::Udp { .. } => "udp",
-            Self::Icmp { .. } => "icmp",
-            Self::Dns { .. } => "dns",
-            Self::Ws { listener, .. } | Self::Poll { listener, .. } => {
-                senders.http.scheme(*listener)
+            Self::Udp { rx, .. } => rx.poll_readable(cx).map(drop),
+            Self::Icmp { socket, .. } => socket.poll_readable(cx).map(drop),
+            Self::Http { .. } => Poll::Pending,
+        }
+    }
+
+    /// Drain the socket (up to a bound) into the endpoint and the TUN
+    /// device. Returns whether it ran dry.
+    async fn receive(
+        &mut self,
+        ep: &mut Endpoint,
+        listener: usize,
+        tun: &mut Tun,
+    ) -> anyhow::Result<bool> {
+        match self {
+            Self::Udp { rx, .. } => {
+                for _ in 0..MAX_BATCHES_PER_WAKEUP {
+                    let now = Instant::now();
+                    let r = rx.try_recv_batch(|from, bytes| {
+                        ep.handle_input(now, listener, Input::Datagram { from, bytes }, tun);
+                    });
+                    match r {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                        // An ICMP error from an earlier send: not ours to stop for.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                        Err(e) => return Err(e).context("receiving on a UDP socket"),
+                    }
+                    tun.flush().await.context("writing to the TUN device")?;
+                }
+                Ok(false)
             }
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        match self {
-            Self::Udp { peer, .. } => peer.addr.to_string(),
-            Self::Icmp { ip, .. } => ip.to_string(),
-            Self::Dns { tag, .. } => format!("tag {tag:08x}"),
-            Self::Ws { conn, .. } => format!("websocket {conn}"),
-            Self::Poll { tag, .. } => format!("long-poll {tag:016x}"),
+            Self::Icmp { socket, buf } => {
+                let mut dry = false;
+                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
+                    let r = match socket.try_recv(buf) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            dry = true;
+                            break;
+                        }
+                        Err(e) => return Err(e).context("receiving on an ICMP socket"),
+                    };
+                    let input = Input::Icmp {
+                        from: r.from,
+                        to: r.to,
+                        bytes: r.icmp,
+                    };
+                    ep.handle_input(Instant::now(), listener, input, tun);
+                }
+                tun.flush().await.context("writing to the TUN device")?;
+                Ok(dry)
+            }
+            Self::Http { .. } => Ok(true),
         }
     }
 }
 
-/// Everything that sends to clients: UDP batches, and the ICMP sockets with
-/// the echo requests held for answering.
-struct Senders {
-    udp: Vec<UdpSender>,
-    icmp: icmp::Listeners,
-    dns: dns::Listeners,
-    http: http::Listeners,
+/// Every listener's socket, indexed like the endpoint's listeners.
+struct Drivers {
+    listeners: Vec<ListenerDriver>,
+    http: HttpConnections,
+    /// The first UDP listener: packets from the TUN device are sealed
+    /// straight into its send batch.
+    first_udp: Option<usize>,
+    scratch: Vec<u8>,
 }
 
-impl Senders {
-    fn send(&mut self, path: Path, msg: &[u8]) {
-        match path {
-            Path::Udp { socket, peer } => self.udp[socket].send(peer, msg),
-            Path::Icmp {
-                session: Some(session),
-                ..
-            } => self.icmp.downstream(session, msg),
-            // No request to answer yet: the client's next one will fetch it.
-            Path::Icmp { session: None, .. } => {}
-            Path::Dns {
-                socket,
-                tag,
-                session,
-            } => self.dns.send(socket, tag, session, msg),
-            Path::Ws { .. } | Path::Poll { .. } => self.http.send(path, msg),
+impl Drivers {
+    /// Send one transmit of `bytes`.
+    fn send(&mut self, t: Transmit, bytes: &[u8]) {
+        match (&mut self.listeners[t.listener], t.to) {
+            (ListenerDriver::Udp { tx, .. }, Destination::Udp(peer)) => tx.send(peer, bytes),
+            (ListenerDriver::Icmp { socket, .. }, Destination::Icmp { to, from }) => {
+                let _ = socket.send(to, Some(from), bytes);
+            }
+            (ListenerDriver::Http { .. }, Destination::WebSocket(conn)) => {
+                self.http.send_ws(conn, bytes);
+            }
+            (ListenerDriver::Http { .. }, Destination::PollAnswer(request)) => {
+                self.http.answer(request, bytes.to_vec());
+            }
+            _ => debug_assert!(false, "a transmit for another transport"),
         }
     }
 
     fn flush(&mut self) {
-        self.udp.iter_mut().for_each(UdpSender::flush);
+        for l in &mut self.listeners {
+            if let ListenerDriver::Udp { tx, .. } = l {
+                tx.flush();
+            }
+        }
         self.http.flush();
     }
 }
@@ -223,61 +252,61 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
 /// Run the server until SIGINT/SIGTERM.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
-    let now = Instant::now();
-    let mut engine: Server<Path> = Server::new(s.config, now);
     let control = ControlSocket::bind(&s.control)?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
-    let me = engine.addresses();
-    let mut addrs = vec![IpNet::new(me.v4.into(), engine.pool().net4().prefix_len())?];
-    if let (Some(v6), Some(net6)) = (me.v6, engine.pool().net6()) {
+    let pool = &s.config.pool;
+    let (net4, net6) = (pool.net4(), pool.net6());
+    let me = pool.server();
+    let mut addrs = vec![IpNet::new(me.v4.into(), net4.prefix_len())?];
+    if let (Some(v6), Some(net6)) = (me.v6, net6) {
         addrs.push(IpNet::new(v6.into(), net6.prefix_len())?);
     }
-    netcfg::configure_interface(tun.name(), &addrs, engine.mtu())?;
+    netcfg::configure_interface(tun.name(), &addrs, s.config.mtu)?;
     let mut undo = Undo::new();
     if s.nat {
-        netcfg::enable_nat(
-            &mut undo,
-            tun.name(),
-            engine.pool().net4(),
-            engine.pool().net6(),
-        )?;
+        netcfg::enable_nat(&mut undo, tun.name(), net4, net6)?;
     }
-    let mut receivers = Vec::new();
-    let mut senders = Senders {
-        udp: Vec::new(),
-        icmp: icmp::Listeners::new(),
-        dns: dns::Listeners::new(),
-        http: http::Listeners::new(),
+    let mut drivers = Drivers {
+        listeners: Vec::new(),
+        http: HttpConnections::new(),
+        first_udp: None,
+        scratch: vec![0; iptun_proto::endpoint::BUF_LEN],
     };
+    let mut configs = Vec::new();
     let mut endpoints = Vec::new();
     for l in &s.listen {
-        match l {
+        let index = drivers.listeners.len();
+        let (driver, config) = match l {
             &Listen::Udp(addr) => {
                 let (rx, tx) = udp::bind(addr)?;
                 endpoints.push(format!("udp://{}", rx.local_addr()?));
-                receivers.push(rx);
-                senders.udp.push(tx);
+                drivers.first_udp.get_or_insert(index);
+                (ListenerDriver::Udp { rx, tx }, ListenerConfig::Udp)
             }
             &Listen::Icmp(family) => {
-                senders
-                    .icmp
-                    .add(IcmpSocket::open(family, Role::Server)?, &mut undo)?;
+                let socket = IcmpSocket::open(family, Role::Server)?;
+                take_over_echo(family, &mut undo)?;
                 endpoints.push(match family {
                     Family::V4 => "icmp://0.0.0.0".to_owned(),
                     Family::V6 => "icmp://[::]".to_owned(),
                 });
+                let buf = vec![0; 1 << 16];
+                (
+                    ListenerDriver::Icmp { socket, buf },
+                    ListenerConfig::Icmp(family),
+                )
             }
             Listen::Dns { addr, domain } => {
-                let local = senders.dns.add(*addr, domain)?;
-                endpoints.push(format!("dns://{local}?domain={domain}"));
+                let d = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
+                let (rx, tx) = udp::bind(*addr).with_context(|| format!("DNS listener {addr}"))?;
+                endpoints.push(format!("dns://{}?domain={domain}", rx.local_addr()?));
+                (ListenerDriver::Udp { rx, tx }, ListenerConfig::Dns(d))
             }
             Listen::Http { addr, path, tls } => {
-                let config = if *tls {
-                    s.tls.as_ref().map(|t| t.config.clone())
-                } else {
-                    None
-                };
-                let local = senders.http.add(*addr, path, config).await?;
+                let config = tls
+                    .then(|| s.tls.as_ref().map(|t| t.config.clone()))
+                    .flatten();
+                let local = drivers.http.add(index, *addr, path, config).await?;
                 endpoints.push(match (&s.tls, tls) {
                     (Some(t), true) if t.self_signed => {
                         format!("https://{local}{path} (self-signed, pin {})", t.pin)
@@ -285,9 +314,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     (Some(t), true) => format!("https://{local}{path} (pin {})", t.pin),
                     _ => format!("http://{local}{path}"),
                 });
+                (ListenerDriver::Http { tls: *tls }, ListenerConfig::Http)
             }
-        }
+        };
+        drivers.listeners.push(driver);
+        configs.push(config);
     }
+    let mut ep = Endpoint::new(s.config, configs, Instant::now());
     if let Some(t) = s.tls.as_ref().filter(|t| t.self_signed) {
         tracing::info!(
             "TLS certificate pin: {} (self-signed; clients give --tls-pin {})",
@@ -301,105 +334,92 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let addr_text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!("server up on {} with {}", tun.name(), addr_text.join(", "));
 
-    // Where packets from the TUN device are sealed before joining a send batch.
-    let mut seal_buf = vec![0u8; 1 << 16];
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut reports = tokio::time::interval(Duration::from_secs(10));
     let mut drops = DropReporter::new();
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
-    // The poll transports' timer (DNS holds of 600 ms, HTTP long-poll holds:
-    // finer than the ticker), moved only when their deadline changes.
-    let poll_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(poll_timer);
+    let mut buf = Vec::new();
+    // One timer, moved only when the deadline changes.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     loop {
-        let deadline = [senders.dns.next_timeout(), senders.http.next_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(never);
-        if poll_timer.deadline() != deadline.into() {
-            poll_timer.as_mut().reset(deadline.into());
+        let deadline = ep.poll_timeout().unwrap_or(never);
+        if timer.deadline() != deadline.into() {
+            timer.as_mut().reset(deadline.into());
         }
         tokio::select! {
             () = &mut shutdown => break,
             r = tun.readable() => {
                 r.context("waiting on the TUN device")?;
-                if !from_tun(&mut engine, &mut tun, &mut senders, &mut seal_buf)? {
+                if !from_tun(&mut ep, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
-            i = poll_fn(|cx| ready_receiver(&receivers, cx)) => {
-                if !from_network(&mut engine, &mut tun, &mut receivers[i], i, &mut senders).await? {
+            i = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
+                if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
                     tokio::task::yield_now().await;
                 }
             }
-            i = poll_fn(|cx| senders.icmp.poll_readable(cx)) => {
-                if !icmp::receive(&mut engine, &mut tun, &mut senders, i).await? {
-                    tokio::task::yield_now().await;
-                }
-            }
-            i = poll_fn(|cx| senders.dns.poll_readable(cx)) => {
-                if !dns::receive(&mut engine, &mut tun, &mut senders, i).await? {
-                    tokio::task::yield_now().await;
-                }
-            }
-            ev = senders.http.next_event() => {
+            ev = drivers.http.next_event() => {
                 if let Some(ev) = ev {
-                    http::receive(&mut engine, &mut tun, &mut senders, ev).await.context("writing to the TUN device")?;
+                    drivers.http.receive(&mut ep, &mut tun, ev).await.context("writing to the TUN device")?;
                 }
             }
-            () = &mut poll_timer => {
-                let now = Instant::now();
-                senders.dns.handle_timeout(&mut engine, now);
-                senders.http.handle_timeout(now);
-            }
-            _ = ticker.tick() => {
-                let now = Instant::now();
-                engine.poll_timers(now);
-                senders.icmp.expire(&mut engine, now);
-                drops.tick(now, total_drops(&engine));
-            }
-            conn = control.accept() => {
-                if let Ok(conn) = conn {
-                    let mut st = status(&engine, &senders, tun.name(), &addr_text, &endpoints);
-                    senders.icmp.add_drops(&mut st.drops);
-                    senders.dns.add_drops(&mut st.drops);
-                    senders.http.add_drops(&mut st.drops);
-                    control::reply(conn, &st);
+            () = &mut timer => ep.handle_timeout(Instant::now()),
+            _ = reports.tick() => drops.tick(Instant::now(), ep.drops()),
+            c = control.accept() => {
+                if let Ok(c) = c {
+                    let st = status(&ep, &drivers, tun.name(), &addr_text, &endpoints);
+                    control::reply(c, &st);
                 }
             }
         }
+        transmit(&mut ep, &mut drivers, &mut buf);
     }
     drop(undo);
     Ok(())
 }
 
-fn ready_receiver(receivers: &[UdpReceiver], cx: &mut std::task::Context<'_>) -> Poll<usize> {
-    for (i, r) in receivers.iter().enumerate() {
-        if r.poll_readable(cx).is_ready() {
+/// Keep the kernel from answering echo requests too: the endpoint answers
+/// ordinary pings itself, and tunnel requests only once.
+fn take_over_echo(family: Family, undo: &mut Undo) -> anyhow::Result<()> {
+    let sysctl = match family {
+        Family::V4 => "/proc/sys/net/ipv4/icmp_echo_ignore_all",
+        Family::V6 => "/proc/sys/net/ipv6/icmp/echo_ignore_all",
+    };
+    netcfg::set_sysctl(undo, sysctl, "1").context("taking over echo replies from the kernel")
+}
+
+fn ready_listener(listeners: &[ListenerDriver], cx: &mut std::task::Context<'_>) -> Poll<usize> {
+    for (i, l) in listeners.iter().enumerate() {
+        if l.poll_readable(cx).is_ready() {
             return Poll::Ready(i);
         }
     }
     Poll::Pending
 }
 
+/// Send what the endpoint has to send, and flush every batch.
+fn transmit(ep: &mut Endpoint, drivers: &mut Drivers, buf: &mut Vec<u8>) {
+    let now = Instant::now();
+    while let Some(t) = ep.poll_transmit(now, buf) {
+        if let Destination::PollAnswer(request) = t.to {
+            drivers.http.answer(request, std::mem::take(buf)); // no copy of the body
+        } else {
+            drivers.send(t, &buf[..t.len]);
+        }
+    }
+    drivers.flush();
+}
+
 /// Drain the TUN device (up to a bound): seal each packet for the client
 /// that owns its destination. Returns whether the device ran dry.
-fn from_tun(
-    engine: &mut Server<Path>,
-    tun: &mut Tun,
-    senders: &mut Senders,
-    out: &mut [u8],
-) -> anyhow::Result<bool> {
+fn from_tun(ep: &mut Endpoint, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::Result<bool> {
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
         let now = Instant::now();
-        let result = tun.try_read_batch(|packet| {
-            if let Ok(ServerOutput::Send(path, msg)) = engine.handle_tun_packet(now, packet, out) {
-                senders.send(path, msg);
-            }
-        });
+        let result = tun.try_read_batch(|packet| from_tun_packet(ep, drivers, now, packet));
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -409,66 +429,61 @@ fn from_tun(
             Err(e) => return Err(e).context("reading the TUN device"),
         }
     }
-    senders.flush();
+    drivers.flush();
     Ok(dry)
 }
 
-/// Drain one socket (up to a bound): open each datagram, write packets to the
-/// TUN device in one coalesced batch, send replies and client-to-client
-/// packets. Returns whether the socket ran dry.
-async fn from_network(
-    engine: &mut Server<Path>,
-    tun: &mut Tun,
-    receiver: &mut UdpReceiver,
-    socket: usize,
-    senders: &mut Senders,
-) -> anyhow::Result<bool> {
-    let mut dry = false;
-    for _ in 0..MAX_BATCHES_PER_WAKEUP {
-        let now = Instant::now();
-        let result = receiver.try_recv_batch(|peer, datagram| {
-            let from = Path::Udp { socket, peer };
-            let Some(buf) = tun.stage_buffer(datagram.len()) else {
-                return;
-            };
-            match engine.handle_datagram(now, &from, datagram, buf) {
-                Ok(ServerOutput::Tun(packet)) => {
-                    let n = packet.len();
-                    tun.commit(n);
+/// One packet from the TUN device: sealed straight into the first UDP
+/// listener's send batch (no copy) when it goes there, else sent from a
+/// scratch buffer by its own listener.
+fn from_tun_packet(ep: &mut Endpoint, drivers: &mut Drivers, now: Instant, packet: &[u8]) {
+    let Drivers {
+        listeners,
+        first_udp,
+        scratch,
+        ..
+    } = drivers;
+    let mut elsewhere = None;
+    if let Some(u) = *first_udp
+        && let ListenerDriver::Udp { tx, .. } = &mut listeners[u]
+    {
+        tx.send_with_any(|buf| {
+            let t = ep.handle_tun_packet(now, packet, buf)?;
+            match t.to {
+                Destination::Udp(peer) if t.listener == u => Some((peer, t.len)),
+                _ => {
+                    scratch[..t.len].copy_from_slice(&buf[..t.len]);
+                    elsewhere = Some(t);
+                    None
                 }
-                Ok(ServerOutput::Send(path, msg)) => senders.send(path, msg),
-                Ok(ServerOutput::Nothing) | Err(_) => {}
             }
         });
-        match result {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                dry = true;
-                break;
-            }
-            Err(e) => return Err(e).context("receiving on a UDP socket"),
-        }
-        tun.flush().await.context("writing to the TUN device")?;
+    } else {
+        elsewhere = ep.handle_tun_packet(now, packet, scratch);
     }
-    senders.flush();
-    Ok(dry)
-}
-
-fn total_drops(engine: &Server<Path>) -> iptun_proto::DropCounters {
-    let mut all = engine.drops();
-    engine.sessions().iter().for_each(|s| all.merge(&s.drops));
-    all
+    if let Some(t) = elsewhere {
+        let bytes = std::mem::take(&mut drivers.scratch);
+        drivers.send(t, &bytes[..t.len]);
+        drivers.scratch = bytes;
+    }
 }
 
 fn status(
-    engine: &Server<Path>,
-    senders: &Senders,
+    ep: &Endpoint,
+    drivers: &Drivers,
     tun: &str,
     addresses: &[String],
     endpoints: &[String],
 ) -> Status {
     let now = Instant::now();
-    let sessions = engine
+    let transport = |path: &iptun_proto::endpoint::Path| match (
+        path.kind(),
+        &drivers.listeners[path.listener()],
+    ) {
+        (Kind::Http, ListenerDriver::Http { tls: true }) => "https",
+        (kind, _) => kind.as_str(),
+    };
+    let sessions = ep
         .sessions()
         .into_iter()
         .map(|s| {
@@ -477,8 +492,8 @@ fn status(
                 addresses: std::iter::once(s.lease.v4.to_string())
                     .chain(s.lease.v6.map(|a| a.to_string()))
                     .collect(),
-                transport: s.path.map_or("none", |p| p.transport(senders)).to_owned(),
-                endpoint: s.path.map(|p| p.endpoint()),
+                transport: s.path.as_ref().map_or("none", transport).to_owned(),
+                endpoint: s.path.map(|p| p.describe()),
                 rx_bytes: 0,
                 rx_packets: 0,
                 tx_bytes: 0,
@@ -490,12 +505,22 @@ fn status(
             .counters(s.traffic, s.drops, s.last_handshake, now)
         })
         .collect();
+    let mut drops = control::drop_map(ep.engine().drops());
+    for (name, n) in ep.transport_drops() {
+        *drops.entry(name.into()).or_default() += n;
+    }
+    if drivers.http.queue_full > 0 {
+        drops.insert("http_queue_full".into(), drivers.http.queue_full);
+    }
     Status {
         role: "server".into(),
         tun: tun.into(),
         addresses: addresses.to_vec(),
         endpoints: endpoints.to_vec(),
         sessions,
-        drops: control::drop_map(engine.drops()),
+        drops,
+        paths: Vec::new(),
+        moves: None,
+        searching: false,
     }
 }

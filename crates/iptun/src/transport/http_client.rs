@@ -1,16 +1,17 @@
-//! The client side of the HTTP transports: a task that keeps a connection
-//! to the server — through a forward proxy if there is one, with TLS for
-//! `https://` — and moves batches of framed tunnel messages between it and
-//! the client loop.
+//! The client side of the HTTP transports: a task that opens a connection
+//! to the server when the client loop says so — through a forward proxy if
+//! there is one, with TLS for `https://` — and moves batches of framed
+//! tunnel messages between it and the loop.
 //!
-//! WebSocket first; if the upgrade is refused (a proxy that strips
-//! `Upgrade`, a middlebox that answers 4xx), long-poll: one connection
-//! posts upstream batches, [`POLLERS`] others keep polls held on the server
-//! for downstream ones. A broken connection is reopened with back-off; the
-//! session above does not notice beyond a short gap.
+//! Which mode to open (WebSocket, or long-poll where the upgrade is
+//! refused), and when to try again, is the core's decision
+//! ([`iptun_proto::transport::http::HttpClient`]): this task dials as told
+//! ([`Command`]) and reports what happened ([`HttpEvent`]). In long-poll
+//! mode one connection posts upstream batches while [`POLLERS`] others keep
+//! polls held on the server for downstream ones.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -20,8 +21,7 @@ use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use iptun_proto::http::{BATCH_TARGET, HOLD, MAX_BODY, POLLERS};
-use serde::Serialize;
+use iptun_proto::transport::http::{BATCH_TARGET, Command, HOLD, HttpEvent, MAX_BODY, POLLERS};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
@@ -46,9 +46,6 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// A new WebSocket must answer the client's first ping this fast.
 const FIRST_ANSWER: Duration = Duration::from_secs(5);
-/// Reconnection back-off.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(16);
 
 /// A forward proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +56,7 @@ pub struct Proxy {
     pub authorization: Option<String>,
 }
 
-/// Which HTTP mode to use.
+/// Which HTTP mode to use (the flag's values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -71,6 +68,16 @@ pub enum Mode {
     LongPoll,
 }
 
+impl From<Mode> for iptun_proto::transport::http::Mode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => Self::Auto,
+            Mode::Websocket => Self::WebSocket,
+            Mode::LongPoll => Self::LongPoll,
+        }
+    }
+}
+
 /// Everything the connection task needs.
 pub struct Config {
     pub url: HttpUrl,
@@ -78,7 +85,6 @@ pub struct Config {
     pub connect_to: SocketAddr,
     pub proxy: Option<Proxy>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    pub mode: Mode,
     /// The long-poll tag.
     pub tag: u64,
 }
@@ -87,100 +93,82 @@ pub struct Config {
 pub enum Down {
     /// A body of framed tunnel messages.
     Data(Bytes),
-    /// A (new) connection is up: a good moment to tell the server where we are.
-    Connected,
+    /// What became of the connection asked for.
+    Event(HttpEvent),
 }
 
-/// What `iptun status` shows.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Info {
-    pub mode: &'static str,
-    pub connected: bool,
-    pub reconnects: u64,
-    pub proxy: Option<String>,
-    pub last_error: Option<String>,
-}
-
-/// Run the connection task until the client loop drops its channels.
+/// Run the connection task until the client loop drops its channels:
+/// dial when told, report how it went, move batches meanwhile.
 pub async fn run(
     config: Config,
+    mut commands: mpsc::Receiver<Command>,
     mut up: mpsc::Receiver<Bytes>,
     down: mpsc::Sender<Down>,
-    info: Arc<Mutex<Info>>,
 ) {
-    let mut mode = config.mode;
-    let mut backoff = BACKOFF_MIN;
-    let mut connections = 0u64;
-    let set = |f: &dyn Fn(&mut Info)| f(&mut info.lock().expect("not poisoned"));
+    let mut next = commands.recv().await;
     loop {
-        let result = match mode {
-            Mode::Auto | Mode::Websocket => match open_websocket(&config).await {
-                Ok(ws) => {
-                    connections += 1;
-                    set(&|i| {
-                        i.mode = "websocket";
-                        i.connected = true;
-                        i.reconnects = connections - 1;
-                    });
-                    tracing::info!("connected to {} by WebSocket", config.url);
-                    backoff = BACKOFF_MIN;
-                    if down.send(Down::Connected).await.is_err() {
-                        return;
-                    }
-                    let mut heard = false;
-                    let r = run_websocket(ws, &mut up, &down, &mut heard).await;
-                    if let (Err(e), false, Mode::Auto) = (&r, heard, mode) {
-                        // Upgraded, yet not even a pong came back: something
-                        // in the path answers for the server or buffers.
-                        tracing::warn!(
-                            "WebSocket carried nothing ({e:#}): falling back to long-poll"
-                        );
-                        mode = Mode::LongPoll;
-                        continue;
-                    }
-                    r
-                }
-                Err(Refusal::Upgrade(why)) if mode == Mode::Auto => {
-                    tracing::warn!("WebSocket upgrade refused ({why}): falling back to long-poll");
-                    mode = Mode::LongPoll;
-                    continue;
-                }
-                Err(Refusal::Upgrade(why)) => {
-                    Err(anyhow::anyhow!("WebSocket upgrade refused: {why}"))
-                }
-                Err(Refusal::Other(e)) => Err(e),
-            },
-            Mode::LongPoll => {
-                set(&|i| i.mode = "long-poll");
-                run_long_poll(&config, &mut up, &down, &mut || {
-                    connections += 1;
-                    set(&|i| {
-                        i.connected = true;
-                        i.reconnects = connections - 1;
-                    });
-                    tracing::info!("connected to {} by long-poll", config.url);
-                })
-                .await
+        let websocket = match next {
+            None => return,
+            Some(Command::Hangup) => {
+                // Nothing open: what was queued for the old connection goes.
+                while up.try_recv().is_ok() {}
+                next = commands.recv().await;
+                continue;
+            }
+            Some(Command::Dial { websocket }) => websocket,
+        };
+        let event = tokio::select! {
+            e = connection(&config, websocket, &mut up, &down) => e,
+            c = commands.recv() => {
+                next = c; // hang up (or dial anew): the connection is dropped
+                continue;
             }
         };
-        if down.is_closed() {
+        if down.send(Down::Event(event)).await.is_err() {
             return;
         }
-        let e = result.err().unwrap_or_else(|| anyhow::anyhow!("closed"));
-        tracing::warn!(
-            "connection to {}: {e:#}; retrying in {backoff:?}",
-            config.url
-        );
-        set(&|i| {
-            i.connected = false;
-            i.last_error = Some(format!("{e:#}"));
-        });
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-        // After a fallback, the next connection tries WebSocket again: the
-        // middlebox that refused it may be gone (the client roamed).
-        mode = config.mode;
+        next = commands.recv().await;
     }
+}
+
+/// Open one connection in the mode asked and carry batches until it ends;
+/// what ended it.
+async fn connection(
+    config: &Config,
+    websocket: bool,
+    up: &mut mpsc::Receiver<Bytes>,
+    down: &mpsc::Sender<Down>,
+) -> HttpEvent {
+    if !websocket {
+        let opened = || async {
+            tracing::info!("connected to {} by long-poll", config.url);
+            let _ = down.send(Down::Event(HttpEvent::Opened)).await;
+        };
+        let e = run_long_poll(config, up, down, opened).await;
+        let why = format!("{:#}", e.err().unwrap_or_else(|| anyhow::anyhow!("closed")));
+        return HttpEvent::Closed { heard: true, why };
+    }
+    let ws = match open_websocket(config).await {
+        Ok(ws) => ws,
+        Err(Refusal::Upgrade(why)) => return HttpEvent::UpgradeRefused(why),
+        Err(Refusal::Other(e)) => {
+            return HttpEvent::Closed {
+                heard: false,
+                why: format!("{e:#}"),
+            };
+        }
+    };
+    tracing::info!("connected to {} by WebSocket", config.url);
+    if down.send(Down::Event(HttpEvent::Opened)).await.is_err() {
+        return HttpEvent::Closed {
+            heard: false,
+            why: "client gone".into(),
+        };
+    }
+    let mut heard = false;
+    let e = run_websocket(ws, up, down, &mut heard).await;
+    let why = format!("{:#}", e.err().unwrap_or_else(|| anyhow::anyhow!("closed")));
+    HttpEvent::Closed { heard, why }
 }
 
 /// Why a WebSocket did not open.
@@ -431,7 +419,7 @@ impl PollConn {
     /// after each response (tinyproxy does): then a new one carries it.
     /// Also a request lost that way is resent once.
     async fn exchange(&mut self, config: &Config, body: Bytes) -> anyhow::Result<Bytes> {
-        let query = format!("?{}", iptun_proto::http::poll_query(config.tag));
+        let query = format!("?{}", iptun_proto::transport::http::poll_query(config.tag));
         let absolute = self.absolute; // the same for every connection
         let post = || {
             request(config, absolute, Method::POST, &query)
@@ -474,21 +462,18 @@ async fn read_response(
 
 /// Long-poll until a connection breaks: one connection posts what comes
 /// from the client loop, [`POLLERS`] keep polls held for downstream data.
-async fn run_long_poll(
+async fn run_long_poll<F: Future<Output = ()>>(
     config: &Config,
     up: &mut mpsc::Receiver<Bytes>,
     down: &mpsc::Sender<Down>,
-    connected: &mut (dyn FnMut() + Send),
+    opened: impl FnOnce() -> F,
 ) -> anyhow::Result<()> {
     let mut sender = PollConn::open(config).await?;
     let mut pollers = Vec::new();
     for _ in 0..POLLERS {
         pollers.push(PollConn::open(config).await?);
     }
-    connected();
-    if down.send(Down::Connected).await.is_err() {
-        return Ok(());
-    }
+    opened().await;
     let polling = futures_util::future::try_join_all(
         pollers.iter_mut().map(|p| keep_polling(p, config, down)),
     );

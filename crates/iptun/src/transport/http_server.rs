@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use iptun_proto::http::{HOLD, MAX_BODY};
+use iptun_proto::transport::http::{HOLD, MAX_BODY};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -161,7 +161,7 @@ async fn handle(
         return accept_websocket(req, listener.index, events);
     }
     if req.method() == Method::POST
-        && let Some(tag) = iptun_proto::http::poll_tag(req.uri().query())
+        && let Some(tag) = iptun_proto::transport::http::poll_tag(req.uri().query())
     {
         return long_poll(req, tag, listener.index, events).await;
     }

@@ -1,7 +1,7 @@
 //! The ICMP echo transport's socket: a raw ICMP (or ICMPv6) socket, which
 //! sees every echo request (server) or reply (client) that reaches the host.
 //! A kernel filter keeps everything else out. One syscall per message; the
-//! poll discipline that decides *when* to send lives in `iptun_proto::poll`.
+//! poll discipline that decides *when* to send lives in `iptun_proto::transport::poll`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -79,11 +79,6 @@ impl IcmpSocket {
         Ok(Self { fd, family })
     }
 
-    /// The socket's family.
-    pub fn family(&self) -> Family {
-        self.family
-    }
-
     /// Ready for a receive.
     pub fn poll_readable(
         &self,
@@ -122,16 +117,21 @@ impl IcmpSocket {
     /// given (a reply leaves from the address its request was sent to, or a
     /// stateful firewall would not match it). Waits briefly when the socket
     /// buffer is full, then drops (as the network would).
-    pub fn send(&self, to: IpAddr, from: Option<IpAddr>, message: &[u8]) {
+    /// An error other than a full buffer (no route, say) is returned.
+    pub fn send(&self, to: IpAddr, from: Option<IpAddr>, message: &[u8]) -> io::Result<()> {
         for _ in 0..2 {
             match send_with_source(self.fd.as_raw_fd(), to, from, message) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     sockopt::wait_writable(self.fd.as_raw_fd())
                 }
-                Err(e) => return tracing::debug!("ICMP send to {to} failed: {e}"),
-                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!("ICMP send to {to} failed: {e}");
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
+        Ok(())
     }
 }
 

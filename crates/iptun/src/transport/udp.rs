@@ -5,7 +5,7 @@
 //! missing.
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,22 +24,9 @@ const GSO_MAX_BYTES: usize = 65000;
 /// The largest datagram we ever build.
 const MAX_DATAGRAM: usize = 65535;
 
-/// A remote address, and the local address it reached us at. Replies go
-/// out from that address: on a host with several, the kernel would pick one
-/// by route, and NATs and firewalls on the way drop answers from an address
-/// the peer never talked to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// `None`: whatever the kernel picks.
-    pub local: Option<IpAddr>,
-}
-
-impl From<SocketAddr> for Peer {
-    fn from(addr: SocketAddr) -> Self {
-        Self { addr, local: None }
-    }
-}
+/// A remote address, and our address it reached us at (replies leave
+/// from it).
+pub use iptun_proto::endpoint::UdpAddr as Peer;
 
 /// Bind a UDP socket to `addr` and return its receiving and sending halves.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
@@ -141,7 +128,13 @@ impl UdpSender {
     /// buffer and returns its length (or `None` to send nothing). Datagrams
     /// are batched; call [`UdpSender::flush`] at the end of a burst.
     pub fn send_with(&mut self, to: Peer, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
-        let Some(len) = fill(self.batch.tail()) else {
+        self.send_with_any(|buf| Some((to, fill(buf)?)));
+    }
+
+    /// Build a datagram in place whose destination is known only once it
+    /// is built: `fill` writes it and returns where it goes and its length.
+    pub fn send_with_any(&mut self, fill: impl FnOnce(&mut [u8]) -> Option<(Peer, usize)>) {
+        let Some((to, len)) = fill(self.batch.tail()) else {
             return;
         };
         if !self.batch.try_join(to, len) {

@@ -1,0 +1,453 @@
+//! The client's sockets, one driver per candidate path: they send what the
+//! [`Connection`] gives them and hand it what arrives. No protocol here.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use iptun_proto::connection::{Connection, PathConfig, PathEvent, PathId, Transmit};
+use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE};
+use iptun_proto::wire::dns::Domain;
+use tokio::sync::mpsc;
+
+use crate::daemon::MAX_BATCHES_PER_WAKEUP;
+use crate::transport::http_client::{self, Down, Mode, Proxy};
+use crate::transport::icmp::{IcmpSocket, Role};
+use crate::transport::tls::{self, Trust};
+use crate::transport::udp::{self, UdpReceiver, UdpSender};
+use crate::tun::Tun;
+use crate::url::{HttpUrl, ServerAddr};
+
+/// The client's HTTP settings besides the URL.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    pub trust: Trust,
+    /// `--proxy` as given (`None`: from the environment).
+    pub proxy: Option<String>,
+    pub mode: Mode,
+}
+
+/// Batches queued for an HTTP connection task; beyond, new ones are
+/// dropped (a short outer queue keeps the inner TCP's delay short).
+const UP_QUEUE: usize = 32;
+
+/// One candidate path's socket.
+pub enum PathDriver {
+    Udp {
+        rx: UdpReceiver,
+        tx: UdpSender,
+        server: SocketAddr,
+    },
+    Icmp {
+        socket: IcmpSocket,
+        buf: Vec<u8>,
+    },
+    Dns(Box<DnsSocket>),
+    Http(Box<HttpDriver>),
+}
+
+/// A UDP socket for a DNS path's resolvers.
+pub struct DnsSocket {
+    socket: tokio::net::UdpSocket,
+    /// Whether `socket` is dual-stack IPv6 (IPv4 resolvers mapped).
+    dual_stack: bool,
+    buf: Vec<u8>,
+}
+
+/// An HTTP path: channels to its connection task.
+pub struct HttpDriver {
+    url: HttpUrl,
+    proxy: Option<Proxy>,
+    first_hop: SocketAddr,
+    commands: mpsc::Sender<Command>,
+    up: mpsc::Sender<Bytes>,
+    down: mpsc::Receiver<Down>,
+    /// What `poll_readable` took off the channel, for `receive`.
+    pending: Option<Down>,
+    /// Framed messages being gathered into one body.
+    batch: Vec<u8>,
+    /// Batches dropped because the connection could not take them.
+    dropped: u64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpDriver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Open the socket for a resolved server address, and say how the core
+/// reaches the server through it.
+pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDriver, PathConfig)> {
+    let mut random = [0u8; 16];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
+    let r64 = |i: usize| u64::from_le_bytes(random[i..i + 8].try_into().expect("8 bytes"));
+    Ok(match server {
+        ServerAddr::Udp(to) => {
+            let (rx, tx) = udp::bind_for(to)?;
+            let driver = PathDriver::Udp { rx, tx, server: to };
+            (driver, PathConfig::Udp { server: to })
+        }
+        ServerAddr::Icmp(to) => {
+            let family = if to.is_ipv4() {
+                iptun_proto::wire::icmp::Family::V4
+            } else {
+                iptun_proto::wire::icmp::Family::V6
+            };
+            let socket = IcmpSocket::open(family, Role::Client)?;
+            let driver = PathDriver::Icmp {
+                socket,
+                buf: vec![0; 1 << 16],
+            };
+            (
+                driver,
+                PathConfig::Icmp {
+                    server: to,
+                    id: r64(0) as u16,
+                },
+            )
+        }
+        ServerAddr::Dns { domain, resolvers } => {
+            let domain =
+                Domain::new(&domain).with_context(|| format!("tunnel domain `{domain}`"))?;
+            let (socket, resolvers) = resolver_socket(resolvers)?;
+            let dual_stack = socket.local_addr()?.is_ipv6();
+            let driver = PathDriver::Dns(Box::new(DnsSocket {
+                socket,
+                dual_stack,
+                buf: vec![0; 1 << 16],
+            }));
+            let config = PathConfig::Dns {
+                domain,
+                resolvers,
+                tag: r64(0) as u32,
+                seed: r64(8),
+            };
+            (driver, config)
+        }
+        ServerAddr::Http(url) => {
+            let driver = HttpDriver::open(url, http, r64(0))?;
+            let config = PathConfig::Http {
+                mode: http.mode.into(),
+            };
+            (PathDriver::Http(Box::new(driver)), config)
+        }
+    })
+}
+
+impl PathDriver {
+    /// Addresses on the underlay this path talks to (the server, the
+    /// resolvers, the proxy): `--route default` keeps them outside the tunnel.
+    pub fn underlay(&self, conn: &Connection, path: PathId) -> Vec<IpAddr> {
+        match self {
+            Self::Http(h) => vec![h.first_hop.ip()],
+            Self::Dns(_) => conn.resolvers(path).iter().map(SocketAddr::ip).collect(),
+            Self::Udp { .. } | Self::Icmp { .. } => conn.server_ip(path).into_iter().collect(),
+        }
+    }
+
+    /// Send a packet from the TUN device: `seal` writes it into this
+    /// path's send buffer (batched on UDP and HTTP: call [`PathDriver::flush`]).
+    pub fn send_with(
+        &mut self,
+        seal: impl FnOnce(&mut [u8]) -> Option<Transmit>,
+    ) -> Option<PathEvent> {
+        match self {
+            Self::Udp { tx, server, .. } => {
+                tx.send_with((*server).into(), |buf| seal(buf).map(|t| t.len));
+                None
+            }
+            Self::Icmp { socket, buf } => {
+                let t = seal(buf)?;
+                let to = t.to?.ip();
+                socket.send(to, None, &buf[..t.len]).err().map(unreachable)
+            }
+            Self::Dns(d) => {
+                let t = seal(&mut d.buf)?;
+                d.send(t);
+                None
+            }
+            Self::Http(h) => {
+                let start = h.batch.len();
+                h.batch.resize(start + LEN_PREFIX + MAX_MESSAGE, 0);
+                let len = seal(&mut h.batch[start..]).map_or(0, |t| t.len);
+                h.batch.truncate(start + len);
+                if h.batch.len() >= iptun_proto::transport::http::BATCH_TARGET {
+                    h.flush();
+                }
+                None
+            }
+        }
+    }
+
+    /// Send a copy of what [`Connection::poll_transmit`] made.
+    pub fn send(&mut self, t: Transmit, bytes: &[u8]) -> Option<PathEvent> {
+        self.send_with(|buf| {
+            buf.get_mut(..t.len)?.copy_from_slice(&bytes[..t.len]);
+            Some(t)
+        })
+    }
+
+    /// Send whatever is batched.
+    pub fn flush(&mut self) {
+        match self {
+            Self::Udp { tx, .. } => tx.flush(),
+            Self::Http(h) => h.flush(),
+            Self::Icmp { .. } | Self::Dns(_) => {}
+        }
+    }
+
+    /// Ready to receive.
+    pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Self::Udp { rx, .. } => rx.poll_readable(cx),
+            Self::Icmp { socket, .. } => socket.poll_readable(cx),
+            Self::Dns(d) => d.socket.poll_recv_ready(cx),
+            Self::Http(h) => h.poll_readable(cx),
+        }
+    }
+
+    /// Drain what arrived (up to a bound) into the connection and the TUN
+    /// device. Returns whether the source ran dry.
+    pub async fn receive(
+        &mut self,
+        conn: &mut Connection,
+        path: PathId,
+        tun: &mut Tun,
+    ) -> anyhow::Result<bool> {
+        let dry = match self {
+            Self::Udp { rx, .. } => {
+                for _ in 0..MAX_BATCHES_PER_WAKEUP {
+                    let now = Instant::now();
+                    let r = rx.try_recv_batch(|peer, datagram| {
+                        conn.handle_input(now, path, Some(peer.addr), datagram, tun);
+                    });
+                    match r {
+                        Ok(()) => tun.flush().await.context("writing to the TUN device")?,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                        Err(e) if is_unreachable(&e) => {
+                            conn.handle_path_event(now, path, unreachable(e));
+                        }
+                        Err(e) => return Err(e).context("receiving on the UDP socket"),
+                    }
+                }
+                false
+            }
+            Self::Icmp { socket, buf } => {
+                let mut dry = false;
+                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
+                    let r = match socket.try_recv(buf) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            dry = true;
+                            break;
+                        }
+                        Err(e) => return Err(e).context("receiving on the ICMP socket"),
+                    };
+                    let from = SocketAddr::new(r.from, 0);
+                    conn.handle_input(Instant::now(), path, Some(from), r.icmp, tun);
+                }
+                dry
+            }
+            Self::Dns(d) => {
+                let mut dry = false;
+                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
+                    let (n, from) = match d.socket.try_recv_from(&mut d.buf) {
+                        Ok(r) => r,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            dry = true;
+                            break;
+                        }
+                        // ICMP port unreachable from a resolver: its query times out.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                        Err(e) => return Err(e).context("receiving on the DNS socket"),
+                    };
+                    conn.handle_input(Instant::now(), path, Some(from), &d.buf[..n], tun);
+                }
+                dry
+            }
+            Self::Http(h) => {
+                let mut dry = false;
+                for _ in 0..MAX_BATCHES_PER_WAKEUP {
+                    let Some(down) = h.pending.take().or_else(|| h.down.try_recv().ok()) else {
+                        dry = true;
+                        break;
+                    };
+                    let now = Instant::now();
+                    match down {
+                        Down::Data(body) => conn.handle_input(now, path, None, &body, tun),
+                        Down::Event(e) => conn.handle_path_event(now, path, PathEvent::Http(e)),
+                    }
+                    tun.flush().await.context("writing to the TUN device")?;
+                }
+                dry
+            }
+        };
+        tun.flush().await.context("writing to the TUN device")?;
+        Ok(dry)
+    }
+
+    /// Tell an HTTP path's task to open or close its connection.
+    pub fn command(&mut self, command: Command) {
+        if let Self::Http(h) = self
+            && h.commands.try_send(command).is_err()
+        {
+            tracing::warn!("HTTP path {}: command queue full", h.url);
+        }
+    }
+
+    /// Transport details the core does not know, for status.
+    pub fn info(&self) -> serde_json::Value {
+        match self {
+            Self::Http(h) => serde_json::json!({
+                "proxy": h.proxy.as_ref().map(|p| p.authority.clone()),
+                "dropped_batches": h.dropped,
+            }),
+            _ => serde_json::Value::Null,
+        }
+    }
+}
+
+fn is_unreachable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | HostUnreachable | NetworkUnreachable
+    )
+}
+
+fn unreachable(e: std::io::Error) -> PathEvent {
+    PathEvent::Unreachable(format!("unreachable: {e}"))
+}
+
+impl DnsSocket {
+    fn send(&mut self, t: Transmit) {
+        let Some(to) = t.to else { return };
+        // IPv4 resolvers as IPv4-mapped addresses on a dual-stack socket.
+        let to = match to.ip() {
+            IpAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
+            }
+            _ => to,
+        };
+        // A full socket buffer loses the query: the uplink times it out.
+        let _ = self.socket.try_send_to(&self.buf[..t.len], to);
+    }
+}
+
+/// One socket for all the resolvers: IPv4 only when they all are, else
+/// dual-stack IPv6 (IPv4 resolvers reached by mapped addresses). Where the
+/// host has no IPv6, the IPv6 resolvers are skipped.
+fn resolver_socket(
+    resolvers: Vec<SocketAddr>,
+) -> anyhow::Result<(tokio::net::UdpSocket, Vec<SocketAddr>)> {
+    let open = |any: &str| -> std::io::Result<std::net::UdpSocket> {
+        let any: SocketAddr = any.parse().expect("valid");
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(any),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if any.is_ipv6() {
+            socket.set_only_v6(false)?; // before bind, or it does not apply
+        }
+        socket.bind(&any.into())?;
+        Ok(socket.into())
+    };
+    let (socket, resolvers) = if resolvers.iter().all(SocketAddr::is_ipv4) {
+        (open("0.0.0.0:0"), resolvers)
+    } else {
+        match open("[::]:0") {
+            Ok(s) => (Ok(s), resolvers),
+            Err(e) => {
+                let (v4, v6): (Vec<_>, Vec<_>) =
+                    resolvers.into_iter().partition(SocketAddr::is_ipv4);
+                tracing::warn!("no IPv6 socket ({e}): skipping resolvers {v6:?}");
+                anyhow::ensure!(
+                    !v4.is_empty(),
+                    "no IPv6 socket for the resolvers {v6:?}: {e}"
+                );
+                (open("0.0.0.0:0"), v4)
+            }
+        }
+    };
+    let socket = socket.context("binding a UDP socket for DNS")?;
+    socket.set_nonblocking(true)?;
+    crate::transport::sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
+    Ok((tokio::net::UdpSocket::from_std(socket)?, resolvers))
+}
+
+impl HttpDriver {
+    fn open(url: HttpUrl, options: &HttpOptions, tag: u64) -> anyhow::Result<Self> {
+        let proxy =
+            http_client::proxy_for(&url, options.proxy.as_deref(), |k| std::env::var(k).ok())?;
+        let (host, port) = match &proxy {
+            Some(p) => {
+                let (h, port) = p.authority.rsplit_once(':').expect("authority has a port");
+                (h.trim_matches(['[', ']']).to_owned(), port.parse()?)
+            }
+            None => (url.host.clone(), url.port),
+        };
+        let first_hop = (host.as_str(), port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address"))?;
+        let tls = if url.tls {
+            Some(tls::client(&options.trust)?)
+        } else {
+            None
+        };
+        let config = http_client::Config {
+            url: url.clone(),
+            connect_to: first_hop,
+            proxy: proxy.clone(),
+            tls,
+            tag,
+        };
+        let (commands, commands_rx) = mpsc::channel(8);
+        let (up, up_rx) = mpsc::channel(UP_QUEUE);
+        let (down_tx, down) = mpsc::channel(UP_QUEUE);
+        let task = tokio::spawn(http_client::run(config, commands_rx, up_rx, down_tx));
+        Ok(Self {
+            url,
+            proxy,
+            first_hop,
+            commands,
+            up,
+            down,
+            pending: None,
+            batch: Vec::new(),
+            dropped: 0,
+            task,
+        })
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let body = Bytes::copy_from_slice(&self.batch);
+        self.batch.clear();
+        if self.up.try_send(body).is_err() {
+            self.dropped += 1;
+        }
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.pending.is_none() {
+            match self.down.poll_recv(cx) {
+                Poll::Ready(Some(d)) => self.pending = Some(d),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(std::io::Error::other("the HTTP task ended")));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
