@@ -699,9 +699,9 @@ impl Connection {
         }
         // The path in use: it is probed again after its back-off, which
         // keeps growing if it failed soon after taking over (it flaps).
-        let flapping = c
-            .in_use_since
-            .is_some_and(|t| now.saturating_duration_since(t) < STABLE);
+        let flapping = c.failures > 1
+            && c.in_use_since
+                .is_some_and(|t| now.saturating_duration_since(t) < STABLE);
         c.probe_wait = if flapping {
             (c.probe_wait * 2).clamp(PROBE_MIN, PROBE_MAX)
         } else {
@@ -915,9 +915,10 @@ impl Connection {
                 return Some(path);
             }
         }
-        if connected && c.nudge_at().is_some_and(|t| t <= now) {
+        if c.nudge_at().is_some_and(|t| t <= now) {
+            // (Counted as done without keys too, or the deadline stays due.)
             c.nudged = Some(now);
-            return Some(path);
+            return connected.then_some(path);
         }
         None
     }
@@ -990,7 +991,9 @@ impl Connection {
                 at(c.next_probe);
             }
             if i == self.current {
-                at(c.dead_at());
+                if !self.searching {
+                    at(c.dead_at());
+                }
                 at(c.nudge_at());
             }
         }
