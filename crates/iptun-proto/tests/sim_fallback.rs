@@ -199,3 +199,15 @@ fn idle_candidates_are_probed_rarely() {
         "{probes:?}: standby paths not probed"
     );
 }
+
+#[test]
+fn the_handshake_takes_one_round_trip() {
+    let mut sim = Sim::new();
+    assert!(sim.run_until_cond(secs(5), |s| s.client.is_connected(s.now)));
+    eprintln!("connected after {:?}", sim.elapsed());
+    assert!(
+        sim.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        sim.elapsed()
+    );
+}

@@ -11,6 +11,7 @@ mod control;
 mod daemon;
 mod demo;
 mod netcfg;
+mod probe;
 mod server;
 mod transport;
 mod tun;
@@ -54,6 +55,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Server(args) => runtime()?.block_on(server::run(args)),
         Command::Client(args) => runtime()?.block_on(client::run(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
+        Command::Probe(args) => runtime()?.block_on(probe::run(args)),
         Command::Demo(args) => demo::run(&args),
         Command::DemoSink(args) => demo::sink(&args),
         Command::DemoSource(args) => demo::source(&args),

@@ -142,3 +142,35 @@ impl iptun_proto::transport::TunSink for Tun {
         Self::commit(self, len);
     }
 }
+
+/// Where a daemon's loop writes opened packets: the TUN device, or
+/// nothing at all (`iptun probe`, which has no device).
+pub trait PacketWriter: iptun_proto::transport::TunSink {
+    /// Write what is staged.
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>>;
+}
+
+impl PacketWriter for Tun {
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> {
+        Self::flush(self)
+    }
+}
+
+/// A [`PacketWriter`] that drops every packet.
+#[derive(Default)]
+pub struct Discard(Vec<u8>);
+
+impl iptun_proto::transport::TunSink for Discard {
+    fn buffer(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.0.resize(len, 0);
+        Some(&mut self.0)
+    }
+
+    fn commit(&mut self, _: usize) {}
+}
+
+impl PacketWriter for Discard {
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

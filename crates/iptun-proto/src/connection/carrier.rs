@@ -134,8 +134,26 @@ impl Carrier {
     }
 
     pub(super) fn handle_timeout(&mut self, now: Instant) {
-        if let Self::Dns(c) = self {
-            c.handle_timeout(now);
+        match self {
+            Self::Dns(c) => c.handle_timeout(now),
+            // Let the pacer count requests that went unanswered (the polls
+            // it asks for go out with the next transmits).
+            Self::Icmp(c) => {
+                c.polls_due(now);
+            }
+            Self::Udp { .. } | Self::Http(_) => {}
+        }
+    }
+
+    /// Requests given up on so far (polled paths): one given up on after
+    /// the latest answer, with nothing heard for a while, says the path
+    /// is gone sooner than the liveness time (replies to requests held
+    /// before it broke keep arriving for up to a hold).
+    pub(super) fn gave_up(&self) -> u64 {
+        match self {
+            Self::Icmp(c) => c.unanswered(),
+            Self::Dns(c) => c.uplink().stats().timeouts,
+            Self::Udp { .. } | Self::Http(_) => 0,
         }
     }
 

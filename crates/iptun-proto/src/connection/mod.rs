@@ -77,6 +77,9 @@ pub const PROBE_MAX: Duration = Duration::from_secs(600);
 pub const STABLE: Duration = Duration::from_secs(60);
 /// DNS queries failing in a row (error codes, timeouts) that fail the path.
 pub const DNS_FAILURES: u32 = 8;
+/// On a polled path in use, a request given up on after the latest answer
+/// fails the path once nothing has been heard for this long.
+pub const QUIET: Duration = Duration::from_secs(2);
 /// Room for a sealed message and any transport's framing.
 pub const BUF_LEN: usize = 1 << 16;
 
@@ -280,6 +283,8 @@ struct Candidate {
     failures: u64,
     /// The sender index of the last handshake init copied onto it.
     init_sent: Option<u32>,
+    /// Requests the transport had given up on at the latest arrival.
+    gave_up_at_rx: u64,
 }
 
 impl Candidate {
@@ -297,6 +302,7 @@ impl Candidate {
             rtt: None,
             failures: 0,
             init_sent: None,
+            gave_up_at_rx: 0,
         }
     }
 
@@ -582,6 +588,7 @@ impl Connection {
         let c = &mut self.paths[path];
         c.last_rx = Some(now);
         c.unanswered_since = None;
+        c.gave_up_at_rx = c.carrier.gave_up();
         if path == self.current && self.race.is_none() && c.state != PathState::InUse {
             // The path in use came back before any other answered.
             c.state = PathState::InUse;
@@ -1012,9 +1019,16 @@ impl Connection {
             }
         }
         let c = &self.paths[self.current];
-        if c.dead_at().is_some_and(|t| t <= now) && !self.searching {
-            let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
-            self.fail(now, self.current, why);
+        let quiet = c
+            .last_rx
+            .is_some_and(|t| now.saturating_duration_since(t) >= QUIET);
+        if !self.searching {
+            if c.dead_at().is_some_and(|t| t <= now) {
+                let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
+                self.fail(now, self.current, why);
+            } else if self.race.is_none() && quiet && c.carrier.gave_up() > c.gave_up_at_rx {
+                self.fail(now, self.current, "requests went unanswered".into());
+            }
         }
         self.refresh(now);
     }

@@ -41,6 +41,9 @@ pub type ListenerId = usize;
 
 /// Room for any message and its framing.
 pub const BUF_LEN: usize = 1 << 16;
+/// The longest reply the engine makes to a message (a probe's, padded to
+/// at most the MTU), sealed into the TUN buffer the message was opened in.
+const MAX_REPLY: usize = 2048;
 
 /// A UDP peer, and the local address it reached us at. Replies leave from
 /// that address: on a host with several, the kernel would pick one by
@@ -499,7 +502,8 @@ impl Endpoint {
             reply,
             ..
         } = self;
-        let (out, spilled) = match tun.buffer(msg.len()) {
+        // Room for a reply padded beyond the message (a probe's) too.
+        let (out, spilled) = match tun.buffer(msg.len().max(MAX_REPLY)) {
             Some(b) => (b, false),
             None => (&mut scratch[..], true),
         };

@@ -135,6 +135,11 @@ impl IcmpClient {
         if self.polling { due } else { 0 }
     }
 
+    /// Requests given up on so far (no reply within the request timeout).
+    pub fn unanswered(&self) -> u64 {
+        self.stats.unanswered
+    }
+
     /// When [`IcmpClient::polls_due`] next has something to do.
     pub fn next_timeout(&self) -> Option<Instant> {
         self.pacer.next_timeout().filter(|_| self.polling)

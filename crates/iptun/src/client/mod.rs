@@ -33,6 +33,7 @@ enum Route {
 }
 
 /// The client's settings after defaults and validation.
+#[derive(Clone)]
 pub struct Settings {
     pub config: ClientConfig,
     /// The server's URLs, most preferred first.

@@ -17,7 +17,7 @@ use crate::transport::http_client::{self, Down, Mode, Proxy};
 use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::tls::{self, Trust};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
-use crate::tun::Tun;
+use crate::tun::PacketWriter;
 use crate::url::{HttpUrl, ServerAddr};
 
 /// The client's HTTP settings besides the URL.
@@ -216,7 +216,7 @@ impl PathDriver {
         &mut self,
         conn: &mut Connection,
         path: PathId,
-        tun: &mut Tun,
+        tun: &mut impl PacketWriter,
     ) -> anyhow::Result<bool> {
         let dry = match self {
             Self::Udp { rx, .. } => {
@@ -335,7 +335,9 @@ impl DnsSocket {
             _ => to,
         };
         // A full socket buffer loses the query: the uplink times it out.
-        let _ = self.socket.try_send_to(&self.buf[..t.len], to);
+        // (The syscall itself: tokio's readiness would call a socket the
+        // reactor has not polled yet unwritable, losing the first queries.)
+        let _ = socket2::SockRef::from(&self.socket).send_to(&self.buf[..t.len], &to.into());
     }
 }
 

@@ -175,10 +175,11 @@ impl UdpSender {
             segment_size: (b.count > 1).then_some(b.segment),
             src_ip: to.local,
         };
+        // The syscall itself, not through tokio's readiness: a socket the
+        // reactor has not polled yet counts as not writable there, and a
+        // path's first datagram (a handshake) would be lost.
         for _ in 0..2 {
-            match self.socket.try_io(Interest::WRITABLE, || {
-                self.state.try_send(UdpSockRef::from(&*self.socket), &t)
-            }) {
+            match self.state.try_send(UdpSockRef::from(&*self.socket), &t) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     sockopt::wait_writable(std::os::fd::AsRawFd::as_raw_fd(&*self.socket))
                 }

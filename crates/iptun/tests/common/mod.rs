@@ -409,16 +409,21 @@ print("sha256", h.hexdigest(), n, flush=True)
 "#;
 
 const SENDER_PY: &str = r#"
-import hashlib, random, socket, sys
+import hashlib, random, socket, sys, time
 addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rate = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # bytes a second, 0: as fast as it goes
 rng, h = random.Random(n), hashlib.sha256()
 c = socket.create_connection((addr, port), timeout=30)
-left = n
+left, start = n, time.monotonic()
 while left:
-    b = rng.randbytes(min(left, 1 << 16))
+    b = rng.randbytes(min(left, 1 << 14 if rate else 1 << 16))
     left -= len(b)
     h.update(b)
     c.sendall(b)
+    if rate:
+        ahead = (n - left) / rate - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)
 c.shutdown(socket.SHUT_WR)
 while c.recv(1 << 16):  # the receiver closes once it has read everything
     pass
@@ -451,6 +456,19 @@ pub fn tcp_transfer_sha256_timeout(
     bytes: u64,
     timeout: Duration,
 ) -> (String, String) {
+    tcp_transfer_sha256_paced(from, to, to_addr, bytes, 0, timeout)
+}
+
+/// [`tcp_transfer_sha256`] at `rate` bytes a second at most (0: no limit),
+/// so a transfer can span events a test makes meanwhile.
+pub fn tcp_transfer_sha256_paced(
+    from: &Netns,
+    to: &Netns,
+    to_addr: &str,
+    bytes: u64,
+    rate: u64,
+    timeout: Duration,
+) -> (String, String) {
     let secs = timeout.as_secs().max(1).to_string();
     let mut receiver = to.spawn(&["timeout", &secs, python(), "-c", RECEIVER_PY]);
     let mut port = String::new();
@@ -462,7 +480,7 @@ pub fn tcp_transfer_sha256_timeout(
         }
         !port.is_empty()
     });
-    let bytes = bytes.to_string();
+    let (bytes, rate) = (bytes.to_string(), rate.to_string());
     let sent = from.exec_ok(&[
         "timeout",
         &secs,
@@ -472,6 +490,7 @@ pub fn tcp_transfer_sha256_timeout(
         to_addr,
         &port,
         &bytes,
+        &rate,
     ]);
     let status = receiver.wait_timeout(Duration::from_secs(10));
     assert!(
