@@ -1,8 +1,11 @@
 //! `iptun demo`: a real tunnel on one machine. It builds three throwaway
 //! network namespaces — a client, a server and a target host behind the
-//! server — runs `iptun server --nat` and `iptun client` in them, pings the
-//! target through the tunnel, measures one TCP stream, shows `iptun status`
-//! and removes everything, also when interrupted.
+//! server — runs `iptun server --nat` on all four transports (UDP, ICMP
+//! echo, DNS, HTTPS) and `iptun client` given all four URLs, pings the
+//! target through the tunnel, measures one TCP stream, then (with nftables)
+//! blocks UDP, then ICMP, on the server while a ping runs, printing each
+//! move of the session and the pings it cost; shows `iptun status` and
+//! removes everything, also when interrupted.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -162,22 +165,18 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 "--allow",
                 &client_key.public_key().to_base64(),
             ])
+            .args(LISTEN.iter().flat_map(|l| ["--listen", l]))
             .stderr(log("server.log")?)
             .spawn()
             .context("starting the server")?,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let pin = server_pin(&dir.join("server.log"))?;
+    println!("   listening on {}", LISTEN.join(", "));
     let client = Daemon(
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                CLIENT,
-                exe,
-                "client",
-                "--server",
-                "udp://192.0.2.1:3000",
-            ])
+            .args(["netns", "exec", CLIENT, exe, "client"])
+            .args(SERVERS.iter().flat_map(|s| ["--server", s]))
+            .args(["--tls-pin", &pin, "--proxy", "none"])
             .args([
                 "--private-key",
                 client_file.to_str().unwrap(),
@@ -189,7 +188,26 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .spawn()
             .context("starting the client")?,
     );
-    let result = show(exe, args.seconds);
+    println!(
+        "   client given, most preferred first: {}",
+        SERVERS.join(", ")
+    );
+    let result = show(exe, args.seconds).and_then(|()| {
+        if nat {
+            fall_back(exe)
+        } else {
+            println!(
+                "== nft not found: skipping the fallback part (it blocks transports with nftables)"
+            );
+            Ok(())
+        }
+    });
+    if result.is_ok() {
+        println!("== iptun status (client)");
+        print!("{}", in_ns(CLIENT, &[exe, "status"])?);
+        println!("== iptun status (server)");
+        print!("{}", in_ns(SERVER, &[exe, "status"])?);
+    }
     drop((client, server));
     if result.is_err() {
         for name in ["server.log", "client.log"] {
@@ -258,9 +276,168 @@ fn show(exe: &str, seconds: u64) -> anyhow::Result<()> {
     );
     let _ = sink.wait();
     println!("   {}", rate?.trim());
-    println!("== iptun status (server)");
-    print!("{}", in_ns(SERVER, &[exe, "status",])?);
     Ok(())
+}
+
+/// The server's transports, and the client's URLs for them.
+const LISTEN: [&str; 4] = [
+    "udp://0.0.0.0:3000",
+    "icmp://0.0.0.0",
+    "dns://192.0.2.1:53?domain=tunnel.demo",
+    "https://192.0.2.1:443/tunnel",
+];
+const SERVERS: [&str; 4] = [
+    "udp://192.0.2.1:3000",
+    "icmp://192.0.2.1",
+    "https://192.0.2.1/tunnel",
+    "dns://tunnel.demo?resolver=192.0.2.1",
+];
+
+/// The pin the server logs for its self-signed certificate.
+fn server_pin(log: &std::path::Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(pin) = text
+            .lines()
+            .find_map(|l| l.split("TLS certificate pin: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            return Ok(pin.to_owned());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server did not start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Block UDP, then ICMP, on the server while a ping runs (10 a second);
+/// print each move the client makes and the pings it cost.
+fn fall_back(exe: &str) -> anyhow::Result<()> {
+    println!("== fallback: a ping runs (10 a second) while the server blocks transports");
+    let pinger = Pinger::start()?;
+    std::thread::sleep(Duration::from_secs(2));
+    in_ns(SERVER, &["nft", "add", "table", "inet", "iptdemo"])?;
+    let hook = "{ type filter hook input priority -10; }";
+    in_ns(
+        SERVER,
+        &["nft", "add", "chain", "inet", "iptdemo", "block", hook],
+    )?;
+    for (what, rule) in [
+        ("UDP", "udp dport 3000 drop"),
+        ("ICMP echo", "icmp type echo-request drop"),
+    ] {
+        let blocked = Instant::now();
+        let mut args = vec![
+            "nft", "add", "rule", "inet", "iptdemo", "block", "iifname", "eth0",
+        ];
+        args.extend(rule.split_whitespace());
+        in_ns(SERVER, &args)?;
+        println!("   blocked {what} on the server");
+        let before = transport(exe)?;
+        let deadline = blocked + Duration::from_secs(20);
+        let after = loop {
+            let now = transport(exe)?;
+            if now != before {
+                break now;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the client did not move within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        std::thread::sleep(Duration::from_millis(1500)); // the pings after the move come back
+        let (lost, sent) = pinger.lost_since(blocked, Instant::now() - Duration::from_secs(1));
+        println!(
+            "   moved {before} -> {after} {:.1} s after the block; pings lost: {lost} of {sent} ({} ms without answers)",
+            blocked.elapsed().as_secs_f64() - 1.5,
+            lost * 100
+        );
+    }
+    println!(
+        "   (the client probes the blocked transports now and then, and moves back when one works again)"
+    );
+    drop(pinger);
+    Ok(())
+}
+
+/// The client's transport in use.
+fn transport(exe: &str) -> anyhow::Result<String> {
+    let json = in_ns(CLIENT, &[exe, "status", "--json"])?;
+    let st: serde_json::Value = serde_json::from_str(&json)?;
+    Ok(st[0]["sessions"][0]["transport"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned())
+}
+
+/// `ping -i 0.1` through the tunnel, its replies collected by a thread.
+struct Pinger {
+    child: Child,
+    start: Instant,
+    replies: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl Pinger {
+    fn start() -> anyhow::Result<Self> {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                CLIENT,
+                "ping",
+                "-n",
+                "-i",
+                "0.1",
+                TARGET_ADDR,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ping")?;
+        let start = Instant::now();
+        let out = child.stdout.take().context("ping's output")?;
+        let replies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = replies.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let seq = line
+                    .split("icmp_seq=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse::<u32>().ok());
+                if let Some(seq) = seq {
+                    seen.lock().expect("not poisoned").push(seq);
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            start,
+            replies,
+        })
+    }
+
+    /// Pings sent between `from` and `to` that got no reply, and all sent then.
+    fn lost_since(&self, from: Instant, to: Instant) -> (u32, u32) {
+        let seq =
+            |t: Instant| (t.saturating_duration_since(self.start).as_millis() / 100) as u32 + 1;
+        let (first, last) = (seq(from), seq(to));
+        let replies = self.replies.lock().expect("not poisoned");
+        let lost = (first..=last).filter(|s| !replies.contains(s)).count() as u32;
+        (lost, last + 1 - first)
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Accept one connection and read it to the end.

@@ -98,18 +98,12 @@ impl Carrier {
         }
     }
 
-    /// Whether the server answers a keepalive at once here (push paths);
-    /// on polled paths the requests themselves are answered.
-    pub(super) fn echoes_keepalives(&self) -> bool {
-        matches!(self, Self::Udp { .. } | Self::Http(_))
-    }
-
     /// How long a probe may go unanswered.
     pub(super) fn probe_timeout(&self) -> Duration {
         match self {
             // Opening the connection (TCP, proxy, TLS, upgrade) comes first.
-            Self::Http(_) => Duration::from_secs(12),
-            _ => Duration::from_secs(4),
+            Self::Http(c) if !c.is_open() => Duration::from_secs(12),
+            _ => Duration::from_secs(3),
         }
     }
 
@@ -142,18 +136,6 @@ impl Carrier {
                 c.polls_due(now);
             }
             Self::Udp { .. } | Self::Http(_) => {}
-        }
-    }
-
-    /// Requests given up on so far (polled paths): one given up on after
-    /// the latest answer, with nothing heard for a while, says the path
-    /// is gone sooner than the liveness time (replies to requests held
-    /// before it broke keep arriving for up to a hold).
-    pub(super) fn gave_up(&self) -> u64 {
-        match self {
-            Self::Icmp(c) => c.unanswered(),
-            Self::Dns(c) => c.uplink().stats().timeouts,
-            Self::Udp { .. } | Self::Http(_) => 0,
         }
     }
 

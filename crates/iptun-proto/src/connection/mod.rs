@@ -61,8 +61,9 @@ pub type PathId = usize;
 
 /// A candidate joins the startup race this long after the one before it.
 pub const STAGGER: Duration = Duration::from_secs(2);
-/// Traffic unanswered this long on a push path brings a keepalive, which
-/// the server echoes: a one-way flow proves the path alive too.
+/// Traffic unanswered this long on the path in use brings a probe, which
+/// the server answers at once: a dead path is told in seconds, and a
+/// one-way flow proves its path alive too.
 pub const NUDGE_AFTER: Duration = Duration::from_secs(1);
 /// First wait before a candidate that failed while searching is probed again.
 pub const SEARCH_RETRY_MIN: Duration = Duration::from_secs(2);
@@ -72,14 +73,14 @@ pub const SEARCH_RETRY_MAX: Duration = Duration::from_secs(30);
 pub const PROBE_MIN: Duration = Duration::from_secs(30);
 /// Longest wait between probes of a candidate not in use.
 pub const PROBE_MAX: Duration = Duration::from_secs(600);
+/// In a search, the first answer waits this long for more preferred
+/// candidates still probed, so that a search ends in one move.
+pub const SETTLE: Duration = Duration::from_secs(1);
 /// A path that fails sooner than this after taking over does not get its
 /// probe back-off reset: it flaps.
 pub const STABLE: Duration = Duration::from_secs(60);
 /// DNS queries failing in a row (error codes, timeouts) that fail the path.
 pub const DNS_FAILURES: u32 = 8;
-/// On a polled path in use, a request given up on after the latest answer
-/// fails the path once nothing has been heard for this long.
-pub const QUIET: Duration = Duration::from_secs(2);
 /// Room for a sealed message and any transport's framing.
 pub const BUF_LEN: usize = 1 << 16;
 
@@ -283,8 +284,6 @@ struct Candidate {
     failures: u64,
     /// The sender index of the last handshake init copied onto it.
     init_sent: Option<u32>,
-    /// Requests the transport had given up on at the latest arrival.
-    gave_up_at_rx: u64,
 }
 
 impl Candidate {
@@ -302,7 +301,6 @@ impl Candidate {
             rtt: None,
             failures: 0,
             init_sent: None,
-            gave_up_at_rx: 0,
         }
     }
 
@@ -317,9 +315,11 @@ impl Candidate {
         Some(self.unanswered_since? + self.carrier.liveness())
     }
 
-    /// When it wants a nudge (a keepalive the server echoes).
+    /// When it wants a nudge: a probe, which the server answers at once on
+    /// every transport, so silence after traffic is told from a dead path
+    /// in seconds (a one-way flow gets an answer too).
     fn nudge_at(&self) -> Option<Instant> {
-        if !self.carrier.echoes_keepalives() {
+        if self.probe.is_some() {
             return None;
         }
         let since = self.unanswered_since?;
@@ -336,9 +336,11 @@ pub struct Connection {
     current: PathId,
     /// The startup race: when it began (paths join [`STAGGER`] apart).
     race: Option<Instant>,
-    /// The path in use failed; other candidates are being probed.
-    searching: bool,
+    /// The path in use failed at this time; other candidates are being probed.
+    searching: Option<Instant>,
     moves: u64,
+    /// In a search: when to move to the best candidate that answered.
+    settle_at: Option<Instant>,
     next_probe_id: u32,
     /// Probes sent with [`Connection::measure`]: id, path, when.
     measuring: Vec<(u32, PathId, Instant)>,
@@ -383,8 +385,9 @@ impl Connection {
             paths,
             current: 0,
             race: Some(now),
-            searching: false,
+            searching: None,
             moves: 0,
+            settle_at: None,
             next_probe_id: 1,
             measuring: Vec::new(),
             queued: VecDeque::new(),
@@ -467,8 +470,8 @@ impl Connection {
             .engine
             .handle_tun_packet(now, packet, buf.get_mut(h..)?)
             .ok()?;
-        let len = c.carrier.frame(now, buf, n)?;
         c.sent(now);
+        let len = c.carrier.frame(now, buf, n)?;
         Some(Transmit {
             path,
             to: c.carrier.destination(),
@@ -588,11 +591,10 @@ impl Connection {
         let c = &mut self.paths[path];
         c.last_rx = Some(now);
         c.unanswered_since = None;
-        c.gave_up_at_rx = c.carrier.gave_up();
         if path == self.current && self.race.is_none() && c.state != PathState::InUse {
             // The path in use came back before any other answered.
             c.state = PathState::InUse;
-            if std::mem::take(&mut self.searching) {
+            if self.searching.take().is_some() {
                 for i in 0..self.paths.len() {
                     if i != path && self.paths[i].probe.is_none() {
                         self.schedule_probe(now, i);
@@ -619,7 +621,7 @@ impl Connection {
         } else if path != self.current {
             self.move_to(now, path, "handshake completed on another path".into());
         }
-        self.searching = false;
+        self.searching = None;
         self.refresh(now);
     }
 
@@ -644,20 +646,45 @@ impl Connection {
             return;
         }
         c.state = PathState::Standby;
-        if self.searching || path < self.current {
-            let why = if self.searching {
-                match &self.paths[self.current].state {
-                    PathState::Failed(why) => why.clone(),
-                    _ => "failed".into(),
-                }
-            } else {
-                "a preferred path works again".into()
-            };
-            self.move_to(now, path, why);
+        if self.searching.is_some() {
+            self.settle(now);
+        } else if path < self.current {
+            self.move_to(now, path, "a preferred path works again".into());
         } else {
             self.schedule_probe(now, path);
         }
         self.refresh(now);
+    }
+
+    /// In a search: move to the most preferred candidate that answered,
+    /// once no more preferred one can still answer within [`SETTLE`] of
+    /// the first answer (one move, not two in a row).
+    fn settle(&mut self, now: Instant) {
+        let Some(since) = self.searching else { return };
+        let answered = |c: &Candidate| {
+            c.state == PathState::Standby && c.last_rx.is_some_and(|t| t >= since)
+        };
+        let Some(best) = (0..self.paths.len()).find(|&i| answered(&self.paths[i])) else {
+            return;
+        };
+        let first = self
+            .paths
+            .iter()
+            .filter(|c| answered(c))
+            .filter_map(|c| c.last_rx)
+            .min()
+            .unwrap_or(now);
+        let pending = self.paths[..best].iter().any(|c| c.probe.is_some());
+        if pending && now < first + SETTLE {
+            self.settle_at = Some(first + SETTLE);
+            return;
+        }
+        self.settle_at = None;
+        let why = match &self.paths[self.current].state {
+            PathState::Failed(why) => why.clone(),
+            _ => "failed".into(),
+        };
+        self.move_to(now, best, why);
     }
 
     /// Move the session to `to`. The server follows with the first newest
@@ -671,7 +698,8 @@ impl Connection {
         if self.paths[from].state == PathState::InUse {
             self.paths[from].state = PathState::Standby;
         }
-        self.searching = false;
+        self.searching = None;
+        self.settle_at = None;
         self.schedule_probe(now, from);
         self.current = to;
         self.moves += 1;
@@ -701,6 +729,7 @@ impl Connection {
         self.events.push_back(Event::Failed { path, why });
         if path != self.current {
             self.schedule_probe(now, path);
+            self.settle(now);
             self.refresh(now);
             return;
         }
@@ -717,7 +746,7 @@ impl Connection {
         if self.race.is_some() {
             return; // no session yet: the race goes on
         }
-        self.searching = true;
+        self.searching = Some(now);
         for (i, other) in self.paths.iter_mut().enumerate() {
             if i != path {
                 other.probe_wait = SEARCH_RETRY_MIN;
@@ -729,7 +758,7 @@ impl Connection {
 
     fn schedule_probe(&mut self, now: Instant, path: PathId) {
         let c = &mut self.paths[path];
-        let (min, max) = if self.searching {
+        let (min, max) = if self.searching.is_some() {
             (SEARCH_RETRY_MIN, SEARCH_RETRY_MAX)
         } else {
             (PROBE_MIN, PROBE_MAX)
@@ -803,25 +832,29 @@ impl Connection {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         buf.resize(BUF_LEN, 0);
         loop {
-            let (path, len) = if let Some((path, msg)) = self.queued.pop_front() {
-                (path, self.stage(path, &msg, buf))
+            // What goes, and whether it waits for an answer (bare polls
+            // are answered when the server has something, or at its hold).
+            let (path, len, waits) = if let Some((path, msg)) = self.queued.pop_front() {
+                (path, self.stage(path, &msg, buf), true)
             } else if let Some((path, len)) = self.engine_timers(now, buf) {
-                (path, Some(len))
+                (path, Some(len), true)
             } else if let Some(path) = self.due_probe(now) {
-                (path, self.probe(now, path, buf))
+                (path, self.probe(now, path, buf), false)
+            } else if let Some(path) = self.due_nudge(now) {
+                (path, self.probe(now, path, buf), false)
             } else if let Some(path) = self.due_poll(now) {
-                (path, self.keepalive(now, path, buf))
+                (path, self.keepalive(now, path, buf), false)
             } else {
                 return self.poll_queries(now, buf);
             };
             let Some(len) = len else { continue };
             let c = &mut self.paths[path];
+            if waits && path == self.current {
+                c.sent(now);
+            }
             let Some(len) = c.carrier.frame(now, buf, len) else {
                 continue;
             };
-            if path == self.current {
-                c.sent(now);
-            }
             return Some(Transmit {
                 path,
                 to: c.carrier.destination(),
@@ -922,10 +955,20 @@ impl Connection {
                 return Some(path);
             }
         }
+        None
+    }
+
+    /// The path in use, when its traffic went unanswered for
+    /// [`NUDGE_AFTER`]: it gets a probe (outside a race or a search).
+    fn due_nudge(&mut self, now: Instant) -> Option<PathId> {
+        if self.race.is_some() || self.searching.is_some() {
+            return None;
+        }
+        let c = &mut self.paths[self.current];
         if c.nudge_at().is_some_and(|t| t <= now) {
             // (Counted as done without keys too, or the deadline stays due.)
             c.nudged = Some(now);
-            return connected.then_some(path);
+            return self.engine.is_connected(now).then_some(self.current);
         }
         None
     }
@@ -997,11 +1040,14 @@ impl Connection {
             if c.probe.is_none() {
                 at(c.next_probe);
             }
-            if i == self.current {
-                if !self.searching {
-                    at(c.dead_at());
+            if i == self.current && self.searching.is_none() {
+                at(c.dead_at());
+                if self.race.is_none() {
+                    at(c.nudge_at());
                 }
-                at(c.nudge_at());
+            }
+            if i == self.current && self.searching.is_some() {
+                at(self.settle_at);
             }
         }
         t
@@ -1011,24 +1057,25 @@ impl Connection {
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.paths.len() {
             self.paths[i].carrier.handle_timeout(now);
-            let c = &self.paths[i];
-            if c.probe
-                .is_some_and(|(_, sent)| now >= sent + c.carrier.probe_timeout())
-            {
-                self.fail(now, i, "no answer to a probe".into());
+            let c = &mut self.paths[i];
+            let Some((_, sent)) = c.probe else { continue };
+            if now < sent + c.carrier.probe_timeout() {
+                continue;
             }
+            // The path in use fails only if nothing at all came since.
+            if i == self.current && c.last_rx.is_some_and(|t| t >= sent) {
+                c.probe = None;
+                continue;
+            }
+            self.fail(now, i, "no answer to a probe".into());
         }
         let c = &self.paths[self.current];
-        let quiet = c
-            .last_rx
-            .is_some_and(|t| now.saturating_duration_since(t) >= QUIET);
-        if !self.searching {
-            if c.dead_at().is_some_and(|t| t <= now) {
-                let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
-                self.fail(now, self.current, why);
-            } else if self.race.is_none() && quiet && c.carrier.gave_up() > c.gave_up_at_rx {
-                self.fail(now, self.current, "requests went unanswered".into());
-            }
+        if self.searching.is_none() && c.dead_at().is_some_and(|t| t <= now) {
+            let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
+            self.fail(now, self.current, why);
+        }
+        if self.settle_at.is_some_and(|t| t <= now) {
+            self.settle(now);
         }
         self.refresh(now);
     }
@@ -1073,7 +1120,7 @@ impl Connection {
             .collect();
         ConnectionStatus {
             current: self.current,
-            searching: self.searching,
+            searching: self.searching.is_some(),
             moves: self.moves,
             paths,
         }
