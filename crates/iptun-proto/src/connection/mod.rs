@@ -877,9 +877,14 @@ impl Connection {
                 return Some(path);
             }
         }
-        if connected && c.nudge_at().is_some_and(|t| t <= now) {
+        if c.nudge_at().is_some_and(|t| t <= now) {
+            // Due even without keys to seal a keepalive with (inits go
+            // unanswered): a nudge deadline left in the past would wake
+            // the driver in a loop.
             c.nudged = Some(now);
-            return Some(path);
+            if connected {
+                return Some(path);
+            }
         }
         None
     }
