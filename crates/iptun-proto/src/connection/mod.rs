@@ -973,13 +973,19 @@ impl Connection {
                 self.fail(now, i, "no answer to a probe".into());
             }
         }
-        let c = &self.paths[self.current];
-        if c.dead_at().is_some_and(|t| t <= now) && !self.searching {
+        let c = &mut self.paths[self.current];
+        if c.dead_at().is_some_and(|t| t <= now) {
             let why = format!(
                 "nothing came back for {} s",
                 c.carrier.liveness().as_secs()
             );
-            self.fail(now, self.current, why);
+            // The deadline is spent whether or not the path fails now (it
+            // may have failed already, or a search is on): left in place,
+            // poll_timeout would keep returning it and the driver spin.
+            c.unanswered_since = None;
+            if !self.searching {
+                self.fail(now, self.current, why);
+            }
         }
         self.refresh(now);
     }
