@@ -334,9 +334,18 @@ impl Endpoint {
     /// listener's driver, say: zero copies there) when it can go at once,
     /// else queued by its transport for the client's next request.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
-        let path = *self.engine.route(packet)?;
+        let path = match self.engine.route(packet) {
+            // Not an IP packet, no owner, an owner without a path, or one
+            // whose handshake came by ICMP with nothing since (no request
+            // to answer, no confirmed keys): the engine refuses it too,
+            // and counts why.
+            None | Some(Path::Icmp { session: None, .. }) => {
+                let _ = self.engine.handle_tun_packet(now, packet, buf);
+                return None;
+            }
+            Some(&path) => path,
+        };
         let headroom = match path {
-            Path::Icmp { session: None, .. } => return None, // no request to answer yet
             Path::Icmp { .. } => icmp::HEADROOM,
             Path::Ws { .. } => LEN_PREFIX,
             _ => 0,
