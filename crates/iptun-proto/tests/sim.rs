@@ -722,7 +722,10 @@ fn client_recovers_from_a_server_restart_with_the_same_address() {
         1,
         "no Configured event: the tunnel did not change"
     );
-    assert_eq!(sim.clients[c].conn.engine().tunnel().unwrap().client_v4, lease.v4);
+    assert_eq!(
+        sim.clients[c].conn.engine().tunnel().unwrap().client_v4,
+        lease.v4
+    );
 
     // Data flows both ways again.
     sim.settle();
@@ -760,7 +763,10 @@ fn exhausted_pool_refuses_newcomers_and_keeps_existing_addresses() {
     );
     let b_inits = sim.clients[cb].inits.len() as u64;
     assert!(b_inits >= 5);
-    assert_eq!(sim.server.engine().drops().get(DropReason::PoolExhausted), b_inits);
+    assert_eq!(
+        sim.server.engine().drops().get(DropReason::PoolExhausted),
+        b_inits
+    );
     assert_eq!(sim.server.sessions().len(), 1);
 
     // A restarts (new instance, new port, later timestamp): same address.
@@ -827,7 +833,10 @@ fn unlisted_key_gets_nothing() {
     );
     let inits = sim.clients[cs].inits.len() as u64;
     assert!(inits >= 5);
-    assert_eq!(sim.server.engine().drops().get(DropReason::NotAllowed), inits);
+    assert_eq!(
+        sim.server.engine().drops().get(DropReason::NotAllowed),
+        inits
+    );
     assert_eq!(
         sim.server_errors_from(s_addr),
         vec![DropReason::NotAllowed; inits as usize]
@@ -973,10 +982,8 @@ fn garbage_never_panics_never_answers_and_leaves_sessions_alone() {
     };
     exchange(&mut sim, 0);
 
-    let (server_drops, client_drops) = (
-        server_drop_total(&sim),
-        sim.clients[c].conn.drops().total(),
-    );
+    let (server_drops, client_drops) =
+        (server_drop_total(&sim), sim.clients[c].conn.drops().total());
     let mut count = 0u64;
     for round in 1..=ROUNDS {
         // The latest real message each way, and the session index it names.
@@ -1022,13 +1029,7 @@ fn garbage_never_panics_never_answers_and_leaves_sessions_alone() {
         session(&sim, c).drops.get(DropReason::Unauthenticated) > 0,
         "forgeries on the live index were tried"
     );
-    assert!(
-        sim.clients[c]
-            .conn
-            .drops()
-            .get(DropReason::Unauthenticated)
-            > 0
-    );
+    assert!(sim.clients[c].conn.drops().get(DropReason::Unauthenticated) > 0);
     // And the real traffic, before, between and after, all arrived.
     let rounds = ROUNDS as usize + 1;
     assert_eq!(assert_delivered_once(&sent_up, &sim.server_tun), rounds);

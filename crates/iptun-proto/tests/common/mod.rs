@@ -558,7 +558,11 @@ impl Sim {
             assert_not_due("the server", self.server.poll_timeout(), now, self.start);
         }
         for i in 0..self.clients.len() {
-            if self.clients[i].conn.poll_timeout().is_some_and(|t| t <= now) {
+            if self.clients[i]
+                .conn
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
                 self.clients[i].conn.handle_timeout(now);
                 self.flush_client(i);
                 let t = self.clients[i].conn.poll_timeout();
@@ -592,7 +596,11 @@ impl Sim {
                 panic!("a UDP listener sent {:?}", t.to)
             };
             assert_eq!(t.listener, 0);
-            assert_eq!(to.local, Some(self.server_addr.ip()), "from the address asked");
+            assert_eq!(
+                to.local,
+                Some(self.server_addr.ip()),
+                "from the address asked"
+            );
             let bytes = self.buf[..t.len].to_vec();
             self.send(self.server_addr, to.addr, bytes.clone());
             sent.push((to.addr, bytes));
@@ -677,7 +685,9 @@ impl Sim {
         let before = self.clients[i].conn.drops();
         let mut tun = PacketList::default();
         let from = Some(self.server_addr);
-        self.clients[i].conn.handle_input(now, 0, from, bytes, &mut tun);
+        self.clients[i]
+            .conn
+            .handle_input(now, 0, from, bytes, &mut tun);
         let dropped = counted(&before, &self.clients[i].conn.drops());
         let server = self.server_addr;
         let sent_before = self.wire.len();
@@ -711,7 +721,9 @@ impl Sim {
     pub fn client_seal(&mut self, i: usize, packet: &[u8]) -> Result<Vec<u8>, DropReason> {
         let before = self.clients[i].conn.drops();
         let mut buf = vec![0; iptun_proto::connection::BUF_LEN];
-        let t = self.clients[i].conn.handle_tun_packet(self.now, packet, &mut buf);
+        let t = self.clients[i]
+            .conn
+            .handle_tun_packet(self.now, packet, &mut buf);
         let dropped = counted(&before, &self.clients[i].conn.drops());
         self.flush_client(i);
         match (t, dropped) {
