@@ -140,7 +140,11 @@ impl Carrier {
     }
 
     /// A DNS query the uplink wants sent now, copied into `buf`.
-    pub(super) fn poll_query(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    pub(super) fn poll_query(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
         let Self::Dns(c) = self else { return None };
         let (to, q) = c.poll_query(now)?;
         let out = buf.get_mut(..q.bytes.len())?;

@@ -342,7 +342,12 @@ impl Connection {
     /// A connection over `paths` (most preferred first, at least one).
     /// `unix_nanos` is the wall-clock time at `now`; it seeds handshake
     /// timestamps, which must grow across client restarts.
-    pub fn new(config: ClientConfig, paths: Vec<PathConfig>, now: Instant, unix_nanos: u64) -> Self {
+    pub fn new(
+        config: ClientConfig,
+        paths: Vec<PathConfig>,
+        now: Instant,
+        unix_nanos: u64,
+    ) -> Self {
         assert!(!paths.is_empty(), "a connection needs a path");
         let paths = paths
             .into_iter()
@@ -428,7 +433,12 @@ impl Connection {
     /// should be the send buffer of [`Connection::current_path`]'s driver;
     /// zero copies on UDP). `None`: dropped and counted, or queued by the
     /// transport (DNS), whose queries come out of `poll_transmit`.
-    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
+    pub fn handle_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
         let path = self.current;
         let c = &mut self.paths[path];
         let h = c.carrier.headroom();
@@ -506,7 +516,13 @@ impl Connection {
 
     /// Open one tunnel message from `path`. `Some(carried_data)` when it
     /// authenticated.
-    fn open(&mut self, now: Instant, path: PathId, msg: &[u8], tun: &mut impl TunSink) -> Option<bool> {
+    fn open(
+        &mut self,
+        now: Instant,
+        path: PathId,
+        msg: &[u8],
+        tun: &mut impl TunSink,
+    ) -> Option<bool> {
         let handshakes = self.engine.last_handshake();
         let Self {
             engine, scratch, ..
@@ -754,7 +770,8 @@ impl Connection {
         if self.measuring.len() > 4096 {
             self.measuring.remove(0);
         }
-        self.queued.push_back((path, self.scratch[h..h + n].to_vec()));
+        self.queued
+            .push_back((path, self.scratch[h..h + n].to_vec()));
         true
     }
 
@@ -814,14 +831,14 @@ impl Connection {
     /// A candidate due for a probe (or, in the startup race, for its copy
     /// of the init).
     fn due_probe(&mut self, now: Instant) -> Option<PathId> {
-        let init = self.engine.pending_init().map(|i| {
-            u32::from_le_bytes(i[4..8].try_into().expect("4 bytes"))
-        });
+        let init = self
+            .engine
+            .pending_init()
+            .map(|i| u32::from_le_bytes(i[4..8].try_into().expect("4 bytes")));
         if let Some(start) = self.race {
             // Paths join the race one by one; each gets the current init.
-            let joined = (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos())
-                as usize
-                + 1;
+            let joined =
+                (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos()) as usize + 1;
             return (0..joined.min(self.paths.len()))
                 .find(|&i| init.is_some() && self.paths[i].init_sent != init);
         }
@@ -835,7 +852,11 @@ impl Connection {
     /// handshake's init. Its length at `buf[headroom..]`.
     fn probe(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
         let h = self.paths[path].carrier.headroom();
-        if let Some(init) = self.engine.pending_init().filter(|_| self.race.is_some() || !self.engine.is_connected(now)) {
+        if let Some(init) = self
+            .engine
+            .pending_init()
+            .filter(|_| self.race.is_some() || !self.engine.is_connected(now))
+        {
             let index = u32::from_le_bytes(init[4..8].try_into().expect("4 bytes"));
             buf.get_mut(h..h + init.len())?.copy_from_slice(init);
             let c = &mut self.paths[path];
@@ -847,14 +868,18 @@ impl Connection {
             return Some(init.len());
         }
         let id = self.next_probe_id;
-        let n = match self.engine.seal_probe(now, id, CONTROL_LEN, CONTROL_LEN as u16, &mut buf[h..]) {
-            Ok(n) => n,
-            Err(_) => {
-                // No keys and no init yet: the engine starts one soon.
-                self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
-                return None;
-            }
-        };
+        let n =
+            match self
+                .engine
+                .seal_probe(now, id, CONTROL_LEN, CONTROL_LEN as u16, &mut buf[h..])
+            {
+                Ok(n) => n,
+                Err(_) => {
+                    // No keys and no init yet: the engine starts one soon.
+                    self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
+                    return None;
+                }
+            };
         self.next_probe_id = self.next_probe_id.wrapping_add(1);
         let c = &mut self.paths[path];
         c.probe = Some((id, now));
@@ -969,16 +994,15 @@ impl Connection {
         for i in 0..self.paths.len() {
             self.paths[i].carrier.handle_timeout(now);
             let c = &self.paths[i];
-            if c.probe.is_some_and(|(_, sent)| now >= sent + c.carrier.probe_timeout()) {
+            if c.probe
+                .is_some_and(|(_, sent)| now >= sent + c.carrier.probe_timeout())
+            {
                 self.fail(now, i, "no answer to a probe".into());
             }
         }
         let c = &mut self.paths[self.current];
         if c.dead_at().is_some_and(|t| t <= now) {
-            let why = format!(
-                "nothing came back for {} s",
-                c.carrier.liveness().as_secs()
-            );
+            let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
             // The deadline is spent whether or not the path fails now (it
             // may have failed already, or a search is on): left in place,
             // poll_timeout would keep returning it and the driver spin.

@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use crate::DropCounters;
 use crate::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
 use crate::transport::dns::server::DnsListener;
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
@@ -34,7 +35,6 @@ use crate::transport::{Kind, TunSink};
 use crate::wire::Message;
 use crate::wire::dns::Domain;
 use crate::wire::icmp::{ECHO_HEADER_LEN, Family};
-use crate::DropCounters;
 
 /// A listener: its index in the list the endpoint was made with.
 pub type ListenerId = usize;
@@ -333,7 +333,12 @@ impl Endpoint {
     /// destination: sealed into `buf` (the send buffer of the first UDP
     /// listener's driver, say: zero copies there) when it can go at once,
     /// else queued by its transport for the client's next request.
-    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
+    pub fn handle_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
         let path = match self.engine.route(packet) {
             // Not an IP packet, no owner, an owner without a path, or one
             // whose handshake came by ICMP with nothing since (no request
@@ -350,7 +355,10 @@ impl Endpoint {
             Path::Ws { .. } => LEN_PREFIX,
             _ => 0,
         };
-        let n = match self.engine.handle_tun_packet(now, packet, buf.get_mut(headroom..)?) {
+        let n = match self
+            .engine
+            .handle_tun_packet(now, packet, buf.get_mut(headroom..)?)
+        {
             Ok(ServerOutput::Send(_, msg)) => msg.len(),
             _ => return None,
         };
@@ -399,10 +407,19 @@ impl Endpoint {
 
     /// What arrived on `listener`. Inner packets go to `tun`; answers come
     /// out of [`Endpoint::poll_transmit`].
-    pub fn handle_input(&mut self, now: Instant, listener: ListenerId, input: Input<'_>, tun: &mut impl TunSink) {
+    pub fn handle_input(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        input: Input<'_>,
+        tun: &mut impl TunSink,
+    ) {
         match (&mut self.listeners[listener], input) {
             (Listener::Udp, Input::Datagram { from, bytes }) => {
-                let path = Path::Udp { listener, peer: from };
+                let path = Path::Udp {
+                    listener,
+                    peer: from,
+                };
                 if let Handled::Reply(n) = self.handle_message(now, path, bytes, tun) {
                     self.queue(listener, Destination::Udp(from), 0, n);
                 }
@@ -453,7 +470,9 @@ impl Endpoint {
                     }
                 }
                 self.http_malformed += u64::from(msgs.malformed());
-                let answers = self.mailboxes(listener).request(now, tag, request, !body.is_empty());
+                let answers = self
+                    .mailboxes(listener)
+                    .request(now, tag, request, !body.is_empty());
                 self.queue_answers(listener, answers);
             }
             _ => debug_assert!(false, "input of another transport on listener {listener}"),
@@ -476,9 +495,18 @@ impl Endpoint {
 
     /// Open one tunnel message that came by `from`, deliver or forward what
     /// it carries, and release what the session held on a path it left.
-    fn handle_message(&mut self, now: Instant, from: Path, msg: &[u8], tun: &mut impl TunSink) -> Handled {
+    fn handle_message(
+        &mut self,
+        now: Instant,
+        from: Path,
+        msg: &[u8],
+        tun: &mut impl TunSink,
+    ) -> Handled {
         let Self {
-            engine, scratch, reply, ..
+            engine,
+            scratch,
+            reply,
+            ..
         } = self;
         let (out, spilled) = match tun.buffer(msg.len()) {
             Some(b) => (b, false),
@@ -529,7 +557,8 @@ impl Endpoint {
                 let mut b = self.buffer();
                 b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
                 b.extend_from_slice(msg);
-                self.queued.push_back((listener, Destination::WebSocket(conn), b));
+                self.queued
+                    .push_back((listener, Destination::WebSocket(conn), b));
             }
             Path::Icmp {
                 listener,
@@ -590,7 +619,14 @@ impl Endpoint {
 
     /// An echo request carrying a tunnel message: open it, then hold the
     /// request for the session's downstream.
-    fn icmp_request(&mut self, now: Instant, listener: ListenerId, request: Request, msg: &[u8], tun: &mut impl TunSink) {
+    fn icmp_request(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        request: Request,
+        msg: &[u8],
+        tun: &mut impl TunSink,
+    ) {
         let session = self.engine.session_of(msg);
         let index = match Message::parse(msg) {
             Ok(Message::Data { receiver, .. }) => receiver,
@@ -630,7 +666,13 @@ impl Endpoint {
 
     /// Answer `request` with a keepalive of `session` (or, if the session is
     /// gone, with the bare magic: a request is always answered once).
-    fn echo_keepalive(&mut self, now: Instant, listener: ListenerId, session: SessionId, request: Request) {
+    fn echo_keepalive(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        session: SessionId,
+        request: Request,
+    ) {
         let start = icmp::HEADROOM;
         let n = self
             .engine
@@ -642,7 +684,14 @@ impl Endpoint {
     /// A complete upstream message (in `scratch`) from DNS client `tag`:
     /// open it, answer what it asks, and bind the tag to its session once
     /// the session's path is this tag.
-    fn dns_message(&mut self, now: Instant, listener: ListenerId, tag: u32, len: usize, tun: &mut impl TunSink) {
+    fn dns_message(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        tag: u32,
+        len: usize,
+        tun: &mut impl TunSink,
+    ) {
         let mut msg = std::mem::take(&mut self.scratch);
         let session = self.engine.session_of(&msg[..len]);
         let from = Path::Dns { listener, tag };
@@ -743,7 +792,11 @@ impl Endpoint {
             Listener::Dns(d) => d.next_timeout(),
             Listener::Http(m) => m.next_timeout(),
         });
-        self.engine.poll_timeout().into_iter().chain(listeners).min()
+        self.engine
+            .poll_timeout()
+            .into_iter()
+            .chain(listeners)
+            .min()
     }
 
     /// Time passed: keys expire, holds end (answered with keepalives or

@@ -579,11 +579,20 @@ mod tests {
         c.want(t0, true);
         assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: true }));
         assert_eq!(c.poll_command(t0), None, "said once");
-        assert_eq!(c.handle_event(t0, HttpEvent::UpgradeRefused("403".into())), None);
+        assert_eq!(
+            c.handle_event(t0, HttpEvent::UpgradeRefused("403".into())),
+            None
+        );
         assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: false }));
         assert_eq!(c.handle_event(t0, HttpEvent::Opened), None);
         assert_eq!(c.info().mode, "long-poll");
-        let why = c.handle_event(t0, HttpEvent::Closed { heard: true, why: "reset".into() });
+        let why = c.handle_event(
+            t0,
+            HttpEvent::Closed {
+                heard: true,
+                why: "reset".into(),
+            },
+        );
         assert_eq!(why.as_deref(), Some("reset"), "a path failure");
         assert_eq!(c.poll_command(t0), Some(Command::Hangup));
         assert_eq!(c.next_timeout(), Some(t0 + BACKOFF_MIN));
@@ -598,11 +607,20 @@ mod tests {
         c.want(t0, true);
         c.poll_command(t0);
         c.handle_event(t0, HttpEvent::Opened);
-        let silent = HttpEvent::Closed { heard: false, why: "no pong".into() };
+        let silent = HttpEvent::Closed {
+            heard: false,
+            why: "no pong".into(),
+        };
         assert_eq!(c.handle_event(t0, silent), None);
         assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: false }));
         for i in 0..8 {
-            let why = c.handle_event(t0, HttpEvent::Closed { heard: false, why: "refused".into() });
+            let why = c.handle_event(
+                t0,
+                HttpEvent::Closed {
+                    heard: false,
+                    why: "refused".into(),
+                },
+            );
             assert!(why.is_some());
             let wait = c.next_timeout().unwrap() - t0;
             assert_eq!(wait, (BACKOFF_MIN * (1 << i)).min(BACKOFF_MAX));
@@ -616,14 +634,29 @@ mod tests {
         let mut c = HttpClient::new(Mode::WebSocket);
         c.want(t0, true);
         assert_eq!(c.poll_command(t0), Some(Command::Dial { websocket: true }));
-        assert!(c.handle_event(t0, HttpEvent::UpgradeRefused("400".into())).is_some());
+        assert!(
+            c.handle_event(t0, HttpEvent::UpgradeRefused("400".into()))
+                .is_some()
+        );
         let mut lp = HttpClient::new(Mode::LongPoll);
         lp.want(t0, true);
-        assert_eq!(lp.poll_command(t0), Some(Command::Dial { websocket: false }));
+        assert_eq!(
+            lp.poll_command(t0),
+            Some(Command::Dial { websocket: false })
+        );
         lp.handle_event(t0, HttpEvent::Opened);
         lp.want(t0, false);
         assert_eq!(lp.poll_command(t0), Some(Command::Hangup));
-        assert_eq!(lp.handle_event(t0, HttpEvent::Closed { heard: true, why: "x".into() }), None);
+        assert_eq!(
+            lp.handle_event(
+                t0,
+                HttpEvent::Closed {
+                    heard: true,
+                    why: "x".into()
+                }
+            ),
+            None
+        );
     }
 
     fn frame(msgs: &[&[u8]]) -> Vec<u8> {

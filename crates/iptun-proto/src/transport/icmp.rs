@@ -92,7 +92,14 @@ impl IcmpClient {
     /// request; returns the ICMP message's length.
     pub fn frame(&mut self, now: Instant, buf: &mut [u8], len: usize) -> usize {
         icmp::emit_magic(buf);
-        let n = icmp::emit_echo(self.family, false, self.id, self.seq, buf, MAGIC.len() + len);
+        let n = icmp::emit_echo(
+            self.family,
+            false,
+            self.id,
+            self.seq,
+            buf,
+            MAGIC.len() + len,
+        );
         self.seq = self.seq.wrapping_add(1);
         self.stats.requests += 1;
         if self.polling {
@@ -310,12 +317,19 @@ mod tests {
         else {
             panic!("a tunnel request");
         };
-        assert_eq!((msg, req.id, req.seq, req.local), (&b"msg"[..], 77, 0, SERVER));
+        assert_eq!(
+            (msg, req.id, req.seq, req.local),
+            (&b"msg"[..], 77, 0, SERVER)
+        );
         let mut reply = [0u8; 64];
         reply[HEADROOM..HEADROOM + 2].copy_from_slice(b"ok");
         let n = listener.frame_reply(req, &mut reply, HEADROOM, 2);
         assert_eq!(client.unwrap(SERVER, &reply[..n]), Some(&b"ok"[..]));
-        assert_eq!(client.unwrap(CLIENT, &reply[..n]), None, "not from the server");
+        assert_eq!(
+            client.unwrap(CLIENT, &reply[..n]),
+            None,
+            "not from the server"
+        );
         assert_eq!(
             listener.classify(CLIENT, None, &buf[..n]),
             None,
@@ -337,7 +351,10 @@ mod tests {
         let mut out = buf;
         let m = listener.frame_reply(req, &mut out, icmp::ECHO_HEADER_LEN, 4);
         let echo = Echo::parse(Family::V4, &out[..m]).unwrap();
-        assert_eq!((echo.reply, echo.id, echo.seq, echo.payload), (true, 5, 6, &b"ping"[..]));
+        assert_eq!(
+            (echo.reply, echo.id, echo.seq, echo.payload),
+            (true, 5, 6, &b"ping"[..])
+        );
     }
 
     #[test]

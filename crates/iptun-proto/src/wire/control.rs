@@ -54,9 +54,7 @@ impl Control {
 
     /// Parse a plaintext that [`Control::is_control`] says is one.
     pub fn parse(plaintext: &[u8]) -> Result<Self, DropReason> {
-        let head: &[u8; CONTROL_LEN] = plaintext
-            .first_chunk()
-            .ok_or(DropReason::BadInnerPacket)?;
+        let head: &[u8; CONTROL_LEN] = plaintext.first_chunk().ok_or(DropReason::BadInnerPacket)?;
         let kind = match head[0] {
             1 => ControlKind::Probe,
             2 => ControlKind::ProbeReply,
