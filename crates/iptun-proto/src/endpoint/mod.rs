@@ -527,12 +527,15 @@ impl Endpoint {
                 Handled::Reply(r.len())
             }
             Ok(ServerOutput::Send(path, m)) => {
-                // Client to client: re-sealed by the engine.
+                // Client to client: re-sealed by the engine. Copied into a
+                // spare buffer, not kept in `reply`: send_on frames an echo
+                // reply there (and found it taken: a panic).
                 let n = m.len();
                 reply[..n].copy_from_slice(m);
-                let mut sealed = std::mem::take(&mut self.reply);
-                self.send_on(now, path, &sealed[..n]);
-                std::mem::swap(&mut self.reply, &mut sealed);
+                let mut sealed = self.buffer();
+                sealed.extend_from_slice(&self.reply[..n]);
+                self.send_on(now, path, &sealed);
+                self.spare.push(sealed);
                 Handled::Done
             }
             Ok(ServerOutput::Nothing) => Handled::Done,
