@@ -195,21 +195,24 @@ pub fn receiver_index(d: &[u8]) -> u32 {
     u32::from_le_bytes(d[4..8].try_into().unwrap())
 }
 
+/// The drops counted between two snapshots of a set of counters.
+pub fn counted_all(before: &DropCounters, after: &DropCounters) -> Vec<DropReason> {
+    DropReason::ALL
+        .iter()
+        .flat_map(|&r| std::iter::repeat_n(r, (after.get(r) - before.get(r)) as usize))
+        .collect()
+}
+
 /// The one drop counted between two snapshots of a set of counters: `None`
 /// when nothing was counted. Panics when several were: every input here is
 /// one message, dropped at most once.
 pub fn counted(before: &DropCounters, after: &DropCounters) -> Option<DropReason> {
-    let mut new = DropReason::ALL.iter().flat_map(|&r| {
-        let n = after.get(r) - before.get(r);
-        std::iter::repeat_n(r, n as usize)
-    });
-    let first = new.next();
+    let new = counted_all(before, after);
     assert!(
-        new.next().is_none(),
-        "several drops counted for one input: {:?}",
-        after.nonzero().collect::<Vec<_>>()
+        new.len() <= 1,
+        "several drops counted for one input: {new:?}"
     );
-    first
+    new.first().copied()
 }
 
 /// The sender index of an init: tells one handshake attempt from the next.
