@@ -893,8 +893,9 @@ impl Connection {
     fn due_poll(&mut self, now: Instant) -> Option<PathId> {
         let path = self.current;
         let connected = self.engine.is_connected(now);
+        let polling = self.polling(now);
         let c = &mut self.paths[path];
-        c.carrier.set_polling(connected);
+        c.carrier.set_polling(polling);
         if let Carrier::Icmp(icmp) = &mut c.carrier {
             // Always let the pacer forget lost requests, or its deadline
             // stays in the past and the loop spins.
@@ -912,6 +913,15 @@ impl Connection {
             }
         }
         None
+    }
+
+    /// Whether the path in use keeps requests outstanding: while the
+    /// session is up, and while a handshake is pending too, for a response
+    /// may need more answers to come down than the init's own requests
+    /// bring (DNS answers of A or AAAA records are small). DNS polls need
+    /// no keys; ICMP polls are keepalives, sent only once connected.
+    fn polling(&self, now: Instant) -> bool {
+        self.engine.is_connected(now) || self.engine.pending_init().is_some()
     }
 
     fn keepalive(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
@@ -939,13 +949,13 @@ impl Connection {
     /// Bring the transports in line with the policy: polls only on the
     /// path in use, HTTP connections only where used or probed.
     fn refresh(&mut self, now: Instant) {
-        let connected = self.engine.is_connected(now);
+        let polling = self.polling(now);
         let racing = self.race.map(|start| {
             (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos()) as usize + 1
         });
         for (i, c) in self.paths.iter_mut().enumerate() {
             let in_use = i == self.current;
-            c.carrier.set_polling(in_use && connected);
+            c.carrier.set_polling(in_use && polling);
             let probed = c.probe.is_some() || c.next_probe.is_some_and(|t| t <= now);
             let wanted = in_use || probed || racing.is_some_and(|j| i < j);
             if let Carrier::Http(h) = &mut c.carrier {
