@@ -251,7 +251,16 @@ fn a_resolver_that_passes_only_a_records_and_shuffles_them() {
     assert_eq!(info.record_type, "A");
     // TXT, CNAME, MX, SRV, AAAA failed in turn.
     assert_eq!(info.stats.type_fallbacks, 5);
-    assert!(s.resolver.stats.shuffled > 100, "{:?}", s.resolver.stats);
+    // Every answer that brought data had several records, and they came
+    // shuffled (a fixed count of them depended on how the old exchange
+    // paced its packets).
+    let data_answers = info.stats.data_answers;
+    assert!(data_answers > 50, "{data_answers} answers with data");
+    assert!(
+        s.resolver.stats.shuffled >= data_answers,
+        "{:?}",
+        s.resolver.stats
+    );
 }
 
 #[test]
