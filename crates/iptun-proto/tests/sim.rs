@@ -650,6 +650,67 @@ fn roaming_client_keeps_its_session() {
     );
 }
 
+#[test]
+fn a_late_message_from_an_address_the_client_left_does_not_pull_the_session_back() {
+    let a = key(1);
+    let mut sim = Sim::with_clients(&[&a], Link::perfect(), 21);
+    let c = sim.add_client(a);
+    sim.connect(c);
+    let old = sim.clients[c].addr;
+
+    // A message sealed before the client moved, held up on the old path.
+    let late = up(&sim, c, 1);
+    let late_msg = sim.client_seal(c, &late).unwrap();
+    let moved: SocketAddr = "198.18.0.5:50123".parse().unwrap();
+    sim.clients[c].addr = moved;
+    let u = up(&sim, c, 2);
+    sim.client_send(c, &u).unwrap();
+    sim.settle();
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(moved)));
+
+    // It arrives at last: authentic and within the replay window, so it is
+    // delivered, but it is not the client's newest message, so the
+    // session's downstream stays on the path the client is on now.
+    assert_eq!(
+        sim.server_receive(old, &late_msg),
+        Ok(Out::Tun(late.clone()))
+    );
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(moved)));
+    assert_eq!(sim.server_send(&down(&sim, c, 1)), Ok(moved));
+    assert_eq!(sim.server_tun, [u, late]);
+}
+
+#[test]
+fn a_restarted_clients_init_is_answered_where_it_came_from_but_moves_nothing() {
+    let a = key(1);
+    let mut sim = Sim::with_clients(&[&a], Link::perfect(), 22);
+    let c = sim.add_client(a.clone());
+    sim.connect(c);
+    let old = sim.clients[c].addr;
+
+    // The client restarts on another port. Its init reaches the server
+    // 10 ms later and the response goes back there...
+    let new: SocketAddr = "203.0.113.10:40001".parse().unwrap();
+    sim.restart_client(c, client_config(a), new);
+    let t = sim.now;
+    sim.run_until(t + ms(15));
+    let response = sim.sent_by(sim.server_addr, is_response).last().unwrap().to;
+    assert_eq!(response, new);
+    // ...but an init proves nothing about where the client is (it may be a
+    // copy on a path the client only tries): the session stays put.
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(old)));
+    assert_eq!(session(&sim, c).last_handshake, Some(t + ms(10)));
+
+    // The first data message under the new keys (the client's key
+    // confirmation, at 30 ms) moves it.
+    sim.run_until(t + ms(35));
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(new)));
+    let d = down(&sim, c, 1);
+    assert_eq!(sim.server_send(&d), Ok(new));
+    sim.settle();
+    assert_eq!(sim.clients[c].tun.last(), Some(&d));
+}
+
 // ---------------------------------------------------------------------------
 // 7. Server restart
 // ---------------------------------------------------------------------------
