@@ -220,6 +220,7 @@ pub struct PathStatus {
 
 /// A transport's own state, for status.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // made only for status, a few at a time
 pub enum PathDetail {
     /// UDP has none.
     Udp,
@@ -478,10 +479,10 @@ impl Connection {
                 let opened = self.open(now, path, msg, tun);
                 // An answer without a session (the server lost it) still
                 // answers a request; forged or stale ones do not.
-                if opened.is_some() || msg.is_empty() {
-                    if let Carrier::Icmp(c) = &mut self.paths[path].carrier {
-                        c.replied(opened == Some(true));
-                    }
+                if (opened.is_some() || msg.is_empty())
+                    && let Carrier::Icmp(c) = &mut self.paths[path].carrier
+                {
+                    c.replied(opened == Some(true));
                 }
             }
             Carrier::Dns(c) => {
@@ -782,7 +783,7 @@ impl Connection {
         loop {
             let (path, len) = if let Some((path, msg)) = self.queued.pop_front() {
                 (path, self.stage(path, &msg, buf))
-            } else if let Some((path, len)) = self.from_engine(now, buf) {
+            } else if let Some((path, len)) = self.engine_timers(now, buf) {
                 (path, Some(len))
             } else if let Some(path) = self.due_probe(now) {
                 (path, self.probe(now, path, buf))
@@ -817,7 +818,7 @@ impl Connection {
     /// The engine's timers: an init (first, retry, rekey) or a keepalive,
     /// for the path in use. Inits are also copied onto every path in the
     /// startup race or being probed in a search.
-    fn from_engine(&mut self, now: Instant, buf: &mut [u8]) -> Option<(PathId, usize)> {
+    fn engine_timers(&mut self, now: Instant, buf: &mut [u8]) -> Option<(PathId, usize)> {
         let path = self.current;
         let h = self.paths[path].carrier.headroom();
         let n = self.engine.poll_timers(now, &mut buf[h..])?;
@@ -868,18 +869,14 @@ impl Connection {
             return Some(init.len());
         }
         let id = self.next_probe_id;
-        let n =
-            match self
-                .engine
-                .seal_probe(now, id, CONTROL_LEN, CONTROL_LEN as u16, &mut buf[h..])
-            {
-                Ok(n) => n,
-                Err(_) => {
-                    // No keys and no init yet: the engine starts one soon.
-                    self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
-                    return None;
-                }
-            };
+        let sealed =
+            self.engine
+                .seal_probe(now, id, CONTROL_LEN, CONTROL_LEN as u16, &mut buf[h..]);
+        let Ok(n) = sealed else {
+            // No keys and no init yet: the engine starts one soon.
+            self.paths[path].next_probe = Some(now + SEARCH_RETRY_MIN);
+            return None;
+        };
         self.next_probe_id = self.next_probe_id.wrapping_add(1);
         let c = &mut self.paths[path];
         c.probe = Some((id, now));

@@ -473,10 +473,11 @@ impl<P: PathKind> Server<P> {
         }
         // Roaming: follow the client to the path of its newest message (a
         // message delayed on a path it has left must not pull it back).
-        if newest && peer.path.as_ref() != Some(from) {
-            if let Some(old) = peer.path.replace(from.clone()) {
-                self.moved.push((SessionId(id), old));
-            }
+        if newest
+            && peer.path.as_ref() != Some(from)
+            && let Some(old) = peer.path.replace(from.clone())
+        {
+            self.moved.push((SessionId(id), old));
         }
         if n == 0 {
             // Answer keepalives, so the client can tell a live server from a
