@@ -789,7 +789,7 @@ impl IcmpSim {
                     self.server.receive(now, p.src, &p.icmp, c);
                     self.flush_server();
                 }
-                None => self.to_lan(f.packet),
+                None => self.inbound_to_lan(f.packet),
             }
         }
         if self
@@ -819,7 +819,7 @@ impl IcmpSim {
 
     /// A reply reaches the NAT: through the firewall to its client, if it
     /// answers an outstanding request.
-    fn to_lan(&mut self, p: Packet) {
+    fn inbound_to_lan(&mut self, p: Packet) {
         let Some(p) = self.nat.inbound(self.now, p) else {
             return;
         };
@@ -840,12 +840,12 @@ impl IcmpSim {
 
     fn flush_client(&mut self, i: usize) {
         for p in self.clients[i].transmits(self.now, &mut self.buf) {
-            self.from_lan(i, p);
+            self.outbound_from_lan(i, p);
         }
     }
 
     /// A packet from client `i`'s host, out through the NAT.
-    fn from_lan(&mut self, i: usize, p: Packet) {
+    fn outbound_from_lan(&mut self, i: usize, p: Packet) {
         if let Some(p) = self.nat.outbound(self.now, p) {
             self.transmit(Some(i), p);
         }
@@ -890,7 +890,7 @@ impl IcmpSim {
         let r = match (sent, dropped) {
             (Some(t), None) => {
                 let p = c.request(now, t, &buf[..t.len]);
-                self.from_lan(i, p);
+                self.outbound_from_lan(i, p);
                 Ok(())
             }
             (None, Some(e)) => Err(e),
@@ -937,6 +937,6 @@ impl IcmpSim {
             dst: SERVER_IP,
             icmp: echo(false, id, seq, payload, false),
         };
-        self.from_lan(i, p);
+        self.outbound_from_lan(i, p);
     }
 }
