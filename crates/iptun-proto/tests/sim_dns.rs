@@ -649,3 +649,22 @@ fn a_new_tags_first_address_query_is_not_held() {
     }
     assert_eq!(l.held(), 4);
 }
+
+#[test]
+fn a_packet_lost_to_a_full_tun_batch_is_counted_as_such() {
+    let mut s = sim(ResolverConfig::default(), 8);
+    connect(&mut s);
+    s.server_tun_full = true;
+    let p = ipv4(s.client_v4(), INTERNET_V4, &payload(1, 1));
+    s.client_send(&p).unwrap();
+    s.run_for(secs(2));
+    // The packet is lost to the full batch and counted so, once; the
+    // keepalives meanwhile open as usual (they need no room in the batch).
+    assert!(s.server_tun.is_empty());
+    assert_eq!(s.server.transport_drops(), [("tun_full", 1)]);
+    assert_eq!(s.server_errors, []);
+    // And the tunnel goes on once there is room again.
+    s.server_tun_full = false;
+    let (up, down, _) = exchange(&mut s, 10, 200, secs(30));
+    assert_eq!((up, down), (10, 10));
+}

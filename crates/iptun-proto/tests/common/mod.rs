@@ -220,6 +220,19 @@ pub fn init_index(init: &[u8]) -> u32 {
     u32::from_le_bytes(init[4..8].try_into().unwrap())
 }
 
+/// A TUN device's write batch that is full: every packet is refused.
+pub struct FullTun;
+
+impl iptun_proto::transport::TunSink for FullTun {
+    fn buffer(&mut self, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+
+    fn commit(&mut self, _len: usize) {
+        unreachable!("no buffer was given")
+    }
+}
+
 /// When an authenticated message last arrived on a connection's path,
 /// as its status tells.
 pub fn last_heard(conn: &Connection, path: usize, now: Instant) -> Option<Instant> {

@@ -38,7 +38,7 @@ use iptun_proto::wire::dns::{
 };
 
 use crate::common::{
-    Rng, UNIX_START, assert_not_due, client_config, counted_all, init_index, last_heard,
+    FullTun, Rng, UNIX_START, assert_not_due, client_config, counted_all, init_index, last_heard,
 };
 
 pub const DOMAIN: &str = "t.example.com";
@@ -221,6 +221,8 @@ pub struct Sim {
     // server
     pub server: Endpoint,
     pub server_tun: Vec<(Instant, Vec<u8>)>,
+    /// The server's TUN batch is full: it takes no packet.
+    pub server_tun_full: bool,
     pub server_errors: Vec<DropReason>,
     /// Queries that reached the server, by (source, id): arrival and answer.
     pub arrivals: HashMap<(SocketAddr, u16), Vec<Arrival>>,
@@ -270,6 +272,7 @@ impl Sim {
             last_init: None,
             server: Endpoint::new(server, vec![ListenerConfig::Dns(domain)], now),
             server_tun: Vec::new(),
+            server_tun_full: false,
             server_errors: Vec::new(),
             arrivals: HashMap::new(),
             server_violations: Vec::new(),
@@ -483,7 +486,11 @@ impl Sim {
             local: Some(SERVER.ip()),
         };
         let input = Input::Datagram { from, bytes };
-        self.server.handle_input(now, 0, input, &mut tun);
+        if self.server_tun_full {
+            self.server.handle_input(now, 0, input, &mut FullTun);
+        } else {
+            self.server.handle_input(now, 0, input, &mut tun);
+        }
         self.server_errors
             .extend(counted_all(&before, &self.server.drops()));
         self.server_tun
