@@ -695,11 +695,15 @@ impl Endpoint {
         len: usize,
         tun: &mut impl TunSink,
     ) {
-        let mut msg = std::mem::take(&mut self.scratch);
-        let session = self.engine.session_of(&msg[..len]);
+        // Out of `scratch`, which handle_message spills packets into when
+        // the TUN batch is full (it found it taken, and the engine refused
+        // every message for want of room).
+        let mut msg = self.buffer();
+        msg.extend_from_slice(&self.scratch[..len]);
+        let session = self.engine.session_of(&msg);
         let from = Path::Dns { listener, tag };
-        let handled = self.handle_message(now, from, &msg[..len], tun);
-        std::mem::swap(&mut self.scratch, &mut msg);
+        let handled = self.handle_message(now, from, &msg, tun);
+        self.spare.push(msg);
         let Listener::Dns(d) = &mut self.listeners[listener] else {
             return;
         };
