@@ -9,10 +9,15 @@ use std::fs;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
+use iptun_fuzz::world::{self, World};
 use iptun_fuzz::{
     BUF_LEN, Established, PATH_A, client, connect, ipv4_packet, ipv6_packet, keys, now, server,
 };
 use iptun_proto::TunnelConfig;
+use iptun_proto::crypto::PrivateKey;
+use iptun_proto::transport::dns::{UP_HEADER_LEN, UpHeader};
+use iptun_proto::wire::control::{Control, ControlKind};
+use iptun_proto::wire::icmp::{Family, emit_echo};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
@@ -95,4 +100,112 @@ fn main() {
     write("http", "frames", &[0, 2, b'a', b'b', 0, 0]);
     write("http", "query", b"c=00000000000000ff");
     write("http", "mailbox", &[0x00, 0x05, b'x', 0x02]);
+
+    // Control messages: a probe as the client sends it, a padded reply.
+    let mut probe = [0u8; 10];
+    let p = Control {
+        kind: ControlKind::Probe,
+        id: 1,
+        len: 10,
+    };
+    p.emit(10, &mut probe).expect("fits");
+    write("control", "probe", &probe);
+    let mut reply = [0u8; 64];
+    let r = Control {
+        kind: ControlKind::ProbeReply,
+        id: 7,
+        len: 1200,
+    };
+    r.emit(64, &mut reply).expect("fits");
+    write("control", "reply-padded", &reply);
+
+    // Endpoint scripts (see fuzz_targets/endpoint.rs for the format).
+    for (name, script) in endpoint_scripts(&t.init) {
+        write("endpoint", name, &script);
+    }
+}
+
+/// One step of an endpoint script: op, length, payload.
+fn step(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut s = vec![op];
+    s.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    s.extend_from_slice(payload);
+    s
+}
+
+/// Scripts reaching each listener's paths, and the live sessions.
+fn endpoint_scripts(init: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let w = World::new();
+    let pool = w.endpoint.engine().pool();
+    let key = |s: &str| PrivateKey::from_base64(s).unwrap().public_key();
+    let k = keys();
+    let lease = |p| pool.lease(p).expect("leased");
+    let (a, b) = (lease(&k.a_pub).v4, lease(&k.b_pub).v4);
+    let (c, d) = (
+        lease(&key(world::CLIENT_C_KEY)).v4,
+        lease(&key(world::CLIENT_D_KEY)).v4,
+    );
+    let net = Ipv4Addr::new(198, 51, 100, 2);
+    let framed = [&(init.len() as u16).to_be_bytes()[..], init].concat();
+    let mut ping = vec![0u8; 8 + 4];
+    ping[8..].copy_from_slice(b"ping");
+    let n = emit_echo(Family::V4, false, 5, 6, &mut ping, 4);
+    ping.truncate(n);
+    let mut header = vec![0u8; UP_HEADER_LEN];
+    UpHeader {
+        tag: 0x1234_5678,
+        qseq: 1,
+        down_limit: 1232,
+    }
+    .emit(&mut header);
+    let garbage_data = [3u8, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 9, 0xee, 0xee];
+    vec![
+        ("udp-init", step(0, init)),
+        (
+            "udp-aimed",
+            step(0x20, &[&garbage_data[..], &[0xaa; 16]].concat()),
+        ),
+        (
+            "icmp-ping",
+            [step(0x08 | 1, &ping), step(1, &ping)].concat(),
+        ),
+        ("icmp-init", step(0x20 | 1, init)),
+        (
+            "icmp-aimed",
+            step(0x60 | 1, &[&garbage_data[..], &[0xaa; 16]].concat()),
+        ),
+        // A new tag's TXT query (held, then answered empty), and a
+        // stranger's NULL query.
+        (
+            "dns-txt-poll",
+            [step(0x30 | 2, &header), step(0xf8 | 7, &[])].concat(),
+        ),
+        ("dns-null-stranger", step(0x20 | 0x08 | 2, &header)),
+        ("ws-init", step(3, &framed)),
+        (
+            "poll-init",
+            [step(4, &framed), step(0xf8 | 7, &[]), step(4, &[])].concat(),
+        ),
+        (
+            "clients-to-each-other",
+            [
+                step(6, &ipv4_packet(a, b)),
+                step(0x08 | 6, &ipv4_packet(b, c)),
+                step(0x10 | 6, &ipv4_packet(c, d)),
+                step(0x18 | 6, &ipv4_packet(d, a)),
+            ]
+            .concat(),
+        ),
+        (
+            "server-tun",
+            [
+                step(5, &ipv4_packet(net, a)),
+                step(5, &ipv4_packet(net, b)),
+                step(5, &ipv4_packet(net, c)),
+                step(5, &ipv4_packet(net, d)),
+            ]
+            .concat(),
+        ),
+        ("time", [step(0xf8 | 7, &[]), step(0xf8 | 7, &[])].concat()),
+    ]
 }

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use iptun_fuzz::now;
-use iptun_proto::http::{Answer, Batch, MAX_QUEUED_BYTES, Mailboxes, messages, poll_query, poll_tag};
+use iptun_proto::transport::http::{Answer, Batch, MAX_QUEUED_BYTES, Mailboxes, messages, poll_query, poll_tag};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

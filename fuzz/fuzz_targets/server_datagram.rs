@@ -69,7 +69,9 @@ fn run(s: &mut Established, data: &[u8], out: &mut [u8], sealed: &mut [u8]) {
     }
     for (path, datagram) in [(PATH_A, data), (PATH_STRANGER, data), (PATH_A, &aimed[..])] {
         match s.server.handle_datagram(now, &path, datagram, out) {
-            Ok(ServerOutput::Send(_, msg)) => assert!(msg.len() <= datagram.len()),
+            Ok(ServerOutput::Send(_, msg) | ServerOutput::Reply(msg)) => {
+                assert!(msg.len() <= datagram.len())
+            }
             Ok(ServerOutput::Tun(p)) => assert!(p.len() <= datagram.len()),
             Ok(ServerOutput::Nothing) | Err(_) => {}
         }
@@ -99,6 +101,9 @@ fn run(s: &mut Established, data: &[u8], out: &mut [u8], sealed: &mut [u8]) {
                 Some(msg.to_vec())
             }
             Ok(ServerOutput::Nothing) => panic!("a non-empty packet yielded nothing"),
+            // Only keepalives and probes (control messages, never IP
+            // packets) are answered where they came from.
+            Ok(ServerOutput::Reply(_)) => panic!("an inner packet was answered"),
             Err(DropReason::Spoofed) => {
                 assert!(spoofed, "source {src} is A's own");
                 None
@@ -136,7 +141,7 @@ fn run(s: &mut Established, data: &[u8], out: &mut [u8], sealed: &mut [u8]) {
         match s.a.handle_datagram(now, datagram, out) {
             Ok(ClientOutput::Send(msg)) => assert!(msg.len() <= datagram.len()),
             Ok(ClientOutput::Tun(p)) => assert!(p.len() <= datagram.len()),
-            Ok(ClientOutput::Nothing) | Err(_) => {}
+            Ok(ClientOutput::Nothing | ClientOutput::ProbeReply { .. }) | Err(_) => {}
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Simulated-network tests of the client and server engines: real
-//! handshakes and real inner IP packets over a virtual network with a
-//! virtual clock (see `common/mod.rs`). Each test runs minutes of protocol
+//! Simulated-network tests of the client `Connection` and the server
+//! `Endpoint` over UDP: real handshakes and real inner IP packets over a
+//! virtual network with a virtual clock (see `common/mod.rs`). Each test runs minutes of protocol
 //! time in milliseconds and is deterministic: the network's losses and
 //! delays come from a seeded PRNG and the static keys are fixed (the only
 //! randomness left is the engines' own ephemeral keys and session indices,
@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use common::*;
 use iptun_proto::DropReason;
+use iptun_proto::connection::Event;
+use iptun_proto::endpoint::Path;
 use iptun_proto::engine::{
-    ClientConfig, ClientEvent, DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, HANDSHAKE_RETRY,
-    HANDSHAKE_RETRY_MAX, REJECT_AFTER_TIME, REKEY_AFTER_TIME, Server, SessionInfo,
+    ClientConfig, DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, HANDSHAKE_RETRY,
+    HANDSHAKE_RETRY_MAX, REJECT_AFTER_TIME, REKEY_AFTER_TIME, SessionInfo,
 };
 use iptun_proto::wire::message::{INIT_LEN, RESPONSE_LEN, TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
 
@@ -30,12 +32,8 @@ fn ms(m: u64) -> Duration {
     Duration::from_millis(m)
 }
 
-fn session(sim: &Sim, i: usize) -> SessionInfo<SocketAddr> {
-    let key = sim.clients[i].key;
-    sim.server
-        .sessions()
-        .into_iter()
-        .find(|s| s.key == key)
+fn session(sim: &Sim, i: usize) -> SessionInfo<Path> {
+    sim.session(i)
         .expect("the server has a session for this client")
 }
 
@@ -52,12 +50,6 @@ fn down(sim: &Sim, i: usize, n: u32) -> Vec<u8> {
 /// Total drops the server counted, attributed to a client or not.
 fn server_drop_total(sim: &Sim) -> u64 {
     sim.server.drops().total()
-        + sim
-            .server
-            .sessions()
-            .iter()
-            .map(|s| s.drops.total())
-            .sum::<u64>()
 }
 
 /// Check that what arrived is a subset of what was sent, each packet
@@ -91,9 +83,11 @@ fn handshake_configures_client_and_server_lists_it() {
     assert_eq!(sim.sent_by(sim.server_addr, is_response).len(), 1);
     let events = &sim.clients[c].events;
     assert_eq!(events.len(), 1, "exactly one Configured event");
-    let (at, ClientEvent::Configured(cfg)) = events[0];
+    let (at, Event::Configured(cfg)) = events[0].clone() else {
+        panic!("{events:?}")
+    };
     assert_eq!(at - sim.start, ms(20));
-    assert_eq!(sim.clients[c].client.tunnel(), Some(&cfg));
+    assert_eq!(sim.clients[c].conn.engine().tunnel(), Some(&cfg));
 
     let net4: ipnet::Ipv4Net = NET4.parse().unwrap();
     assert!(
@@ -129,11 +123,11 @@ fn handshake_configures_client_and_server_lists_it() {
     let s = &sessions[0];
     assert_eq!(s.key, a.public_key());
     assert_eq!((s.lease.v4, s.lease.v6), (cfg.client_v4, Some(client6)));
-    assert_eq!(s.path, Some(sim.clients[c].addr));
+    assert_eq!(s.path, Some(sim.path_to(sim.clients[c].addr)));
     assert_eq!(s.last_handshake, Some(sim.start + ms(10)));
-    assert!(sim.clients[c].client.is_connected(sim.now));
+    assert!(sim.clients[c].conn.is_connected(sim.now));
     assert_eq!(
-        server_drop_total(&sim) + sim.clients[c].client.drops().total(),
+        server_drop_total(&sim) + sim.clients[c].conn.drops().total(),
         0
     );
 }
@@ -196,7 +190,7 @@ fn data_flows_both_ways_over_ipv4_and_ipv6() {
     assert_eq!(sim.clients[c].tun, sent_down);
 
     let bytes = |v: &[Vec<u8>]| v.iter().map(|p| p.len() as u64).sum::<u64>();
-    let t = sim.clients[c].client.traffic();
+    let t = sim.clients[c].conn.traffic();
     assert_eq!(
         (t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes),
         (40, bytes(&sent_up), 40, bytes(&sent_down))
@@ -213,9 +207,9 @@ fn data_flows_both_ways_over_ipv4_and_ipv6() {
         sim.server_seal(&nobody).map(|_| ()),
         Err(DropReason::NoRoute)
     );
-    assert_eq!(sim.server.drops().get(DropReason::NoRoute), 1);
+    assert_eq!(sim.server.engine().drops().get(DropReason::NoRoute), 1);
     assert_eq!(server_drop_total(&sim), 1);
-    assert_eq!(sim.clients[c].client.drops().total(), 0);
+    assert_eq!(sim.clients[c].conn.drops().total(), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -368,7 +362,7 @@ fn replayed_data_keepalives_and_inits_are_refused() {
     sim.run_for(secs(5));
     let attacker: SocketAddr = "198.18.7.7:5555".parse().unwrap();
     assert_eq!(sim.server_receive(attacker, &msg), Err(DropReason::Replay));
-    assert_eq!(session(&sim, c).path, Some(addr));
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(addr)));
     assert_eq!(session(&sim, c).drops.get(DropReason::Replay), 2);
     assert_eq!(sim.server_tun, [p]);
 
@@ -384,7 +378,7 @@ fn replayed_data_keepalives_and_inits_are_refused() {
     let (_, msg) = sim.server_seal(&d).unwrap();
     assert_eq!(sim.client_receive(c, &msg), Ok(Out::Tun(d.clone())));
     assert_eq!(sim.client_receive(c, &msg), Err(DropReason::Replay));
-    assert_eq!(sim.clients[c].client.drops().get(DropReason::Replay), 1);
+    assert_eq!(sim.clients[c].conn.drops().get(DropReason::Replay), 1);
     assert_eq!(sim.clients[c].tun, [d]);
 
     // A captured init, replayed later: refused as stale, and unanswered,
@@ -407,7 +401,7 @@ fn replayed_data_keepalives_and_inits_are_refused() {
     assert_eq!(s.last_handshake, handshake_before);
     assert_eq!(
         s.path,
-        Some(addr),
+        Some(sim.path_to(addr)),
         "a replayed init does not redirect the session"
     );
 
@@ -439,7 +433,7 @@ fn rekey_on_time_loses_nothing_in_flight_and_old_keys_then_expire() {
     let c = sim.add_client(a);
     sim.connect(c);
     let addr = sim.clients[c].addr;
-    let first_handshake = sim.clients[c].client.last_handshake().unwrap();
+    let first_handshake = sim.clients[c].conn.engine().last_handshake().unwrap();
     let old_index = receiver_index(&sim.sent_by(addr, |d| kind(d) == TYPE_DATA)[0].bytes);
 
     let (mut sent_up, mut sent_down) = (HashMap::new(), HashMap::new());
@@ -475,7 +469,7 @@ fn rekey_on_time_loses_nothing_in_flight_and_old_keys_then_expire() {
 
     // One new handshake, on time.
     assert_eq!(sim.clients[c].inits.len(), 2);
-    let second = sim.clients[c].client.last_handshake().unwrap();
+    let second = sim.clients[c].conn.engine().last_handshake().unwrap();
     let age = second - first_handshake;
     assert!(
         age >= REKEY_AFTER_TIME && age < REKEY_AFTER_TIME + secs(1),
@@ -605,7 +599,7 @@ fn rekey_after_messages_keeps_data_flowing() {
         sim.server_receive(addr, &stale),
         Err(DropReason::UnknownIndex)
     );
-    assert_eq!(sim.server.drops().get(DropReason::UnknownIndex), 1);
+    assert_eq!(sim.server.engine().drops().get(DropReason::UnknownIndex), 1);
     assert_eq!(session(&sim, c).drops.total(), 0);
 }
 
@@ -628,7 +622,7 @@ fn roaming_client_keeps_its_session() {
     sim.client_send(c, &u).unwrap();
     sim.settle();
     assert_eq!(sim.server_tun, [u]);
-    assert_eq!(session(&sim, c).path, Some(moved));
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(moved)));
     let d = down(&sim, c, 1);
     assert_eq!(sim.server_send(&d), Ok(moved), "replies follow the client");
     sim.settle();
@@ -640,7 +634,7 @@ fn roaming_client_keeps_its_session() {
     sim.clients[c].addr = rebound;
     assert_eq!(sim.server_send(&down(&sim, c, 2)), Ok(moved));
     sim.run_for(KEEPALIVE + secs(1));
-    assert_eq!(session(&sim, c).path, Some(rebound));
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(rebound)));
     let d = down(&sim, c, 3);
     assert_eq!(sim.server_send(&d), Ok(rebound));
     sim.settle();
@@ -654,6 +648,67 @@ fn roaming_client_keeps_its_session() {
         1,
         "only the packet sent before the client spoke from its new port"
     );
+}
+
+#[test]
+fn a_late_message_from_an_address_the_client_left_does_not_pull_the_session_back() {
+    let a = key(1);
+    let mut sim = Sim::with_clients(&[&a], Link::perfect(), 21);
+    let c = sim.add_client(a);
+    sim.connect(c);
+    let old = sim.clients[c].addr;
+
+    // A message sealed before the client moved, held up on the old path.
+    let late = up(&sim, c, 1);
+    let late_msg = sim.client_seal(c, &late).unwrap();
+    let moved: SocketAddr = "198.18.0.5:50123".parse().unwrap();
+    sim.clients[c].addr = moved;
+    let u = up(&sim, c, 2);
+    sim.client_send(c, &u).unwrap();
+    sim.settle();
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(moved)));
+
+    // It arrives at last: authentic and within the replay window, so it is
+    // delivered, but it is not the client's newest message, so the
+    // session's downstream stays on the path the client is on now.
+    assert_eq!(
+        sim.server_receive(old, &late_msg),
+        Ok(Out::Tun(late.clone()))
+    );
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(moved)));
+    assert_eq!(sim.server_send(&down(&sim, c, 1)), Ok(moved));
+    assert_eq!(sim.server_tun, [u, late]);
+}
+
+#[test]
+fn a_restarted_clients_init_is_answered_where_it_came_from_but_moves_nothing() {
+    let a = key(1);
+    let mut sim = Sim::with_clients(&[&a], Link::perfect(), 22);
+    let c = sim.add_client(a.clone());
+    sim.connect(c);
+    let old = sim.clients[c].addr;
+
+    // The client restarts on another port. Its init reaches the server
+    // 10 ms later and the response goes back there...
+    let new: SocketAddr = "203.0.113.10:40001".parse().unwrap();
+    sim.restart_client(c, client_config(a), new);
+    let t = sim.now;
+    sim.run_until(t + ms(15));
+    let response = sim.sent_by(sim.server_addr, is_response).last().unwrap().to;
+    assert_eq!(response, new);
+    // ...but an init proves nothing about where the client is (it may be a
+    // copy on a path the client only tries): the session stays put.
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(old)));
+    assert_eq!(session(&sim, c).last_handshake, Some(t + ms(10)));
+
+    // The first data message under the new keys (the client's key
+    // confirmation, at 30 ms) moves it.
+    sim.run_until(t + ms(35));
+    assert_eq!(session(&sim, c).path, Some(sim.path_to(new)));
+    let d = down(&sim, c, 1);
+    assert_eq!(sim.server_send(&d), Ok(new));
+    sim.settle();
+    assert_eq!(sim.clients[c].tun.last(), Some(&d));
 }
 
 // ---------------------------------------------------------------------------
@@ -685,7 +740,7 @@ fn client_recovers_from_a_server_restart_with_the_same_address() {
         sim.run_for(secs(1));
     }
     let restart = sim.now;
-    sim.server = Server::new(server_config(&[&a], pool(NET4, true)), sim.now);
+    sim.restart_server(server_config(&[&a], pool(NET4, true)));
     let delivered_before = sim.server_tun.len();
 
     // The client keeps sending once a second; the new server knows none of its indices.
@@ -716,7 +771,7 @@ fn client_recovers_from_a_server_restart_with_the_same_address() {
         "{errors:?}"
     );
     assert_eq!(
-        sim.server.drops().get(DropReason::UnknownIndex),
+        sim.server.engine().drops().get(DropReason::UnknownIndex),
         errors.len() as u64
     );
 
@@ -728,7 +783,10 @@ fn client_recovers_from_a_server_restart_with_the_same_address() {
         1,
         "no Configured event: the tunnel did not change"
     );
-    assert_eq!(sim.clients[c].client.tunnel().unwrap().client_v4, lease.v4);
+    assert_eq!(
+        sim.clients[c].conn.engine().tunnel().unwrap().client_v4,
+        lease.v4
+    );
 
     // Data flows both ways again.
     sim.settle();
@@ -750,7 +808,7 @@ fn exhausted_pool_refuses_newcomers_and_keeps_existing_addresses() {
         Link::perfect(),
         9,
     );
-    assert_eq!(sim.server.pool().capacity(), 1);
+    assert_eq!(sim.server.engine().pool().capacity(), 1);
     let ca = sim.add_client(a.clone());
     sim.connect(ca);
     assert_eq!(sim.clients[ca].v4(), Ipv4Addr::new(10, 1, 0, 2));
@@ -766,7 +824,10 @@ fn exhausted_pool_refuses_newcomers_and_keeps_existing_addresses() {
     );
     let b_inits = sim.clients[cb].inits.len() as u64;
     assert!(b_inits >= 5);
-    assert_eq!(sim.server.drops().get(DropReason::PoolExhausted), b_inits);
+    assert_eq!(
+        sim.server.engine().drops().get(DropReason::PoolExhausted),
+        b_inits
+    );
     assert_eq!(sim.server.sessions().len(), 1);
 
     // A restarts (new instance, new port, later timestamp): same address.
@@ -833,7 +894,10 @@ fn unlisted_key_gets_nothing() {
     );
     let inits = sim.clients[cs].inits.len() as u64;
     assert!(inits >= 5);
-    assert_eq!(sim.server.drops().get(DropReason::NotAllowed), inits);
+    assert_eq!(
+        sim.server.engine().drops().get(DropReason::NotAllowed),
+        inits
+    );
     assert_eq!(
         sim.server_errors_from(s_addr),
         vec![DropReason::NotAllowed; inits as usize]
@@ -979,10 +1043,8 @@ fn garbage_never_panics_never_answers_and_leaves_sessions_alone() {
     };
     exchange(&mut sim, 0);
 
-    let (server_drops, client_drops) = (
-        server_drop_total(&sim),
-        sim.clients[c].client.drops().total(),
-    );
+    let (server_drops, client_drops) =
+        (server_drop_total(&sim), sim.clients[c].conn.drops().total());
     let mut count = 0u64;
     for round in 1..=ROUNDS {
         // The latest real message each way, and the session index it names.
@@ -1022,19 +1084,13 @@ fn garbage_never_panics_never_answers_and_leaves_sessions_alone() {
     );
     // Every garbage datagram was counted once, at each end.
     assert_eq!(server_drop_total(&sim) - server_drops, count);
-    assert_eq!(sim.clients[c].client.drops().total() - client_drops, count);
-    assert!(sim.server.drops().get(DropReason::Malformed) > 0);
+    assert_eq!(sim.clients[c].conn.drops().total() - client_drops, count);
+    assert!(sim.server.engine().drops().get(DropReason::Malformed) > 0);
     assert!(
         session(&sim, c).drops.get(DropReason::Unauthenticated) > 0,
         "forgeries on the live index were tried"
     );
-    assert!(
-        sim.clients[c]
-            .client
-            .drops()
-            .get(DropReason::Unauthenticated)
-            > 0
-    );
+    assert!(sim.clients[c].conn.drops().get(DropReason::Unauthenticated) > 0);
     // And the real traffic, before, between and after, all arrived.
     let rounds = ROUNDS as usize + 1;
     assert_eq!(assert_delivered_once(&sent_up, &sim.server_tun), rounds);
@@ -1135,7 +1191,7 @@ fn idle_session_stays_up_on_keepalives_and_only_rekeys_on_time() {
     while sim.now - from < idle {
         sim.run_for(secs(1));
         assert!(
-            sim.clients[c].client.is_connected(sim.now),
+            sim.clients[c].conn.is_connected(sim.now),
             "session down at {:?}",
             sim.elapsed()
         );
@@ -1224,22 +1280,22 @@ fn server_answers_after_months_without_a_handshake() {
 }
 
 #[test]
-fn one_way_traffic_still_gets_keepalives() {
+fn one_way_traffic_still_hears_the_server() {
     let a = key(1);
     let mut sim = Sim::with_clients(&[&a], Link::perfect(), 19);
     let c = sim.add_client(a);
     sim.connect(c);
     let addr = sim.clients[c].addr;
     let keepalives_since = |sim: &Sim, t| {
-        sim.sent_by(addr, is_keepalive)
+        sim.sent_by(addr, |d| is_keepalive(d) || is_probe(d))
             .iter()
             .filter(|d| d.sent >= t)
             .count()
     };
 
     // Upload only (the far end never replies): the client hears nothing but
-    // answers to its keepalives, which must keep coming or it would take
-    // the silence for a dead server and re-handshake.
+    // answers to its keepalives and probes, which must keep coming or it
+    // would take the silence for a dead server (or path) and re-handshake.
     let t = sim.now;
     for n in 0..55 {
         sim.client_send(c, &up(&sim, c, n)).unwrap();

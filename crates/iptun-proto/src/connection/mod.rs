@@ -231,6 +231,7 @@ pub struct PathStatus {
 
 /// A transport's own state, for status.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // made only for status, a few at a time
 pub enum PathDetail {
     /// UDP has none.
     Udp,
@@ -661,9 +662,8 @@ impl Connection {
     /// the first answer (one move, not two in a row).
     fn settle(&mut self, now: Instant) {
         let Some(since) = self.searching else { return };
-        let answered = |c: &Candidate| {
-            c.state == PathState::Standby && c.last_rx.is_some_and(|t| t >= since)
-        };
+        let answered =
+            |c: &Candidate| c.state == PathState::Standby && c.last_rx.is_some_and(|t| t >= since);
         let Some(best) = (0..self.paths.len()).find(|&i| answered(&self.paths[i])) else {
             return;
         };
@@ -946,8 +946,9 @@ impl Connection {
     fn due_poll(&mut self, now: Instant) -> Option<PathId> {
         let path = self.current;
         let connected = self.engine.is_connected(now);
+        let polling = self.polling(now);
         let c = &mut self.paths[path];
-        c.carrier.set_polling(connected);
+        c.carrier.set_polling(polling);
         if let Carrier::Icmp(icmp) = &mut c.carrier {
             // Always let the pacer forget lost requests, or its deadline
             // stays in the past and the loop spins.
@@ -971,6 +972,15 @@ impl Connection {
             return self.engine.is_connected(now).then_some(self.current);
         }
         None
+    }
+
+    /// Whether the path in use keeps requests outstanding: while the
+    /// session is up, and while a handshake is pending too, for a response
+    /// may need more answers to come down than the init's own requests
+    /// bring (DNS answers of A or AAAA records are small). DNS polls need
+    /// no keys; ICMP polls are keepalives, sent only once connected.
+    fn polling(&self, now: Instant) -> bool {
+        self.engine.is_connected(now) || self.engine.pending_init().is_some()
     }
 
     fn keepalive(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
@@ -998,13 +1008,13 @@ impl Connection {
     /// Bring the transports in line with the policy: polls only on the
     /// path in use, HTTP connections only where used or probed.
     fn refresh(&mut self, now: Instant) {
-        let connected = self.engine.is_connected(now);
+        let polling = self.polling(now);
         let racing = self.race.map(|start| {
             (now.saturating_duration_since(start).as_nanos() / STAGGER.as_nanos()) as usize + 1
         });
         for (i, c) in self.paths.iter_mut().enumerate() {
             let in_use = i == self.current;
-            c.carrier.set_polling(in_use && connected);
+            c.carrier.set_polling(in_use && polling);
             let probed = c.probe.is_some() || c.next_probe.is_some_and(|t| t <= now);
             let wanted = in_use || probed || racing.is_some_and(|j| i < j);
             if let Carrier::Http(h) = &mut c.carrier {
@@ -1069,10 +1079,16 @@ impl Connection {
             }
             self.fail(now, i, "no answer to a probe".into());
         }
-        let c = &self.paths[self.current];
-        if self.searching.is_none() && c.dead_at().is_some_and(|t| t <= now) {
+        let c = &mut self.paths[self.current];
+        if c.dead_at().is_some_and(|t| t <= now) {
             let why = format!("nothing came back for {} s", c.carrier.liveness().as_secs());
-            self.fail(now, self.current, why);
+            // The deadline is spent whether or not the path fails now (it
+            // may have failed already, or a search is on): left in place,
+            // poll_timeout would keep returning it and the driver spin.
+            c.unanswered_since = None;
+            if self.searching.is_none() {
+                self.fail(now, self.current, why);
+            }
         }
         if self.settle_at.is_some_and(|t| t <= now) {
             self.settle(now);

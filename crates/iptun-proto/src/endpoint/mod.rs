@@ -342,9 +342,18 @@ impl Endpoint {
         packet: &[u8],
         buf: &mut [u8],
     ) -> Option<Transmit> {
-        let path = *self.engine.route(packet)?;
+        let path = match self.engine.route(packet) {
+            // Not an IP packet, no owner, an owner without a path, or one
+            // whose handshake came by ICMP with nothing since (no request
+            // to answer, no confirmed keys): the engine refuses it too,
+            // and counts why.
+            None | Some(Path::Icmp { session: None, .. }) => {
+                let _ = self.engine.handle_tun_packet(now, packet, buf);
+                return None;
+            }
+            Some(&path) => path,
+        };
         let headroom = match path {
-            Path::Icmp { session: None, .. } => return None, // no request to answer yet
             Path::Icmp { .. } => icmp::HEADROOM,
             Path::Ws { .. } => LEN_PREFIX,
             _ => 0,
@@ -522,12 +531,15 @@ impl Endpoint {
                 Handled::Reply(r.len())
             }
             Ok(ServerOutput::Send(path, m)) => {
-                // Client to client: re-sealed by the engine.
+                // Client to client: re-sealed by the engine. Copied into a
+                // spare buffer, not kept in `reply`: send_on frames an echo
+                // reply there (and found it taken: a panic).
                 let n = m.len();
                 reply[..n].copy_from_slice(m);
-                let mut sealed = std::mem::take(&mut self.reply);
-                self.send_on(now, path, &sealed[..n]);
-                std::mem::swap(&mut self.reply, &mut sealed);
+                let mut sealed = self.buffer();
+                sealed.extend_from_slice(&self.reply[..n]);
+                self.send_on(now, path, &sealed);
+                self.spare.push(sealed);
                 Handled::Done
             }
             Ok(ServerOutput::Nothing) => Handled::Done,
@@ -687,11 +699,15 @@ impl Endpoint {
         len: usize,
         tun: &mut impl TunSink,
     ) {
-        let mut msg = std::mem::take(&mut self.scratch);
-        let session = self.engine.session_of(&msg[..len]);
+        // Out of `scratch`, which handle_message spills packets into when
+        // the TUN batch is full (it found it taken, and the engine refused
+        // every message for want of room).
+        let mut msg = self.buffer();
+        msg.extend_from_slice(&self.scratch[..len]);
+        let session = self.engine.session_of(&msg);
         let from = Path::Dns { listener, tag };
-        let handled = self.handle_message(now, from, &msg[..len], tun);
-        std::mem::swap(&mut self.scratch, &mut msg);
+        let handled = self.handle_message(now, from, &msg, tun);
+        self.spare.push(msg);
         let Listener::Dns(d) = &mut self.listeners[listener] else {
             return;
         };

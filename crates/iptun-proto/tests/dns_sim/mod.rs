@@ -1,15 +1,22 @@
-//! A simulated DNS path for the DNS transport's state machines: a real
-//! client engine behind a `DnsUplink`, a simulated recursive resolver, and a
-//! real server engine behind a `DnsListener`, the drivers written as the
-//! binary will write them. Virtual time, seeded randomness: deterministic.
+//! A simulated DNS path for the DNS transport: the shipped client
+//! [`Connection`] with one DNS path, a simulated recursive resolver, and the
+//! shipped server [`Endpoint`] with one DNS listener. The drivers do what a
+//! real one does and nothing more: datagrams to `handle_input`, packets from
+//! a TUN device to `handle_tun_packet`, `handle_timeout` when `poll_timeout`
+//! passes (no ticker; a timeout that stays in the past once handled fails
+//! the sim: a real driver would spin), `poll_transmit` drained after every
+//! input and timeout. Virtual time, seeded randomness: deterministic.
 //!
 //! The resolver can randomise case (0x20), cache (respecting TTL 0 or not),
 //! limit answer sizes (512 without EDNS0, or an EDNS0 size), cap name
 //! lengths with FORMERR or SERVFAIL, drop and duplicate queries, retry on
 //! its own, send from several source addresses, and fail outright for a
 //! while, refuse or strip chosen record types (or let only some through),
-//! and shuffle the records of answers. It checks the server on every answer: question echoed with the
-//! case it was asked in, size within what it advertised.
+//! and shuffle the records of answers. It checks the server on every
+//! answer: question echoed with the case it was asked in, size within what
+//! it advertised. The server's side of the network notes every query that
+//! arrives and the answer that leaves for it, so holds and answers are
+//! checked from the outside.
 
 #![allow(dead_code)]
 
@@ -21,35 +28,28 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, OpCode, Query as Question, ResponseCode};
 use hickory_proto::rr::RecordType;
 use iptun_proto::DropReason;
-use iptun_proto::dns::client::DnsUplink;
-use iptun_proto::dns::server::DnsListener;
-use iptun_proto::engine::{
-    Client, ClientConfig, ClientEvent, ClientOutput, PathKind, Server, ServerConfig, ServerOutput,
-    SessionId,
-};
+use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail};
+use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, UdpAddr};
+use iptun_proto::engine::ServerConfig;
+use iptun_proto::transport::PacketList;
+use iptun_proto::transport::dns::client::{PathInfo, UplinkStats};
 use iptun_proto::wire::dns::{
     AnswerType, Domain, Name, Query, build_query_as, parse_query, response_limit,
 };
 
-use crate::common::{BUF, Rng, UNIX_START, server_key};
+use crate::common::{
+    FullTun, Rng, UNIX_START, assert_not_due, client_config, counted_all, init_index, last_heard,
+};
 
 pub const DOMAIN: &str = "t.example.com";
 pub const CLIENT_LATENCY: Duration = Duration::from_millis(5);
 pub const SERVER_LATENCY: Duration = Duration::from_millis(20);
-pub const TICK: Duration = Duration::from_secs(1);
-
-/// The server's path to a client, as the binary's `Path::Dns` will be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DnsPath {
-    pub tag: u32,
-    pub session: Option<SessionId>,
-}
-
-impl PathKind for DnsPath {
-    fn is_polled(&self) -> bool {
-        true
-    }
-}
+/// The resolver the client asks.
+pub const RESOLVER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 53)), 53);
+/// The server's address, where the resolver sends its queries.
+pub const SERVER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)), 53);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cache {
@@ -193,9 +193,12 @@ enum Ev {
     GiveUp(u64),
 }
 
+/// A query that reached the server.
 #[derive(Debug)]
 pub struct Arrival {
     pub at: Instant,
+    /// Its question name, lower case: a resolver's retry asks the same.
+    pub name: String,
     pub answered: Option<Instant>,
 }
 
@@ -207,21 +210,24 @@ pub struct Sim {
     events: HashMap<u64, Ev>,
     pub resolver: Resolver,
     // client
-    pub client: Client,
-    pub uplink: DnsUplink,
+    pub client: Connection,
     pub client_tun: Vec<(Instant, Vec<u8>)>,
-    pub client_events: Vec<(Instant, ClientEvent)>,
+    pub client_events: Vec<(Instant, Event)>,
     pub client_errors: Vec<DropReason>,
+    /// When the client's engine started each handshake (its init's sender
+    /// index changed).
     pub inits: Vec<Instant>,
+    last_init: Option<u32>,
     // server
-    pub server: Server<DnsPath>,
-    pub listener: DnsListener<SessionId, SocketAddr>,
+    pub server: Endpoint,
     pub server_tun: Vec<(Instant, Vec<u8>)>,
+    /// The server's TUN batch is full: it takes no packet.
+    pub server_tun_full: bool,
     pub server_errors: Vec<DropReason>,
     /// Queries that reached the server, by (source, id): arrival and answer.
     pub arrivals: HashMap<(SocketAddr, u16), Vec<Arrival>>,
+    /// Answers that left the server for no query open.
     pub server_violations: Vec<String>,
-    next_tick: Instant,
     buf: Vec<u8>,
 }
 
@@ -235,8 +241,12 @@ impl Sim {
         let now = Instant::now();
         let domain = Domain::new(DOMAIN).unwrap();
         let mut rng = Rng::new(seed);
-        let tag = rng.next_u64() as u32;
-        let config = ClientConfig::new(client_key, server_key().public_key());
+        let path = PathConfig::Dns {
+            domain: domain.clone(),
+            resolvers: vec![RESOLVER],
+            tag: rng.next_u64() as u32,
+            seed: rng.next_u64(),
+        };
         let mut sim = Self {
             start: now,
             now,
@@ -254,23 +264,21 @@ impl Sim {
                 violations: Vec::new(),
                 answer_sizes: Vec::new(),
             },
-            client: Client::new(config, now, UNIX_START),
-            uplink: DnsUplink::new(domain.clone(), tag, rng.next_u64()),
+            client: Connection::new(client_config(client_key), vec![path], now, UNIX_START),
             client_tun: Vec::new(),
             client_events: Vec::new(),
             client_errors: Vec::new(),
             inits: Vec::new(),
-            server: Server::new(server, now),
-            listener: DnsListener::new(domain),
+            last_init: None,
+            server: Endpoint::new(server, vec![ListenerConfig::Dns(domain)], now),
             server_tun: Vec::new(),
+            server_tun_full: false,
             server_errors: Vec::new(),
             arrivals: HashMap::new(),
             server_violations: Vec::new(),
-            next_tick: now + TICK,
-            buf: vec![0; BUF],
+            buf: Vec::new(),
         };
-        sim.client_timers();
-        sim.pump();
+        sim.flush_client();
         sim
     }
 
@@ -284,32 +292,24 @@ impl Sim {
         self.events.insert(self.seq, ev);
     }
 
-    fn deadline(&self) -> Instant {
-        let mut t = self.next_tick;
-        for d in [
+    fn deadline(&self) -> Option<Instant> {
+        let t = [
             self.queue.peek().map(|Reverse((t, _))| *t),
-            self.client.next_timeout(),
-            self.uplink.next_timeout(),
-            self.listener.next_timeout(),
+            self.client.poll_timeout(),
+            self.server.poll_timeout(),
         ]
         .into_iter()
         .flatten()
-        {
-            t = t.min(d);
-        }
-        t.max(self.now)
+        .min()?;
+        Some(t.max(self.now))
     }
 
     pub fn run_until(&mut self, until: Instant) {
-        loop {
-            let t = self.deadline();
-            if t > until {
-                self.now = until;
-                return;
-            }
+        while let Some(t) = self.deadline().filter(|&t| t <= until) {
             self.now = t;
             self.step();
         }
+        self.now = until;
     }
 
     pub fn run_for(&mut self, d: Duration) {
@@ -320,21 +320,20 @@ impl Sim {
     /// Run until `done`, at most `limit`; whether it came true.
     pub fn run_until_cond(&mut self, limit: Duration, mut done: impl FnMut(&Self) -> bool) -> bool {
         let until = self.now + limit;
-        let mut steps = 0u64;
         while !done(self) {
-            let t = self.deadline();
-            if t > until {
-                self.now = until;
-                return false;
+            match self.deadline().filter(|&t| t <= until) {
+                Some(t) => self.now = t,
+                None => {
+                    self.now = until;
+                    return false;
+                }
             }
-            self.now = t;
             self.step();
-            steps += 1;
-            assert!(steps < 50_000_000, "the sim spins");
         }
         true
     }
 
+    /// Everything due now: the network's events, then the timeouts.
     fn step(&mut self) {
         let now = self.now;
         while let Some(&Reverse((t, id))) = self.queue.peek() {
@@ -345,52 +344,15 @@ impl Sim {
             let ev = self.events.remove(&id).expect("scheduled");
             self.handle(ev);
         }
-        if self.next_tick <= now {
-            self.next_tick = now + TICK;
-            self.server.poll_timers(now);
+        if self.server.poll_timeout().is_some_and(|t| t <= now) {
+            self.server.handle_timeout(now);
+            self.flush_server();
+            assert_not_due("the server", self.server.poll_timeout(), now, self.start);
         }
-        if self.listener.next_timeout().is_some_and(|t| t <= now) {
-            self.listener_timeout();
-        }
-        if self.client.next_timeout().is_some_and(|t| t <= now) {
-            self.client_timers();
-        }
-        if self.uplink.next_timeout().is_some_and(|t| t <= now) {
-            self.uplink.handle_timeout(now);
-        }
-        self.pump();
-    }
-
-    fn listener_timeout(&mut self) {
-        let now = self.now;
-        let server = &mut self.server;
-        let buf = &mut self.buf;
-        self.listener
-            .handle_timeout(now, |s| match server.seal_keepalive(now, s, buf) {
-                Ok(ServerOutput::Send(_, m)) => Some(m.to_vec()),
-                _ => None,
-            });
-    }
-
-    /// Send what the uplink and the listener have.
-    fn pump(&mut self) {
-        let now = self.now;
-        while let Some(q) = self.uplink.poll_query(now) {
-            self.schedule(now + CLIENT_LATENCY, Ev::ToResolver(q.bytes));
-        }
-        while let Some(t) = self.listener.poll_transmit() {
-            let id = u16::from_be_bytes([t.bytes[0], t.bytes[1]]);
-            match self
-                .arrivals
-                .get_mut(&(t.to, id))
-                .and_then(|v| v.iter_mut().find(|a| a.answered.is_none()))
-            {
-                Some(a) => a.answered = Some(now),
-                None => self
-                    .server_violations
-                    .push(format!("answer to {:?} id {id}, which is not open", t.to)),
-            }
-            self.schedule(now + SERVER_LATENCY, Ev::FromServer(t.to, t.bytes));
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+            self.flush_client();
+            assert_not_due("the client", self.client.poll_timeout(), now, self.start);
         }
     }
 
@@ -423,136 +385,161 @@ impl Sim {
 
     // --- the client's driver -------------------------------------------
 
-    fn client_timers(&mut self) {
+    /// Send the queries the connection has, to the resolver; note a new
+    /// handshake and take the events.
+    fn flush_client(&mut self) {
         let now = self.now;
-        for _ in 0..16 {
-            let Some(n) = self.client.poll_timers(now, &mut self.buf) else {
-                return;
-            };
-            if self.buf[0] == iptun_proto::wire::message::TYPE_INIT {
-                self.inits.push(now);
-            }
-            self.uplink.send(now, &self.buf[..n]);
+        while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
+            assert_eq!(
+                (t.path, t.to),
+                (0, Some(RESOLVER)),
+                "queries go to the resolver"
+            );
+            let q = self.buf[..t.len].to_vec();
+            self.schedule(now + CLIENT_LATENCY, Ev::ToResolver(q));
         }
-        panic!("poll_timers keeps sending");
+        let init = self.client.engine().pending_init().map(init_index);
+        if init.is_some() && init != self.last_init {
+            self.inits.push(now);
+            self.last_init = init;
+        }
+        while let Some(e) = self.client.poll_event() {
+            self.client_events.push((now, e));
+        }
     }
 
+    /// The resolver's answer reaches the client.
     fn client_response(&mut self, bytes: &[u8]) {
         let now = self.now;
-        let _ = self.uplink.handle_response(now, bytes);
-        let mut rx = vec![0; BUF];
-        while let Some(m) = self.uplink.poll_message() {
-            match self.client.handle_datagram(now, &m, &mut rx) {
-                Ok(ClientOutput::Tun(p)) => self.client_tun.push((now, p.to_vec())),
-                Ok(ClientOutput::Send(m)) => {
-                    let m = m.to_vec();
-                    self.uplink.send(now, &m);
-                }
-                Ok(ClientOutput::Nothing) => {}
-                Err(e) => self.client_errors.push(e),
-            }
-            while let Some(e) = self.client.poll_event() {
-                self.client_events.push((now, e));
-            }
-        }
+        let before = self.client.drops();
+        let mut tun = PacketList::default();
+        self.client
+            .handle_input(now, 0, Some(RESOLVER), bytes, &mut tun);
+        self.client_errors
+            .extend(counted_all(&before, &self.client.drops()));
+        self.client_tun
+            .extend(tun.packets.into_iter().map(|p| (now, p)));
+        self.flush_client();
     }
 
-    /// An inner packet from the client's TUN device.
+    /// An inner packet from the client's TUN device: queued for the
+    /// connection's queries, or dropped and counted.
     pub fn client_send(&mut self, packet: &[u8]) -> Result<(), DropReason> {
-        let now = self.now;
-        let n = self.client.handle_tun_packet(now, packet, &mut self.buf)?;
-        self.uplink.send(now, &self.buf[..n]);
-        self.pump();
-        Ok(())
+        let before = self.client.drops();
+        let mut buf = vec![0; iptun_proto::connection::BUF_LEN];
+        let sent = self.client.handle_tun_packet(self.now, packet, &mut buf);
+        assert!(
+            sent.is_none(),
+            "DNS queues messages: queries come from poll_transmit"
+        );
+        let dropped = counted_all(&before, &self.client.drops());
+        self.flush_client();
+        dropped.first().map_or(Ok(()), |&e| Err(e))
     }
 
+    /// The client has keys and has heard from the server since its latest
+    /// handshake: the server only sends (keepalives on held queries) with
+    /// keys the client confirmed, so both ends can send.
     pub fn connected(&self) -> bool {
+        let handshake = self.client.engine().last_handshake();
+        let heard = last_heard(&self.client, 0, self.now);
         self.client.is_connected(self.now)
-            && self
-                .server
-                .sessions()
-                .iter()
-                .any(|s| s.path.is_some_and(|p| p.session.is_some()))
+            && matches!((heard, handshake), (Some(rx), Some(hs)) if rx > hs)
     }
 
     pub fn client_v4(&self) -> Ipv4Addr {
-        self.client.tunnel().expect("configured").client_v4
+        self.client.engine().tunnel().expect("configured").client_v4
+    }
+
+    /// The DNS path's parameters and counters, as the status shows them.
+    pub fn path_info(&self) -> PathInfo {
+        match &self.client.status(self.now).paths[0].detail {
+            PathDetail::Dns { info, .. } => (**info).clone(),
+            other => panic!("a DNS path shows {other:?}"),
+        }
+    }
+
+    pub fn uplink_stats(&self) -> UplinkStats {
+        self.path_info().stats
     }
 
     // --- the server's driver -------------------------------------------
 
+    /// A query from the resolver at `from` reaches the server.
     fn server_query(&mut self, from: SocketAddr, bytes: &[u8]) {
         let now = self.now;
-        if bytes.len() >= 2 {
+        if let Ok(q) = parse_query(bytes) {
+            let name = q.name.to_lowercase().to_ascii();
+            self.arrivals
+                .entry((from, q.id))
+                .or_default()
+                .push(Arrival {
+                    at: now,
+                    name,
+                    answered: None,
+                });
+        }
+        let before = self.server.drops();
+        let mut tun = PacketList::default();
+        let from = UdpAddr {
+            addr: from,
+            local: Some(SERVER.ip()),
+        };
+        let input = Input::Datagram { from, bytes };
+        if self.server_tun_full {
+            self.server.handle_input(now, 0, input, &mut FullTun);
+        } else {
+            self.server.handle_input(now, 0, input, &mut tun);
+        }
+        self.server_errors
+            .extend(counted_all(&before, &self.server.drops()));
+        self.server_tun
+            .extend(tun.packets.into_iter().map(|p| (now, p)));
+        self.flush_server();
+    }
+
+    /// Send the answers the endpoint has, noting which query each answers.
+    fn flush_server(&mut self) {
+        let now = self.now;
+        while let Some(t) = self.server.poll_transmit(now, &mut self.buf) {
+            let Destination::Udp(to) = t.to else {
+                panic!("a DNS listener sent {:?}", t.to)
+            };
+            assert_eq!(
+                to.local,
+                Some(SERVER.ip()),
+                "answers leave from the address asked"
+            );
+            let bytes = self.buf[..t.len].to_vec();
             let id = u16::from_be_bytes([bytes[0], bytes[1]]);
-            self.arrivals.entry((from, id)).or_default().push(Arrival {
-                at: now,
-                answered: None,
-            });
-        }
-        let Some(d) = self.listener.handle_query(now, from, bytes) else {
-            return;
-        };
-        let (tag, msg) = (d.tag, d.message.to_vec());
-        let session = self.server.session_of(&msg);
-        let path = DnsPath { tag, session };
-        let mut out = vec![0; BUF];
-        let result = match self.server.handle_datagram(now, &path, &msg, &mut out) {
-            Ok(ServerOutput::Send(p, m)) => Ok(Some((p, m.to_vec()))),
-            Ok(ServerOutput::Tun(p)) => {
-                self.server_tun.push((now, p.to_vec()));
-                Ok(None)
+            match self
+                .arrivals
+                .get_mut(&(to.addr, id))
+                .and_then(|v| v.iter_mut().find(|a| a.answered.is_none()))
+            {
+                Some(a) => a.answered = Some(now),
+                None => self.server_violations.push(format!(
+                    "answer to {:?} id {id}, which is not open",
+                    to.addr
+                )),
             }
-            Ok(ServerOutput::Nothing) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(Some((_, m))) if session.is_none() => {
-                let _ = self.listener.send_to_tag(now, tag, &m);
-            }
-            Ok(Some((p, m))) => self.server_send_on(p, &m),
-            Ok(None) => {}
-            Err(e) => {
-                self.server_errors.push(e);
-                return;
-            }
-        }
-        if let Some(s) = session {
-            self.listener.bind(now, tag, s);
+            self.schedule(now + SERVER_LATENCY, Ev::FromServer(to.addr, bytes));
         }
     }
 
-    fn server_send_on(&mut self, path: DnsPath, m: &[u8]) {
-        let now = self.now;
-        let r = match path.session {
-            Some(s) => self.listener.send(now, s, m),
-            None => self.listener.send_to_tag(now, path.tag, m),
-        };
-        if let Err(e) = r {
-            self.server_errors.push(e);
-        }
-    }
-
-    /// An inner packet from the server's TUN device.
+    /// An inner packet from the server's TUN device: queued for the
+    /// client's queries, or dropped and counted.
     pub fn server_send(&mut self, packet: &[u8]) -> Result<(), DropReason> {
-        let now = self.now;
-        let mut out = vec![0; BUF];
-        match self.server.handle_tun_packet(now, packet, &mut out)? {
-            ServerOutput::Send(p, m) => {
-                let m = m.to_vec();
-                self.server_send_on(p, &m);
-            }
-            other => panic!("handle_tun_packet returned {other:?}"),
-        }
-        self.pump();
-        Ok(())
-    }
-
-    pub fn session(&self) -> Option<SessionId> {
-        self.server
-            .sessions()
-            .iter()
-            .find_map(|s| s.path.and_then(|p| p.session))
+        let before = self.server.drops();
+        let mut buf = vec![0; iptun_proto::endpoint::BUF_LEN];
+        let sent = self.server.handle_tun_packet(self.now, packet, &mut buf);
+        assert!(
+            sent.is_none(),
+            "DNS queues messages: answers come from poll_transmit"
+        );
+        let dropped = counted_all(&before, &self.server.drops());
+        self.flush_server();
+        dropped.first().map_or(Ok(()), |&e| Err(e))
     }
 
     // --- the resolver --------------------------------------------------

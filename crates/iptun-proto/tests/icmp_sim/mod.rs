@@ -2,20 +2,25 @@
 //! manner of `common::Sim` but for a polled path: clients send echo
 //! requests, the server can only answer them.
 //!
-//! The drivers here mirror the binary's, step for step:
-//! - the server (`crates/iptun/src/server/icmp.rs`): a request carrying a
-//!   tunnel message is keyed with `Server::session_of`, opened by
-//!   `handle_datagram` on a polled path, then parked (`poll::Parking`); a
-//!   handshake response answers the request that carried the init; TUN
-//!   packets for a client go through `Parking::downstream`; every second
-//!   `poll_timers` runs and expired requests are answered with
-//!   `Server::seal_keepalive` (or the bare magic if the session is gone);
-//! - the client (`crates/iptun/src/client/uplink.rs`, `IcmpUplink`): every
-//!   message is an echo request (its own id, a running sequence number,
-//!   `MAGIC` and the tunnel message), counted by a `poll::Pacer`; replies
-//!   that pass the `ours` check feed the engine and `Pacer::replied`; after
-//!   a batch of replies and at every timer `top_up` sends keepalives as bare
-//!   requests up to the pacer's target.
+//! The server is the shipped [`Endpoint`] with one ICMP listener; each
+//! client is the shipped [`Connection`] with one ICMP path. The drivers do
+//! what a real one does and nothing more: an ICMP message that arrives goes
+//! to `handle_input`, packets from a TUN device to `handle_tun_packet`,
+//! `handle_timeout` runs when `poll_timeout` passes (no ticker), and
+//! `poll_transmit` is drained onto the network after every input and
+//! timeout. A driver whose timeout stays in the past once handled would
+//! spin: the sim fails.
+//!
+//! Everything checked is seen from the outside, as a packet capture would:
+//! - at the server's side of the link, every echo request that arrives is
+//!   open until the one reply that answers it (same address, id and
+//!   sequence) leaves; a reply that answers nothing open is a violation.
+//!   Replies are classified by what they carry (a handshake response, data,
+//!   a keepalive, the bare magic, an ordinary ping's payload);
+//! - at each client, every request it sends (sequence, message type) and
+//!   every reply that reaches it, whether its connection took it (no drop
+//!   counted) and whether that wrote a packet to its TUN device; its pacer
+//!   as its status shows it.
 //!
 //! Between the clients and the server sits a NAT with a stateful firewall:
 //! requests leave with the NAT's public address and a rewritten echo id
@@ -33,29 +38,31 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use iptun_proto::DropReason;
+use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail};
 use iptun_proto::crypto::{PrivateKey, PublicKey};
-use iptun_proto::engine::{
-    Client, ClientConfig, ClientEvent, ClientOutput, PathKind, Server, ServerConfig, ServerOutput,
-    SessionId, SessionInfo,
-};
-use iptun_proto::poll::{Cadence, Pacer, Parking, Reply};
+use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Path};
+use iptun_proto::engine::{ServerConfig, SessionInfo};
+use iptun_proto::transport::PacketList;
+use iptun_proto::transport::icmp::IcmpClientStats;
+use iptun_proto::transport::poll::Cadence;
 use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC};
-use iptun_proto::wire::message::TYPE_INIT;
+use iptun_proto::wire::message::{TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
 
-use crate::common::{BUF, Link, Rng, UNIX_START, server_key};
+use crate::common::{
+    Link, Rng, UNIX_START, assert_not_due, client_config, counted, is_keepalive, kind,
+    receiver_index,
+};
 
-/// How long the server holds a request (the binary uses `Cadence::ICMP` too).
+/// How long the server holds a request.
 pub const HOLD: Duration = Cadence::ICMP.hold;
 /// The client's pacing.
 pub const MIN_OUTSTANDING: usize = Cadence::ICMP.min_outstanding;
 pub const MAX_OUTSTANDING: usize = Cadence::ICMP.max_outstanding;
 pub const REQUEST_TIMEOUT: Duration = Cadence::ICMP.request_timeout;
-/// The server's timer tick (the binary's one-second interval).
-pub const SERVER_TICK: Duration = Duration::from_secs(1);
 /// How long the firewall remembers an unanswered request (Linux conntrack's
 /// ICMP timeout).
 pub const CONNTRACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,20 +70,6 @@ pub const CONNTRACK_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FAMILY: Family = Family::V4;
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const NAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
-
-/// The server's path back to a client, as the binary's `Path::Icmp`: the
-/// client's (public) address and the session whose requests can carry replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IcmpPath {
-    pub ip: Ipv4Addr,
-    pub session: Option<SessionId>,
-}
-
-impl PathKind for IcmpPath {
-    fn is_polled(&self) -> bool {
-        true
-    }
-}
 
 /// An IPv4 packet carrying an ICMP message.
 #[derive(Clone, Debug)]
@@ -108,11 +101,18 @@ fn with_id(icmp: &[u8], id: u16) -> Vec<u8> {
     buf
 }
 
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => panic!("an IPv6 address on an IPv4 network"),
+    }
+}
+
 // ---------------------------------------------------------------------------
-// The server's driver
+// The server, and what its side of the link saw
 // ---------------------------------------------------------------------------
 
-/// A held echo request: where the reply goes and what it echoes.
+/// An echo request as the server sees it (and its reply must echo).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Request {
     pub ip: Ipv4Addr,
@@ -120,446 +120,334 @@ pub struct Request {
     pub seq: u16,
 }
 
-/// What answered a request.
+/// What an echo request that reached the server carried.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub at: Instant,
+    /// The client that sent it (the sim knows; the server does not).
+    pub client: usize,
+    /// The receiver index, if it carried a data message.
+    pub index: Option<u32>,
+}
+
+/// What a reply carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
-    /// A handshake response, at once.
+    /// A handshake response.
     Response,
-    /// A downstream message (data, or a message queued for the session).
+    /// A data message with a packet.
     Message,
-    /// A keepalive: the held request expired.
+    /// A keepalive, after the request was held `HOLD`.
     Keepalive,
-    /// A keepalive at once: the request was held under keys the client has
-    /// since replaced (a rekey or a restart).
+    /// A keepalive sooner: the request was held under keys the client has
+    /// since replaced (checked by `superseded_legitimately`).
     Superseded,
-    /// The bare magic: the session is gone.
+    /// The bare magic: the server had no session for it.
     Bare,
-    /// An ordinary ping, echoed.
+    /// An ordinary ping's payload, echoed.
     Ping,
 }
 
-/// One answered request, as the server's audit saw it.
+/// One answered request, as the server's side of the link saw it.
 #[derive(Clone, Copy, Debug)]
 pub struct Answered {
     pub request: Request,
     pub arrived: Instant,
     pub answered: Instant,
     pub how: Answer,
+    pub client: usize,
+    pub index: Option<u32>,
 }
 
 pub struct IcmpServer {
-    pub engine: Server<IcmpPath>,
-    pub parking: Parking<SessionId, Request>,
-    /// Inner packets written to the TUN device, with their times.
+    pub endpoint: Endpoint,
+    /// Inner packets written to its TUN device, with their times.
     pub tun: Vec<(Instant, Vec<u8>)>,
-    /// Errors `handle_datagram` returned (the request is then never answered).
-    pub errors: Vec<(Request, DropReason)>,
-    /// Messages the engine sent on a path with no session, which the binary's
-    /// `Senders::send` drops (nothing counts them).
-    pub lost_no_session: Vec<Instant>,
-    /// Requests received and not answered yet, with their arrival times.
-    pub open: HashMap<Request, Instant>,
-    /// Requests let go unanswered because too many were held.
-    pub overflowed: usize,
-    /// The receiver index of each session's latest request.
-    indices: HashMap<SessionId, u32>,
+    /// Drops counted for messages it received.
+    pub errors: Vec<DropReason>,
+    /// Requests that arrived and were not answered yet.
+    pub open: HashMap<Request, Arrival>,
+    /// Every request that arrived, in order.
+    pub arrivals: Vec<(Request, Arrival)>,
     pub answered: Vec<Answered>,
-    /// Replies that answered no open request, or a request twice.
+    /// Replies that answered no open request.
     pub violations: Vec<String>,
     /// Requests that arrived again (same address, id and sequence) while still open.
     pub repeated: u64,
-    outbox: Vec<Packet>,
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
 }
 
 impl IcmpServer {
     fn new(config: ServerConfig, now: Instant) -> Self {
         Self {
-            engine: Server::new(config, now),
-            parking: Parking::new(HOLD),
+            endpoint: Endpoint::new(config, vec![ListenerConfig::Icmp(FAMILY)], now),
             tun: Vec::new(),
             errors: Vec::new(),
-            lost_no_session: Vec::new(),
             open: HashMap::new(),
-            overflowed: 0,
-            indices: HashMap::new(),
+            arrivals: Vec::new(),
             answered: Vec::new(),
             violations: Vec::new(),
             repeated: 0,
-            outbox: Vec::new(),
-            buf: vec![0; BUF].into_boxed_slice(),
+            buf: Vec::new(),
         }
     }
 
-    /// An ICMP message from `src` (the binary's `icmp::receive`).
-    fn receive(&mut self, now: Instant, src: Ipv4Addr, bytes: &[u8]) {
-        let Ok(e) = Echo::parse(FAMILY, bytes) else {
-            return;
-        };
-        if e.reply {
-            return;
-        }
+    /// An ICMP message from `src` (sent by client `client`) reaches the
+    /// server's host: noted, then handed to the endpoint.
+    fn receive(&mut self, now: Instant, src: Ipv4Addr, icmp: &[u8], client: usize) {
+        let e = Echo::parse(FAMILY, icmp).expect("clients send valid echoes");
         let request = Request {
             ip: src,
             id: e.id,
             seq: e.seq,
         };
-        if self.open.insert(request, now).is_some() {
+        let msg = e.tunnel_message();
+        let arrival = Arrival {
+            at: now,
+            client,
+            index: msg
+                .filter(|m| m.len() >= 8 && kind(m) == TYPE_DATA)
+                .map(receiver_index),
+        };
+        self.arrivals.push((request, arrival));
+        if self.open.insert(request, arrival).is_some() {
             self.repeated += 1;
         }
-        match e.tunnel_message() {
-            Some(msg) => self.tunnel_request(now, request, msg),
-            // An ordinary ping: answered at once, as the kernel would.
-            None => {
-                let payload = e.payload.to_vec();
-                self.reply(now, request, &payload, false, Answer::Ping);
-            }
-        }
+        let before = self.endpoint.drops();
+        let mut tun = PacketList::default();
+        let input = Input::Icmp {
+            from: src.into(),
+            to: Some(SERVER_IP.into()),
+            bytes: icmp,
+        };
+        self.endpoint.handle_input(now, 0, input, &mut tun);
+        self.errors.extend(counted(&before, &self.endpoint.drops()));
+        self.tun.extend(tun.packets.into_iter().map(|p| (now, p)));
     }
 
-    /// The binary's `tunnel_request`: open, then hold the request.
-    fn tunnel_request(&mut self, now: Instant, request: Request, msg: &[u8]) {
-        let session = self.engine.session_of(msg);
-        let from = IcmpPath {
-            ip: request.ip,
-            session,
-        };
-        let result = match self.engine.handle_datagram(now, &from, msg, &mut self.buf) {
-            Ok(ServerOutput::Send(path, m)) => Ok(Some((path, m.to_vec()))),
-            Ok(ServerOutput::Tun(p)) => {
-                self.tun.push((now, p.to_vec()));
-                Ok(None)
-            }
-            Ok(ServerOutput::Nothing) => Ok(None),
-            Err(e) => Err(e),
-        };
-        match result {
-            // A handshake response answers the very request that carried the init.
-            Ok(Some((_, m))) if session.is_none() => {
-                self.answer(now, request, &m, Answer::Response);
-                return;
-            }
-            Ok(Some((path, m))) => self.send(now, path, &m),
-            Ok(None) => {}
-            Err(e) => {
-                self.errors.push((request, e));
-                return; // unauthenticated: no answer at all
-            }
-        }
-        if let Some(session) = session {
-            let index = match iptun_proto::wire::Message::parse(msg) {
-                Ok(iptun_proto::wire::Message::Data { receiver, .. }) => receiver,
-                _ => 0,
+    /// The replies the endpoint has to send, noted as they leave.
+    fn transmits(&mut self, now: Instant) -> Vec<Packet> {
+        let mut out = Vec::new();
+        while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
+            let Destination::Icmp { to, from } = t.to else {
+                panic!("an ICMP listener sent {:?}", t.to)
             };
-            self.park(now, session, index, request);
+            assert_eq!(
+                from,
+                IpAddr::from(SERVER_IP),
+                "replies leave from the address asked"
+            );
+            let icmp = self.buf[..t.len].to_vec();
+            self.note_reply(now, v4(to), &icmp);
+            out.push(Packet {
+                src: SERVER_IP,
+                dst: v4(to),
+                icmp,
+            });
         }
+        out
     }
 
-    /// The binary's `Senders::send` for ICMP paths.
-    fn send(&mut self, now: Instant, path: IcmpPath, msg: &[u8]) {
-        match path.session {
-            Some(session) => self.downstream(now, session, msg),
-            None => self.lost_no_session.push(now),
-        }
-    }
-
-    fn downstream(&mut self, now: Instant, session: SessionId, msg: &[u8]) {
-        if let Some(Reply {
-            request,
-            message: Some(m),
-            ..
-        }) = self.parking.downstream(session, msg)
-        {
-            let m = m.to_vec();
-            self.answer(now, request, &m, Answer::Message);
-        }
-    }
-
-    /// The binary's `Listeners::park`: requests held under older keys are
-    /// answered at once with keepalives when a new receiver index shows up.
-    fn park(&mut self, now: Instant, session: SessionId, index: u32, request: Request) {
-        if self
-            .indices
-            .insert(session, index)
-            .is_some_and(|old| old != index)
-        {
-            while let Some(stale) = self.parking.take_parked(session) {
-                self.keepalive_as(now, session, stale, Answer::Superseded);
-            }
-        }
-        let released = self
-            .parking
-            .request(session, request, now)
-            .map(|r| (r.request, r.message.map(<[u8]>::to_vec)));
-        match released {
-            Some((request, Some(m))) => self.answer(now, request, &m, Answer::Message),
-            // Too many held: the binary lets the oldest go unanswered.
-            Some((request, None)) => {
-                self.open.remove(&request);
-                self.overflowed += 1;
-            }
-            None => {}
-        }
-    }
-
-    fn keepalive(&mut self, now: Instant, session: SessionId, request: Request) {
-        self.keepalive_as(now, session, request, Answer::Keepalive);
-    }
-
-    fn keepalive_as(&mut self, now: Instant, session: SessionId, request: Request, kind: Answer) {
-        let mut ka = [0u8; 64];
-        let (msg, how) = match self.engine.seal_keepalive(now, session, &mut ka) {
-            Ok(ServerOutput::Send(_, m)) => (m.to_vec(), kind),
-            _ => (Vec::new(), Answer::Bare),
+    fn note_reply(&mut self, now: Instant, to: Ipv4Addr, icmp: &[u8]) {
+        let e = Echo::parse(FAMILY, icmp).expect("the server sends valid echoes");
+        assert!(e.reply, "the server only sends replies");
+        let request = Request {
+            ip: to,
+            id: e.id,
+            seq: e.seq,
         };
-        self.answer(now, request, &msg, how);
-    }
-
-    fn answer(&mut self, now: Instant, request: Request, msg: &[u8], how: Answer) {
-        self.reply(now, request, msg, true, how);
-    }
-
-    fn reply(&mut self, now: Instant, request: Request, body: &[u8], magic: bool, how: Answer) {
-        match self.open.remove(&request) {
-            Some(arrived) => self.answered.push(Answered {
-                request,
-                arrived,
-                answered: now,
-                how,
-            }),
-            None => self
-                .violations
-                .push(format!("{how:?} answers {request:?}, which is not open")),
-        }
-        self.outbox.push(Packet {
-            src: SERVER_IP,
-            dst: request.ip,
-            icmp: echo(true, request.id, request.seq, body, magic),
+        let Some(a) = self.open.remove(&request) else {
+            self.violations
+                .push(format!("a reply to {request:?}, which is not open"));
+            return;
+        };
+        let how = match e.tunnel_message() {
+            None => Answer::Ping,
+            Some([]) => Answer::Bare,
+            Some(m) if kind(m) == TYPE_RESPONSE => Answer::Response,
+            Some(m) if is_keepalive(m) && now - a.at >= HOLD => Answer::Keepalive,
+            Some(m) if is_keepalive(m) => Answer::Superseded,
+            Some(_) => Answer::Message,
+        };
+        self.answered.push(Answered {
+            request,
+            arrived: a.at,
+            answered: now,
+            how,
+            client: a.client,
+            index: a.index,
         });
     }
 
-    /// The server's TUN device gives it `packet` (the binary's `from_tun`).
-    fn tun_packet(&mut self, now: Instant, packet: &[u8]) -> Result<(), DropReason> {
-        match self.engine.handle_tun_packet(now, packet, &mut self.buf)? {
-            ServerOutput::Send(path, m) => {
-                let m = m.to_vec();
-                self.send(now, path, &m);
-                Ok(())
-            }
-            other => panic!("handle_tun_packet returned {other:?}"),
-        }
+    /// Whether a keepalive that answered `a` before its hold was due to a
+    /// rekey: a request of the same client under another receiver index
+    /// arrived after it and no later than the answer.
+    pub fn superseded_legitimately(&self, a: &Answered) -> bool {
+        self.arrivals.iter().any(|(_, b)| {
+            b.client == a.client
+                && b.at >= a.arrived
+                && b.at <= a.answered
+                && b.index.is_some()
+                && b.index != a.index
+        })
     }
 
-    /// The binary's one-second tick.
-    fn tick(&mut self, now: Instant) {
-        self.engine.poll_timers(now);
-        while let Some((session, request)) = self.parking.expired(now) {
-            self.keepalive(now, session, request);
-        }
+    pub fn session(&self, key: &PublicKey) -> Option<SessionInfo<Path>> {
+        self.endpoint.sessions().into_iter().find(|s| s.key == *key)
     }
 
-    pub fn session(&self, key: &PublicKey) -> Option<SessionInfo<IcmpPath>> {
-        self.engine.sessions().into_iter().find(|s| s.key == *key)
-    }
-
-    /// Drops the engine counted, attributed to a client or not.
+    /// Drops counted, attributed to a client or not.
     pub fn drop_total(&self) -> u64 {
-        self.engine.drops().total()
-            + self
-                .engine
-                .sessions()
-                .iter()
-                .map(|s| s.drops.total())
-                .sum::<u64>()
+        self.endpoint.drops().total()
     }
 }
 
 // ---------------------------------------------------------------------------
-// The client's driver
+// The clients
 // ---------------------------------------------------------------------------
 
-/// One reply the client took (it passed the `ours` check and the engine).
+/// A request a client sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    pub at: Instant,
+    pub seq: u16,
+    /// The tunnel message's type.
+    pub kind: u8,
+    /// It carried a keepalive: a bare poll (or a key confirmation).
+    pub keepalive: bool,
+}
+
+/// A reply the client's connection took (no drop counted).
 #[derive(Clone, Copy, Debug)]
 pub struct Taken {
     pub at: Instant,
+    /// It wrote a packet to the TUN device.
     pub carried_data: bool,
-    /// The pacer's target after `replied`.
+    /// The pacer's target after it.
     pub target: usize,
 }
 
 pub struct IcmpClient {
-    pub engine: Client,
+    pub conn: Connection,
     pub key: PublicKey,
     /// Its address behind the NAT.
     pub lan_ip: Ipv4Addr,
     /// Its echo identifier (the NAT rewrites it on the way out).
     pub id: u16,
-    pub seq: u16,
-    pub pacer: Pacer,
     /// Inner packets written to its TUN device, with their times.
     pub tun: Vec<(Instant, Vec<u8>)>,
-    pub events: Vec<(Instant, ClientEvent)>,
-    /// Errors `handle_datagram` returned for replies carrying a message.
+    pub events: Vec<(Instant, Event)>,
+    /// Drops counted for replies carrying a message.
     pub errors: Vec<DropReason>,
     /// Replies carrying no message (the server had no session).
     pub bare_replies: u64,
-    /// Echo messages that failed the `ours` check or did not parse.
-    pub not_ours: u64,
     /// Echo replies without a tunnel message (answers to ordinary pings):
     /// id, sequence, payload.
     pub pings: Vec<(u16, u16, Vec<u8>)>,
-    /// Requests sent: time, sequence number, tunnel message type, whether
-    /// it was a bare poll from `top_up`.
-    pub requests: Vec<(Instant, u16, u8, bool)>,
+    pub requests: Vec<Sent>,
     pub inits: Vec<Instant>,
     pub taken: Vec<Taken>,
-    /// Outstanding requests the pacer gave up on (lost, or answered late).
-    pub forgotten: usize,
-    /// `top_up` calls that left fewer requests outstanding than the target.
+    /// Times the client stopped sending while connected with fewer
+    /// requests outstanding than its pacer's target.
     pub short: u64,
-    /// The pacer's target after every `top_up`.
-    pub targets: Vec<(Instant, usize)>,
-    /// Replies taken since the last `top_up` (the binary tops up after a batch).
-    fresh: bool,
-    outbox: Vec<Packet>,
-    buf: Box<[u8]>,
-    rx: Box<[u8]>,
 }
 
 impl IcmpClient {
-    /// When the binary's client loop wakes for timers.
-    pub fn deadline(&self) -> Option<Instant> {
-        [self.engine.next_timeout(), self.pacer.next_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    /// The binary's `IcmpUplink::request`.
-    fn request(&mut self, now: Instant, msg: &[u8], poll: bool) {
-        self.outbox.push(Packet {
-            src: self.lan_ip,
-            dst: SERVER_IP,
-            icmp: echo(false, self.id, self.seq, msg, true),
-        });
-        self.requests
-            .push((now, self.seq, msg.first().copied().unwrap_or(0), poll));
-        if msg.first() == Some(&TYPE_INIT) {
-            self.inits.push(now);
-        }
-        self.seq = self.seq.wrapping_add(1);
-        self.pacer.sent(now);
-    }
-
-    /// The TUN device gives the client `packet` (the binary's `from_tun`).
-    fn tun_packet(&mut self, now: Instant, packet: &[u8]) -> Result<(), DropReason> {
-        let n = self.engine.handle_tun_packet(now, packet, &mut self.buf)?;
-        let msg = self.buf[..n].to_vec();
-        self.request(now, &msg, false);
-        Ok(())
-    }
-
-    /// The binary's timer branch: every message the engine's timers want,
-    /// then `top_up`.
-    fn timers(&mut self, now: Instant) {
-        for _ in 0..16 {
-            let Some(n) = self.engine.poll_timers(now, &mut self.buf) else {
-                self.top_up(now);
-                return;
-            };
-            let msg = self.buf[..n].to_vec();
-            self.request(now, &msg, false);
-        }
-        panic!("poll_timers keeps sending");
-    }
-
-    /// The binary's `Uplink::top_up`. As there, the pacer forgets lost
-    /// requests only once connected, so without a session its deadline can
-    /// stay in the past (`Sim::step` asserts it does not; see the ignored
-    /// test `client_waiting_for_an_unreachable_server_does_not_spin`).
-    fn top_up(&mut self, now: Instant) {
-        self.fresh = false;
-        let before = self.pacer.outstanding();
-        let due = self.pacer.polls_due(now);
-        self.forgotten += before - self.pacer.outstanding();
-        if !self.engine.is_connected(now) {
-            return; // until the handshake completes, inits are the requests
-        }
-        for _ in 0..due {
-            if let Ok(n) = self.engine.seal_keepalive(now, &mut self.buf) {
-                let msg = self.buf[..n].to_vec();
-                self.request(now, &msg, true);
-            }
-        }
-        if self.pacer.outstanding() < self.pacer.target() {
-            self.short += 1;
-        }
-        self.targets.push((now, self.pacer.target()));
-    }
-
-    /// An ICMP message from `src` (the binary's `IcmpUplink::receive`, one
-    /// message of the batch).
-    fn receive(&mut self, now: Instant, src: Ipv4Addr, bytes: &[u8]) {
-        let Ok(e) = Echo::parse(FAMILY, bytes) else {
-            self.not_ours += 1;
-            return;
-        };
-        let ours = src == SERVER_IP && e.reply && e.id == self.id;
-        let Some(msg) = e.tunnel_message().filter(|_| ours) else {
-            if e.reply && e.tunnel_message().is_none() {
-                self.pings.push((e.id, e.seq, e.payload.to_vec()));
-            }
-            self.not_ours += 1;
-            return;
-        };
-        let result = match self.engine.handle_datagram(now, msg, &mut self.rx) {
-            Ok(ClientOutput::Tun(p)) => Ok((Some(p.to_vec()), None)),
-            Ok(ClientOutput::Send(m)) => Ok((None, Some(m.to_vec()))),
-            Ok(ClientOutput::Nothing) => Ok((None, None)),
-            Err(e) => Err(e),
-        };
-        let carried_data = match result {
-            Ok((Some(packet), _)) => {
-                self.tun.push((now, packet));
-                true
-            }
-            Ok((None, Some(reply))) => {
-                self.request(now, &reply, false);
-                false
-            }
-            Ok((None, None)) => false,
-            Err(_) if msg.is_empty() => {
-                self.bare_replies += 1;
-                false
-            }
-            Err(e) => {
-                self.errors.push(e);
-                return; // forged or stale: not an answer
-            }
-        };
-        self.pacer.replied(carried_data);
-        self.taken.push(Taken {
-            at: now,
-            carried_data,
-            target: self.pacer.target(),
-        });
-        self.fresh = true;
-        while let Some(e) = self.engine.poll_event() {
-            self.events.push((now, e));
+    /// The ICMP path's counters and pacer, as the status shows them.
+    pub fn stats(&self, now: Instant) -> IcmpClientStats {
+        match self.conn.status(now).paths[0].detail {
+            PathDetail::Icmp(s) => s,
+            ref other => panic!("an ICMP path shows {other:?}"),
         }
     }
 
     /// The configuration of the latest `Configured` event.
     pub fn v4(&self) -> Ipv4Addr {
-        match self.events.last() {
-            Some((_, ClientEvent::Configured(c))) => c.client_v4,
-            None => panic!("not configured"),
-        }
+        self.events
+            .iter()
+            .rev()
+            .find_map(|(_, e)| match e {
+                Event::Configured(c) => Some(c.client_v4),
+                _ => None,
+            })
+            .expect("configured")
     }
 
-    /// Times at which it opened a message from the server (data or keepalive).
+    /// Times at which it took a message from the server (data or keepalive).
     pub fn rx_times(&self) -> impl Iterator<Item = Instant> + '_ {
         self.taken.iter().map(|t| t.at)
+    }
+
+    /// An ICMP message from `src` reaches the client's host: it goes to the
+    /// connection (which takes only replies to its own requests), and an
+    /// ordinary ping's reply also to whoever pinged.
+    fn receive(&mut self, now: Instant, src: Ipv4Addr, icmp: &[u8]) {
+        let e = Echo::parse(FAMILY, icmp).expect("the NAT passes valid echoes");
+        let msg = e.tunnel_message();
+        if e.reply && msg.is_none() {
+            self.pings.push((e.id, e.seq, e.payload.to_vec()));
+        }
+        let before = self.conn.drops();
+        let mut tun = PacketList::default();
+        let from = SocketAddr::new(src.into(), 0);
+        self.conn.handle_input(now, 0, Some(from), icmp, &mut tun);
+        let dropped = counted(&before, &self.conn.drops());
+        match (msg, dropped) {
+            (None, _) => assert_eq!(dropped, None, "a ping's reply counted as a drop"),
+            (Some([]), _) => self.bare_replies += 1,
+            (Some(_), Some(e)) => self.errors.push(e),
+            (Some(_), None) => self.taken.push(Taken {
+                at: now,
+                carried_data: !tun.packets.is_empty(),
+                target: self.stats(now).target,
+            }),
+        }
+        self.tun.extend(tun.packets.into_iter().map(|p| (now, p)));
+    }
+
+    /// What the connection has to send, noted as it leaves the host.
+    fn transmits(&mut self, now: Instant, buf: &mut Vec<u8>) -> Vec<Packet> {
+        let mut out = Vec::new();
+        while let Some(t) = self.conn.poll_transmit(now, buf) {
+            out.push(self.request(now, t, &buf[..t.len]));
+        }
+        while let Some(e) = self.conn.poll_event() {
+            self.events.push((now, e));
+        }
+        let s = self.stats(now);
+        if self.conn.is_connected(now) && s.outstanding < s.target {
+            self.short += 1;
+        }
+        out
+    }
+
+    fn request(
+        &mut self,
+        now: Instant,
+        t: iptun_proto::connection::Transmit,
+        icmp: &[u8],
+    ) -> Packet {
+        assert_eq!(t.path, 0);
+        assert_eq!(t.to, Some(SocketAddr::new(SERVER_IP.into(), 0)));
+        let e = Echo::parse(FAMILY, icmp).expect("the connection sends valid echoes");
+        assert!(!e.reply && e.id == self.id, "a request with our id");
+        let msg = e
+            .tunnel_message()
+            .expect("the connection's requests carry messages");
+        self.requests.push(Sent {
+            at: now,
+            seq: e.seq,
+            kind: kind(msg),
+            keepalive: is_keepalive(msg),
+        });
+        if kind(msg) == TYPE_INIT {
+            self.inits.push(now);
+        }
+        Packet {
+            src: self.lan_ip,
+            dst: SERVER_IP,
+            icmp: icmp.to_vec(),
+        }
     }
 }
 
@@ -732,7 +620,8 @@ pub struct Wire {
 struct InFlight {
     at: Instant,
     seq: u64,
-    up: bool,
+    /// The client that sent it, for a request.
+    from_client: Option<usize>,
     packet: Packet,
 }
 
@@ -764,7 +653,7 @@ pub struct IcmpSim {
     pub wire: Vec<Wire>,
     in_flight: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
-    next_tick: Instant,
+    buf: Vec<u8>,
 }
 
 impl IcmpSim {
@@ -785,7 +674,7 @@ impl IcmpSim {
             wire: Vec::new(),
             in_flight: BinaryHeap::new(),
             seq: 0,
-            next_tick: start + SERVER_TICK,
+            buf: Vec::new(),
         }
     }
 
@@ -793,31 +682,26 @@ impl IcmpSim {
     /// `id`; it starts its handshake at once. Returns its index.
     pub fn add_client(&mut self, key: PrivateKey, id: u16) -> usize {
         let i = self.clients.len();
-        let config = ClientConfig::new(key, server_key().public_key());
+        let config = client_config(key);
         let unix = UNIX_START + self.elapsed().as_nanos() as u64;
+        let path = PathConfig::Icmp {
+            server: SERVER_IP.into(),
+            id,
+        };
         self.clients.push(IcmpClient {
             key: config.private_key.public_key(),
-            engine: Client::new(config, self.now, unix),
+            conn: Connection::new(config, vec![path], self.now, unix),
             lan_ip: Ipv4Addr::new(192, 168, 1, 10 + i as u8),
             id,
-            seq: 0,
-            pacer: Pacer::new(MIN_OUTSTANDING, MAX_OUTSTANDING, REQUEST_TIMEOUT),
             tun: Vec::new(),
             events: Vec::new(),
             errors: Vec::new(),
             bare_replies: 0,
-            not_ours: 0,
             pings: Vec::new(),
             requests: Vec::new(),
             inits: Vec::new(),
             taken: Vec::new(),
-            forgotten: 0,
             short: 0,
-            targets: Vec::new(),
-            fresh: false,
-            outbox: Vec::new(),
-            buf: vec![0; BUF].into_boxed_slice(),
-            rx: vec![0; BUF].into_boxed_slice(),
         });
         i
     }
@@ -826,26 +710,20 @@ impl IcmpSim {
         self.now - self.start
     }
 
-    fn next_event(&self) -> Instant {
-        let mut t = self.next_tick;
-        if let Some(Reverse(f)) = self.in_flight.peek() {
-            t = t.min(f.at);
-        }
-        for c in &self.clients {
-            if let Some(d) = c.deadline() {
-                t = t.min(d);
-            }
-        }
-        t.max(self.now)
+    fn next_event(&self) -> Option<Instant> {
+        let arrival = self.in_flight.peek().map(|Reverse(f)| f.at);
+        let clients = self.clients.iter().filter_map(|c| c.conn.poll_timeout());
+        let t = arrival
+            .into_iter()
+            .chain(self.server.endpoint.poll_timeout())
+            .chain(clients)
+            .min()?;
+        Some(t.max(self.now))
     }
 
     /// Run everything due up to `deadline` and leave the clock there.
     pub fn run_until(&mut self, deadline: Instant) {
-        loop {
-            let t = self.next_event();
-            if t > deadline {
-                break;
-            }
+        while let Some(t) = self.next_event().filter(|&t| t <= deadline) {
             self.now = t;
             self.step();
         }
@@ -860,12 +738,13 @@ impl IcmpSim {
     pub fn run_until_cond(&mut self, limit: Duration, mut done: impl FnMut(&Self) -> bool) -> bool {
         let deadline = self.now + limit;
         while !done(self) {
-            let t = self.next_event();
-            if t > deadline {
-                self.now = deadline;
-                return false;
+            match self.next_event().filter(|&t| t <= deadline) {
+                Some(t) => self.now = t,
+                None => {
+                    self.now = deadline;
+                    return false;
+                }
             }
-            self.now = t;
             self.step();
         }
         true
@@ -878,83 +757,107 @@ impl IcmpSim {
         assert!(
             ok,
             "client {i} did not connect: client drops {:?}, server errors {:?}",
-            self.clients[i].engine.drops(),
+            self.clients[i].conn.drops(),
             self.server.errors
         );
     }
 
-    /// Client `i` has keys and the server sends with them.
+    /// Client `i` has keys and the server sends with them: its session's
+    /// path names the session, which only a data message sets.
     pub fn connected(&self, i: usize) -> bool {
         let c = &self.clients[i];
-        c.engine.is_connected(self.now)
-            && self
-                .server
-                .session(&c.key)
-                .is_some_and(|s| s.path.is_some_and(|p| p.session.is_some()))
+        c.conn.is_connected(self.now)
+            && self.server.session(&c.key).is_some_and(|s| {
+                matches!(
+                    s.path,
+                    Some(Path::Icmp {
+                        session: Some(_),
+                        ..
+                    })
+                )
+            })
     }
 
+    /// Do everything due now: arrivals, then timeouts.
     fn step(&mut self) {
         let now = self.now;
-        if self.next_tick <= now {
-            self.server.tick(now);
-            self.next_tick = now + SERVER_TICK;
-            self.flush_server();
-        }
         while self.in_flight.peek().is_some_and(|Reverse(f)| f.at <= now) {
             let Reverse(f) = self.in_flight.pop().unwrap();
-            if f.up {
-                self.server.receive(now, f.packet.src, &f.packet.icmp);
-                self.flush_server();
-            } else if let Some(p) = self.nat.inbound(now, f.packet) {
-                let i = self
-                    .clients
-                    .iter()
-                    .position(|c| c.lan_ip == p.dst)
-                    .expect("the NAT only restores to its clients");
-                self.clients[i].receive(now, p.src, &p.icmp);
-                self.flush_client(i);
+            match f.from_client {
+                Some(c) => {
+                    let p = f.packet;
+                    self.server.receive(now, p.src, &p.icmp, c);
+                    self.flush_server();
+                }
+                None => self.inbound_to_lan(f.packet),
             }
+        }
+        if self
+            .server
+            .endpoint
+            .poll_timeout()
+            .is_some_and(|t| t <= now)
+        {
+            self.server.endpoint.handle_timeout(now);
+            self.flush_server();
+            let t = self.server.endpoint.poll_timeout();
+            assert_not_due("the server", t, now, self.start);
         }
         for i in 0..self.clients.len() {
-            if self.clients[i].fresh {
-                self.clients[i].top_up(now);
+            if self.clients[i]
+                .conn
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
+                self.clients[i].conn.handle_timeout(now);
                 self.flush_client(i);
-            }
-            if self.clients[i].deadline().is_some_and(|d| d <= now) {
-                self.clients[i].timers(now);
-                self.flush_client(i);
-                let d = self.clients[i].deadline();
-                assert!(
-                    d.is_none_or(|d| d > now),
-                    "client {i}'s driver would spin: its deadline stays at {:?} (pacer {:?})",
-                    d.map(|d| d - self.start),
-                    self.clients[i].pacer
-                );
+                let t = self.clients[i].conn.poll_timeout();
+                assert_not_due(&format!("client {i}"), t, now, self.start);
             }
         }
+    }
+
+    /// A reply reaches the NAT: through the firewall to its client, if it
+    /// answers an outstanding request.
+    fn inbound_to_lan(&mut self, p: Packet) {
+        let Some(p) = self.nat.inbound(self.now, p) else {
+            return;
+        };
+        let i = self
+            .clients
+            .iter()
+            .position(|c| c.lan_ip == p.dst)
+            .expect("the NAT only restores to its clients");
+        self.clients[i].receive(self.now, p.src, &p.icmp);
+        self.flush_client(i);
     }
 
     fn flush_server(&mut self) {
-        for p in std::mem::take(&mut self.server.outbox) {
-            self.transmit(false, p);
+        for p in self.server.transmits(self.now) {
+            self.transmit(None, p);
         }
     }
 
     fn flush_client(&mut self, i: usize) {
-        for p in std::mem::take(&mut self.clients[i].outbox) {
-            if let Some(p) = self.nat.outbound(self.now, p) {
-                self.transmit(true, p);
-            }
+        for p in self.clients[i].transmits(self.now, &mut self.buf) {
+            self.outbound_from_lan(i, p);
+        }
+    }
+
+    /// A packet from client `i`'s host, out through the NAT.
+    fn outbound_from_lan(&mut self, i: usize, p: Packet) {
+        if let Some(p) = self.nat.outbound(self.now, p) {
+            self.transmit(Some(i), p);
         }
     }
 
     /// Put a packet on the link between the NAT and the server.
-    fn transmit(&mut self, up: bool, packet: Packet) {
+    fn transmit(&mut self, from_client: Option<usize>, packet: Packet) {
         let e = Echo::parse(FAMILY, &packet.icmp).expect("valid echo");
         let lost = self.rng.chance(self.link.loss);
         self.wire.push(Wire {
             at: self.now,
-            up,
+            up: from_client.is_some(),
             src: packet.src,
             dst: packet.dst,
             id: e.id,
@@ -970,33 +873,70 @@ impl IcmpSim {
         self.in_flight.push(Reverse(InFlight {
             at,
             seq: self.seq,
-            up,
+            from_client,
             packet,
         }));
     }
 
-    /// Client `i`'s TUN device gives it `packet`.
+    /// Client `i`'s TUN device gives it `packet`: it goes out at once (a
+    /// request carries it), or its drop is counted.
     pub fn client_send(&mut self, i: usize, packet: &[u8]) -> Result<(), DropReason> {
-        let r = self.clients[i].tun_packet(self.now, packet);
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let before = c.conn.drops();
+        let mut buf = vec![0; iptun_proto::connection::BUF_LEN];
+        let sent = c.conn.handle_tun_packet(now, packet, &mut buf);
+        let dropped = counted(&before, &c.conn.drops());
+        let r = match (sent, dropped) {
+            (Some(t), None) => {
+                let p = c.request(now, t, &buf[..t.len]);
+                self.outbound_from_lan(i, p);
+                Ok(())
+            }
+            (None, Some(e)) => Err(e),
+            other => panic!("handle_tun_packet: {other:?}"),
+        };
         self.flush_client(i);
         r
     }
 
-    /// The server's TUN device gives it `packet`.
+    /// The server's TUN device gives it `packet`: a reply carries it at
+    /// once, or it waits for the client's next request; a packet dropped
+    /// is counted.
     pub fn server_send(&mut self, packet: &[u8]) -> Result<(), DropReason> {
-        let r = self.server.tun_packet(self.now, packet);
+        let now = self.now;
+        let s = &mut self.server;
+        let before = s.endpoint.drops();
+        let mut buf = vec![0; iptun_proto::endpoint::BUF_LEN];
+        let sent = s.endpoint.handle_tun_packet(now, packet, &mut buf);
+        if let Some(e) = counted(&before, &s.endpoint.drops()) {
+            assert!(sent.is_none());
+            return Err(e);
+        }
+        if let Some(t) = sent {
+            let Destination::Icmp { to, .. } = t.to else {
+                panic!("sent to {:?}", t.to)
+            };
+            let icmp = buf[..t.len].to_vec();
+            s.note_reply(now, v4(to), &icmp);
+            let p = Packet {
+                src: SERVER_IP,
+                dst: v4(to),
+                icmp,
+            };
+            self.transmit(None, p);
+        }
         self.flush_server();
-        r
+        Ok(())
     }
 
     /// An ordinary ping from client `i`'s host (no magic), through the NAT.
     pub fn ping(&mut self, i: usize, id: u16, seq: u16, payload: &[u8]) {
-        let c = &mut self.clients[i];
-        c.outbox.push(Packet {
-            src: c.lan_ip,
+        let p = Packet {
+            src: self.clients[i].lan_ip,
             dst: SERVER_IP,
             icmp: echo(false, id, seq, payload, false),
-        });
-        self.flush_client(i);
+        };
+        self.outbound_from_lan(i, p);
     }
 }
