@@ -642,6 +642,42 @@ fn bad_flags_give_clear_errors() {
     let err = iptun_fails(&ns, &client, &more);
     assert!(err.contains("--route") && err.contains("nowhere"), "{err}");
 
+    // Several URLs: a bad one among them is named, a repeated one refused,
+    // and with only unusable hosts the client says none can be used.
+    let more = [
+        "--server-key",
+        server_key,
+        "--server",
+        server_url,
+        "--server",
+        "carrier-pigeon://192.0.2.1",
+    ];
+    let err = iptun_fails(&ns, &client, &more);
+    assert!(err.contains("carrier-pigeon://192.0.2.1"), "{err}");
+    let more = [
+        "--server-key",
+        server_key,
+        "--server",
+        server_url,
+        "--server",
+        server_url,
+    ];
+    let err = iptun_fails(&ns, &client, &more);
+    assert!(err.contains("given twice"), "{err}");
+    let more = [
+        "--server-key",
+        server_key,
+        "--server",
+        "udp://no-such-host.invalid:3000",
+        "--server",
+        "https://no-such-host.invalid/tunnel",
+    ];
+    let err = iptun_fails(&ns, &client, &more);
+    assert!(
+        err.contains("no --server URL can be used") && err.contains("no-such-host.invalid"),
+        "{err}"
+    );
+
     // Config files: an unknown key is named, with the file.
     for (role, text) in [
         ("server", "tun = \"iptun0\"\nfrobnicate = true\n"),

@@ -172,13 +172,15 @@ pub fn open_paths(s: &Settings) -> anyhow::Result<OpenPaths> {
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
     let server_key = s.config.server_key;
-    let control = ControlSocket::bind(&s.control)?;
-    let mut tun = Tun::create(&s.tun, s.offload)?;
+    // The paths first: a list none of which can be used fails before
+    // anything on the system changes.
     let OpenPaths {
         urls,
         mut drivers,
         configs,
     } = open_paths(&s)?;
+    let control = ControlSocket::bind(&s.control)?;
+    let mut tun = Tun::create(&s.tun, s.offload)?;
     let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
