@@ -98,6 +98,20 @@ impl Carrier {
         }
     }
 
+    /// Whether the server answers a keepalive at once here (push paths);
+    /// on polled paths a keepalive is a request, answered at the hold.
+    pub(super) fn answers_at_once(&self) -> bool {
+        matches!(self, Self::Udp { .. } | Self::Http(_))
+    }
+
+    /// Whether silence on the path in use is checked with probes. Not on
+    /// DNS: there every answer comes within the server's short hold, and
+    /// probe queries timing out would count against the record type and
+    /// name length in use (the uplink steps those down on timeouts).
+    pub(super) fn nudges(&self) -> bool {
+        !matches!(self, Self::Dns(_))
+    }
+
     /// How long a probe may go unanswered.
     pub(super) fn probe_timeout(&self) -> Duration {
         match self {

@@ -73,6 +73,11 @@ pub const SEARCH_RETRY_MAX: Duration = Duration::from_secs(30);
 pub const PROBE_MIN: Duration = Duration::from_secs(30);
 /// Longest wait between probes of a candidate not in use.
 pub const PROBE_MAX: Duration = Duration::from_secs(600);
+/// Probes a nudge sends at once (either answer will do: one lost probe
+/// must not fail a lossy path), and rounds of them before the path in use
+/// counts as failed.
+pub const NUDGE_COPIES: u32 = 2;
+pub const NUDGE_ROUNDS: u8 = 2;
 /// In a search, the first answer waits this long for more preferred
 /// candidates still probed, so that a search ends in one move.
 pub const SETTLE: Duration = Duration::from_secs(1);
@@ -285,6 +290,19 @@ struct Candidate {
     failures: u64,
     /// The sender index of the last handshake init copied onto it.
     init_sent: Option<u32>,
+    /// The probes of a nudge in flight (the path in use).
+    nudge: Option<Nudge>,
+}
+
+/// A round of probes on the path in use, whose traffic went unanswered.
+#[derive(Clone, Copy, Debug)]
+struct Nudge {
+    /// The first of the round's probe ids (they follow each other).
+    first_id: u32,
+    /// Probes sent so far in this round.
+    copies: u32,
+    sent: Instant,
+    round: u8,
 }
 
 impl Candidate {
@@ -302,6 +320,7 @@ impl Candidate {
             rtt: None,
             failures: 0,
             init_sent: None,
+            nudge: None,
         }
     }
 
@@ -309,6 +328,18 @@ impl Candidate {
         if self.unanswered_since.is_none() {
             self.unanswered_since = Some(now);
         }
+    }
+
+    /// How long a nudge's probes may go unanswered: a few round trips,
+    /// 1 to 3 s (longer while an HTTP connection is still being opened).
+    fn nudge_timeout(&self) -> Duration {
+        if let Carrier::Http(h) = &self.carrier
+            && !h.is_open()
+        {
+            return self.carrier.probe_timeout(); // a connection to open first
+        }
+        let rtts = self.rtt.map_or(Duration::MAX, |r| r.saturating_mul(4));
+        rtts.clamp(Duration::from_secs(1), Duration::from_secs(3))
     }
 
     /// When the traffic sent on it counts as unanswered.
@@ -320,7 +351,7 @@ impl Candidate {
     /// every transport, so silence after traffic is told from a dead path
     /// in seconds (a one-way flow gets an answer too).
     fn nudge_at(&self) -> Option<Instant> {
-        if self.probe.is_some() {
+        if self.probe.is_some() || self.nudge.is_some() || !self.carrier.nudges() {
             return None;
         }
         let since = self.unanswered_since?;
@@ -493,14 +524,14 @@ impl Connection {
     ) {
         match &mut self.paths[path].carrier {
             Carrier::Udp { .. } => {
-                self.open(now, path, bytes, tun);
+                self.open(now, path, bytes, None, tun);
             }
             Carrier::Icmp(c) => {
                 let Some(from) = from else { return };
-                let Some(msg) = c.unwrap(from.ip(), bytes) else {
+                let Some((msg, asked)) = c.unwrap(from.ip(), bytes) else {
                     return;
                 };
-                let opened = self.open(now, path, msg, tun);
+                let opened = self.open(now, path, msg, Some(asked), tun);
                 // An answer without a session (the server lost it) still
                 // answers a request; forged or stale ones do not.
                 if (opened.is_some() || msg.is_empty())
@@ -515,7 +546,7 @@ impl Connection {
                     return;
                 }
                 while let Some(msg) = self.dns(path).and_then(|c| c.poll_message()) {
-                    self.open(now, path, &msg, tun);
+                    self.open(now, path, &msg, None, tun);
                 }
                 let failing = self
                     .dns(path)
@@ -526,7 +557,7 @@ impl Connection {
             }
             Carrier::Http(_) => {
                 for msg in messages(bytes) {
-                    self.open(now, path, msg, tun);
+                    self.open(now, path, msg, None, tun);
                 }
             }
         }
@@ -541,11 +572,15 @@ impl Connection {
 
     /// Open one tunnel message from `path`. `Some(carried_data)` when it
     /// authenticated.
+    /// `asked`: when the request this answers was sent, where the transport
+    /// knows (ICMP); an answer to a request older than the traffic waiting
+    /// for one proves nothing about the path now.
     fn open(
         &mut self,
         now: Instant,
         path: PathId,
         msg: &[u8],
+        asked: Option<Instant>,
         tun: &mut impl TunSink,
     ) -> Option<bool> {
         let handshakes = self.engine.last_handshake();
@@ -577,7 +612,11 @@ impl Connection {
             Ok(ClientOutput::Nothing) => false,
             Err(_) => return None,
         };
-        self.heard(now, path);
+        let waiting = self.paths[path].unanswered_since;
+        let stale = asked.is_some_and(|t| waiting.is_some_and(|u| t < u));
+        if !stale {
+            self.heard(now, path);
+        }
         if self.engine.last_handshake() != handshakes {
             self.handshake_done(now, path);
         }
@@ -592,6 +631,7 @@ impl Connection {
         let c = &mut self.paths[path];
         c.last_rx = Some(now);
         c.unanswered_since = None;
+        c.nudge = None;
         if path == self.current && self.race.is_none() && c.state != PathState::InUse {
             // The path in use came back before any other answered.
             c.state = PathState::InUse;
@@ -638,6 +678,13 @@ impl Connection {
             return;
         }
         let c = &mut self.paths[path];
+        if let Some(n) = c.nudge
+            && id.wrapping_sub(n.first_id) < NUDGE_COPIES
+        {
+            c.nudge = None;
+            c.rtt = Some(now - n.sent);
+            return;
+        }
         let Some((_, at)) = c.probe.filter(|&(p, _)| p == id) else {
             return; // a late answer to a probe already given up on
         };
@@ -708,6 +755,7 @@ impl Connection {
         c.in_use_since = Some(now);
         c.next_probe = None;
         c.probe = None;
+        c.nudge = None;
         c.unanswered_since = None;
         if let Ok(n) = self.engine.seal_keepalive(now, &mut self.scratch) {
             self.queued.push_back((to, self.scratch[..n].to_vec()));
@@ -724,6 +772,7 @@ impl Connection {
         }
         c.failures += 1;
         c.probe = None;
+        c.nudge = None;
         c.unanswered_since = None;
         c.state = PathState::Failed(why.clone());
         self.events.push_back(Event::Failed { path, why });
@@ -835,13 +884,19 @@ impl Connection {
             // What goes, and whether it waits for an answer (bare polls
             // are answered when the server has something, or at its hold).
             let (path, len, waits) = if let Some((path, msg)) = self.queued.pop_front() {
-                (path, self.stage(path, &msg, buf), true)
+                // Keepalives (a handshake's confirmation, a move's) and probes.
+                let waits = self.paths[path].carrier.answers_at_once();
+                (path, self.stage(path, &msg, buf), waits)
             } else if let Some((path, len)) = self.engine_timers(now, buf) {
-                (path, Some(len), true)
+                // An init waits for its response; a keepalive waits only
+                // where the server echoes it at once.
+                let init = buf[self.paths[path].carrier.headroom()] == TYPE_INIT;
+                let waits = init || self.paths[path].carrier.answers_at_once();
+                (path, Some(len), waits)
             } else if let Some(path) = self.due_probe(now) {
                 (path, self.probe(now, path, buf), false)
             } else if let Some(path) = self.due_nudge(now) {
-                (path, self.probe(now, path, buf), false)
+                (path, self.nudge_probe(now, path, buf), false)
             } else if let Some(path) = self.due_poll(now) {
                 (path, self.keepalive(now, path, buf), false)
             } else {
@@ -960,18 +1015,45 @@ impl Connection {
     }
 
     /// The path in use, when its traffic went unanswered for
-    /// [`NUDGE_AFTER`]: it gets a probe (outside a race or a search).
+    /// [`NUDGE_AFTER`]: it gets a round of probes (outside a race or a search).
     fn due_nudge(&mut self, now: Instant) -> Option<PathId> {
         if self.race.is_some() || self.searching.is_some() {
             return None;
         }
+        let connected = self.engine.is_connected(now);
         let c = &mut self.paths[self.current];
-        if c.nudge_at().is_some_and(|t| t <= now) {
-            // (Counted as done without keys too, or the deadline stays due.)
-            c.nudged = Some(now);
-            return self.engine.is_connected(now).then_some(self.current);
+        if let Some(n) = c.nudge {
+            return (n.copies < NUDGE_COPIES && connected).then_some(self.current);
         }
-        None
+        if c.nudge_at().is_none_or(|t| t > now) {
+            return None;
+        }
+        // (Counted as done without keys too, or the deadline stays due.)
+        c.nudged = Some(now);
+        if !connected {
+            return None;
+        }
+        c.nudge = Some(Nudge {
+            first_id: self.next_probe_id,
+            copies: 0,
+            sent: now,
+            round: 1,
+        });
+        self.next_probe_id = self.next_probe_id.wrapping_add(NUDGE_COPIES);
+        Some(self.current)
+    }
+
+    /// The next probe of the nudge on `path`.
+    fn nudge_probe(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
+        let c = &mut self.paths[path];
+        let h = c.carrier.headroom();
+        let n = c.nudge.as_mut()?;
+        let id = n.first_id.wrapping_add(n.copies);
+        n.copies += 1;
+        let reply = CONTROL_LEN as u16;
+        self.engine
+            .seal_probe(now, id, CONTROL_LEN, reply, &mut buf[h..])
+            .ok()
     }
 
     /// Whether the path in use keeps requests outstanding: while the
@@ -1052,6 +1134,7 @@ impl Connection {
             }
             if i == self.current && self.searching.is_none() {
                 at(c.dead_at());
+                at(c.nudge.map(|n| n.sent + c.nudge_timeout()));
                 if self.race.is_none() {
                     at(c.nudge_at());
                 }
@@ -1078,6 +1161,24 @@ impl Connection {
                 continue;
             }
             self.fail(now, i, "no answer to a probe".into());
+        }
+        let c = &mut self.paths[self.current];
+        if let Some(n) = c.nudge
+            && now >= n.sent + c.nudge_timeout()
+        {
+            if n.round < NUDGE_ROUNDS {
+                let first_id = self.next_probe_id;
+                self.next_probe_id = first_id.wrapping_add(NUDGE_COPIES);
+                c.nudge = Some(Nudge {
+                    first_id,
+                    copies: 0,
+                    sent: now,
+                    round: n.round + 1,
+                });
+            } else {
+                c.nudge = None;
+                self.fail(now, self.current, "no answer to probes".into());
+            }
         }
         let c = &mut self.paths[self.current];
         if c.dead_at().is_some_and(|t| t <= now) {

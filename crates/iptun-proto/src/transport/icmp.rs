@@ -31,8 +31,13 @@ pub struct IcmpClient {
     pacer: Pacer,
     /// Keep bare requests outstanding (the path is in use).
     polling: bool,
+    /// When the latest requests went, by sequence number (a ring).
+    sent_at: Vec<(u16, Instant)>,
     stats: IcmpClientStats,
 }
+
+/// Requests whose send time a client remembers.
+const SENT_RING: usize = 1024;
 
 /// What the status shows of a client's ICMP path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,6 +59,11 @@ impl IcmpClient {
     /// (random: replies to us are told from other pings' by it; NATs
     /// rewrite it on the way out and restore it on the way back).
     pub fn new(server: IpAddr, id: u16) -> Self {
+        Self::with_start(server, id, None)
+    }
+
+    fn with_start(server: IpAddr, id: u16, now: Option<Instant>) -> Self {
+        let long_ago = now.unwrap_or_else(Instant::now);
         Self {
             server,
             family: if server.is_ipv4() {
@@ -65,6 +75,8 @@ impl IcmpClient {
             seq: 0,
             pacer: Cadence::ICMP.pacer(),
             polling: false,
+            // Sequence numbers not sent yet read as sent long ago.
+            sent_at: vec![(u16::MAX, long_ago); SENT_RING],
             stats: IcmpClientStats::default(),
         }
     }
@@ -100,6 +112,7 @@ impl IcmpClient {
             buf,
             MAGIC.len() + len,
         );
+        self.sent_at[usize::from(self.seq) % SENT_RING] = (self.seq, now);
         self.seq = self.seq.wrapping_add(1);
         self.stats.requests += 1;
         if self.polling {
@@ -109,11 +122,22 @@ impl IcmpClient {
     }
 
     /// An ICMP message from `from`: the tunnel message it carries, if it is
-    /// a reply to us.
-    pub fn unwrap<'a>(&self, from: IpAddr, bytes: &'a [u8]) -> Option<&'a [u8]> {
+    /// a reply to us, and when the request it answers was sent (long ago,
+    /// if that request is too old to be remembered). The server holds
+    /// requests for seconds, so a reply proves only that the path worked
+    /// when its request went.
+    pub fn unwrap<'a>(&self, from: IpAddr, bytes: &'a [u8]) -> Option<(&'a [u8], Instant)> {
         let echo = Echo::parse(self.family, bytes).ok()?;
         let ours = from == self.server && echo.reply && echo.id == self.id;
-        echo.tunnel_message().filter(|_| ours)
+        let msg = echo.tunnel_message().filter(|_| ours)?;
+        let (seq, at) = self.sent_at[usize::from(echo.seq) % SENT_RING];
+        let oldest = self
+            .sent_at
+            .iter()
+            .map(|&(_, t)| t)
+            .min()
+            .expect("not empty");
+        Some((msg, if seq == echo.seq { at } else { oldest }))
     }
 
     /// A reply to one of our requests came; `carried_data` tells whether it
@@ -313,7 +337,7 @@ mod tests {
     #[test]
     fn a_request_the_listener_answers_is_a_reply_the_client_takes() {
         let now = Instant::now();
-        let mut client = IcmpClient::new(SERVER, 77);
+        let mut client = IcmpClient::with_start(SERVER, 77, Some(now));
         let mut buf = [0u8; 64];
         buf[HEADROOM..HEADROOM + 3].copy_from_slice(b"msg");
         let n = client.frame(now, &mut buf, 3);
@@ -329,7 +353,7 @@ mod tests {
         let mut reply = [0u8; 64];
         reply[HEADROOM..HEADROOM + 2].copy_from_slice(b"ok");
         let n = listener.frame_reply(req, &mut reply, HEADROOM, 2);
-        assert_eq!(client.unwrap(SERVER, &reply[..n]), Some(&b"ok"[..]));
+        assert_eq!(client.unwrap(SERVER, &reply[..n]), Some((&b"ok"[..], now)));
         assert_eq!(
             client.unwrap(CLIENT, &reply[..n]),
             None,
