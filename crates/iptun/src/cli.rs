@@ -194,53 +194,16 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// File holding the client's private key (from `iptun genkey`).
-    #[arg(long, value_name = "FILE")]
-    pub private_key: Option<PathBuf>,
-    /// The server's public key.
-    #[arg(long, value_name = "PUBKEY")]
-    pub server_key: Option<String>,
-    /// A URL to try (repeatable), as `client --server` takes them.
-    #[arg(long = "server", value_name = "URL")]
-    pub server: Vec<String>,
-    /// https://: the server certificate's fingerprint (sha256:HEX).
-    #[arg(long, value_name = "sha256:HEX", conflicts_with = "tls_ca")]
-    pub tls_pin: Option<String>,
-    /// https://: trust the CA certificates in this PEM file.
-    #[arg(long, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// http(s)://: the HTTP proxy to use, or `none`.
-    #[arg(long, value_name = "http://[USER:PASS@]HOST:PORT")]
-    pub proxy: Option<String>,
-    /// http(s)://: WebSocket, long-poll, or auto.
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub http_mode: Option<crate::transport::http_client::Mode>,
+    /// The client's flags (and config file) for the server and its URLs;
+    /// the TUN device, routes and control socket do not apply.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Seconds of each throughput measurement (one each way, per URL).
     #[arg(long, default_value_t = 2, value_name = "SECS")]
     pub seconds: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Read the client's settings from this TOML file (as `client --config`).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
-
-impl ProbeArgs {
-    /// The client flags these stand for.
-    pub fn into_client_args(self) -> ClientArgs {
-        ClientArgs {
-            private_key: self.private_key,
-            server_key: self.server_key,
-            server: self.server,
-            tls_pin: self.tls_pin,
-            tls_ca: self.tls_ca,
-            proxy: self.proxy,
-            http_mode: self.http_mode,
-            config: self.config,
-            ..ClientArgs::default()
-        }
-    }
 }
 
 #[derive(Debug, Args)]

@@ -78,6 +78,9 @@ pub struct CandidateStatus {
     pub reason: Option<String>,
     /// Seconds until it is probed next.
     pub next_probe_secs: Option<f64>,
+    /// A probe is out now.
+    #[serde(default)]
+    pub probing: bool,
     /// Round-trip time of its last probe (or handshake), in milliseconds.
     pub rtt_ms: Option<f64>,
     /// Seconds since an authenticated message last came by it.
@@ -297,7 +300,9 @@ fn fmt_candidate(p: &CandidateStatus) -> String {
     if let Some(rtt) = p.rtt_ms {
         parts.push(format!("rtt {rtt:.1} ms"));
     }
-    if let Some(t) = p.next_probe_secs {
+    if p.probing {
+        parts.push("probing".into());
+    } else if let Some(t) = p.next_probe_secs {
         parts.push(format!("next probe in {t:.0} s"));
     }
     if p.failures > 0 {

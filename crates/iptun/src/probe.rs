@@ -50,7 +50,12 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
         (1..=60).contains(&seconds),
         "--seconds {seconds}: between 1 and 60"
     );
-    let s = client::settings(args.into_client_args())?;
+    let c = &args.client;
+    anyhow::ensure!(
+        c.route.is_empty() && c.tun.is_none() && c.control.is_none(),
+        "--route, --tun and --control do not apply to probe (it makes no TUN device)"
+    );
+    let s = client::settings(args.client)?;
     let mut reports = Vec::new();
     for url in &s.servers {
         let mut one = s.clone();

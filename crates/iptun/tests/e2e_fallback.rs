@@ -235,8 +235,9 @@ fn transfer_survives_cuts_of_udp_then_icmp() {
     assert_eq!(state_of(&st, "udp")["state"], "in use", "{st:#}");
     assert_eq!(state_of(&st, "icmp")["state"], "failed", "{st:#}");
     assert!(state_of(&st, "icmp")["reason"].is_string(), "{st:#}");
+    let icmp = state_of(&st, "icmp");
     assert!(
-        state_of(&st, "icmp")["next_probe_secs"].is_number(),
+        icmp["next_probe_secs"].is_number() || icmp["probing"] == true,
         "{st:#}"
     );
     assert_eq!(st["addresses"][0], address.as_str());

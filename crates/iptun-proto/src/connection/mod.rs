@@ -222,6 +222,8 @@ pub struct PathStatus {
     pub state: PathState,
     /// When it is probed next, if it is.
     pub next_probe: Option<Duration>,
+    /// A probe is out now.
+    pub probing: bool,
     /// The round-trip time of its last probe, or of its handshake.
     pub rtt: Option<Duration>,
     /// Time since an authenticated message last arrived on it.
@@ -1215,6 +1217,7 @@ impl Connection {
                     .next_probe
                     .filter(|_| i != self.current)
                     .map(|t| t.saturating_duration_since(now)),
+                probing: c.probe.is_some() || c.nudge.is_some(),
                 rtt: c.rtt,
                 last_heard: c.last_rx.map(|t| now.saturating_duration_since(t)),
                 in_use_for: c

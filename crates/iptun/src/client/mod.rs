@@ -531,6 +531,7 @@ fn status(
                 _ => None,
             },
             next_probe_secs: p.next_probe.map(|d| d.as_secs_f64()),
+            probing: p.probing,
             rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
             last_heard_secs: p.last_heard.map(|d| d.as_secs_f64()),
             failures: p.failures,

@@ -236,23 +236,12 @@ impl PathDriver {
                 }
                 false
             }
-            Self::Icmp { socket, buf } => {
-                let mut dry = false;
-                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
-                    let r = match socket.try_recv(buf) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            dry = true;
-                            break;
-                        }
-                        Err(e) => return Err(e).context("receiving on the ICMP socket"),
-                    };
+            Self::Icmp { socket, buf } => socket
+                .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
                     let from = SocketAddr::new(r.from, 0);
                     conn.handle_input(Instant::now(), path, Some(from), r.icmp, tun);
-                }
-                dry
-            }
+                })
+                .context("receiving on the ICMP socket")?,
             Self::Dns(d) => {
                 let mut dry = false;
                 for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {

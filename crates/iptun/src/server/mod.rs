@@ -81,24 +81,16 @@ impl ListenerDriver {
                 Ok(false)
             }
             Self::Icmp { socket, buf } => {
-                let mut dry = false;
-                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
-                    let r = match socket.try_recv(buf) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            dry = true;
-                            break;
-                        }
-                        Err(e) => return Err(e).context("receiving on an ICMP socket"),
-                    };
-                    let input = Input::Icmp {
-                        from: r.from,
-                        to: r.to,
-                        bytes: r.icmp,
-                    };
-                    ep.handle_input(Instant::now(), listener, input, tun);
-                }
+                let dry = socket
+                    .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
+                        let input = Input::Icmp {
+                            from: r.from,
+                            to: r.to,
+                            bytes: r.icmp,
+                        };
+                        ep.handle_input(Instant::now(), listener, input, tun);
+                    })
+                    .context("receiving on an ICMP socket")?;
                 tun.flush().await.context("writing to the TUN device")?;
                 Ok(dry)
             }

@@ -113,6 +113,25 @@ impl IcmpSocket {
         })
     }
 
+    /// Receive up to `max` messages without blocking, handing each to `f`;
+    /// whether the socket ran dry.
+    pub fn drain(
+        &self,
+        buf: &mut [u8],
+        max: usize,
+        mut f: impl FnMut(Received<'_>),
+    ) -> io::Result<bool> {
+        for _ in 0..max {
+            match self.try_recv(buf) {
+                Ok(Some(r)) => f(r),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
     /// Send one ICMP message to `to`, from the local address `from` when
     /// given (a reply leaves from the address its request was sent to, or a
     /// stateful firewall would not match it). Waits briefly when the socket
