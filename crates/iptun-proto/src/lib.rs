@@ -14,9 +14,17 @@
 //! - [`crypto`]: keys, the Noise IK handshake (via `snow`), data-message
 //!   sealing with a 64-bit counter nonce and the replay window.
 //! - [`pool`]: the server's address pool, stable per client key.
-//! - [`engine`]: the client and server state machines — handshake, rekey,
+//! - [`engine`]: the session state machines — handshake, rekey,
 //!   keepalive, roaming, routing between clients — with
 //!   `handle_*`/`poll_*` methods in the manner of quinn-proto and boringtun.
+//! - [`transport`]: each transport's protocol logic, both halves: ICMP
+//!   echo, DNS through resolvers, HTTP framing and long-poll, and the poll
+//!   discipline of request/answer transports.
+//! - [`connection`] (client) and [`endpoint`] (server): the engines joined
+//!   to their transports. A connection carries one session over its
+//!   candidate paths and moves it between them; an endpoint serves every
+//!   session on every listener. These are what a driver (the binary, a
+//!   simulation) feeds and polls.
 //!
 //! Invariants: no allocation per data packet; no unauthenticated message is
 //! ever answered with more bytes than it carried; every drop feeds a counter.

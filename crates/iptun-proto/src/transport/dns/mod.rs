@@ -3,7 +3,7 @@
 //! [`server::DnsListener`] (queries in, answers out, as the authoritative
 //! server of the tunnel domain). The codec underneath is
 //! [`wire::dns`](crate::wire::dns); this module adds what rides inside the
-//! names and answers, and the poll discipline (see [`crate::poll`]) adapted
+//! names and answers, and the poll discipline (see [`crate::transport::poll`]) adapted
 //! to resolvers.
 //!
 //! Both allocate per query (names, DNS messages, fragment buffers): at DNS
