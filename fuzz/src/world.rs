@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use iptun_proto::connection::{self, Connection, Event, PathConfig, PathEvent};
+use iptun_proto::connection::{self, Connection, Event, PathConfig, PathEvent, Remote};
 use iptun_proto::crypto::PrivateKey;
 use iptun_proto::endpoint::{self, Destination, Endpoint, Input, ListenerConfig, Path, UdpAddr};
 use iptun_proto::engine::{ClientConfig, ServerConfig};
@@ -114,7 +114,7 @@ impl World {
                 key(CLIENT_C_KEY),
                 PathConfig::Dns {
                     domain: domain(),
-                    resolvers: vec![SERVER_DNS],
+                    resolvers: 1,
                     tag: C_TAG,
                     seed: 7,
                 },
@@ -289,12 +289,12 @@ impl World {
     /// An endpoint transmit, to the client it is for (if any).
     pub fn to_client(&mut self, t: endpoint::Transmit, bytes: &[u8]) {
         let (i, from) = match (t.listener, t.to) {
-            (UDP, Destination::Udp(u)) if u.addr == A_ADDR => (0, Some(SERVER_UDP)),
+            (UDP, Destination::Udp(u)) if u.addr == A_ADDR => (0, Remote::Addr(SERVER_UDP)),
             (ICMP, Destination::Icmp { to, .. }) if to == IpAddr::V4(B_IP) => {
-                (1, Some(SocketAddr::new(SERVER_IP.into(), 0)))
+                (1, Remote::Addr(SocketAddr::new(SERVER_IP.into(), 0)))
             }
-            (DNS, Destination::Udp(u)) if u.addr == C_ADDR => (2, Some(SERVER_DNS)),
-            (HTTP, Destination::WebSocket(D_CONN)) => (3, None),
+            (DNS, Destination::Udp(u)) if u.addr == C_ADDR => (2, Remote::Resolver(0)),
+            (HTTP, Destination::WebSocket(D_CONN)) => (3, Remote::Connection),
             _ => return, // to someone the world does not hold
         };
         let c = &mut self.clients[i];

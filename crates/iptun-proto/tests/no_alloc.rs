@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use iptun_proto::connection::{self, Connection, Event, PathConfig};
+use iptun_proto::connection::{self, Connection, Event, PathConfig, Remote};
 use iptun_proto::crypto::PrivateKey;
 use iptun_proto::endpoint::{self, Endpoint, Input, ListenerConfig, UdpAddr};
 use iptun_proto::engine::{Client, ClientConfig, ClientOutput, Server, ServerConfig, ServerOutput};
@@ -180,7 +180,7 @@ impl Pair {
                 moved += 1;
             }
             while let Some(t) = self.endpoint.poll_transmit(now, &mut self.tx) {
-                let from = Some(self.server);
+                let from = Remote::Addr(self.server);
                 self.conn.handle_input(now, 0, from, &self.tx[..t.len], tun);
                 moved += 1;
             }
@@ -240,7 +240,7 @@ fn connection_and_endpoint_data_path_does_not_allocate() {
                 .handle_tun_packet(now, &down, &mut p.b)
                 .expect("sealed");
             p.conn
-                .handle_input(now, 0, Some(p.server), &p.b[..t.len], &mut tun);
+                .handle_input(now, 0, Remote::Addr(p.server), &p.b[..t.len], &mut tun);
             assert_eq!(p.exchange(now, &mut tun), 0, "nothing else to send");
         }
     });

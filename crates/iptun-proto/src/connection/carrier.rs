@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::Remote;
 use crate::transport::Kind;
 use crate::transport::dns::client::DnsClient;
 use crate::transport::http::{HttpClient, LEN_PREFIX, MAX_MESSAGE};
@@ -65,15 +66,13 @@ impl Carrier {
         }
     }
 
-    /// Where the driver sends what [`Carrier::frame`] made: the server's
-    /// address (the port is meaningless for ICMP), or `None` for HTTP,
-    /// whose connection is the destination.
-    pub(super) fn destination(&self) -> Option<SocketAddr> {
+    /// Where the driver sends what [`Carrier::frame`] made.
+    pub(super) fn destination(&self) -> Remote {
         match self {
-            Self::Udp { server } => Some(*server),
-            Self::Icmp(c) => Some(SocketAddr::new(c.server(), 0)),
-            Self::Dns(c) => Some(c.resolver()),
-            Self::Http(_) => None,
+            Self::Udp { server } => Remote::Addr(*server),
+            Self::Icmp(c) => Remote::Addr(SocketAddr::new(c.server(), 0)),
+            Self::Dns(c) => Remote::Resolver(c.resolver()),
+            Self::Http(_) => Remote::Connection,
         }
     }
 
@@ -154,15 +153,11 @@ impl Carrier {
     }
 
     /// A DNS query the uplink wants sent now, copied into `buf`.
-    pub(super) fn poll_query(
-        &mut self,
-        now: Instant,
-        buf: &mut [u8],
-    ) -> Option<(SocketAddr, usize)> {
+    pub(super) fn poll_query(&mut self, now: Instant, buf: &mut [u8]) -> Option<(Remote, usize)> {
         let Self::Dns(c) = self else { return None };
         let (to, q) = c.poll_query(now)?;
         let out = buf.get_mut(..q.bytes.len())?;
         out.copy_from_slice(&q.bytes);
-        Some((to, q.bytes.len()))
+        Some((Remote::Resolver(to), q.bytes.len()))
     }
 }

@@ -90,8 +90,9 @@ pub enum PathConfig {
     Dns {
         /// The tunnel domain.
         domain: Domain,
-        /// The resolvers (or the server itself), at least one.
-        resolvers: Vec<SocketAddr>,
+        /// How many resolvers (or the server itself) there are, at least
+        /// one; the driver knows them by their number.
+        resolvers: usize,
         /// The client's tag.
         tag: u32,
         /// Seeds the DNS ids.
@@ -110,11 +111,23 @@ pub enum PathConfig {
 pub struct Transmit {
     /// The path whose socket sends it.
     pub path: PathId,
-    /// The destination: the server, or (DNS) the resolver to ask; `None`
-    /// for HTTP, where the path's connection is the destination.
-    pub to: Option<SocketAddr>,
+    /// Where on that path.
+    pub to: Remote,
     /// Its length.
     pub len: usize,
+}
+
+/// The other end of a path, as its driver knows it: where a transmit goes,
+/// or where input came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remote {
+    /// An address: the server's (UDP; ICMP, where the port means nothing).
+    Addr(SocketAddr),
+    /// A DNS path's resolver, by its number (in the order the driver gave
+    /// them: an address over UDP, a DoT or DoH server).
+    Resolver(usize),
+    /// The path's own connection (HTTP).
+    Connection,
 }
 
 /// Something the driver acts on outside the packet flow.
@@ -267,14 +280,6 @@ impl Connection {
         self.paths[path].carrier.server_ip()
     }
 
-    /// The resolvers of a DNS path (none for other transports).
-    pub fn resolvers(&self, path: PathId) -> &[SocketAddr] {
-        match &self.paths[path].carrier {
-            Carrier::Dns(c) => c.resolvers(),
-            _ => &[],
-        }
-    }
-
     /// Whether the session has keys to send with.
     pub fn is_connected(&self, now: Instant) -> bool {
         self.engine.is_connected(now)
@@ -327,7 +332,7 @@ impl Connection {
         &mut self,
         now: Instant,
         path: PathId,
-        from: Option<SocketAddr>,
+        from: Remote,
         bytes: &[u8],
         tun: &mut impl TunSink,
     ) {
@@ -336,7 +341,7 @@ impl Connection {
                 self.open(now, path, bytes, None, tun);
             }
             Carrier::Icmp(c) => {
-                let Some(from) = from else { return };
+                let Remote::Addr(from) = from else { return };
                 let Some((msg, asked)) = c.unwrap(from.ip(), bytes) else {
                     return;
                 };
@@ -350,7 +355,7 @@ impl Connection {
                 }
             }
             Carrier::Dns(c) => {
-                let Some(from) = from else { return };
+                let Remote::Resolver(from) = from else { return };
                 if c.handle_response(now, from, bytes).is_err() {
                     return;
                 }
@@ -588,11 +593,7 @@ impl Connection {
                 if path == self.current {
                     c.sent(now);
                 }
-                return Some(Transmit {
-                    path,
-                    to: Some(to),
-                    len,
-                });
+                return Some(Transmit { path, to, len });
             }
         }
         None

@@ -1,6 +1,5 @@
 //! What a connection tells about its paths, for `iptun status`.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{Carrier, Connection, PathId};
@@ -65,8 +64,8 @@ pub enum PathDetail {
     Icmp(crate::transport::icmp::IcmpClientStats),
     /// The DNS path: resolver, tag, parameters and counters.
     Dns {
-        /// The resolver in use.
-        resolver: SocketAddr,
+        /// The resolver in use (its number).
+        resolver: usize,
         /// The client's tag.
         tag: u32,
         /// Times the client moved to another resolver.

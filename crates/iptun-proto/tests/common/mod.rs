@@ -30,7 +30,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use iptun_proto::connection::{Connection, Event, PathConfig};
+use iptun_proto::connection::{Connection, Event, PathConfig, Remote};
 use iptun_proto::crypto::{PrivateKey, PublicKey};
 use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Path, UdpAddr};
 use iptun_proto::engine::{ClientConfig, ServerConfig, SessionInfo};
@@ -600,7 +600,11 @@ impl Sim {
         let now = self.now;
         while let Some(t) = self.clients[i].conn.poll_transmit(now, &mut self.buf) {
             assert_eq!(t.path, 0, "one path");
-            assert_eq!(t.to, Some(self.server_addr), "UDP goes to the server");
+            assert_eq!(
+                t.to,
+                Remote::Addr(self.server_addr),
+                "UDP goes to the server"
+            );
             let bytes = self.buf[..t.len].to_vec();
             if is_init(&bytes) {
                 self.clients[i].inits.push(now);
@@ -711,7 +715,7 @@ impl Sim {
         let now = self.now;
         let before = self.clients[i].conn.drops();
         let mut tun = PacketList::default();
-        let from = Some(self.server_addr);
+        let from = Remote::Addr(self.server_addr);
         self.clients[i]
             .conn
             .handle_input(now, 0, from, bytes, &mut tun);
@@ -755,7 +759,7 @@ impl Sim {
         self.flush_client(i);
         match (t, dropped) {
             (Some(t), None) => {
-                assert_eq!((t.path, t.to), (0, Some(self.server_addr)));
+                assert_eq!((t.path, t.to), (0, Remote::Addr(self.server_addr)));
                 Ok(buf[..t.len].to_vec())
             }
             (None, Some(e)) => Err(e),

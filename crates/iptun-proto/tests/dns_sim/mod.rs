@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, OpCode, Query as Question, ResponseCode};
 use hickory_proto::rr::RecordType;
 use iptun_proto::DropReason;
-use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail};
+use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail, Remote};
 use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, UdpAddr};
 use iptun_proto::engine::ServerConfig;
 use iptun_proto::transport::PacketList;
@@ -243,7 +243,7 @@ impl Sim {
         let mut rng = Rng::new(seed);
         let path = PathConfig::Dns {
             domain: domain.clone(),
-            resolvers: vec![RESOLVER],
+            resolvers: 1,
             tag: rng.next_u64() as u32,
             seed: rng.next_u64(),
         };
@@ -392,7 +392,7 @@ impl Sim {
         while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
             assert_eq!(
                 (t.path, t.to),
-                (0, Some(RESOLVER)),
+                (0, Remote::Resolver(0)),
                 "queries go to the resolver"
             );
             let q = self.buf[..t.len].to_vec();
@@ -414,7 +414,7 @@ impl Sim {
         let before = self.client.drops();
         let mut tun = PacketList::default();
         self.client
-            .handle_input(now, 0, Some(RESOLVER), bytes, &mut tun);
+            .handle_input(now, 0, Remote::Resolver(0), bytes, &mut tun);
         self.client_errors
             .extend(counted_all(&before, &self.client.drops()));
         self.client_tun

@@ -15,12 +15,12 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use iptun_proto::TunnelConfig;
-use iptun_proto::connection::{Connection, Event, PathConfig, PathEvent, Transmit};
+use iptun_proto::connection::{Connection, Event, PathConfig, PathEvent, Remote, Transmit};
 use iptun_proto::crypto::PrivateKey;
 use iptun_proto::endpoint::{self, Destination, Endpoint, Input, ListenerConfig};
 use iptun_proto::engine::{ClientConfig, ServerConfig};
@@ -75,7 +75,7 @@ enum What {
     /// Bytes for a client path.
     ToClient {
         link: usize,
-        from: SocketAddr,
+        from: Remote,
         bytes: Vec<u8>,
     },
     /// An HTTP connection attempt completes (or fails).
@@ -173,7 +173,7 @@ impl Sim {
             },
             PathConfig::Dns {
                 domain,
-                resolvers: vec![SocketAddr::new(RESOLVER.into(), 53)],
+                resolvers: 1,
                 tag: 0xdead_beef,
                 seed: 7,
             },
@@ -345,8 +345,7 @@ impl Sim {
             }
             What::ToClient { link, from, bytes } => {
                 let mut tun = PacketList::default();
-                self.client
-                    .handle_input(now, link, Some(from), &bytes, &mut tun);
+                self.client.handle_input(now, link, from, &bytes, &mut tun);
                 for p in tun.packets {
                     let seq = seq_of(&p) as usize;
                     if let Some(ping) = self.pings.get_mut(seq) {
@@ -514,11 +513,11 @@ impl Sim {
             return;
         }
         let from = match (link, t.to) {
-            (UDP, Destination::Udp(_)) => SocketAddr::new(SERVER.into(), 3000),
-            (ICMP, Destination::Icmp { .. }) => SocketAddr::new(SERVER.into(), 0),
-            (DNS, Destination::Udp(_)) => SocketAddr::new(RESOLVER.into(), 53),
+            (UDP, Destination::Udp(_)) => Remote::Addr(SocketAddr::new(SERVER.into(), 3000)),
+            (ICMP, Destination::Icmp { .. }) => Remote::Addr(SocketAddr::new(SERVER.into(), 0)),
+            (DNS, Destination::Udp(_)) => Remote::Resolver(0),
             (HTTP, Destination::WebSocket(conn)) if Some(conn) == self.open_conn => {
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+                Remote::Connection
             }
             _ => return,
         };

@@ -42,7 +42,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use iptun_proto::DropReason;
-use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail};
+use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail, Remote};
 use iptun_proto::crypto::{PrivateKey, PublicKey};
 use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Path};
 use iptun_proto::engine::{ServerConfig, SessionInfo};
@@ -390,7 +390,8 @@ impl IcmpClient {
         let before = self.conn.drops();
         let mut tun = PacketList::default();
         let from = SocketAddr::new(src.into(), 0);
-        self.conn.handle_input(now, 0, Some(from), icmp, &mut tun);
+        self.conn
+            .handle_input(now, 0, Remote::Addr(from), icmp, &mut tun);
         let dropped = counted(&before, &self.conn.drops());
         match (msg, dropped) {
             (None, _) => assert_eq!(dropped, None, "a ping's reply counted as a drop"),
@@ -428,7 +429,7 @@ impl IcmpClient {
         icmp: &[u8],
     ) -> Packet {
         assert_eq!(t.path, 0);
-        assert_eq!(t.to, Some(SocketAddr::new(SERVER_IP.into(), 0)));
+        assert_eq!(t.to, Remote::Addr(SocketAddr::new(SERVER_IP.into(), 0)));
         let e = Echo::parse(FAMILY, icmp).expect("the connection sends valid echoes");
         assert!(!e.reply && e.id == self.id, "a request with our id");
         let msg = e

@@ -407,8 +407,9 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
             info: p,
         } => {
             let s = p.stats;
+            let resolver = driver.resolver(*resolver).map(|r| r.to_string());
             serde_json::json!({
-                "resolver": resolver.to_string(),
+                "resolver": resolver,
                 "resolver_switches": switches,
                 "tag": format!("{tag:08x}"),
                 "encoding": p.encoding,
@@ -461,9 +462,18 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
 }
 
 /// Where a path reaches the server, for status.
-fn endpoint(detail: &PathDetail, url: &ServerUrl, conn: &Connection, path: usize) -> String {
+fn endpoint(
+    detail: &PathDetail,
+    driver: &PathDriver,
+    url: &ServerUrl,
+    conn: &Connection,
+    path: usize,
+) -> String {
     match detail {
-        PathDetail::Dns { resolver, .. } => resolver.to_string(),
+        PathDetail::Dns { resolver, .. } => match driver.resolver(*resolver) {
+            Some(r) => r.to_string(),
+            None => url.to_string(),
+        },
         PathDetail::Http(_) => url.to_string(),
         _ => match (url, conn.server_ip(path)) {
             (ServerUrl::Udp { port, .. }, Some(ip)) => {
@@ -499,6 +509,7 @@ fn status(
         transport: transport_name(&urls[st.current]).into(),
         endpoint: Some(endpoint(
             &current.detail,
+            &drivers[st.current],
             &urls[st.current],
             conn,
             st.current,

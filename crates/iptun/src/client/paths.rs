@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use iptun_proto::connection::{Connection, PathConfig, PathEvent, PathId, Transmit};
+use iptun_proto::connection::{Connection, PathConfig, PathEvent, PathId, Remote, Transmit};
 use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE};
 use iptun_proto::wire::dns::Domain;
 use tokio::sync::mpsc;
@@ -51,6 +51,8 @@ pub enum PathDriver {
 /// A UDP socket for a DNS path's resolvers.
 pub struct DnsSocket {
     socket: tokio::net::UdpSocket,
+    /// The resolvers, numbered as the connection knows them.
+    resolvers: Vec<SocketAddr>,
     /// Whether `socket` is dual-stack IPv6 (IPv4 resolvers mapped).
     dual_stack: bool,
     buf: Vec<u8>,
@@ -115,17 +117,18 @@ pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDrive
                 Domain::new(&domain).with_context(|| format!("tunnel domain `{domain}`"))?;
             let (socket, resolvers) = resolver_socket(resolvers)?;
             let dual_stack = socket.local_addr()?.is_ipv6();
-            let driver = PathDriver::Dns(Box::new(DnsSocket {
-                socket,
-                dual_stack,
-                buf: vec![0; 1 << 16],
-            }));
             let config = PathConfig::Dns {
                 domain,
-                resolvers,
+                resolvers: resolvers.len(),
                 tag: r64(0) as u32,
                 seed: r64(8),
             };
+            let driver = PathDriver::Dns(Box::new(DnsSocket {
+                socket,
+                resolvers,
+                dual_stack,
+                buf: vec![0; 1 << 16],
+            }));
             (driver, config)
         }
         ServerAddr::Http(url) => {
@@ -144,7 +147,7 @@ impl PathDriver {
     pub fn underlay(&self, conn: &Connection, path: PathId) -> Vec<IpAddr> {
         match self {
             Self::Http(h) => vec![h.first_hop.ip()],
-            Self::Dns(_) => conn.resolvers(path).iter().map(SocketAddr::ip).collect(),
+            Self::Dns(d) => d.resolvers.iter().map(SocketAddr::ip).collect(),
             Self::Udp { .. } | Self::Icmp { .. } => conn.server_ip(path).into_iter().collect(),
         }
     }
@@ -162,8 +165,11 @@ impl PathDriver {
             }
             Self::Icmp { socket, buf } => {
                 let t = seal(buf)?;
-                let to = t.to?.ip();
-                socket.send(to, None, &buf[..t.len]).err().map(unreachable)
+                let Remote::Addr(to) = t.to else { return None };
+                socket
+                    .send(to.ip(), None, &buf[..t.len])
+                    .err()
+                    .map(unreachable)
             }
             Self::Dns(d) => {
                 let t = seal(&mut d.buf)?;
@@ -223,7 +229,7 @@ impl PathDriver {
                 for _ in 0..MAX_BATCHES_PER_WAKEUP {
                     let now = Instant::now();
                     let r = rx.try_recv_batch(|peer, datagram| {
-                        conn.handle_input(now, path, Some(peer.addr), datagram, tun);
+                        conn.handle_input(now, path, Remote::Addr(peer.addr), datagram, tun);
                     });
                     match r {
                         Ok(()) => tun.flush().await.context("writing to the TUN device")?,
@@ -239,7 +245,7 @@ impl PathDriver {
             Self::Icmp { socket, buf } => socket
                 .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
                     let from = SocketAddr::new(r.from, 0);
-                    conn.handle_input(Instant::now(), path, Some(from), r.icmp, tun);
+                    conn.handle_input(Instant::now(), path, Remote::Addr(from), r.icmp, tun);
                 })
                 .context("receiving on the ICMP socket")?,
             Self::Dns(d) => {
@@ -255,7 +261,13 @@ impl PathDriver {
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                         Err(e) => return Err(e).context("receiving on the DNS socket"),
                     };
-                    conn.handle_input(Instant::now(), path, Some(from), &d.buf[..n], tun);
+                    // Only our resolvers' answers, by their number.
+                    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                    let Some(i) = d.resolvers.iter().position(|&r| r == from) else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    conn.handle_input(now, path, Remote::Resolver(i), &d.buf[..n], tun);
                 }
                 dry
             }
@@ -268,7 +280,9 @@ impl PathDriver {
                     };
                     let now = Instant::now();
                     match down {
-                        Down::Data(body) => conn.handle_input(now, path, None, &body, tun),
+                        Down::Data(body) => {
+                            conn.handle_input(now, path, Remote::Connection, &body, tun);
+                        }
                         Down::Event(e) => conn.handle_path_event(now, path, PathEvent::Http(e)),
                     }
                     tun.flush().await.context("writing to the TUN device")?;
@@ -286,6 +300,14 @@ impl PathDriver {
             && h.commands.try_send(command).is_err()
         {
             tracing::warn!("HTTP path {}: command queue full", h.url);
+        }
+    }
+
+    /// The name of a DNS path's resolver number `i` (its address).
+    pub fn resolver(&self, i: usize) -> Option<SocketAddr> {
+        match self {
+            Self::Dns(d) => d.resolvers.get(i).copied(),
+            _ => None,
         }
     }
 
@@ -315,7 +337,10 @@ fn unreachable(e: std::io::Error) -> PathEvent {
 
 impl DnsSocket {
     fn send(&mut self, t: Transmit) {
-        let Some(to) = t.to else { return };
+        let Remote::Resolver(i) = t.to else { return };
+        let Some(&to) = self.resolvers.get(i) else {
+            return;
+        };
         // IPv4 resolvers as IPv4-mapped addresses on a dual-stack socket.
         let to = match to.ip() {
             IpAddr::V4(v4) if self.dual_stack => {

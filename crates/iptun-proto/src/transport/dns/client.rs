@@ -60,7 +60,6 @@
 //! after that the inner protocol's own recovery is faster.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
@@ -1013,10 +1012,11 @@ pub const RESOLVER_SWITCH_TIMEOUTS: u64 = 4;
 
 /// The client half as a path: the [`DnsUplink`] and the resolvers it
 /// queries, one at a time, moving to the next when the one in use stops
-/// answering.
+/// answering. Resolvers are numbered `0..n` in the order given; the driver
+/// knows what they are (an address over UDP, a DoT or DoH server).
 pub struct DnsClient {
     uplink: DnsUplink,
-    resolvers: Vec<SocketAddr>,
+    resolvers: usize,
     active: usize,
     /// Timeouts and answers when the active resolver was last judged.
     seen: (u64, u64),
@@ -1024,10 +1024,10 @@ pub struct DnsClient {
 }
 
 impl DnsClient {
-    /// A client of the server of `domain` through `resolvers` (at least
-    /// one), as tag `tag`; `seed` seeds the query ids.
-    pub fn new(domain: Domain, resolvers: Vec<SocketAddr>, tag: u32, seed: u64) -> Self {
-        assert!(!resolvers.is_empty(), "a DNS path needs a resolver");
+    /// A client of the server of `domain` through `resolvers` resolvers (at
+    /// least one), as tag `tag`; `seed` seeds the query ids.
+    pub fn new(domain: Domain, resolvers: usize, tag: u32, seed: u64) -> Self {
+        assert!(resolvers > 0, "a DNS path needs a resolver");
         Self {
             uplink: DnsUplink::new(domain, tag, seed),
             resolvers,
@@ -1038,13 +1038,13 @@ impl DnsClient {
     }
 
     /// The resolver in use.
-    pub fn resolver(&self) -> SocketAddr {
-        self.resolvers[self.active]
+    pub fn resolver(&self) -> usize {
+        self.active
     }
 
-    /// All resolvers.
-    pub fn resolvers(&self) -> &[SocketAddr] {
-        &self.resolvers
+    /// How many resolvers there are.
+    pub fn resolvers(&self) -> usize {
+        self.resolvers
     }
 
     /// Times the client moved to another resolver.
@@ -1068,7 +1068,7 @@ impl DnsClient {
     }
 
     /// The next query to send, and to which resolver.
-    pub fn poll_query(&mut self, now: Instant) -> Option<(SocketAddr, Query)> {
+    pub fn poll_query(&mut self, now: Instant) -> Option<(usize, Query)> {
         self.judge_resolver();
         let q = self.uplink.poll_query(now)?;
         Some((self.resolver(), q))
@@ -1076,14 +1076,14 @@ impl DnsClient {
 
     /// Move on to the next resolver when the active one stopped answering.
     fn judge_resolver(&mut self) {
-        if self.resolvers.len() < 2 {
+        if self.resolvers < 2 {
             return;
         }
         let stats = self.uplink.stats();
         if stats.answers > self.seen.1 {
             self.seen = (stats.timeouts, stats.answers);
         } else if stats.timeouts >= self.seen.0 + RESOLVER_SWITCH_TIMEOUTS {
-            self.active = (self.active + 1) % self.resolvers.len();
+            self.active = (self.active + 1) % self.resolvers;
             self.switches += 1;
             // The queries still out went to the old resolver: their
             // timeouts must not count against the new one.
@@ -1092,16 +1092,15 @@ impl DnsClient {
         }
     }
 
-    /// A datagram from `from`: anything not from one of our resolvers is
-    /// dropped. Complete messages come out of [`DnsClient::poll_message`].
+    /// A response from resolver `resolver`. Complete messages come out of
+    /// [`DnsClient::poll_message`].
     pub fn handle_response(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        resolver: usize,
         bytes: &[u8],
     ) -> Result<(), DropReason> {
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        if !self.resolvers.contains(&from) {
+        if resolver >= self.resolvers {
             return Err(DropReason::UnexpectedResponse);
         }
         self.uplink.handle_response(now, bytes)
