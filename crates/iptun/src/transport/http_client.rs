@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use super::http_server::ws_config;
+use super::tls;
 use crate::url::HttpUrl;
 
 /// A byte stream of any layering (TCP, TLS, a proxy's CONNECT tunnel).
@@ -213,7 +214,7 @@ async fn open_stream(config: &Config) -> anyhow::Result<(Stream, bool)> {
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, tls)
             .await
             .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+            .map_err(|e| anyhow::anyhow!("{}: {}", config.url, tls::explain(&e)))?;
         stream = Box::new(tls);
     }
     Ok((stream, absolute))

@@ -159,16 +159,140 @@ pub fn client(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
                     found.certs
                 }
             };
+            let trusted = certs.iter().map(|c| sha256(c)).collect();
             let (added, _) = roots.add_parsable_certificates(certs);
             anyhow::ensure!(
                 added > 0,
                 "no usable CA certificate (give --tls-ca FILE or --tls-pin)"
             );
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .context("the TLS trust store")?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(StoreVerifier { webpki, trusted }))
+                .with_no_client_auth()
         }
     };
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
+}
+
+fn sha256(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().try_into().expect("32 bytes")
+}
+
+/// Checks the server's certificate against the trust store (webpki), and
+/// also accepts a certificate that is itself in the store, byte for byte,
+/// as curl and browsers do: `openssl req -x509` makes certificates that are
+/// a CA and their own leaf at once, which webpki refuses as a leaf. Any
+/// other refusal says what failed and how to get past it.
+#[derive(Debug)]
+struct StoreVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    /// SHA-256 of every certificate in the store.
+    trusted: Vec<[u8; 32]>,
+}
+
+impl ServerCertVerifier for StoreVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            Ok(v) => Ok(v),
+            Err(_) if self.trusted.contains(&sha256(end_entity)) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(rustls::Error::InvalidCertificate(why)) => Err(rustls::Error::General(format!(
+                "the server's certificate ({}) is not trusted: {}; give --tls-ca FILE with the CA \
+                 that signed it, or --tls-pin {} to accept exactly this certificate",
+                pin_of(end_entity),
+                explain_certificate(&why),
+                pin_of(end_entity),
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Why a certificate was refused, in words.
+fn explain_certificate(why: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as E;
+    match why {
+        E::UnknownIssuer => "no trusted CA signed it".into(),
+        E::Expired | E::ExpiredContext { .. } => "it has expired".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "it is not valid yet".into(),
+        E::NotValidForName | E::NotValidForNameContext { .. } => {
+            "it is not for the host name in the URL".into()
+        }
+        E::Revoked => "it was revoked".into(),
+        E::BadSignature => "its signature does not verify".into(),
+        // webpki's own reasons come as `Other`, named only by their Debug form.
+        other if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "it is a CA's certificate, not a server's, and not itself in the trust store".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// A TLS handshake's failure as one sentence: the verifiers' own words, or
+/// what the server said.
+pub fn explain(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::General(why)) => why.clone(),
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!(
+                "the server's certificate is not trusted: {}",
+                explain_certificate(why)
+            )
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the server refused the TLS handshake ({alert:?})")
+        }
+        Some(other) => format!("TLS failed: {other}"),
+        None => format!("TLS failed: {e}"),
+    }
 }
 
 /// Accepts exactly the pinned certificate, and checks the handshake's
@@ -245,6 +369,62 @@ mod tests {
             assert!(parse_pin(bad).is_err(), "{bad}");
         }
         assert!(parse_pin(&format!("sha256:{}", "zz".repeat(32))).is_err());
+    }
+
+    /// A certificate made as `openssl req -x509` makes them: a CA that is
+    /// its own leaf, for 127.0.0.1 (or a plain self-signed leaf).
+    fn self_signed(ca: bool) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verify(
+        trust: CertificateDer<'static>,
+        presented: &CertificateDer<'_>,
+    ) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        let trusted = vec![sha256(&trust)];
+        roots.add(trust).unwrap();
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let v = StoreVerifier { webpki, trusted };
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        v.verify_server_cert(presented, &[], &name, &[], UnixTime::now())
+            .map(drop)
+            .map_err(|e| match e {
+                rustls::Error::General(why) => why,
+                other => format!("{other:?}"),
+            })
+    }
+
+    #[test]
+    fn a_trusted_self_signed_ca_certificate_is_accepted_as_the_leaf() {
+        let cert = self_signed(true);
+        assert_eq!(verify(cert.clone(), &cert), Ok(()));
+    }
+
+    #[test]
+    fn an_untrusted_certificate_is_refused_with_its_pin_and_what_to_do() {
+        let cert = self_signed(false);
+        let why = verify(self_signed(true), &cert).unwrap_err();
+        assert!(why.contains(&pin_of(&cert)), "{why}");
+        assert!(
+            why.contains("--tls-ca") && why.contains("--tls-pin"),
+            "{why}"
+        );
+        assert!(why.contains("is not trusted: "), "{why}");
+        let ca = self_signed(true);
+        let why = verify(self_signed(true), &ca).unwrap_err();
+        assert!(why.contains("a CA's certificate, not a server's"), "{why}");
     }
 
     #[test]
