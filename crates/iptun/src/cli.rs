@@ -56,6 +56,14 @@ pub enum Command {
     /// running with the same key loses its session meanwhile (use another
     /// key the server admits, or stop the client).
     Probe(ProbeArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (e.g. `iptun completions bash > /etc/bash_completion.d/iptun`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `iptun man | man -l -`).
+    Man,
     /// Run a self-contained demo (as root): throwaway network namespaces with
     /// a server, a client and a target host; shows a ping and a throughput
     /// figure through the tunnel, then removes everything.

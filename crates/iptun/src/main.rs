@@ -56,6 +56,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Client(args) => runtime()?.block_on(client::run(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
         Command::Probe(args) => runtime()?.block_on(probe::run(args)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "iptun", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man(&mut std::io::stdout()),
         Command::Demo(args) => demo::run(&args),
         Command::DemoSink(args) => demo::sink(&args),
         Command::DemoSource(args) => demo::source(&args),
@@ -92,6 +98,21 @@ async fn status(args: cli::StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The manual page: `iptun` and a section per subcommand, from the flags'
+/// own help texts.
+fn man(out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::Man::new(cmd.clone()).render(out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        writeln!(out, ".SH \"IPTUN-{}\"", sub.get_name().to_uppercase())?;
+        if let Some(about) = sub.get_about() {
+            writeln!(out, "{about}")?;
+        }
+        clap_mangen::Man::new(sub.clone()).render_options_section(out)?;
+    }
+    Ok(())
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let level = ["info", "debug", "trace"][usize::from(verbose.min(2))];
@@ -101,4 +122,41 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_name_the_subcommands_and_flags() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "iptun", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        for word in ["server", "client", "probe", "--server-key", "--listen"] {
+            assert!(text.contains(word), "{word} missing");
+        }
+    }
+
+    #[test]
+    fn the_man_page_has_every_subcommand() {
+        let mut out = Vec::new();
+        man(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH iptun"),
+            "{}",
+            &text[..200]
+        );
+        for section in [
+            "IPTUN-SERVER",
+            "IPTUN-CLIENT",
+            "IPTUN-PROBE",
+            "IPTUN-STATUS",
+        ] {
+            assert!(text.contains(section), "{section} missing");
+        }
+        assert!(!text.contains("DEMO-SINK"), "hidden commands stay hidden");
+    }
 }
