@@ -136,6 +136,13 @@ pub struct ServerArgs {
     /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Write the tunnel's inner packets, both ways, to this pcapng file
+    /// (tcpdump -r, Wireshark); off by default.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Stop the capture when the file reaches this many megabytes [default: 100].
+    #[arg(long, value_name = "MB")]
+    pub pcap_limit: Option<u64>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
     #[arg(long)]
     #[serde(default)]
@@ -190,6 +197,13 @@ pub struct ClientArgs {
     /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Write the tunnel's inner packets, both ways, to this pcapng file
+    /// (tcpdump -r, Wireshark); off by default.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Stop the capture when the file reaches this many megabytes [default: 100].
+    #[arg(long, value_name = "MB")]
+    pub pcap_limit: Option<u64>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
     #[arg(long)]
     #[serde(default)]
@@ -281,6 +295,8 @@ impl ServerArgs {
             mtu: self.mtu.or(file.mtu),
             keepalive: self.keepalive.or(file.keepalive),
             control: self.control.or(file.control),
+            pcap: self.pcap.or(file.pcap),
+            pcap_limit: self.pcap_limit.or(file.pcap_limit),
             no_offload: self.no_offload || file.no_offload,
             config: Some(path),
         })
@@ -313,6 +329,8 @@ impl ClientArgs {
             },
             tun: self.tun.or(file.tun),
             control: self.control.or(file.control),
+            pcap: self.pcap.or(file.pcap),
+            pcap_limit: self.pcap_limit.or(file.pcap_limit),
             no_offload: self.no_offload || file.no_offload,
             config: Some(path),
         })

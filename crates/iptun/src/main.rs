@@ -5,6 +5,7 @@
 //! `transport` (the I/O), `netcfg` (addresses, routes, NAT), `control`
 //! (`iptun status`), `demo` (the self-contained namespace demo).
 
+mod capture;
 mod cli;
 mod client;
 mod control;

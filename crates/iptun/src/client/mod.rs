@@ -15,6 +15,7 @@ use iptun_proto::engine::ClientConfig;
 use iptun_proto::transport::Kind;
 use iptun_proto::wire::message::DATA_OVERHEAD;
 
+use crate::capture::Capture;
 use crate::cli::ClientArgs;
 use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
@@ -42,6 +43,8 @@ pub struct Settings {
     tun: String,
     control: std::path::PathBuf,
     offload: bool,
+    /// `--pcap FILE` and its limit in bytes.
+    pcap: Option<(std::path::PathBuf, u64)>,
     pub http: HttpOptions,
 }
 
@@ -128,6 +131,9 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         control: args.control.unwrap_or_else(|| control::default_path(&tun)),
         tun,
         offload: !args.no_offload,
+        pcap: args
+            .pcap
+            .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         http,
     })
 }
@@ -180,7 +186,15 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         configs,
     } = open_paths(&s)?;
     let control = ControlSocket::bind(&s.control)?;
+    let capture = s
+        .pcap
+        .as_ref()
+        .map(|(path, limit)| Capture::create(path, *limit, false))
+        .transpose()?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
+    if let Some(c) = capture {
+        tun.set_capture(c);
+    }
     let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;

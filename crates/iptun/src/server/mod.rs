@@ -17,6 +17,7 @@ use iptun_proto::transport::Kind;
 use iptun_proto::wire::dns::Domain;
 use iptun_proto::wire::icmp::Family;
 
+use crate::capture::Capture;
 use crate::cli::ServerArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
@@ -145,6 +146,8 @@ struct Settings {
     nat: bool,
     control: std::path::PathBuf,
     offload: bool,
+    /// `--pcap FILE` and its limit in bytes.
+    pcap: Option<(std::path::PathBuf, u64)>,
     /// For `https://` listeners.
     tls: Option<tls::ServerTls>,
 }
@@ -237,6 +240,9 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         tun,
         nat: args.nat,
         offload: !args.no_offload,
+        pcap: args
+            .pcap
+            .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         tls,
     })
 }
@@ -245,7 +251,15 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
     let control = ControlSocket::bind(&s.control)?;
+    let capture = s
+        .pcap
+        .as_ref()
+        .map(|(path, limit)| Capture::create(path, *limit, true))
+        .transpose()?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
+    if let Some(c) = capture {
+        tun.set_capture(c);
+    }
     let pool = &s.config.pool;
     let (net4, net6) = (pool.net4(), pool.net6());
     let me = pool.server();
