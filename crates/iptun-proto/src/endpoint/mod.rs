@@ -305,6 +305,17 @@ impl Endpoint {
         all
     }
 
+    /// Requests held by listener `listener` for their clients' downstream:
+    /// echo requests, DNS queries, long polls (none on UDP and WebSocket).
+    pub fn held(&self, listener: ListenerId) -> usize {
+        match &self.listeners[listener] {
+            Listener::Udp => 0,
+            Listener::Icmp(l) => l.held(),
+            Listener::Dns(d) => d.held(),
+            Listener::Http(m) => m.held(),
+        }
+    }
+
     /// The transports' own counters of what they dropped.
     pub fn transport_drops(&self) -> Vec<(&'static str, u64)> {
         let mut out = vec![

@@ -226,6 +226,11 @@ impl IcmpListener {
         self.family
     }
 
+    /// Echo requests held, over all sessions.
+    pub fn held(&self) -> usize {
+        self.parking.held()
+    }
+
     /// Downstream messages dropped because a session's queue was full.
     pub fn dropped(&self) -> u64 {
         self.parking.dropped()

@@ -101,6 +101,11 @@ impl<S: Copy + Eq + Hash, R> Parking<S, R> {
         }
     }
 
+    /// Requests held, over all sessions.
+    pub fn held(&self) -> usize {
+        self.sessions.values().map(|q| q.parked.len()).sum()
+    }
+
     /// Downstream messages dropped because a client's queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped
