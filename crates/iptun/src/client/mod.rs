@@ -2,6 +2,7 @@
 //! ([`paths::PathDriver`]), and the sans-IO [`Connection`] in between,
 //! which owns the session and decides which path carries it.
 
+mod dns;
 mod paths;
 
 use std::net::IpAddr;
@@ -22,7 +23,7 @@ use crate::netcfg::{self, Undo};
 use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
-use crate::url::ServerUrl;
+use crate::url::{HttpUrl, ResolverUrl, ServerUrl};
 pub use paths::{HttpOptions, PathDriver};
 
 /// What `--route` asks for.
@@ -89,32 +90,7 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         (None, None) => Trust::System,
         (Some(_), Some(_)) => anyhow::bail!("--tls-pin and --tls-ca exclude each other"),
     };
-    let http_urls: Vec<_> = servers
-        .iter()
-        .filter_map(|s| match s {
-            ServerUrl::Http(u) => Some(u),
-            _ => None,
-        })
-        .collect();
-    if http_urls.is_empty()
-        && (args.tls_pin.is_some()
-            || args.tls_ca.is_some()
-            || args.proxy.is_some()
-            || args.http_mode.is_some())
-    {
-        anyhow::bail!(
-            "--tls-pin, --tls-ca, --proxy and --http-mode apply to http(s):// servers only"
-        );
-    }
-    if !http_urls.is_empty()
-        && http_urls.iter().all(|u| !u.tls)
-        && (args.tls_pin.is_some() || args.tls_ca.is_some())
-    {
-        anyhow::bail!(
-            "--tls-pin/--tls-ca: {} does not use TLS (https:// does)",
-            http_urls[0]
-        );
-    }
+    check_tls_flags(&servers, &args)?;
     let http = HttpOptions {
         trust,
         proxy: args.proxy,
@@ -130,6 +106,43 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         offload: !args.no_offload,
         http,
     })
+}
+
+/// `--tls-pin`/`--tls-ca` need something to check (an https:// server, a
+/// DoT or DoH resolver), `--proxy` an HTTP(S) connection (an http(s)://
+/// server, a DoH resolver), `--http-mode` an http(s):// server.
+fn check_tls_flags(servers: &[ServerUrl], args: &ClientArgs) -> anyhow::Result<()> {
+    let resolvers = || {
+        servers.iter().flat_map(|s| match s {
+            ServerUrl::Dns { resolvers, .. } => resolvers.as_slice(),
+            _ => &[],
+        })
+    };
+    let http_servers: Vec<&HttpUrl> = servers
+        .iter()
+        .filter_map(|s| match s {
+            ServerUrl::Http(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    let tls = http_servers.iter().any(|u| u.tls) || resolvers().any(ResolverUrl::uses_tls);
+    let doh = resolvers().any(|r| matches!(r, ResolverUrl::Https(_)));
+    if args.http_mode.is_some() && http_servers.is_empty() {
+        anyhow::bail!("--http-mode applies to http(s):// servers only");
+    }
+    if args.proxy.is_some() && http_servers.is_empty() && !doh {
+        anyhow::bail!(
+            "--proxy applies to http(s):// servers and DNS-over-HTTPS resolvers \
+             (dns://DOMAIN?resolver=https://...) only"
+        );
+    }
+    if !tls && (args.tls_pin.is_some() || args.tls_ca.is_some()) {
+        anyhow::bail!(
+            "--tls-pin/--tls-ca: nothing here uses TLS (https:// servers do, and \
+             resolvers given as tls://... or https://...)"
+        );
+    }
+    Ok(())
 }
 
 /// The candidate paths that could be opened, in preference order.
@@ -407,8 +420,8 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
             info: p,
         } => {
             let s = p.stats;
-            let resolver = driver.resolver(*resolver).map(|r| r.to_string());
-            serde_json::json!({
+            let resolver = driver.resolver(*resolver);
+            let mut v = serde_json::json!({
                 "resolver": resolver,
                 "resolver_switches": switches,
                 "tag": format!("{tag:08x}"),
@@ -443,7 +456,9 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
                     "type_fallbacks": s.type_fallbacks,
                     "unexpected": s.unexpected,
                 },
-            })
+            });
+            extend(&mut v, driver.info());
+            v
         }
         PathDetail::Http(h) => {
             let mut v = serde_json::json!({
@@ -452,13 +467,17 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
                 "reconnects": h.reconnects,
                 "last_error": h.last_error,
             });
-            if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), driver.info())
-            {
-                o.extend(extra);
-            }
+            extend(&mut v, driver.info());
             v
         }
     })
+}
+
+/// Add the fields of `extra` (an object) to `v` (an object).
+fn extend(v: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        o.extend(extra);
+    }
 }
 
 /// Where a path reaches the server, for status.
@@ -471,7 +490,7 @@ fn endpoint(
 ) -> String {
     match detail {
         PathDetail::Dns { resolver, .. } => match driver.resolver(*resolver) {
-            Some(r) => r.to_string(),
+            Some(r) => r,
             None => url.to_string(),
         },
         PathDetail::Http(_) => url.to_string(),
