@@ -470,6 +470,67 @@ fn resolver_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::http_client::Mode;
+    use crate::transport::tls::Trust;
+
+    fn options(proxy: Option<&str>) -> HttpOptions {
+        HttpOptions {
+            trust: Trust::Pin([7; 32]),
+            proxy: proxy.map(Into::into),
+            mode: Mode::Auto,
+        }
+    }
+
+    fn urls(list: &str) -> Vec<ResolverUrl> {
+        let url: crate::url::ServerUrl = format!("dns://t.example.com?{list}").parse().unwrap();
+        let crate::url::ServerUrl::Dns { resolvers, .. } = url else {
+            unreachable!()
+        };
+        resolvers
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// (No socket is opened: without plain resolvers there is none, and
+    /// the tasks connect at their first query.)
+    #[tokio::test]
+    async fn the_underlay_has_every_resolver_or_its_proxy() {
+        let list = "resolver=tls://192.0.2.1&resolver=https://192.0.2.7:8443/q";
+        let d = DnsDriver::open(urls(list), &options(Some("none"))).unwrap();
+        assert_eq!(d.count(), 2);
+        assert_eq!(d.underlay(), ips(&["192.0.2.1", "192.0.2.7"]));
+        assert_eq!(d.resolver_name(0).unwrap(), "tls://192.0.2.1:853");
+        assert_eq!(d.resolver_name(1).unwrap(), "https://192.0.2.7:8443/q");
+        assert_eq!(d.resolver_name(2), None);
+        // A proxy carries DoH, not DoT.
+        let d = DnsDriver::open(urls(list), &options(Some("http://192.0.2.9:3128"))).unwrap();
+        assert_eq!(d.underlay(), ips(&["192.0.2.1", "192.0.2.9"]));
+        let info = d.info();
+        assert_eq!(info["resolvers"][0]["proxy"], serde_json::Value::Null);
+        assert_eq!(info["resolvers"][1]["proxy"], "192.0.2.9:3128");
+    }
+
+    #[tokio::test]
+    async fn the_path_is_unreachable_only_when_no_resolver_can_be_reached() {
+        let list = "resolver=tls://192.0.2.1&resolver=https://192.0.2.7/q";
+        let mut d = DnsDriver::open(urls(list), &options(Some("none"))).unwrap();
+        let failed = || LinkEvent::Failed("refused".into());
+        assert_eq!(d.link_event(0, failed()), None, "the other may work");
+        let why = d.link_event(1, failed()).expect("none works");
+        assert_eq!(
+            why,
+            "tls://192.0.2.1:853: refused; https://192.0.2.7:443/q: refused"
+        );
+        assert!(d.link_event(0, LinkEvent::Connected).is_none());
+        assert!(d.link_event(1, failed()).is_none(), "the first connected");
+        // A plain resolver is judged by the core, by its timeouts.
+        d.resolvers.push(Resolver::Udp("192.0.2.53:53".parse().unwrap()));
+        assert!(d.link_event(0, failed()).is_none());
+        assert!(d.link_event(1, failed()).is_none());
+        assert!(d.link_event(2, failed()).is_none(), "not a stream resolver");
+    }
 
     #[test]
     fn a_resolver_that_fails_is_said_once_and_recovers() {

@@ -580,3 +580,40 @@ fn status(
         searching: st.searching,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(servers: &[&str], flags: impl FnOnce(&mut ClientArgs)) -> Result<(), String> {
+        let servers: Vec<ServerUrl> = servers.iter().map(|s| s.parse().unwrap()).collect();
+        let mut args = ClientArgs::default();
+        flags(&mut args);
+        check_tls_flags(&servers, &args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_flags_apply_to_dot_and_doh_resolvers_too() {
+        let pin = |a: &mut ClientArgs| a.tls_pin = Some("sha256:00".into());
+        let ca = |a: &mut ClientArgs| a.tls_ca = Some("/ca.pem".into());
+        let proxy = |a: &mut ClientArgs| a.proxy = Some("http://p:3128".into());
+        let mode = |a: &mut ClientArgs| a.http_mode = Some(Mode::LongPoll);
+        let dot = "dns://t.example.com?resolver=192.0.2.2&resolver=tls://192.0.2.1";
+        let doh = "dns://t.example.com?resolver=https://192.0.2.1/dns-query";
+        let plain = "dns://t.example.com?resolver=192.0.2.1";
+        assert_eq!(check(&[dot], pin), Ok(()));
+        assert_eq!(check(&[doh], ca), Ok(()));
+        assert_eq!(check(&[doh], proxy), Ok(()));
+        assert_eq!(check(&["udp://h", "https://h/t"], pin), Ok(()));
+        assert_eq!(check(&["http://h/t", dot], pin), Ok(()));
+        for (servers, flags, says) in [
+            (&[plain][..], &pin as &dyn Fn(&mut ClientArgs), "nothing here uses TLS"),
+            (&["http://h/t", plain], &ca, "nothing here uses TLS"),
+            (&[dot], &proxy, "--proxy applies to"),
+            (&[doh], &mode, "--http-mode applies to"),
+        ] {
+            let e = check(servers, flags).unwrap_err();
+            assert!(e.contains(says), "{servers:?}: {e}");
+        }
+    }
+}
