@@ -23,7 +23,8 @@ use serde::Deserialize;
 /// Transports (server --listen / client --server):
 ///   udp://ADDR:PORT   /  udp://HOST:PORT       the fast path (port 3000 by default)
 ///   icmp://0.0.0.0 or icmp://[::]  /  icmp://HOST   echo requests and replies
-///   dns://ADDR:53?domain=D  /  dns://D[?resolver=IP[:PORT]]   through resolvers
+///   dns://ADDR:53?domain=D  /  dns://D[?resolver=R]   through resolvers (R: IP[:PORT],
+///                           tls://HOST[:853] or https://HOST[:443]/PATH; repeatable)
 ///   https://ADDR:443/PATH  /  https://HOST/PATH   WebSocket or long-poll, via proxies
 ///   http://ADDR:80/PATH    /  http://HOST/PATH    behind a TLS-terminating reverse proxy
 #[derive(Debug, Parser)]
@@ -163,7 +164,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<String>,
     /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST,
-    /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none),
+    /// dns://DOMAIN[?resolver=R] (R: IP[:PORT], DNS over TLS tls://HOST[:853],
+    /// DNS over HTTPS https://HOST[:443]/PATH; repeatable; /etc/resolv.conf's if none),
     /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH. Repeat it to give
     /// several ways to the same server, most preferred first: the client
     /// uses the first that works, moves the session to the next when it
@@ -171,15 +173,18 @@ pub struct ClientArgs {
     #[arg(long = "server", value_name = "URL")]
     #[serde(default, deserialize_with = "one_or_many")]
     pub server: Vec<String>,
-    /// https://: accept exactly the server certificate with this fingerprint
-    /// (sha256:HEX, as the server logs it) instead of checking it against CAs.
+    /// https:// (and DoT/DoH resolvers): accept exactly the certificate with
+    /// this fingerprint (sha256:HEX, as the server logs it) instead of
+    /// checking it against CAs.
     #[arg(long, value_name = "sha256:HEX", conflicts_with = "tls_ca")]
     pub tls_pin: Option<String>,
-    /// https://: trust the CA certificates in this PEM file instead of the system's.
+    /// https:// (and DoT/DoH resolvers): trust the CA certificates in this
+    /// PEM file instead of the system's.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// http(s)://: go through this HTTP proxy (CONNECT for https://), or
-    /// `none` [default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY].
+    /// http(s):// (and DoH resolvers): go through this HTTP proxy (CONNECT
+    /// for https://), or `none` [default: $HTTPS_PROXY / $HTTP_PROXY, minus
+    /// $NO_PROXY].
     #[arg(long, value_name = "http://[USER:PASS@]HOST:PORT")]
     pub proxy: Option<String>,
     /// http(s)://: WebSocket, long-poll, or WebSocket falling back to

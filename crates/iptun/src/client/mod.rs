@@ -2,6 +2,7 @@
 //! ([`paths::PathDriver`]), and the sans-IO [`Connection`] in between,
 //! which owns the session and decides which path carries it.
 
+mod dns;
 mod paths;
 
 use std::net::IpAddr;
@@ -23,7 +24,7 @@ use crate::netcfg::{self, Undo};
 use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
-use crate::url::ServerUrl;
+use crate::url::{HttpUrl, ResolverUrl, ServerUrl};
 pub use paths::{HttpOptions, PathDriver};
 
 /// What `--route` asks for.
@@ -92,32 +93,7 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         (None, None) => Trust::System,
         (Some(_), Some(_)) => anyhow::bail!("--tls-pin and --tls-ca exclude each other"),
     };
-    let http_urls: Vec<_> = servers
-        .iter()
-        .filter_map(|s| match s {
-            ServerUrl::Http(u) => Some(u),
-            _ => None,
-        })
-        .collect();
-    if http_urls.is_empty()
-        && (args.tls_pin.is_some()
-            || args.tls_ca.is_some()
-            || args.proxy.is_some()
-            || args.http_mode.is_some())
-    {
-        anyhow::bail!(
-            "--tls-pin, --tls-ca, --proxy and --http-mode apply to http(s):// servers only"
-        );
-    }
-    if !http_urls.is_empty()
-        && http_urls.iter().all(|u| !u.tls)
-        && (args.tls_pin.is_some() || args.tls_ca.is_some())
-    {
-        anyhow::bail!(
-            "--tls-pin/--tls-ca: {} does not use TLS (https:// does)",
-            http_urls[0]
-        );
-    }
+    check_tls_flags(&servers, &args)?;
     let http = HttpOptions {
         trust,
         proxy: args.proxy,
@@ -136,6 +112,43 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
             .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         http,
     })
+}
+
+/// `--tls-pin`/`--tls-ca` need something to check (an https:// server, a
+/// DoT or DoH resolver), `--proxy` an HTTP(S) connection (an http(s)://
+/// server, a DoH resolver), `--http-mode` an http(s):// server.
+fn check_tls_flags(servers: &[ServerUrl], args: &ClientArgs) -> anyhow::Result<()> {
+    let resolvers = || {
+        servers.iter().flat_map(|s| match s {
+            ServerUrl::Dns { resolvers, .. } => resolvers.as_slice(),
+            _ => &[],
+        })
+    };
+    let http_servers: Vec<&HttpUrl> = servers
+        .iter()
+        .filter_map(|s| match s {
+            ServerUrl::Http(u) => Some(u),
+            _ => None,
+        })
+        .collect();
+    let tls = http_servers.iter().any(|u| u.tls) || resolvers().any(ResolverUrl::uses_tls);
+    let doh = resolvers().any(|r| matches!(r, ResolverUrl::Https(_)));
+    if args.http_mode.is_some() && http_servers.is_empty() {
+        anyhow::bail!("--http-mode applies to http(s):// servers only");
+    }
+    if args.proxy.is_some() && http_servers.is_empty() && !doh {
+        anyhow::bail!(
+            "--proxy applies to http(s):// servers and DNS-over-HTTPS resolvers \
+             (dns://DOMAIN?resolver=https://...) only"
+        );
+    }
+    if !tls && (args.tls_pin.is_some() || args.tls_ca.is_some()) {
+        anyhow::bail!(
+            "--tls-pin/--tls-ca: nothing here uses TLS (https:// servers do, and \
+             resolvers given as tls://... or https://...)"
+        );
+    }
+    Ok(())
 }
 
 /// The candidate paths that could be opened, in preference order.
@@ -421,8 +434,8 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
             info: p,
         } => {
             let s = p.stats;
-            let resolver = driver.resolver(*resolver).map(|r| r.to_string());
-            serde_json::json!({
+            let resolver = driver.resolver(*resolver);
+            let mut v = serde_json::json!({
                 "resolver": resolver,
                 "resolver_switches": switches,
                 "tag": format!("{tag:08x}"),
@@ -457,7 +470,9 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
                     "type_fallbacks": s.type_fallbacks,
                     "unexpected": s.unexpected,
                 },
-            })
+            });
+            extend(&mut v, driver.info());
+            v
         }
         PathDetail::Http(h) => {
             let mut v = serde_json::json!({
@@ -466,13 +481,17 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
                 "reconnects": h.reconnects,
                 "last_error": h.last_error,
             });
-            if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), driver.info())
-            {
-                o.extend(extra);
-            }
+            extend(&mut v, driver.info());
             v
         }
     })
+}
+
+/// Add the fields of `extra` (an object) to `v` (an object).
+fn extend(v: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        o.extend(extra);
+    }
 }
 
 /// Where a path reaches the server, for status.
@@ -485,7 +504,7 @@ fn endpoint(
 ) -> String {
     match detail {
         PathDetail::Dns { resolver, .. } => match driver.resolver(*resolver) {
-            Some(r) => r.to_string(),
+            Some(r) => r,
             None => url.to_string(),
         },
         PathDetail::Http(_) => url.to_string(),
@@ -573,5 +592,42 @@ fn status(
         paths: candidates,
         moves: Some(st.moves),
         searching: st.searching,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(servers: &[&str], flags: impl FnOnce(&mut ClientArgs)) -> Result<(), String> {
+        let servers: Vec<ServerUrl> = servers.iter().map(|s| s.parse().unwrap()).collect();
+        let mut args = ClientArgs::default();
+        flags(&mut args);
+        check_tls_flags(&servers, &args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_flags_apply_to_dot_and_doh_resolvers_too() {
+        let pin = |a: &mut ClientArgs| a.tls_pin = Some("sha256:00".into());
+        let ca = |a: &mut ClientArgs| a.tls_ca = Some("/ca.pem".into());
+        let proxy = |a: &mut ClientArgs| a.proxy = Some("http://p:3128".into());
+        let mode = |a: &mut ClientArgs| a.http_mode = Some(Mode::LongPoll);
+        let dot = "dns://t.example.com?resolver=192.0.2.2&resolver=tls://192.0.2.1";
+        let doh = "dns://t.example.com?resolver=https://192.0.2.1/dns-query";
+        let plain = "dns://t.example.com?resolver=192.0.2.1";
+        assert_eq!(check(&[dot], pin), Ok(()));
+        assert_eq!(check(&[doh], ca), Ok(()));
+        assert_eq!(check(&[doh], proxy), Ok(()));
+        assert_eq!(check(&["udp://h", "https://h/t"], pin), Ok(()));
+        assert_eq!(check(&["http://h/t", dot], pin), Ok(()));
+        for (servers, flags, says) in [
+            (&[plain][..], &pin as &dyn Fn(&mut ClientArgs), "nothing here uses TLS"),
+            (&["http://h/t", plain], &ca, "nothing here uses TLS"),
+            (&[dot], &proxy, "--proxy applies to"),
+            (&[doh], &mode, "--http-mode applies to"),
+        ] {
+            let e = check(servers, flags).unwrap_err();
+            assert!(e.contains(says), "{servers:?}: {e}");
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! TLS for the HTTPS transport (rustls with ring, the tree's one crypto
-//! backend).
+//! TLS for the HTTPS transport and for DNS over TLS or HTTPS to a resolver
+//! (rustls with ring, the tree's one crypto backend).
 //!
 //! Server: a certificate and key from PEM files, or a self-signed Ed25519
 //! certificate derived from the server's private key — the same bytes on
@@ -18,6 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/2, which DNS over HTTPS uses.
+pub const ALPN_H2: &[u8] = b"h2";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -132,8 +134,17 @@ pub enum Trust {
     Pin([u8; 32]),
 }
 
-/// The client's TLS settings.
+/// The client's TLS settings for the HTTPS transport (HTTP/1.1).
 pub fn client(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    client_with_alpn(trust, &[ALPN_HTTP1])
+}
+
+/// The client's TLS settings offering the protocols `alpn` (none: no ALPN,
+/// as DNS over TLS goes).
+pub fn client_with_alpn(
+    trust: &Trust,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -177,7 +188,7 @@ pub fn client(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
                 .with_no_client_auth()
         }
     };
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
