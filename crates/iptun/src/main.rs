@@ -3,16 +3,20 @@
 //! Layout: `cli` (flags and config files), `server`/`client` (the daemons'
 //! event loops around the sans-IO engines of `iptun_proto`), `tun` and
 //! `transport` (the I/O), `netcfg` (addresses, routes, NAT), `control`
-//! (`iptun status`), `demo` (the self-contained namespace demo).
+//! (`iptun status`, `iptun reload`), `service` (requests to the event loops,
+//! systemd notifications), `metrics` (`/metrics`), `demo` (the
+//! self-contained namespace demo).
 
 mod cli;
 mod client;
 mod control;
 mod daemon;
 mod demo;
+mod metrics;
 mod netcfg;
 mod probe;
 mod server;
+mod service;
 mod transport;
 mod tun;
 mod url;
@@ -55,6 +59,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Server(args) => runtime()?.block_on(server::run(args)),
         Command::Client(args) => runtime()?.block_on(client::run(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
+        Command::Reload(args) => runtime()?.block_on(reload(args)),
         Command::Probe(args) => runtime()?.block_on(probe::run(args)),
         Command::Demo(args) => demo::run(&args),
         Command::DemoSink(args) => demo::sink(&args),
@@ -89,6 +94,28 @@ async fn status(args: cli::StatusArgs) -> anyhow::Result<()> {
     } else {
         all.iter().for_each(|s| print!("{}", control::render(s)));
     }
+    Ok(())
+}
+
+async fn reload(args: cli::ReloadArgs) -> anyhow::Result<()> {
+    let path = match args.control {
+        Some(p) => p,
+        None => match control::all_sockets().as_slice() {
+            [one] => one.clone(),
+            [] => anyhow::bail!("no iptun daemon is running in this network namespace"),
+            several => anyhow::bail!(
+                "several iptun daemons run here ({}): name one with --control",
+                several
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    let answer = control::reload(&path).await?;
+    anyhow::ensure!(answer.ok, "{}", answer.message);
+    println!("{}", answer.message);
     Ok(())
 }
 
