@@ -435,7 +435,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                     let _ = reply.send(metrics::server(&ep, &labels, per_client, queue_full));
                 }
                 Request::Reload(reply) => {
-                    let _ = reply.send(reload(&mut ep, &s.allow).map_err(|e| format!("{e:#}")));
+                    let _ = reply.send(reload(&mut ep, &s.allow).map_err(|e| {
+                        format!("reload refused, the admitted keys stay as they were: {e:#}")
+                    }));
                 }
             },
             _ = hangup.recv() => {
