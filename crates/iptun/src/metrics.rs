@@ -745,6 +745,123 @@ mod tests {
         assert!(Settings::parse(None, false, true).unwrap().is_none());
     }
 
+    fn encode(r: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, r).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_server_has_series_for_every_listener_and_transport() {
+        use iptun_proto::crypto::PrivateKey;
+        use iptun_proto::endpoint::ListenerConfig;
+        use iptun_proto::engine::ServerConfig;
+        use iptun_proto::pool::AddressPool;
+        use iptun_proto::wire::dns::Domain;
+        use iptun_proto::wire::icmp::Family;
+
+        let pool = AddressPool::new("10.1.0.0/24".parse().unwrap(), None).unwrap();
+        let config = ServerConfig::new(PrivateKey::generate(), vec![], pool);
+        let domain = Domain::new("t.example.com").unwrap();
+        let kinds = vec![
+            ListenerConfig::Udp,
+            ListenerConfig::Icmp(Family::V4),
+            ListenerConfig::Dns(domain),
+            ListenerConfig::Http,
+        ];
+        let ep = Endpoint::new(config, kinds, Instant::now());
+        let labels: Vec<ListenerLabel> = [
+            ("udp", "udp://0.0.0.0:3000"),
+            ("icmp", "icmp://0.0.0.0"),
+            ("dns", "dns://0.0.0.0:53?domain=t.example.com"),
+            ("https", "https://0.0.0.0:443/t"),
+        ]
+        .map(|(transport, url)| ListenerLabel {
+            transport,
+            url: url.to_owned(),
+        })
+        .into();
+        let text = encode(&server(&ep, &labels, true, 0));
+        for l in &labels {
+            let series = format!("transport=\"{}\",listener=\"{}\"", l.transport, l.url);
+            for name in [
+                "iptun_sessions",
+                "iptun_received_bytes_total",
+                "iptun_sent_packets_total",
+            ] {
+                assert!(
+                    text.contains(&format!("{name}{{{series}}} 0")),
+                    "{name} {series}:\n{text}"
+                );
+            }
+            let ok = format!("iptun_handshakes_total{{{series},result=\"ok\"}} 0");
+            assert!(text.contains(&ok), "{text}");
+        }
+        for reason in [
+            "icmp_queue_full",
+            "dns_refused",
+            "http_mailbox_dropped",
+            "not_allowed",
+        ] {
+            assert!(
+                text.contains(&format!("reason=\"{reason}\"}} 0")),
+                "{reason}:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("iptun_dns_queries_total{transport=\"dns\""),
+            "{text}"
+        );
+        assert!(text.contains("iptun_tun_dropped_packets_total{reason=\"tun_full\"} 0"));
+        assert!(text.contains("iptun_admitted_keys 0"), "{text}");
+    }
+
+    #[test]
+    fn a_client_has_series_for_every_path() {
+        use iptun_proto::connection::PathConfig;
+        use iptun_proto::crypto::PrivateKey;
+        use iptun_proto::engine::ClientConfig;
+        use iptun_proto::transport::http::Mode;
+
+        let config = ClientConfig::new(PrivateKey::generate(), PrivateKey::generate().public_key());
+        let paths = vec![
+            PathConfig::Udp {
+                server: "192.0.2.1:3000".parse().unwrap(),
+            },
+            PathConfig::Icmp {
+                server: "192.0.2.1".parse().unwrap(),
+                id: 7,
+            },
+            PathConfig::Http { mode: Mode::Auto },
+        ];
+        let conn = Connection::new(config, paths, Instant::now(), 1);
+        let urls: Vec<ServerUrl> = ["udp://192.0.2.1:3000", "icmp://192.0.2.1", "https://h/t"]
+            .iter()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        let text = encode(&client(&conn, &urls));
+        let udp = "url=\"udp://192.0.2.1:3000\",transport=\"udp\"";
+        assert!(
+            text.contains(&format!("iptun_path_in_use{{{udp}}} 1")),
+            "{text}"
+        );
+        let https = format!("url=\"{}\",transport=\"https\"", urls[2]);
+        assert!(
+            text.contains(&format!("iptun_path_in_use{{{https}}} 0")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("iptun_http_reconnects_total{{{https}}} 0")),
+            "{text}"
+        );
+        assert!(
+            text.contains("iptun_icmp_requests_total{url=\"icmp://192.0.2.1\""),
+            "{text}"
+        );
+        assert!(text.contains("iptun_moves_total 0"), "{text}");
+        assert!(text.contains("iptun_tunnel_up 0"), "{text}");
+    }
+
     #[test]
     fn counters_get_total_and_both_formats_encode() {
         let mut m = Snapshot::default();
