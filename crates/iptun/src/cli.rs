@@ -49,6 +49,11 @@ pub enum Command {
     Client(ClientArgs),
     /// Show the sessions of running iptun daemons on this host.
     Status(StatusArgs),
+    /// Make a running server re-read its --allow-file (as SIGHUP does):
+    /// new keys are admitted, removed keys lose their session, the others
+    /// are untouched. A file with an error changes nothing; the error is
+    /// printed and the exit status is 1.
+    Reload(ReloadArgs),
     /// What gets through from here? For each --server URL: whether a
     /// handshake completes, the round-trip time and a short throughput
     /// figure each way. No TUN device, no routes. Exits 0 if any URL works.
@@ -99,6 +104,8 @@ pub struct ServerArgs {
     #[serde(default)]
     pub allow: Vec<String>,
     /// Admit the client keys listed in FILE (one per line; `#` comments).
+    /// Re-read on SIGHUP and `iptun reload`: keys added are admitted at
+    /// once, keys removed lose their session at once.
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<PathBuf>,
     /// Where to listen (repeatable): udp://ADDR:PORT, icmp://0.0.0.0, icmp://[::],
@@ -134,7 +141,21 @@ pub struct ServerArgs {
     /// Keepalive interval in seconds announced to clients [default: 10].
     #[arg(long, value_name = "SECS")]
     pub keepalive: Option<u16>,
-    /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    /// Only on a loopback address unless --metrics-public is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on an address other hosts can reach (the metrics
+    /// tell who is connected and how much each one sends).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// No per-client series in the metrics (for servers with many clients).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_no_clients: bool,
+    /// Control socket for `iptun status` and `iptun reload` (`@name`:
+    /// abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Write the tunnel's inner packets, both ways, to this pcapng file
@@ -199,6 +220,15 @@ pub struct ClientArgs {
     /// Name of the TUN device [default: iptun0].
     #[arg(long, value_name = "NAME")]
     pub tun: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    /// Only on a loopback address unless --metrics-public is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on an address other hosts can reach (the metrics
+    /// tell who is connected and how much each one sends).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_public: bool,
     /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -239,6 +269,14 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     /// Ask only this control socket [default: every iptun daemon in this network namespace].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The server's control socket [default: the one iptun daemon in this
+    /// network namespace].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
@@ -299,6 +337,9 @@ impl ServerArgs {
             tls_key: self.tls_key.or(file.tls_key),
             mtu: self.mtu.or(file.mtu),
             keepalive: self.keepalive.or(file.keepalive),
+            metrics: self.metrics.or(file.metrics),
+            metrics_public: self.metrics_public || file.metrics_public,
+            metrics_no_clients: self.metrics_no_clients || file.metrics_no_clients,
             control: self.control.or(file.control),
             pcap: self.pcap.or(file.pcap),
             pcap_limit: self.pcap_limit.or(file.pcap_limit),
@@ -333,6 +374,8 @@ impl ClientArgs {
                 self.route
             },
             tun: self.tun.or(file.tun),
+            metrics: self.metrics.or(file.metrics),
+            metrics_public: self.metrics_public || file.metrics_public,
             control: self.control.or(file.control),
             pcap: self.pcap.or(file.pcap),
             pcap_limit: self.pcap_limit.or(file.pcap_limit),

@@ -3,7 +3,9 @@
 //! Layout: `cli` (flags and config files), `server`/`client` (the daemons'
 //! event loops around the sans-IO engines of `iptun_proto`), `tun` and
 //! `transport` (the I/O), `netcfg` (addresses, routes, NAT), `control`
-//! (`iptun status`), `demo` (the self-contained namespace demo).
+//! (`iptun status`, `iptun reload`), `service` (requests to the event loops,
+//! systemd notifications), `metrics` (`/metrics`), `demo` (the
+//! self-contained namespace demo).
 
 mod capture;
 mod cli;
@@ -11,9 +13,11 @@ mod client;
 mod control;
 mod daemon;
 mod demo;
+mod metrics;
 mod netcfg;
 mod probe;
 mod server;
+mod service;
 mod transport;
 mod tun;
 mod url;
@@ -56,6 +60,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Server(args) => runtime()?.block_on(server::run(args)),
         Command::Client(args) => runtime()?.block_on(client::run(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
+        Command::Reload(args) => runtime()?.block_on(reload(args)),
         Command::Probe(args) => runtime()?.block_on(probe::run(args)),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -111,6 +116,28 @@ fn man(out: &mut impl std::io::Write) -> anyhow::Result<()> {
         }
         clap_mangen::Man::new(sub.clone()).render_options_section(out)?;
     }
+    Ok(())
+}
+
+async fn reload(args: cli::ReloadArgs) -> anyhow::Result<()> {
+    let path = match args.control {
+        Some(p) => p,
+        None => match control::all_sockets().as_slice() {
+            [one] => one.clone(),
+            [] => anyhow::bail!("no iptun daemon is running in this network namespace"),
+            several => anyhow::bail!(
+                "several iptun daemons run here ({}): name one with --control",
+                several
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    let answer = control::reload(&path).await?;
+    anyhow::ensure!(answer.ok, "{}", answer.message);
+    println!("{}", answer.message);
     Ok(())
 }
 

@@ -20,21 +20,31 @@
 //! - when a session moves to another path (the client roamed, or moved to
 //!   another transport), what it held on the old one is released: parked
 //!   echo requests are let go, held DNS queries and long polls answered
-//!   empty, queued downstream dropped.
+//!   empty, queued downstream dropped;
+//! - when the admitted keys change ([`Endpoint::set_allowed`]), the same
+//!   for the sessions of removed keys.
+//!
+//! It also counts, per listener, the inner traffic it carried, the
+//! handshakes it saw and the messages it dropped ([`Endpoint::listeners`]).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::DropCounters;
-use crate::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
-use crate::transport::dns::server::DnsListener;
+use crate::crypto::PublicKey;
+use crate::engine::{
+    AllowedChange, HandshakeCounters, PathKind, Server, ServerConfig, ServerOutput, SessionId,
+    SessionInfo, Traffic,
+};
+use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
 use crate::transport::icmp::{self, IcmpListener, Incoming, Request};
 use crate::transport::{Kind, TunSink};
 use crate::wire::Message;
 use crate::wire::dns::Domain;
 use crate::wire::icmp::{ECHO_HEADER_LEN, Family};
+use crate::wire::message::DATA_OVERHEAD;
 
 /// A listener: its index in the list the endpoint was made with.
 pub type ListenerId = usize;
@@ -229,6 +239,35 @@ pub struct Transmit {
     pub len: usize,
 }
 
+/// One listener's numbers, for status and metrics.
+#[derive(Clone, Debug)]
+pub struct ListenerStatus {
+    /// Its transport.
+    pub kind: Kind,
+    /// Sessions whose path is on it now.
+    pub sessions: usize,
+    /// Inner packets that came in on it (opened) and went out on it (sealed);
+    /// keepalives and probes not counted.
+    pub traffic: Traffic,
+    /// What became of the inits that came in on it.
+    pub handshakes: HandshakeCounters,
+    /// Tunnel messages that came in on it and were dropped, by reason.
+    pub drops: DropCounters,
+    /// The transport's own drops, by name (zero counts included).
+    pub transport_drops: Vec<(&'static str, u64)>,
+    /// A DNS listener's counters.
+    pub dns: Option<dns_server::ListenerStats>,
+}
+
+/// What the endpoint counts per listener.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    traffic: Traffic,
+    handshakes: HandshakeCounters,
+    drops: DropCounters,
+    http_malformed: u64,
+}
+
 enum Listener {
     Udp,
     Icmp(IcmpListener),
@@ -260,12 +299,16 @@ pub struct Endpoint {
     /// message is copied out of its listener.
     scratch: Box<[u8]>,
     tun_full: u64,
-    http_malformed: u64,
+    /// Per listener.
+    counters: Vec<Counters>,
+    /// Packets from the TUN device that could not be sent, by reason.
+    tun_drops: DropCounters,
 }
 
 impl Endpoint {
     /// An endpoint with `listeners` (in the order the driver indexes them).
     pub fn new(config: ServerConfig, listeners: Vec<ListenerConfig>, now: Instant) -> Self {
+        let counters = vec![Counters::default(); listeners.len()];
         Self {
             engine: Server::new(config, now),
             listeners: listeners
@@ -282,7 +325,8 @@ impl Endpoint {
             reply: vec![0; BUF_LEN].into_boxed_slice(),
             scratch: vec![0; BUF_LEN].into_boxed_slice(),
             tun_full: 0,
-            http_malformed: 0,
+            counters,
+            tun_drops: DropCounters::default(),
         }
     }
 
@@ -296,13 +340,10 @@ impl Endpoint {
         self.engine.sessions()
     }
 
-    /// Drops not attributed to a client, and every client's.
+    /// Drops not attributed to a client, and every client's (those of
+    /// removed keys too: the total never goes down).
     pub fn drops(&self) -> DropCounters {
-        let mut all = self.engine.drops();
-        for s in self.engine.sessions() {
-            all.merge(&s.drops);
-        }
-        all
+        self.engine.total_drops()
     }
 
     /// Requests held by listener `listener` for their clients' downstream:
@@ -318,29 +359,93 @@ impl Endpoint {
 
     /// The transports' own counters of what they dropped.
     pub fn transport_drops(&self) -> Vec<(&'static str, u64)> {
-        let mut out = vec![
-            ("tun_full", self.tun_full),
-            ("http_malformed", self.http_malformed),
-        ];
-        for l in &self.listeners {
-            match l {
-                Listener::Udp => {}
-                Listener::Icmp(i) => out.push(("icmp_queue_full", i.dropped())),
-                Listener::Dns(d) => {
-                    let s = d.stats();
-                    out.extend([
-                        ("dns_malformed", s.malformed),
-                        ("dns_refused", s.refused),
-                        ("dns_queue_full", s.queue_full),
-                        ("dns_oversize", s.oversize),
-                        ("dns_evicted_tags", s.evicted_tags),
-                    ]);
+        let mut out = vec![("tun_full", self.tun_full)];
+        for listener in 0..self.listeners.len() {
+            for (name, n) in self.listener_drops(listener) {
+                match out.iter_mut().find(|(m, _)| *m == name) {
+                    Some((_, total)) => *total += n,
+                    None => out.push((name, n)),
                 }
-                Listener::Http(m) => out.push(("http_mailbox_dropped", m.dropped)),
             }
         }
         out.retain(|&(_, n)| n > 0);
         out
+    }
+
+    /// Packets from the TUN device the endpoint could not send, by reason,
+    /// and the opened packets it could not write to the TUN device (its
+    /// batch was full).
+    pub fn tun_drops(&self) -> (DropCounters, u64) {
+        (self.tun_drops, self.tun_full)
+    }
+
+    /// Every listener's numbers, in the order the endpoint was made with.
+    pub fn listeners(&self) -> Vec<ListenerStatus> {
+        let sessions = self.engine.sessions();
+        (0..self.listeners.len())
+            .map(|i| {
+                let c = &self.counters[i];
+                let l = &self.listeners[i];
+                ListenerStatus {
+                    kind: match l {
+                        Listener::Udp => Kind::Udp,
+                        Listener::Icmp(_) => Kind::Icmp,
+                        Listener::Dns(_) => Kind::Dns,
+                        Listener::Http(_) => Kind::Http,
+                    },
+                    sessions: sessions
+                        .iter()
+                        .filter(|s| s.path.is_some_and(|p| p.listener() == i))
+                        .count(),
+                    traffic: c.traffic,
+                    handshakes: c.handshakes,
+                    drops: c.drops,
+                    transport_drops: self.listener_drops(i),
+                    dns: match l {
+                        Listener::Dns(d) => Some(d.stats()),
+                        _ => None,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// What listener `i`'s transport dropped, by name.
+    fn listener_drops(&self, i: ListenerId) -> Vec<(&'static str, u64)> {
+        match &self.listeners[i] {
+            Listener::Udp => Vec::new(),
+            Listener::Icmp(l) => vec![("icmp_queue_full", l.dropped())],
+            Listener::Dns(d) => {
+                let s = d.stats();
+                vec![
+                    ("dns_malformed", s.malformed),
+                    ("dns_refused", s.refused),
+                    ("dns_queue_full", s.queue_full),
+                    ("dns_oversize", s.oversize),
+                    ("dns_evicted_tags", s.evicted_tags),
+                ]
+            }
+            Listener::Http(m) => vec![
+                ("http_malformed", self.counters[i].http_malformed),
+                ("http_mailbox_dropped", m.dropped),
+            ],
+        }
+    }
+
+    /// Admit exactly `keys` from now on (see [`Server::set_allowed`]): the
+    /// sessions of removed keys end, and what their transports held for
+    /// them is released (held requests let go or answered empty, queued
+    /// downstream dropped).
+    pub fn set_allowed(
+        &mut self,
+        now: Instant,
+        keys: impl IntoIterator<Item = PublicKey>,
+    ) -> AllowedChange {
+        let change = self.engine.set_allowed(now, keys);
+        while let Some((session, old)) = self.engine.poll_path_change() {
+            self.release(now, session, old);
+        }
+        change
     }
 
     /// A packet from the TUN device, for the client that owns its
@@ -359,7 +464,9 @@ impl Endpoint {
             // to answer, no confirmed keys): the engine refuses it too,
             // and counts why.
             None | Some(Path::Icmp { session: None, .. }) => {
-                let _ = self.engine.handle_tun_packet(now, packet, buf);
+                if let Err(reason) = self.engine.handle_tun_packet(now, packet, buf) {
+                    self.tun_drops.add(reason);
+                }
                 return None;
             }
             Some(&path) => path,
@@ -374,8 +481,13 @@ impl Endpoint {
             .handle_tun_packet(now, packet, buf.get_mut(headroom..)?)
         {
             Ok(ServerOutput::Send(_, msg)) => msg.len(),
-            _ => return None,
+            Ok(_) => return None,
+            Err(reason) => {
+                self.tun_drops.add(reason);
+                return None;
+            }
         };
+        self.counters[path.listener()].traffic.tx(packet.len());
         match path {
             Path::Udp { listener, peer } => Some(Transmit {
                 listener,
@@ -470,7 +582,7 @@ impl Endpoint {
                         self.queue(listener, Destination::WebSocket(conn), 0, LEN_PREFIX + n);
                     }
                 }
-                self.http_malformed += u64::from(msgs.malformed());
+                self.counters[listener].http_malformed += u64::from(msgs.malformed());
             }
             (Listener::Http(m), Input::Poll { tag, request, body }) => {
                 m.open(now, tag);
@@ -483,7 +595,7 @@ impl Endpoint {
                         m.send(tag, &self.reply[..n]);
                     }
                 }
-                self.http_malformed += u64::from(msgs.malformed());
+                self.counters[listener].http_malformed += u64::from(msgs.malformed());
                 let answers = self
                     .mailboxes(listener)
                     .request(now, tag, request, !body.is_empty());
@@ -527,9 +639,18 @@ impl Endpoint {
             Some(b) => (b, false),
             None => (&mut scratch[..], true),
         };
-        let handled = match engine.handle_datagram(now, &from, msg, out) {
+        let init = matches!(Message::parse(msg), Ok(Message::Init { .. }));
+        let counters = &mut self.counters[from.listener()];
+        let result = engine.handle_datagram(now, &from, msg, out);
+        if init {
+            counters
+                .handshakes
+                .count(result.as_ref().map(|_| ()).map_err(|&e| e));
+        }
+        let handled = match result {
             Ok(ServerOutput::Tun(packet)) => {
                 let n = packet.len();
+                counters.traffic.rx(n);
                 if spilled {
                     self.tun_full += 1;
                 } else {
@@ -546,6 +667,8 @@ impl Endpoint {
                 // spare buffer, not kept in `reply`: send_on frames an echo
                 // reply there (and found it taken: a panic).
                 let n = m.len();
+                counters.traffic.rx(n - DATA_OVERHEAD);
+                self.counters[path.listener()].traffic.tx(n - DATA_OVERHEAD);
                 reply[..n].copy_from_slice(m);
                 let mut sealed = self.buffer();
                 sealed.extend_from_slice(&self.reply[..n]);
@@ -554,7 +677,10 @@ impl Endpoint {
                 Handled::Done
             }
             Ok(ServerOutput::Nothing) => Handled::Done,
-            Err(_) => Handled::Dropped,
+            Err(reason) => {
+                counters.drops.add(reason);
+                Handled::Dropped
+            }
         };
         while let Some((session, old)) = self.engine.poll_path_change() {
             self.release(now, session, old);

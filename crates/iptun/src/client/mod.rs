@@ -20,7 +20,9 @@ use crate::capture::Capture;
 use crate::cli::ClientArgs;
 use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
+use crate::metrics;
 use crate::netcfg::{self, Undo};
+use crate::service::{self, Request};
 use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
@@ -46,6 +48,7 @@ pub struct Settings {
     offload: bool,
     /// `--pcap FILE` and its limit in bytes.
     pcap: Option<(std::path::PathBuf, u64)>,
+    metrics: Option<metrics::Settings>,
     pub http: HttpOptions,
 }
 
@@ -99,9 +102,11 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         proxy: args.proxy,
         mode: args.http_mode.unwrap_or(Mode::Auto),
     };
+    let metrics = metrics::Settings::parse(args.metrics.as_deref(), args.metrics_public, false)?;
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config: ClientConfig::new(private_key, server_key),
+        metrics,
         servers,
         routes,
         control: args.control.unwrap_or_else(|| control::default_path(&tun)),
@@ -204,11 +209,16 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|(path, limit)| Capture::create(path, *limit, false))
         .transpose()?;
+    let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
     if let Some(c) = capture {
         tun.set_capture(c);
     }
     let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
+    let (requests, mut asked) = service::channel();
+    if let Some(port) = metrics_port {
+        metrics::spawn(port, requests.clone());
+    }
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
     let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
@@ -246,10 +256,21 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),
             c = control.accept() => {
                 if let Ok(c) = c {
-                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
-                    control::reply(c, &st);
+                    control::serve(c, requests.clone());
                 }
             }
+            Some(request) = asked.recv() => match request {
+                Request::Status(reply) => {
+                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    let _ = reply.send(st);
+                }
+                Request::Metrics(reply) => {
+                    let _ = reply.send(metrics::client(&conn, &urls));
+                }
+                Request::Reload(reply) => {
+                    let _ = reply.send(Err("a client has nothing to reload (reload re-reads a server's --allow-file)".into()));
+                }
+            },
         }
         transmit(&mut conn, &mut drivers, &mut buf);
         while let Some(event) = conn.poll_event() {
@@ -270,10 +291,13 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                         &underlay,
                         &mut undo,
                     )?;
+                    // systemd: the tunnel is up (its addresses and routes set).
+                    service::ready(&format!("tunnel up via {}", urls[conn.current_path()]));
                     configured = Some(config);
                 }
                 Event::Moved { from, to, why } => {
                     tracing::warn!("moved from {} to {}: {why}", urls[from], urls[to]);
+                    service::status(&format!("tunnel up via {}", urls[to]));
                 }
                 Event::Failed { path, why } => tracing::warn!("{}: {why}", urls[path]),
                 Event::Http { path, command } => drivers[path].command(command),
