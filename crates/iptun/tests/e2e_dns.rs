@@ -337,7 +337,11 @@ fn secure_unbound(tag: &str) -> (DnsTopology, TestPki, Unbound) {
 /// no query went anywhere else), over one connection kept open.
 fn assert_carried_by(path: &Value, shown: &str) {
     let link = &path["resolvers"][0];
-    assert_eq!(path["resolvers"].as_array().map(Vec::len), Some(1), "{path:#}");
+    assert_eq!(
+        path["resolvers"].as_array().map(Vec::len),
+        Some(1),
+        "{path:#}"
+    );
     assert_eq!(link["resolver"], shown, "{path:#}");
     assert_eq!(link["connected"], true, "{path:#}");
     assert_eq!(link["failures"], 0, "{path:#}");
@@ -433,7 +437,12 @@ fn dns_over_tls_with_a_wrong_pin_is_refused() {
     assert!(reason.starts_with(&shown), "names the resolver: {reason}");
     let link = &last["paths"][0]["detail"]["resolvers"][0];
     assert_eq!(link["connected"], false, "{last:#}");
-    assert!(link["last_error"].as_str().is_some_and(|e| e.contains(says)), "{last:#}");
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(says)),
+        "{last:#}"
+    );
     assert!(client.log().contains(says), "{}", client.log());
     assert_eq!(client.tunnel_address(), None, "{}", client.log());
     assert!(!ping(&topo.client, TARGET_ADDR, 1));

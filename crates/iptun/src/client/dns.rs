@@ -526,7 +526,8 @@ mod tests {
         assert!(d.link_event(0, LinkEvent::Connected).is_none());
         assert!(d.link_event(1, failed()).is_none(), "the first connected");
         // A plain resolver is judged by the core, by its timeouts.
-        d.resolvers.push(Resolver::Udp("192.0.2.53:53".parse().unwrap()));
+        d.resolvers
+            .push(Resolver::Udp("192.0.2.53:53".parse().unwrap()));
         assert!(d.link_event(0, failed()).is_none());
         assert!(d.link_event(1, failed()).is_none());
         assert!(d.link_event(2, failed()).is_none(), "not a stream resolver");

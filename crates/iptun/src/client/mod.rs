@@ -607,7 +607,11 @@ mod tests {
         assert_eq!(check(&["udp://h", "https://h/t"], pin), Ok(()));
         assert_eq!(check(&["http://h/t", dot], pin), Ok(()));
         for (servers, flags, says) in [
-            (&[plain][..], &pin as &dyn Fn(&mut ClientArgs), "nothing here uses TLS"),
+            (
+                &[plain][..],
+                &pin as &dyn Fn(&mut ClientArgs),
+                "nothing here uses TLS",
+            ),
             (&["http://h/t", plain], &ca, "nothing here uses TLS"),
             (&[dot], &proxy, "--proxy applies to"),
             (&[doh], &mode, "--http-mode applies to"),
