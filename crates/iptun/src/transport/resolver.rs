@@ -154,30 +154,21 @@ async fn run(
     let mut backoff = BACKOFF_MIN;
     while let Some(first) = queries.recv().await {
         let mut answered = false;
-        let event = match open(&config).await {
-            Err(e) => LinkEvent::Failed(format!("{e:#}")),
-            Ok(stream) => {
-                if !report(&up, &config, LinkEvent::Connected).await {
-                    return;
-                }
-                let link = Carry {
-                    queries: &mut queries,
-                    up: &up,
-                    resolver: config.resolver,
-                    answered: &mut answered,
-                };
-                let carried = match &config.protocol {
-                    Protocol::Tls => carry_dot(stream, first, link).await,
-                    Protocol::Https { url, .. } => carry_doh(stream, url, first, link).await,
-                };
-                match carried {
-                    Ok(()) => LinkEvent::Closed("idle".into()),
-                    Err(e) => LinkEvent::Closed(format!("{e:#}")),
-                }
-            }
+        let link = Carry {
+            queries: &mut queries,
+            up: &up,
+            resolver: config.resolver,
+            answered: &mut answered,
         };
-        let failed = !answered && !matches!(&event, LinkEvent::Closed(why) if why == "idle");
-        if !report(&up, &config, event).await {
+        // A connection that never brought an answer failed, whatever
+        // broke it (refused, TLS, a wrong DoH path, silence).
+        let event = match connect_and_carry(&config, first, link).await {
+            Ok(()) => LinkEvent::Closed("idle".into()),
+            Err(e) if answered => LinkEvent::Closed(format!("{e:#}")),
+            Err(e) => LinkEvent::Failed(format!("{e:#}")),
+        };
+        let failed = matches!(event, LinkEvent::Failed(_));
+        if !report(&up, config.resolver, event).await {
             return;
         }
         if answered {
@@ -194,37 +185,91 @@ async fn run(
 }
 
 /// Tell the client loop; false when it is gone.
-async fn report(up: &mpsc::Sender<FromResolver>, config: &Config, event: LinkEvent) -> bool {
-    let resolver = config.resolver;
+async fn report(up: &mpsc::Sender<FromResolver>, resolver: usize, event: LinkEvent) -> bool {
     up.send(FromResolver::Link { resolver, event })
         .await
         .is_ok()
 }
 
-/// TCP to the first hop, `CONNECT` through the proxy for DoH if there is
-/// one, then TLS with the resolver's name checked.
-async fn open(config: &Config) -> anyhow::Result<tokio_rustls::client::TlsStream<Stream>> {
-    let open = async {
-        let tcp = tokio::net::TcpStream::connect(config.connect_to)
-            .await
-            .with_context(|| format!("connecting to {}", config.connect_to))?;
-        tcp.set_nodelay(true)?;
-        let mut stream: Stream = Box::new(tcp);
-        if let Protocol::Https {
-            url,
-            proxy: Some(proxy),
-        } = &config.protocol
-        {
-            stream = http_client::connect_tunnel(stream, proxy, url).await?;
+/// Open a connection, say so, carry queries on it until it ends: `Ok`
+/// when it went idle (or the client loop is gone).
+async fn connect_and_carry(config: &Config, first: Bytes, link: Carry<'_>) -> anyhow::Result<()> {
+    match &config.protocol {
+        Protocol::Tls => {
+            let stream = open_dot(config).await?;
+            if !link.connected().await {
+                return Ok(());
+            }
+            quick_ack(&stream);
+            carry_dot(stream, first, link, quick_ack).await
         }
+        Protocol::Https { url, proxy } => {
+            let stream = open_doh(config, url, proxy.as_ref()).await?;
+            if !link.connected().await {
+                return Ok(());
+            }
+            carry_doh(stream, url, first, link).await
+        }
+    }
+}
+
+/// TCP to the first hop, Nagle off.
+async fn tcp(config: &Config) -> anyhow::Result<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(config.connect_to)
+        .await
+        .with_context(|| format!("connecting to {}", config.connect_to))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// TLS over `stream`, the resolver's name checked; all within
+/// [`CONNECT_TIMEOUT`] with what came before it (`stream`).
+async fn tls<S: AsyncRead + AsyncWrite + Unpin>(
+    config: &Config,
+    stream: impl Future<Output = anyhow::Result<S>>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<S>> {
+    let open = async {
         tokio_rustls::TlsConnector::from(config.tls.clone())
-            .connect(config.server_name.clone(), stream)
+            .connect(config.server_name.clone(), stream.await?)
             .await
             .context("TLS handshake")
     };
     tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
         .with_context(|| format!("connecting to {}: timed out", config.name))?
+}
+
+/// DoT: TLS straight to the resolver.
+async fn open_dot(
+    config: &Config,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    tls(config, tcp(config)).await
+}
+
+/// DoH: TLS to the resolver, through the proxy's `CONNECT` if there is one.
+async fn open_doh(
+    config: &Config,
+    url: &HttpUrl,
+    proxy: Option<&Proxy>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<Stream>> {
+    let stream = async {
+        let stream: Stream = Box::new(tcp(config).await?);
+        match proxy {
+            Some(proxy) => http_client::connect_tunnel(stream, proxy, url).await,
+            None => Ok(stream),
+        }
+    };
+    tls(config, stream).await
+}
+
+/// Acknowledge what arrived at once. A DoT server that leaves Nagle on
+/// (unbound does, on its TLS port) holds each answer written while an
+/// earlier one is unacknowledged, and Linux delays acknowledgements up to
+/// 40 ms: every answer after the first of a burst would wait that long.
+/// The kernel leaves quick-ack mode by itself, so this is said after every
+/// read.
+fn quick_ack(stream: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let _ = socket2::SockRef::from(stream.get_ref().0).set_tcp_quickack(true);
 }
 
 /// What a connection's carrier works with.
@@ -237,6 +282,11 @@ struct Carry<'a> {
 }
 
 impl Carry<'_> {
+    /// Tell the client loop the connection is up; false when it is gone.
+    async fn connected(&self) -> bool {
+        report(self.up, self.resolver, LinkEvent::Connected).await
+    }
+
     /// Hand an answer to the client loop; false when it is gone.
     async fn deliver(&mut self, bytes: Bytes) -> bool {
         *self.answered = true;
@@ -263,6 +313,7 @@ async fn carry_dot<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     first: Bytes,
     mut link: Carry<'_>,
+    after_read: impl Fn(&S),
 ) -> anyhow::Result<()> {
     let mut framed = Framed::new(stream, dot_codec());
     framed.send(first).await.context("writing a query")?;
@@ -299,6 +350,7 @@ async fn carry_dot<S: AsyncRead + AsyncWrite + Unpin>(
                     None => bail!("closed by the resolver"),
                     Some(a) => a.context("reading an answer")?,
                 };
+                after_read(framed.get_ref());
                 in_flight = in_flight.saturating_sub(1);
                 heard = Instant::now();
                 if in_flight == 0 {
@@ -490,7 +542,7 @@ mod tests {
             }
             got
         };
-        let (carried, got) = tokio::join!(carry_dot(client, query(0), h.carry()), resolver);
+        let (carried, got) = tokio::join!(carry_dot(client, query(0), h.carry(), |_| {}), resolver);
         let e = carried.unwrap_err().to_string();
         assert!(e.contains("closed by the resolver"), "{e}");
         assert_eq!(got, (0..5).map(query).collect::<Vec<_>>(), "framing");
@@ -510,7 +562,9 @@ mod tests {
             }
         });
         let start = Instant::now();
-        carry_dot(client, query(1), h.carry()).await.unwrap();
+        carry_dot(client, query(1), h.carry(), |_| {})
+            .await
+            .unwrap();
         assert_eq!(start.elapsed(), IDLE_CLOSE, "closed when idle, not before");
         assert_eq!(h.answers(), [answer_to(&query(1))]);
         resolver.await.unwrap(); // it saw the connection end
@@ -529,7 +583,9 @@ mod tests {
         });
         h.queries.try_send(query(2)).unwrap();
         let start = Instant::now();
-        let e = carry_dot(client, query(1), h.carry()).await.unwrap_err();
+        let e = carry_dot(client, query(1), h.carry(), |_| {})
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("no answer for 10 s"), "{e}");
         assert_eq!(start.elapsed(), DEAD_AFTER);
         assert_eq!(h.answers(), [answer_to(&query(1))]);
@@ -546,7 +602,7 @@ mod tests {
             // A length that claims more than comes before the end.
             server.write_all(&[0x00, 0x10, 1, 2, 3]).await.unwrap();
         };
-        let (carried, ()) = tokio::join!(carry_dot(client, query(1), h.carry()), resolver);
+        let (carried, ()) = tokio::join!(carry_dot(client, query(1), h.carry(), |_| {}), resolver);
         let e = format!("{:#}", carried.unwrap_err());
         assert!(e.contains("reading an answer"), "{e}");
         assert!(h.answers().is_empty());
