@@ -48,8 +48,8 @@ use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Path};
 use iptun_proto::engine::{ServerConfig, SessionInfo};
 use iptun_proto::transport::PacketList;
 use iptun_proto::transport::icmp::IcmpClientStats;
-use iptun_proto::transport::poll::Cadence;
-use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC};
+use iptun_proto::transport::poll::{Cadence, MAX_PARKED};
+use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC, ReplyInfo};
 use iptun_proto::wire::message::{TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
 
 use crate::common::{
@@ -146,6 +146,9 @@ pub enum Answer {
     Bare,
     /// An ordinary ping's payload, echoed.
     Ping,
+    /// A keepalive sooner than `HOLD` to a request let go because the
+    /// server held too many of the client's (see `QUIET_ANSWER`).
+    Overflow,
 }
 
 /// One answered request, as the server's side of the link saw it.
@@ -157,6 +160,8 @@ pub struct Answered {
     pub how: Answer,
     pub client: usize,
     pub index: Option<u32>,
+    /// What the reply told of the request.
+    pub info: Option<ReplyInfo>,
 }
 
 pub struct IcmpServer {
@@ -261,11 +266,14 @@ impl IcmpServer {
                 .push(format!("a reply to {request:?}, which is not open"));
             return;
         };
-        let how = match e.tunnel_message() {
+        let reply = e.tunnel_reply();
+        let held = || self.open.values().filter(|x| x.client == a.client).count();
+        let how = match reply.map(|(_, m)| m) {
             None => Answer::Ping,
             Some([]) => Answer::Bare,
             Some(m) if kind(m) == TYPE_RESPONSE => Answer::Response,
             Some(m) if is_keepalive(m) && now - a.at >= HOLD => Answer::Keepalive,
+            Some(m) if is_keepalive(m) && held() >= MAX_PARKED => Answer::Overflow,
             Some(m) if is_keepalive(m) => Answer::Superseded,
             Some(_) => Answer::Message,
         };
@@ -276,6 +284,7 @@ impl IcmpServer {
             how,
             client: a.client,
             index: a.index,
+            info: reply.map(|(i, _)| i),
         });
     }
 
@@ -323,8 +332,10 @@ pub struct Taken {
     pub at: Instant,
     /// It wrote a packet to the TUN device.
     pub carried_data: bool,
-    /// The pacer's target after it.
+    /// The client's target after it.
     pub target: usize,
+    /// Requests the client had given up on after it.
+    pub unanswered: u64,
 }
 
 pub struct IcmpClient {
@@ -383,8 +394,8 @@ impl IcmpClient {
     /// ordinary ping's reply also to whoever pinged.
     fn receive(&mut self, now: Instant, src: Ipv4Addr, icmp: &[u8]) {
         let e = Echo::parse(FAMILY, icmp).expect("the NAT passes valid echoes");
-        let msg = e.tunnel_message();
-        if e.reply && msg.is_none() {
+        let msg = e.tunnel_reply().map(|(_, m)| m);
+        if e.reply && e.tunnel_message().is_none() {
             self.pings.push((e.id, e.seq, e.payload.to_vec()));
         }
         let before = self.conn.drops();
@@ -397,11 +408,15 @@ impl IcmpClient {
             (None, _) => assert_eq!(dropped, None, "a ping's reply counted as a drop"),
             (Some([]), _) => self.bare_replies += 1,
             (Some(_), Some(e)) => self.errors.push(e),
-            (Some(_), None) => self.taken.push(Taken {
-                at: now,
-                carried_data: !tun.packets.is_empty(),
-                target: self.stats(now).target,
-            }),
+            (Some(_), None) => {
+                let s = self.stats(now);
+                self.taken.push(Taken {
+                    at: now,
+                    carried_data: !tun.packets.is_empty(),
+                    target: s.target,
+                    unanswered: s.unanswered,
+                });
+            }
         }
         self.tun.extend(tun.packets.into_iter().map(|p| (now, p)));
     }
@@ -416,7 +431,7 @@ impl IcmpClient {
             self.events.push((now, e));
         }
         let s = self.stats(now);
-        if self.conn.is_connected(now) && s.outstanding < s.target {
+        if self.conn.is_connected(now) && s.outstanding < s.target && !s.paced {
             self.short += 1;
         }
         out
@@ -643,10 +658,49 @@ impl Ord for InFlight {
     }
 }
 
+/// A firewall's rate limit on echo requests: a token bucket of `rate` a
+/// second, `burst` deep (as nftables' `limit rate N/second`, burst 5).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimit {
+    pub rate: f64,
+    pub burst: f64,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl RequestLimit {
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            burst: 5.0,
+            tokens: 5.0,
+            at: None,
+        }
+    }
+
+    fn pass(&mut self, now: Instant) -> bool {
+        let dt = self.at.map_or(0.0, |t| (now - t).as_secs_f64());
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 pub struct IcmpSim {
     pub start: Instant,
     pub now: Instant,
     pub link: Link,
+    /// A share of echo requests lost (besides the link's loss both ways).
+    pub request_loss: f64,
+    /// A firewall that passes so many echo requests a second and drops the rest.
+    pub request_limit: Option<RequestLimit>,
+    /// Requests the limit dropped.
+    pub limited: u64,
     pub rng: Rng,
     pub server: IcmpServer,
     pub nat: Nat,
@@ -668,6 +722,9 @@ impl IcmpSim {
             start,
             now: start,
             link,
+            request_loss: 0.0,
+            request_limit: None,
+            limited: 0,
             rng: Rng::new(seed),
             server: IcmpServer::new(config, start),
             nat: Nat::new(mode),
@@ -855,15 +912,27 @@ impl IcmpSim {
     /// Put a packet on the link between the NAT and the server.
     fn transmit(&mut self, from_client: Option<usize>, packet: Packet) {
         let e = Echo::parse(FAMILY, &packet.icmp).expect("valid echo");
-        let lost = self.rng.chance(self.link.loss);
+        let up = from_client.is_some();
+        let mut lost = self.rng.chance(self.link.loss);
+        if up && !lost {
+            lost = self.rng.chance(self.request_loss);
+            if !lost && let Some(l) = &mut self.request_limit {
+                lost = !l.pass(self.now);
+                self.limited += u64::from(lost);
+            }
+        }
         self.wire.push(Wire {
             at: self.now,
-            up: from_client.is_some(),
+            up,
             src: packet.src,
             dst: packet.dst,
             id: e.id,
             seq: e.seq,
-            msg: e.tunnel_message().map(<[u8]>::to_vec),
+            msg: if up {
+                e.tunnel_message().map(<[u8]>::to_vec)
+            } else {
+                e.tunnel_reply().map(|(_, m)| m.to_vec())
+            },
             lost,
         });
         if lost {
@@ -895,6 +964,8 @@ impl IcmpSim {
                 Ok(())
             }
             (None, Some(e)) => Err(e),
+            // Waiting for the pacing (or dropped from its queue: see the stats).
+            (None, None) => Ok(()),
             other => panic!("handle_tun_packet: {other:?}"),
         };
         self.flush_client(i);
