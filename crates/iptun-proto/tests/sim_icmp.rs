@@ -608,9 +608,20 @@ fn lossy_path() {
 
     // Traffic, idle, traffic: six minutes, two rekeys.
     let (mut n, mut sent) = (0, HashMap::new());
-    traffic(&mut sim, c, secs(100), ms(100), &mut n, &mut sent);
+    for _ in 0..10 {
+        traffic(&mut sim, c, secs(10), ms(100), &mut n, &mut sent);
+        eprintln!("{:?} {:?}", sim.elapsed(), sim.clients[c].stats(sim.now));
+    }
     sim.run_for(secs(90));
-    traffic(&mut sim, c, secs(100), ms(100), &mut n, &mut sent);
+    for _ in 0..10 {
+        traffic(&mut sim, c, secs(10), ms(100), &mut n, &mut sent);
+        eprintln!(
+            "{:?} {:?} {:?}",
+            sim.elapsed(),
+            sim.clients[c].stats(sim.now),
+            sim.clients[c].events.len()
+        );
+    }
     sim.run_for(secs(70));
     let end = sim.now;
 
@@ -642,7 +653,12 @@ fn lossy_path() {
     assert_eq!(attempts.len(), 3, "{:?}", sim.clients[c].inits);
     assert!(sim.clients[c].conn.is_connected(end));
     assert_eq!(path_of(&sim, &a).1, session);
-    assert_eq!(sim.clients[c].events.len(), 1, "configured once");
+    assert_eq!(
+        sim.clients[c].events.len(),
+        1,
+        "configured once: {:?}",
+        sim.clients[c].events
+    );
 
     // Lost requests (or lost replies) were given up on and replaced:
     // every request that got no reply is one the client gave up on (or
@@ -723,4 +739,183 @@ fn client_waiting_for_an_unreachable_server_does_not_spin() {
     sim.connect(c);
     sim.run_for(secs(30));
     assert_one_reply_per_request(&sim);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Paths that pass only so many requests: a rate limit, a share lost
+// ---------------------------------------------------------------------------
+
+/// Packets each way at `per_sec` for `span` (`up`, `down`: which ways),
+/// every one noted in `sent`.
+fn offer(
+    sim: &mut IcmpSim,
+    c: usize,
+    (up_on, down_on): (bool, bool),
+    per_sec: u32,
+    span: Duration,
+    n: &mut u32,
+    sent: &mut HashMap<(u8, u32), Vec<u8>>,
+) {
+    let every = Duration::from_secs(1) / per_sec;
+    let end = sim.now + span;
+    while sim.now < end {
+        if up_on {
+            let p = up(sim, c, *n);
+            sim.client_send(c, &p).unwrap();
+            sent.insert(payload_id(&p), p);
+        }
+        if down_on {
+            let p = down(sim, c, 2, *n);
+            sim.server_send(&p).unwrap();
+            sent.insert(payload_id(&p), p);
+        }
+        *n += 1;
+        sim.run_for(every);
+    }
+}
+
+/// Packets per second that arrived in `tun` from `from` to `to`.
+fn rate_in(tun: &[(Instant, Vec<u8>)], from: Instant, to: Instant) -> f64 {
+    let n = tun.iter().filter(|(t, _)| *t >= from && *t < to).count();
+    n as f64 / (to - from).as_secs_f64()
+}
+
+/// A firewall passes `LIMIT` echo requests a second (burst 5, as nftables'
+/// `limit rate`) and silently drops the rest. Offered twice that, each way
+/// in turn and then both at once, the tunnel carries at least 85 % of what
+/// the firewall lets through, the packets intact and each once; it does
+/// not blast requests at the firewall; and the client's status shows the
+/// pacing near the limit.
+#[test]
+fn rate_limited_path_carries_what_it_lets_through() {
+    const LIMIT: f64 = 300.0;
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(10), 0.0), IdMode::PerFlow, 7);
+    sim.request_limit = Some(RequestLimit::new(LIMIT));
+    let c = sim.add_client(a, CLIENT_ID);
+    sim.connect(c);
+    let (mut n, mut sent) = (0, HashMap::new());
+    let mut measured = Vec::new();
+    for ways in [(false, true), (true, false), (true, true)] {
+        let start = sim.now;
+        offer(
+            &mut sim,
+            c,
+            ways,
+            2 * LIMIT as u32,
+            secs(30),
+            &mut n,
+            &mut sent,
+        );
+        // The first 10 s find the limit; the rest is steady.
+        let (from, to) = (start + secs(10), sim.now);
+        let down = rate_in(&sim.clients[c].tun, from, to);
+        let up = rate_in(&sim.server.tun, from, to);
+        let steady = sim
+            .wire
+            .iter()
+            .filter(|w| w.up && w.at >= from && w.at < to);
+        let (requests, dropped) = steady.fold((0, 0), |(n, d), w| (n + 1, d + u32::from(w.lost)));
+        let dropped = f64::from(dropped) / f64::from(requests);
+        let st = sim.clients[c].stats(sim.now);
+        eprintln!(
+            "{ways:?}: {down:.0}/s down, {up:.0}/s up, {:.1} % of requests dropped; {st:?}",
+            dropped * 100.0
+        );
+        measured.push((ways, down, up, dropped, st));
+        sim.run_for(secs(10)); // what waits drains
+    }
+    for (ways, down, up, dropped, st) in measured {
+        if ways.1 {
+            assert!(down >= 0.85 * LIMIT, "{ways:?}: {down:.0}/s down");
+        }
+        if ways.0 {
+            assert!(up >= 0.85 * LIMIT, "{ways:?}: {up:.0}/s up");
+        }
+        assert!(dropped < 0.05, "{ways:?}: {:.1} % dropped", dropped * 100.0);
+        assert!(
+            (st.rate as f64) > 0.7 * LIMIT && (st.rate as f64) < 1.5 * LIMIT,
+            "{ways:?}: {st:?}"
+        );
+        assert!(st.window >= MIN_OUTSTANDING, "{st:?}");
+    }
+    // What arrived is intact and arrived once (the rest was dropped from
+    // the queues in front of the limit, and counted).
+    assert_delivered_once(&sent, &sim.server.tun);
+    assert_delivered_once(&sent, &sim.clients[c].tun);
+    let st = sim.clients[c].stats(sim.now);
+    assert!(st.queue_dropped > 0, "{st:?}");
+    assert!(
+        sim.server
+            .endpoint
+            .transport_drops()
+            .iter()
+            .any(|&(what, n)| what == "icmp_queue_full" && n > 0)
+    );
+    // The server's count showed the client the requests the limit dropped.
+    assert!(
+        st.lost.abs_diff(sim.limited) <= sim.limited / 10 + 5,
+        "{} counted lost, {} dropped",
+        st.lost,
+        sim.limited
+    );
+    assert_one_reply_per_request(&sim);
+    assert!(sim.clients[c].conn.is_connected(sim.now));
+    assert_eq!(
+        sim.clients[c].events.len(),
+        1,
+        "configured once, no failure"
+    );
+}
+
+/// A path that loses a fifth of the echo requests, whatever their rate:
+/// that is not congestion, and the client does not slow down for it.
+/// Downstream loses nothing (lost polls are replaced), upstream about what
+/// the path loses.
+#[test]
+fn path_losing_a_share_of_requests_keeps_its_pace() {
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(20), 0.0), IdMode::PerFlow, 8);
+    sim.request_loss = 0.2;
+    let c = sim.add_client(a, CLIENT_ID);
+    sim.connect(c);
+    let (mut n, mut sent) = (0, HashMap::new());
+    let start = sim.now;
+    offer(&mut sim, c, (true, true), 400, secs(60), &mut n, &mut sent);
+    let (from, to) = (start + secs(10), sim.now);
+    let down = rate_in(&sim.clients[c].tun, from, to);
+    let up = rate_in(&sim.server.tun, from, to);
+    let st = sim.clients[c].stats(sim.now);
+    eprintln!("{down:.0}/s down, {up:.0}/s up; {st:?}");
+    assert!(down >= 0.95 * 400.0, "{down:.0}/s down");
+    assert!(up >= 0.75 * 400.0, "{up:.0}/s up");
+    assert!(st.rate >= 400, "{st:?}");
+    sim.run_for(secs(10));
+    assert_delivered_once(&sent, &sim.server.tun);
+    let got_down = assert_delivered_once(&sent, &sim.clients[c].tun);
+    assert_eq!(got_down, sent.len() / 2, "every packet down arrived");
+    assert_one_reply_per_request(&sim);
+    assert_clean(&sim);
+}
+
+/// A clean path takes what it is given: thousands of packets a second
+/// each way, none waiting for the pacing long enough to be dropped, all
+/// delivered.
+#[test]
+fn clean_path_is_not_held_back() {
+    let a = key(1);
+    let mut sim = sim_with(&[&a], link(ms(10), 0.0), IdMode::PerFlow, 9);
+    let c = sim.add_client(a, CLIENT_ID);
+    sim.connect(c);
+    let (mut n, mut sent) = (0, HashMap::new());
+    offer(&mut sim, c, (true, true), 2000, secs(10), &mut n, &mut sent);
+    sim.run_for(secs(2));
+    let st = sim.clients[c].stats(sim.now);
+    assert_eq!(st.queue_dropped, 0, "{st:?}");
+    assert_eq!(st.lost, 0, "{st:?}");
+    let got = assert_delivered_once(&sent, &sim.server.tun)
+        + assert_delivered_once(&sent, &sim.clients[c].tun);
+    assert_eq!(got, sent.len());
+    assert_one_reply_per_request(&sim);
+    assert_clean(&sim);
 }

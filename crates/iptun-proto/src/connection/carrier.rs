@@ -19,7 +19,7 @@ pub enum Carrier {
         server: SocketAddr,
     },
     /// ICMP echo requests to the server.
-    Icmp(IcmpClient),
+    Icmp(Box<IcmpClient>),
     /// DNS queries through resolvers.
     Dns(Box<DnsClient>),
     /// HTTP(S): the driver's connection carries framed batches.
@@ -75,7 +75,12 @@ impl Carrier {
 
     /// [`Carrier::frame`] for an inner packet: on ICMP it waits for the
     /// pacing when it must (it comes out of [`Carrier::poll_paced`]).
-    pub(super) fn frame_packet(&mut self, now: Instant, buf: &mut [u8], len: usize) -> Option<usize> {
+    pub(super) fn frame_packet(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Option<usize> {
         match self {
             Self::Icmp(c) => c.frame_packet(now, buf, len),
             _ => self.frame(now, buf, len, false),

@@ -224,7 +224,9 @@ impl Connection {
             .map(|p| {
                 Candidate::new(match p {
                     PathConfig::Udp { server } => Carrier::Udp { server },
-                    PathConfig::Icmp { server, id } => Carrier::Icmp(IcmpClient::new(server, id)),
+                    PathConfig::Icmp { server, id } => {
+                        Carrier::Icmp(Box::new(IcmpClient::new(server, id)))
+                    }
                     PathConfig::Dns {
                         domain,
                         resolvers,

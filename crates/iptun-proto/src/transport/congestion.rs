@@ -21,25 +21,32 @@
 //!
 //! - **Congestion**: the round lost clearly more than the path's usual
 //!   share (more than two standard deviations, two requests and two percent
-//!   beyond its base loss), or even its fastest round trip was well above
-//!   the path's minimum (a queue builds). The rate drops to [`BETA`] of
-//!   itself, or to 95 % of what the round delivered if that is less: a
-//!   rate limiter tells its rate exactly, and one step lands just below it.
-//!   Outcomes of requests sent before a reduction do not count against the
-//!   reduced rate.
+//!   beyond its base loss), or round trips show a standing queue (well
+//!   above the path's minimum, [`DELAY_SAMPLES`] in a row; acted on at
+//!   once, not at the end of the round, whose outcomes come late behind
+//!   the queue while it grows). The rate drops to [`BETA`] of itself, or
+//!   to 95 % of what the round delivered if that is less (85 % after a
+//!   queue, so that it drains): a rate limiter tells its rate exactly, and
+//!   one step lands just below it. Outcomes of requests sent before a
+//!   reduction do not count against the reduced rate.
 //! - **Loss is not always congestion**: a lossy radio link or a firewall
 //!   that drops a share of requests loses them whatever the rate. The first
-//!   round sent after a reduction tells: a loss that stays as high at the
-//!   lower rate is the path's *base loss*, and only loss beyond it counts
-//!   from then on.
+//!   round sent after a reduction tells (it waits longer for enough
+//!   outcomes): a loss that stays as high at the lower rate is the path's
+//!   *base loss*, the reduction is undone, and only loss beyond the base
+//!   counts from then on.
 //! - **Reordering is not loss**: an outcome may be reported lost and then
 //!   found after all ([`Controller::on_late`]); it is taken back from the
 //!   round's count.
 //! - **Growth**: when a round was limited by the pacing (requests waited,
-//!   or it sent at 80 % of the rate or more), the rate doubles per round
-//!   until the first congestion (slow start), then grows by [`GROWTH`] per
-//!   round. A round that did not use its rate leaves it: an idle path
-//!   builds up no claim to a rate it never tried.
+//!   or it sent at 80 % of the rate or more), the rate doubles (slow start,
+//!   until the first congestion or until the round trip starts to grow),
+//!   then grows by [`GROWTH`]. A round that did not use its rate leaves
+//!   it: an idle path builds up no claim to a rate it never tried. After
+//!   any change a new round starts: outcomes of requests sent before show
+//!   nothing of the new rate (and come late where the far end holds
+//!   requests: growing again before they show the last growth would
+//!   overshoot).
 //! - **Window**: requests in flight may be twice what the rate carries in a
 //!   smoothed round trip, plus a floor; the transport bounds it (a server
 //!   holds so many requests).
@@ -74,6 +81,11 @@ pub const MAX_BASE_LOSS: f64 = 0.25;
 /// A queue this long (beyond the minimum round trip, and beyond the
 /// minimum itself) is congestion.
 pub const QUEUE_DELAY: Duration = Duration::from_millis(25);
+/// Slow start ends when round trips are this much (or a quarter) above the
+/// minimum, [`DELAY_SAMPLES`] in a row: a queue begins to build.
+pub const SLOW_START_DELAY: Duration = Duration::from_millis(4);
+/// Round trips in a row that must show a queue (one alone may be jitter).
+pub const DELAY_SAMPLES: u32 = 8;
 /// How long the minimum round trip is remembered: paths change.
 pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// The pacing bucket holds this much time's worth of requests (and at
@@ -175,6 +187,20 @@ impl Round {
             n => self.lost() as f64 / n as f64,
         }
     }
+
+    /// What it delivered, over the time its requests were sent in or
+    /// their outcomes came in, whichever is longer (a queue spreads the
+    /// outcomes out); `None` over too short a time.
+    fn delivery_rate(&self) -> Option<f64> {
+        let sending = self.latest.saturating_duration_since(self.start);
+        let arriving = match (self.outcomes_from, self.outcomes_to) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        };
+        let over = sending.max(arriving);
+        (over >= MIN_ROUND && self.delivered > 0)
+            .then(|| self.delivered as f64 / over.as_secs_f64())
+    }
 }
 
 /// The smallest round trip of the last [`MIN_RTT_WINDOW`] (Kathleen
@@ -240,9 +266,16 @@ pub struct Controller {
     next_blocked: bool,
     slow_start: bool,
     base_loss: f64,
-    /// The rate was reduced, and the first round after it is still to be
-    /// judged.
-    just_reduced: bool,
+    /// The rate was reduced for a loss, and the first round after it is
+    /// still to be judged: the rate before, and the loss share that made
+    /// it go.
+    reduced: Option<(f64, f64)>,
+    /// When the rate last changed.
+    changed_at: Instant,
+    /// Round trips in a row, of requests sent since, that show a queue
+    /// building up, and that show a standing queue.
+    building: u32,
+    queued: u32,
     stats: CongestionStats,
 }
 
@@ -262,7 +295,10 @@ impl Controller {
             next_blocked: false,
             slow_start: true,
             base_loss: 0.0,
-            just_reduced: false,
+            reduced: None,
+            changed_at: now,
+            building: 0,
+            queued: 0,
             stats: CongestionStats::default(),
         };
         c.tokens = c.burst();
@@ -284,7 +320,9 @@ impl Controller {
     /// trip, plus the floor, within the configured bounds.
     pub fn window(&self) -> usize {
         let rtt = self.srtt.unwrap_or(self.config.initial_rtt).as_secs_f64();
-        let bdp = (2.0 * self.rate * rtt).ceil().min(self.config.max_window as f64) as usize;
+        let bdp = (2.0 * self.rate * rtt)
+            .ceil()
+            .min(self.config.max_window as f64) as usize;
         (self.config.min_window + bdp).clamp(self.config.min_window, self.config.max_window)
     }
 
@@ -354,7 +392,7 @@ impl Controller {
     /// if it is a true one (without time the far end held it).
     pub fn on_answered(&mut self, now: Instant, sent_at: Instant, rtt: Option<Duration>) {
         if let Some(rtt) = rtt {
-            self.on_rtt(now, rtt);
+            self.on_rtt(now, sent_at, rtt);
         }
         self.on_delivered(now, sent_at, 1);
     }
@@ -378,8 +416,9 @@ impl Controller {
             && self.round.outcomes() < MIN_OUTCOMES
         {
             // Heavy loss needs no more outcomes to be judged.
-            self.judge(now);
-            self.next_round(now, now);
+            if !self.judge(now) {
+                self.next_round(now, now);
+            }
         }
     }
 
@@ -393,14 +432,33 @@ impl Controller {
         }
     }
 
-    /// A true round trip (without time the far end held the request).
-    pub fn on_rtt(&mut self, now: Instant, rtt: Duration) {
+    /// A true round trip (without time the far end held the request) of
+    /// a request sent at `sent_at`. Round trips that show a queue building
+    /// up act at once, not at the end of the round: the round's outcomes
+    /// come late behind that queue, and it grows meanwhile.
+    pub fn on_rtt(&mut self, now: Instant, sent_at: Instant, rtt: Duration) {
         self.srtt = Some(match self.srtt {
             None => rtt,
             Some(s) => (s * 7 + rtt) / 8,
         });
         self.min_rtt.update(now, rtt);
         self.round.min_rtt = Some(self.round.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        let Some(min) = self.min_rtt() else { return };
+        if sent_at < self.changed_at {
+            return; // sent at another rate
+        }
+        let building = rtt > min + (min / 4).max(SLOW_START_DELAY);
+        self.building = if building { self.building + 1 } else { 0 };
+        if self.building >= DELAY_SAMPLES {
+            // A queue begins to build: doubling would soon overfill it.
+            self.slow_start = false;
+        }
+        let queued = rtt > min + min.max(QUEUE_DELAY);
+        self.queued = if queued { self.queued + 1 } else { 0 };
+        if self.queued >= DELAY_SAMPLES {
+            let delivered = self.round.delivery_rate();
+            self.reduce(now, delivered, 0.0, true);
+        }
     }
 
     fn burst(&self) -> f64 {
@@ -432,8 +490,18 @@ impl Controller {
         }
         if sent_at >= self.round.end {
             let span = self.round.end.saturating_duration_since(self.round.start);
-            if self.round.outcomes() >= MIN_OUTCOMES || span >= MAX_ROUND {
-                self.judge(now);
+            // The round after a reduction must tell whether it helped: it
+            // waits longer for enough outcomes.
+            let patience = if self.reduced.is_some() {
+                MAX_ROUND * 5
+            } else {
+                MAX_ROUND
+            };
+            if self.round.outcomes() >= MIN_OUTCOMES || span >= patience {
+                if self.judge(now) {
+                    // The rate changed: only requests sent from now on count.
+                    return false;
+                }
                 self.next_round(self.round.end, sent_at);
             } else {
                 // Too few outcomes to judge: the round grows to take this one.
@@ -462,7 +530,11 @@ impl Controller {
     }
 
     /// The round is complete: reduce, learn the base loss, or grow.
-    fn judge(&mut self, now: Instant) {
+    /// Whether the rate changed (then a new round starts now: outcomes of
+    /// requests sent before show nothing of the new rate; they come later
+    /// than a round trip where the far end holds requests, and growing
+    /// again before they show the last growth would overshoot).
+    fn judge(&mut self, now: Instant) -> bool {
         let r = self.round;
         let span = r.end.saturating_duration_since(r.start).as_secs_f64();
         let loss = r.loss();
@@ -476,55 +548,66 @@ impl Controller {
             (Some(fastest), Some(min)) => fastest > min + min.max(QUEUE_DELAY),
             _ => false,
         };
-        if enough && std::mem::take(&mut self.just_reduced) && !queued && loss < MAX_BASE_LOSS {
-            // Every request of this round went at the reduced rate: what
-            // it still lost is the path's loss, not the rate's.
-            self.base_loss = loss;
-            return;
+        if let Some((before, trigger)) = self.reduced.take()
+            && enough
+        {
+            // Every request of this round went at the reduced rate. Still
+            // as lossy: the loss is the path's, not the rate's; the
+            // reduction is undone.
+            if lossy && !queued && loss >= trigger / 2.0 && loss < MAX_BASE_LOSS {
+                self.base_loss = loss;
+                self.stats.reductions -= 1;
+                self.set_rate(before);
+                self.restart(now);
+                return true;
+            }
         }
         if lossy || queued {
-            // What the round delivered, over the time its requests were
-            // sent in or their outcomes came in, whichever is longer (a
-            // queue spreads the outcomes out).
-            let sending = r.latest.saturating_duration_since(r.start);
-            let arriving = match (r.outcomes_from, r.outcomes_to) {
-                (Some(a), Some(b)) => b.saturating_duration_since(a),
-                _ => Duration::ZERO,
-            };
-            let over = sending.max(arriving).as_secs_f64();
-            let delivered =
-                (enough && over >= MIN_ROUND.as_secs_f64()).then(|| r.delivered as f64 / over);
-            self.reduce(now, delivered);
-            return;
+            let delivered = r.delivery_rate().filter(|_| enough);
+            self.reduce(now, delivered, loss, queued);
+            return true;
         }
         if enough {
             self.base_loss = (self.base_loss * 0.9 + loss * 0.1).min(MAX_BASE_LOSS);
         }
         let used = span > 0.0 && r.sent as f64 >= 0.8 * self.rate * span;
-        if r.blocked || used {
-            let grown = if self.slow_start {
-                self.rate * 2.0
-            } else {
-                self.rate * (1.0 + GROWTH)
-            };
-            self.set_rate(grown);
+        if !(r.blocked || used) {
+            return false;
         }
+        let grown = if self.slow_start {
+            self.rate * 2.0
+        } else {
+            self.rate * (1.0 + GROWTH)
+        };
+        self.set_rate(grown);
+        self.restart(now);
+        true
     }
 
-    fn reduce(&mut self, now: Instant, delivered: Option<f64>) {
+    fn reduce(&mut self, now: Instant, delivered: Option<f64>, loss: f64, queued: bool) {
+        let before = self.rate;
         let mut rate = self.rate * BETA;
+        // Just below what the path delivers; well below if a queue built
+        // up, so that it drains.
+        let below = if queued { 0.85 } else { 0.95 };
         if let Some(d) = delivered.filter(|&d| d > 0.0) {
-            rate = rate.min(d * 0.95);
+            rate = rate.min(d * below);
         }
         self.set_rate(rate);
         self.slow_start = false;
         self.stats.reductions += 1;
-        self.just_reduced = true;
-        // Outcomes of requests sent before now were sent too fast: the
-        // next round holds only requests sent at the reduced rate.
+        self.reduced = (!queued).then_some((before, loss));
+        self.restart(now);
+    }
+
+    /// A new round from now: requests sent before went at another rate.
+    fn restart(&mut self, now: Instant) {
         self.round = Round::new(now, self.round_len());
         self.next_sent = 0;
         self.next_blocked = false;
+        self.changed_at = now;
+        self.building = 0;
+        self.queued = 0;
     }
 
     fn set_rate(&mut self, rate: f64) {
@@ -642,7 +725,10 @@ mod tests {
         let gaps: Vec<Duration> = sends.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps[..1].iter().all(|g| *g == Duration::ZERO), "{gaps:?}");
         for g in &gaps[2..] {
-            assert!(*g >= ms(10) && *g <= ms(10) + Duration::from_micros(2), "{g:?}");
+            assert!(
+                *g >= ms(10) && *g <= ms(10) + Duration::from_micros(2),
+                "{g:?}"
+            );
         }
         assert_eq!(c0.pacing_interval(), ms(10));
     }
@@ -688,7 +774,11 @@ mod tests {
         });
         assert!(delivered >= 0.85 * 1000.0, "{delivered:.0}/s delivered");
         assert!(c.pacing_rate() >= 1000.0, "{:?}", c.stats());
-        assert!((0.05..=0.15).contains(&c.stats().base_loss), "{:?}", c.stats());
+        assert!(
+            (0.05..=0.15).contains(&c.stats().base_loss),
+            "{:?}",
+            c.stats()
+        );
     }
 
     #[test]
@@ -748,7 +838,10 @@ mod tests {
         let mut pending = std::collections::BTreeSet::new();
         let mut i = 0u64;
         while now < t0 + Duration::from_secs(30) {
-            while pending.first().is_some_and(|p: &(Instant, u64, What, Instant)| p.0 <= now) {
+            while pending
+                .first()
+                .is_some_and(|p: &(Instant, u64, What, Instant)| p.0 <= now)
+            {
                 let (at, _, what, sent) = pending.pop_first().unwrap();
                 match what {
                     What::Answered => c.on_answered(at, sent, Some(ms(20))),
@@ -759,7 +852,7 @@ mod tests {
             if c.can_send(now) {
                 c.on_sent(now);
                 i += 1;
-                if i % 10 == 0 {
+                if i.is_multiple_of(10) {
                     pending.insert((now + ms(20), i, What::Lost, now));
                     pending.insert((now + ms(23), i, What::Late, now));
                 } else {
@@ -768,7 +861,10 @@ mod tests {
             } else {
                 c.on_blocked(now);
             }
-            now = c.next_send_time(now).min(now + ms(1)).max(now + Duration::from_micros(50));
+            now = c
+                .next_send_time(now)
+                .min(now + ms(1))
+                .max(now + Duration::from_micros(50));
         }
         let s = c.stats();
         assert_eq!(s.reductions, 0, "{s:?}");
@@ -801,9 +897,16 @@ mod tests {
             } else {
                 c.on_blocked(now);
             }
-            now = c.next_send_time(now).min(now + ms(1)).max(now + Duration::from_micros(50));
+            now = c
+                .next_send_time(now)
+                .min(now + ms(1))
+                .max(now + Duration::from_micros(50));
         }
-        assert!(max_queue < ms(200), "queue of {max_queue:?}: {:?}", c.stats());
+        assert!(
+            max_queue < ms(200),
+            "queue of {max_queue:?}: {:?}",
+            c.stats()
+        );
         assert!(c.pacing_rate() > 100.0, "{:?}", c.stats());
     }
 
@@ -832,9 +935,9 @@ mod tests {
                     }
                 }
                 let rate = c.pacing_rate();
-                prop_assert!(rate >= CONFIG.min_rate && rate <= MAX_RATE);
+                prop_assert!((CONFIG.min_rate..=MAX_RATE).contains(&rate));
                 let w = c.window();
-                prop_assert!(w >= CONFIG.min_window && w <= CONFIG.max_window);
+                prop_assert!((CONFIG.min_window..=CONFIG.max_window).contains(&w));
                 prop_assert!(c.stats().base_loss <= MAX_BASE_LOSS);
             }
         }

@@ -28,9 +28,7 @@ use std::time::{Duration, Instant};
 use super::congestion::{self, Controller};
 use super::poll::{Cadence, MAX_PARKED, Parking};
 use crate::engine::SessionId;
-use crate::wire::icmp::{
-    self, Echo, Family, MAGIC, REPLY_OVERHEAD, REQUEST_OVERHEAD, ReplyInfo,
-};
+use crate::wire::icmp::{self, Echo, Family, MAGIC, REPLY_OVERHEAD, REQUEST_OVERHEAD, ReplyInfo};
 use crate::wire::message::TYPE_INIT;
 
 /// Bytes in front of a tunnel message in a request: header and magic.
@@ -64,6 +62,13 @@ const SENT_RING: usize = 1024;
 /// fewer than none) means the server's count restarted: a new baseline.
 const COUNT_SLACK: i32 = 64;
 
+/// Requests sent this much apart arrive in the order they were sent: one
+/// missing from the server's count when a request sent this much later
+/// arrived is lost, not overtaken. (In send time: the server answers in
+/// the order requests arrive, but only as data comes for them, so replies
+/// to requests overtaken on the way may come seconds apart.)
+const REORDER_WINDOW: Duration = Duration::from_millis(20);
+
 /// The client half: one server address, one echo identifier.
 #[derive(Debug)]
 pub struct IcmpClient {
@@ -88,6 +93,11 @@ pub struct IcmpClient {
     level: Option<(u32, u32)>,
     /// Requests sent after that one, given up on and counted lost already.
     presumed: u32,
+    /// Losses the count showed, not confirmed yet: when the count showed
+    /// them, when the latest of them was sent, how many. Requests overtaken
+    /// on the way look lost until they arrive; those still missing when a
+    /// request sent [`REORDER_WINDOW`] after them was counted are lost.
+    unconfirmed: VecDeque<(Instant, Instant, u32)>,
     /// Inner packets (sealed messages) waiting for the pacing.
     queue: VecDeque<Vec<u8>>,
     spare: Vec<Vec<u8>>,
@@ -196,6 +206,7 @@ impl IcmpClient {
             counted: 0,
             level: None,
             presumed: 0,
+            unconfirmed: VecDeque::new(),
             queue: VecDeque::new(),
             spare: Vec::new(),
             paced_until: None,
@@ -306,7 +317,9 @@ impl IcmpClient {
         self.paced_until = None;
         let msg = self.queue.pop_front()?;
         let len = msg.len();
-        let fits = buf.get_mut(HEADROOM..HEADROOM + len).map(|b| b.copy_from_slice(&msg));
+        let fits = buf
+            .get_mut(HEADROOM..HEADROOM + len)
+            .map(|b| b.copy_from_slice(&msg));
         self.spare.push(msg);
         fits.map(|()| self.frame(now, buf, len, false))
     }
@@ -340,7 +353,13 @@ impl IcmpClient {
     /// its message opened (else it proves only that the request arrived:
     /// the server had no session), `carried_data` when it brought more
     /// than a keepalive (then more requests go out).
-    pub fn replied(&mut self, now: Instant, meta: ReplyMeta, authenticated: bool, carried_data: bool) {
+    pub fn replied(
+        &mut self,
+        now: Instant,
+        meta: ReplyMeta,
+        authenticated: bool,
+        carried_data: bool,
+    ) {
         self.stats.replies += 1;
         let s = self.sent[usize::from(meta.seq) % SENT_RING];
         if s.seq == meta.seq {
@@ -393,8 +412,8 @@ impl IcmpClient {
             .outstanding
             .front()
             .map(|&seq| self.slot(seq).at + Cadence::ICMP.request_timeout);
-        let waiting = !self.queue.is_empty()
-            || (self.polling && self.outstanding.len() < self.target);
+        let waiting =
+            !self.queue.is_empty() || (self.polling && self.outstanding.len() < self.target);
         let paced = self.paced_until.filter(|_| waiting);
         [oldest, paced].into_iter().flatten().min()
     }
@@ -467,7 +486,7 @@ impl IcmpClient {
             .hold
             .and_then(|hold| now.checked_duration_since(s.at)?.checked_sub(hold));
         if let Some(rtt) = rtt {
-            self.cc.on_rtt(now, rtt);
+            self.cc.on_rtt(now, s.at, rtt);
         }
         if let Some(count) = s.count {
             self.counted_sample(now, count, info.ordinal, s.at);
@@ -504,10 +523,42 @@ impl IcmpClient {
             let known = (lost as u32).min(self.presumed);
             self.presumed -= known;
             if lost as u32 > known {
-                self.cc.on_lost(now, sent_at, u64::from(lost as u32 - known));
+                self.unconfirmed
+                    .push_back((now, sent_at, lost as u32 - known));
             }
         } else if lost < 0 {
-            self.cc.on_late(now, sent_at, lost.unsigned_abs().into());
+            // Requests that looked lost arrived after all.
+            let mut found = lost.unsigned_abs();
+            while found > 0 {
+                let Some(last) = self.unconfirmed.back_mut() else {
+                    break;
+                };
+                let n = found.min(last.2);
+                last.2 -= n;
+                found -= n;
+                if last.2 == 0 {
+                    self.unconfirmed.pop_back();
+                }
+            }
+            if found > 0 {
+                self.cc.on_late(now, sent_at, found.into());
+            }
+        }
+        self.confirm_losses(now, |_, sent| sent + REORDER_WINDOW <= sent_at);
+    }
+
+    /// Losses the count showed that no late arrival took back: confirmed
+    /// when a request sent well after them was counted (`confirmed` gets
+    /// when they were seen and when their latest was sent), or after the
+    /// request timeout.
+    fn confirm_losses(&mut self, now: Instant, confirmed: impl Fn(Instant, Instant) -> bool) {
+        while let Some(&(seen, sent, n)) = self.unconfirmed.front() {
+            let timed_out = now.saturating_duration_since(seen) >= Cadence::ICMP.request_timeout;
+            if !(timed_out || confirmed(seen, sent)) {
+                break;
+            }
+            self.unconfirmed.pop_front();
+            self.cc.on_lost(now, sent, n.into());
         }
     }
 
@@ -515,6 +566,7 @@ impl IcmpClient {
     /// server answers within its hold). Those sent after the last reply's
     /// request count as lost now; a later reply's count covers them again.
     fn expire(&mut self, now: Instant) {
+        self.confirm_losses(now, |_, _| false);
         while let Some(&seq) = self.outstanding.front() {
             let s = *self.slot(seq);
             if now.saturating_duration_since(s.at) < Cadence::ICMP.request_timeout {
@@ -916,15 +968,21 @@ mod tests {
                 replies.push_back((now + ms(20), reply(&l, now + ms(10), arrived, b"down")));
             }
         }
-        let s = c.stats();
-        // The server's count says how many were lost (all 75 but the last,
-        // sent after the last one answered); those sent well before one
+        // The server's count says how many were lost: each is confirmed once
+        // a request sent well after it was counted (not the last few: they
+        // may still come, overtaken on the way). Those sent well before one
         // answered were given up on (not the last two: one may still come,
-        // overtaken on the way, and one was sent after).
-        assert_eq!(s.lost, 74, "{s:?}");
+        // and one was sent after the last one answered).
+        let s = c.stats();
+        assert!((65..74).contains(&s.lost), "{s:?}");
         assert_eq!(s.unanswered, 73, "{s:?}");
         assert_eq!(s.outstanding, 2, "{s:?}");
         assert_eq!(s.rtt, Some(ms(20)));
+        // After the request timeout, the last two are given up on, and the
+        // last of all counts as lost (no reply's count covers it).
+        let _ = c.polls_due(t0 + ms(8000));
+        let s = c.stats();
+        assert_eq!((s.lost, s.unanswered, s.outstanding), (75, 75, 0), "{s:?}");
     }
 
     #[test]
@@ -960,13 +1018,21 @@ mod tests {
         let (probe, _) = request(&mut c, t0 + ms(100), b"probe", true);
         let _ = l.count(t0 + ms(10), S, held);
         let probe = l.count(t0 + ms(110), S, probe);
-        take(&mut c, t0 + ms(120), &reply(&l, t0 + ms(110), probe, b"reply"));
+        take(
+            &mut c,
+            t0 + ms(120),
+            &reply(&l, t0 + ms(110), probe, b"reply"),
+        );
         assert_eq!(c.stats().outstanding, 1, "the held one is still out");
         assert_eq!(c.stats().unanswered, 0);
         // A request held under older keys is no init: counted.
         let (init, _) = request(&mut c, t0 + ms(200), &[TYPE_INIT, 0, 0, 0], false);
         let init = Arrived::uncounted(init, t0 + ms(210));
-        take(&mut c, t0 + ms(220), &reply(&l, t0 + ms(210), init, b"response"));
+        take(
+            &mut c,
+            t0 + ms(220),
+            &reply(&l, t0 + ms(210), init, b"response"),
+        );
         assert_eq!(c.stats().outstanding, 1, "an init is answered out of turn");
         assert_eq!(c.stats().lost, 0);
     }
@@ -993,7 +1059,11 @@ mod tests {
         assert!(s.paced);
         assert_eq!(c.polls_due(t0), 0, "packets go first");
         let wake = c.next_timeout().expect("paced");
-        assert!(wake > t0 && wake <= t0 + Duration::from_micros(101), "{:?}", wake - t0);
+        assert!(
+            wake > t0 && wake <= t0 + Duration::from_micros(101),
+            "{:?}",
+            wake - t0
+        );
         // They come out in order, one per pacing interval.
         let mut now = t0;
         let mut out = Vec::new();
@@ -1043,7 +1113,11 @@ mod tests {
         // QUIET_ANSWER is answered: 200 ms, 10 of them.
         assert_eq!(answered.len(), 10, "{answered:?}");
         assert!(answered.windows(2).all(|w| w[1].0 - w[0].0 >= QUIET_ANSWER));
-        assert!(answered.iter().all(|&(_, seq, ordinal)| u32::from(seq) + 1 == ordinal));
+        assert!(
+            answered
+                .iter()
+                .all(|&(_, seq, ordinal)| u32::from(seq) + 1 == ordinal)
+        );
         // Downstream data resets the quiet time.
         let now = t0 + ms(300);
         assert!(l.take_parked(now, S).is_some());

@@ -301,16 +301,25 @@ mod tests {
         assert_eq!(e.tunnel_reply(), Some((info, &b"msg!"[..])));
         // A request has no reply info; a reply too short for it is refused.
         let n = emit_echo(Family::V4, false, 7, 9, &mut buf, 14);
-        assert_eq!(Echo::parse(Family::V4, &buf[..n]).unwrap().tunnel_reply(), None);
+        assert_eq!(
+            Echo::parse(Family::V4, &buf[..n]).unwrap().tunnel_reply(),
+            None
+        );
         let n = emit_echo(Family::V4, true, 7, 9, &mut buf, 9);
-        assert_eq!(Echo::parse(Family::V4, &buf[..n]).unwrap().tunnel_reply(), None);
+        assert_eq!(
+            Echo::parse(Family::V4, &buf[..n]).unwrap().tunnel_reply(),
+            None
+        );
     }
 
     #[test]
     fn holds_too_long_to_tell_read_as_none() {
         let mut b = [0u8; REPLY_INFO_LEN];
         for (hold, back) in [
-            (Some(Duration::from_micros(250)), Some(Duration::from_micros(200))),
+            (
+                Some(Duration::from_micros(250)),
+                Some(Duration::from_micros(200)),
+            ),
             (Some(ReplyInfo::MAX_HOLD), Some(ReplyInfo::MAX_HOLD)),
             (Some(ReplyInfo::MAX_HOLD + ReplyInfo::HOLD_UNIT), None),
             (Some(Duration::from_secs(3600)), None),

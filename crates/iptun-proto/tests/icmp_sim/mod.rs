@@ -516,6 +516,7 @@ pub struct Nat {
     /// Requests that left with a public id another client's outstanding
     /// request also had.
     pub ids_shared_live: u64,
+    pruned: Option<Instant>,
 }
 
 /// The pool `IdMode::PerRequest` cycles through.
@@ -533,13 +534,23 @@ impl Nat {
             firewall_drops: Vec::new(),
             ids_used: HashMap::new(),
             ids_shared_live: 0,
+            pruned: None,
         }
     }
 
     /// A packet from the LAN to the internet: rewrite an echo request.
     fn outbound(&mut self, now: Instant, p: Packet) -> Option<Packet> {
-        self.conns
-            .retain(|_, c| now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT);
+        // Expired entries are pruned once a second (lookups check the age
+        // themselves): pruning per packet costs too much when thousands
+        // of requests go unanswered.
+        if self
+            .pruned
+            .is_none_or(|t| now - t >= Duration::from_secs(1))
+        {
+            self.conns
+                .retain(|_, c| now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT);
+            self.pruned = Some(now);
+        }
         let e = Echo::parse(FAMILY, &p.icmp).expect("clients send valid echoes");
         assert!(!e.reply, "clients only send requests");
         let ip = self.public_ip;
@@ -554,7 +565,11 @@ impl Nat {
             IdMode::PerRequest => {
                 let free = (0..SHARED_IDS)
                     .map(|k| FIRST_PUBLIC_ID + (self.next_id + k) % SHARED_IDS)
-                    .find(|&id| !self.conns.contains_key(&(ip, id, e.seq)));
+                    .find(|&id| {
+                        self.conns.get(&(ip, id, e.seq)).is_none_or(|c| {
+                            now.saturating_duration_since(c.at) >= CONNTRACK_TIMEOUT
+                        })
+                    });
                 let Some(id) = free else {
                     return None; // no mapping free: the NAT drops it
                 };
@@ -562,10 +577,12 @@ impl Nat {
                 id
             }
         };
-        if self
-            .conns
-            .iter()
-            .any(|(&(cip, cid, _), c)| (cip, cid) == (ip, public) && c.lan != p.src)
+        if self.mode == IdMode::PerRequest
+            && self.conns.iter().any(|(&(cip, cid, _), c)| {
+                (cip, cid) == (ip, public)
+                    && c.lan != p.src
+                    && now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT
+            })
         {
             self.ids_shared_live += 1;
         }
@@ -578,7 +595,10 @@ impl Nat {
                 at: now,
             },
         );
-        assert!(old.is_none(), "the NAT reused a live mapping");
+        assert!(
+            old.is_none_or(|c| now.saturating_duration_since(c.at) >= CONNTRACK_TIMEOUT),
+            "the NAT reused a live mapping"
+        );
         self.ids_used.entry(p.src).or_default().push(public);
         Some(Packet {
             src: ip,
