@@ -870,7 +870,7 @@ fn echo_counters(router: &Netns) -> (u64, u64) {
     let packets = |marker: &str| {
         let line = out
             .lines()
-            .find(|l| l.contains(marker))
+            .find(|l| l.contains("counter") && l.trim_end().ends_with(marker))
             .unwrap_or_else(|| panic!("no `{marker}` rule: {out}"));
         // "... counter packets N bytes M ..." (a limit says "burst 5 packets")
         let words: Vec<&str> = line.split_whitespace().collect();

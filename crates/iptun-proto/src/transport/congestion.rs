@@ -24,24 +24,31 @@
 //!   beyond its base loss), or round trips show a standing queue (well
 //!   above the path's minimum, [`DELAY_SAMPLES`] in a row; acted on at
 //!   once, not at the end of the round, whose outcomes come late behind
-//!   the queue while it grows). The rate drops to [`BETA`] of itself, or
-//!   to 95 % of what the round delivered if that is less (85 % after a
-//!   queue, so that it drains): a rate limiter tells its rate exactly, and
-//!   one step lands just below it. Outcomes of requests sent before a
-//!   reduction do not count against the reduced rate.
+//!   the queue while it grows). The rate drops to [`BETA`] of itself (half
+//!   after a queue in slow start), or, for a loss in a round that sent at
+//!   its rate all along, to 95 % of what the round delivered if that is
+//!   less: a rate limiter tells its rate exactly, and one step lands just
+//!   below it. A round that did not use its rate lost requests to bursts
+//!   at that rate: what it delivered is only what it was asked; the rate
+//!   drops by the share lost (a long enough burst loses what its rate
+//!   exceeds the path's by), at least by half, down to what was delivered
+//!   at most. Outcomes of requests sent before a reduction do not count
+//!   against the reduced rate.
 //! - **Loss is not always congestion**: a lossy radio link or a firewall
 //!   that drops a share of requests loses them whatever the rate. The first
 //!   round sent after a reduction tells (it waits longer for enough
-//!   outcomes): a loss that stays as high at the lower rate is the path's
-//!   *base loss*, the reduction is undone, and only loss beyond the base
-//!   counts from then on.
+//!   outcomes): a loss that stays as high at the lower rate, sent evenly at
+//!   that rate all along, is the path's *base loss*; the reduction is
+//!   undone, and only loss beyond the base counts from then on.
 //! - **Reordering is not loss**: an outcome may be reported lost and then
 //!   found after all ([`Controller::on_late`]); it is taken back from the
 //!   round's count.
 //! - **Growth**: when a round was limited by the pacing (requests waited,
 //!   or it sent at 80 % of the rate or more), the rate doubles (slow start,
 //!   until the first congestion or until the round trip starts to grow),
-//!   then grows by [`GROWTH`]. A round that did not use its rate leaves
+//!   then grows by [`GROWTH`] (or doubles again while below half of what
+//!   the path delivered lately: after an outage). A round that did not use
+//!   its rate leaves
 //!   it: an idle path builds up no claim to a rate it never tried. After
 //!   any change a new round starts: outcomes of requests sent before show
 //!   nothing of the new rate (and come late where the far end holds
@@ -72,6 +79,9 @@ pub const MIN_HEAVY: u64 = 8;
 pub const BETA: f64 = 0.85;
 /// Growth per round after slow start.
 pub const GROWTH: f64 = 0.05;
+/// What the path delivered lately fades by this per round: far below it
+/// (half), the rate grows back by doubling.
+pub const PEAK_DECAY: f64 = 0.98;
 /// A sanity bound on the rate (requests a second), not a limit any path
 /// should meet.
 pub const MAX_RATE: f64 = 10_000_000.0;
@@ -152,9 +162,6 @@ struct Round {
     min_rtt: Option<Duration>,
     /// The send time of the latest request whose outcome it counted.
     latest: Instant,
-    /// When its first and latest outcomes arrived.
-    outcomes_from: Option<Instant>,
-    outcomes_to: Option<Instant>,
 }
 
 impl Round {
@@ -168,8 +175,6 @@ impl Round {
             blocked: false,
             min_rtt: None,
             latest: start,
-            outcomes_from: None,
-            outcomes_to: None,
         }
     }
 
@@ -188,18 +193,12 @@ impl Round {
         }
     }
 
-    /// What it delivered, over the time its requests were sent in or
-    /// their outcomes came in, whichever is longer (a queue spreads the
-    /// outcomes out); `None` over too short a time.
+    /// What it delivered, over the time its requests were sent in (not
+    /// the time their outcomes came in: where the far end holds requests,
+    /// that tells how long it held them); `None` over too short a time.
     fn delivery_rate(&self) -> Option<f64> {
         let sending = self.latest.saturating_duration_since(self.start);
-        let arriving = match (self.outcomes_from, self.outcomes_to) {
-            (Some(a), Some(b)) => b.saturating_duration_since(a),
-            _ => Duration::ZERO,
-        };
-        let over = sending.max(arriving);
-        (over >= MIN_ROUND && self.delivered > 0)
-            .then(|| self.delivered as f64 / over.as_secs_f64())
+        (sending >= MIN_ROUND).then(|| self.delivered as f64 / sending.as_secs_f64())
     }
 }
 
@@ -249,6 +248,19 @@ impl MinFilter {
     }
 }
 
+/// Why the rate drops.
+#[derive(Clone, Copy, Debug)]
+enum Congestion {
+    /// A standing queue.
+    Queue,
+    /// Loss in a round that sent at its rate all along, which `delivered`
+    /// requests a second.
+    Loss { delivered: Option<f64>, loss: f64 },
+    /// Loss in a round that did not use its rate, but for bursts: at the
+    /// pacing rate, they were too fast for the path.
+    BurstLoss { delivered: Option<f64>, loss: f64 },
+}
+
 /// A congestion controller: see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct Controller {
@@ -272,6 +284,8 @@ pub struct Controller {
     reduced: Option<(f64, f64)>,
     /// When the rate last changed.
     changed_at: Instant,
+    /// The most the path delivered in a round lately (decaying).
+    peak: f64,
     /// Round trips in a row, of requests sent since, that show a queue
     /// building up, and that show a standing queue.
     building: u32,
@@ -297,6 +311,7 @@ impl Controller {
             base_loss: 0.0,
             reduced: None,
             changed_at: now,
+            peak: 0.0,
             building: 0,
             queued: 0,
             stats: CongestionStats::default(),
@@ -456,8 +471,7 @@ impl Controller {
         let queued = rtt > min + min.max(QUEUE_DELAY);
         self.queued = if queued { self.queued + 1 } else { 0 };
         if self.queued >= DELAY_SAMPLES {
-            let delivered = self.round.delivery_rate();
-            self.reduce(now, delivered, 0.0, true);
+            self.reduce(now, Congestion::Queue);
         }
     }
 
@@ -510,10 +524,7 @@ impl Controller {
                 self.round.blocked |= std::mem::take(&mut self.next_blocked);
             }
         }
-        let r = &mut self.round;
-        r.latest = r.latest.max(sent_at);
-        r.outcomes_from.get_or_insert(now);
-        r.outcomes_to = Some(now);
+        self.round.latest = self.round.latest.max(sent_at);
         true
     }
 
@@ -548,13 +559,19 @@ impl Controller {
             (Some(fastest), Some(min)) => fastest > min + min.max(QUEUE_DELAY),
             _ => false,
         };
+        // It sent at its rate all along (what it delivered is then what
+        // the path carries), or requests waited for the pacing at times
+        // (more rate would have helped).
+        let used = span > 0.0 && r.sent as f64 >= 0.8 * self.rate * span;
+        let limited = r.blocked || used;
         if let Some((before, trigger)) = self.reduced.take()
             && enough
         {
-            // Every request of this round went at the reduced rate. Still
-            // as lossy: the loss is the path's, not the rate's; the
+            // Every request of this round went at the reduced rate, evenly
+            // (bursts at a rate still too high lose as much as before).
+            // Still as lossy: the loss is the path's, not the rate's; the
             // reduction is undone.
-            if lossy && !queued && loss >= trigger / 2.0 && loss < MAX_BASE_LOSS {
+            if used && lossy && !queued && loss >= trigger / 2.0 && loss < MAX_BASE_LOSS {
                 self.base_loss = loss;
                 self.stats.reductions -= 1;
                 self.set_rate(before);
@@ -564,18 +581,28 @@ impl Controller {
         }
         if lossy || queued {
             let delivered = r.delivery_rate().filter(|_| enough);
-            self.reduce(now, delivered, loss, queued);
+            let why = match (queued, used) {
+                (true, _) => Congestion::Queue,
+                (false, true) => Congestion::Loss { delivered, loss },
+                (false, false) => Congestion::BurstLoss { delivered, loss },
+            };
+            self.reduce(now, why);
             return true;
         }
         if enough {
             self.base_loss = (self.base_loss * 0.9 + loss * 0.1).min(MAX_BASE_LOSS);
+            let delivered = r.delivery_rate().unwrap_or(0.0);
+            self.peak = (self.peak * PEAK_DECAY).max(delivered);
         }
-        let used = span > 0.0 && r.sent as f64 >= 0.8 * self.rate * span;
-        if !(r.blocked || used) {
+        if !limited {
             return false;
         }
         let grown = if self.slow_start {
             self.rate * 2.0
+        } else if self.rate < self.peak / 2.0 {
+            // Far below what the path delivered lately (after an outage, a
+            // burst of loss): back quickly.
+            (self.rate * 2.0).min(self.peak)
         } else {
             self.rate * (1.0 + GROWTH)
         };
@@ -584,19 +611,32 @@ impl Controller {
         true
     }
 
-    fn reduce(&mut self, now: Instant, delivered: Option<f64>, loss: f64, queued: bool) {
+    fn reduce(&mut self, now: Instant, why: Congestion) {
         let before = self.rate;
-        let mut rate = self.rate * BETA;
-        // Just below what the path delivers; well below if a queue built
-        // up, so that it drains.
-        let below = if queued { 0.85 } else { 0.95 };
-        if let Some(d) = delivered.filter(|&d| d > 0.0) {
-            rate = rate.min(d * below);
-        }
+        let cut = self.rate * BETA;
+        let (rate, loss) = match why {
+            // Doubling overshot by up to half.
+            Congestion::Queue if self.slow_start => (self.rate / 2.0, None),
+            Congestion::Queue => (cut, None),
+            // Just below what the path delivers.
+            Congestion::Loss { delivered, loss } => {
+                (delivered.map_or(cut, |d| cut.min(d * 0.95)), Some(loss))
+            }
+            // The pacing let bursts go too fast for the path; what the
+            // round delivered is what it was asked, the least the path
+            // carries.
+            Congestion::BurstLoss { delivered, loss } => {
+                // A burst long enough loses what its rate exceeds the
+                // path's by: what is left of the rate is near the path's.
+                let floor = delivered.map_or(0.0, |d| d * 0.95);
+                let left = self.rate * (1.0 - loss);
+                (left.max(floor).min(self.rate / 2.0), Some(loss))
+            }
+        };
         self.set_rate(rate);
         self.slow_start = false;
         self.stats.reductions += 1;
-        self.reduced = (!queued).then_some((before, loss));
+        self.reduced = loss.map(|loss| (before, loss));
         self.restart(now);
     }
 

@@ -41,7 +41,7 @@ pub const REPLY_HEADROOM: usize = REPLY_OVERHEAD;
 /// idle number of requests out, at most half of what the server holds
 /// (the other half is room for requests that carry data).
 const CONGESTION: congestion::Config = congestion::Config {
-    initial_rate: 10_000.0,
+    initial_rate: 1000.0,
     min_rate: 10.0,
     min_window: Cadence::ICMP.min_outstanding,
     max_window: Cadence::ICMP.max_outstanding,
