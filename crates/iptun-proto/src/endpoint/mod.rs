@@ -39,7 +39,7 @@ use crate::engine::{
 };
 use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
-use crate::transport::icmp::{self, IcmpListener, Incoming, Request};
+use crate::transport::icmp::{self, Arrived, IcmpListener, Incoming};
 use crate::transport::{Kind, TunSink};
 use crate::wire::Message;
 use crate::wire::dns::Domain;
@@ -472,7 +472,7 @@ impl Endpoint {
             Some(&path) => path,
         };
         let headroom = match path {
-            Path::Icmp { .. } => icmp::HEADROOM,
+            Path::Icmp { .. } => icmp::REPLY_HEADROOM,
             Path::Ws { .. } => LEN_PREFIX,
             _ => 0,
         };
@@ -510,16 +510,16 @@ impl Endpoint {
                 let Listener::Icmp(l) = &mut self.listeners[listener] else {
                     return None;
                 };
-                let Some(request) = l.take_parked(s) else {
+                let Some(arrived) = l.take_parked(now, s) else {
                     l.queue(s, &buf[headroom..headroom + n]);
                     return None;
                 };
-                let len = l.frame_reply(request, buf, icmp::HEADROOM, n);
+                let len = l.frame_reply(now, arrived, buf, n);
                 Some(Transmit {
                     listener,
                     to: Destination::Icmp {
-                        to: request.ip,
-                        from: request.local,
+                        to: arrived.request.ip,
+                        from: arrived.request.local,
                     },
                     len,
                 })
@@ -567,7 +567,12 @@ impl Endpoint {
                         // An ordinary ping: answered as the kernel would.
                         let start = ECHO_HEADER_LEN;
                         self.reply[start..start + payload.len()].copy_from_slice(payload);
-                        self.answer_echo(listener, request, start, payload.len());
+                        let n = l.frame_ping(request, &mut self.reply, payload.len());
+                        let to = Destination::Icmp {
+                            to: request.ip,
+                            from: request.local,
+                        };
+                        self.queue(listener, to, 0, n);
                     }
                     None => {}
                 }
@@ -712,13 +717,11 @@ impl Endpoint {
                 let Listener::Icmp(l) = &mut self.listeners[listener] else {
                     return;
                 };
-                match l.take_parked(s) {
-                    Some(request) => {
-                        let start = icmp::HEADROOM;
-                        let mut b = std::mem::take(&mut self.reply);
-                        b[start..start + msg.len()].copy_from_slice(msg);
-                        self.reply = b;
-                        self.answer_echo(listener, request, start, msg.len());
+                match l.take_parked(now, s) {
+                    Some(arrived) => {
+                        let start = icmp::REPLY_HEADROOM;
+                        self.reply[start..start + msg.len()].copy_from_slice(msg);
+                        self.answer_echo(now, listener, arrived, msg.len());
                     }
                     None => l.queue(s, msg),
                 }
@@ -734,16 +737,16 @@ impl Endpoint {
         }
     }
 
-    /// Queue the echo reply to `request` around the `len` bytes at
-    /// `self.reply[start..]`.
-    fn answer_echo(&mut self, listener: ListenerId, request: Request, start: usize, len: usize) {
+    /// Queue the echo reply to `arrived` around the `len`-byte tunnel
+    /// message at `self.reply[REPLY_HEADROOM..]`.
+    fn answer_echo(&mut self, now: Instant, listener: ListenerId, arrived: Arrived, len: usize) {
         let Listener::Icmp(l) = &self.listeners[listener] else {
             return;
         };
-        let n = l.frame_reply(request, &mut self.reply, start, len);
+        let n = l.frame_reply(now, arrived, &mut self.reply, len);
         let to = Destination::Icmp {
-            to: request.ip,
-            from: request.local,
+            to: arrived.request.ip,
+            from: arrived.request.local,
         };
         self.queue(listener, to, 0, n);
     }
@@ -761,13 +764,13 @@ impl Endpoint {
         b
     }
 
-    /// An echo request carrying a tunnel message: open it, then hold the
-    /// request for the session's downstream.
+    /// An echo request carrying a tunnel message: open it, count it among
+    /// its session's, then hold it for the session's downstream.
     fn icmp_request(
         &mut self,
         now: Instant,
         listener: ListenerId,
-        request: Request,
+        request: icmp::Request,
         msg: &[u8],
         tun: &mut impl TunSink,
     ) {
@@ -781,48 +784,57 @@ impl Endpoint {
             ip: request.ip,
             session,
         };
-        match self.handle_message(now, from, msg, tun) {
-            // A handshake response or a probe's reply answers the very
-            // request that carried the init or probe.
-            Handled::Reply(n) => {
-                self.reply.copy_within(..n, icmp::HEADROOM);
-                self.answer_echo(listener, request, icmp::HEADROOM, n);
-                return;
-            }
-            Handled::Dropped => return, // unauthenticated: no answer at all
-            Handled::Done => {}
-        }
-        let Some(session) = session else { return };
+        let handled = self.handle_message(now, from, msg, tun);
         let Listener::Icmp(l) = &mut self.listeners[listener] else {
             return;
         };
-        let mut stale = Vec::new();
-        if let Some((request, m)) = l.park(now, session, index, request, &mut stale) {
-            let start = icmp::HEADROOM;
-            self.reply[start..start + m.len()].copy_from_slice(m);
-            let len = m.len();
-            self.answer_echo(listener, request, start, len);
+        let arrived = match (&handled, session) {
+            // Unauthenticated: no answer at all, and not counted.
+            (Handled::Dropped, _) => return,
+            (_, Some(s)) => l.count(now, s, request),
+            // An init: no session counts it (nor does the client).
+            (_, None) => Arrived::uncounted(request, now),
+        };
+        if let Handled::Reply(n) = handled {
+            // A handshake response or a probe's reply answers the very
+            // request that carried the init or probe.
+            self.reply.copy_within(..n, icmp::REPLY_HEADROOM);
+            self.answer_echo(now, listener, arrived, n);
+            return;
         }
-        for request in stale {
-            self.echo_keepalive(now, listener, session, request);
+        let Some(session) = session else { return };
+        let mut stale = Vec::new();
+        match l.park(now, session, index, arrived, &mut stale) {
+            Some((arrived, Some(m))) => {
+                let start = icmp::REPLY_HEADROOM;
+                self.reply[start..start + m.len()].copy_from_slice(m);
+                let len = m.len();
+                self.answer_echo(now, listener, arrived, len);
+            }
+            // Let go to make room, but the session heard nothing for a while.
+            Some((arrived, None)) => stale.push(arrived),
+            None => {}
+        }
+        for arrived in stale {
+            self.echo_keepalive(now, listener, session, arrived);
         }
     }
 
-    /// Answer `request` with a keepalive of `session` (or, if the session is
-    /// gone, with the bare magic: a request is always answered once).
+    /// Answer `arrived` with a keepalive of `session` (or, if the session
+    /// is gone, with the bare magic: a request is always answered once).
     fn echo_keepalive(
         &mut self,
         now: Instant,
         listener: ListenerId,
         session: SessionId,
-        request: Request,
+        arrived: Arrived,
     ) {
-        let start = icmp::HEADROOM;
+        let start = icmp::REPLY_HEADROOM;
         let n = self
             .engine
             .seal_keepalive(now, session, &mut self.reply[start..])
             .unwrap_or(0);
-        self.answer_echo(listener, request, start, n);
+        self.answer_echo(now, listener, arrived, n);
     }
 
     /// A complete upstream message (in `scratch`) from DNS client `tag`:
