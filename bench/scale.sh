@@ -94,9 +94,9 @@ fi
 seconds_until_ping() {
     local start end
     start=$(date +%s.%N)
-    end=$(awk -v s="$start" -v m="$2" 'BEGIN { print s + m }')
+    end=$(awk -v s="$start" -v m="$2" 'BEGIN { printf "%.3f", s + m }')
     while awk -v n="$(date +%s.%N)" -v e="$end" 'BEGIN { exit !(n < e) }'; do
-        if ip netns exec "$1" ping -c 1 -W 0.2 $IPTUN_ADDR_S >/dev/null 2>&1; then
+        if ip netns exec "$1" ping -c 1 -W 1 $IPTUN_ADDR_S >/dev/null 2>&1; then
             awk -v s="$start" -v n="$(date +%s.%N)" 'BEGIN { printf "%.2f\n", n - s }'
             return 0
         fi
@@ -138,6 +138,7 @@ if want flood; then
         --server-key "$(cat "$TMP/iptun-s.pub")" --server udp://192.0.2.129:$IPTUN_PORT --tun $IPTUN_TUN
     up=$(seconds_until_ping "$NS_C2" 8) || true
     echo "new client during the flood: up (first ping answered) after $up s"
+    echo "server during the flood: $(server_status | head -1)"
     wait "$FLOOD" || true
     cat "$TMP/flood.log"
     wait "$PING1" || true

@@ -118,6 +118,9 @@ struct FloodArgs {
     /// How long.
     #[arg(long, default_value_t = 10)]
     secs: u64,
+    /// Inits a second at most (0: as fast as it can).
+    #[arg(long, default_value_t = 0)]
+    pps: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,6 +186,8 @@ struct Load {
     out: Vec<u8>,
     /// Echo replies received, in all.
     answered: usize,
+    /// Inits sent, in all (retries and rekeys included).
+    inits: usize,
 }
 
 impl Load {
@@ -217,6 +222,7 @@ impl Load {
             buf: vec![0; 1 << 16],
             out: vec![0; 1 << 16],
             answered: 0,
+            inits: 0,
         })
     }
 
@@ -375,6 +381,7 @@ impl Load {
             let s = &mut self.sessions[i];
             if let Some(n) = s.client.poll_timers(now, &mut self.out) {
                 if self.out[0] == TYPE_INIT {
+                    self.inits += 1;
                     let index = u32::from_le_bytes(self.out[4..8].try_into().expect("4 bytes"));
                     self.by_index.insert(index, i);
                 }
@@ -435,6 +442,8 @@ impl Load {
     /// for a while.
     fn ping_round(&mut self, range: std::ops::Range<usize>, seq: u16) -> anyhow::Result<()> {
         let answered_before = self.answered;
+        let started = Instant::now();
+        let count = range.len();
         // Echoes given up for lost: they no longer hold the window.
         let mut lost = 0;
         for (sent, i) in range.enumerate() {
@@ -449,10 +458,16 @@ impl Load {
             }
             self.ping(i, seq)?;
         }
-        let count = self.sessions.len();
         self.run_until(Duration::from_secs(2), |l| {
             l.answered - answered_before >= count
-        })
+        })?;
+        println!(
+            "echo round {seq}: {} of {count} answered in {:.2} s (inits sent so far: {})",
+            self.answered - answered_before,
+            started.elapsed().as_secs_f64(),
+            self.inits
+        );
+        Ok(())
     }
 
     /// Session `i` pings the server's tunnel address.
@@ -613,6 +628,11 @@ fn flood(args: &FloodArgs) -> anyhow::Result<()> {
                 Ok(_) => sent += 1,
                 Err(_) => failed += 1,
             }
+        }
+        if args.pps > 0 {
+            // Ahead of the rate: wait until the packets sent are due.
+            let due = start + Duration::from_secs_f64(sent as f64 / args.pps as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
     }
     let secs = start.elapsed().as_secs_f64();

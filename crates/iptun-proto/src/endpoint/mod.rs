@@ -350,6 +350,12 @@ impl Endpoint {
         &self.engine
     }
 
+    /// The driver found more input waiting than it takes in one go: see
+    /// [`Server::note_backlog`].
+    pub fn note_backlog(&mut self, now: Instant) {
+        self.engine.note_backlog(now);
+    }
+
     /// Every client that completed a handshake.
     pub fn sessions(&self) -> Vec<SessionInfo<Path>> {
         self.engine.sessions()

@@ -8,7 +8,20 @@
 //! DH only if its mac2 shows it came from where it claims; the others get a
 //! cookie reply (cheap, and no larger than the init). Within that, each
 //! source (an IPv4 address, an IPv6 /64) gets at most a share of the budget,
-//! so one flooder at its real address cannot take everyone else's.
+//! so one flooder at its real address cannot take everyone else's; the same
+//! share bounds the cookie replies a source gets, so a flood from a few
+//! spoofed addresses is dropped for the price of a hash lookup, and not
+//! answered (sealing and sending a reply costs the server more than the
+//! flooder's send). The server stays under load for [`LOAD_LINGERS`] after
+//! the budget was last below half: a flood that let it refill would
+//! otherwise get DH work every time it did. And the load it measures is
+//! demand, not only work done: every authentic init, answered with DH or a
+//! cookie or dropped, takes a token of a second bucket like the budget, so
+//! a flood that arrives faster than the budget keeps the server under load
+//! while it gets no DH at all. The driver can also say it is behind on its
+//! input (a socket it could not drain), which puts the server under load
+//! too: the budget is what one core does, and under a flood the server
+//! does not get a whole core.
 //!
 //! Paths without a source address worth binding a cookie to (DNS: the
 //! resolver, shared by many clients; HTTP: a proxy, or an end the driver
@@ -28,6 +41,8 @@ const SOURCELESS_SHARE: f64 = 1.0 / 4.0;
 /// The budget's burst: a second's worth would let a burst of inits run
 /// the server flat out for a second before it noticed it was under load.
 const BURST_SECS: f64 = 0.25;
+/// How long the server stays under load after the budget was last below half.
+const LOAD_LINGERS: Duration = Duration::from_secs(1);
 /// How often idle per-source buckets are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
@@ -45,10 +60,14 @@ pub(super) enum Admission {
 /// The handshake budget, its per-source shares and the load signal.
 pub(super) struct HandshakeGate {
     budget: TokenBucket,
+    /// Inits arriving, whatever became of them, at the budget's rate.
+    demand: TokenBucket,
     sourceless: TokenBucket,
     per_source: HashMap<SourceKey, TokenBucket>,
     per_source_rate: f64,
     next_prune: Instant,
+    /// Under load until then, whatever the budget.
+    loaded_until: Option<Instant>,
 }
 
 impl HandshakeGate {
@@ -57,16 +76,26 @@ impl HandshakeGate {
         let rate = f64::from(per_sec.max(1));
         Self {
             budget: TokenBucket::new(rate, now),
+            demand: TokenBucket::new(rate, now),
             sourceless: TokenBucket::new(rate * SOURCELESS_SHARE, now),
             per_source: HashMap::new(),
             per_source_rate: rate * PER_SOURCE_SHARE,
             next_prune: now + PRUNE_EVERY,
+            loaded_until: None,
         }
     }
 
     /// Whether inits need a cookie now.
     pub(super) fn under_load(&mut self, now: Instant) -> bool {
-        self.budget.level(now) < 0.5
+        if self.budget.level(now) < 0.5 || self.demand.level(now) < 0.5 {
+            self.loaded_until = Some(now + LOAD_LINGERS);
+        }
+        self.loaded_until.is_some_and(|t| now < t)
+    }
+
+    /// The driver is behind on its input: under load for a while.
+    pub(super) fn note_backlog(&mut self, now: Instant) {
+        self.loaded_until = Some(now + LOAD_LINGERS);
     }
 
     /// Decide about an init from `source` (`None`: a path without one);
@@ -78,22 +107,30 @@ impl HandshakeGate {
         has_cookie: impl FnOnce() -> bool,
     ) -> Admission {
         self.prune(now);
+        let _ = self.demand.take(now);
         let under_load = self.under_load(now);
-        match source {
-            None if !self.sourceless.take(now) => return Admission::Refuse(DropReason::UnderLoad),
-            None => {}
-            Some(_) if under_load && !has_cookie() => return Admission::SendCookie,
-            Some(addr) => {
-                let rate = self.per_source_rate;
-                let bucket = self
-                    .per_source
-                    .entry(SourceKey::of(addr.ip()))
-                    .or_insert_with(|| TokenBucket::new(rate, now));
-                if !bucket.take(now) {
-                    return Admission::Refuse(DropReason::RateLimited);
-                }
+        let Some(addr) = source else {
+            if !self.sourceless.take(now) {
+                return Admission::Refuse(DropReason::UnderLoad);
             }
+            return self.spend(now);
+        };
+        let rate = self.per_source_rate;
+        let bucket = self
+            .per_source
+            .entry(SourceKey::of(addr.ip()))
+            .or_insert_with(|| TokenBucket::new(rate, now));
+        if !bucket.take(now) {
+            return Admission::Refuse(DropReason::RateLimited);
         }
+        if under_load && !has_cookie() {
+            return Admission::SendCookie;
+        }
+        self.spend(now)
+    }
+
+    /// Spend a token of the budget on DH, if there is one.
+    fn spend(&mut self, now: Instant) -> Admission {
         if !self.budget.take(now) {
             return Admission::Refuse(DropReason::UnderLoad);
         }
@@ -191,7 +228,7 @@ mod tests {
     fn no_cookie_needed_until_half_the_budget_is_spent() {
         let now = Instant::now();
         let mut gate = HandshakeGate::new(400, now); // burst 100
-        for i in 0..51u32 {
+        for i in 0..50u32 {
             let from = SocketAddr::from((std::net::Ipv4Addr::from(i), 1));
             let a = gate.admit(now, Some(from), || panic!("not under load"));
             assert_eq!(a, Admission::Process);

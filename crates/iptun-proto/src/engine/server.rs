@@ -316,6 +316,16 @@ impl<P: PathKind> Server<P> {
         }
     }
 
+    /// The driver has more input waiting than it keeps up with (a socket
+    /// it did not drain): the server is under load (cookies asked) for a
+    /// while, whatever the handshake budget says. The budget assumes the
+    /// server has its core to itself; under a flood the flooder's packets
+    /// and the kernel's work on them take part of it, and only the backlog
+    /// shows that.
+    pub fn note_backlog(&mut self, now: Instant) {
+        self.gate.note_backlog(now);
+    }
+
     /// Seal a packet from the TUN device for the client owning its destination.
     pub fn handle_tun_packet<'a>(
         &mut self,

@@ -433,6 +433,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             i = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
                 if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
+                    // More waited than a wakeup's worth: the server is not
+                    // keeping up, and handshakes must prove their address.
+                    ep.note_backlog(Instant::now());
                     tokio::task::yield_now().await;
                 }
             }
