@@ -85,7 +85,7 @@ struct SessionArgs {
     #[arg(long, default_value_t = 64)]
     window: usize,
     /// Echo requests each session sends to the server's tunnel address.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..31))]
     pings: u16,
     /// Give up after this long.
     #[arg(long, default_value_t = 60)]
@@ -167,8 +167,8 @@ struct Session {
     socket: usize,
     started: Option<Instant>,
     up: Option<Instant>,
-    /// Echo replies that came back to it, in order.
-    pongs: u16,
+    /// The echo sequence numbers answered to it (bit n: sequence n).
+    answered: u32,
     /// Replies that arrived here but were not for it.
     strays: u32,
 }
@@ -208,7 +208,7 @@ impl Load {
                 socket: i % sockets.len(),
                 started: None,
                 up: None,
-                pongs: 0,
+                answered: 0,
                 strays: 0,
             })
             .collect::<Vec<_>>();
@@ -264,7 +264,7 @@ impl Load {
         }
         let full = self.sessions[..args.count]
             .iter()
-            .filter(|s| s.pongs == args.pings)
+            .filter(|s| s.answered.count_ones() == u32::from(args.pings))
             .count();
         let strays: u32 = self.sessions.iter().map(|s| s.strays).sum();
         println!(
@@ -291,7 +291,7 @@ impl Load {
         let all = args.pings + 1;
         let after = self.sessions[..args.count]
             .iter()
-            .filter(|s| s.pongs == all)
+            .filter(|s| s.answered.count_ones() == u32::from(all))
             .count();
         println!(
             "sessions answered after the extra ones tried: {after} of {}",
@@ -424,7 +424,11 @@ impl Load {
             }
             Ok(ClientOutput::Tun(p)) => match echo_reply_to(p) {
                 Some((dst, id, seq)) if Some(dst) == lease && id == echo_id(i) => {
-                    s.pongs = s.pongs.max(seq + 1);
+                    let bit = 1u32.checked_shl(u32::from(seq)).unwrap_or(0);
+                    if s.answered & bit == 0 {
+                        s.answered |= bit;
+                        self.answered += 1;
+                    }
                 }
                 _ => s.strays += 1,
             },
