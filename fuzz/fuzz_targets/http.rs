@@ -19,9 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use iptun_fuzz::now;
-use iptun_proto::transport::http::{
-    Answer, Batch, MAX_QUEUED_BYTES, Mailboxes, messages, poll_query, poll_tag,
-};
+use iptun_proto::transport::http::{Answer, Batch, MAX_QUEUED_BYTES, Mailboxes, messages, poll_query, poll_tag};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -38,10 +36,7 @@ fuzz_target!(|data: &[u8]| {
     // The long-poll query.
     if let Ok(text) = std::str::from_utf8(data) {
         if let Some(tag) = poll_tag(Some(text)) {
-            assert!(
-                text.split('&')
-                    .any(|kv| kv.eq_ignore_ascii_case(&poll_query(tag)))
-            );
+            assert!(text.split('&').any(|kv| kv.eq_ignore_ascii_case(&poll_query(tag))));
         }
     }
 
@@ -95,10 +90,7 @@ impl Model {
             let mut it = messages(&a.body);
             for m in it.by_ref() {
                 // Messages may be dropped, never reordered or invented.
-                let pos = queue
-                    .iter()
-                    .position(|q| q == m)
-                    .expect("a message sent to this tag");
+                let pos = queue.iter().position(|q| q == m).expect("a message sent to this tag");
                 queue.drain(..=pos);
             }
             assert!(!it.malformed());

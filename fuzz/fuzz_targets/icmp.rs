@@ -23,14 +23,7 @@ fn check(family: Family, icmp: &[u8]) {
         assert_eq!(msg.len() + 4, echo.payload.len());
     }
     let mut again = icmp.to_vec();
-    let n = emit_echo(
-        family,
-        echo.reply,
-        echo.id,
-        echo.seq,
-        &mut again,
-        echo.payload.len(),
-    );
+    let n = emit_echo(family, echo.reply, echo.id, echo.seq, &mut again, echo.payload.len());
     assert_eq!(n, ECHO_HEADER_LEN + echo.payload.len());
     match family {
         Family::V4 => assert_eq!(&again[..n], &icmp[..n]),
