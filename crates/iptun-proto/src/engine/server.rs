@@ -55,8 +55,8 @@ pub struct ServerConfig {
     /// Keepalive interval announced to clients.
     pub keepalive_secs: u16,
     /// Handshakes (Diffie-Hellman work) a second the server spends at
-    /// most; it asks for cookies once half of a quarter second's worth is
-    /// spent (see `engine/gate.rs`).
+    /// most; it also sets when the server is under load and asks for
+    /// cookies, and each source's share (see `engine/gate.rs`).
     pub handshakes_per_sec: u32,
 }
 
