@@ -75,6 +75,9 @@ fn main() {
     write("message", "response", &t.response);
     write("message", "data-keepalive", &t.keepalive);
     write("message", "data-ipv4", &data_v4);
+    write("message", "cookie", &cookie_reply(&t.init));
+    write("cookie", "reply", &cookie_reply(&t.init));
+    write("cookie", "init", &t.init);
 
     write("handshake", "init", &t.init);
     write("handshake", "response", &t.response);
@@ -208,4 +211,22 @@ fn endpoint_scripts(init: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("time", [step(0xf8 | 7, &[]), step(0xf8 | 7, &[])].concat()),
     ]
+}
+
+/// A cookie reply to `init`, as a server under load would send it.
+fn cookie_reply(init: &[u8]) -> Vec<u8> {
+    use iptun_proto::crypto::cookie::CookieSealKey;
+    use iptun_proto::wire::Message;
+    use iptun_proto::wire::message::{COOKIE_REPLY_LEN, INIT_LEN, INIT_MAC_LEN};
+    let mut reply = vec![0u8; COOKIE_REPLY_LEN];
+    Message::emit_cookie_header(
+        u32::from_le_bytes(init[4..8].try_into().unwrap()),
+        &mut reply,
+    );
+    CookieSealKey::new(&keys().server_pub).seal(
+        &[0x5a; 16],
+        &init[INIT_LEN - INIT_MAC_LEN..INIT_LEN],
+        (&mut reply[8..]).try_into().unwrap(),
+    );
+    reply
 }

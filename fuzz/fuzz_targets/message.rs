@@ -4,8 +4,8 @@
 
 use iptun_proto::wire::Message;
 use iptun_proto::wire::message::{
-    DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, RESPONSE_LEN,
-    RESPONSE_NOISE_LEN, TAG_LEN,
+    COOKIE_NONCE_LEN, COOKIE_REPLY_LEN, DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN, INIT_MAC_LEN,
+    INIT_NOISE_LEN, RESPONSE_LEN, RESPONSE_NOISE_LEN, SEALED_COOKIE_LEN, TAG_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -19,12 +19,14 @@ fuzz_target!(|data: &[u8]| {
             noise,
             signed,
             mac1,
+            mac2,
         } => {
-            assert_eq!(data.len(), INIT_LEN);
+            assert_eq!(data.len(), INIT_LEN + mac2.map_or(0, <[u8]>::len));
+            assert!(mac2.is_none_or(|m| m.len() == INIT_MAC_LEN && m == &data[INIT_LEN..]));
             assert_eq!(noise.len(), INIT_NOISE_LEN);
             assert_eq!(noise, &data[8..INIT_LEN - INIT_MAC_LEN]);
             assert_eq!(signed, &data[..INIT_LEN - INIT_MAC_LEN]);
-            assert_eq!(mac1, &data[INIT_LEN - INIT_MAC_LEN..]);
+            assert_eq!(mac1, &data[INIT_LEN - INIT_MAC_LEN..INIT_LEN]);
             let mut header = [0u8; 8];
             Message::emit_init_header(sender, &mut header);
             assert_eq!(header, data[..8]);
@@ -40,6 +42,20 @@ fuzz_target!(|data: &[u8]| {
             let mut header = [0u8; 12];
             Message::emit_response_header(sender, receiver, &mut header);
             assert_eq!(header, data[..12]);
+        }
+        Message::Cookie {
+            receiver,
+            nonce,
+            sealed,
+        } => {
+            assert_eq!(data.len(), COOKIE_REPLY_LEN);
+            assert_eq!(
+                (nonce.len(), sealed.len()),
+                (COOKIE_NONCE_LEN, SEALED_COOKIE_LEN)
+            );
+            let mut header = [0u8; 8];
+            Message::emit_cookie_header(receiver, &mut header);
+            assert_eq!(header, data[..8]);
         }
         Message::Data {
             receiver,

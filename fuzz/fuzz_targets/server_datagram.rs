@@ -14,8 +14,8 @@
 //! Two handshakes cost milliseconds under the sanitizers, so the sessions
 //! are built once and reused for [`REBUILD_EVERY`] inputs. What an input
 //! leaves behind is only monotone counters (send counters, replay windows,
-//! drop counters) and spent handshake tokens: fewer than the server's 500
-//! per second, as at most three init-sized datagrams reach it per input.
+//! drop counters) and spent handshake tokens, of a budget no run can spend
+//! (`iptun_fuzz::server`).
 //! A crash therefore reproduces from the crashing input alone.
 #![no_main]
 

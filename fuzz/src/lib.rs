@@ -92,12 +92,13 @@ pub fn pool() -> AddressPool {
     .expect("valid pool")
 }
 
-/// A fresh server admitting `allowed`, with the default pool.
+/// A fresh server admitting `allowed`, with the default pool and a
+/// handshake budget no input can spend (time stands still in the targets,
+/// so a spent budget would carry one input's effect into the next).
 pub fn server(allowed: Vec<PublicKey>) -> Server<Path> {
-    Server::new(
-        ServerConfig::new(keys().server.clone(), allowed, pool()),
-        base(),
-    )
+    let mut config = ServerConfig::new(keys().server.clone(), allowed, pool());
+    config.handshakes_per_sec = u32::MAX;
+    Server::new(config, base())
 }
 
 /// A fresh client with key `key` for the fixture server; its first

@@ -17,7 +17,7 @@ pub enum DropReason {
     NotAllowed,
     /// A handshake whose timestamp is not newer than the last one (replayed).
     StaleHandshake,
-    /// Too many handshakes at once: rate limited.
+    /// Too many handshakes from one source: its share of the budget is spent.
     RateLimited,
     /// The address pool has no free address for a new client.
     PoolExhausted,
@@ -35,11 +35,13 @@ pub enum DropReason {
     TooLarge,
     /// A handshake response that does not match our pending handshake.
     UnexpectedResponse,
+    /// A handshake the server had no budget left for (it is under load).
+    UnderLoad,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Malformed,
         Self::UnknownIndex,
         Self::Unauthenticated,
@@ -55,6 +57,7 @@ impl DropReason {
         Self::Expired,
         Self::TooLarge,
         Self::UnexpectedResponse,
+        Self::UnderLoad,
     ];
 
     /// A short stable name for status output and metrics.
@@ -75,6 +78,7 @@ impl DropReason {
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::UnexpectedResponse => "unexpected_response",
+            Self::UnderLoad => "under_load",
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct Status {
     pub sessions: Vec<SessionStatus>,
     /// Drops not attributed to a session.
     pub drops: BTreeMap<String, u64>,
+    /// Server: what became of the handshakes it received, by result
+    /// (`cookie_sent`: answered with a cookie, under load).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handshakes: BTreeMap<String, u64>,
     /// Client: every candidate path, most preferred first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<CandidateStatus>,
@@ -318,6 +322,9 @@ pub fn render(s: &Status) -> String {
         s.addresses.join(", "),
         s.endpoints.join(", ")
     );
+    if !s.handshakes.is_empty() {
+        let _ = writeln!(out, "  handshakes: {}", fmt_drops(&s.handshakes));
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "  dropped (no session): {}", fmt_drops(&s.drops));
     }

@@ -300,16 +300,13 @@ fn unix_seconds(then: Instant, now: Instant) -> f64 {
 }
 
 fn handshakes(m: &mut Snapshot, labels: &Labels, h: HandshakeCounters) {
-    for (result, n) in [
-        ("ok", h.ok),
-        ("refused", h.refused),
-        ("rate_limited", h.rate_limited),
-        ("invalid", h.invalid),
-    ] {
+    for (result, n) in h.by_result() {
         m.counter(
             "iptun_handshakes",
             "Handshakes received, by result: ok, refused (key not admitted, or no address \
-             left), rate_limited, invalid (not authentic or replayed)",
+             left), rate_limited (the source's share of the handshake budget spent), \
+             under_load (no budget left), cookie_sent (answered with a cookie, under load), \
+             invalid (not authentic or replayed)",
             &with(labels, "result", result),
             n,
         );

@@ -7,6 +7,7 @@
 //! transport keys with an explicit 64-bit counter as nonce, so they survive
 //! loss and reordering.
 
+pub mod cookie;
 mod handshake;
 mod keys;
 mod mac;

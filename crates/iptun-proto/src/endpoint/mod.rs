@@ -34,8 +34,8 @@ use std::time::Instant;
 use crate::DropCounters;
 use crate::crypto::PublicKey;
 use crate::engine::{
-    AllowedChange, HandshakeCounters, PathKind, Server, ServerConfig, ServerOutput, SessionId,
-    SessionInfo, Traffic,
+    AllowedChange, HandshakeCounters, InitOutcome, PathKind, Server, ServerConfig, ServerOutput,
+    SessionId, SessionInfo, Traffic,
 };
 use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
@@ -134,6 +134,21 @@ pub enum Path {
 impl PathKind for Path {
     fn is_polled(&self) -> bool {
         matches!(self, Self::Icmp { .. } | Self::Dns { .. })
+    }
+
+    /// UDP and ICMP paths carry the client's own address (or its NAT's):
+    /// a cookie sent there reaches only whoever receives there. A DNS
+    /// query's address is a resolver's, which any client (and any flooder)
+    /// can send through, so a cookie bound to it proves nothing; HTTP's is
+    /// a TCP peer, which can't be spoofed in the first place, but may be a
+    /// proxy shared by many, and the endpoint does not learn it. Those
+    /// share a part of the handshake budget instead (`engine/gate.rs`).
+    fn source(&self) -> Option<SocketAddr> {
+        match *self {
+            Self::Udp { peer, .. } => Some(peer.addr),
+            Self::Icmp { ip, .. } => Some(SocketAddr::new(ip, 0)),
+            Self::Dns { .. } | Self::Ws { .. } | Self::Poll { .. } => None,
+        }
     }
 }
 
@@ -333,6 +348,12 @@ impl Endpoint {
     /// The session engine (addresses, pool, MTU).
     pub fn engine(&self) -> &Server<Path> {
         &self.engine
+    }
+
+    /// The driver found more input waiting than it takes in one go: see
+    /// [`Server::note_backlog`].
+    pub fn note_backlog(&mut self, now: Instant) {
+        self.engine.note_backlog(now);
     }
 
     /// Every client that completed a handshake.
@@ -648,9 +669,11 @@ impl Endpoint {
         let counters = &mut self.counters[from.listener()];
         let result = engine.handle_datagram(now, &from, msg, out);
         if init {
-            counters
-                .handshakes
-                .count(result.as_ref().map(|_| ()).map_err(|&e| e));
+            counters.handshakes.count(match &result {
+                Ok(ServerOutput::Reply(r)) => Ok(InitOutcome::of(r)),
+                Ok(_) => Ok(InitOutcome::Answered),
+                Err(e) => Err(*e),
+            });
         }
         let handled = match result {
             Ok(ServerOutput::Tun(packet)) => {

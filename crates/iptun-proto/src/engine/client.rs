@@ -8,8 +8,9 @@ use super::{
     DEAD_AFTER_KEEPALIVES, DEFAULT_KEEPALIVE_SECS, HANDSHAKE_RETRY, HANDSHAKE_RETRY_MAX, Keypair,
     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
 };
+use crate::crypto::cookie::{COOKIE_SECRET_LIFETIME, Cookie, CookieSealKey, mac2};
 use crate::crypto::{Initiator, Mac1Key, PrivateKey, PublicKey};
-use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN};
+use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, INIT_WITH_MAC2_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
 
@@ -64,14 +65,37 @@ pub enum ClientOutput<'a> {
 struct Pending {
     initiator: Initiator,
     local_index: u32,
-    /// The init as sent, so it can be sent again on other paths.
-    init: [u8; INIT_LEN],
+    /// The init as sent, so it can be sent again on other paths: its first
+    /// `init_len` bytes (with mac2 once we hold a cookie).
+    init: [u8; INIT_WITH_MAC2_LEN],
+    init_len: usize,
+}
+
+impl Pending {
+    fn init(&self) -> &[u8] {
+        &self.init[..self.init_len]
+    }
+
+    /// Add (or replace) mac2 under `cookie`.
+    fn sign_with(&mut self, cookie: &Cookie) {
+        let mac = mac2(cookie, &self.init[..INIT_LEN]);
+        self.init[INIT_LEN..].copy_from_slice(&mac);
+        self.init_len = INIT_WITH_MAC2_LEN;
+    }
+}
+
+/// The latest cookie the server gave, and when.
+struct HeldCookie {
+    cookie: Cookie,
+    received: Instant,
 }
 
 /// The client's state machine.
 pub struct Client {
     config: ClientConfig,
     mac1: Mac1Key,
+    cookie_key: CookieSealKey,
+    cookie: Option<HeldCookie>,
     epoch: Instant,
     epoch_unix_nanos: u64,
     pending: Option<Pending>,
@@ -97,6 +121,8 @@ impl Client {
     pub fn new(config: ClientConfig, now: Instant, unix_nanos: u64) -> Self {
         Self {
             mac1: Mac1Key::new(&config.server_key),
+            cookie_key: CookieSealKey::new(&config.server_key),
+            cookie: None,
             config,
             epoch: now,
             epoch_unix_nanos: unix_nanos,
@@ -170,6 +196,11 @@ impl Client {
                 counter,
                 ciphertext,
             }) => self.open_data(now, receiver, counter, ciphertext, out),
+            Ok(Message::Cookie {
+                receiver,
+                nonce,
+                sealed,
+            }) => self.take_cookie(now, receiver, nonce, sealed, out),
             Ok(Message::Init { .. }) => Err(DropReason::Malformed),
             Err(e) => Err(e),
         };
@@ -213,6 +244,53 @@ impl Client {
         // it has seen us use them.
         let n = self.send_keepalive(now, out)?;
         Ok(ClientOutput::Send(&out[..n]))
+    }
+
+    /// The server is under load and wants our init again with a cookie:
+    /// keep the cookie (for this init and those that follow while it is
+    /// good) and send the init again at once, with mac2. The server did no
+    /// DH work for it, so its timestamp is still fresh.
+    fn take_cookie<'a>(
+        &mut self,
+        now: Instant,
+        receiver: u32,
+        nonce: &[u8],
+        sealed: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<ClientOutput<'a>, DropReason> {
+        let Some(pending) = self.pending.as_mut().filter(|p| p.local_index == receiver) else {
+            return Err(DropReason::UnexpectedResponse);
+        };
+        let mac1 = &pending.init[INIT_LEN - INIT_MAC_LEN..INIT_LEN];
+        let cookie = self
+            .cookie_key
+            .open(nonce, sealed, mac1)
+            .ok_or(DropReason::Unauthenticated)?;
+        // The same cookie again (a duplicated reply, or one for the copy
+        // of the init on another path): the init already carries it.
+        if self.cookie.as_ref().is_some_and(|c| c.cookie == cookie) && pending.init_len > INIT_LEN {
+            return Ok(ClientOutput::Nothing);
+        }
+        pending.sign_with(&cookie);
+        self.cookie = Some(HeldCookie {
+            cookie,
+            received: now,
+        });
+        let init = pending.init();
+        let n = init.len();
+        out.get_mut(..n)
+            .ok_or(DropReason::TooLarge)?
+            .copy_from_slice(init);
+        Ok(ClientOutput::Send(&out[..n]))
+    }
+
+    /// The cookie to sign a new init with, if we hold one the server still
+    /// accepts (it takes a cookie for at least [`COOKIE_SECRET_LIFETIME`]).
+    fn fresh_cookie(&self, now: Instant) -> Option<&Cookie> {
+        self.cookie
+            .as_ref()
+            .filter(|c| now.saturating_duration_since(c.received) < COOKIE_SECRET_LIFETIME)
+            .map(|c| &c.cookie)
     }
 
     fn open_data<'a>(
@@ -344,7 +422,7 @@ impl Client {
     }
 
     fn start_handshake(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
-        if out.len() < INIT_LEN {
+        if out.len() < INIT_WITH_MAC2_LEN {
             return None;
         }
         let local_index = random_index();
@@ -362,17 +440,25 @@ impl Client {
         Message::emit_init_header(local_index, out);
         let (signed, mac1) = out[..INIT_LEN].split_at_mut(INIT_LEN - INIT_MAC_LEN);
         mac1.copy_from_slice(&self.mac1.compute(signed));
-        self.pending = Some(Pending {
+        let mut pending = Pending {
             initiator,
             local_index,
-            init: out[..INIT_LEN].try_into().expect("sized above"),
-        });
+            init: [0; INIT_WITH_MAC2_LEN],
+            init_len: INIT_LEN,
+        };
+        pending.init[..INIT_LEN].copy_from_slice(&out[..INIT_LEN]);
+        if let Some(cookie) = self.fresh_cookie(now) {
+            pending.sign_with(cookie);
+        }
+        let len = pending.init_len;
+        out[..len].copy_from_slice(pending.init());
+        self.pending = Some(pending);
         let backoff = HANDSHAKE_RETRY
             .saturating_mul(1 << self.attempts.min(4))
             .min(HANDSHAKE_RETRY_MAX);
         self.attempts += 1;
         self.next_handshake = Some(now + backoff);
-        Some(INIT_LEN)
+        Some(len)
     }
 
     /// A keepalive is due one interval after the last one, and only once
@@ -388,7 +474,7 @@ impl Client {
     /// The init of the handshake in progress, to send again on another
     /// path (the server answers whichever copy reaches it first).
     pub fn pending_init(&self) -> Option<&[u8]> {
-        self.pending.as_ref().map(|p| &p.init[..])
+        self.pending.as_ref().map(Pending::init)
     }
 
     /// Seal a probe (a [`Control`] message the server answers on the path

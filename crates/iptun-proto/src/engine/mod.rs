@@ -12,13 +12,15 @@
 //! the new ones take over, so a rekey loses nothing in flight.
 
 mod client;
+mod gate;
 mod server;
 
 use std::time::{Duration, Instant};
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientOutput};
 pub use server::{
-    ADDRESS_GRACE, AllowedChange, Server, ServerConfig, ServerOutput, SessionId, SessionInfo,
+    ADDRESS_GRACE, AllowedChange, DEFAULT_HANDSHAKES_PER_SEC, Server, ServerConfig, ServerOutput,
+    SessionId, SessionInfo,
 };
 
 use crate::crypto::SessionKeys;
@@ -51,9 +53,22 @@ pub trait PathKind: Clone + PartialEq {
     fn is_polled(&self) -> bool {
         false
     }
+
+    /// The address a handshake on this path comes from, when it is one a
+    /// cookie can prove (the sender must receive there to learn it) and one
+    /// client's own: cookies are bound to it, and handshake rates limited
+    /// per it. `None` for paths whose address is a resolver's or a proxy's,
+    /// shared by many clients.
+    fn source(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
-impl PathKind for std::net::SocketAddr {}
+impl PathKind for std::net::SocketAddr {
+    fn source(&self) -> Option<std::net::SocketAddr> {
+        Some(*self)
+    }
+}
 
 /// Bytes and packets moved through a session (inner packets, not counting overhead).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,22 +103,60 @@ pub struct HandshakeCounters {
     /// Authentic, but the key is not admitted (or the pool has no address
     /// left for it).
     pub refused: u64,
-    /// Not looked at: too many handshakes at once.
+    /// Not looked at: its source had spent its share of the handshake budget.
     pub rate_limited: u64,
+    /// Not looked at: the server had no handshake budget left (under load).
+    pub under_load: u64,
+    /// Answered with a cookie instead (under load, and no valid mac2).
+    pub cookie_sent: u64,
     /// Not authentic: a bad MAC or Noise message, or a replayed one.
     pub invalid: u64,
 }
 
+/// What the server did with an init it did not drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitOutcome {
+    /// Answered with a handshake response.
+    Answered,
+    /// Answered with a cookie reply.
+    CookieSent,
+}
+
+impl InitOutcome {
+    /// What the server's answer to an init was, by its message type.
+    pub fn of(reply: &[u8]) -> Self {
+        if reply.first() == Some(&crate::wire::message::TYPE_COOKIE) {
+            Self::CookieSent
+        } else {
+            Self::Answered
+        }
+    }
+}
+
 impl HandshakeCounters {
     /// Count one init by what handling it gave.
-    pub fn count(&mut self, result: Result<(), crate::DropReason>) {
-        use crate::DropReason::{NotAllowed, PoolExhausted, RateLimited};
+    pub fn count(&mut self, result: Result<InitOutcome, crate::DropReason>) {
+        use crate::DropReason::{NotAllowed, PoolExhausted, RateLimited, UnderLoad};
         match result {
-            Ok(()) => self.ok += 1,
+            Ok(InitOutcome::Answered) => self.ok += 1,
+            Ok(InitOutcome::CookieSent) => self.cookie_sent += 1,
             Err(NotAllowed | PoolExhausted) => self.refused += 1,
             Err(RateLimited) => self.rate_limited += 1,
+            Err(UnderLoad) => self.under_load += 1,
             Err(_) => self.invalid += 1,
         }
+    }
+
+    /// Every counter with its stable name (for status and metrics).
+    pub fn by_result(&self) -> [(&'static str, u64); 6] {
+        [
+            ("ok", self.ok),
+            ("refused", self.refused),
+            ("rate_limited", self.rate_limited),
+            ("under_load", self.under_load),
+            ("cookie_sent", self.cookie_sent),
+            ("invalid", self.invalid),
+        ]
     }
 }
 

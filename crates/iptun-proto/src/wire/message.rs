@@ -1,14 +1,18 @@
-//! The tunnel's three message types.
+//! The tunnel's four message types.
 //!
 //! Every message starts with a 4-byte word: the type in the first byte and
 //! three reserved zero bytes (they keep what follows 4-byte aligned and leave
 //! room for flags). Integers are little-endian.
 //!
 //! ```text
-//! Init      | 1 | 0 0 0 | sender u32 | noise IK message 1 (INIT_NOISE_LEN) | mac1 (16) |
+//! Init      | 1 | 0 0 0 | sender u32 | noise IK message 1 (INIT_NOISE_LEN) | mac1 (16) | [mac2 (16)] |
 //! Response  | 2 | 0 0 0 | sender u32 | receiver u32 | noise message 2 (...) |
 //! Data      | 3 | 0 0 0 | receiver u32 | counter u64 | AEAD ciphertext+tag  |
+//! Cookie    | 4 | 0 0 0 | receiver u32 | nonce (24) | sealed cookie (16+16) |
 //! ```
+//!
+//! An init carries mac2 only when its sender holds a cookie (see
+//! [`crypto::cookie`](crate::crypto::cookie)); the two lengths tell them apart.
 
 use crate::DropReason;
 
@@ -18,6 +22,8 @@ pub const TYPE_INIT: u8 = 1;
 pub const TYPE_RESPONSE: u8 = 2;
 /// Message type of a data message (either way).
 pub const TYPE_DATA: u8 = 3;
+/// Message type of a cookie reply (server to client).
+pub const TYPE_COOKIE: u8 = 4;
 
 /// Bytes of the Noise payload carried in an init: a timestamp and padding.
 pub const INIT_PAYLOAD_LEN: usize = 48;
@@ -25,8 +31,16 @@ pub const INIT_PAYLOAD_LEN: usize = 48;
 pub const INIT_NOISE_LEN: usize = 32 + (32 + 16) + (INIT_PAYLOAD_LEN + 16);
 /// Bytes of the init's MAC (see [`Mac1Key`](crate::crypto::Mac1Key)).
 pub const INIT_MAC_LEN: usize = 16;
-/// Total bytes of an init message.
+/// Total bytes of an init message without mac2.
 pub const INIT_LEN: usize = 8 + INIT_NOISE_LEN + INIT_MAC_LEN;
+/// Total bytes of an init message with mac2 (its sender holds a cookie).
+pub const INIT_WITH_MAC2_LEN: usize = INIT_LEN + INIT_MAC_LEN;
+/// Bytes of the cookie reply's nonce.
+pub const COOKIE_NONCE_LEN: usize = 24;
+/// Bytes of the cookie reply's sealed cookie (cookie and tag).
+pub const SEALED_COOKIE_LEN: usize = 16 + TAG_LEN;
+/// Total bytes of a cookie reply.
+pub const COOKIE_REPLY_LEN: usize = 8 + COOKIE_NONCE_LEN + SEALED_COOKIE_LEN;
 /// Bytes of Noise IK message 2 carrying a [`TunnelConfig`](super::TunnelConfig).
 pub const RESPONSE_NOISE_LEN: usize = 32 + (super::config::CONFIG_LEN + 16);
 /// Total bytes of a response message.
@@ -41,6 +55,7 @@ pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
 // The no-amplification rule, checked at compile time: the server's answer to
 // an init is never larger than the init.
 const _: () = assert!(RESPONSE_LEN <= INIT_LEN);
+const _: () = assert!(COOKIE_REPLY_LEN <= INIT_LEN);
 
 /// A parsed message, borrowing from the datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +70,9 @@ pub enum Message<'a> {
         signed: &'a [u8],
         /// The MAC over `signed`, keyed by the server's public key.
         mac1: &'a [u8],
+        /// The MAC over everything before it (`signed` and `mac1`), keyed
+        /// by a cookie the server gave; only when the sender holds one.
+        mac2: Option<&'a [u8]>,
     },
     /// Handshake response.
     Response {
@@ -74,6 +92,16 @@ pub enum Message<'a> {
         /// Ciphertext followed by the 16-byte tag.
         ciphertext: &'a [u8],
     },
+    /// A cookie reply: the server is under load and wants the init again
+    /// with mac2.
+    Cookie {
+        /// The initiator's index from the init.
+        receiver: u32,
+        /// The AEAD nonce.
+        nonce: &'a [u8],
+        /// The cookie sealed under the server's cookie key.
+        sealed: &'a [u8],
+    },
 }
 
 impl<'a> Message<'a> {
@@ -83,12 +111,15 @@ impl<'a> Message<'a> {
             return Err(DropReason::Malformed);
         }
         match buf[0] {
-            TYPE_INIT if buf.len() == INIT_LEN => Ok(Self::Init {
-                sender: u32_at(buf, 4),
-                noise: &buf[8..INIT_LEN - INIT_MAC_LEN],
-                signed: &buf[..INIT_LEN - INIT_MAC_LEN],
-                mac1: &buf[INIT_LEN - INIT_MAC_LEN..],
-            }),
+            TYPE_INIT if buf.len() == INIT_LEN || buf.len() == INIT_WITH_MAC2_LEN => {
+                Ok(Self::Init {
+                    sender: u32_at(buf, 4),
+                    noise: &buf[8..INIT_LEN - INIT_MAC_LEN],
+                    signed: &buf[..INIT_LEN - INIT_MAC_LEN],
+                    mac1: &buf[INIT_LEN - INIT_MAC_LEN..INIT_LEN],
+                    mac2: (buf.len() == INIT_WITH_MAC2_LEN).then(|| &buf[INIT_LEN..]),
+                })
+            }
             TYPE_RESPONSE if buf.len() == RESPONSE_LEN => Ok(Self::Response {
                 sender: u32_at(buf, 4),
                 receiver: u32_at(buf, 8),
@@ -98,6 +129,11 @@ impl<'a> Message<'a> {
                 receiver: u32_at(buf, 4),
                 counter: u64::from_le_bytes(buf[8..16].try_into().unwrap()),
                 ciphertext: &buf[DATA_HEADER_LEN..],
+            }),
+            TYPE_COOKIE if buf.len() == COOKIE_REPLY_LEN => Ok(Self::Cookie {
+                receiver: u32_at(buf, 4),
+                nonce: &buf[8..8 + COOKIE_NONCE_LEN],
+                sealed: &buf[8 + COOKIE_NONCE_LEN..],
             }),
             _ => Err(DropReason::Malformed),
         }
@@ -114,6 +150,13 @@ impl<'a> Message<'a> {
         buf[..4].copy_from_slice(&[TYPE_RESPONSE, 0, 0, 0]);
         buf[4..8].copy_from_slice(&sender.to_le_bytes());
         buf[8..12].copy_from_slice(&receiver.to_le_bytes());
+    }
+
+    /// Write the header of a cookie reply into `buf[..8]`; the nonce and
+    /// the sealed cookie follow.
+    pub fn emit_cookie_header(receiver: u32, buf: &mut [u8]) {
+        buf[..4].copy_from_slice(&[TYPE_COOKIE, 0, 0, 0]);
+        buf[4..8].copy_from_slice(&receiver.to_le_bytes());
     }
 
     /// Write the header of a data message into `buf[..16]`.
@@ -166,6 +209,8 @@ mod tests {
     fn sizes_are_as_documented() {
         assert_eq!(INIT_LEN, 8 + 32 + 48 + 64 + 16);
         assert_eq!(RESPONSE_LEN, 12 + 32 + 48 + 16);
+        assert_eq!(COOKIE_REPLY_LEN, 8 + 24 + 16 + 16);
+        assert_eq!(INIT_WITH_MAC2_LEN, INIT_LEN + 16);
     }
 
     #[test]
@@ -203,7 +248,14 @@ mod tests {
             let mut init = vec![fill; INIT_LEN];
             Message::emit_init_header(sender, &mut init);
             let (signed, mac1) = init.split_at(INIT_LEN - INIT_MAC_LEN);
-            prop_assert_eq!(Message::parse(&init), Ok(Message::Init { sender, noise: &signed[8..], signed, mac1 }));
+            prop_assert_eq!(Message::parse(&init), Ok(Message::Init { sender, noise: &signed[8..], signed, mac1, mac2: None }));
+            let mut with_mac2 = init.clone();
+            with_mac2.extend_from_slice(&[fill; INIT_MAC_LEN]);
+            let Ok(Message::Init { mac1: m1, mac2, .. }) = Message::parse(&with_mac2) else { panic!() };
+            prop_assert_eq!((m1, mac2), (mac1, Some(&with_mac2[INIT_LEN..])));
+            let mut cookie = vec![fill; COOKIE_REPLY_LEN];
+            Message::emit_cookie_header(receiver, &mut cookie);
+            prop_assert_eq!(Message::parse(&cookie), Ok(Message::Cookie { receiver, nonce: &cookie[8..32], sealed: &cookie[32..] }));
             let mut resp = vec![fill; RESPONSE_LEN];
             Message::emit_response_header(sender, receiver, &mut resp);
             prop_assert_eq!(Message::parse(&resp), Ok(Message::Response { sender, receiver, noise: &resp[12..] }));

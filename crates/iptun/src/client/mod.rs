@@ -619,6 +619,7 @@ fn status(
         addresses,
         endpoints: urls.iter().map(ToString::to_string).collect(),
         sessions: vec![session],
+        handshakes: Default::default(),
         drops: Default::default(),
         paths: candidates,
         moves: Some(st.moves),

@@ -5,6 +5,7 @@
 //! Beside the packets, the loop answers the control socket and the metrics
 //! endpoint (through [`Request`]s), and re-reads `--allow-file` on SIGHUP.
 
+mod budget;
 mod http;
 
 use std::future::poll_fn;
@@ -261,6 +262,13 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         None
     };
     let mut config = ServerConfig::new(private_key, allowed, pool);
+    let cost = budget::handshake_cost();
+    config.handshakes_per_sec = budget::per_sec(cost);
+    tracing::info!(
+        "a handshake costs {:.0} µs here: at most {} a second, cookies asked under load",
+        cost.as_secs_f64() * 1e6,
+        config.handshakes_per_sec
+    );
     if let Some(mtu) = args.mtu {
         anyhow::ensure!(
             (576..=65000).contains(&mtu),
@@ -425,6 +433,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             i = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
                 if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
+                    // More waited than a wakeup's worth: the server is not
+                    // keeping up, and handshakes must prove their address.
+                    ep.note_backlog(Instant::now());
                     tokio::task::yield_now().await;
                 }
             }
@@ -597,6 +608,17 @@ fn from_tun_packet(ep: &mut Endpoint, drivers: &mut Drivers, now: Instant, packe
     }
 }
 
+/// The server's handshake counters by result, zeros left out.
+fn handshake_map(
+    h: iptun_proto::engine::HandshakeCounters,
+) -> std::collections::BTreeMap<String, u64> {
+    h.by_result()
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect()
+}
+
 fn status(
     ep: &Endpoint,
     drivers: &Drivers,
@@ -648,6 +670,7 @@ fn status(
         endpoints: endpoints.to_vec(),
         sessions,
         drops,
+        handshakes: handshake_map(ep.engine().handshakes()),
         paths: Vec::new(),
         moves: None,
         searching: false,

@@ -51,6 +51,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The control socket (the daemon removes it when it exits cleanly).
     pub fn control(&self) -> &Path {
         &self.control.0
