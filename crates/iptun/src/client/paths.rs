@@ -112,7 +112,11 @@ pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDrive
                 },
             )
         }
-        ServerAddr::Dns { domain, resolvers } => {
+        ServerAddr::Dns {
+            domain,
+            resolvers,
+            max_query,
+        } => {
             let domain =
                 Domain::new(&domain).with_context(|| format!("tunnel domain `{domain}`"))?;
             let (socket, resolvers) = resolver_socket(resolvers)?;
@@ -120,6 +124,7 @@ pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDrive
             let config = PathConfig::Dns {
                 domain,
                 resolvers: resolvers.len(),
+                max_query,
                 tag: r64(0) as u32,
                 seed: r64(8),
             };
