@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench/dns.sh - throughput and RTT of iptun over DNS, compared in one run with
 # the raw routed path and with iodine (IP over DNS), each tunnel both directly
-# to its server and through a recursive resolver (unbound).
+# to its server and through a recursive resolver (unbound); and iptun with
+# DNS over TLS and DNS over HTTPS to the same unbound.
 #
 # Usage (as root):
-#   bench/dns.sh                       # raw, iodine (2 paths), iptun (2 paths)
-#   bench/dns.sh --only raw,iodine     # any subset of: raw,iodine,iptun
+#   bench/dns.sh                       # raw, iodine (2 paths), iptun (2 paths), DoT, DoH
+#   bench/dns.sh --only raw,iodine     # any subset of: raw,iodine,iptun,dot,doh
 #
 # Environment:
 #   IPTUN=path     iptun binary (default: <repo>/target/release/iptun; built
@@ -23,14 +24,17 @@
 #   iptbd-c 192.0.2.2 <-veth-> 192.0.2.1 iptbd-r 203.0.113.1 <-veth-> 203.0.113.2 iptbd-s
 # iptbd-r forwards between its two links (raw path, "direct" tunnels) and runs
 # unbound on 192.0.2.1:53 with a stub zone t.example.com -> 203.0.113.2@53
-# ("via unbound" tunnels). iperf3 -s and the tunnel servers run in iptbd-s,
+# ("via unbound" tunnels), and for the dot and doh rows also on 192.0.2.1:853
+# (DNS over TLS) and 192.0.2.1:443 (DNS over HTTPS, HTTP/2, /dns-query) with
+# a certificate from a CA made for the run (openssl); the client trusts that
+# CA (--tls-ca). iperf3 -s and the tunnel servers run in iptbd-s,
 # the clients in iptbd-c (client -> server direction). Nothing leaves the
 # namespaces.
 set -euo pipefail
 
 PREFIX=iptbd
-PATHS=raw,iodine,iptun
-ALIASES=(iptun-dns=iptun)
+PATHS=raw,iodine,iptun,dot,doh
+ALIASES=(iptun-dns=iptun iptun-dot=dot iptun-doh=doh)
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # namespaces, measuring, iptun, report
 
@@ -70,10 +74,13 @@ bench_start
 if want iodine; then
     ensure_apt iodined iodine
 fi
-if want iodine || want iptun; then
+if want iodine || want iptun || want dot || want doh; then
     ensure_apt unbound unbound
 fi
-if want iptun; then
+if want dot || want doh; then
+    ensure_apt openssl openssl
+fi
+if want iptun || want dot || want doh; then
     # a binary without the DNS transport fails at once: its server's log (printed
     # on exit) says "the dns transport is not available in this version"
     iptun_setup
@@ -113,15 +120,27 @@ netns3_up() {
 # crates/iptun/tests/common/unbound.rs: every name but the tunnel domain is
 # refused before recursion, the domain goes to the stub. No per-query logging
 # (it would cost CPU in a throughput test).
+# With the dot or doh rows it serves DoT on 853 and DoH on 443 too.
 unbound_up() {
-    local d="$TMP/unbound"
+    local d="$TMP/unbound" tls=""
     mkdir -p "$d"
+    if want dot || want doh; then
+        test_pki "$d"
+        tls="    interface: $ADDR_RC@853
+    interface: $ADDR_RC@443
+    tls-port: 853
+    https-port: 443
+    http-endpoint: \"/dns-query\"
+    tls-service-pem: \"$d/server.pem\"
+    tls-service-key: \"$d/server.key\"
+"
+    fi
     cat >"$d/unbound.conf" <<EOF
 # Written by bench/dns.sh: our own unbound, not the system's.
 server:
     interface: $ADDR_RC
     port: 53
-    interface-automatic: no
+${tls}    interface-automatic: no
     access-control: 0.0.0.0/0 allow
     access-control: ::/0 allow
     do-daemonize: no
@@ -165,6 +184,24 @@ EOF
         sleep 0.1
     done
     die "unbound: no 'start of service' within 10 s"
+}
+
+# A CA for the run and unbound's certificate for $ADDR_RC signed by it (P-256,
+# as crates/iptun/tests/common/http.rs makes them): DIR/ca.pem for the client.
+test_pki() { # dir
+    local d=$1
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$d/ca.key" -out "$d/ca.pem" -days 2 -subj "/CN=iptun bench CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl: CA"; }
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$d/server.key" -out "$d/server.csr" -subj "/CN=$ADDR_RC" \
+        >>"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl: key"; }
+    printf 'subjectAltName=IP:%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
+        "$ADDR_RC" >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+        -out "$d/server.pem" -days 2 -extfile "$d/server.ext" \
+        >>"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl: certificate"; }
 }
 
 # ---------------------------------------------------------------- measuring
@@ -238,9 +275,11 @@ measure_iodine() { # name tag nameserver
 }
 
 # iptun over DNS: the server answers for DOMAIN on ADDR_S:53; the client asks
-# RESOLVER (the server itself, or unbound).
-measure_iptun_dns() { # name tag resolver
+# RESOLVER (the server itself, or unbound: plain, tls://... or https://...),
+# with more client flags after it.
+measure_iptun_dns() { # name tag resolver [client flags]
     local name=$1 tag=$2 resolver=$3 m
+    shift 3
     pause
     log "$name: client -> $IPTUN_ADDR_S over dns://$DOMAIN?resolver=$resolver ($IPTUN)"
     bg "$NS_S" "$TMP/iptun-$tag-server.log" "$IPTUN" server --private-key "$TMP/iptun-s.key" \
@@ -248,18 +287,18 @@ measure_iptun_dns() { # name tag resolver
     IT_S=$BG_PID
     wait_ipv4 "$NS_S" $IPTUN_TUN 10 $IT_S || die "iptun server: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_S)"
     bg "$NS_C" "$TMP/iptun-$tag-client.log" "$IPTUN" client --private-key "$TMP/iptun-c.key" \
-        --server-key "$(cat "$TMP/iptun-s.pub")" --server "dns://$DOMAIN?resolver=$resolver" --tun $IPTUN_TUN
+        --server-key "$(cat "$TMP/iptun-s.pub")" --server "dns://$DOMAIN?resolver=$resolver" --tun $IPTUN_TUN "$@"
     IT_C=$BG_PID
     wait_ipv4 "$NS_C" $IPTUN_TUN 30 $IT_C || die "iptun client: no IPv4 on $IPTUN_TUN within 30 s$(alive $IT_C)"
     log "iptun client address: $(ip -n "$NS_C" -4 -o addr show dev $IPTUN_TUN | awk '{print $4}'), mtu $(ip -n "$NS_C" -o link show dev $IPTUN_TUN | sed -n 's/.* mtu \([0-9]*\).*/\1/p')"
     tunnel_ping $IPTUN_ADDR_S "$name"
-    if [[ $tag == unbound ]]; then m=measure_dns; else m=measure; fi
+    if [[ $tag != direct ]]; then m=measure_dns; else m=measure; fi
     "$m" "$name" "ping_avg $NS_C $IPTUN_ADDR_S" "iperf3_mbit3 $NS_C $IPTUN_ADDR_S iptun-$tag"
     iptun_down
 }
 
 netns3_up
-if want iodine || want iptun; then unbound_up; fi
+if want iodine || want iptun || want dot || want doh; then unbound_up; fi
 
 # 1. raw, routed through the resolver namespace (no DNS)
 if want raw; then measure_raw3; fi
@@ -277,10 +316,20 @@ if want iptun; then
     measure_iptun_dns "iptun-dns via unbound" unbound "$ADDR_RC"
     REF["iptun-dns via unbound"]="iodine via unbound"
 fi
+# 4. iptun over DNS over TLS and over HTTPS to unbound (the same resolver and
+# stub: only the client's hop changes)
+if want dot; then
+    measure_iptun_dns "iptun-dot via unbound" dot "tls://$ADDR_RC" --tls-ca "$TMP/unbound/ca.pem"
+    REF["iptun-dot via unbound"]="iodine via unbound"
+fi
+if want doh; then
+    measure_iptun_dns "iptun-doh via unbound" doh "https://$ADDR_RC/dns-query" --tls-ca "$TMP/unbound/ca.pem"
+    REF["iptun-doh via unbound"]="iodine via unbound"
+fi
 REF["iodine direct"]="iodine direct"
 REF["iodine via unbound"]="iodine via unbound"
 
-if want iodine || want iptun; then
+if want iodine || want iptun || want dot || want doh; then
     kill -0 "$UNBOUND" 2>/dev/null || die "unbound exited during the measurements"
     stop_pids "$UNBOUND"
 fi

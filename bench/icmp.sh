@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench/icmp.sh - throughput and RTT of iptun over ICMP echo, compared in one
 # run with the raw veth path, with ptunnel-ng (TCP over ICMP) and with iptun
-# over UDP.
+# over UDP; and iptun over ICMP through a firewall that passes only LIMIT
+# echo requests a second.
 #
 # Usage (as root):
-#   bench/icmp.sh                          # raw, ptunnel, icmp, udp
-#   bench/icmp.sh --only raw,icmp          # any subset of: raw,ptunnel,icmp,udp
+#   bench/icmp.sh                          # raw, ptunnel, icmp, limit, udp
+#   bench/icmp.sh --only raw,icmp          # any subset of: raw,ptunnel,icmp,limit,udp
 #
 # Environment:
 #   IPTUN=path     iptun binary (default: <repo>/target/release/iptun; built
@@ -16,6 +17,9 @@
 #   PAUSE=s        idle seconds between measurements (default 3)
 #   PTUNNEL_OPTS   tuning flags for both ptunnel-ng ends (default "-a 1 -y 1400";
 #                  "" measures ptunnel-ng's defaults, about 0.5 Mbit/s)
+#   LIMIT=n        echo requests a second the firewall of the limit rows passes
+#                  (nftables `limit rate over n/second drop` in the server's
+#                  namespace; default 300)
 #   JSON=file      also write the results there as JSON
 #   KEEP_LOGS=1    keep the temp dir with logs (it is kept on failure anyway)
 #
@@ -26,8 +30,9 @@
 set -euo pipefail
 
 PREFIX=iptbi
-PATHS=raw,ptunnel,icmp,udp
+PATHS=raw,ptunnel,icmp,limit,udp
 ALIASES=(ptunnel-ng=ptunnel iptun-icmp=icmp iptun-udp=udp)
+LIMIT=${LIMIT:-300}
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # namespaces, measuring, iptun, report
 
@@ -55,7 +60,7 @@ if want ptunnel; then
     ensure_apt iperf iperf   # iperf2: one TCP connection per test (see below)
     ensure_apt stdbuf coreutils
 fi
-if want icmp || want udp; then iptun_setup; fi
+if want icmp || want limit || want udp; then iptun_setup; fi
 
 netns_up
 
@@ -206,7 +211,37 @@ if want icmp; then
     iptun_down
 fi
 
-# 4. iptun over UDP (the reference for the ICMP floor)
+# 4. iptun over ICMP through a firewall that passes LIMIT echo requests a
+# second and silently drops the rest (burst 5): the pacing should find that
+# rate. What the firewall lets through is LIMIT requests of one TCP segment
+# (1368 bytes at MTU 1420) each a second, either way.
+limit_on() {
+    ip netns exec "$NS_S" nft -f - <<EOF
+table inet iptbi_limit {
+    chain input {
+        type filter hook input priority -10; policy accept;
+        icmp type echo-request limit rate over $LIMIT/second counter drop
+    }
+}
+EOF
+}
+limit_drops() {
+    ip netns exec "$NS_S" nft list table inet iptbi_limit | sed -n 's/.*counter packets \([0-9]*\).*/\1/p'
+}
+if want limit; then
+    pause
+    log "iptun-icmp (limit): $LIMIT echo requests a second pass to $UL_S"
+    limit_on
+    iptun_up limit icmp://0.0.0.0 icmp://$UL_S
+    measure "icmp, $LIMIT/s limit" - "iperf3_mbit $NS_C $IPTUN_ADDR_S limit"
+    sleep "$PAUSE"
+    measure "icmp, $LIMIT/s (down)" - "iperf3_mbit $NS_C $IPTUN_ADDR_S limit-down -R"
+    log "the limit dropped $(limit_drops) echo requests"
+    iptun_down
+    ip netns exec "$NS_S" nft delete table inet iptbi_limit
+fi
+
+# 5. iptun over UDP (the reference for the ICMP floor)
 if want udp; then measure_iptun_udp; fi
 
 # ---------------------------------------------------------------- report
@@ -232,6 +267,12 @@ floor "vs ptunnel-ng" icmp_vs_ptunnel "$icmp" "$pt" 5
 floor "vs iptun-udp " icmp_vs_udp "$icmp" "$udp" 0.5
 if [[ -n $pt ]]; then
     echo "(* ptunnel-ng forwards TCP only: its rtt is a 1-byte TCP echo round trip through the tunnel, its Mbit/s from iperf2; ptunnel-ng opts: ${PTUNNEL_OPTS:-defaults})"
+fi
+if [[ -n ${MBIT[icmp, $LIMIT/s limit]:-} ]]; then
+    allowed=$(awk -v l="$LIMIT" 'BEGIN{printf "%.2f", l * 1368 * 8 / 1e6}')
+    echo "through the $LIMIT/s limit, of the $allowed Mbit/s it lets through:" \
+        "$(awk -v a="${MBIT[icmp, $LIMIT/s limit]}" -v b="$allowed" 'BEGIN{printf "%.0f %%", 100 * a / b}') up," \
+        "$(awk -v a="${MBIT[icmp, $LIMIT/s (down)]}" -v b="$allowed" 'BEGIN{printf "%.0f %%", 100 * a / b}') down (floor 70 %)"
 fi
 echo "(runs=$RUNS, best of; ${DURATION}s single TCP stream client->server unless (down); ${PINGS} pings at 0.2 s; $(nproc) cores)"
 

@@ -6,6 +6,8 @@
 //! even across server restarts. The server itself takes host 1 (10.1.0.1 in
 //! the default pool), and the IPv6 pool, when configured, mirrors the IPv4
 //! host number (10.1.0.7 and `fd69:7074:756e::7` belong to the same client).
+//! A lease lasts until the server releases it (when the key is no longer
+//! admitted, after a grace period: see the engine).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -109,6 +111,13 @@ impl AddressPool {
         Some(self.lease_for(host))
     }
 
+    /// Give `key`'s addresses back: another key may get them now.
+    pub fn release(&mut self, key: &PublicKey) {
+        if let Some(host) = self.leases.remove(key) {
+            self.taken.remove(&host);
+        }
+    }
+
     /// The addresses already assigned to `key`.
     pub fn lease(&self, key: &PublicKey) -> Option<Lease> {
         self.leases.get(key).map(|&h| self.lease_for(h))
@@ -189,6 +198,18 @@ mod tests {
             Some(a),
             "an existing lease survives exhaustion"
         );
+    }
+
+    #[test]
+    fn a_released_address_goes_to_the_next_key() {
+        let mut p = pool("10.1.0.0/30");
+        let a = p.assign(&key(1)).unwrap();
+        assert_eq!(p.assign(&key(2)), None);
+        p.release(&key(1));
+        assert_eq!(p.lease(&key(1)), None);
+        assert_eq!(p.assign(&key(2)), Some(a));
+        p.release(&key(9)); // never leased: nothing happens
+        assert_eq!(p.lease(&key(2)), Some(a));
     }
 
     #[test]

@@ -14,7 +14,6 @@ use dns_sim::*;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use iptun_proto::engine::REKEY_AFTER_TIME;
-use iptun_proto::transport::dns::resolvers::Aside as ResolverAside;
 use iptun_proto::transport::dns::server::DnsListener;
 use iptun_proto::transport::dns::sizes::OPTION_LEN;
 use iptun_proto::transport::dns::{DownHeader, HOLD, UP_HEADER_LEN, UpHeader};
@@ -186,7 +185,10 @@ fn handshake_and_data_through_a_case_randomising_resolver() {
     assert_eq!(s.server_errors, []);
     assert_eq!(s.inits.len(), 1, "one handshake");
     let info = s.path_info();
-    assert_eq!((info.sizes.edns, info.sizes.max_name_len), (Some(1232), 253));
+    assert_eq!(
+        (info.sizes.edns, info.sizes.max_name_len),
+        (Some(1232), 253)
+    );
     assert_eq!(s.uplink_stats().fallbacks, 0);
     // The path carries 8-bit labels through 0x20: upstream went base128,
     // after one probe, with ~40% more per query than base32's 147 - header.
@@ -364,7 +366,11 @@ fn a_cache_that_ignores_ttl_zero_never_answers_a_tunnel_query() {
     let (up, down, took) = exchange(&mut s, 100, 20, secs(120));
     report("caching", &s, 100, up, down, took);
     assert_eq!((up, down), (100, 100));
-    assert_eq!(s.resolver().stats.cache_hits, 0, "every query name is unique");
+    assert_eq!(
+        s.resolver().stats.cache_hits,
+        0,
+        "every query name is unique"
+    );
     check_server(&s);
     // Idle for a while: polls stay unique too.
     s.run_for(secs(30));
@@ -510,7 +516,9 @@ fn the_session_survives_a_resolver_outage_and_backs_off() {
     println!("queries during a 20 s outage: {during}");
     assert!(during < 60, "{during} queries in 20 s of SERVFAIL");
     assert!(s.uplink_stats().servfails > 0);
-    let ok = s.run_until_cond(secs(30), |s| s.path_info().primary_congestion().backoff.is_zero());
+    let ok = s.run_until_cond(secs(30), |s| {
+        s.path_info().primary_congestion().backoff.is_zero()
+    });
     assert!(ok, "no recovery");
     let (up, down, _) = exchange(&mut s, 20, 92, secs(60));
     assert_eq!((up, down), (20, 20));
@@ -647,7 +655,10 @@ fn a_new_tags_first_address_query_is_not_held() {
             let t = answered.expect("answered at once");
             let got = parse_answer(i as u16, &name, ty, &domain, &t.bytes);
             // Nothing but the answer's header: not held, nothing queued.
-            assert_eq!(got, Ok(Answer::Data(DownHeader::default().to_bytes().to_vec())));
+            assert_eq!(
+                got,
+                Ok(Answer::Data(DownHeader::default().to_bytes().to_vec()))
+            );
             // The tag's next query is held as usual.
             p[5] = 1;
             let name = encode_name(&domain, &p).unwrap();
@@ -792,8 +803,16 @@ fn bulk(
     let mut down_window = Reno::new(window, down0);
     let t0 = s.now;
     // Packets to send: new ones, then those to send again (lost).
-    let mut up_next: VecDeque<u32> = if up { (0..n).collect() } else { VecDeque::new() };
-    let mut down_next: VecDeque<u32> = if down { (0..n).collect() } else { VecDeque::new() };
+    let mut up_next: VecDeque<u32> = if up {
+        (0..n).collect()
+    } else {
+        VecDeque::new()
+    };
+    let mut down_next: VecDeque<u32> = if down {
+        (0..n).collect()
+    } else {
+        VecDeque::new()
+    };
     let until = s.now + limit;
     while s.now < until {
         for (_, k) in up_window.update(s.now, &s.server_tun) {
@@ -841,7 +860,11 @@ fn bulk(
         Flow {
             delivered: seen.len(),
             took: times.last().map_or(Duration::ZERO, |&t| t - t0),
-            max_gap: times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default(),
+            max_gap: times
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or_default(),
         }
     };
     let up_flow = flow(&s.server_tun[up0..], &up_sent);
@@ -851,7 +874,13 @@ fn bulk(
 
 fn sims(cfgs: Vec<ResolverConfig>, max_query: Option<usize>, seed: u64) -> Sim {
     let a = key(1);
-    Sim::with_resolvers(server_config(&[&a], pool(NET4, false)), a, cfgs, max_query, seed)
+    Sim::with_resolvers(
+        server_config(&[&a], pool(NET4, false)),
+        a,
+        cfgs,
+        max_query,
+        seed,
+    )
 }
 
 /// Loss cuts of every resolver's window.
@@ -905,7 +934,11 @@ fn a_resolver_that_reorders_200_deep_loses_nothing_to_it() {
         s.resolver().stats,
     );
     assert_eq!((up.delivered, down.delivered), (2000, 2000));
-    assert!(s.resolver().stats.reorder_depth >= 150, "{:?}", s.resolver().stats);
+    assert!(
+        s.resolver().stats.reorder_depth >= 150,
+        "{:?}",
+        s.resolver().stats
+    );
     // Reordering is not loss: no query timed out, no window was cut.
     assert_eq!(info.stats.timeouts, 0);
     assert_eq!(loss_cuts(&s), 0);
@@ -1038,7 +1071,10 @@ fn two_resolvers_share_the_load_by_capacity() {
     // Each carried about what it can: the fast one three to five times
     // the slow one, neither idle, neither's queue full.
     assert!(q1 > 2 * q0 && q1 < 6 * q0, "{q0} {q1}");
-    assert_eq!(s.resolvers[0].stats.queue_full + s.resolvers[1].stats.queue_full, 0);
+    assert_eq!(
+        s.resolvers[0].stats.queue_full + s.resolvers[1].stats.queue_full,
+        0
+    );
     check_server(&s);
 }
 
@@ -1061,21 +1097,21 @@ fn one_of_two_resolvers_dying_costs_a_transfer_under_two_seconds() {
     let info = s.path_info();
     println!(
         "one of two killed: up {:?} down {:?} (longest gaps {:?} {:?}) against {:?} {:?} with both; {:?}",
-        up.took,
-        down.took,
-        up.max_gap,
-        down.max_gap,
-        up0.took,
-        down0.took,
-        info.resolvers
+        up.took, down.took, up.max_gap, down.max_gap, up0.took, down0.took, info.resolvers
     );
     assert_eq!((up.delivered, down.delivered), (3000, 3000));
     assert!(info.resolvers[1].aside.is_some(), "{info:?}");
     // One resolver carries what both did (neither is limited here): the
     // transfer loses only the time it took to notice, and never stalls.
     assert!(up.took < up0.took + secs(2), "{up:?} against {up0:?}");
-    assert!(down.took < down0.took + secs(2), "{down:?} against {down0:?}");
-    assert!(up.max_gap < secs(2) && down.max_gap < secs(2), "{up:?} {down:?}");
+    assert!(
+        down.took < down0.took + secs(2),
+        "{down:?} against {down0:?}"
+    );
+    assert!(
+        up.max_gap < secs(2) && down.max_gap < secs(2),
+        "{up:?} {down:?}"
+    );
 }
 
 #[test]
@@ -1142,7 +1178,11 @@ fn through_a_resolver_the_option_and_big_answers_are_not_used() {
     assert_eq!((up, down), (50, 50));
     let info = s.path_info();
     // Probed once each, found wanting, not used.
-    assert_eq!((info.sizes.option_len, info.sizes.down), (0, 1232), "{info:?}");
+    assert_eq!(
+        (info.sizes.option_len, info.sizes.down),
+        (0, 1232),
+        "{info:?}"
+    );
     assert!(info.stats.reprobes >= 2 && info.stats.reprobe_failures >= 2);
     assert!(s.resolver().stats.options <= 1);
     check_server(&s);
@@ -1156,7 +1196,11 @@ fn the_tunnel_works_with_names_of_72_characters() {
     report("names of 72", &s, 100, up, down, took);
     assert_eq!((up, down), (100, 100));
     assert_eq!(s.path_info().sizes.max_name_len, 72);
-    assert!(s.resolver().stats.longest_name <= 72, "{:?}", s.resolver().stats);
+    assert!(
+        s.resolver().stats.longest_name <= 72,
+        "{:?}",
+        s.resolver().stats
+    );
     check_server(&s);
 }
 

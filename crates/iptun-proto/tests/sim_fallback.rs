@@ -211,3 +211,23 @@ fn the_handshake_takes_one_round_trip() {
         sim.elapsed()
     );
 }
+
+#[test]
+fn the_server_lets_go_of_what_it_held_on_a_path_the_session_left() {
+    let mut sim = connected();
+    sim.set_up(UDP, false);
+    assert!(sim.run_until_cond(secs(10), |s| s.current() == ICMP && s.flowing(5)));
+    sim.run_for(secs(2));
+    assert!(
+        sim.server.held(ICMP) > 0,
+        "the ICMP path in use holds requests"
+    );
+    sim.set_up(ICMP, false);
+    let moved = sim.run_until_cond(secs(10), |s| s.current() != ICMP);
+    assert!(moved, "still on ICMP");
+    // Requests held before the cut were let go when the session moved, not
+    // after their hold: nothing waits on a path nobody polls.
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(sim.server.held(ICMP), 0, "requests still held on ICMP");
+    report(&sim, "ICMP left");
+}

@@ -23,7 +23,8 @@ use serde::Deserialize;
 /// Transports (server --listen / client --server):
 ///   udp://ADDR:PORT   /  udp://HOST:PORT       the fast path (port 3000 by default)
 ///   icmp://0.0.0.0 or icmp://[::]  /  icmp://HOST   echo requests and replies
-///   dns://ADDR:53?domain=D  /  dns://D[?resolver=IP[:PORT]]   through resolvers
+///   dns://ADDR:53?domain=D  /  dns://D[?resolver=R]   through resolvers (R: IP[:PORT],
+///                           tls://HOST[:853] or https://HOST[:443]/PATH; repeatable)
 ///   https://ADDR:443/PATH  /  https://HOST/PATH   WebSocket or long-poll, via proxies
 ///   http://ADDR:80/PATH    /  http://HOST/PATH    behind a TLS-terminating reverse proxy
 #[derive(Debug, Parser)]
@@ -48,6 +49,11 @@ pub enum Command {
     Client(ClientArgs),
     /// Show the sessions of running iptun daemons on this host.
     Status(StatusArgs),
+    /// Make a running server re-read its --allow-file (as SIGHUP does):
+    /// new keys are admitted, removed keys lose their session, the others
+    /// are untouched. A file with an error changes nothing; the error is
+    /// printed and the exit status is 1.
+    Reload(ReloadArgs),
     /// What gets through from here? For each --server URL: whether a
     /// handshake completes, the round-trip time and a short throughput
     /// figure each way. No TUN device, no routes. Exits 0 if any URL works.
@@ -56,6 +62,14 @@ pub enum Command {
     /// running with the same key loses its session meanwhile (use another
     /// key the server admits, or stop the client).
     Probe(ProbeArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    /// (e.g. `iptun completions bash > /etc/bash_completion.d/iptun`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `iptun man | man -l -`).
+    Man,
     /// Run a self-contained demo (as root): throwaway network namespaces with
     /// a server, a client and a target host; shows a ping and a throughput
     /// figure through the tunnel, then removes everything.
@@ -90,6 +104,8 @@ pub struct ServerArgs {
     #[serde(default)]
     pub allow: Vec<String>,
     /// Admit the client keys listed in FILE (one per line; `#` comments).
+    /// Re-read on SIGHUP and `iptun reload`: keys added are admitted at
+    /// once, keys removed lose their session at once.
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<PathBuf>,
     /// Where to listen (repeatable): udp://ADDR:PORT, icmp://0.0.0.0, icmp://[::],
@@ -125,9 +141,30 @@ pub struct ServerArgs {
     /// Keepalive interval in seconds announced to clients [default: 10].
     #[arg(long, value_name = "SECS")]
     pub keepalive: Option<u16>,
-    /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    /// Only on a loopback address unless --metrics-public is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on an address other hosts can reach (the metrics
+    /// tell who is connected and how much each one sends).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// No per-client series in the metrics (for servers with many clients).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_no_clients: bool,
+    /// Control socket for `iptun status` and `iptun reload` (`@name`:
+    /// abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Write the tunnel's inner packets, both ways, to this pcapng file
+    /// (tcpdump -r, Wireshark); off by default.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Stop the capture when the file reaches this many megabytes [default: 100].
+    #[arg(long, value_name = "MB")]
+    pub pcap_limit: Option<u64>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
     #[arg(long)]
     #[serde(default)]
@@ -148,7 +185,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<String>,
     /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST,
-    /// dns://DOMAIN[?resolver=IP[:PORT]] (resolvers from /etc/resolv.conf if none),
+    /// dns://DOMAIN[?resolver=R] (R: IP[:PORT], DNS over TLS tls://HOST[:853],
+    /// DNS over HTTPS https://HOST[:443]/PATH; repeatable; /etc/resolv.conf's if none),
     /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH. Repeat it to give
     /// several ways to the same server, most preferred first: the client
     /// uses the first that works, moves the session to the next when it
@@ -156,15 +194,18 @@ pub struct ClientArgs {
     #[arg(long = "server", value_name = "URL")]
     #[serde(default, deserialize_with = "one_or_many")]
     pub server: Vec<String>,
-    /// https://: accept exactly the server certificate with this fingerprint
-    /// (sha256:HEX, as the server logs it) instead of checking it against CAs.
+    /// https:// (and DoT/DoH resolvers): accept exactly the certificate with
+    /// this fingerprint (sha256:HEX, as the server logs it) instead of
+    /// checking it against CAs.
     #[arg(long, value_name = "sha256:HEX", conflicts_with = "tls_ca")]
     pub tls_pin: Option<String>,
-    /// https://: trust the CA certificates in this PEM file instead of the system's.
+    /// https:// (and DoT/DoH resolvers): trust the CA certificates in this
+    /// PEM file instead of the system's.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// http(s)://: go through this HTTP proxy (CONNECT for https://), or
-    /// `none` [default: $HTTPS_PROXY / $HTTP_PROXY, minus $NO_PROXY].
+    /// http(s):// (and DoH resolvers): go through this HTTP proxy (CONNECT
+    /// for https://), or `none` [default: $HTTPS_PROXY / $HTTP_PROXY, minus
+    /// $NO_PROXY].
     #[arg(long, value_name = "http://[USER:PASS@]HOST:PORT")]
     pub proxy: Option<String>,
     /// http(s)://: WebSocket, long-poll, or WebSocket falling back to
@@ -179,9 +220,25 @@ pub struct ClientArgs {
     /// Name of the TUN device [default: iptun0].
     #[arg(long, value_name = "NAME")]
     pub tun: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    /// Only on a loopback address unless --metrics-public is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on an address other hosts can reach (the metrics
+    /// tell who is connected and how much each one sends).
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics_public: bool,
     /// Control socket for `iptun status` (`@name`: abstract socket) [default: @iptun/TUN].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Write the tunnel's inner packets, both ways, to this pcapng file
+    /// (tcpdump -r, Wireshark); off by default.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+    /// Stop the capture when the file reaches this many megabytes [default: 100].
+    #[arg(long, value_name = "MB")]
+    pub pcap_limit: Option<u64>,
     /// Don't use TUN offloads (TSO/GRO); slower, for old kernels.
     #[arg(long)]
     #[serde(default)]
@@ -212,6 +269,14 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
     /// Ask only this control socket [default: every iptun daemon in this network namespace].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The server's control socket [default: the one iptun daemon in this
+    /// network namespace].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
@@ -272,7 +337,12 @@ impl ServerArgs {
             tls_key: self.tls_key.or(file.tls_key),
             mtu: self.mtu.or(file.mtu),
             keepalive: self.keepalive.or(file.keepalive),
+            metrics: self.metrics.or(file.metrics),
+            metrics_public: self.metrics_public || file.metrics_public,
+            metrics_no_clients: self.metrics_no_clients || file.metrics_no_clients,
             control: self.control.or(file.control),
+            pcap: self.pcap.or(file.pcap),
+            pcap_limit: self.pcap_limit.or(file.pcap_limit),
             no_offload: self.no_offload || file.no_offload,
             config: Some(path),
         })
@@ -304,7 +374,11 @@ impl ClientArgs {
                 self.route
             },
             tun: self.tun.or(file.tun),
+            metrics: self.metrics.or(file.metrics),
+            metrics_public: self.metrics_public || file.metrics_public,
             control: self.control.or(file.control),
+            pcap: self.pcap.or(file.pcap),
+            pcap_limit: self.pcap_limit.or(file.pcap_limit),
             no_offload: self.no_offload || file.no_offload,
             config: Some(path),
         })

@@ -1,5 +1,7 @@
-//! The local control socket behind `iptun status`: a daemon answers each
-//! connection with one JSON snapshot of its sessions and closes it.
+//! The local control socket behind `iptun status` and `iptun reload`: a
+//! daemon reads one request line (`status`, or nothing at all; `reload`)
+//! and answers it with one JSON document: a snapshot of its sessions, or
+//! what a reload changed.
 //!
 //! By default the socket is an abstract Unix socket named `@iptun/TUN`.
 //! Abstract names belong to the network namespace, like the TUN device they
@@ -9,17 +11,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use iptun_proto::DropCounters;
 use iptun_proto::engine::Traffic;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::service::{self, Request};
 
 /// Prefix of the default (abstract) control socket names.
 const ABSTRACT_PREFIX: &str = "@iptun/";
+/// How long a connection may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest request line.
+const MAX_REQUEST: u64 = 64;
 
 /// The default control socket of the daemon owning TUN device `tun`.
 pub fn default_path(tun: &str) -> PathBuf {
@@ -194,16 +203,63 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Answer one connection in the background, so a slow reader never stalls the tunnel.
-pub fn reply(mut stream: UnixStream, status: &Status) {
-    let body = serde_json::to_vec(status).expect("status serializes");
+/// What `iptun reload` gets back.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    /// Whether the new key list is in force.
+    pub ok: bool,
+    /// What changed, or why nothing did.
+    pub message: String,
+}
+
+/// Serve one connection in the background: read its request, have the
+/// event loop answer it, write the answer. A slow or silent peer costs a
+/// task, never the loop's time.
+pub fn serve(mut stream: UnixStream, requests: mpsc::Sender<Request>) {
     tokio::spawn(async move {
+        let line = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await;
+        let body = match line {
+            Ok(Ok(line)) => answer(&line, &requests).await,
+            _ => return,
+        };
         let _ = stream.write_all(&body).await;
     });
 }
 
-/// Ask the daemon at `path` for its status.
-pub async fn query(path: &Path) -> anyhow::Result<Status> {
+/// The request line, up to a newline or the end of what the peer sends.
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = String::new();
+    tokio::io::BufReader::new(stream)
+        .take(MAX_REQUEST)
+        .read_line(&mut line)
+        .await?;
+    Ok(line.trim().to_owned())
+}
+
+/// The JSON answer to one request line.
+async fn answer(line: &str, requests: &mpsc::Sender<Request>) -> Vec<u8> {
+    let json = match line {
+        // Nothing at all: `socat` and friends asking for the status.
+        "" | "status" => service::ask(requests, Request::Status)
+            .await
+            .map(|s| serde_json::to_value(s).expect("status serializes")),
+        "reload" => service::ask(requests, Request::Reload).await.map(|r| {
+            let (ok, message) = match r {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            };
+            serde_json::to_value(ReloadAnswer { ok, message }).expect("serializes")
+        }),
+        other => Some(serde_json::json!({
+            "ok": false,
+            "message": format!("unknown request `{other}` (status or reload)"),
+        })),
+    };
+    json.map(|j| j.to_string().into_bytes()).unwrap_or_default()
+}
+
+/// Send `request` to the daemon at `path` and read its whole answer.
+async fn exchange(path: &Path, request: &str) -> anyhow::Result<Vec<u8>> {
     let connect = || -> std::io::Result<UnixStream> {
         let stream = std::os::unix::net::UnixStream::connect_addr(&socket_addr(path)?)?;
         stream.set_nonblocking(true)?;
@@ -211,11 +267,27 @@ pub async fn query(path: &Path) -> anyhow::Result<Status> {
     };
     let mut stream = connect()
         .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .with_context(|| format!("writing to {}", path.display()))?;
     let mut body = Vec::new();
     stream
         .read_to_end(&mut body)
         .await
         .with_context(|| format!("reading from {}", path.display()))?;
+    Ok(body)
+}
+
+/// Ask the daemon at `path` for its status.
+pub async fn query(path: &Path) -> anyhow::Result<Status> {
+    let body = exchange(path, "status").await?;
+    serde_json::from_slice(&body).with_context(|| format!("bad answer from {}", path.display()))
+}
+
+/// Ask the daemon at `path` to re-read its admitted keys.
+pub async fn reload(path: &Path) -> anyhow::Result<ReloadAnswer> {
+    let body = exchange(path, "reload").await?;
     serde_json::from_slice(&body).with_context(|| format!("bad answer from {}", path.display()))
 }
 

@@ -19,6 +19,11 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP: the server re-reads its admitted keys (`systemctl reload`).
+pub fn hangup_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::hangup()).context("installing a SIGHUP handler")
+}
+
 /// Read a private key file.
 pub fn read_private_key(path: Option<&Path>) -> anyhow::Result<PrivateKey> {
     let path =

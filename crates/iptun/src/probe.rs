@@ -52,8 +52,8 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
     );
     let c = &args.client;
     anyhow::ensure!(
-        c.route.is_empty() && c.tun.is_none() && c.control.is_none(),
-        "--route, --tun and --control do not apply to probe (it makes no TUN device)"
+        c.route.is_empty() && c.tun.is_none() && c.control.is_none() && c.pcap.is_none(),
+        "--route, --tun, --control and --pcap do not apply to probe (it makes no TUN device)"
     );
     let s = client::settings(args.client)?;
     let mut reports = Vec::new();

@@ -12,6 +12,8 @@ use std::io;
 use anyhow::Context as _;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use crate::capture::{Capture, Direction};
+
 /// Room kept in front of every packet buffer: tun-rs needs the virtio
 /// header in front of packets it writes, and we keep it 16-byte aligned.
 pub const HEADROOM: usize = 16;
@@ -39,6 +41,8 @@ pub struct Tun {
     write_bufs: Vec<Vec<u8>>,
     staged: usize,
     gro: GROTable,
+    /// `--pcap`: every packet read and written, if set.
+    capture: Option<Capture>,
 }
 
 impl Tun {
@@ -65,7 +69,13 @@ impl Tun {
                 .collect(),
             staged: 0,
             gro: GROTable::default(),
+            capture: None,
         })
+    }
+
+    /// Record every packet read and written in `capture`.
+    pub fn set_capture(&mut self, capture: Capture) {
+        self.capture = Some(capture);
     }
 
     /// The kernel's name for the device.
@@ -88,7 +98,14 @@ impl Tun {
             HEADROOM,
         )?;
         for (buf, &size) in self.read_bufs.iter().zip(&self.read_sizes).take(n) {
-            f(&buf[HEADROOM..HEADROOM + size]);
+            let packet = &buf[HEADROOM..HEADROOM + size];
+            if let Some(c) = &mut self.capture {
+                c.packet(packet, Direction::IntoTunnel);
+            }
+            f(packet);
+        }
+        if let Some(c) = &mut self.capture {
+            c.flush();
         }
         Ok(())
     }
@@ -117,6 +134,12 @@ impl Tun {
             return Ok(());
         }
         let staged = std::mem::take(&mut self.staged);
+        if let Some(c) = &mut self.capture {
+            for buf in &self.write_bufs[..staged] {
+                c.packet(&buf[HEADROOM..], Direction::OutOfTunnel);
+            }
+            c.flush();
+        }
         let result = self
             .device
             .send_multiple(&mut self.gro, &mut self.write_bufs[..staged], HEADROOM)

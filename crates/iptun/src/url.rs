@@ -1,5 +1,7 @@
 //! Transport URLs: `udp://HOST:PORT`, `icmp://HOST` and
-//! `dns://DOMAIN?resolver=IP[:PORT]&max-query=N` (client) /
+//! `dns://DOMAIN?resolver=R&max-query=N` (client; `R` is `IP[:PORT]` for
+//! plain DNS, `tls://HOST[:853]` for DNS over TLS or `https://HOST[:443]/PATH`
+//! for DNS over HTTPS; `resolver` may be given several times) /
 //! `dns://ADDR[:PORT]?domain=DOMAIN` (server), `https://HOST[:PORT]/PATH`
 //! and `http://HOST[:PORT]/PATH`.
 
@@ -13,6 +15,13 @@ pub const DEFAULT_UDP_PORT: u16 = 3000;
 
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
+
+/// The DNS-over-TLS port (RFC 7858).
+pub const DOT_PORT: u16 = 853;
+
+/// The path of a DNS-over-HTTPS URL given without one (RFC 8484's example,
+/// what public resolvers use).
+pub const DOH_PATH: &str = "/dns-query";
 
 /// The HTTP ports.
 pub const HTTP_PORT: u16 = 80;
@@ -51,11 +60,43 @@ pub enum ServerUrl {
     /// `max_query` characters if given.
     Dns {
         domain: String,
-        resolvers: Vec<SocketAddr>,
+        resolvers: Vec<ResolverUrl>,
         max_query: Option<usize>,
     },
     /// WebSocket or long-poll requests for `path` on `host:port`.
     Http(HttpUrl),
+}
+
+/// How a DNS path reaches one of its resolvers (a `?resolver=` value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolverUrl {
+    /// Plain DNS over UDP: `IP[:PORT]` (or `udp://IP[:PORT]`), port 53.
+    Udp(SocketAddr),
+    /// DNS over TLS (RFC 7858): `tls://HOST[:PORT]`, port 853. `host` is
+    /// an IP address or a name (resolved at start); the certificate must
+    /// name it.
+    Tls { host: String, port: u16 },
+    /// DNS over HTTPS (RFC 8484): `https://HOST[:PORT]/PATH`, port 443,
+    /// path `/dns-query` if none.
+    Https(HttpUrl),
+}
+
+impl ResolverUrl {
+    /// Whether queries to it go over TLS (DoT or DoH).
+    pub fn uses_tls(&self) -> bool {
+        !matches!(self, Self::Udp(_))
+    }
+}
+
+impl std::fmt::Display for ResolverUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Udp(addr) => addr.fmt(f),
+            Self::Tls { host, port } if host.contains(':') => write!(f, "tls://[{host}]:{port}"),
+            Self::Tls { host, port } => write!(f, "tls://{host}:{port}"),
+            Self::Https(u) => u.fmt(f),
+        }
+    }
 }
 
 /// An `http://` or `https://` server URL.
@@ -94,10 +135,11 @@ pub enum ServerAddr {
     /// ICMP echo to this address.
     Icmp(IpAddr),
     /// DNS through these resolvers (at least one, used together) for names
-    /// under `domain`, of at most `max_query` characters if given.
+    /// under `domain`, of at most `max_query` characters if given; DoT and
+    /// DoH resolvers' names are resolved when their path is opened.
     Dns {
         domain: String,
-        resolvers: Vec<SocketAddr>,
+        resolvers: Vec<ResolverUrl>,
         max_query: Option<usize>,
     },
     /// HTTP(S); resolved when connecting (perhaps by a proxy).
@@ -219,8 +261,8 @@ fn max_query(text: &str, domain: &str, url: &str) -> anyhow::Result<usize> {
     let n: usize = text
         .parse()
         .with_context(|| format!("`{url}`: max-query must be a number of characters"))?;
-    let domain = iptun_proto::wire::dns::Domain::new(domain)
-        .map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
+    let domain =
+        iptun_proto::wire::dns::Domain::new(domain).map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
     let least = iptun_proto::transport::dns::sizes::Sizes::new(&domain, None).min_name_len();
     anyhow::ensure!(
         (least..=iptun_proto::wire::dns::MAX_NAME_LEN).contains(&n),
@@ -234,9 +276,12 @@ fn max_query(text: &str, domain: &str, url: &str) -> anyhow::Result<usize> {
 /// `IP`, `IP:PORT`, `[V6]:PORT` or a bare IPv6 address; port 53 by default.
 fn resolver_addr(text: &str, url: &str) -> anyhow::Result<SocketAddr> {
     let (host, port) = host_port(text, url)?;
-    let ip: IpAddr = host
-        .parse()
-        .with_context(|| format!("`{url}`: resolver must be an IP address, not `{host}`"))?;
+    let ip: IpAddr = host.parse().with_context(|| {
+        format!(
+            "`{url}`: resolver must be an IP address, not `{host}` \
+             (or tls://HOST[:853], https://HOST[:443]/PATH)"
+        )
+    })?;
     let port = match port {
         Some(p) => p
             .parse()
@@ -244,6 +289,48 @@ fn resolver_addr(text: &str, url: &str) -> anyhow::Result<SocketAddr> {
         None => DNS_PORT,
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// One `?resolver=` value: plain (`IP[:PORT]`, `udp://IP[:PORT]`), DoT
+/// (`tls://HOST[:PORT]`) or DoH (`https://HOST[:PORT][/PATH]`).
+fn resolver_url(text: &str, url: &str) -> anyhow::Result<ResolverUrl> {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return resolver_addr(text, url).map(ResolverUrl::Udp);
+    };
+    match scheme {
+        "udp" => resolver_addr(rest.trim_end_matches('/'), url).map(ResolverUrl::Udp),
+        "tls" => {
+            let (host, port) = host_port(rest.trim_end_matches('/'), url)?;
+            if host.contains(['/', '@']) {
+                bail!("`{url}`: DNS over TLS takes a host and port only: tls://HOST[:PORT]");
+            }
+            let port = match port {
+                Some(p) => p
+                    .parse()
+                    .with_context(|| format!("`{url}`: bad port `{p}`"))?,
+                None => DOT_PORT,
+            };
+            Ok(ResolverUrl::Tls {
+                host: host.to_owned(),
+                port,
+            })
+        }
+        "https" => {
+            let (host, port, path) = http_parts(rest, true, url)?;
+            let path = if path == "/" { DOH_PATH.into() } else { path };
+            Ok(ResolverUrl::Https(HttpUrl {
+                tls: true,
+                host,
+                port,
+                path,
+            }))
+        }
+        "http" => bail!("`{url}`: DNS over HTTPS needs https://, not http://"),
+        _ => bail!(
+            "`{url}`: unknown resolver transport `{scheme}` \
+             (supported: IP[:PORT], tls://HOST[:PORT], https://HOST[:PORT]/PATH)"
+        ),
+    }
 }
 
 /// The `nameserver` lines of a resolv.conf (port 53).
@@ -350,7 +437,7 @@ impl std::str::FromStr for ServerUrl {
             let resolvers = params
                 .iter()
                 .filter(|(k, _)| *k == "resolver")
-                .map(|(_, r)| resolver_addr(r, url))
+                .map(|(_, r)| resolver_url(r, url))
                 .collect::<anyhow::Result<_>>()?;
             let max_query = match params.iter().rfind(|(k, _)| *k == "max-query") {
                 Some((_, n)) => Some(max_query(n, rest, url)?),
@@ -395,6 +482,9 @@ impl ServerUrl {
                     let text = std::fs::read_to_string("/etc/resolv.conf")
                         .context("reading /etc/resolv.conf (or give ?resolver=IP)")?;
                     parse_resolv_conf(&text)
+                        .into_iter()
+                        .map(ResolverUrl::Udp)
+                        .collect()
                 } else {
                     resolvers.clone()
                 };
@@ -603,8 +693,8 @@ mod tests {
             ServerAddr::Dns {
                 domain: "t.example.com".into(),
                 resolvers: vec![
-                    "192.0.2.1:53".parse().unwrap(),
-                    "[2001:db8::1]:5353".parse().unwrap()
+                    ResolverUrl::Udp("192.0.2.1:53".parse().unwrap()),
+                    ResolverUrl::Udp("[2001:db8::1]:5353".parse().unwrap())
                 ],
                 max_query: None,
             }
@@ -652,6 +742,77 @@ mod tests {
                 .is_err()
         );
         assert!("dns://?resolver=1.2.3.4".parse::<ServerUrl>().is_err());
+    }
+
+    #[test]
+    fn dot_and_doh_resolvers_mix_with_plain_ones() {
+        let u: ServerUrl = "dns://t.example.com?resolver=tls://192.0.2.1\
+            &resolver=https://dns.example.net/q&resolver=192.0.2.2\
+            &resolver=tls://[2001:db8::1]:8853&resolver=https://192.0.2.3:8443\
+            &resolver=udp://192.0.2.4:5353"
+            .parse()
+            .unwrap();
+        let ServerUrl::Dns { resolvers, .. } = &u else {
+            panic!("{u:?}")
+        };
+        let https = |host: &str, port, path: &str| {
+            ResolverUrl::Https(HttpUrl {
+                tls: true,
+                host: host.into(),
+                port,
+                path: path.into(),
+            })
+        };
+        assert_eq!(
+            resolvers,
+            &[
+                ResolverUrl::Tls {
+                    host: "192.0.2.1".into(),
+                    port: 853
+                },
+                https("dns.example.net", 443, "/q"),
+                ResolverUrl::Udp("192.0.2.2:53".parse().unwrap()),
+                ResolverUrl::Tls {
+                    host: "2001:db8::1".into(),
+                    port: 8853
+                },
+                https("192.0.2.3", 8443, "/dns-query"),
+                ResolverUrl::Udp("192.0.2.4:5353".parse().unwrap()),
+            ]
+        );
+        assert!(resolvers[0].uses_tls() && resolvers[1].uses_tls() && !resolvers[2].uses_tls());
+        assert_eq!(
+            u.to_string(),
+            "dns://t.example.com?resolver=tls://192.0.2.1:853\
+             &resolver=https://dns.example.net:443/q&resolver=192.0.2.2:53\
+             &resolver=tls://[2001:db8::1]:8853&resolver=https://192.0.2.3:8443/dns-query\
+             &resolver=192.0.2.4:5353"
+        );
+        // What is printed parses back to the same.
+        assert_eq!(u.to_string().parse::<ServerUrl>().unwrap(), u);
+    }
+
+    #[test]
+    fn bad_resolvers_are_named() {
+        for (bad, says) in [
+            ("resolver=http://192.0.2.1/dns-query", "needs https://"),
+            (
+                "resolver=quic://192.0.2.1",
+                "unknown resolver transport `quic`",
+            ),
+            ("resolver=tls://192.0.2.1:99999", "bad port"),
+            ("resolver=tls://192.0.2.1/x", "host and port only"),
+            ("resolver=tls://u@192.0.2.1", "host and port only"),
+            ("resolver=tls://", "missing host"),
+            ("resolver=https://192.0.2.1/q?dns=x", "no query"),
+            ("resolver=https://u:p@192.0.2.1/q", "no credentials"),
+            ("resolver=udp://dns.google", "IP address"),
+            ("resolver=dns.google", "tls://HOST"),
+        ] {
+            let url = format!("dns://t.example.com?{bad}");
+            let e = url.parse::<ServerUrl>().unwrap_err().to_string();
+            assert!(e.contains(says), "{url}: {e}");
+        }
     }
 
     #[test]

@@ -19,7 +19,11 @@ use iptun_proto::wire::dns::{Domain, encode_name};
 use serde_json::Value;
 
 use common::daemon::Daemon;
-use common::unbound::{DOMAIN, DnsTopology, Unbound, UnboundOptions, addrs, dns_query};
+use common::http::{ForwardProxy as _, PROXY_USER, TestPki};
+use common::unbound::{
+    DOH_PATH, DOH_PORT, DOMAIN, DOT_PORT, DnsTopology, Unbound, UnboundOptions, UnboundTls, addrs,
+    dns_query,
+};
 use common::*;
 
 /// The network behind the server (server side and target).
@@ -34,14 +38,54 @@ const TUNNEL_UP: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- helpers
 
-/// Server on 203.0.113.2:53, client through `resolver`: tunnel up, a ping
-/// to the target, 2 MiB each way checked by sha256 and timed.
-/// `resolver` is where the client's queries must go; `explicit` says whether
-/// the URL names it (`?resolver=`) or the client finds it in resolv.conf.
-/// Returns the client's DNS path status at the end.
-fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, what: &str) -> Value {
-    let dir = TempDir::new(tag);
-    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+/// How the client reaches the resolver.
+struct Via<'a> {
+    /// The `?resolver=` value; `None`: the nameservers of resolv.conf.
+    resolver: Option<String>,
+    /// What the client's status names as the session's endpoint.
+    endpoint: String,
+    /// The resolver's plain DNS address (unbound serves it whatever else
+    /// it serves), for checking record types.
+    plain: &'a str,
+    /// More client flags.
+    flags: Vec<String>,
+    /// Bytes to move each way.
+    transfer: u64,
+}
+
+impl<'a> Via<'a> {
+    /// Plain DNS to `resolver` port 53, named in the URL or not.
+    fn plain(resolver: &'a str, explicit: bool) -> Self {
+        Self {
+            resolver: explicit.then(|| resolver.to_owned()),
+            endpoint: format!("{resolver}:53"),
+            plain: resolver,
+            flags: Vec::new(),
+            transfer: TRANSFER,
+        }
+    }
+
+    /// `url` (tls://... or https://...), as status shows it, with `flags`.
+    fn secure(url: &str, shown: &str, flags: &[&str]) -> Self {
+        Self {
+            resolver: Some(url.to_owned()),
+            endpoint: shown.to_owned(),
+            plain: addrs::RESOLVER_ADDR,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+            transfer: TRANSFER,
+        }
+    }
+
+    fn url(&self) -> String {
+        match &self.resolver {
+            Some(r) => format!("dns://{DOMAIN}?resolver={r}"),
+            None => format!("dns://{DOMAIN}"),
+        }
+    }
+}
+
+/// The server on 203.0.113.2:53 with its tunnel domain, NAT to the target.
+fn start_server(tag: &str, topo: &DnsTopology, skey: &Key, ckey: &Key) -> Daemon {
     let listen = format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR);
     let mut server = Daemon::spawn(
         &topo.server,
@@ -60,32 +104,36 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
     );
     server.wait_up();
     let st = server.status_ok();
-    assert_eq!(
-        st["endpoints"][0],
-        format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR),
-        "{st:#}"
-    );
-    let url = if explicit {
-        format!("dns://{DOMAIN}?resolver={resolver}")
-    } else {
-        format!("dns://{DOMAIN}")
-    };
-    let mut client = Daemon::spawn(
-        &topo.client,
-        tag,
+    assert_eq!(st["endpoints"][0], listen, "{st:#}");
+    server
+}
+
+/// The client over `via`, routing the target's network.
+fn start_client(tag: &str, topo: &DnsTopology, skey: &Key, ckey: &Key, via: &Via<'_>) -> Daemon {
+    let url = via.url();
+    let mut args = vec![
         "client",
-        &[
-            "client",
-            "--private-key",
-            ckey.path(),
-            "--server-key",
-            &skey.public,
-            "--server",
-            &url,
-            "--route",
-            TARGET_NET,
-        ],
-    );
+        "--private-key",
+        ckey.path(),
+        "--server-key",
+        &skey.public,
+        "--server",
+        &url,
+        "--route",
+        TARGET_NET,
+    ];
+    args.extend(via.flags.iter().map(String::as_str));
+    Daemon::spawn(&topo.client, tag, "client", &args)
+}
+
+/// Server on 203.0.113.2:53, client through the resolver as `via` says:
+/// tunnel up, a ping to the target, 2 MiB each way checked by sha256 and
+/// timed. Returns the client's DNS path status at the end.
+fn tunnel_case(tag: &str, topo: &DnsTopology, via: &Via<'_>, what: &str) -> Value {
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let mut server = start_server(tag, topo, &skey, &ckey);
+    let mut client = start_client(tag, topo, &skey, &ckey, via);
     let started = Instant::now();
     let addr = client.wait_tunnel_address(TUNNEL_UP);
     assert!(addr.starts_with("10.1.0."), "{addr}");
@@ -93,7 +141,7 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
     let st = client.status_ok();
     let session = &st["sessions"][0];
     assert_eq!(session["transport"], "dns", "{st:#}");
-    assert_eq!(session["endpoint"], format!("{resolver}:53"), "{st:#}");
+    assert_eq!(session["endpoint"], via.endpoint, "{st:#}");
     // TXT first; NULL once a probe got through (maybe already).
     let record_type = &session["path"]["record_type"];
     assert!(record_type == "TXT" || record_type == "NULL", "{st:#}");
@@ -106,7 +154,7 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
         &topo.client,
         &topo.target,
         TARGET_ADDR,
-        TRANSFER,
+        via.transfer,
         TRANSFER_TIMEOUT,
         what,
     );
@@ -115,8 +163,8 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, resolver: &str, explicit: bool, wh
     assert_eq!(session["transport"], "dns", "{st:#}");
     let rx = session["rx_bytes"].as_u64().expect("rx_bytes");
     let tx = session["tx_bytes"].as_u64().expect("tx_bytes");
-    assert!(rx >= TRANSFER && tx >= TRANSFER, "{st:#}");
-    every_record_type_passes(topo, resolver);
+    assert!(rx >= via.transfer && tx >= via.transfer, "{st:#}");
+    every_record_type_passes(topo, via.plain);
     let path = client.status_ok()["sessions"][0]["path"].clone();
     eprintln!("{what}: client path {path:#}");
     eprintln!(
@@ -139,7 +187,8 @@ fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &st
     let mut opts = UnboundOptions::new(DOMAIN, topo.server_dns(53));
     tweak(&mut opts);
     let unbound: Unbound = topo.start_unbound(&opts);
-    let path = tunnel_case(tag, &topo, addrs::RESOLVER_ADDR, true, what);
+    let via = Via::plain(addrs::RESOLVER_ADDR, true);
+    let path = tunnel_case(tag, &topo, &via, what);
     // The resolver serves the tunnel domain only.
     let other = dns_query(&topo.client, unbound.addr(), "www.example.org", "A", 1232);
     assert!(
@@ -213,13 +262,8 @@ fn dns_through_the_system_resolver() {
     let dead = "2001:db8:1::99";
     let _resolv = NetnsResolvConf::new(&topo.client.name, &[dead, addrs::RESOLVER_ADDR]);
     let _unbound: Unbound = topo.start_unbound(&UnboundOptions::new(DOMAIN, topo.server_dns(53)));
-    tunnel_case(
-        tag,
-        &topo,
-        addrs::RESOLVER_ADDR,
-        false,
-        "DNS via resolv.conf",
-    );
+    let via = Via::plain(addrs::RESOLVER_ADDR, false);
+    tunnel_case(tag, &topo, &via, "DNS via resolv.conf");
 }
 
 /// /etc/netns/NS/resolv.conf naming these nameservers, removed on drop.
@@ -268,7 +312,141 @@ fn dns_direct() {
     require_root();
     let tag = "dnsdir";
     let topo = DnsTopology::new(tag, true);
-    tunnel_case(tag, &topo, addrs::SERVER_ADDR, true, "DNS direct");
+    let via = Via::plain(addrs::SERVER_ADDR, true);
+    tunnel_case(tag, &topo, &via, "DNS direct");
+}
+
+// ------------------------------------------------ DNS over TLS and HTTPS
+
+/// Unbound serving DoT and DoH too, with a certificate for its address
+/// from a fresh test CA; the topology it runs in.
+fn secure_unbound(tag: &str) -> (DnsTopology, TestPki, Unbound) {
+    require_root();
+    let topo = DnsTopology::new(tag, false);
+    let pki = TestPki::generate(addrs::RESOLVER_ADDR);
+    let mut opts = UnboundOptions::new(DOMAIN, topo.server_dns(53));
+    opts.tls = Some(UnboundTls {
+        cert: pki.cert_pem.clone(),
+        key: pki.key_pem.clone(),
+    });
+    let unbound = topo.start_unbound(&opts);
+    (topo, pki, unbound)
+}
+
+/// The DoT or DoH resolver `shown` carried the path (its only resolver:
+/// no query went anywhere else), over one connection kept open.
+fn assert_carried_by(path: &Value, shown: &str) {
+    let link = &path["resolvers"][0];
+    assert_eq!(
+        path["resolvers"].as_array().map(Vec::len),
+        Some(1),
+        "{path:#}"
+    );
+    assert_eq!(link["resolver"], shown, "{path:#}");
+    assert_eq!(link["connected"], true, "{path:#}");
+    assert_eq!(link["failures"], 0, "{path:#}");
+    assert!(link["connects"].as_u64() >= Some(1), "{path:#}");
+}
+
+fn dot_url() -> (String, String) {
+    let url = format!("tls://{}", addrs::RESOLVER_ADDR);
+    let shown = format!("tls://{}:{DOT_PORT}", addrs::RESOLVER_ADDR);
+    (url, shown)
+}
+
+fn doh_url() -> (String, String) {
+    let url = format!("https://{}{DOH_PATH}", addrs::RESOLVER_ADDR);
+    let shown = format!("https://{}:{DOH_PORT}{DOH_PATH}", addrs::RESOLVER_ADDR);
+    (url, shown)
+}
+
+/// DNS over TLS to unbound's `tls-port`, its certificate checked against
+/// the test CA (`--tls-ca`) and its address.
+#[test]
+fn dns_over_tls_through_unbound() {
+    let (topo, pki, _unbound) = secure_unbound("dot");
+    let (url, shown) = dot_url();
+    let via = Via::secure(&url, &shown, &["--tls-ca", pki.ca()]);
+    let path = tunnel_case("dot", &topo, &via, "DNS over TLS via unbound");
+    assert_carried_by(&path, &shown);
+}
+
+/// DNS over HTTPS (HTTP/2) to unbound's `https-port`.
+#[test]
+fn dns_over_https_through_unbound() {
+    let (topo, pki, _unbound) = secure_unbound("doh");
+    let (url, shown) = doh_url();
+    let via = Via::secure(&url, &shown, &["--tls-ca", pki.ca()]);
+    let path = tunnel_case("doh", &topo, &via, "DNS over HTTPS via unbound");
+    assert_carried_by(&path, &shown);
+}
+
+/// DNS over HTTPS through squid (CONNECT, basic auth) to unbound: the
+/// proxy named in status, its CONNECT in squid's log. (A shorter transfer:
+/// the 2 MiB case above covers the throughput.)
+#[test]
+fn dns_over_https_through_a_proxy() {
+    let (topo, pki, _unbound) = secure_unbound("dohsquid");
+    let squid = topo.start_squid();
+    let (url, shown) = doh_url();
+    let proxy = squid.url();
+    let mut via = Via::secure(&url, &shown, &["--tls-ca", pki.ca(), "--proxy", &proxy]);
+    via.transfer = 256 << 10;
+    let path = tunnel_case("dohsquid", &topo, &via, "DNS over HTTPS via squid");
+    assert_carried_by(&path, &shown);
+    assert_eq!(
+        path["resolvers"][0]["proxy"],
+        squid.listen().to_string(),
+        "{path:#}"
+    );
+    // squid logs a CONNECT when its tunnel closes (the client has exited).
+    let connect = format!("CONNECT {}:{DOH_PORT} {PROXY_USER}", addrs::RESOLVER_ADDR);
+    wait_until(
+        Duration::from_secs(10),
+        "squid to log the authenticated CONNECT",
+        || squid.log().contains(&connect),
+    );
+}
+
+/// A client pinning another certificate than unbound's gets no tunnel,
+/// and its status and log say why.
+#[test]
+fn dns_over_tls_with_a_wrong_pin_is_refused() {
+    let tag = "dotpin";
+    let (topo, _pki, _unbound) = secure_unbound(tag);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let _server = start_server(tag, &topo, &skey, &ckey);
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let (url, shown) = dot_url();
+    let via = Via::secure(&url, &shown, &["--tls-pin", &wrong]);
+    let mut client = start_client(tag, &topo, &skey, &ckey, &via);
+    let says = "not the one --tls-pin names";
+    let mut last = Value::Null;
+    wait_until(
+        Duration::from_secs(15),
+        "the client's status to say the pin does not match",
+        || {
+            last = client.status().unwrap_or_default();
+            let path = &last["paths"][0];
+            path["state"] == "failed" && path["reason"].as_str().is_some_and(|r| r.contains(says))
+        },
+    );
+    let reason = last["paths"][0]["reason"].as_str().unwrap_or_default();
+    eprintln!("status says: {reason}");
+    assert!(reason.starts_with(&shown), "names the resolver: {reason}");
+    let link = &last["paths"][0]["detail"]["resolvers"][0];
+    assert_eq!(link["connected"], false, "{last:#}");
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(says)),
+        "{last:#}"
+    );
+    assert!(client.log().contains(says), "{}", client.log());
+    assert_eq!(client.tunnel_address(), None, "{}", client.log());
+    assert!(!ping(&topo.client, TARGET_ADDR, 1));
+    client.assert_running();
 }
 
 // ---------------------------------------------------------- resolvers, sizes
@@ -410,7 +588,10 @@ fn dns_through_two_unbounds_one_killed_mid_transfer() {
         TRANSFER_TIMEOUT,
         "one resolver left",
     );
-    assert_eq!(path["resolvers"][0]["address"], format!("{}:53", addrs::RESOLVER_ADDR));
+    assert_eq!(
+        path["resolvers"][0]["address"],
+        format!("{}:53", addrs::RESOLVER_ADDR)
+    );
     drop(first);
     client.assert_running();
     server.assert_running();
@@ -430,8 +611,8 @@ fn dns_through_a_path_that_drops_long_queries() {
     let hook = "{ type filter hook output priority 0; }";
     ns.exec_ok(&["nft", "add", "chain", "inet", "dnslen", "out", hook]);
     ns.exec_ok(&[
-        "nft", "add", "rule", "inet", "dnslen", "out", "udp", "dport", "53", "udp", "length",
-        ">", "160", "counter", "drop",
+        "nft", "add", "rule", "inet", "dnslen", "out", "udp", "dport", "53", "udp", "length", ">",
+        "160", "counter", "drop",
     ]);
     let dir = TempDir::new(tag);
     let url = format!("dns://{DOMAIN}?resolver={}", addrs::RESOLVER_ADDR);
@@ -450,7 +631,10 @@ fn dns_through_a_path_that_drops_long_queries() {
     // tail and OPT, the name's two framing bytes: 123 characters at most.
     let len = path["up"]["max_name_len"].as_u64().expect("max_name_len");
     assert!((80..=123).contains(&len), "{path:#}");
-    assert!(path["stats"]["fallbacks"].as_u64().unwrap() >= 1, "{path:#}");
+    assert!(
+        path["stats"]["fallbacks"].as_u64().unwrap() >= 1,
+        "{path:#}"
+    );
     // The rule did drop queries: the cap was found, not given.
     let rules = ns.exec_ok(&["nft", "list", "table", "inet", "dnslen"]);
     assert!(!rules.contains("packets 0 "), "{rules}");

@@ -223,6 +223,61 @@ fn https_with_certificate_files_and_ca() {
     assert_transport_mode(&session, "https", "websocket");
 }
 
+/// (a'') A certificate made as many admins make one, `openssl req -x509`
+/// (a CA that is its own leaf), trusted the way curl is told to trust it
+/// (`SSL_CERT_FILE`): accepted, since the presented certificate is itself in
+/// the trust store. Trusting another such certificate instead gets no
+/// tunnel and a message naming the pin to give.
+#[test]
+fn openssl_self_signed_certificate_trusted_by_ssl_cert_file() {
+    let case = Case::new("htx509", true);
+    let (cert, key) = (case.dir.file("x509.pem"), case.dir.file("x509.key"));
+    let (other, other_key) = (case.dir.file("other.pem"), case.dir.file("other.key"));
+    for (c, k) in [(&cert, &key), (&other, &other_key)] {
+        run_ok(&[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=host",
+            "-addext",
+            &format!("subjectAltName=IP:{}", addrs::SERVER_ADDR),
+            "-keyout",
+            k.to_str().unwrap(),
+            "-out",
+            c.to_str().unwrap(),
+        ]);
+    }
+    let (cert, key, other) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        other.display().to_string(),
+    );
+    let url = case.topo.server_https_url();
+    let mut server = case.start_server(&[&url], &["--tls-cert", &cert, "--tls-key", &key]);
+    let mut client = case.start_client(&url, &[], &[("SSL_CERT_FILE", &cert)]);
+    let session = case.tunnel_works(&mut client, &mut server, "openssl req -x509, SSL_CERT_FILE");
+    assert_transport_mode(&session, "https", "websocket");
+    client.stop();
+
+    let wrong = case.start_client(&url, &[], &[("SSL_CERT_FILE", &other)]);
+    wait_until(Duration::from_secs(15), "the client to say why", || {
+        wrong.log().contains("--tls-pin sha256:")
+    });
+    let log = wrong.log();
+    assert!(log.contains("is not trusted"), "{log}");
+    assert!(
+        !log.contains("OtherError"),
+        "a Debug dump instead of a sentence:\n{log}"
+    );
+    assert_eq!(wrong.tunnel_address(), None);
+}
+
 /// (a') A client pinning another certificate gets no tunnel (and says why).
 #[test]
 fn https_wrong_pin_gets_no_tunnel() {

@@ -856,3 +856,117 @@ fn client_restart_downstream_at_once() {
         stats.output
     );
 }
+
+// ------------------------------------------------ a firewall's rate limit
+
+/// The echo requests the router's firewall passes each second (nftables'
+/// `limit rate`, burst 5), dropping the rest silently.
+const ECHO_LIMIT: u64 = 300;
+
+/// The router's counters of echo requests toward the server, and of those
+/// its rate limit dropped.
+fn echo_counters(router: &Netns) -> (u64, u64) {
+    let out = router.exec_ok(&["nft", "list", "table", "inet", "echo_limit"]);
+    let packets = |marker: &str| {
+        let line = out
+            .lines()
+            .find(|l| l.contains("counter") && l.trim_end().ends_with(marker))
+            .unwrap_or_else(|| panic!("no `{marker}` rule: {out}"));
+        // "... counter packets N bytes M ..." (a limit says "burst 5 packets")
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let i = words
+            .iter()
+            .position(|w| *w == "counter")
+            .expect("a counter");
+        words[i + 2].parse::<u64>().expect("a count")
+    };
+    (packets("accept"), packets("drop"))
+}
+
+/// A firewall on the path passes 300 echo requests a second and silently
+/// drops the rest (a common setting). The client's pacing finds that rate:
+/// a transfer each way completes intact at a good share of what the
+/// firewall lets through (300 requests of one TCP segment each a second),
+/// the firewall drops few requests, and the client's status shows the
+/// pacing rate, the window and the requests lost and given up on.
+#[test]
+fn icmp_through_a_rate_limit_on_echo_requests() {
+    require_root();
+    let tag = "limit";
+    let topo = RoutedTopology::new(tag);
+    // Before the router's own filter (priority 0), every echo request to
+    // the server is counted, and those beyond the limit are dropped.
+    let router = &topo.router;
+    router.exec_ok(&["nft", "add", "table", "inet", "echo_limit"]);
+    let hook = "{ type filter hook forward priority -10; }";
+    router.exec_ok(&["nft", "add", "chain", "inet", "echo_limit", "forward", hook]);
+    let rule = format!(
+        "oifname {ROUTER_SERVER_IF} icmp type echo-request limit rate over {ECHO_LIMIT}/second counter drop"
+    );
+    let mut args = vec!["nft", "add", "rule", "inet", "echo_limit", "forward"];
+    args.extend(rule.split_whitespace());
+    router.exec_ok(&args);
+    let rule = format!("oifname {ROUTER_SERVER_IF} icmp type echo-request counter accept");
+    let mut args = vec!["nft", "add", "rule", "inet", "echo_limit", "forward"];
+    args.extend(rule.split_whitespace());
+    router.exec_ok(&args);
+
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let _server = start_server(
+        &topo.server,
+        tag,
+        &skey,
+        &ckey,
+        &["--listen", "icmp://0.0.0.0", "--nat"],
+    );
+    let url = format!("icmp://{SERVER_ADDR}");
+    let mut client = start_client(&topo.client, tag, &ckey, &skey, &url);
+    ping_eventually(&topo.client, TARGET_ADDR, Duration::from_secs(10));
+
+    let (passed_before, dropped_before) = echo_counters(router);
+    let bytes = 3 << 20;
+    let (up, down) = transfer_both_ways(
+        &topo.client,
+        &topo.target,
+        TARGET_ADDR,
+        bytes,
+        Duration::from_secs(90),
+        "ICMP through a limit of 300 echo requests a second",
+    );
+    let (passed, dropped) = echo_counters(router);
+    let (passed, dropped) = (passed - passed_before, dropped - dropped_before);
+
+    // One TCP segment (MTU 1420, less IPv4, TCP and timestamps) a request.
+    let allowed = (ECHO_LIMIT * 1368 * 8) as f64 / 1e6;
+    let (up, down) = (mbit_per_s(bytes, up), mbit_per_s(bytes, down));
+    let share = dropped as f64 / (passed + dropped) as f64;
+    let status = client.status_ok();
+    let detail = &status["sessions"][0]["path"];
+    eprintln!(
+        "{up:.2} Mbit/s up, {down:.2} down of {allowed:.2} allowed; the limit dropped \
+         {dropped} of {} requests ({:.1} %); client path: {detail}",
+        passed + dropped,
+        share * 100.0
+    );
+    assert!(up >= 0.7 * allowed, "{up:.2} Mbit/s up of {allowed:.2}");
+    assert!(
+        down >= 0.7 * allowed,
+        "{down:.2} Mbit/s down of {allowed:.2}"
+    );
+    assert!(share < 0.1, "the firewall dropped {:.1} %", share * 100.0);
+    // The status shows the pacing near the limit, the window, and what the
+    // limit cost.
+    let rate = detail["rate"].as_u64().expect("a pacing rate");
+    assert!(
+        (ECHO_LIMIT / 2..=ECHO_LIMIT * 2).contains(&rate),
+        "pacing at {rate} a second: {detail}"
+    );
+    assert!(
+        detail["window"].as_u64().is_some_and(|w| w >= 2),
+        "{detail}"
+    );
+    assert!(detail["lost"].as_u64().is_some_and(|n| n > 0), "{detail}");
+    assert!(detail["unanswered"].as_u64().is_some(), "{detail}");
+    client.assert_running();
+}

@@ -189,6 +189,67 @@ fn nat_ping_and_50mb_transfer() {
     client.assert_running();
 }
 
+/// `--pcap` on both ends: a ping through the tunnel reads back with
+/// `tcpdump -r` as an echo request and its reply, in both files; the server
+/// tags each packet with its client. A path that cannot be written is named
+/// before anything is set up.
+#[test]
+fn pcap_of_a_ping_reads_back_with_tcpdump() {
+    require_root();
+    let tag = "pcap";
+    let topo = Topology::new(tag);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let (spcap, cpcap) = (dir.file("server.pcapng"), dir.file("client.pcapng"));
+    let (spcap, cpcap) = (spcap.to_str().unwrap(), cpcap.to_str().unwrap());
+    let mut server = start_server(
+        &topo.server,
+        tag,
+        &skey,
+        &[&ckey],
+        &["--nat", "--pcap", spcap],
+    );
+    let extra = ["--route", TARGET_NET, "--pcap", cpcap];
+    let mut client = start_client(
+        topo.client(),
+        tag,
+        "c0",
+        &ckey,
+        &skey,
+        topo.server_addr(),
+        &extra,
+    );
+    let addr = client.wait_tunnel_address(TUNNEL_UP);
+    ping_eventually(topo.client(), TARGET_ADDR, Duration::from_secs(10));
+    client.stop();
+    server.stop();
+    for file in [cpcap, spcap] {
+        let text = run_ok(&["tcpdump", "-n", "-r", file, "icmp"]);
+        // Inside the tunnel, before the server's NAT: the client's address.
+        assert!(
+            text.contains(&format!("{addr} > {TARGET_ADDR}: ICMP echo request")),
+            "{file}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("{TARGET_ADDR} > {addr}: ICMP echo reply")),
+            "{file}:\n{text}"
+        );
+    }
+
+    let bad = iptun_fails(
+        &topo.server,
+        &[
+            "server",
+            "--private-key",
+            skey.path(),
+            "--control",
+            "@iptun-pcap-bad",
+        ],
+        &["--pcap", "/nonexistent/dir/x.pcapng"],
+    );
+    assert!(bad.contains("--pcap /nonexistent/dir/x.pcapng"), "{bad}");
+}
+
 #[test]
 fn two_clients_ping_each_other() {
     require_root();

@@ -19,7 +19,7 @@ pub enum Carrier {
         server: SocketAddr,
     },
     /// ICMP echo requests to the server.
-    Icmp(IcmpClient),
+    Icmp(Box<IcmpClient>),
     /// DNS queries through resolvers.
     Dns(Box<DnsClient>),
     /// HTTP(S): the driver's connection carries framed batches.
@@ -49,11 +49,18 @@ impl Carrier {
     /// Put the `len`-byte message at `buf[headroom..]` on the wire: its
     /// wire form's length at `buf[..]`, or `None` when the transport
     /// queued it (DNS splits messages into queries, which come out of
-    /// [`Carrier::poll_transmit`]).
-    pub(super) fn frame(&mut self, now: Instant, buf: &mut [u8], len: usize) -> Option<usize> {
+    /// [`Carrier::poll_query`]). `prompt`: the server answers it at once
+    /// (a probe, an init), out of turn on a polled path.
+    pub(super) fn frame(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+        prompt: bool,
+    ) -> Option<usize> {
         match self {
             Self::Udp { .. } => Some(len),
-            Self::Icmp(c) => Some(c.frame(now, buf, len)),
+            Self::Icmp(c) => Some(c.frame(now, buf, len, prompt)),
             Self::Dns(c) => {
                 c.send(now, &buf[..len]);
                 None
@@ -63,6 +70,29 @@ impl Carrier {
                 buf[..LEN_PREFIX].copy_from_slice(&(len as u16).to_be_bytes());
                 Some(LEN_PREFIX + len)
             }
+        }
+    }
+
+    /// [`Carrier::frame`] for an inner packet: on ICMP it waits for the
+    /// pacing when it must (it comes out of [`Carrier::poll_paced`]).
+    pub(super) fn frame_packet(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Option<usize> {
+        match self {
+            Self::Icmp(c) => c.frame_packet(now, buf, len),
+            _ => self.frame(now, buf, len, false),
+        }
+    }
+
+    /// An inner packet that waited for the pacing and may go now, framed
+    /// into `buf`.
+    pub(super) fn poll_paced(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        match self {
+            Self::Icmp(c) => c.poll_queued(now, buf),
+            _ => None,
         }
     }
 
@@ -143,8 +173,8 @@ impl Carrier {
     pub(super) fn handle_timeout(&mut self, now: Instant) {
         match self {
             Self::Dns(c) => c.handle_timeout(now),
-            // Let the pacer count requests that went unanswered (the polls
-            // it asks for go out with the next transmits).
+            // Let the client give up on requests that went unanswered (the
+            // polls it asks for go out with the next transmits).
             Self::Icmp(c) => {
                 c.polls_due(now);
             }

@@ -200,8 +200,9 @@ pub struct Connection {
     next_probe_id: u32,
     /// Probes sent with [`Connection::measure`]: id, path, when.
     measuring: Vec<(u32, PathId, Instant)>,
-    /// Messages the engine produced while handling input, for their path.
-    queued: VecDeque<(PathId, Vec<u8>)>,
+    /// Messages the engine produced while handling input, for their path,
+    /// and whether the server answers them at once (probes).
+    queued: VecDeque<(PathId, Vec<u8>, bool)>,
     events: VecDeque<Event>,
     /// Where packets go when the TUN batch is full (they are dropped).
     scratch: Box<[u8]>,
@@ -225,7 +226,9 @@ impl Connection {
             .map(|p| {
                 Candidate::new(match p {
                     PathConfig::Udp { server } => Carrier::Udp { server },
-                    PathConfig::Icmp { server, id } => Carrier::Icmp(IcmpClient::new(server, id)),
+                    PathConfig::Icmp { server, id } => {
+                        Carrier::Icmp(Box::new(IcmpClient::new(server, id)))
+                    }
                     PathConfig::Dns {
                         domain,
                         resolvers,
@@ -307,7 +310,8 @@ impl Connection {
     /// A packet from the TUN device: sealed and framed into `buf` (which
     /// should be the send buffer of [`Connection::current_path`]'s driver;
     /// zero copies on UDP). `None`: dropped and counted, or queued by the
-    /// transport (DNS), whose queries come out of `poll_transmit`.
+    /// transport (DNS; ICMP when the pacing holds it back), whose
+    /// datagrams come out of `poll_transmit`.
     pub fn handle_tun_packet(
         &mut self,
         now: Instant,
@@ -322,7 +326,7 @@ impl Connection {
             .handle_tun_packet(now, packet, buf.get_mut(h..)?)
             .ok()?;
         c.sent(now);
-        let len = c.carrier.frame(now, buf, n)?;
+        let len = c.carrier.frame_packet(now, buf, n)?;
         Some(Transmit {
             path,
             to: c.carrier.destination(),
@@ -347,16 +351,16 @@ impl Connection {
             }
             Carrier::Icmp(c) => {
                 let Remote::Addr(from) = from else { return };
-                let Some((msg, asked)) = c.unwrap(from.ip(), bytes) else {
+                let Some(reply) = c.unwrap(from.ip(), bytes) else {
                     return;
                 };
-                let opened = self.open(now, path, msg, Some(asked), tun);
+                let opened = self.open(now, path, reply.message, Some(reply.asked), tun);
                 // An answer without a session (the server lost it) still
                 // answers a request; forged or stale ones do not.
-                if (opened.is_some() || msg.is_empty())
+                if (opened.is_some() || reply.message.is_empty())
                     && let Carrier::Icmp(c) = &mut self.paths[path].carrier
                 {
-                    c.replied(opened == Some(true));
+                    c.replied(now, reply.meta, opened.is_some(), opened == Some(true));
                 }
             }
             Carrier::Dns(c) => {
@@ -421,7 +425,7 @@ impl Connection {
                 true
             }
             Ok(ClientOutput::Send(reply)) => {
-                self.queued.push_back((path, reply.to_vec()));
+                self.queued.push_back((path, reply.to_vec(), false));
                 false
             }
             Ok(ClientOutput::ProbeReply { id, len }) => {
@@ -465,7 +469,8 @@ impl Connection {
                 } else if opened && path == self.current {
                     // Tell the server at once which connection is ours now.
                     if let Ok(n) = self.engine.seal_keepalive(now, &mut self.scratch) {
-                        self.queued.push_back((path, self.scratch[..n].to_vec()));
+                        self.queued
+                            .push_back((path, self.scratch[..n].to_vec(), false));
                     }
                 }
                 self.refresh(now);
@@ -492,7 +497,7 @@ impl Connection {
             self.measuring.remove(0);
         }
         self.queued
-            .push_back((path, self.scratch[h..h + n].to_vec()));
+            .push_back((path, self.scratch[h..h + n].to_vec(), true));
         true
     }
 
@@ -501,33 +506,37 @@ impl Connection {
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         buf.resize(BUF_LEN, 0);
         loop {
-            // What goes, and whether it waits for an answer (bare polls
-            // are answered when the server has something, or at its hold).
-            let (path, len, waits) = if let Some((path, msg)) = self.queued.pop_front() {
-                // Keepalives (a handshake's confirmation, a move's) and probes.
-                let waits = self.paths[path].carrier.answers_at_once();
-                (path, self.stage(path, &msg, buf), waits)
-            } else if let Some((path, len)) = self.engine_timers(now, buf) {
-                // An init waits for its response; a keepalive waits only
-                // where the server echoes it at once.
-                let init = buf[self.paths[path].carrier.headroom()] == TYPE_INIT;
-                let waits = init || self.paths[path].carrier.answers_at_once();
-                (path, Some(len), waits)
-            } else if let Some(path) = self.due_probe(now) {
-                (path, self.probe(now, path, buf), false)
-            } else if let Some(path) = self.due_nudge(now) {
-                (path, self.nudge_probe(now, path, buf), false)
-            } else if let Some(path) = self.due_poll(now) {
-                (path, self.keepalive(now, path, buf), false)
-            } else {
-                return self.poll_queries(now, buf);
-            };
+            // What goes, whether it waits for an answer (bare polls are
+            // answered when the server has something, or at its hold), and
+            // whether the server answers it at once (probes, inits).
+            let (path, len, waits, prompt) =
+                if let Some((path, msg, prompt)) = self.queued.pop_front() {
+                    // Keepalives (a handshake's confirmation, a move's) and probes.
+                    let waits = self.paths[path].carrier.answers_at_once();
+                    (path, self.stage(path, &msg, buf), waits, prompt)
+                } else if let Some((path, len)) = self.engine_timers(now, buf) {
+                    // An init waits for its response; a keepalive waits only
+                    // where the server echoes it at once.
+                    let init = buf[self.paths[path].carrier.headroom()] == TYPE_INIT;
+                    let waits = init || self.paths[path].carrier.answers_at_once();
+                    (path, Some(len), waits, init)
+                } else if let Some(path) = self.due_probe(now) {
+                    (path, self.probe(now, path, buf), false, true)
+                } else if let Some(path) = self.due_nudge(now) {
+                    (path, self.nudge_probe(now, path, buf), false, true)
+                } else if let Some(t) = self.poll_paced(now, buf) {
+                    return Some(t);
+                } else if let Some(path) = self.due_poll(now) {
+                    (path, self.keepalive(now, path, buf), false, false)
+                } else {
+                    return self.poll_queries(now, buf);
+                };
             let Some(len) = len else { continue };
             let c = &mut self.paths[path];
             if waits && path == self.current {
                 c.sent(now);
             }
-            let Some(len) = c.carrier.frame(now, buf, len) else {
+            let Some(len) = c.carrier.frame(now, buf, len, prompt) else {
                 continue;
             };
             return Some(Transmit {
@@ -568,8 +577,8 @@ impl Connection {
         let c = &mut self.paths[path];
         c.carrier.set_polling(polling);
         if let Carrier::Icmp(icmp) = &mut c.carrier {
-            // Always let the pacer forget lost requests, or its deadline
-            // stays in the past and the loop spins.
+            // Always let the client give up on lost requests, or its
+            // deadline stays in the past and the loop spins.
             if icmp.polls_due(now) > 0 && connected {
                 return Some(path);
             }
@@ -589,6 +598,20 @@ impl Connection {
     fn keepalive(&mut self, now: Instant, path: PathId, buf: &mut [u8]) -> Option<usize> {
         let h = self.paths[path].carrier.headroom();
         self.engine.seal_keepalive(now, &mut buf[h..]).ok()
+    }
+
+    /// An inner packet that waited for its path's pacing (ICMP) and may go now.
+    fn poll_paced(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        for (path, c) in self.paths.iter_mut().enumerate() {
+            if let Some(len) = c.carrier.poll_paced(now, buf) {
+                return Some(Transmit {
+                    path,
+                    to: c.carrier.destination(),
+                    len,
+                });
+            }
+        }
+        None
     }
 
     /// The next DNS query of any DNS path.

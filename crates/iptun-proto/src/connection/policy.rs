@@ -274,7 +274,8 @@ impl Connection {
         c.nudge = None;
         c.unanswered_since = None;
         if let Ok(n) = self.engine.seal_keepalive(now, &mut self.scratch) {
-            self.queued.push_back((to, self.scratch[..n].to_vec()));
+            self.queued
+                .push_back((to, self.scratch[..n].to_vec(), false));
         }
         self.events.push_back(Event::Moved { from, to, why });
         self.refresh(now);

@@ -20,21 +20,31 @@
 //! - when a session moves to another path (the client roamed, or moved to
 //!   another transport), what it held on the old one is released: parked
 //!   echo requests are let go, held DNS queries and long polls answered
-//!   empty, queued downstream dropped.
+//!   empty, queued downstream dropped;
+//! - when the admitted keys change ([`Endpoint::set_allowed`]), the same
+//!   for the sessions of removed keys.
+//!
+//! It also counts, per listener, the inner traffic it carried, the
+//! handshakes it saw and the messages it dropped ([`Endpoint::listeners`]).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::DropCounters;
-use crate::engine::{PathKind, Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
-use crate::transport::dns::server::DnsListener;
+use crate::crypto::PublicKey;
+use crate::engine::{
+    AllowedChange, HandshakeCounters, PathKind, Server, ServerConfig, ServerOutput, SessionId,
+    SessionInfo, Traffic,
+};
+use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
-use crate::transport::icmp::{self, IcmpListener, Incoming, Request};
+use crate::transport::icmp::{self, Arrived, IcmpListener, Incoming};
 use crate::transport::{Kind, TunSink};
 use crate::wire::Message;
 use crate::wire::dns::Domain;
 use crate::wire::icmp::{ECHO_HEADER_LEN, Family};
+use crate::wire::message::DATA_OVERHEAD;
 
 /// A listener: its index in the list the endpoint was made with.
 pub type ListenerId = usize;
@@ -229,6 +239,35 @@ pub struct Transmit {
     pub len: usize,
 }
 
+/// One listener's numbers, for status and metrics.
+#[derive(Clone, Debug)]
+pub struct ListenerStatus {
+    /// Its transport.
+    pub kind: Kind,
+    /// Sessions whose path is on it now.
+    pub sessions: usize,
+    /// Inner packets that came in on it (opened) and went out on it (sealed);
+    /// keepalives and probes not counted.
+    pub traffic: Traffic,
+    /// What became of the inits that came in on it.
+    pub handshakes: HandshakeCounters,
+    /// Tunnel messages that came in on it and were dropped, by reason.
+    pub drops: DropCounters,
+    /// The transport's own drops, by name (zero counts included).
+    pub transport_drops: Vec<(&'static str, u64)>,
+    /// A DNS listener's counters.
+    pub dns: Option<dns_server::ListenerStats>,
+}
+
+/// What the endpoint counts per listener.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    traffic: Traffic,
+    handshakes: HandshakeCounters,
+    drops: DropCounters,
+    http_malformed: u64,
+}
+
 enum Listener {
     Udp,
     Icmp(IcmpListener),
@@ -260,12 +299,16 @@ pub struct Endpoint {
     /// message is copied out of its listener.
     scratch: Box<[u8]>,
     tun_full: u64,
-    http_malformed: u64,
+    /// Per listener.
+    counters: Vec<Counters>,
+    /// Packets from the TUN device that could not be sent, by reason.
+    tun_drops: DropCounters,
 }
 
 impl Endpoint {
     /// An endpoint with `listeners` (in the order the driver indexes them).
     pub fn new(config: ServerConfig, listeners: Vec<ListenerConfig>, now: Instant) -> Self {
+        let counters = vec![Counters::default(); listeners.len()];
         Self {
             engine: Server::new(config, now),
             listeners: listeners
@@ -282,7 +325,8 @@ impl Endpoint {
             reply: vec![0; BUF_LEN].into_boxed_slice(),
             scratch: vec![0; BUF_LEN].into_boxed_slice(),
             tun_full: 0,
-            http_malformed: 0,
+            counters,
+            tun_drops: DropCounters::default(),
         }
     }
 
@@ -296,40 +340,112 @@ impl Endpoint {
         self.engine.sessions()
     }
 
-    /// Drops not attributed to a client, and every client's.
+    /// Drops not attributed to a client, and every client's (those of
+    /// removed keys too: the total never goes down).
     pub fn drops(&self) -> DropCounters {
-        let mut all = self.engine.drops();
-        for s in self.engine.sessions() {
-            all.merge(&s.drops);
+        self.engine.total_drops()
+    }
+
+    /// Requests held by listener `listener` for their clients' downstream:
+    /// echo requests, DNS queries, long polls (none on UDP and WebSocket).
+    pub fn held(&self, listener: ListenerId) -> usize {
+        match &self.listeners[listener] {
+            Listener::Udp => 0,
+            Listener::Icmp(l) => l.held(),
+            Listener::Dns(d) => d.held(),
+            Listener::Http(m) => m.held(),
         }
-        all
     }
 
     /// The transports' own counters of what they dropped.
     pub fn transport_drops(&self) -> Vec<(&'static str, u64)> {
-        let mut out = vec![
-            ("tun_full", self.tun_full),
-            ("http_malformed", self.http_malformed),
-        ];
-        for l in &self.listeners {
-            match l {
-                Listener::Udp => {}
-                Listener::Icmp(i) => out.push(("icmp_queue_full", i.dropped())),
-                Listener::Dns(d) => {
-                    let s = d.stats();
-                    out.extend([
-                        ("dns_malformed", s.malformed),
-                        ("dns_refused", s.refused),
-                        ("dns_queue_full", s.queue_full),
-                        ("dns_oversize", s.oversize),
-                        ("dns_evicted_tags", s.evicted_tags),
-                    ]);
+        let mut out = vec![("tun_full", self.tun_full)];
+        for listener in 0..self.listeners.len() {
+            for (name, n) in self.listener_drops(listener) {
+                match out.iter_mut().find(|(m, _)| *m == name) {
+                    Some((_, total)) => *total += n,
+                    None => out.push((name, n)),
                 }
-                Listener::Http(m) => out.push(("http_mailbox_dropped", m.dropped)),
             }
         }
         out.retain(|&(_, n)| n > 0);
         out
+    }
+
+    /// Packets from the TUN device the endpoint could not send, by reason,
+    /// and the opened packets it could not write to the TUN device (its
+    /// batch was full).
+    pub fn tun_drops(&self) -> (DropCounters, u64) {
+        (self.tun_drops, self.tun_full)
+    }
+
+    /// Every listener's numbers, in the order the endpoint was made with.
+    pub fn listeners(&self) -> Vec<ListenerStatus> {
+        let sessions = self.engine.sessions();
+        (0..self.listeners.len())
+            .map(|i| {
+                let c = &self.counters[i];
+                let l = &self.listeners[i];
+                ListenerStatus {
+                    kind: match l {
+                        Listener::Udp => Kind::Udp,
+                        Listener::Icmp(_) => Kind::Icmp,
+                        Listener::Dns(_) => Kind::Dns,
+                        Listener::Http(_) => Kind::Http,
+                    },
+                    sessions: sessions
+                        .iter()
+                        .filter(|s| s.path.is_some_and(|p| p.listener() == i))
+                        .count(),
+                    traffic: c.traffic,
+                    handshakes: c.handshakes,
+                    drops: c.drops,
+                    transport_drops: self.listener_drops(i),
+                    dns: match l {
+                        Listener::Dns(d) => Some(d.stats()),
+                        _ => None,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// What listener `i`'s transport dropped, by name.
+    fn listener_drops(&self, i: ListenerId) -> Vec<(&'static str, u64)> {
+        match &self.listeners[i] {
+            Listener::Udp => Vec::new(),
+            Listener::Icmp(l) => vec![("icmp_queue_full", l.dropped())],
+            Listener::Dns(d) => {
+                let s = d.stats();
+                vec![
+                    ("dns_malformed", s.malformed),
+                    ("dns_refused", s.refused),
+                    ("dns_queue_full", s.queue_full),
+                    ("dns_oversize", s.oversize),
+                    ("dns_evicted_tags", s.evicted_tags),
+                ]
+            }
+            Listener::Http(m) => vec![
+                ("http_malformed", self.counters[i].http_malformed),
+                ("http_mailbox_dropped", m.dropped),
+            ],
+        }
+    }
+
+    /// Admit exactly `keys` from now on (see [`Server::set_allowed`]): the
+    /// sessions of removed keys end, and what their transports held for
+    /// them is released (held requests let go or answered empty, queued
+    /// downstream dropped).
+    pub fn set_allowed(
+        &mut self,
+        now: Instant,
+        keys: impl IntoIterator<Item = PublicKey>,
+    ) -> AllowedChange {
+        let change = self.engine.set_allowed(now, keys);
+        while let Some((session, old)) = self.engine.poll_path_change() {
+            self.release(now, session, old);
+        }
+        change
     }
 
     /// A packet from the TUN device, for the client that owns its
@@ -348,13 +464,15 @@ impl Endpoint {
             // to answer, no confirmed keys): the engine refuses it too,
             // and counts why.
             None | Some(Path::Icmp { session: None, .. }) => {
-                let _ = self.engine.handle_tun_packet(now, packet, buf);
+                if let Err(reason) = self.engine.handle_tun_packet(now, packet, buf) {
+                    self.tun_drops.add(reason);
+                }
                 return None;
             }
             Some(&path) => path,
         };
         let headroom = match path {
-            Path::Icmp { .. } => icmp::HEADROOM,
+            Path::Icmp { .. } => icmp::REPLY_HEADROOM,
             Path::Ws { .. } => LEN_PREFIX,
             _ => 0,
         };
@@ -363,8 +481,13 @@ impl Endpoint {
             .handle_tun_packet(now, packet, buf.get_mut(headroom..)?)
         {
             Ok(ServerOutput::Send(_, msg)) => msg.len(),
-            _ => return None,
+            Ok(_) => return None,
+            Err(reason) => {
+                self.tun_drops.add(reason);
+                return None;
+            }
         };
+        self.counters[path.listener()].traffic.tx(packet.len());
         match path {
             Path::Udp { listener, peer } => Some(Transmit {
                 listener,
@@ -387,16 +510,16 @@ impl Endpoint {
                 let Listener::Icmp(l) = &mut self.listeners[listener] else {
                     return None;
                 };
-                let Some(request) = l.take_parked(s) else {
+                let Some(arrived) = l.take_parked(now, s) else {
                     l.queue(s, &buf[headroom..headroom + n]);
                     return None;
                 };
-                let len = l.frame_reply(request, buf, icmp::HEADROOM, n);
+                let len = l.frame_reply(now, arrived, buf, n);
                 Some(Transmit {
                     listener,
                     to: Destination::Icmp {
-                        to: request.ip,
-                        from: request.local,
+                        to: arrived.request.ip,
+                        from: arrived.request.local,
                     },
                     len,
                 })
@@ -444,7 +567,12 @@ impl Endpoint {
                         // An ordinary ping: answered as the kernel would.
                         let start = ECHO_HEADER_LEN;
                         self.reply[start..start + payload.len()].copy_from_slice(payload);
-                        self.answer_echo(listener, request, start, payload.len());
+                        let n = l.frame_ping(request, &mut self.reply, payload.len());
+                        let to = Destination::Icmp {
+                            to: request.ip,
+                            from: request.local,
+                        };
+                        self.queue(listener, to, 0, n);
                     }
                     None => {}
                 }
@@ -459,7 +587,7 @@ impl Endpoint {
                         self.queue(listener, Destination::WebSocket(conn), 0, LEN_PREFIX + n);
                     }
                 }
-                self.http_malformed += u64::from(msgs.malformed());
+                self.counters[listener].http_malformed += u64::from(msgs.malformed());
             }
             (Listener::Http(m), Input::Poll { tag, request, body }) => {
                 m.open(now, tag);
@@ -472,7 +600,7 @@ impl Endpoint {
                         m.send(tag, &self.reply[..n]);
                     }
                 }
-                self.http_malformed += u64::from(msgs.malformed());
+                self.counters[listener].http_malformed += u64::from(msgs.malformed());
                 let answers = self
                     .mailboxes(listener)
                     .request(now, tag, request, !body.is_empty());
@@ -516,9 +644,18 @@ impl Endpoint {
             Some(b) => (b, false),
             None => (&mut scratch[..], true),
         };
-        let handled = match engine.handle_datagram(now, &from, msg, out) {
+        let init = matches!(Message::parse(msg), Ok(Message::Init { .. }));
+        let counters = &mut self.counters[from.listener()];
+        let result = engine.handle_datagram(now, &from, msg, out);
+        if init {
+            counters
+                .handshakes
+                .count(result.as_ref().map(|_| ()).map_err(|&e| e));
+        }
+        let handled = match result {
             Ok(ServerOutput::Tun(packet)) => {
                 let n = packet.len();
+                counters.traffic.rx(n);
                 if spilled {
                     self.tun_full += 1;
                 } else {
@@ -535,6 +672,8 @@ impl Endpoint {
                 // spare buffer, not kept in `reply`: send_on frames an echo
                 // reply there (and found it taken: a panic).
                 let n = m.len();
+                counters.traffic.rx(n - DATA_OVERHEAD);
+                self.counters[path.listener()].traffic.tx(n - DATA_OVERHEAD);
                 reply[..n].copy_from_slice(m);
                 let mut sealed = self.buffer();
                 sealed.extend_from_slice(&self.reply[..n]);
@@ -543,7 +682,10 @@ impl Endpoint {
                 Handled::Done
             }
             Ok(ServerOutput::Nothing) => Handled::Done,
-            Err(_) => Handled::Dropped,
+            Err(reason) => {
+                counters.drops.add(reason);
+                Handled::Dropped
+            }
         };
         while let Some((session, old)) = self.engine.poll_path_change() {
             self.release(now, session, old);
@@ -575,13 +717,11 @@ impl Endpoint {
                 let Listener::Icmp(l) = &mut self.listeners[listener] else {
                     return;
                 };
-                match l.take_parked(s) {
-                    Some(request) => {
-                        let start = icmp::HEADROOM;
-                        let mut b = std::mem::take(&mut self.reply);
-                        b[start..start + msg.len()].copy_from_slice(msg);
-                        self.reply = b;
-                        self.answer_echo(listener, request, start, msg.len());
+                match l.take_parked(now, s) {
+                    Some(arrived) => {
+                        let start = icmp::REPLY_HEADROOM;
+                        self.reply[start..start + msg.len()].copy_from_slice(msg);
+                        self.answer_echo(now, listener, arrived, msg.len());
                     }
                     None => l.queue(s, msg),
                 }
@@ -597,16 +737,16 @@ impl Endpoint {
         }
     }
 
-    /// Queue the echo reply to `request` around the `len` bytes at
-    /// `self.reply[start..]`.
-    fn answer_echo(&mut self, listener: ListenerId, request: Request, start: usize, len: usize) {
+    /// Queue the echo reply to `arrived` around the `len`-byte tunnel
+    /// message at `self.reply[REPLY_HEADROOM..]`.
+    fn answer_echo(&mut self, now: Instant, listener: ListenerId, arrived: Arrived, len: usize) {
         let Listener::Icmp(l) = &self.listeners[listener] else {
             return;
         };
-        let n = l.frame_reply(request, &mut self.reply, start, len);
+        let n = l.frame_reply(now, arrived, &mut self.reply, len);
         let to = Destination::Icmp {
-            to: request.ip,
-            from: request.local,
+            to: arrived.request.ip,
+            from: arrived.request.local,
         };
         self.queue(listener, to, 0, n);
     }
@@ -624,13 +764,13 @@ impl Endpoint {
         b
     }
 
-    /// An echo request carrying a tunnel message: open it, then hold the
-    /// request for the session's downstream.
+    /// An echo request carrying a tunnel message: open it, count it among
+    /// its session's, then hold it for the session's downstream.
     fn icmp_request(
         &mut self,
         now: Instant,
         listener: ListenerId,
-        request: Request,
+        request: icmp::Request,
         msg: &[u8],
         tun: &mut impl TunSink,
     ) {
@@ -644,48 +784,57 @@ impl Endpoint {
             ip: request.ip,
             session,
         };
-        match self.handle_message(now, from, msg, tun) {
-            // A handshake response or a probe's reply answers the very
-            // request that carried the init or probe.
-            Handled::Reply(n) => {
-                self.reply.copy_within(..n, icmp::HEADROOM);
-                self.answer_echo(listener, request, icmp::HEADROOM, n);
-                return;
-            }
-            Handled::Dropped => return, // unauthenticated: no answer at all
-            Handled::Done => {}
-        }
-        let Some(session) = session else { return };
+        let handled = self.handle_message(now, from, msg, tun);
         let Listener::Icmp(l) = &mut self.listeners[listener] else {
             return;
         };
-        let mut stale = Vec::new();
-        if let Some((request, m)) = l.park(now, session, index, request, &mut stale) {
-            let start = icmp::HEADROOM;
-            self.reply[start..start + m.len()].copy_from_slice(m);
-            let len = m.len();
-            self.answer_echo(listener, request, start, len);
+        let arrived = match (&handled, session) {
+            // Unauthenticated: no answer at all, and not counted.
+            (Handled::Dropped, _) => return,
+            (_, Some(s)) => l.count(now, s, request),
+            // An init: no session counts it (nor does the client).
+            (_, None) => Arrived::uncounted(request, now),
+        };
+        if let Handled::Reply(n) = handled {
+            // A handshake response or a probe's reply answers the very
+            // request that carried the init or probe.
+            self.reply.copy_within(..n, icmp::REPLY_HEADROOM);
+            self.answer_echo(now, listener, arrived, n);
+            return;
         }
-        for request in stale {
-            self.echo_keepalive(now, listener, session, request);
+        let Some(session) = session else { return };
+        let mut stale = Vec::new();
+        match l.park(now, session, index, arrived, &mut stale) {
+            Some((arrived, Some(m))) => {
+                let start = icmp::REPLY_HEADROOM;
+                self.reply[start..start + m.len()].copy_from_slice(m);
+                let len = m.len();
+                self.answer_echo(now, listener, arrived, len);
+            }
+            // Let go to make room, but the session heard nothing for a while.
+            Some((arrived, None)) => stale.push(arrived),
+            None => {}
+        }
+        for arrived in stale {
+            self.echo_keepalive(now, listener, session, arrived);
         }
     }
 
-    /// Answer `request` with a keepalive of `session` (or, if the session is
-    /// gone, with the bare magic: a request is always answered once).
+    /// Answer `arrived` with a keepalive of `session` (or, if the session
+    /// is gone, with the bare magic: a request is always answered once).
     fn echo_keepalive(
         &mut self,
         now: Instant,
         listener: ListenerId,
         session: SessionId,
-        request: Request,
+        arrived: Arrived,
     ) {
-        let start = icmp::HEADROOM;
+        let start = icmp::REPLY_HEADROOM;
         let n = self
             .engine
             .seal_keepalive(now, session, &mut self.reply[start..])
             .unwrap_or(0);
-        self.answer_echo(listener, request, start, n);
+        self.answer_echo(now, listener, arrived, n);
     }
 
     /// A complete upstream message (in `scratch`) from DNS client `tag`:

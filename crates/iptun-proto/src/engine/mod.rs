@@ -17,7 +17,9 @@ mod server;
 use std::time::{Duration, Instant};
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientOutput};
-pub use server::{Server, ServerConfig, ServerOutput, SessionId, SessionInfo};
+pub use server::{
+    ADDRESS_GRACE, AllowedChange, Server, ServerConfig, ServerOutput, SessionId, SessionInfo,
+};
 
 use crate::crypto::SessionKeys;
 
@@ -67,14 +69,41 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    fn rx(&mut self, bytes: usize) {
+    pub(crate) fn rx(&mut self, bytes: usize) {
         self.rx_bytes += bytes as u64;
         self.rx_packets += 1;
     }
 
-    fn tx(&mut self, bytes: usize) {
+    pub(crate) fn tx(&mut self, bytes: usize) {
         self.tx_bytes += bytes as u64;
         self.tx_packets += 1;
+    }
+}
+
+/// What became of the handshakes (inits) a server received.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeCounters {
+    /// Answered: an admitted key with an address for it.
+    pub ok: u64,
+    /// Authentic, but the key is not admitted (or the pool has no address
+    /// left for it).
+    pub refused: u64,
+    /// Not looked at: too many handshakes at once.
+    pub rate_limited: u64,
+    /// Not authentic: a bad MAC or Noise message, or a replayed one.
+    pub invalid: u64,
+}
+
+impl HandshakeCounters {
+    /// Count one init by what handling it gave.
+    pub fn count(&mut self, result: Result<(), crate::DropReason>) {
+        use crate::DropReason::{NotAllowed, PoolExhausted, RateLimited};
+        match result {
+            Ok(()) => self.ok += 1,
+            Err(NotAllowed | PoolExhausted) => self.refused += 1,
+            Err(RateLimited) => self.rate_limited += 1,
+            Err(_) => self.invalid += 1,
+        }
     }
 }
 

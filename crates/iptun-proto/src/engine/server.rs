@@ -7,12 +7,19 @@
 //! for UDP; later a transport and an address). A client's path is whatever
 //! its latest authenticated message came from, so roaming clients keep their
 //! session.
+//!
+//! The admitted keys can change while it runs ([`Server::set_allowed`]): a
+//! removed key loses its session at once, and its address goes back to the
+//! pool after [`ADDRESS_GRACE`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use super::{DEFAULT_KEEPALIVE_SECS, Keypair, PathKind, Traffic, random_index};
+use super::{
+    DEFAULT_KEEPALIVE_SECS, HandshakeCounters, Keypair, PathKind, REJECT_AFTER_TIME, Traffic,
+    random_index,
+};
 use crate::crypto::{Mac1Key, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{RESPONSE_LEN, RESPONSE_NOISE_LEN};
@@ -23,6 +30,12 @@ use crate::{DropCounters, DropReason};
 const HANDSHAKES_PER_SEC: u32 = 500;
 /// How often expired keys are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long the address of a removed key stays reserved for it. Packets
+/// for it still in flight, and the NAT's and other hosts' state about it,
+/// have timed out by then (the keys it had would have expired too), so the
+/// next client given the address gets none of the old one's traffic; and a
+/// key admitted again meanwhile gets its address back.
+pub const ADDRESS_GRACE: Duration = REJECT_AFTER_TIME;
 
 /// What the server is told at start.
 #[derive(Debug)]
@@ -73,6 +86,17 @@ pub enum ServerOutput<'a, P> {
     Send(P, &'a [u8]),
 }
 
+/// What [`Server::set_allowed`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowedChange {
+    /// Keys admitted that were not before.
+    pub added: Vec<PublicKey>,
+    /// Keys no longer admitted.
+    pub removed: Vec<PublicKey>,
+    /// The sessions of removed keys, ended.
+    pub ended: Vec<SessionId>,
+}
+
 /// A snapshot of one client's session, for `iptun status`.
 #[derive(Clone, Debug)]
 pub struct SessionInfo<P> {
@@ -103,6 +127,10 @@ struct Peer<P> {
     last_handshake: Option<Instant>,
     traffic: Traffic,
     drops: DropCounters,
+    /// Its key was removed: no keys, no path, no routes to its address. The
+    /// record stays (session ids are never reused) and comes back to life
+    /// if the key is admitted again.
+    revoked: bool,
 }
 
 impl<P> Peer<P> {
@@ -125,6 +153,7 @@ pub struct Server<P> {
     by_v4: HashMap<Ipv4Addr, usize>,
     by_v6: HashMap<Ipv6Addr, usize>,
     drops: DropCounters,
+    handshakes: HandshakeCounters,
     handshake_budget: TokenBucket,
     /// Second buffer for re-sealing client-to-client packets.
     scratch: Box<[u8]>,
@@ -132,6 +161,8 @@ pub struct Server<P> {
     moved: Vec<(SessionId, P)>,
     /// When to look for expired keys next (once a second while there are sessions).
     next_sweep: Option<Instant>,
+    /// Removed keys whose addresses go back to the pool, and when (in order).
+    retiring: VecDeque<(PublicKey, Instant)>,
 }
 
 impl<P: PathKind> Server<P> {
@@ -150,10 +181,12 @@ impl<P: PathKind> Server<P> {
             by_v4: HashMap::new(),
             by_v6: HashMap::new(),
             drops: DropCounters::default(),
+            handshakes: HandshakeCounters::default(),
             handshake_budget: TokenBucket::new(HANDSHAKES_PER_SEC, now),
             scratch: vec![0; 1 << 16].into_boxed_slice(),
             moved: Vec::new(),
             next_sweep: None,
+            retiring: VecDeque::new(),
         }
     }
 
@@ -177,10 +210,31 @@ impl<P: PathKind> Server<P> {
         self.drops
     }
 
-    /// A snapshot of every client that completed a handshake.
+    /// Every drop counted: [`Server::drops`] and every client's, those of
+    /// removed keys included (a total that never goes down).
+    pub fn total_drops(&self) -> DropCounters {
+        let mut all = self.drops;
+        for p in &self.peers {
+            all.merge(&p.drops);
+        }
+        all
+    }
+
+    /// What became of the handshakes received.
+    pub fn handshakes(&self) -> HandshakeCounters {
+        self.handshakes
+    }
+
+    /// How many keys are admitted.
+    pub fn allowed_count(&self) -> usize {
+        self.allowed.len()
+    }
+
+    /// A snapshot of every admitted client that completed a handshake.
     pub fn sessions(&self) -> Vec<SessionInfo<P>> {
         self.peers
             .iter()
+            .filter(|p| !p.revoked)
             .map(|p| SessionInfo {
                 key: p.key,
                 lease: p.lease,
@@ -208,10 +262,14 @@ impl<P: PathKind> Server<P> {
                 mac1,
             }) => {
                 // Garbage shaped like an init stops here, before any DH work.
-                if !self.mac1.verify(signed, mac1) {
-                    return Err(self.count(DropReason::Unauthenticated));
-                }
-                self.answer_init(now, from, sender, noise, out)
+                let answer = if self.mac1.verify(signed, mac1) {
+                    self.answer_init(now, from, sender, noise, out)
+                } else {
+                    Err(self.count(DropReason::Unauthenticated))
+                };
+                self.handshakes
+                    .count(answer.as_ref().map(|_| ()).map_err(|&e| e));
+                answer
             }
             Ok(Message::Data {
                 receiver,
@@ -248,14 +306,73 @@ impl<P: PathKind> Server<P> {
         self.peers[self.owner(dst)?].path.as_ref()
     }
 
-    /// When [`Server::handle_timeout`] next has work: a sweep for expired
-    /// keys once a second while there are sessions.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_sweep
+    /// Admit exactly `keys` from now on. Keys no longer admitted lose their
+    /// session at once: their keys are forgotten (nothing they send opens),
+    /// packets for their addresses have no route, and the path each had
+    /// shows in [`Server::poll_path_change`] for the caller to release. Their
+    /// addresses go back to the pool after [`ADDRESS_GRACE`]. Other sessions
+    /// are untouched.
+    pub fn set_allowed(
+        &mut self,
+        now: Instant,
+        keys: impl IntoIterator<Item = PublicKey>,
+    ) -> AllowedChange {
+        let keys: HashSet<PublicKey> = keys.into_iter().collect();
+        let mut change = AllowedChange {
+            added: keys.difference(&self.allowed).copied().collect(),
+            removed: self.allowed.difference(&keys).copied().collect(),
+            ended: Vec::new(),
+        };
+        self.allowed = keys;
+        // Admitted again before its address was released: it keeps it.
+        let allowed = &self.allowed;
+        self.retiring.retain(|(k, _)| !allowed.contains(k));
+        for key in &change.removed {
+            if self.pool.lease(key).is_some() {
+                self.retiring.push_back((*key, now + ADDRESS_GRACE));
+            }
+            change.ended.extend(self.revoke(key));
+        }
+        change
     }
 
-    /// Expire old keys.
+    /// End the session of `key`, if it has one.
+    fn revoke(&mut self, key: &PublicKey) -> Option<SessionId> {
+        let id = *self.by_key.get(key)?;
+        let peer = &mut self.peers[id];
+        if peer.revoked {
+            return None;
+        }
+        peer.revoked = true;
+        for slot in peer.slots() {
+            if let Some(gone) = slot.take() {
+                self.by_index.remove(&gone.local_index);
+            }
+        }
+        self.by_v4.remove(&peer.lease.v4);
+        if let Some(v6) = peer.lease.v6 {
+            self.by_v6.remove(&v6);
+        }
+        if let Some(old) = peer.path.take() {
+            self.moved.push((SessionId(id), old));
+        }
+        Some(SessionId(id))
+    }
+
+    /// When [`Server::handle_timeout`] next has work: a sweep for expired
+    /// keys once a second while there are sessions, and the release of a
+    /// removed key's address.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let release = self.retiring.front().map(|&(_, t)| t);
+        self.next_sweep.into_iter().chain(release).min()
+    }
+
+    /// Expire old keys; release the addresses of keys removed long enough ago.
     pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(key, _)) = self.retiring.front().filter(|&&(_, t)| t <= now) {
+            self.retiring.pop_front();
+            self.pool.release(&key);
+        }
         if self.next_sweep.is_none_or(|t| t > now) {
             return;
         }
@@ -383,9 +500,16 @@ impl<P: PathKind> Server<P> {
         Ok(ServerOutput::Reply(&out[..RESPONSE_LEN]))
     }
 
-    /// The peer record for an admitted key, created with a lease on first sight.
+    /// The peer record for an admitted key, created with a lease on first
+    /// sight (or given one again, if the key was removed and admitted again).
     fn peer_for(&mut self, key: PublicKey) -> Option<usize> {
         if let Some(&id) = self.by_key.get(&key) {
+            if self.peers[id].revoked {
+                let lease = self.pool.assign(&key)?;
+                self.peers[id].lease = lease;
+                self.peers[id].revoked = false;
+                self.route_to(id, lease);
+            }
             return Some(id);
         }
         let lease = self.pool.assign(&key)?;
@@ -401,13 +525,18 @@ impl<P: PathKind> Server<P> {
             last_handshake: None,
             traffic: Traffic::default(),
             drops: DropCounters::default(),
+            revoked: false,
         });
         self.by_key.insert(key, id);
+        self.route_to(id, lease);
+        Some(id)
+    }
+
+    fn route_to(&mut self, id: usize, lease: Lease) {
         self.by_v4.insert(lease.v4, id);
         if let Some(v6) = lease.v6 {
             self.by_v6.insert(v6, id);
         }
-        Some(id)
     }
 
     fn tunnel_config(&self, lease: Lease) -> TunnelConfig {

@@ -555,6 +555,11 @@ impl<R> Mailboxes<R> {
             .collect()
     }
 
+    /// Polls held, over all tags.
+    pub fn held(&self) -> usize {
+        self.boxes.values().map(|m| m.held.len()).sum()
+    }
+
     /// Tags known.
     pub fn len(&self) -> usize {
         self.boxes.len()

@@ -13,7 +13,10 @@
 //! - [`http`]: length-prefixed batches in WebSocket messages or long-poll bodies.
 //! - [`poll`]: the discipline shared by the transports where the server can
 //!   only answer what the client asks.
+//! - [`congestion`]: how fast requests may go and how many may be in
+//!   flight, from what the path delivers (ICMP echo requests today).
 
+pub mod congestion;
 pub mod dns;
 pub mod http;
 pub mod icmp;

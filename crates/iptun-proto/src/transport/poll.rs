@@ -1,8 +1,10 @@
 //! The poll discipline shared by the transports where the server can only
 //! answer what the client asks (ICMP echo, DNS, HTTP long-poll).
 //!
-//! The client keeps several requests outstanding ([`Pacer`]); each carries
-//! upstream data when there is some and is otherwise a bare keepalive. The
+//! The client keeps several requests outstanding (ICMP:
+//! [`IcmpClient`](super::icmp::IcmpClient), paced by a
+//! [`Controller`](super::congestion::Controller)); each carries upstream
+//! data when there is some and is otherwise a bare keepalive. The
 //! server holds ("parks") each request ([`Parking`]) until downstream data
 //! arrives for that client or the request has been held for `hold`, and
 //! answers it exactly once — with the data, or with a keepalive. So
@@ -44,15 +46,6 @@ impl Cadence {
         max_outstanding: MAX_PARKED / 2,
         request_timeout: Duration::from_secs(7),
     };
-
-    /// The client's pacer for this cadence.
-    pub fn pacer(&self) -> Pacer {
-        Pacer::new(
-            self.min_outstanding,
-            self.max_outstanding,
-            self.request_timeout,
-        )
-    }
 }
 
 /// Requests held per client; beyond this the oldest is answered at once.
@@ -99,6 +92,11 @@ impl<S: Copy + Eq + Hash, R> Parking<S, R> {
             lent: None,
             dropped: 0,
         }
+    }
+
+    /// Requests held, over all sessions.
+    pub fn held(&self) -> usize {
+        self.sessions.values().map(|q| q.parked.len()).sum()
     }
 
     /// Downstream messages dropped because a client's queue was full.
@@ -212,83 +210,6 @@ impl<S: Copy + Eq + Hash, R> Parking<S, R> {
     }
 }
 
-/// The client side: how many requests to keep outstanding. It grows while
-/// replies bring data (downstream is busy: keep more requests at the server
-/// so no message waits) and shrinks back when they come back empty.
-#[derive(Debug)]
-pub struct Pacer {
-    /// Send times of outstanding requests, oldest first.
-    outstanding: VecDeque<Instant>,
-    target: usize,
-    min: usize,
-    max: usize,
-    /// A request not answered within this is taken as lost.
-    timeout: Duration,
-}
-
-impl Pacer {
-    /// Keep between `min` and `max` requests out; a request unanswered after
-    /// `timeout` (the server's hold plus a round trip) counts as lost.
-    pub fn new(min: usize, max: usize, timeout: Duration) -> Self {
-        let min = min.max(1);
-        Self {
-            outstanding: VecDeque::new(),
-            target: min,
-            min,
-            max: max.max(min),
-            timeout,
-        }
-    }
-
-    /// A request (with or without data) was sent.
-    pub fn sent(&mut self, now: Instant) {
-        // A server holds at most `MAX_PARKED` requests; older ones beyond
-        // that will not be answered, so there is no point tracking them.
-        if self.outstanding.len() >= MAX_PARKED {
-            self.outstanding.pop_front();
-        }
-        self.outstanding.push_back(now);
-    }
-
-    /// A reply came; `carried_data` tells whether it brought a message other
-    /// than a keepalive.
-    pub fn replied(&mut self, carried_data: bool) {
-        self.outstanding.pop_front();
-        self.target = if carried_data {
-            (self.target * 2).min(self.max)
-        } else {
-            (self.target - 1).max(self.min)
-        };
-    }
-
-    /// How many bare requests to send now to keep the target outstanding.
-    pub fn polls_due(&mut self, now: Instant) -> usize {
-        while self
-            .outstanding
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= self.timeout)
-        {
-            self.outstanding.pop_front(); // lost on the way, or answered but lost
-        }
-        self.target.saturating_sub(self.outstanding.len())
-    }
-
-    /// When the oldest outstanding request counts as lost.
-    pub fn next_timeout(&self) -> Option<Instant> {
-        self.outstanding.front().map(|t| *t + self.timeout)
-    }
-
-    /// Requests currently outstanding.
-    pub fn outstanding(&self) -> usize {
-        self.outstanding.len()
-    }
-
-    /// The current target.
-    pub fn target(&self) -> usize {
-        self.target
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,37 +270,5 @@ mod tests {
             assert_eq!(p.downstream(1, b"x"), None);
         }
         assert_eq!(p.dropped(), 3);
-    }
-
-    #[test]
-    fn pacer_grows_with_data_and_shrinks_when_idle() {
-        let now = Instant::now();
-        let mut pacer = Pacer::new(2, 16, Duration::from_secs(3));
-        assert_eq!(pacer.polls_due(now), 2);
-        pacer.sent(now);
-        pacer.sent(now);
-        assert_eq!(pacer.polls_due(now), 0);
-        pacer.replied(true);
-        assert_eq!(pacer.target(), 4);
-        assert_eq!(pacer.polls_due(now), 3);
-        for _ in 0..10 {
-            pacer.replied(true);
-        }
-        assert_eq!(pacer.target(), 16);
-        for _ in 0..20 {
-            pacer.replied(false);
-        }
-        assert_eq!(pacer.target(), 2);
-    }
-
-    #[test]
-    fn pacer_forgets_lost_requests() {
-        let now = Instant::now();
-        let mut pacer = Pacer::new(2, 16, Duration::from_secs(3));
-        pacer.sent(now);
-        pacer.sent(now);
-        assert_eq!(pacer.next_timeout(), Some(now + Duration::from_secs(3)));
-        assert_eq!(pacer.polls_due(now + Duration::from_secs(3)), 2);
-        assert_eq!(pacer.outstanding(), 0);
     }
 }

@@ -48,8 +48,8 @@ use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Path};
 use iptun_proto::engine::{ServerConfig, SessionInfo};
 use iptun_proto::transport::PacketList;
 use iptun_proto::transport::icmp::IcmpClientStats;
-use iptun_proto::transport::poll::Cadence;
-use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC};
+use iptun_proto::transport::poll::{Cadence, MAX_PARKED};
+use iptun_proto::wire::icmp::{self, ECHO_HEADER_LEN, Echo, Family, MAGIC, ReplyInfo};
 use iptun_proto::wire::message::{TYPE_DATA, TYPE_INIT, TYPE_RESPONSE};
 
 use crate::common::{
@@ -146,6 +146,9 @@ pub enum Answer {
     Bare,
     /// An ordinary ping's payload, echoed.
     Ping,
+    /// A keepalive sooner than `HOLD` to a request let go because the
+    /// server held too many of the client's (see `QUIET_ANSWER`).
+    Overflow,
 }
 
 /// One answered request, as the server's side of the link saw it.
@@ -157,6 +160,8 @@ pub struct Answered {
     pub how: Answer,
     pub client: usize,
     pub index: Option<u32>,
+    /// What the reply told of the request.
+    pub info: Option<ReplyInfo>,
 }
 
 pub struct IcmpServer {
@@ -261,11 +266,14 @@ impl IcmpServer {
                 .push(format!("a reply to {request:?}, which is not open"));
             return;
         };
-        let how = match e.tunnel_message() {
+        let reply = e.tunnel_reply();
+        let held = || self.open.values().filter(|x| x.client == a.client).count();
+        let how = match reply.map(|(_, m)| m) {
             None => Answer::Ping,
             Some([]) => Answer::Bare,
             Some(m) if kind(m) == TYPE_RESPONSE => Answer::Response,
             Some(m) if is_keepalive(m) && now - a.at >= HOLD => Answer::Keepalive,
+            Some(m) if is_keepalive(m) && held() >= MAX_PARKED => Answer::Overflow,
             Some(m) if is_keepalive(m) => Answer::Superseded,
             Some(_) => Answer::Message,
         };
@@ -276,6 +284,7 @@ impl IcmpServer {
             how,
             client: a.client,
             index: a.index,
+            info: reply.map(|(i, _)| i),
         });
     }
 
@@ -323,8 +332,10 @@ pub struct Taken {
     pub at: Instant,
     /// It wrote a packet to the TUN device.
     pub carried_data: bool,
-    /// The pacer's target after it.
+    /// The client's target after it.
     pub target: usize,
+    /// Requests the client had given up on after it.
+    pub unanswered: u64,
 }
 
 pub struct IcmpClient {
@@ -383,8 +394,8 @@ impl IcmpClient {
     /// ordinary ping's reply also to whoever pinged.
     fn receive(&mut self, now: Instant, src: Ipv4Addr, icmp: &[u8]) {
         let e = Echo::parse(FAMILY, icmp).expect("the NAT passes valid echoes");
-        let msg = e.tunnel_message();
-        if e.reply && msg.is_none() {
+        let msg = e.tunnel_reply().map(|(_, m)| m);
+        if e.reply && e.tunnel_message().is_none() {
             self.pings.push((e.id, e.seq, e.payload.to_vec()));
         }
         let before = self.conn.drops();
@@ -397,11 +408,15 @@ impl IcmpClient {
             (None, _) => assert_eq!(dropped, None, "a ping's reply counted as a drop"),
             (Some([]), _) => self.bare_replies += 1,
             (Some(_), Some(e)) => self.errors.push(e),
-            (Some(_), None) => self.taken.push(Taken {
-                at: now,
-                carried_data: !tun.packets.is_empty(),
-                target: self.stats(now).target,
-            }),
+            (Some(_), None) => {
+                let s = self.stats(now);
+                self.taken.push(Taken {
+                    at: now,
+                    carried_data: !tun.packets.is_empty(),
+                    target: s.target,
+                    unanswered: s.unanswered,
+                });
+            }
         }
         self.tun.extend(tun.packets.into_iter().map(|p| (now, p)));
     }
@@ -416,7 +431,7 @@ impl IcmpClient {
             self.events.push((now, e));
         }
         let s = self.stats(now);
-        if self.conn.is_connected(now) && s.outstanding < s.target {
+        if self.conn.is_connected(now) && s.outstanding < s.target && !s.paced {
             self.short += 1;
         }
         out
@@ -501,6 +516,7 @@ pub struct Nat {
     /// Requests that left with a public id another client's outstanding
     /// request also had.
     pub ids_shared_live: u64,
+    pruned: Option<Instant>,
 }
 
 /// The pool `IdMode::PerRequest` cycles through.
@@ -518,13 +534,23 @@ impl Nat {
             firewall_drops: Vec::new(),
             ids_used: HashMap::new(),
             ids_shared_live: 0,
+            pruned: None,
         }
     }
 
     /// A packet from the LAN to the internet: rewrite an echo request.
     fn outbound(&mut self, now: Instant, p: Packet) -> Option<Packet> {
-        self.conns
-            .retain(|_, c| now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT);
+        // Expired entries are pruned once a second (lookups check the age
+        // themselves): pruning per packet costs too much when thousands
+        // of requests go unanswered.
+        if self
+            .pruned
+            .is_none_or(|t| now - t >= Duration::from_secs(1))
+        {
+            self.conns
+                .retain(|_, c| now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT);
+            self.pruned = Some(now);
+        }
         let e = Echo::parse(FAMILY, &p.icmp).expect("clients send valid echoes");
         assert!(!e.reply, "clients only send requests");
         let ip = self.public_ip;
@@ -539,7 +565,11 @@ impl Nat {
             IdMode::PerRequest => {
                 let free = (0..SHARED_IDS)
                     .map(|k| FIRST_PUBLIC_ID + (self.next_id + k) % SHARED_IDS)
-                    .find(|&id| !self.conns.contains_key(&(ip, id, e.seq)));
+                    .find(|&id| {
+                        self.conns.get(&(ip, id, e.seq)).is_none_or(|c| {
+                            now.saturating_duration_since(c.at) >= CONNTRACK_TIMEOUT
+                        })
+                    });
                 let Some(id) = free else {
                     return None; // no mapping free: the NAT drops it
                 };
@@ -547,10 +577,12 @@ impl Nat {
                 id
             }
         };
-        if self
-            .conns
-            .iter()
-            .any(|(&(cip, cid, _), c)| (cip, cid) == (ip, public) && c.lan != p.src)
+        if self.mode == IdMode::PerRequest
+            && self.conns.iter().any(|(&(cip, cid, _), c)| {
+                (cip, cid) == (ip, public)
+                    && c.lan != p.src
+                    && now.saturating_duration_since(c.at) < CONNTRACK_TIMEOUT
+            })
         {
             self.ids_shared_live += 1;
         }
@@ -563,7 +595,10 @@ impl Nat {
                 at: now,
             },
         );
-        assert!(old.is_none(), "the NAT reused a live mapping");
+        assert!(
+            old.is_none_or(|c| now.saturating_duration_since(c.at) >= CONNTRACK_TIMEOUT),
+            "the NAT reused a live mapping"
+        );
         self.ids_used.entry(p.src).or_default().push(public);
         Some(Packet {
             src: ip,
@@ -643,10 +678,49 @@ impl Ord for InFlight {
     }
 }
 
+/// A firewall's rate limit on echo requests: a token bucket of `rate` a
+/// second, `burst` deep (as nftables' `limit rate N/second`, burst 5).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimit {
+    pub rate: f64,
+    pub burst: f64,
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl RequestLimit {
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            burst: 5.0,
+            tokens: 5.0,
+            at: None,
+        }
+    }
+
+    fn pass(&mut self, now: Instant) -> bool {
+        let dt = self.at.map_or(0.0, |t| (now - t).as_secs_f64());
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 pub struct IcmpSim {
     pub start: Instant,
     pub now: Instant,
     pub link: Link,
+    /// A share of echo requests lost (besides the link's loss both ways).
+    pub request_loss: f64,
+    /// A firewall that passes so many echo requests a second and drops the rest.
+    pub request_limit: Option<RequestLimit>,
+    /// Requests the limit dropped.
+    pub limited: u64,
     pub rng: Rng,
     pub server: IcmpServer,
     pub nat: Nat,
@@ -668,6 +742,9 @@ impl IcmpSim {
             start,
             now: start,
             link,
+            request_loss: 0.0,
+            request_limit: None,
+            limited: 0,
             rng: Rng::new(seed),
             server: IcmpServer::new(config, start),
             nat: Nat::new(mode),
@@ -855,15 +932,27 @@ impl IcmpSim {
     /// Put a packet on the link between the NAT and the server.
     fn transmit(&mut self, from_client: Option<usize>, packet: Packet) {
         let e = Echo::parse(FAMILY, &packet.icmp).expect("valid echo");
-        let lost = self.rng.chance(self.link.loss);
+        let up = from_client.is_some();
+        let mut lost = self.rng.chance(self.link.loss);
+        if up && !lost {
+            lost = self.rng.chance(self.request_loss);
+            if !lost && let Some(l) = &mut self.request_limit {
+                lost = !l.pass(self.now);
+                self.limited += u64::from(lost);
+            }
+        }
         self.wire.push(Wire {
             at: self.now,
-            up: from_client.is_some(),
+            up,
             src: packet.src,
             dst: packet.dst,
             id: e.id,
             seq: e.seq,
-            msg: e.tunnel_message().map(<[u8]>::to_vec),
+            msg: if up {
+                e.tunnel_message().map(<[u8]>::to_vec)
+            } else {
+                e.tunnel_reply().map(|(_, m)| m.to_vec())
+            },
             lost,
         });
         if lost {
@@ -895,6 +984,8 @@ impl IcmpSim {
                 Ok(())
             }
             (None, Some(e)) => Err(e),
+            // Waiting for the pacing (or dropped from its queue: see the stats).
+            (None, None) => Ok(()),
             other => panic!("handle_tun_packet: {other:?}"),
         };
         self.flush_client(i);

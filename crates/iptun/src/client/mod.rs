@@ -2,6 +2,7 @@
 //! ([`paths::PathDriver`]), and the sans-IO [`Connection`] in between,
 //! which owns the session and decides which path carries it.
 
+mod dns;
 mod paths;
 
 use std::net::IpAddr;
@@ -15,14 +16,17 @@ use iptun_proto::engine::ClientConfig;
 use iptun_proto::transport::Kind;
 use iptun_proto::wire::message::DATA_OVERHEAD;
 
+use crate::capture::Capture;
 use crate::cli::ClientArgs;
 use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
+use crate::metrics;
 use crate::netcfg::{self, Undo};
+use crate::service::{self, Request};
 use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
-use crate::url::ServerUrl;
+use crate::url::{HttpUrl, ResolverUrl, ServerUrl};
 pub use paths::{HttpOptions, PathDriver};
 
 /// What `--route` asks for.
@@ -42,6 +46,9 @@ pub struct Settings {
     tun: String,
     control: std::path::PathBuf,
     offload: bool,
+    /// `--pcap FILE` and its limit in bytes.
+    pcap: Option<(std::path::PathBuf, u64)>,
+    metrics: Option<metrics::Settings>,
     pub http: HttpOptions,
 }
 
@@ -89,47 +96,64 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         (None, None) => Trust::System,
         (Some(_), Some(_)) => anyhow::bail!("--tls-pin and --tls-ca exclude each other"),
     };
-    let http_urls: Vec<_> = servers
+    check_tls_flags(&servers, &args)?;
+    let http = HttpOptions {
+        trust,
+        proxy: args.proxy,
+        mode: args.http_mode.unwrap_or(Mode::Auto),
+    };
+    let metrics = metrics::Settings::parse(args.metrics.as_deref(), args.metrics_public, false)?;
+    let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
+    Ok(Settings {
+        config: ClientConfig::new(private_key, server_key),
+        metrics,
+        servers,
+        routes,
+        control: args.control.unwrap_or_else(|| control::default_path(&tun)),
+        tun,
+        offload: !args.no_offload,
+        pcap: args
+            .pcap
+            .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
+        http,
+    })
+}
+
+/// `--tls-pin`/`--tls-ca` need something to check (an https:// server, a
+/// DoT or DoH resolver), `--proxy` an HTTP(S) connection (an http(s)://
+/// server, a DoH resolver), `--http-mode` an http(s):// server.
+fn check_tls_flags(servers: &[ServerUrl], args: &ClientArgs) -> anyhow::Result<()> {
+    let resolvers = || {
+        servers.iter().flat_map(|s| match s {
+            ServerUrl::Dns { resolvers, .. } => resolvers.as_slice(),
+            _ => &[],
+        })
+    };
+    let http_servers: Vec<&HttpUrl> = servers
         .iter()
         .filter_map(|s| match s {
             ServerUrl::Http(u) => Some(u),
             _ => None,
         })
         .collect();
-    if http_urls.is_empty()
-        && (args.tls_pin.is_some()
-            || args.tls_ca.is_some()
-            || args.proxy.is_some()
-            || args.http_mode.is_some())
-    {
+    let tls = http_servers.iter().any(|u| u.tls) || resolvers().any(ResolverUrl::uses_tls);
+    let doh = resolvers().any(|r| matches!(r, ResolverUrl::Https(_)));
+    if args.http_mode.is_some() && http_servers.is_empty() {
+        anyhow::bail!("--http-mode applies to http(s):// servers only");
+    }
+    if args.proxy.is_some() && http_servers.is_empty() && !doh {
         anyhow::bail!(
-            "--tls-pin, --tls-ca, --proxy and --http-mode apply to http(s):// servers only"
+            "--proxy applies to http(s):// servers and DNS-over-HTTPS resolvers \
+             (dns://DOMAIN?resolver=https://...) only"
         );
     }
-    if !http_urls.is_empty()
-        && http_urls.iter().all(|u| !u.tls)
-        && (args.tls_pin.is_some() || args.tls_ca.is_some())
-    {
+    if !tls && (args.tls_pin.is_some() || args.tls_ca.is_some()) {
         anyhow::bail!(
-            "--tls-pin/--tls-ca: {} does not use TLS (https:// does)",
-            http_urls[0]
+            "--tls-pin/--tls-ca: nothing here uses TLS (https:// servers do, and \
+             resolvers given as tls://... or https://...)"
         );
     }
-    let http = HttpOptions {
-        trust,
-        proxy: args.proxy,
-        mode: args.http_mode.unwrap_or(Mode::Auto),
-    };
-    let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
-    Ok(Settings {
-        config: ClientConfig::new(private_key, server_key),
-        servers,
-        routes,
-        control: args.control.unwrap_or_else(|| control::default_path(&tun)),
-        tun,
-        offload: !args.no_offload,
-        http,
-    })
+    Ok(())
 }
 
 /// The candidate paths that could be opened, in preference order.
@@ -180,8 +204,21 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         configs,
     } = open_paths(&s)?;
     let control = ControlSocket::bind(&s.control)?;
+    let capture = s
+        .pcap
+        .as_ref()
+        .map(|(path, limit)| Capture::create(path, *limit, false))
+        .transpose()?;
+    let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
+    if let Some(c) = capture {
+        tun.set_capture(c);
+    }
     let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
+    let (requests, mut asked) = service::channel();
+    if let Some(port) = metrics_port {
+        metrics::spawn(port, requests.clone());
+    }
     let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
     let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
@@ -219,10 +256,21 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),
             c = control.accept() => {
                 if let Ok(c) = c {
-                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
-                    control::reply(c, &st);
+                    control::serve(c, requests.clone());
                 }
             }
+            Some(request) = asked.recv() => match request {
+                Request::Status(reply) => {
+                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    let _ = reply.send(st);
+                }
+                Request::Metrics(reply) => {
+                    let _ = reply.send(metrics::client(&conn, &urls));
+                }
+                Request::Reload(reply) => {
+                    let _ = reply.send(Err("a client has nothing to reload (reload re-reads a server's --allow-file)".into()));
+                }
+            },
         }
         transmit(&mut conn, &mut drivers, &mut buf);
         while let Some(event) = conn.poll_event() {
@@ -243,10 +291,13 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                         &underlay,
                         &mut undo,
                     )?;
+                    // systemd: the tunnel is up (its addresses and routes set).
+                    service::ready(&format!("tunnel up via {}", urls[conn.current_path()]));
                     configured = Some(config);
                 }
                 Event::Moved { from, to, why } => {
                     tracing::warn!("moved from {} to {}: {why}", urls[from], urls[to]);
+                    service::status(&format!("tunnel up via {}", urls[to]));
                 }
                 Event::Failed { path, why } => tracing::warn!("{}: {why}", urls[path]),
                 Event::Http { path, command } => drivers[path].command(command),
@@ -397,8 +448,15 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
             "requests": s.requests,
             "replies": s.replies,
             "unanswered": s.unanswered,
+            "lost": s.lost,
+            "late": s.late,
             "outstanding": s.outstanding,
-            "window": s.target,
+            "target": s.target,
+            "window": s.window,
+            "rate": s.rate,
+            "rtt_ms": s.rtt.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0),
+            "queued": s.queued,
+            "queue_dropped": s.queue_dropped,
         }),
         PathDetail::Dns {
             resolver,
@@ -412,10 +470,7 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
                 "reconnects": h.reconnects,
                 "last_error": h.last_error,
             });
-            if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), driver.info())
-            {
-                o.extend(extra);
-            }
+            extend(&mut v, driver.info());
             v
         }
     })
@@ -463,7 +518,7 @@ fn dns_detail(
             })
         })
         .collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "resolver": driver.resolver(primary).map(|r| r.to_string()),
         "tag": format!("{tag:08x}"),
         "encoding": p.encoding,
@@ -511,7 +566,16 @@ fn dns_detail(
             "set_asides": s.set_asides,
             "unexpected": s.unexpected,
         },
-    })
+    });
+    extend(&mut v, driver.info());
+    v
+}
+
+/// Add the fields of `extra` (an object) to `v` (an object).
+fn extend(v: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        o.extend(extra);
+    }
 }
 
 /// Where a path reaches the server, for status.
@@ -524,7 +588,7 @@ fn endpoint(
 ) -> String {
     match detail {
         PathDetail::Dns { resolver, .. } => match driver.resolver(*resolver) {
-            Some(r) => r.to_string(),
+            Some(r) => r,
             None => url.to_string(),
         },
         PathDetail::Http(_) => url.to_string(),
@@ -612,5 +676,46 @@ fn status(
         paths: candidates,
         moves: Some(st.moves),
         searching: st.searching,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(servers: &[&str], flags: impl FnOnce(&mut ClientArgs)) -> Result<(), String> {
+        let servers: Vec<ServerUrl> = servers.iter().map(|s| s.parse().unwrap()).collect();
+        let mut args = ClientArgs::default();
+        flags(&mut args);
+        check_tls_flags(&servers, &args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_flags_apply_to_dot_and_doh_resolvers_too() {
+        let pin = |a: &mut ClientArgs| a.tls_pin = Some("sha256:00".into());
+        let ca = |a: &mut ClientArgs| a.tls_ca = Some("/ca.pem".into());
+        let proxy = |a: &mut ClientArgs| a.proxy = Some("http://p:3128".into());
+        let mode = |a: &mut ClientArgs| a.http_mode = Some(Mode::LongPoll);
+        let dot = "dns://t.example.com?resolver=192.0.2.2&resolver=tls://192.0.2.1";
+        let doh = "dns://t.example.com?resolver=https://192.0.2.1/dns-query";
+        let plain = "dns://t.example.com?resolver=192.0.2.1";
+        assert_eq!(check(&[dot], pin), Ok(()));
+        assert_eq!(check(&[doh], ca), Ok(()));
+        assert_eq!(check(&[doh], proxy), Ok(()));
+        assert_eq!(check(&["udp://h", "https://h/t"], pin), Ok(()));
+        assert_eq!(check(&["http://h/t", dot], pin), Ok(()));
+        for (servers, flags, says) in [
+            (
+                &[plain][..],
+                &pin as &dyn Fn(&mut ClientArgs),
+                "nothing here uses TLS",
+            ),
+            (&["http://h/t", plain], &ca, "nothing here uses TLS"),
+            (&[dot], &proxy, "--proxy applies to"),
+            (&[doh], &mode, "--http-mode applies to"),
+        ] {
+            let e = check(servers, flags).unwrap_err();
+            assert!(e.contains(says), "{servers:?}: {e}");
+        }
     }
 }

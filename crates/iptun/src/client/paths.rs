@@ -12,6 +12,7 @@ use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE};
 use iptun_proto::wire::dns::Domain;
 use tokio::sync::mpsc;
 
+use super::dns::DnsDriver;
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::http_client::{self, Down, Mode, Proxy};
 use crate::transport::icmp::{IcmpSocket, Role};
@@ -44,18 +45,8 @@ pub enum PathDriver {
         socket: IcmpSocket,
         buf: Vec<u8>,
     },
-    Dns(Box<DnsSocket>),
+    Dns(Box<DnsDriver>),
     Http(Box<HttpDriver>),
-}
-
-/// A UDP socket for a DNS path's resolvers.
-pub struct DnsSocket {
-    socket: tokio::net::UdpSocket,
-    /// The resolvers, numbered as the connection knows them.
-    resolvers: Vec<SocketAddr>,
-    /// Whether `socket` is dual-stack IPv6 (IPv4 resolvers mapped).
-    dual_stack: bool,
-    buf: Vec<u8>,
 }
 
 /// An HTTP path: channels to its connection task.
@@ -119,22 +110,15 @@ pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDrive
         } => {
             let domain =
                 Domain::new(&domain).with_context(|| format!("tunnel domain `{domain}`"))?;
-            let (socket, resolvers) = resolver_socket(resolvers)?;
-            let dual_stack = socket.local_addr()?.is_ipv6();
+            let driver = DnsDriver::open(resolvers, http)?;
             let config = PathConfig::Dns {
                 domain,
-                resolvers: resolvers.len(),
+                resolvers: driver.count(),
                 max_query,
                 tag: r64(0) as u32,
                 seed: r64(8),
             };
-            let driver = PathDriver::Dns(Box::new(DnsSocket {
-                socket,
-                resolvers,
-                dual_stack,
-                buf: vec![0; 1 << 16],
-            }));
-            (driver, config)
+            (PathDriver::Dns(Box::new(driver)), config)
         }
         ServerAddr::Http(url) => {
             let driver = HttpDriver::open(url, http, r64(0))?;
@@ -152,7 +136,7 @@ impl PathDriver {
     pub fn underlay(&self, conn: &Connection, path: PathId) -> Vec<IpAddr> {
         match self {
             Self::Http(h) => vec![h.first_hop.ip()],
-            Self::Dns(d) => d.resolvers.iter().map(SocketAddr::ip).collect(),
+            Self::Dns(d) => d.underlay(),
             Self::Udp { .. } | Self::Icmp { .. } => conn.server_ip(path).into_iter().collect(),
         }
     }
@@ -177,8 +161,7 @@ impl PathDriver {
                     .map(unreachable)
             }
             Self::Dns(d) => {
-                let t = seal(&mut d.buf)?;
-                d.send(t);
+                d.send_with(seal);
                 None
             }
             Self::Http(h) => {
@@ -216,7 +199,7 @@ impl PathDriver {
         match self {
             Self::Udp { rx, .. } => rx.poll_readable(cx),
             Self::Icmp { socket, .. } => socket.poll_readable(cx),
-            Self::Dns(d) => d.socket.poll_recv_ready(cx),
+            Self::Dns(d) => d.poll_readable(cx),
             Self::Http(h) => h.poll_readable(cx),
         }
     }
@@ -253,29 +236,7 @@ impl PathDriver {
                     conn.handle_input(Instant::now(), path, Remote::Addr(from), r.icmp, tun);
                 })
                 .context("receiving on the ICMP socket")?,
-            Self::Dns(d) => {
-                let mut dry = false;
-                for _ in 0..MAX_BATCHES_PER_WAKEUP * 8 {
-                    let (n, from) = match d.socket.try_recv_from(&mut d.buf) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            dry = true;
-                            break;
-                        }
-                        // ICMP port unreachable from a resolver: its query times out.
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                        Err(e) => return Err(e).context("receiving on the DNS socket"),
-                    };
-                    // Only our resolvers' answers, by their number.
-                    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                    let Some(i) = d.resolvers.iter().position(|&r| r == from) else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    conn.handle_input(now, path, Remote::Resolver(i), &d.buf[..n], tun);
-                }
-                dry
-            }
+            Self::Dns(d) => d.receive(conn, path, tun)?,
             Self::Http(h) => {
                 let mut dry = false;
                 for _ in 0..MAX_BATCHES_PER_WAKEUP {
@@ -308,10 +269,11 @@ impl PathDriver {
         }
     }
 
-    /// The name of a DNS path's resolver number `i` (its address).
-    pub fn resolver(&self, i: usize) -> Option<SocketAddr> {
+    /// The name of a DNS path's resolver number `i` (a plain one's
+    /// address, `tls://...`, `https://...`).
+    pub fn resolver(&self, i: usize) -> Option<String> {
         match self {
-            Self::Dns(d) => d.resolvers.get(i).copied(),
+            Self::Dns(d) => d.resolver_name(i),
             _ => None,
         }
     }
@@ -323,6 +285,7 @@ impl PathDriver {
                 "proxy": h.proxy.as_ref().map(|p| p.authority.clone()),
                 "dropped_batches": h.dropped,
             }),
+            Self::Dns(d) => d.info(),
             _ => serde_json::Value::Null,
         }
     }
@@ -340,84 +303,27 @@ fn unreachable(e: std::io::Error) -> PathEvent {
     PathEvent::Unreachable(format!("unreachable: {e}"))
 }
 
-impl DnsSocket {
-    fn send(&mut self, t: Transmit) {
-        let Remote::Resolver(i) = t.to else { return };
-        let Some(&to) = self.resolvers.get(i) else {
-            return;
-        };
-        // IPv4 resolvers as IPv4-mapped addresses on a dual-stack socket.
-        let to = match to.ip() {
-            IpAddr::V4(v4) if self.dual_stack => {
-                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
-            }
-            _ => to,
-        };
-        // A full socket buffer loses the query: the uplink times it out.
-        // (The syscall itself: tokio's readiness would call a socket the
-        // reactor has not polled yet unwritable, losing the first queries.)
-        let _ = socket2::SockRef::from(&self.socket).send_to(&self.buf[..t.len], &to.into());
-    }
-}
-
-/// One socket for all the resolvers: IPv4 only when they all are, else
-/// dual-stack IPv6 (IPv4 resolvers reached by mapped addresses). Where the
-/// host has no IPv6, the IPv6 resolvers are skipped.
-fn resolver_socket(
-    resolvers: Vec<SocketAddr>,
-) -> anyhow::Result<(tokio::net::UdpSocket, Vec<SocketAddr>)> {
-    let open = |any: &str| -> std::io::Result<std::net::UdpSocket> {
-        let any: SocketAddr = any.parse().expect("valid");
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(any),
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        if any.is_ipv6() {
-            socket.set_only_v6(false)?; // before bind, or it does not apply
+/// The address a connection to `url` opens to: the proxy's, or the server's.
+pub(super) fn first_hop(url: &HttpUrl, proxy: Option<&Proxy>) -> anyhow::Result<SocketAddr> {
+    let (host, port) = match proxy {
+        Some(p) => {
+            let (h, port) = p.authority.rsplit_once(':').expect("authority has a port");
+            (h.trim_matches(['[', ']']).to_owned(), port.parse()?)
         }
-        socket.bind(&any.into())?;
-        Ok(socket.into())
+        None => (url.host.clone(), url.port),
     };
-    let (socket, resolvers) = if resolvers.iter().all(SocketAddr::is_ipv4) {
-        (open("0.0.0.0:0"), resolvers)
-    } else {
-        match open("[::]:0") {
-            Ok(s) => (Ok(s), resolvers),
-            Err(e) => {
-                let (v4, v6): (Vec<_>, Vec<_>) =
-                    resolvers.into_iter().partition(SocketAddr::is_ipv4);
-                tracing::warn!("no IPv6 socket ({e}): skipping resolvers {v6:?}");
-                anyhow::ensure!(
-                    !v4.is_empty(),
-                    "no IPv6 socket for the resolvers {v6:?}: {e}"
-                );
-                (open("0.0.0.0:0"), v4)
-            }
-        }
-    };
-    let socket = socket.context("binding a UDP socket for DNS")?;
-    socket.set_nonblocking(true)?;
-    crate::transport::sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
-    Ok((tokio::net::UdpSocket::from_std(socket)?, resolvers))
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))
 }
 
 impl HttpDriver {
     fn open(url: HttpUrl, options: &HttpOptions, tag: u64) -> anyhow::Result<Self> {
         let proxy =
             http_client::proxy_for(&url, options.proxy.as_deref(), |k| std::env::var(k).ok())?;
-        let (host, port) = match &proxy {
-            Some(p) => {
-                let (h, port) = p.authority.rsplit_once(':').expect("authority has a port");
-                (h.trim_matches(['[', ']']).to_owned(), port.parse()?)
-            }
-            None => (url.host.clone(), url.port),
-        };
-        let first_hop = (host.as_str(), port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {host}"))?
-            .next()
-            .with_context(|| format!("{host} has no address"))?;
+        let first_hop = first_hop(&url, proxy.as_ref())?;
         let tls = if url.tls {
             Some(tls::client(&options.trust)?)
         } else {

@@ -1,15 +1,20 @@
 //! The server daemon: one TUN device, listeners on any mix of transports
 //! (one socket or HTTP listener each), and the sans-IO [`Endpoint`] in
 //! between, which owns the sessions and every transport's state.
+//!
+//! Beside the packets, the loop answers the control socket and the metrics
+//! endpoint (through [`Request`]s), and re-reads `--allow-file` on SIGHUP.
 
 mod http;
 
 use std::future::poll_fn;
+use std::path::{Path, PathBuf};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use iptun_proto::crypto::PublicKey;
 use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Transmit};
 use iptun_proto::engine::ServerConfig;
 use iptun_proto::pool::AddressPool;
@@ -17,10 +22,13 @@ use iptun_proto::transport::Kind;
 use iptun_proto::wire::dns::Domain;
 use iptun_proto::wire::icmp::Family;
 
+use crate::capture::Capture;
 use crate::cli::ServerArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
+use crate::metrics::{self, ListenerLabel};
 use crate::netcfg::{self, Undo};
+use crate::service::{self, Request};
 use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::tls;
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
@@ -140,35 +148,70 @@ impl Drivers {
 /// Settings after defaults and validation.
 struct Settings {
     config: ServerConfig,
+    allow: AllowList,
+    metrics: Option<metrics::Settings>,
     listen: Vec<Listen>,
     tun: String,
     nat: bool,
-    control: std::path::PathBuf,
+    control: PathBuf,
     offload: bool,
+    /// `--pcap FILE` and its limit in bytes.
+    pcap: Option<(PathBuf, u64)>,
     /// For `https://` listeners.
     tls: Option<tls::ServerTls>,
+}
+
+/// Where the admitted keys come from: `--allow` (fixed while the server
+/// runs) and `--allow-file` (re-read on reload).
+struct AllowList {
+    fixed: Vec<PublicKey>,
+    file: Option<PathBuf>,
+}
+
+impl AllowList {
+    /// Every admitted key: the fixed ones and the file's.
+    fn read(&self) -> anyhow::Result<Vec<PublicKey>> {
+        let mut keys = self.fixed.clone();
+        if let Some(file) = &self.file {
+            keys.extend(read_allow_file(file)?);
+        }
+        Ok(keys)
+    }
+}
+
+/// The keys in an allow file: one base64 key a line, `#` comments. Any
+/// bad line refuses the whole file, naming the file and line.
+fn read_allow_file(file: &Path) -> anyhow::Result<Vec<PublicKey>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading --allow-file {}", file.display()))?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if !line.is_empty() {
+            let at = format!("{}:{}", file.display(), n + 1);
+            keys.push(daemon::parse_public_key(line, &at)?);
+        }
+    }
+    Ok(keys)
 }
 
 fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
     let args = args.merged()?;
     let private_key = daemon::read_private_key(args.private_key.as_deref())?;
-    let mut allowed = Vec::new();
+    let mut fixed = Vec::new();
     for key in &args.allow {
-        allowed.push(daemon::parse_public_key(key, "--allow")?);
+        fixed.push(daemon::parse_public_key(key, "--allow")?);
     }
-    if let Some(file) = &args.allow_file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("reading --allow-file {}", file.display()))?;
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if !line.is_empty() {
-                allowed.push(daemon::parse_public_key(
-                    line,
-                    &format!("{}:{}", file.display(), n + 1),
-                )?);
-            }
-        }
-    }
+    let allow = AllowList {
+        fixed,
+        file: args.allow_file.clone(),
+    };
+    let allowed = allow.read()?;
+    let metrics = metrics::Settings::parse(
+        args.metrics.as_deref(),
+        args.metrics_public,
+        !args.metrics_no_clients,
+    )?;
     if allowed.is_empty() {
         tracing::warn!("no client is admitted: give --allow PUBKEY or --allow-file FILE");
     }
@@ -232,11 +275,16 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config,
+        allow,
+        metrics,
         listen,
         control: args.control.unwrap_or_else(|| control::default_path(&tun)),
         tun,
         nat: args.nat,
         offload: !args.no_offload,
+        pcap: args
+            .pcap
+            .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         tls,
     })
 }
@@ -245,7 +293,17 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let s = settings(args)?;
     let control = ControlSocket::bind(&s.control)?;
+    let capture = s
+        .pcap
+        .as_ref()
+        .map(|(path, limit)| Capture::create(path, *limit, true))
+        .transpose()?;
+    // Before anything on the system changes: a port in use stops us here.
+    let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
     let mut tun = Tun::create(&s.tun, s.offload)?;
+    if let Some(c) = capture {
+        tun.set_capture(c);
+    }
     let pool = &s.config.pool;
     let (net4, net6) = (pool.net4(), pool.net6());
     let me = pool.server();
@@ -312,7 +370,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         drivers.listeners.push(driver);
         configs.push(config);
     }
+    let labels: Vec<ListenerLabel> = s
+        .listen
+        .iter()
+        .zip(&endpoints)
+        .map(|(l, e)| ListenerLabel {
+            transport: transport_name(l),
+            // The URL without the notes after it (the certificate's pin).
+            url: e.split(' ').next().unwrap_or(e).to_owned(),
+        })
+        .collect();
     let mut ep = Endpoint::new(s.config, configs, Instant::now());
+    let (requests, mut asked) = service::channel();
+    if let Some(port) = metrics_port {
+        metrics::spawn(port, requests.clone());
+    }
+    let per_client = s.metrics.as_ref().is_some_and(|m| m.per_client);
     if let Some(t) = s.tls.as_ref().filter(|t| t.self_signed) {
         tracing::info!(
             "TLS certificate pin: {} (self-signed; clients give --tls-pin {})",
@@ -330,7 +403,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut drops = DropReporter::new();
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
+    let mut hangup = daemon::hangup_signal()?;
     let mut buf = Vec::new();
+    service::ready(&format!("serving on {}", endpoints.join(", ")));
     // One timer, moved only when the deadline changes.
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
@@ -362,15 +437,77 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             _ = reports.tick() => drops.tick(Instant::now(), ep.drops()),
             c = control.accept() => {
                 if let Ok(c) = c {
-                    let st = status(&ep, &drivers, tun.name(), &addr_text, &endpoints);
-                    control::reply(c, &st);
+                    control::serve(c, requests.clone());
                 }
+            }
+            Some(request) = asked.recv() => match request {
+                Request::Status(reply) => {
+                    let _ = reply.send(status(&ep, &drivers, tun.name(), &addr_text, &endpoints));
+                }
+                Request::Metrics(reply) => {
+                    let queue_full = drivers.http.queue_full;
+                    let _ = reply.send(metrics::server(&ep, &labels, per_client, queue_full));
+                }
+                Request::Reload(reply) => {
+                    let _ = reply.send(reload(&mut ep, &s.allow).map_err(|e| {
+                        format!("reload refused, the admitted keys stay as they were: {e:#}")
+                    }));
+                }
+            },
+            _ = hangup.recv() => {
+                let _ = reload(&mut ep, &s.allow);
             }
         }
         transmit(&mut ep, &mut drivers, &mut buf);
     }
     drop(undo);
     Ok(())
+}
+
+/// Re-read the admitted keys and put them in force, telling the service
+/// manager; on any error nothing changes. What changed, for the log and
+/// `iptun reload`.
+fn reload(ep: &mut Endpoint, allow: &AllowList) -> anyhow::Result<String> {
+    service::reloading();
+    let result = apply_allow_list(ep, allow);
+    match &result {
+        Ok(what) => tracing::info!("reload: {what}"),
+        Err(e) => tracing::error!("reload refused, the admitted keys stay as they were: {e:#}"),
+    }
+    let status = match &result {
+        Ok(what) => format!("reloaded: {what}"),
+        Err(e) => format!("reload refused: {e:#}"),
+    };
+    service::ready(&status);
+    result
+}
+
+fn apply_allow_list(ep: &mut Endpoint, allow: &AllowList) -> anyhow::Result<String> {
+    let file = allow
+        .file
+        .as_ref()
+        .context("the server has no --allow-file to re-read (--allow keys are fixed)")?;
+    let keys = allow.read()?;
+    let change = ep.set_allowed(Instant::now(), keys);
+    Ok(format!(
+        "{} keys admitted from --allow and {}: {} added, {} removed, {} sessions ended",
+        ep.engine().allowed_count(),
+        file.display(),
+        change.added.len(),
+        change.removed.len(),
+        change.ended.len()
+    ))
+}
+
+/// The transport's name as users know it (`https` for TLS).
+fn transport_name(listen: &Listen) -> &'static str {
+    match listen {
+        Listen::Udp(_) => "udp",
+        Listen::Icmp(_) => "icmp",
+        Listen::Dns { .. } => "dns",
+        Listen::Http { tls: true, .. } => "https",
+        Listen::Http { tls: false, .. } => "http",
+    }
 }
 
 /// Keep the kernel from answering echo requests too: the endpoint answers

@@ -31,12 +31,13 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use super::http_server::ws_config;
+use super::tls;
 use crate::url::HttpUrl;
 
 /// A byte stream of any layering (TCP, TLS, a proxy's CONNECT tunnel).
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-type Stream = Box<dyn Io>;
+pub(crate) type Stream = Box<dyn Io>;
 
 /// Time to open a connection (TCP, proxy, TLS, upgrade).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -213,7 +214,7 @@ async fn open_stream(config: &Config) -> anyhow::Result<(Stream, bool)> {
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, tls)
             .await
             .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+            .map_err(|e| anyhow::anyhow!("{}: {}", config.url, tls::explain(&e)))?;
         stream = Box::new(tls);
     }
     Ok((stream, absolute))
@@ -236,7 +237,11 @@ where
 }
 
 /// Ask the proxy for a tunnel to the server (`CONNECT host:port`).
-async fn connect_tunnel(stream: Stream, proxy: &Proxy, url: &HttpUrl) -> anyhow::Result<Stream> {
+pub(crate) async fn connect_tunnel(
+    stream: Stream,
+    proxy: &Proxy,
+    url: &HttpUrl,
+) -> anyhow::Result<Stream> {
     let mut send = http1::<Empty<Bytes>>(stream).await?;
     let authority = url.authority();
     let mut req = Request::builder()

@@ -4,6 +4,7 @@
 pub mod http_client;
 pub mod http_server;
 pub mod icmp;
+pub mod resolver;
 pub mod sockopt;
 pub mod tls;
 pub mod udp;

@@ -1,5 +1,5 @@
-//! TLS for the HTTPS transport (rustls with ring, the tree's one crypto
-//! backend).
+//! TLS for the HTTPS transport and for DNS over TLS or HTTPS to a resolver
+//! (rustls with ring, the tree's one crypto backend).
 //!
 //! Server: a certificate and key from PEM files, or a self-signed Ed25519
 //! certificate derived from the server's private key — the same bytes on
@@ -18,6 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/2, which DNS over HTTPS uses.
+pub const ALPN_H2: &[u8] = b"h2";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -132,8 +134,17 @@ pub enum Trust {
     Pin([u8; 32]),
 }
 
-/// The client's TLS settings.
+/// The client's TLS settings for the HTTPS transport (HTTP/1.1).
 pub fn client(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    client_with_alpn(trust, &[ALPN_HTTP1])
+}
+
+/// The client's TLS settings offering the protocols `alpn` (none: no ALPN,
+/// as DNS over TLS goes).
+pub fn client_with_alpn(
+    trust: &Trust,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
@@ -159,16 +170,140 @@ pub fn client(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
                     found.certs
                 }
             };
+            let trusted = certs.iter().map(|c| sha256(c)).collect();
             let (added, _) = roots.add_parsable_certificates(certs);
             anyhow::ensure!(
                 added > 0,
                 "no usable CA certificate (give --tls-ca FILE or --tls-pin)"
             );
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .context("the TLS trust store")?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(StoreVerifier { webpki, trusted }))
+                .with_no_client_auth()
         }
     };
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+fn sha256(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().try_into().expect("32 bytes")
+}
+
+/// Checks the server's certificate against the trust store (webpki), and
+/// also accepts a certificate that is itself in the store, byte for byte,
+/// as curl and browsers do: `openssl req -x509` makes certificates that are
+/// a CA and their own leaf at once, which webpki refuses as a leaf. Any
+/// other refusal says what failed and how to get past it.
+#[derive(Debug)]
+struct StoreVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    /// SHA-256 of every certificate in the store.
+    trusted: Vec<[u8; 32]>,
+}
+
+impl ServerCertVerifier for StoreVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            Ok(v) => Ok(v),
+            Err(_) if self.trusted.contains(&sha256(end_entity)) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Err(rustls::Error::InvalidCertificate(why)) => Err(rustls::Error::General(format!(
+                "the server's certificate ({}) is not trusted: {}; give --tls-ca FILE with the CA \
+                 that signed it, or --tls-pin {} to accept exactly this certificate",
+                pin_of(end_entity),
+                explain_certificate(&why),
+                pin_of(end_entity),
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Why a certificate was refused, in words.
+fn explain_certificate(why: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as E;
+    match why {
+        E::UnknownIssuer => "no trusted CA signed it".into(),
+        E::Expired | E::ExpiredContext { .. } => "it has expired".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "it is not valid yet".into(),
+        E::NotValidForName | E::NotValidForNameContext { .. } => {
+            "it is not for the host name in the URL".into()
+        }
+        E::Revoked => "it was revoked".into(),
+        E::BadSignature => "its signature does not verify".into(),
+        // webpki's own reasons come as `Other`, named only by their Debug form.
+        other if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "it is a CA's certificate, not a server's, and not itself in the trust store".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// A TLS handshake's failure as one sentence: the verifiers' own words, or
+/// what the server said.
+pub fn explain(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::General(why)) => why.clone(),
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!(
+                "the server's certificate is not trusted: {}",
+                explain_certificate(why)
+            )
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the server refused the TLS handshake ({alert:?})")
+        }
+        Some(other) => format!("TLS failed: {other}"),
+        None => format!("TLS failed: {e}"),
+    }
 }
 
 /// Accepts exactly the pinned certificate, and checks the handshake's
@@ -245,6 +380,62 @@ mod tests {
             assert!(parse_pin(bad).is_err(), "{bad}");
         }
         assert!(parse_pin(&format!("sha256:{}", "zz".repeat(32))).is_err());
+    }
+
+    /// A certificate made as `openssl req -x509` makes them: a CA that is
+    /// its own leaf, for 127.0.0.1 (or a plain self-signed leaf).
+    fn self_signed(ca: bool) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verify(
+        trust: CertificateDer<'static>,
+        presented: &CertificateDer<'_>,
+    ) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        let trusted = vec![sha256(&trust)];
+        roots.add(trust).unwrap();
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let v = StoreVerifier { webpki, trusted };
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        v.verify_server_cert(presented, &[], &name, &[], UnixTime::now())
+            .map(drop)
+            .map_err(|e| match e {
+                rustls::Error::General(why) => why,
+                other => format!("{other:?}"),
+            })
+    }
+
+    #[test]
+    fn a_trusted_self_signed_ca_certificate_is_accepted_as_the_leaf() {
+        let cert = self_signed(true);
+        assert_eq!(verify(cert.clone(), &cert), Ok(()));
+    }
+
+    #[test]
+    fn an_untrusted_certificate_is_refused_with_its_pin_and_what_to_do() {
+        let cert = self_signed(false);
+        let why = verify(self_signed(true), &cert).unwrap_err();
+        assert!(why.contains(&pin_of(&cert)), "{why}");
+        assert!(
+            why.contains("--tls-ca") && why.contains("--tls-pin"),
+            "{why}"
+        );
+        assert!(why.contains("is not trusted: "), "{why}");
+        let ca = self_signed(true);
+        let why = verify(self_signed(true), &ca).unwrap_err();
+        assert!(why.contains("a CA's certificate, not a server's"), "{why}");
     }
 
     #[test]

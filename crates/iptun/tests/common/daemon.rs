@@ -155,6 +155,11 @@ impl Daemon {
         session
     }
 
+    /// Sends a signal by name (`HUP`, ...) and returns at once.
+    pub fn signal(&self, sig: &str) {
+        self.process.signal(sig);
+    }
+
     /// SIGTERM, then waits; panics (with the log) unless it exits cleanly.
     pub fn stop(&mut self) -> ExitStatus {
         self.stop_with("TERM")

@@ -18,6 +18,12 @@ use super::{Netns, Proc};
 /// The tunnel domain the tests delegate to the server.
 pub const DOMAIN: &str = "t.example.com";
 
+/// Where unbound serves DNS over TLS and DNS over HTTPS when given a
+/// certificate ([`UnboundOptions::tls`]), and the DoH path.
+pub const DOT_PORT: u16 = 853;
+pub const DOH_PORT: u16 = 443;
+pub const DOH_PATH: &str = "/dns-query";
+
 /// Addresses of [`DnsTopology`]: [`LineTopology`]'s, the resolver being the
 /// middle box.
 pub mod addrs {
@@ -68,9 +74,20 @@ pub struct UnboundOptions {
     /// `qname-minimisation`: for names several labels below the zone,
     /// unbound first sends A queries for the shorter names.
     pub qname_minimisation: bool,
+    /// A certificate and key (PEM files) for DNS over TLS on [`DOT_PORT`]
+    /// and DNS over HTTPS on [`DOH_PORT`] (HTTP/2, path [`DOH_PATH`]),
+    /// beside plain DNS on 53.
+    pub tls: Option<UnboundTls>,
     /// Raw lines appended to the `server:` clause (they override the
     /// template's settings), e.g. `"verbosity: 3"`.
     pub extra: Vec<String>,
+}
+
+/// Unbound's certificate and key for DoT and DoH.
+#[derive(Clone, Debug)]
+pub struct UnboundTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl UnboundOptions {
@@ -82,6 +99,7 @@ impl UnboundOptions {
             caps_for_id: false,
             edns_buffer_size: None,
             qname_minimisation: false,
+            tls: None,
             extra: Vec::new(),
         }
     }
@@ -104,12 +122,25 @@ pub fn unbound_config(dir: &Path, listen: IpAddr, opts: &UnboundOptions) -> Stri
     let extra: String = opts.extra.iter().map(|l| format!("    {l}\n")).collect();
     let caps = yes_no(opts.caps_for_id);
     let qmin = yes_no(opts.qname_minimisation);
+    let tls = match &opts.tls {
+        // Unbound serves TLS on the interfaces whose port is tls-port, and
+        // DoH on those whose port is https-port.
+        Some(t) => format!(
+            "    interface: {listen}@{DOT_PORT}\n    interface: {listen}@{DOH_PORT}\n    \
+             tls-port: {DOT_PORT}\n    https-port: {DOH_PORT}\n    \
+             http-endpoint: \"{DOH_PATH}\"\n    \
+             tls-service-pem: \"{}\"\n    tls-service-key: \"{}\"\n",
+            t.cert.display(),
+            t.key.display()
+        ),
+        None => String::new(),
+    };
     format!(
         r#"# Written by the iptun test harness: our own unbound, not the system's.
 server:
     interface: {listen}
     port: 53
-    interface-automatic: no
+{tls}    interface-automatic: no
     access-control: 0.0.0.0/0 allow
     access-control: ::/0 allow
     do-daemonize: no

@@ -621,9 +621,7 @@ impl DnsClient {
         };
         let (name_part, option) = self.payload(&spec, qseq, encoding);
         // A fragment split for base128 before a fallback still goes in it.
-        let base32_room = self
-            .sizes
-            .name_capacity(&self.domain, NameEncoding::Base32);
+        let base32_room = self.sizes.name_capacity(&self.domain, NameEncoding::Base32);
         let encoding = if name_part.len() > base32_room && !spec.base32 {
             NameEncoding::Base128
         } else {
@@ -740,7 +738,8 @@ impl DnsClient {
     /// A late answer to a query given up on: its data still counts, and
     /// its resolver is alive (the loss was counted already).
     fn late(&mut self, now: Instant, id: u16, q: InFlight, answer: Answer) {
-        self.resolvers.answered(q.resolver, now, id, (None, None), None);
+        self.resolvers
+            .answered(q.resolver, now, id, (None, None), None);
         if let Answer::Data(p) = answer
             && let Some((_, pieces)) = DownHeader::parse(&p)
         {
@@ -1164,9 +1163,8 @@ impl DnsClient {
             return;
         }
         self.swept = Some(now);
-        self.in_flight.retain(|_, q| {
-            !(q.given_up && now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT)
-        });
+        self.in_flight
+            .retain(|_, q| !(q.given_up && now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT));
     }
 
     /// Set resolver `i` aside: its queries' fragments go again through the

@@ -585,7 +585,10 @@ mod tests {
     fn the_window_fills_the_pipe_and_keeps_the_queue_near_the_target() {
         // 2000 requests a second over 20 ms: 40 in flight fill it.
         let (c, windows) = run(2000.0, ms(20), 20);
-        eprintln!("TRACE {:?}", windows.iter().step_by(250).collect::<Vec<_>>());
+        eprintln!(
+            "TRACE {:?}",
+            windows.iter().step_by(250).collect::<Vec<_>>()
+        );
         let info = c.info(Instant::now());
         let last = &windows[windows.len() - 2000..];
         let (lo, hi) = (*last.iter().min().unwrap(), *last.iter().max().unwrap());
@@ -762,7 +765,10 @@ mod tests {
         }
         // Four times the window per round trip in slow start, burst included.
         let w = c.window();
-        assert!(sent <= 4 * w + MAX_BURST as usize, "{sent} sent, window {w}");
+        assert!(
+            sent <= 4 * w + MAX_BURST as usize,
+            "{sent} sent, window {w}"
+        );
         assert!(sent >= 2 * w, "{sent} sent, window {w}");
         assert!(c.next_send(now, 0).is_some());
         assert_eq!(c.next_send(now, w), None);

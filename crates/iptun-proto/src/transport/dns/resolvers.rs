@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::HOLD;
-use super::congestion::{CongestionInfo, Config, Controller};
+use super::congestion::{Config, CongestionInfo, Controller};
 
 /// The least time a resolver may stay silent before it is set aside.
 pub const MIN_PATIENCE: Duration = Duration::from_millis(300);
@@ -195,7 +195,11 @@ impl Resolver {
     /// its deviations on, plus the server's hold unless it was prompt.
     pub fn deadline(&self, sent: Instant, prompt: bool) -> Instant {
         let rto = self.cc.rto().min(MAX_RTO);
-        if prompt { sent + rto } else { sent + HOLD + rto }
+        if prompt {
+            sent + rto
+        } else {
+            sent + HOLD + rto
+        }
     }
 
     fn outcome(&mut self, answered: bool) {
@@ -515,8 +519,7 @@ impl Resolvers {
         if !r.active() {
             return None;
         }
-        if r
-            .unanswered_since
+        if r.unanswered_since
             .is_some_and(|t| now.saturating_duration_since(t) >= r.patience())
         {
             return Some(Aside::Silent);
@@ -654,11 +657,20 @@ mod tests {
         let mut rs = Resolvers::new(2);
         rs.sent(0, t0, Load::Data, 1, false);
         rs.sent(1, t0, Load::Data, 2, true);
-        rs.answered(1, t0 + ms(20), 2, (Some(Load::Data), Some(t0)), Some(ms(20)));
+        rs.answered(
+            1,
+            t0 + ms(20),
+            2,
+            (Some(Load::Data), Some(t0)),
+            Some(ms(20)),
+        );
         let alive = |id: u16, _| id == 1;
         // Lost a hold and a timeout on, if unanswered.
         let (due, id) = rs.next_loss(0, alive).unwrap();
-        assert_eq!((due, id), (t0 + HOLD + super::super::congestion::MIN_RTO, 1));
+        assert_eq!(
+            (due, id),
+            (t0 + HOLD + super::super::congestion::MIN_RTO, 1)
+        );
         assert_eq!(rs.oldest_sent(0), Some(t0));
         let due = rs.silence_due(0).expect("a deadline");
         assert!(due >= t0 + HOLD + MIN_PATIENCE);
@@ -703,9 +715,21 @@ mod tests {
                 Some(ms(5)),
             );
             if k % 2 == 0 {
-                rs.answered(0, now + ms(5), k, (Some(Load::Data), Some(now)), Some(ms(5)));
+                rs.answered(
+                    0,
+                    now + ms(5),
+                    k,
+                    (Some(Load::Data), Some(now)),
+                    Some(ms(5)),
+                );
             } else {
-                rs.failed(0, now + ms(5), k, (Some(Load::Data), Some(now)), Failed::Lost);
+                rs.failed(
+                    0,
+                    now + ms(5),
+                    k,
+                    (Some(Load::Data), Some(now)),
+                    Failed::Lost,
+                );
             }
         }
         assert_eq!(rs.verdict(0, t0 + ms(400)), Some(Aside::Lossy));

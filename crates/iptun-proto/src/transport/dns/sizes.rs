@@ -159,7 +159,9 @@ impl Sizes {
         let min_len = (0..=MAX_NAME_LEN)
             .find(|&n| domain.upstream_capacity(n) >= MIN_PAYLOAD)
             .unwrap_or(MAX_NAME_LEN);
-        let user_cap = user_cap.unwrap_or(MAX_NAME_LEN).clamp(min_len, MAX_NAME_LEN);
+        let user_cap = user_cap
+            .unwrap_or(MAX_NAME_LEN)
+            .clamp(min_len, MAX_NAME_LEN);
         Self {
             user_cap,
             min_len,
@@ -422,7 +424,9 @@ mod tests {
                 s.answered(cap, 100);
             }
             match s.probe_due(now) {
-                Some(p @ Probe::NameLen(n)) if n <= limit => s.probe_answered(now, p, n, 100, false),
+                Some(p @ Probe::NameLen(n)) if n <= limit => {
+                    s.probe_answered(now, p, n, 100, false)
+                }
                 Some(p @ Probe::NameLen(n)) => s.probe_failed(now, p, n),
                 Some(p) => s.probe_failed(now, p, 0),
                 None => {}
@@ -457,7 +461,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let p = s.probe_due(later).expect("a name probe");
-        let Probe::NameLen(n) = p else { panic!("{p:?}") };
+        let Probe::NameLen(n) = p else {
+            panic!("{p:?}")
+        };
         s.probe_answered(later, p, n, 100, false);
         settle(&mut s, 253, later);
         assert_eq!(s.name_len(), 253);
