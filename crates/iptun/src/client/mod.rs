@@ -486,14 +486,15 @@ fn dns_detail(
     let s = p.stats;
     let z = &p.sizes;
     let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0);
+    // The driver's side of each resolver (its name, a DoT/DoH connection).
+    let links = driver.info();
     let resolvers: Vec<serde_json::Value> = p
         .resolvers
         .iter()
         .enumerate()
         .map(|(i, r)| {
             let c = &r.congestion;
-            serde_json::json!({
-                "address": driver.resolver(i).map(|a| a.to_string()),
+            let mut v = serde_json::json!({
                 "state": match r.aside {
                     None => "active",
                     Some(iptun_proto::transport::dns::resolvers::Aside::Silent) => "set aside (silent)",
@@ -515,10 +516,12 @@ fn dns_detail(
                 "set_aside": r.stats.set_aside,
                 "loss_cuts": c.stats.loss_cuts,
                 "reject_cuts": c.stats.reject_cuts,
-            })
+            });
+            extend(&mut v, links["resolvers"][i].clone());
+            v
         })
         .collect();
-    let mut v = serde_json::json!({
+    serde_json::json!({
         "resolver": driver.resolver(primary).map(|r| r.to_string()),
         "tag": format!("{tag:08x}"),
         "encoding": p.encoding,
@@ -566,9 +569,7 @@ fn dns_detail(
             "set_asides": s.set_asides,
             "unexpected": s.unexpected,
         },
-    });
-    extend(&mut v, driver.info());
-    v
+    })
 }
 
 /// Add the fields of `extra` (an object) to `v` (an object).
