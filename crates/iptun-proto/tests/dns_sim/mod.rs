@@ -125,6 +125,10 @@ pub struct ResolverConfig {
     /// The resolver serves this many client queries a second, from a queue
     /// of at most `queue` (beyond: dropped): its delay grows with load.
     pub capacity: Option<(f64, usize)>,
+    /// Query name minimisation as unbound does it: before the type asked,
+    /// an A query at the full name (its answer thrown away), and the real
+    /// query only once that is answered.
+    pub minimise: bool,
 }
 
 impl Default for ResolverConfig {
@@ -154,6 +158,7 @@ impl Default for ResolverConfig {
             reorder_wait: Duration::from_millis(200),
             rate_limit: None,
             capacity: None,
+            minimise: false,
         }
     }
 }
@@ -201,6 +206,8 @@ pub struct ResolverStats {
     pub dead_drops: u64,
     /// Answers that overtook others in the reordering pool.
     pub reordered: u64,
+    /// Minimisation steps sent to the server.
+    pub minimisation_steps: u64,
     /// Client queries that carried a payload option.
     pub options: u64,
     /// Queries that vanished for their size.
@@ -231,6 +238,8 @@ pub struct Resolver {
     rng: Rng,
     pending: HashMap<u64, Pending>,
     upstream: HashMap<(SocketAddr, u16), u64>,
+    /// Minimisation steps sent: their answers are thrown away.
+    steps: std::collections::HashSet<(SocketAddr, u16)>,
     next_pid: u64,
     cache: HashMap<String, (Vec<u8>, Instant)>,
     pub stats: ResolverStats,
@@ -258,6 +267,7 @@ impl Resolver {
             rng: Rng::new(seed ^ 0x5eed ^ (index as u64) << 32),
             pending: HashMap::new(),
             upstream: HashMap::new(),
+            steps: std::collections::HashSet::new(),
             next_pid: 0,
             cache: HashMap::new(),
             stats: ResolverStats::default(),
@@ -890,10 +900,22 @@ impl Sim {
         let bytes = build_query_as(id, &p.name, ty, res.cfg.upstream_edns).unwrap();
         res.upstream.insert((src, id), pid);
         res.stats.upstream_queries += 1;
-        if let Some(after) = res.cfg.retry_after.filter(|_| p.tries < 3) {
+        let mut delay = SERVER_LATENCY;
+        if res.cfg.minimise && p.tries == 1 {
+            let step_id = id.wrapping_add(1);
+            let step =
+                build_query_as(step_id, &p.name, AnswerType::A, res.cfg.upstream_edns).unwrap();
+            res.steps.insert((src, step_id));
+            res.stats.minimisation_steps += 1;
+            self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, step));
+            // The real query once the step is answered (a round trip).
+            delay += 2 * SERVER_LATENCY;
+        }
+        let res = &mut self.resolvers[r];
+        if let Some(after) = res.cfg.retry_after.filter(|_| res.pending[&pid].tries < 3) {
             self.schedule(now + after, Ev::Retry(r, pid));
         }
-        self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, bytes));
+        self.schedule(now + delay, Ev::ToServer(src, bytes));
     }
 
     fn resolver_answer(&mut self, to: SocketAddr, bytes: &[u8]) {
@@ -907,6 +929,9 @@ impl Sim {
             return;
         }
         let res = &mut self.resolvers[r];
+        if res.steps.remove(&(to, id)) {
+            return;
+        }
         let Some(&pid) = res.upstream.get(&(to, id)) else {
             res.violations
                 .push(format!("an answer to no query: {to:?} {id}"));

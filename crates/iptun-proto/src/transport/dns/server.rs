@@ -76,6 +76,10 @@ pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
 pub const MAX_REMEMBERED: usize = 128;
 /// How long an answered query is remembered.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(10);
+/// An A or AAAA query of a tag whose queries of another type came this
+/// recently is a resolver's step of query name minimisation (RFC 9156),
+/// not the client's: see [`Tag::minimisation_step`].
+pub const MINIMISATION_WINDOW: Duration = Duration::from_secs(3);
 /// An unbound tag with nothing held is forgotten after this idle time.
 pub const UNBOUND_IDLE: Duration = Duration::from_secs(30);
 /// A bound tag is forgotten after this idle time (its session stays in the
@@ -138,6 +142,9 @@ pub struct ListenerStats {
     pub probes: u64,
     /// Queries whose payload option was read.
     pub options: u64,
+    /// A and AAAA queries taken for a resolver's steps of query name
+    /// minimisation, answered at once and empty.
+    pub minimisation_steps: u64,
 }
 
 /// What the status shows of one client's path.
@@ -177,6 +184,8 @@ struct Tag<S, A> {
     seen_order: VecDeque<(u16, Instant)>,
     /// Downstream capacities of the latest queries (payload bytes).
     caps: VecDeque<usize>,
+    /// When the tag last asked a type other than A and AAAA.
+    other_type_at: Option<Instant>,
     last_seen: Instant,
     last_keepalive: Option<Instant>,
 }
@@ -192,9 +201,26 @@ impl<S, A> Tag<S, A> {
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
             caps: VecDeque::new(),
+            other_type_at: None,
             last_seen: now,
             last_keepalive: None,
         }
+    }
+
+    /// Whether a query of `qtype` is a resolver's minimisation step. A
+    /// resolver that minimises query names asks A (or AAAA) at the names
+    /// between the apex and the full one, and unbound at the full name too,
+    /// before it asks the type the client asked. Such a step shares the
+    /// real query's tag and `qseq` but is not the client's: it must not
+    /// take downstream data (the resolver throws the answer away), shrink
+    /// the tag's fragments to fit A answers, nor make the real query look
+    /// like a retry. A client on A or AAAA asks nothing else (but a rare
+    /// probe), so its queries are taken as they are.
+    fn minimisation_step(&self, qtype: RecordType, now: Instant) -> bool {
+        matches!(qtype, RecordType::A | RecordType::AAAA)
+            && self
+                .other_type_at
+                .is_some_and(|t| now.saturating_duration_since(t) < MINIMISATION_WINDOW)
     }
 
     /// Fragments are made to fit a 512-byte answer to every recent query.
@@ -439,6 +465,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         let tag = self.tags.get_mut(&h.tag).expect("just made");
         tag.last_seen = now;
         let bound = tag.session.is_some();
+        if tag.minimisation_step(q.qtype, now) {
+            // Answered at once and empty, remembered nowhere; its fragment
+            // (the real query brings it again) may complete a message.
+            self.stats.minimisation_steps += 1;
+            self.answer_now(from, q, h.down_limit, bound, Vec::new());
+            return self.deliver(now, h.tag, &d);
+        }
+        if !matches!(q.qtype, RecordType::A | RecordType::AAAA) {
+            tag.other_type_at = Some(now);
+        }
         let mut q = q;
         limit_query(&mut q, h.down_limit, bound);
 
@@ -481,11 +517,20 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         if !has_fragment {
             return None;
         }
-        let session = self.tags.get(&h.tag).and_then(|t| t.session);
+        self.deliver(now, h.tag, &d)
+    }
+
+    /// The fragment of a query decoded into `scratch` to the reassembler:
+    /// the message it completes, if any.
+    fn deliver(&mut self, now: Instant, tag: u32, d: &Decoded) -> Option<Delivered<'_, S>> {
+        if d.kind != BodyKind::Fragment {
+            return None;
+        }
+        let session = self.tags.get(&tag).and_then(|t| t.session);
         let fragment = Fragment::parse(&self.scratch[UP_HEADER_LEN..d.len]).ok()?;
-        let message = self.reassembler.push(now, h.tag, fragment)?;
+        let message = self.reassembler.push(now, tag, fragment)?;
         Some(Delivered {
-            tag: h.tag,
+            tag,
             session,
             message,
         })
