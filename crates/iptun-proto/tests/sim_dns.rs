@@ -1029,7 +1029,7 @@ fn a_busy_resolver_keeps_its_queue_short() {
     connect(&mut s);
     let (up, down) = bulk(&mut s, 50, 2000, (true, true), 512, secs(60), |_, _| {});
     let info = s.path_info();
-    let cc = info.primary_congestion().clone();
+    let cc = info.primary_congestion();
     println!(
         "busy resolver: up {:.1} Mbit/s, down {:.1} Mbit/s; {cc:?}; {:?}",
         up.mbit(),

@@ -131,8 +131,8 @@ pub struct PathInfo {
 
 impl PathInfo {
     /// The congestion state of the resolver carrying the most.
-    pub fn primary_congestion(&self) -> &CongestionStats {
-        &self.resolvers[self.primary].congestion
+    pub fn primary_congestion(&self) -> CongestionStats {
+        self.resolvers[self.primary].congestion
     }
 }
 
@@ -968,9 +968,8 @@ impl DnsClient {
         self.stats.fallbacks += 1;
         if self.ladder.encoding() == NameEncoding::Base128 {
             self.ladder.encoding_failed(now);
-        } else if self.ladder.above_txt() {
-            self.ladder.step_type_down(now);
-        } else if !self.sizes.silent_step(now) {
+        } else if self.ladder.above_txt() || !self.sizes.silent_step(now) {
+            // Below TXT the size steps first; the type when it cannot.
             self.ladder.step_type_down(now);
         }
     }

@@ -315,6 +315,11 @@ impl Resolvers {
         self.list.len()
     }
 
+    /// Never: a path has a resolver at least.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Resolver `i`.
     pub fn get(&self, i: usize) -> &Resolver {
         &self.list[i]
