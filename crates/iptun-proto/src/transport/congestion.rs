@@ -1054,6 +1054,54 @@ mod tests {
     }
 
     #[test]
+    fn rejections_back_off_harder_until_an_answer() {
+        let t0 = Instant::now();
+        let mut c = Controller::new(CONFIG, t0);
+        // A burst refused: one back-off for the requests sent before it.
+        c.on_rejected(t0 + ms(10), t0);
+        c.on_rejected(t0 + ms(11), t0 + ms(1));
+        assert_eq!(c.stats().backoff, BACKOFF_MIN);
+        assert!(!c.can_send(t0 + ms(109)));
+        assert_eq!(c.next_send_time(t0 + ms(50)), t0 + ms(110));
+        assert!(c.can_send(t0 + ms(110)));
+        // Refused again, nothing answered: twice as long, up to the most.
+        let mut at = t0 + ms(110);
+        let mut longest = Duration::ZERO;
+        for _ in 0..10 {
+            c.on_sent(at);
+            c.on_rejected(at + ms(1), at);
+            longest = c.stats().backoff;
+            at = c.next_send_time(at + ms(1));
+        }
+        assert_eq!(longest, BACKOFF_MAX);
+        assert_eq!(c.stats().rejections, 12);
+        // An answer ends it; the rate never moved.
+        c.on_sent(at);
+        c.on_answered(at + ms(5), at, None);
+        assert!(c.can_send(at + ms(5)));
+        assert_eq!(c.stats().backoff, Duration::ZERO);
+        assert_eq!(c.pacing_rate(), CONFIG.initial_rate);
+    }
+
+    #[test]
+    fn held_answers_carry_no_round_trip_and_reset_starts_afresh() {
+        let t0 = Instant::now();
+        let mut c = Controller::new(CONFIG, t0);
+        c.on_sent(t0);
+        c.on_answered(t0 + ms(600), t0, None);
+        assert_eq!(c.srtt(), None);
+        assert_eq!(c.rto(), MIN_RTO);
+        c.on_answered(t0 + ms(700), t0 + ms(600), Some(ms(100)));
+        assert_eq!(c.srtt(), Some(ms(100)));
+        assert_eq!(c.rto(), ms(300)); // 100 ms and four deviations of 50
+        c.on_rejected(t0 + ms(800), t0 + ms(790));
+        c.reset(t0 + ms(801));
+        assert!(c.can_send(t0 + ms(801)));
+        assert!(c.stats().slow_start);
+        assert_eq!(c.srtt(), Some(ms(100)));
+    }
+
+    #[test]
     fn an_idle_path_keeps_its_rate() {
         let t0 = Instant::now();
         let mut c = Controller::new(CONFIG, t0);
@@ -1159,7 +1207,7 @@ mod tests {
         /// Whatever it is told, the rate and window stay in bounds and the
         /// pacing never lets more go than the rate and the bucket allow.
         #[test]
-        fn stays_in_bounds(events in proptest::collection::vec((0u8..6, 0u64..50_000, 0u64..200), 1..400)) {
+        fn stays_in_bounds(events in proptest::collection::vec((0u8..7, 0u64..50_000, 0u64..200), 1..400)) {
             let t0 = Instant::now();
             let mut c = Controller::new(CONFIG, t0);
             let mut now = t0;
@@ -1173,6 +1221,7 @@ mod tests {
                     2 => c.on_lost(now, back, n % 20),
                     3 => c.on_late(now, back, n % 5),
                     4 => c.on_blocked(now),
+                    5 => c.on_rejected(now, back),
                     _ => {
                         let at = c.next_send_time(now);
                         prop_assert!(at >= now);
