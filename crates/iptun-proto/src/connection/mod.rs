@@ -236,7 +236,7 @@ impl Connection {
                         tag,
                         seed,
                     } => Carrier::Dns(Box::new(DnsClient::new(
-                        domain, resolvers, max_query, tag, seed,
+                        domain, resolvers, max_query, tag, seed, now,
                     ))),
                     PathConfig::Http { mode } => Carrier::Http(HttpClient::new(mode)),
                 })

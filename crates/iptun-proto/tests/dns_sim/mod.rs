@@ -568,7 +568,7 @@ impl Sim {
 
     /// An answer from resolver `r` on its way to the client: straight on,
     /// or through the reordering pool.
-    fn to_client(&mut self, r: usize, bytes: Vec<u8>) {
+    fn send_to_client(&mut self, r: usize, bytes: Vec<u8>) {
         let now = self.now;
         let res = &mut self.resolvers[r];
         if res.cfg.reorder == 0 {
@@ -809,7 +809,7 @@ impl Sim {
         if res.cfg.down_until.is_some_and(|t| now < t) {
             res.stats.outage_servfails += 1;
             let b = error_response(q.id, &client_name, q.qtype, ResponseCode::ServFail);
-            self.to_client(r, b);
+            self.send_to_client(r, b);
             return;
         }
         if let Some((cap, code)) = res.cfg.name_cap
@@ -817,7 +817,7 @@ impl Sim {
         {
             res.stats.capped += 1;
             let b = error_response(q.id, &client_name, q.qtype, code);
-            self.to_client(r, b);
+            self.send_to_client(r, b);
             return;
         }
         let block = res.cfg.block(q.qtype);
@@ -827,7 +827,7 @@ impl Sim {
         match block {
             Some(Block::Code(code)) => {
                 let b = error_response(q.id, &client_name, q.qtype, code);
-                self.to_client(r, b);
+                self.send_to_client(r, b);
                 return;
             }
             Some(Block::Drop) => return,
@@ -841,7 +841,7 @@ impl Sim {
             let mut b = answer.clone();
             b[..2].copy_from_slice(&q.id.to_be_bytes());
             b[12..12 + client_name.len()].copy_from_slice(&client_name);
-            self.to_client(r, b);
+            self.send_to_client(r, b);
             return;
         }
         let name = if res.cfg.randomize_case {
@@ -924,7 +924,7 @@ impl Sim {
         let id = u16::from_be_bytes([bytes[0], bytes[1]]);
         if self.direct.remove(&(to, id)).is_some() {
             if !self.resolvers[r].cfg.dead {
-                self.to_client(r, bytes.to_vec());
+                self.send_to_client(r, bytes.to_vec());
             }
             return;
         }
@@ -1000,7 +1000,7 @@ impl Sim {
         if res.rng.chance(res.cfg.drop_answer) {
             return;
         }
-        self.to_client(r, b);
+        self.send_to_client(r, b);
     }
 }
 

@@ -506,7 +506,8 @@ fn dns_detail(
                 "in_flight_polls": r.polls,
                 "srtt_ms": ms(c.srtt),
                 "min_rtt_ms": ms(c.min_rtt),
-                "pacing_per_s": c.pacing_rate.round(),
+                "pacing_per_s": c.rate.round(),
+                "base_loss": (c.base_loss * 1000.0).round() / 1000.0,
                 "backoff_ms": c.backoff.as_millis() as u64,
                 "health": (r.health * 100.0).round() / 100.0,
                 "queries": r.stats.queries,
@@ -514,8 +515,8 @@ fn dns_detail(
                 "lost": r.stats.lost,
                 "rejected": r.stats.rejected,
                 "set_aside": r.stats.set_aside,
-                "loss_cuts": c.stats.loss_cuts,
-                "reject_cuts": c.stats.reject_cuts,
+                "reductions": c.reductions,
+                "rejections": c.rejections,
             });
             extend(&mut v, links["resolvers"][i].clone());
             v

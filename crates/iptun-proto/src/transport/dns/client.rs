@@ -14,11 +14,14 @@
 //!
 //! # Pacing
 //!
-//! Each resolver has its own congestion controller
-//! ([`congestion`](super::congestion)): a window of queries carrying data,
-//! and one of bare polls (held polls fill the server, not the path), both
-//! paced, sized by the round trips of answers the server gave at once and
-//! cut by losses; SERVFAIL and REFUSED back that resolver off. Queries go to
+//! Each resolver has its own congestion controller (the one ICMP uses too:
+//! [`congestion`](crate::transport::congestion)): queries go paced at a rate
+//! that follows what the resolver delivers (loss beyond its usual share, a
+//! standing queue); the window, twice what that rate carries in a round
+//! trip, bounds queries carrying data and bare polls each (held polls fill
+//! the server, not the path). Round trips come only from answers the server
+//! gave at once; a query overdue (likely lost) whose answer comes after all
+//! was reordered, not lost; SERVFAIL and REFUSED back that resolver off. Queries go to
 //! the resolver with the least load for its window, so the resolvers carry
 //! what each can ([`resolvers`](super::resolvers)); one that falls silent
 //! or turns lossy is set aside at once and tried again later, its queries'
@@ -50,7 +53,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::congestion::CongestionInfo;
 use super::ladder::{Ladder, LadderStats, PROBE_AFTER};
 use super::resolvers::{Aside, Failed, Load, ResolverInfo, Resolvers};
 use super::sizes::{Probe, Sizes, SizesInfo};
@@ -59,6 +61,7 @@ use super::{
 };
 use crate::DropReason;
 use crate::frag::{Fragmenter, Limits, Reassembler};
+use crate::transport::congestion::CongestionStats;
 use crate::wire::dns::{
     Answer, AnswerType, BASE128_MARKER, Domain, Name, NameEncoding, build_query_with,
     encode_name_as, parse_answer,
@@ -128,8 +131,8 @@ pub struct PathInfo {
 
 impl PathInfo {
     /// The congestion state of the resolver carrying the most.
-    pub fn primary_congestion(&self) -> &CongestionInfo {
-        &self.resolvers[self.primary].congestion
+    pub fn primary_congestion(&self) -> CongestionStats {
+        self.resolvers[self.primary].congestion
     }
 }
 
@@ -336,13 +339,15 @@ impl DnsClient {
     /// A client of the server of `domain` through `resolvers` resolvers (at
     /// least one), as client `tag` (random, from the caller), query names
     /// capped at `max_query` characters (`None`: 253); `seed` seeds the DNS
-    /// message ids and the first message id.
+    /// message ids and the first message id; `now` starts the resolvers'
+    /// congestion controllers.
     pub fn new(
         domain: Domain,
         resolvers: usize,
         max_query: Option<usize>,
         tag: u32,
         seed: u64,
+        now: Instant,
     ) -> Self {
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let first = next_random(&mut rng) as u16;
@@ -363,7 +368,7 @@ impl DnsClient {
             delivered: VecDeque::new(),
             in_flight: HashMap::new(),
             reask: VecDeque::new(),
-            resolvers: Resolvers::new(resolvers),
+            resolvers: Resolvers::new(resolvers, now),
             poll_target: MIN_POLLS,
             polling: true,
             ladder: Ladder::default(),
@@ -739,7 +744,7 @@ impl DnsClient {
     /// its resolver is alive (the loss was counted already).
     fn late(&mut self, now: Instant, id: u16, q: InFlight, answer: Answer) {
         self.resolvers
-            .answered(q.resolver, now, id, (None, None), None);
+            .answered(q.resolver, now, id, (None, None), (None, false));
         if let Answer::Data(p) = answer
             && let Some((_, pieces)) = DownHeader::parse(&p)
         {
@@ -862,7 +867,9 @@ impl DnsClient {
                     Some(h) if !h.held => Some(now.saturating_duration_since(q.sent)),
                     _ => None,
                 };
-                let back = self.resolvers.answered(q.resolver, now, id, counted, rtt);
+                let back = self
+                    .resolvers
+                    .answered(q.resolver, now, id, counted, (rtt, q.overdue));
                 // Back after silence, at its first try (a minimal query), and
                 // it answered with data: what the client sent before did not
                 // pass.
@@ -961,9 +968,8 @@ impl DnsClient {
         self.stats.fallbacks += 1;
         if self.ladder.encoding() == NameEncoding::Base128 {
             self.ladder.encoding_failed(now);
-        } else if self.ladder.above_txt() {
-            self.ladder.step_type_down(now);
-        } else if !self.sizes.silent_step(now) {
+        } else if self.ladder.above_txt() || !self.sizes.silent_step(now) {
+            // Below TXT the size steps first; the type when it cannot.
             self.ladder.step_type_down(now);
         }
     }

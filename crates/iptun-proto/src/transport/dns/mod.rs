@@ -71,7 +71,6 @@
 //! answered one gets the same payload again.
 
 pub mod client;
-pub mod congestion;
 pub mod ladder;
 pub mod resolvers;
 pub mod server;

@@ -1,11 +1,18 @@
 //! The resolvers of a DNS path, used together: each has its own
-//! congestion controller ([`Controller`]), so queries spread by what each
-//! one carries, and its own health.
+//! congestion controller ([`Controller`], the transports' shared one), so
+//! queries spread by what each one carries, and its own health.
 //!
 //! - **Choice**: a query goes to the resolver, among those whose window and
 //!   pacer allow one now, with the least load for its window (queries of
 //!   the same kind in flight over the window), so a resolver that carries
-//!   twice as much gets twice the queries.
+//!   twice as much gets twice the queries. When none may take it, those
+//!   held back by their pacing alone are told (their rate is the limit).
+//! - **Timing**: a query the server answers at once is *overdue* after two
+//!   round trips (or one and four deviations): its controller takes it as
+//!   lost, and it no longer fills the window; an answer after all is
+//!   reordering, taken back. It is given up on after the controller's
+//!   [`rto`](Controller::rto) (at most [`MAX_RTO`]), plus the server's hold
+//!   for a query it may hold.
 //! - **Silence**: a resolver that has answered nothing for
 //!   [`patience`](Resolver::patience) (the server's hold plus four round
 //!   trips, at least [`MIN_PATIENCE`]) while a query to it waited that long
@@ -21,7 +28,20 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::HOLD;
-use super::congestion::{Config, CongestionInfo, Controller};
+use crate::transport::congestion::{Config, CongestionStats, Controller};
+
+/// How a resolver's controller starts and what bounds it: a few queries
+/// out at least, never thousands.
+pub const CONGESTION: Config = Config {
+    initial_rate: 1000.0,
+    min_rate: 5.0,
+    min_window: 4,
+    max_window: 2048,
+    initial_rtt: Duration::from_millis(100),
+};
+/// The least time after which an unanswered query is overdue (a
+/// scheduler's hiccup on a fast path is no loss).
+pub const MIN_OVERDUE: Duration = Duration::from_millis(20);
 
 /// The least time a resolver may stay silent before it is set aside.
 pub const MIN_PATIENCE: Duration = Duration::from_millis(300);
@@ -110,7 +130,7 @@ pub struct ResolverInfo {
     /// See [`ResolverInfo::polls`].
     pub data: usize,
     /// Its congestion controller.
-    pub congestion: CongestionInfo,
+    pub congestion: CongestionStats,
     /// Share of recent queries answered (smoothed).
     pub health: f64,
     /// Counters.
@@ -140,9 +160,9 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
-            cc: Controller::new(Config::RESOLVER),
+            cc: Controller::new(CONGESTION, now),
             polls: 0,
             data: 0,
             prompt: VecDeque::new(),
@@ -176,19 +196,47 @@ impl Resolver {
         }
     }
 
-    /// Load for the window: queries of `load`'s kind in flight over it.
-    fn load(&self, load: Load) -> f64 {
-        let n = match load {
+    /// Whether its window has room for a query of `load`.
+    fn has_room(&self, load: Load) -> bool {
+        self.in_flight(load) < self.window()
+    }
+
+    fn in_flight(&self, load: Load) -> usize {
+        match load {
             Load::Poll => self.polls,
             Load::Data => self.data,
-        };
-        n as f64 / self.cc.window() as f64
+        }
+    }
+
+    /// Load for the window: queries of `load`'s kind in flight over it.
+    fn load(&self, load: Load) -> f64 {
+        self.in_flight(load) as f64 / self.window() as f64
+    }
+
+    /// Queries of one kind allowed in flight.
+    pub fn window(&self) -> usize {
+        self.cc.window()
+    }
+
+    fn srtt(&self) -> Duration {
+        self.cc.srtt().unwrap_or(CONGESTION.initial_rtt)
     }
 
     /// How long it may stay silent with a query out: the server's hold
-    /// plus four round trips.
+    /// plus a round trip and four deviations, or two round trips.
     pub fn patience(&self) -> Duration {
-        HOLD + (self.cc.srtt() + self.cc.rtt_slack()).max(MIN_PATIENCE)
+        let slack = (self.cc.rttvar() * 4).max(self.srtt());
+        HOLD + (self.srtt() + slack).max(MIN_PATIENCE)
+    }
+
+    /// After how long a query the server answers at once no longer counts
+    /// in the window (it is likely lost, or far behind): two round trips,
+    /// or one and four deviations. Lost queries waiting for their deadline
+    /// would otherwise fill the window.
+    pub fn overdue_after(&self) -> Duration {
+        (self.srtt() * 2)
+            .max(self.srtt() + self.cc.rttvar() * 4)
+            .max(MIN_OVERDUE)
     }
 
     /// When a query sent at `sent` is lost if unanswered: a round trip and
@@ -210,7 +258,7 @@ impl Resolver {
 
     /// Query `id` was answered: if it was this resolver's try, it is back
     /// (in slow start): whether at its first try, and why it was set aside.
-    fn try_answered(&mut self, id: u16) -> Option<(bool, Aside)> {
+    fn try_answered(&mut self, now: Instant, id: u16) -> Option<(bool, Aside)> {
         match self.state {
             State::SetAside {
                 trying: Some(t),
@@ -219,7 +267,7 @@ impl Resolver {
                 ..
             } if t == id => {
                 self.state = State::Active;
-                self.cc.reset();
+                self.cc.reset(now);
                 self.health = HEALTHY;
                 self.outcomes = 0;
                 Some((first, why))
@@ -229,6 +277,10 @@ impl Resolver {
     }
 
     fn info(&self, now: Instant) -> ResolverInfo {
+        let mut congestion = self.cc.stats();
+        if !self.cc.backing_off(now) {
+            congestion.backoff = Duration::ZERO;
+        }
         ResolverInfo {
             aside: match self.state {
                 State::Active => None,
@@ -236,7 +288,7 @@ impl Resolver {
             },
             polls: self.polls,
             data: self.data,
-            congestion: self.cc.info(now),
+            congestion,
             health: self.health,
             stats: self.stats,
         }
@@ -250,11 +302,11 @@ pub struct Resolvers {
 }
 
 impl Resolvers {
-    /// `n` resolvers (at least one), all active.
-    pub fn new(n: usize) -> Self {
+    /// `n` resolvers (at least one), all active from `now`.
+    pub fn new(n: usize, now: Instant) -> Self {
         assert!(n > 0, "a DNS path needs a resolver");
         Self {
-            list: (0..n).map(|_| Resolver::new()).collect(),
+            list: (0..n).map(|_| Resolver::new(now)).collect(),
         }
     }
 
@@ -263,9 +315,19 @@ impl Resolvers {
         self.list.len()
     }
 
+    /// Never: a path has a resolver at least.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Resolver `i`.
     pub fn get(&self, i: usize) -> &Resolver {
         &self.list[i]
+    }
+
+    #[cfg(test)]
+    fn get_mut(&mut self, i: usize) -> &mut Resolver {
+        &mut self.list[i]
     }
 
     /// What status shows of each.
@@ -278,19 +340,13 @@ impl Resolvers {
     pub fn primary(&self) -> usize {
         (0..self.list.len())
             .filter(|&i| self.list[i].active())
-            .max_by_key(|&i| (self.list[i].cc.window(), std::cmp::Reverse(i)))
+            .max_by_key(|&i| (self.list[i].window(), std::cmp::Reverse(i)))
             .unwrap_or(0)
     }
 
     /// Queries of `load` in flight, over all resolvers.
     pub fn in_flight(&self, load: Load) -> usize {
-        self.list
-            .iter()
-            .map(|r| match load {
-                Load::Poll => r.polls,
-                Load::Data => r.data,
-            })
-            .sum()
+        self.list.iter().map(|r| r.in_flight(load)).sum()
     }
 
     /// The sum of the active resolvers' windows.
@@ -298,19 +354,15 @@ impl Resolvers {
         self.list
             .iter()
             .filter(|r| r.active())
-            .map(|r| r.cc.window())
+            .map(Resolver::window)
             .sum()
     }
 
     /// The resolver a query of `load` goes to now, if one may take it.
     pub fn pick(&mut self, now: Instant, load: Load) -> Option<usize> {
         let mut best: Option<(usize, f64)> = None;
-        for (i, r) in self.list.iter_mut().enumerate() {
-            if !r.active() {
-                continue;
-            }
-            let n = *r.count(load);
-            if !r.cc.can_send(now, n) {
+        for (i, r) in self.list.iter().enumerate() {
+            if !r.active() || !r.has_room(load) || !r.cc.can_send(now) {
                 continue;
             }
             let l = r.load(load);
@@ -318,7 +370,20 @@ impl Resolvers {
                 best = Some((i, l));
             }
         }
+        if best.is_none() {
+            self.blocked(now, load);
+        }
         best.map(|(i, _)| i)
+    }
+
+    /// A query of `load` waits: the resolvers with room for it that only
+    /// their pacing holds back could use a higher rate.
+    fn blocked(&mut self, now: Instant, load: Load) {
+        for r in &mut self.list {
+            if r.active() && r.has_room(load) && !r.cc.backing_off(now) {
+                r.cc.on_blocked(now);
+            }
+        }
     }
 
     /// When a query of `load` may go to some resolver (`None`: not until
@@ -327,13 +392,8 @@ impl Resolvers {
         self.list
             .iter()
             .filter(|r| r.active())
-            .filter_map(|r| {
-                let n = match load {
-                    Load::Poll => r.polls,
-                    Load::Data => r.data,
-                };
-                r.cc.next_send(now, n)
-            })
+            .filter(|r| r.has_room(load))
+            .map(|r| r.cc.next_send_time(now))
             .min()
     }
 
@@ -341,8 +401,7 @@ impl Resolvers {
     /// server answers it at once.
     pub fn sent(&mut self, i: usize, now: Instant, load: Load, id: u16, prompt: bool) {
         let r = &mut self.list[i];
-        let n = *r.count(load);
-        r.cc.on_send(now, n);
+        r.cc.on_sent(now);
         *r.count(load) += 1;
         r.stats.queries += 1;
         r.unanswered_since.get_or_insert(now);
@@ -362,7 +421,7 @@ impl Resolvers {
         let r = &mut self.list[i];
         while let Some(&(at, id)) = r.counted.front() {
             if counted(id, at) {
-                return Some((at + r.cc.overdue_after(), id));
+                return Some((at + r.overdue_after(), id));
             }
             r.counted.pop_front();
         }
@@ -373,7 +432,7 @@ impl Resolvers {
     /// [`Resolvers::next_overdue`].
     pub fn overdue_due(&self, i: usize) -> Option<Instant> {
         let r = &self.list[i];
-        r.counted.front().map(|&(at, _)| at + r.cc.overdue_after())
+        r.counted.front().map(|&(at, _)| at + r.overdue_after())
     }
 
     /// A prompt query of `load` to `i`, sent at `sent`, is overdue: likely
@@ -381,20 +440,22 @@ impl Resolvers {
     pub fn overdue(&mut self, i: usize, now: Instant, load: Load, sent: Instant) {
         let r = &mut self.list[i];
         *r.count(load) -= 1;
-        r.cc.on_loss(now, sent);
+        r.cc.on_lost(now, sent, 1);
     }
 
     /// `i` answered query `id`, sent at `sent` unless given up on; `load`:
     /// what it still counted as in the window; `rtt`: the path's delay, if
-    /// the server answered at once. When this brought `i` back from being
-    /// set aside: whether at its first try, and why it had been set aside.
+    /// the server answered at once; `overdue`: its controller took it as
+    /// lost already (it was reordered). When this brought `i` back from
+    /// being set aside: whether at its first try, and why it had been set
+    /// aside.
     pub fn answered(
         &mut self,
         i: usize,
         now: Instant,
         id: u16,
         (load, sent): (Option<Load>, Option<Instant>),
-        rtt: Option<Duration>,
+        (rtt, overdue): (Option<Duration>, bool),
     ) -> Option<(bool, Aside)> {
         let r = &mut self.list[i];
         r.last_answer = Some(now);
@@ -404,10 +465,17 @@ impl Resolvers {
         if let Some(load) = load {
             *r.count(load) -= 1;
         }
-        if let Some(sent) = sent {
-            r.cc.on_answer(now, sent, rtt);
+        match (sent, rtt) {
+            (Some(sent), rtt) if overdue => {
+                if let Some(rtt) = rtt {
+                    r.cc.on_rtt(now, sent, rtt);
+                }
+                r.cc.on_late(now, sent, 1);
+            }
+            (Some(sent), rtt) => r.cc.on_answered(now, sent, rtt),
+            (None, _) => {}
         }
-        r.try_answered(id)
+        r.try_answered(now, id)
     }
 
     /// A query of `i` failed (`how`); `load`: what it still counted as in
@@ -431,19 +499,19 @@ impl Resolvers {
             Failed::Lost => {
                 r.stats.lost += 1;
                 if let Some(sent) = sent {
-                    r.cc.on_loss(now, sent);
+                    r.cc.on_lost(now, sent, 1);
                 }
             }
             Failed::Rejected | Failed::Error => {
                 if how == Failed::Rejected {
                     r.stats.rejected += 1;
                     if let Some(sent) = sent {
-                        r.cc.on_reject(now, sent);
+                        r.cc.on_rejected(now, sent);
                     }
                 }
                 r.last_answer = Some(now);
                 r.unanswered_since = None;
-                return r.try_answered(id);
+                return r.try_answered(now, id);
             }
         }
         // A try of a resolver set aside lost: wait longer.
@@ -609,43 +677,39 @@ mod tests {
     #[test]
     fn queries_spread_by_window() {
         let t0 = Instant::now();
-        let mut rs = Resolvers::new(2);
-        // Resolver 1's window grows: three rounds of full windows answered
-        // at once in 10 ms.
+        let mut rs = Resolvers::new(2, t0);
+        // Resolver 1 carries for two seconds, every query answered at once
+        // in 10 ms: its rate and window grow.
         let (mut now, mut id) = (t0, 0u16);
-        for _ in 0..3 {
-            let w = rs.get(1).cc.window();
-            let batch: Vec<u16> = (0..w)
-                .map(|_| {
-                    id += 1;
-                    rs.sent(1, now, Load::Data, id, true);
-                    id
-                })
-                .collect();
-            now += ms(10);
-            for k in batch {
-                rs.answered(
-                    1,
-                    now,
-                    k,
-                    (Some(Load::Data), Some(now - ms(10))),
-                    Some(ms(10)),
-                );
+        let mut pending: VecDeque<(Instant, Instant, u16)> = VecDeque::new();
+        while now < t0 + Duration::from_secs(2) {
+            while let Some(&(at, sent, k)) = pending.front().filter(|p| p.0 <= now) {
+                pending.pop_front();
+                let counted = (Some(Load::Data), Some(sent));
+                rs.answered(1, at, k, counted, (Some(at - sent), false));
             }
+            while rs.get(1).has_room(Load::Data) && rs.get(1).cc.can_send(now) {
+                id = id.wrapping_add(1);
+                rs.sent(1, now, Load::Data, id, true);
+                pending.push_back((now + ms(10), now, id));
+            }
+            rs.get_mut(1).cc.on_blocked(now);
+            now += ms(1);
         }
-        let (w0, w1) = (rs.get(0).cc.window(), rs.get(1).cc.window());
-        assert_eq!((w0, w1), (8, 64));
+        let in_flight = rs.get(1).data;
+        let (w0, w1) = (rs.get(0).window(), rs.get(1).window());
+        assert!(w1 > 4 * w0, "{w0} {w1}");
         let mut to = [0usize; 2];
-        for _ in 0..20 {
+        for _ in 0..2000 {
             now += ms(1);
             while let Some(i) = rs.pick(now, Load::Data) {
-                id += 1;
+                id = id.wrapping_add(1);
                 rs.sent(i, now, Load::Data, id, true);
                 to[i] += 1;
             }
         }
         // Each filled its own window: the load spreads by capacity.
-        assert_eq!(to, [w0, w1]);
+        assert_eq!(to, [w0, w1 - in_flight]);
         assert_eq!(rs.primary(), 1);
         // Polls have windows of their own.
         assert!(rs.pick(now + ms(1), Load::Poll).is_some());
@@ -654,7 +718,7 @@ mod tests {
     #[test]
     fn a_silent_resolver_is_set_aside_and_tried_again() {
         let t0 = Instant::now();
-        let mut rs = Resolvers::new(2);
+        let mut rs = Resolvers::new(2, t0);
         rs.sent(0, t0, Load::Data, 1, false);
         rs.sent(1, t0, Load::Data, 2, true);
         rs.answered(
@@ -662,14 +726,14 @@ mod tests {
             t0 + ms(20),
             2,
             (Some(Load::Data), Some(t0)),
-            Some(ms(20)),
+            (Some(ms(20)), false),
         );
         let alive = |id: u16, _| id == 1;
         // Lost a hold and a timeout on, if unanswered.
         let (due, id) = rs.next_loss(0, alive).unwrap();
         assert_eq!(
             (due, id),
-            (t0 + HOLD + super::super::congestion::MIN_RTO, 1)
+            (t0 + HOLD + crate::transport::congestion::MIN_RTO, 1)
         );
         assert_eq!(rs.oldest_sent(0), Some(t0));
         let due = rs.silence_due(0).expect("a deadline");
@@ -692,7 +756,7 @@ mod tests {
         let t2 = t1 + ms(4000);
         rs.trying(0, t2, 78);
         assert_eq!(
-            rs.answered(0, t2 + ms(30), 78, (None, Some(t2)), None),
+            rs.answered(0, t2 + ms(30), 78, (None, Some(t2)), (None, false)),
             Some((false, Aside::Silent))
         );
         assert!(!rs.is_aside(0));
@@ -702,7 +766,7 @@ mod tests {
     #[test]
     fn a_lossy_resolver_is_set_aside_beside_a_healthy_one() {
         let t0 = Instant::now();
-        let mut rs = Resolvers::new(2);
+        let mut rs = Resolvers::new(2, t0);
         for k in 0..32u16 {
             let now = t0 + ms(u64::from(k) * 10);
             rs.sent(0, now, Load::Data, k, true);
@@ -712,7 +776,7 @@ mod tests {
                 now + ms(5),
                 100 + k,
                 (Some(Load::Data), Some(now)),
-                Some(ms(5)),
+                (Some(ms(5)), false),
             );
             if k % 2 == 0 {
                 rs.answered(
@@ -720,7 +784,7 @@ mod tests {
                     now + ms(5),
                     k,
                     (Some(Load::Data), Some(now)),
-                    Some(ms(5)),
+                    (Some(ms(5)), false),
                 );
             } else {
                 rs.failed(
@@ -735,7 +799,7 @@ mod tests {
         assert_eq!(rs.verdict(0, t0 + ms(400)), Some(Aside::Lossy));
         assert_eq!(rs.verdict(1, t0 + ms(400)), None);
         // Alone, a lossy resolver is still used.
-        let mut one = Resolvers::new(1);
+        let mut one = Resolvers::new(1, t0);
         for k in 0..32u16 {
             one.sent(0, t0, Load::Data, k, true);
             one.failed(
