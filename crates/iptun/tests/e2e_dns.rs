@@ -556,8 +556,10 @@ fn dns_through_two_unbounds_one_killed_mid_transfer() {
         assert_eq!(r["state"], "active", "{path:#}");
         assert!(r["answers"].as_u64().unwrap() > 100, "{path:#}");
     }
-    // An upload paced over about 8 s; the second resolver dies 2 s in.
-    let (bytes, rate) = (4u64 << 20, 512u64 << 10);
+    // An upload paced over 8 s, at a rate one resolver carries on its own
+    // (1 Mbit/s: debug builds on a busy machine); the second resolver dies
+    // 2 s in.
+    let (bytes, rate) = (1u64 << 20, 128u64 << 10);
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(2));
         drop(second);
@@ -581,8 +583,9 @@ fn dns_through_two_unbounds_one_killed_mid_transfer() {
     assert_eq!(path["resolvers"][0]["state"], "active", "{path:#}");
     let state = path["resolvers"][1]["state"].as_str().unwrap_or_default();
     assert!(state.starts_with("set aside"), "{path:#}");
-    // The death cost seconds, not the transfer (the pace allows ~8 s).
-    assert!(took < paced + Duration::from_secs(10), "{took:?}");
+    // The death cost the transfer little (the goal is 2 s; TCP's own
+    // recovery of what the dead resolver swallowed adds to it).
+    assert!(took < paced + Duration::from_secs(4), "{took:?}");
     // And the survivor carries on alone.
     transfer_both_ways(
         &topo.client,
