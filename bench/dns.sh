@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # bench/dns.sh - throughput and RTT of iptun over DNS, compared in one run with
 # the raw routed path and with iodine (IP over DNS), each tunnel both directly
-# to its server and through a recursive resolver (unbound); and iptun with
-# DNS over TLS and DNS over HTTPS to the same unbound.
+# to its server and through a recursive resolver (unbound), each way (up:
+# client -> server, down: iperf3 -R); iptun with DNS over TLS and DNS over
+# HTTPS to the same unbound, and through two unbound instances at once.
 #
 # Usage (as root):
-#   bench/dns.sh                       # raw, iodine (2 paths), iptun (2 paths), DoT, DoH
-#   bench/dns.sh --only raw,iodine     # any subset of: raw,iodine,iptun,dot,doh
+#   bench/dns.sh                       # raw, iodine (2 paths), iptun (2 paths), DoT, DoH, two resolvers
+#   bench/dns.sh --only raw,iodine     # any subset of: raw,iodine,iptun,dot,doh,two
 #
 # Environment:
 #   IPTUN=path     iptun binary (default: <repo>/target/release/iptun; built
@@ -27,13 +28,14 @@
 # ("via unbound" tunnels), and for the dot and doh rows also on 192.0.2.1:853
 # (DNS over TLS) and 192.0.2.1:443 (DNS over HTTPS, HTTP/2, /dns-query) with
 # a certificate from a CA made for the run (openssl); the client trusts that
-# CA (--tls-ca). iperf3 -s and the tunnel servers run in iptbd-s,
+# CA (--tls-ca). For the two-resolver row a second unbound, configured alike,
+# listens on 192.0.2.3 in the same namespace. iperf3 -s and the tunnel servers run in iptbd-s,
 # the clients in iptbd-c (client -> server direction). Nothing leaves the
 # namespaces.
 set -euo pipefail
 
 PREFIX=iptbd
-PATHS=raw,iodine,iptun,dot,doh
+PATHS=raw,iodine,iptun,dot,doh,two
 ALIASES=(iptun-dns=iptun iptun-dot=dot iptun-doh=doh)
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # namespaces, measuring, iptun, report
@@ -47,6 +49,7 @@ VETH_RS=$PREFIX-r1             # resolver's end of resolver <-> server
 VETH_SR=$PREFIX-s0             # server's end of resolver <-> server
 ADDR_C=192.0.2.2
 ADDR_RC=192.0.2.1              # resolver, client side: unbound listens here
+ADDR_RC2=192.0.2.3             # the second unbound (two-resolver row)
 ADDR_RS=203.0.113.1            # resolver, server side
 ADDR_S=203.0.113.2             # the tunnel servers' DNS address
 DOMAIN=t.example.com
@@ -74,13 +77,13 @@ bench_start
 if want iodine; then
     ensure_apt iodined iodine
 fi
-if want iodine || want iptun || want dot || want doh; then
+if want iodine || want iptun || want dot || want doh || want two; then
     ensure_apt unbound unbound
 fi
 if want dot || want doh; then
     ensure_apt openssl openssl
 fi
-if want iptun || want dot || want doh; then
+if want iptun || want dot || want doh || want two; then
     # a binary without the DNS transport fails at once: its server's log (printed
     # on exit) says "the dns transport is not available in this version"
     iptun_setup
@@ -98,6 +101,7 @@ netns3_up() {
     ip link add "$VETH_RS" netns "$NS_R" type veth peer name "$VETH_SR" netns "$NS_S"
     ip -n "$NS_C" addr add $ADDR_C/24 dev "$VETH_CR"
     ip -n "$NS_R" addr add $ADDR_RC/24 dev "$VETH_RC"
+    ip -n "$NS_R" addr add $ADDR_RC2/24 dev "$VETH_RC"
     ip -n "$NS_R" addr add $ADDR_RS/24 dev "$VETH_RS"
     ip -n "$NS_S" addr add $ADDR_S/24 dev "$VETH_SR"
     ip -n "$NS_C" link set "$VETH_CR" up
@@ -120,11 +124,12 @@ netns3_up() {
 # crates/iptun/tests/common/unbound.rs: every name but the tunnel domain is
 # refused before recursion, the domain goes to the stub. No per-query logging
 # (it would cost CPU in a throughput test).
-# With the dot or doh rows it serves DoT on 853 and DoH on 443 too.
-unbound_up() {
-    local d="$TMP/unbound" tls=""
+# With the dot or doh rows the first serves DoT on 853 and DoH on 443 too.
+# Sets UNBOUND (the first) or UNBOUND2 to its pid; logs to $TMP/NAME.log.
+unbound_up() { # name address
+    local name=$1 addr=$2 d="$TMP/$1" tls=""
     mkdir -p "$d"
-    if want dot || want doh; then
+    if [[ $name == unbound ]] && { want dot || want doh; }; then
         test_pki "$d"
         tls="    interface: $ADDR_RC@853
     interface: $ADDR_RC@443
@@ -138,7 +143,7 @@ unbound_up() {
     cat >"$d/unbound.conf" <<EOF
 # Written by bench/dns.sh: our own unbound, not the system's.
 server:
-    interface: $ADDR_RC
+    interface: $addr
     port: 53
 ${tls}    interface-automatic: no
     access-control: 0.0.0.0/0 allow
@@ -174,16 +179,16 @@ stub-zone:
 remote-control:
     control-enable: no
 EOF
-    unbound-checkconf "$d/unbound.conf" >"$TMP/unbound-checkconf.log" 2>&1 \
-        || { cat "$TMP/unbound-checkconf.log" >&2; die "unbound-checkconf rejects $d/unbound.conf"; }
-    bg "$NS_R" "$TMP/unbound.log" unbound -d -c "$d/unbound.conf"
-    UNBOUND=$BG_PID
+    unbound-checkconf "$d/unbound.conf" >"$TMP/$name-checkconf.log" 2>&1 \
+        || { cat "$TMP/$name-checkconf.log" >&2; die "unbound-checkconf rejects $d/unbound.conf"; }
+    bg "$NS_R" "$TMP/$name.log" unbound -d -c "$d/unbound.conf"
+    if [[ $name == unbound ]]; then UNBOUND=$BG_PID; else UNBOUND2=$BG_PID; fi
     for _ in $(seq 100); do
-        grep -q 'start of service' "$TMP/unbound.log" && return 0
-        kill -0 "$UNBOUND" 2>/dev/null || die "unbound exited"
+        grep -q 'start of service' "$TMP/$name.log" && return 0
+        kill -0 "$BG_PID" 2>/dev/null || die "$name exited"
         sleep 0.1
     done
-    die "unbound: no 'start of service' within 10 s"
+    die "$name: no 'start of service' within 10 s"
 }
 
 # A CA for the run and unbound's certificate for $ADDR_RC signed by it (P-256,
@@ -223,7 +228,13 @@ EOF
 # SERVFAILs unbound has logged so far: each is a query the tunnel server did
 # not answer in time (unbound's upstream timeout); the client gets SERVFAIL
 # and the tunnel loses what that query or its answer carried.
-servfails() { if [[ -n ${UNBOUND:-} ]]; then grep -c 'SERVFAIL' "$TMP/unbound.log" || true; else echo 0; fi; }
+servfails() {
+    local n=0 f
+    for f in "$TMP"/unbound.log "$TMP"/unbound2.log; do
+        [[ -f $f ]] && n=$((n + $(grep -c 'SERVFAIL' "$f" || true)))
+    done
+    echo $n
+}
 measure_dns() { # name rtt-cmd mbit-cmd: measure, plus unbound's SERVFAILs meanwhile
     local before
     before=$(servfails)
@@ -270,6 +281,8 @@ measure_iodine() { # name tag nameserver
     tunnel_ping $IODINE_NET_S "$name"
     if [[ $tag == unbound ]]; then m=measure_dns; else m=measure; fi
     "$m" "$name" "ping_avg $NS_C $IODINE_NET_S" "iperf3_mbit3 $NS_C $IODINE_NET_S iodine-$tag"
+    sleep "$PAUSE"
+    "$m" "$name (down)" - "iperf3_mbit3 $NS_C $IODINE_NET_S iodine-$tag-down -R"
     if ! kill -0 $srv 2>/dev/null || ! kill -0 $cli 2>/dev/null; then die "iodine exited during the measurement"; fi
     stop_pids $cli $srv
 }
@@ -294,11 +307,14 @@ measure_iptun_dns() { # name tag resolver [client flags]
     tunnel_ping $IPTUN_ADDR_S "$name"
     if [[ $tag != direct ]]; then m=measure_dns; else m=measure; fi
     "$m" "$name" "ping_avg $NS_C $IPTUN_ADDR_S" "iperf3_mbit3 $NS_C $IPTUN_ADDR_S iptun-$tag"
+    sleep "$PAUSE"
+    "$m" "$name (down)" - "iperf3_mbit3 $NS_C $IPTUN_ADDR_S iptun-$tag-down -R"
     iptun_down
 }
 
 netns3_up
-if want iodine || want iptun || want dot || want doh; then unbound_up; fi
+if want iodine || want iptun || want dot || want doh || want two; then unbound_up unbound $ADDR_RC; fi
+if want two; then unbound_up unbound2 $ADDR_RC2; fi
 
 # 1. raw, routed through the resolver namespace (no DNS)
 if want raw; then measure_raw3; fi
@@ -326,12 +342,23 @@ if want doh; then
     measure_iptun_dns "iptun-doh via unbound" doh "https://$ADDR_RC/dns-query" --tls-ca "$TMP/unbound/ca.pem"
     REF["iptun-doh via unbound"]="iodine via unbound"
 fi
+# 5. iptun through two resolvers at once (queries spread by what each carries)
+if want two; then
+    measure_iptun_dns "iptun-dns via 2 unbounds" two "$ADDR_RC&resolver=$ADDR_RC2"
+    REF["iptun-dns via 2 unbounds"]="iodine via unbound"
+fi
 REF["iodine direct"]="iodine direct"
 REF["iodine via unbound"]="iodine via unbound"
+# each (down) row is compared with iodine's (down) row over the same route
+for n in "${!REF[@]}"; do REF["$n (down)"]="${REF[$n]} (down)"; done
 
-if want iodine || want iptun || want dot || want doh; then
+if [[ -n ${UNBOUND:-} ]]; then
     kill -0 "$UNBOUND" 2>/dev/null || die "unbound exited during the measurements"
     stop_pids "$UNBOUND"
+fi
+if [[ -n ${UNBOUND2:-} ]]; then
+    kill -0 "$UNBOUND2" 2>/dev/null || die "unbound2 exited during the measurements"
+    stop_pids "$UNBOUND2"
 fi
 
 # ---------------------------------------------------------------- report
@@ -368,7 +395,16 @@ floor() { # label json-key value base factor: prints PASS/FAIL, adds to FLOORS_J
 }
 echo "floor for iptun-dns via unbound (client->server):"
 floor "vs iodine via unbound" unbound_vs_iodine "${MBIT[iptun-dns via unbound]:-}" "${MBIT[iodine via unbound]:-}" 5
-echo "(runs=$RUNS, best of; iperf3 ${DURATION}s single TCP stream client->server; ${PINGS} pings at 0.2 s; iodine opts: -f -r ${IODINE_OPTS:+$IODINE_OPTS }-P; $(nproc) cores)"
+echo "goals (issue 11; Mbit/s): via unbound >= 20 up, >= 80 down; direct >= 50 up, >= 150 down:"
+goal() { # row goal
+    if [[ -z ${MBIT[$1]:-} ]]; then echo "  $1: n/a"; return; fi
+    awk -v l="$1" -v a="${MBIT[$1]}" -v g="$2" 'BEGIN{printf "  %-32s %8.1f (goal %s) %s\n", l, a, g, (a >= g) ? "PASS" : "FAIL"}'
+}
+goal "iptun-dns via unbound" 20
+goal "iptun-dns via unbound (down)" 80
+goal "iptun-dns direct" 50
+goal "iptun-dns direct (down)" 150
+echo "(runs=$RUNS, best of; iperf3 ${DURATION}s single TCP stream, up: client->server, down: -R; ${PINGS} pings at 0.2 s; iodine opts: -f -r ${IODINE_OPTS:+$IODINE_OPTS }-P; $(nproc) cores)"
 
 sf_json="" sep=""
 for n in "${ORDER[@]}"; do

@@ -157,6 +157,7 @@ fn endpoint_scripts(init: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     let mut header = vec![0u8; UP_HEADER_LEN];
     UpHeader {
         tag: 0x1234_5678,
+        prompt: false,
         qseq: 1,
         down_limit: 1232,
     }

@@ -5,7 +5,9 @@
 //! answer of its type within its size limit, and the client reads back
 //! exactly the payload the server put in, whatever order the records come
 //! in; a name that decodes re-encodes to a name carrying the same payload,
-//! and so does an answer name.
+//! and so does an answer name. The transport's payloads read from the same
+//! bytes: a query's header and body (fragment, padding or poll) and an
+//! answer's header and pieces re-encode to what was read.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -15,6 +17,9 @@ use iptun_proto::wire::dns::{
     RecordType, build_answer, build_apex_answer, build_refused, build_txt_answer,
     decode_answer_name, decode_name, encode_answer_name, encode_name, parse_answer, parse_query,
     parse_response,
+};
+use iptun_proto::transport::dns::{
+    DOWN_UNIT, DownHeader, TAG_MASK, UpBody, UpHeader, fragments, push_fragment,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -47,6 +52,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(payload.len() < data.len());
         }
     }
+
+    transport_payloads(data);
 
     // As the data labels of a query name: the bytes split at dots.
     let labels = data
@@ -134,4 +141,29 @@ fn check_answer_name(domain: &Domain, name: &Name) {
     assert!(decode_name(domain, name, &mut out).is_err());
     let again = encode_answer_name(domain, &payload).expect("a decoded payload re-encodes");
     assert_eq!(decode_answer_name(domain, &again), Some(payload));
+}
+
+/// The transport's payloads: what parses re-encodes to the same fields.
+fn transport_payloads(data: &[u8]) {
+    if let Some((h, rest)) = UpHeader::parse(data) {
+        assert_eq!(h.tag & !TAG_MASK, 0);
+        assert_eq!(h.down_limit % DOWN_UNIT, 0);
+        let mut again = vec![0; iptun_proto::transport::dns::UP_HEADER_LEN];
+        h.emit(&mut again);
+        assert_eq!(UpHeader::parse(&again), Some((h, &[][..])));
+        let _ = UpBody::parse(rest);
+    }
+    if let Some((h, pieces)) = DownHeader::parse(data) {
+        assert_eq!(DownHeader::parse(&h.to_bytes()), Some((h, &[][..])));
+        // Fragments that parse, framed again, read back the same.
+        let good: Vec<_> = fragments(pieces).map_while(Result::ok).collect();
+        let mut framed = Vec::new();
+        for f in &good {
+            let mut b = vec![0; f.wire_len()];
+            f.emit(&mut b).expect("a parsed fragment re-encodes");
+            push_fragment(&mut framed, &b);
+        }
+        let again: Vec<_> = fragments(&framed).collect::<Result<_, _>>().unwrap();
+        assert_eq!(again, good);
+    }
 }

@@ -118,6 +118,7 @@ impl World {
                 PathConfig::Dns {
                     domain: domain(),
                     resolvers: 1,
+                    max_query: None,
                     tag: C_TAG,
                     seed: 7,
                 },

@@ -350,6 +350,22 @@ pub fn render(s: &Status) -> String {
         if let Some(path) = x.path.as_ref().and_then(fmt_path) {
             let _ = writeln!(out, "    path: {path}");
         }
+        // Nested settings (a DNS path's sizes up and down) on lines of their
+        // own; counters only in `--json`.
+        for (k, v) in x.path.iter().filter_map(|p| p.as_object()).flatten() {
+            if let serde_json::Value::Object(_) = v
+                && k != "stats"
+                && let Some(line) = fmt_path(v)
+            {
+                let _ = writeln!(out, "    {k}: {line}");
+            }
+        }
+        let resolvers = x.path.as_ref().and_then(|p| p.get("resolvers"));
+        for r in resolvers.and_then(|r| r.as_array()).into_iter().flatten() {
+            if let Some(line) = fmt_path(r) {
+                let _ = writeln!(out, "    resolver: {line}");
+            }
+        }
         if !x.drops.is_empty() {
             let _ = writeln!(out, "    dropped: {}", fmt_drops(&x.drops));
         }

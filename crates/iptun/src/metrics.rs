@@ -593,7 +593,7 @@ fn path(m: &mut Snapshot, labels: &Labels, p: &iptun_proto::connection::PathStat
                 s.target as f64,
             );
         }
-        PathDetail::Dns { switches, info, .. } => dns_path(m, labels, *switches, info),
+        PathDetail::Dns { info, .. } => dns_path(m, labels, info),
         PathDetail::Http(h) => {
             m.counter(
                 "iptun_http_reconnects",
@@ -612,12 +612,7 @@ fn path(m: &mut Snapshot, labels: &Labels, p: &iptun_proto::connection::PathStat
     }
 }
 
-fn dns_path(
-    m: &mut Snapshot,
-    labels: &Labels,
-    switches: u64,
-    p: &iptun_proto::transport::dns::client::PathInfo,
-) {
+fn dns_path(m: &mut Snapshot, labels: &Labels, p: &iptun_proto::transport::dns::client::PathInfo) {
     let s = p.stats;
     let counters: [(&'static str, &str, u64); 20] = [
         (
@@ -692,9 +687,9 @@ fn dns_path(
             s.unexpected,
         ),
         (
-            "iptun_dns_resolver_switches",
-            "Moves to another resolver",
-            switches,
+            "iptun_dns_resolvers_set_aside",
+            "Times a resolver was set aside (silent or lossy)",
+            s.set_asides,
         ),
     ];
     for (name, help, n) in counters {

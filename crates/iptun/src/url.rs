@@ -1,7 +1,7 @@
 //! Transport URLs: `udp://HOST:PORT`, `icmp://HOST` and
-//! `dns://DOMAIN?resolver=R` (client; `R` is `IP[:PORT]` for plain DNS,
-//! `tls://HOST[:853]` for DNS over TLS or `https://HOST[:443]/PATH` for DNS
-//! over HTTPS) /
+//! `dns://DOMAIN?resolver=R&max-query=N` (client; `R` is `IP[:PORT]` for
+//! plain DNS, `tls://HOST[:853]` for DNS over TLS or `https://HOST[:443]/PATH`
+//! for DNS over HTTPS; `resolver` may be given several times) /
 //! `dns://ADDR[:PORT]?domain=DOMAIN` (server), `https://HOST[:PORT]/PATH`
 //! and `http://HOST[:PORT]/PATH`.
 
@@ -56,10 +56,12 @@ pub enum ServerUrl {
     /// ICMP echo to this host (an IPv6 address selects ICMPv6).
     Icmp { host: String },
     /// DNS queries for names under `domain` through `resolvers` (none
-    /// given: the system's, from /etc/resolv.conf).
+    /// given: the system's, from /etc/resolv.conf), query names of at most
+    /// `max_query` characters if given.
     Dns {
         domain: String,
         resolvers: Vec<ResolverUrl>,
+        max_query: Option<usize>,
     },
     /// WebSocket or long-poll requests for `path` on `host:port`.
     Http(HttpUrl),
@@ -132,11 +134,13 @@ pub enum ServerAddr {
     Udp(SocketAddr),
     /// ICMP echo to this address.
     Icmp(IpAddr),
-    /// DNS through these resolvers (at least one) for names under `domain`;
-    /// DoT and DoH resolvers' names are resolved when their path is opened.
+    /// DNS through these resolvers (at least one, used together) for names
+    /// under `domain`, of at most `max_query` characters if given; DoT and
+    /// DoH resolvers' names are resolved when their path is opened.
     Dns {
         domain: String,
         resolvers: Vec<ResolverUrl>,
+        max_query: Option<usize>,
     },
     /// HTTP(S); resolved when connecting (perhaps by a proxy).
     Http(HttpUrl),
@@ -249,6 +253,24 @@ fn only_params(params: &[(&str, &str)], allowed: &[&str], url: &str) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// `?max-query=N`: the longest query name, in characters (as `dig` shows
+/// it, without the final dot), long enough to carry data under `domain`.
+fn max_query(text: &str, domain: &str, url: &str) -> anyhow::Result<usize> {
+    let n: usize = text
+        .parse()
+        .with_context(|| format!("`{url}`: max-query must be a number of characters"))?;
+    let domain =
+        iptun_proto::wire::dns::Domain::new(domain).map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
+    let least = iptun_proto::transport::dns::sizes::Sizes::new(&domain, None).min_name_len();
+    anyhow::ensure!(
+        (least..=iptun_proto::wire::dns::MAX_NAME_LEN).contains(&n),
+        "`{url}`: max-query={n}: names under {domain} carry data from {least} to {} characters",
+        iptun_proto::wire::dns::MAX_NAME_LEN,
+        domain = domain.name(),
+    );
+    Ok(n)
 }
 
 /// `IP`, `IP:PORT`, `[V6]:PORT` or a bare IPv6 address; port 53 by default.
@@ -406,7 +428,7 @@ impl std::str::FromStr for ServerUrl {
         }
         let (rest, params) = query(rest, url)?;
         if scheme == Scheme::Dns {
-            only_params(&params, &["resolver"], url)?;
+            only_params(&params, &["resolver", "max-query"], url)?;
             if rest.is_empty() {
                 bail!("`{url}`: missing the tunnel domain: dns://t.example.com[?resolver=IP]");
             }
@@ -414,11 +436,17 @@ impl std::str::FromStr for ServerUrl {
                 .map_err(|e| anyhow::anyhow!("`{url}`: {e}"))?;
             let resolvers = params
                 .iter()
+                .filter(|(k, _)| *k == "resolver")
                 .map(|(_, r)| resolver_url(r, url))
                 .collect::<anyhow::Result<_>>()?;
+            let max_query = match params.iter().rfind(|(k, _)| *k == "max-query") {
+                Some((_, n)) => Some(max_query(n, rest, url)?),
+                None => None,
+            };
             return Ok(Self::Dns {
                 domain: rest.to_owned(),
                 resolvers,
+                max_query,
             });
         }
         only_params(&params, &[], url)?;
@@ -445,7 +473,11 @@ impl ServerUrl {
             Self::Udp { host, port } => (host, *port),
             Self::Icmp { host } => (host, 0),
             Self::Http(u) => return Ok(ServerAddr::Http(u.clone())),
-            Self::Dns { domain, resolvers } => {
+            Self::Dns {
+                domain,
+                resolvers,
+                max_query,
+            } => {
                 let resolvers = if resolvers.is_empty() {
                     let text = std::fs::read_to_string("/etc/resolv.conf")
                         .context("reading /etc/resolv.conf (or give ?resolver=IP)")?;
@@ -463,6 +495,7 @@ impl ServerUrl {
                 return Ok(ServerAddr::Dns {
                     domain: domain.clone(),
                     resolvers,
+                    max_query: *max_query,
                 });
             }
         };
@@ -485,11 +518,19 @@ impl std::fmt::Display for ServerUrl {
             Self::Udp { host, .. } => ("udp", host),
             Self::Icmp { host } => ("icmp", host),
             Self::Http(u) => return u.fmt(f),
-            Self::Dns { domain, resolvers } => {
+            Self::Dns {
+                domain,
+                resolvers,
+                max_query,
+            } => {
                 write!(f, "dns://{domain}")?;
-                for (i, r) in resolvers.iter().enumerate() {
+                let params = resolvers
+                    .iter()
+                    .map(|r| format!("resolver={r}"))
+                    .chain(max_query.map(|n| format!("max-query={n}")));
+                for (i, p) in params.enumerate() {
                     let sep = if i == 0 { '?' } else { '&' };
-                    write!(f, "{sep}resolver={r}")?;
+                    write!(f, "{sep}{p}")?;
                 }
                 return Ok(());
             }
@@ -654,7 +695,8 @@ mod tests {
                 resolvers: vec![
                     ResolverUrl::Udp("192.0.2.1:53".parse().unwrap()),
                     ResolverUrl::Udp("[2001:db8::1]:5353".parse().unwrap())
-                ]
+                ],
+                max_query: None,
             }
         );
         assert_eq!(
@@ -666,9 +708,29 @@ mod tests {
             u,
             ServerUrl::Dns {
                 domain: "t.example.com".into(),
-                resolvers: vec![]
+                resolvers: vec![],
+                max_query: None,
             }
         );
+        // A cap on query names, kept in the URL shown.
+        let u: ServerUrl = "dns://t.example.com?max-query=72&resolver=192.0.2.1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            u.to_string(),
+            "dns://t.example.com?resolver=192.0.2.1:53&max-query=72"
+        );
+        assert!(matches!(
+            u.resolve().unwrap(),
+            ServerAddr::Dns {
+                max_query: Some(72),
+                ..
+            }
+        ));
+        for bad in ["x", "20", "254", "-1"] {
+            let url = format!("dns://t.example.com?max-query={bad}");
+            assert!(url.parse::<ServerUrl>().is_err(), "{url}");
+        }
         assert!(
             "dns://t.example.com?resolver=dns.google"
                 .parse::<ServerUrl>()

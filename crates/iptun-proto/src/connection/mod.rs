@@ -85,14 +85,16 @@ pub enum PathConfig {
         /// The echo identifier.
         id: u16,
     },
-    /// DNS queries for `domain` through `resolvers`, as tag `tag` (random);
-    /// `seed` seeds the query ids.
+    /// DNS queries for `domain` through `resolvers` (all at once), as tag
+    /// `tag` (random); `seed` seeds the query ids.
     Dns {
         /// The tunnel domain.
         domain: Domain,
         /// How many resolvers (or the server itself) there are, at least
         /// one; the driver knows them by their number.
         resolvers: usize,
+        /// The longest query name (characters), if the user caps it.
+        max_query: Option<usize>,
         /// The client's tag.
         tag: u32,
         /// Seeds the DNS ids.
@@ -230,9 +232,12 @@ impl Connection {
                     PathConfig::Dns {
                         domain,
                         resolvers,
+                        max_query,
                         tag,
                         seed,
-                    } => Carrier::Dns(Box::new(DnsClient::new(domain, resolvers, tag, seed))),
+                    } => Carrier::Dns(Box::new(DnsClient::new(
+                        domain, resolvers, max_query, tag, seed, now,
+                    ))),
                     PathConfig::Http { mode } => Carrier::Http(HttpClient::new(mode)),
                 })
             })
@@ -368,7 +373,7 @@ impl Connection {
                 }
                 let failing = self
                     .dns(path)
-                    .is_some_and(|c| c.uplink().failures_in_row() >= DNS_FAILURES);
+                    .is_some_and(|c| c.failures_in_row() >= DNS_FAILURES);
                 if failing {
                     self.fail(now, path, "DNS queries failing (error answers)".into());
                 }

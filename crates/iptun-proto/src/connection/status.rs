@@ -62,15 +62,13 @@ pub enum PathDetail {
     Udp,
     /// The ICMP pacer and counters.
     Icmp(crate::transport::icmp::IcmpClientStats),
-    /// The DNS path: resolver, tag, parameters and counters.
+    /// The DNS path: its resolvers, tag, parameters and counters.
     Dns {
-        /// The resolver in use (its number).
+        /// The resolver carrying the most (its number).
         resolver: usize,
         /// The client's tag.
         tag: u32,
-        /// Times the client moved to another resolver.
-        switches: u64,
-        /// Parameters and counters.
+        /// Parameters, each resolver's state, and counters.
         info: Box<crate::transport::dns::client::PathInfo>,
     },
     /// The HTTP connection.
@@ -117,9 +115,8 @@ impl Connection {
                     Carrier::Icmp(icmp) => PathDetail::Icmp(icmp.stats()),
                     Carrier::Dns(dns) => PathDetail::Dns {
                         resolver: dns.resolver(),
-                        tag: dns.uplink().tag(),
-                        switches: dns.switches(),
-                        info: Box::new(dns.uplink().path_info()),
+                        tag: dns.tag(),
+                        info: Box::new(dns.path_info(now)),
                     },
                     Carrier::Http(h) => PathDetail::Http(h.info()),
                 },

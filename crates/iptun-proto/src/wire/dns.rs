@@ -68,6 +68,7 @@ use hickory_proto::ProtoError;
 use hickory_proto::op::{
     Edns, Header, Message, MessageType, OpCode, Query as Question, ResponseCode,
 };
+use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, NULL, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, RData, Record};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -90,6 +91,10 @@ pub const CLASSIC_UDP_SIZE: u16 = 512;
 /// The UDP payload size that our responses advertise in their OPT record
 /// (the 2020 DNS flag day's value).
 pub const SERVER_EDNS_SIZE: u16 = 1232;
+/// The EDNS0 option code (from the range for local and experimental use,
+/// RFC 6891) of a query's payload option: more upstream bytes, for paths
+/// straight to the server (resolvers do not pass options on).
+pub const PAYLOAD_OPTION: u16 = 65_432;
 /// The TTL of the apex SOA and NS records. TXT answers and negative answers
 /// (the SOA's minimum field) have TTL 0.
 pub const APEX_TTL: u32 = 300;
@@ -716,12 +721,29 @@ pub fn build_query_as(
     ty: AnswerType,
     edns_size: Option<u16>,
 ) -> Result<Vec<u8>, DnsError> {
+    build_query_with(id, name, ty, edns_size, &[])
+}
+
+/// [`build_query_as`] with `option` (unless empty) in a
+/// [`PAYLOAD_OPTION`] of the OPT record, which it then has even without
+/// `edns_size` (at 512 bytes).
+pub fn build_query_with(
+    id: u16,
+    name: &Name,
+    ty: AnswerType,
+    edns_size: Option<u16>,
+    option: &[u8],
+) -> Result<Vec<u8>, DnsError> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
     msg.add_query(Question::query(name.clone(), ty.record_type()));
-    if let Some(size) = edns_size {
+    if edns_size.is_some() || !option.is_empty() {
         let mut edns = Edns::new();
-        edns.set_max_payload(size);
+        edns.set_max_payload(edns_size.unwrap_or(CLASSIC_UDP_SIZE));
+        if !option.is_empty() {
+            edns.options_mut()
+                .insert(EdnsOption::Unknown(PAYLOAD_OPTION, option.to_vec()));
+        }
         msg.set_edns(edns);
     }
     Ok(msg.to_vec()?)
@@ -894,6 +916,8 @@ pub struct Query {
     pub recursion_desired: bool,
     /// CD, copied into responses.
     pub checking_disabled: bool,
+    /// The data of the query's [`PAYLOAD_OPTION`] (empty without one).
+    pub option: Vec<u8>,
 }
 
 impl Query {
@@ -946,10 +970,20 @@ pub fn parse_query(bytes: &[u8]) -> Result<Query, DropReason> {
     if question.query_class() != DNSClass::IN {
         return Err(DropReason::Malformed);
     }
+    let option = msg
+        .edns
+        .as_ref()
+        .and_then(|e| e.option(EdnsCode::from(PAYLOAD_OPTION)))
+        .map(|o| match o {
+            EdnsOption::Unknown(_, data) => data.clone(),
+            _ => Vec::new(),
+        })
+        .unwrap_or_default();
     Ok(Query {
         id: msg.metadata.id,
         qtype: question.query_type(),
         name: question.name,
+        option,
         edns_size: msg.edns.as_ref().map(Edns::max_payload),
         recursion_desired: msg.metadata.recursion_desired,
         checking_disabled: msg.metadata.checking_disabled,
@@ -1832,6 +1866,29 @@ mod tests {
     /// A query for `name` asking for `ty`, as the server parses it.
     fn typed_query(id: u16, name: &Name, ty: AnswerType, edns: Option<u16>) -> Query {
         parse_query(&build_query_as(id, name, ty, edns).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_payload_option_rides_the_opt_record() {
+        let d = domain();
+        let name = encode_name(&d, b"hi").unwrap();
+        let data: Vec<u8> = (0..=255).collect();
+        for edns in [None, Some(1232)] {
+            let bytes = build_query_with(7, &name, AnswerType::Null, edns, &data).unwrap();
+            let q = parse_query(&bytes).unwrap();
+            assert_eq!(q.option, data);
+            // The OPT record is there even without an EDNS0 size: at 512.
+            assert_eq!(q.edns_size, Some(edns.unwrap_or(512)));
+            assert_eq!(q.qtype, RecordType::NULL);
+        }
+        let plain = parse_query(&build_query(7, &name, Some(1232)).unwrap()).unwrap();
+        assert_eq!(plain.option, Vec::<u8>::new());
+        // Answers carry no option back.
+        let answer = build_answer(&plain, &d, b"x").unwrap();
+        assert_eq!(
+            parse_answer(7, &name, AnswerType::Txt, &d, &answer),
+            Ok(Answer::Data(b"x".to_vec()))
+        );
     }
 
     #[test]

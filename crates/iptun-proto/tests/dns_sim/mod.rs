@@ -1,6 +1,7 @@
 //! A simulated DNS path for the DNS transport: the shipped client
-//! [`Connection`] with one DNS path, a simulated recursive resolver, and the
-//! shipped server [`Endpoint`] with one DNS listener. The drivers do what a
+//! [`Connection`] with one DNS path, one or more simulated recursive
+//! resolvers (or none: straight to the server), and the shipped server
+//! [`Endpoint`] with one DNS listener. The drivers do what a
 //! real one does and nothing more: datagrams to `handle_input`, packets from
 //! a TUN device to `handle_tun_packet`, `handle_timeout` when `poll_timeout`
 //! passes (no ticker; a timeout that stays in the past once handled fails
@@ -12,7 +13,11 @@
 //! lengths with FORMERR or SERVFAIL, drop and duplicate queries, retry on
 //! its own, send from several source addresses, and fail outright for a
 //! while, refuse or strip chosen record types (or let only some through),
-//! and shuffle the records of answers. It checks the server on every
+//! and shuffle the records of answers; reorder its answers deeply, limit
+//! its rate (dropping the rest), serve at a fixed rate from a bounded queue
+//! (so delay grows with load), or die. A "direct" resolver passes the
+//! client's queries to the server untouched (options, sizes and all), as a
+//! path straight to the server would. It checks the server on every
 //! answer: question echoed with the case it was asked in, size within what
 //! it advertised. The server's side of the network notes every query that
 //! arrives and the answer that leaves for it, so holds and answers are
@@ -93,6 +98,9 @@ pub struct ResolverConfig {
     pub client_limit: Option<usize>,
     /// Names longer than this (characters, no trailing dot) get this code.
     pub name_cap: Option<(usize, ResponseCode)>,
+    /// Queries longer than this (bytes) vanish (a middlebox that drops
+    /// DNS datagrams over a size).
+    pub drop_longer: Option<usize>,
     pub drop_query: f64,
     pub drop_answer: f64,
     pub duplicate: f64,
@@ -103,6 +111,24 @@ pub struct ResolverConfig {
     pub sources: usize,
     /// Answer everything SERVFAIL until then (an outage).
     pub down_until: Option<Instant>,
+    /// Drops everything, queries and answers (a resolver killed).
+    pub dead: bool,
+    /// Not a resolver: the client's datagrams go to the server as they
+    /// are, and the answers back (a path straight to the server).
+    pub direct: bool,
+    /// Answers to the client overtake up to this many others (held in a
+    /// pool; a random one leaves when it is fuller, or after `reorder_wait`).
+    pub reorder: usize,
+    pub reorder_wait: Duration,
+    /// Client queries a second beyond which the rest are dropped.
+    pub rate_limit: Option<f64>,
+    /// The resolver serves this many client queries a second, from a queue
+    /// of at most `queue` (beyond: dropped): its delay grows with load.
+    pub capacity: Option<(f64, usize)>,
+    /// Query name minimisation as unbound does it: before the type asked,
+    /// an A query at the full name (its answer thrown away), and the real
+    /// query only once that is answered.
+    pub minimise: bool,
 }
 
 impl Default for ResolverConfig {
@@ -118,6 +144,7 @@ impl Default for ResolverConfig {
             upstream_edns: Some(1232),
             client_limit: None,
             name_cap: None,
+            drop_longer: None,
             drop_query: 0.0,
             drop_answer: 0.0,
             duplicate: 0.0,
@@ -125,6 +152,24 @@ impl Default for ResolverConfig {
             give_up_after: Duration::from_secs(4),
             sources: 1,
             down_until: None,
+            dead: false,
+            direct: false,
+            reorder: 0,
+            reorder_wait: Duration::from_millis(200),
+            rate_limit: None,
+            capacity: None,
+            minimise: false,
+        }
+    }
+}
+
+impl ResolverConfig {
+    /// A path straight to the server (no resolver in between).
+    pub fn direct() -> Self {
+        Self {
+            direct: true,
+            randomize_case: false,
+            ..Self::default()
         }
     }
 }
@@ -155,6 +200,22 @@ pub struct ResolverStats {
     /// Queries of a filtered record type.
     pub blocked: u64,
     pub shuffled: u64,
+    /// Queries dropped by the rate limit, the full queue, or death.
+    pub rate_limited: u64,
+    pub queue_full: u64,
+    pub dead_drops: u64,
+    /// Answers that overtook others in the reordering pool.
+    pub reordered: u64,
+    /// Minimisation steps sent to the server.
+    pub minimisation_steps: u64,
+    /// Client queries that carried a payload option.
+    pub options: u64,
+    /// Queries that vanished for their size.
+    pub too_long: u64,
+    /// The longest query name received (characters).
+    pub longest_name: usize,
+    /// The deepest an answer overtook others in the reordering pool.
+    pub reorder_depth: usize,
 }
 
 impl ResolverConfig {
@@ -172,9 +233,13 @@ impl ResolverConfig {
 
 pub struct Resolver {
     pub cfg: ResolverConfig,
+    /// Its number, and where it sends from (198.18.N.x).
+    index: usize,
     rng: Rng,
     pending: HashMap<u64, Pending>,
     upstream: HashMap<(SocketAddr, u16), u64>,
+    /// Minimisation steps sent: their answers are thrown away.
+    steps: std::collections::HashSet<(SocketAddr, u16)>,
     next_pid: u64,
     cache: HashMap<String, (Vec<u8>, Instant)>,
     pub stats: ResolverStats,
@@ -182,15 +247,103 @@ pub struct Resolver {
     pub violations: Vec<String>,
     /// Sizes of answers passed to the client, with the client's limit.
     pub answer_sizes: Vec<(usize, usize)>,
+    /// The rate limiter's tokens and when they were counted.
+    tokens: (f64, Option<Instant>),
+    /// When the capacity-limited resolver is free again, and the queue.
+    busy_until: Option<Instant>,
+    queued: std::collections::VecDeque<Instant>,
+    /// The reordering pool: answers waiting, by a number.
+    pool: Vec<(u64, Vec<u8>)>,
+    next_pooled: u64,
+    /// Client queries it received, by when (for rates).
+    pub received: Vec<Instant>,
+}
+
+impl Resolver {
+    fn new(index: usize, cfg: ResolverConfig, seed: u64) -> Self {
+        Self {
+            cfg,
+            index,
+            rng: Rng::new(seed ^ 0x5eed ^ (index as u64) << 32),
+            pending: HashMap::new(),
+            upstream: HashMap::new(),
+            steps: std::collections::HashSet::new(),
+            next_pid: 0,
+            cache: HashMap::new(),
+            stats: ResolverStats::default(),
+            violations: Vec::new(),
+            answer_sizes: Vec::new(),
+            tokens: (0.0, None),
+            busy_until: None,
+            queued: std::collections::VecDeque::new(),
+            pool: Vec::new(),
+            next_pooled: 0,
+            received: Vec::new(),
+        }
+    }
+
+    /// Whether the rate limiter lets a query through at `now`.
+    fn within_rate(&mut self, now: Instant) -> bool {
+        let Some(rate) = self.cfg.rate_limit else {
+            return true;
+        };
+        let burst = (rate / 20.0).max(1.0);
+        let (tokens, at) = self.tokens;
+        let earned = at.map_or(burst, |at| (now - at).as_secs_f64() * rate);
+        let tokens = (tokens + earned).min(burst);
+        if tokens >= 1.0 {
+            self.tokens = (tokens - 1.0, Some(now));
+            true
+        } else {
+            self.tokens = (tokens, Some(now));
+            false
+        }
+    }
+
+    /// When a query arriving at `now` is served (`None`: the queue is full).
+    fn service_time(&mut self, now: Instant) -> Option<Instant> {
+        let Some((rate, queue)) = self.cfg.capacity else {
+            return Some(now);
+        };
+        while self.queued.front().is_some_and(|&t| t <= now) {
+            self.queued.pop_front();
+        }
+        if self.queued.len() >= queue {
+            return None;
+        }
+        let start = self.busy_until.map_or(now, |b| b.max(now));
+        let done = start + Duration::from_secs_f64(1.0 / rate);
+        self.busy_until = Some(done);
+        self.queued.push_back(done);
+        Some(done)
+    }
+
+    /// Client queries received in the `d` before `now`, per second.
+    pub fn rate(&self, now: Instant, d: Duration) -> f64 {
+        let n = self.received.iter().filter(|&&t| t + d > now).count();
+        n as f64 / d.as_secs_f64()
+    }
 }
 
 enum Ev {
-    ToResolver(Vec<u8>),
+    ToResolver(usize, Vec<u8>),
+    /// A query served (after the resolver's queue), to handle.
+    Serve(usize, Vec<u8>),
     ToServer(SocketAddr, Vec<u8>),
     FromServer(SocketAddr, Vec<u8>),
-    ToClient(Vec<u8>),
-    Retry(u64),
-    GiveUp(u64),
+    ToClient(usize, Vec<u8>),
+    /// A pooled answer's longest wait ended.
+    Unpool(usize, u64),
+    Retry(usize, u64),
+    GiveUp(usize, u64),
+}
+
+/// The resolver that sends from `addr` (198.18.N.x is resolver N).
+fn resolver_of(addr: SocketAddr) -> usize {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => usize::from(v4.octets()[2]),
+        std::net::IpAddr::V6(_) => 0,
+    }
 }
 
 /// A query that reached the server.
@@ -208,7 +361,7 @@ pub struct Sim {
     seq: u64,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     events: HashMap<u64, Ev>,
-    pub resolver: Resolver,
+    pub resolvers: Vec<Resolver>,
     // client
     pub client: Connection,
     pub client_tun: Vec<(Instant, Vec<u8>)>,
@@ -228,6 +381,8 @@ pub struct Sim {
     pub arrivals: HashMap<(SocketAddr, u16), Vec<Arrival>>,
     /// Answers that left the server for no query open.
     pub server_violations: Vec<String>,
+    /// Direct paths: queries passed to the server, by (source, id).
+    direct: HashMap<(SocketAddr, u16), ()>,
     buf: Vec<u8>,
 }
 
@@ -238,32 +393,40 @@ impl Sim {
         cfg: ResolverConfig,
         seed: u64,
     ) -> Self {
+        Self::with_resolvers(server, client_key, vec![cfg], None, seed)
+    }
+
+    /// A client whose DNS path has these resolvers (in this order), query
+    /// names capped at `max_query` characters.
+    pub fn with_resolvers(
+        server: ServerConfig,
+        client_key: iptun_proto::crypto::PrivateKey,
+        cfgs: Vec<ResolverConfig>,
+        max_query: Option<usize>,
+        seed: u64,
+    ) -> Self {
         let now = Instant::now();
         let domain = Domain::new(DOMAIN).unwrap();
         let mut rng = Rng::new(seed);
         let path = PathConfig::Dns {
             domain: domain.clone(),
-            resolvers: 1,
+            resolvers: cfgs.len(),
+            max_query,
             tag: rng.next_u64() as u32,
             seed: rng.next_u64(),
         };
+        let resolvers = cfgs
+            .into_iter()
+            .enumerate()
+            .map(|(i, cfg)| Resolver::new(i, cfg, seed))
+            .collect();
         let mut sim = Self {
             start: now,
             now,
             seq: 0,
             queue: BinaryHeap::new(),
             events: HashMap::new(),
-            resolver: Resolver {
-                cfg,
-                rng: Rng::new(seed ^ 0x5eed),
-                pending: HashMap::new(),
-                upstream: HashMap::new(),
-                next_pid: 0,
-                cache: HashMap::new(),
-                stats: ResolverStats::default(),
-                violations: Vec::new(),
-                answer_sizes: Vec::new(),
-            },
+            resolvers,
             client: Connection::new(client_config(client_key), vec![path], now, UNIX_START),
             client_tun: Vec::new(),
             client_events: Vec::new(),
@@ -276,10 +439,21 @@ impl Sim {
             server_errors: Vec::new(),
             arrivals: HashMap::new(),
             server_violations: Vec::new(),
+            direct: HashMap::new(),
             buf: Vec::new(),
         };
         sim.flush_client();
         sim
+    }
+
+    /// The first resolver (the only one, in most tests).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolvers[0]
+    }
+
+    /// The first resolver, to change.
+    pub fn resolver_mut(&mut self) -> &mut Resolver {
+        &mut self.resolvers[0]
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -359,27 +533,64 @@ impl Sim {
     fn handle(&mut self, ev: Ev) {
         let now = self.now;
         match ev {
-            Ev::ToResolver(bytes) => self.resolver_query(&bytes),
+            Ev::ToResolver(r, bytes) => self.resolver_query(r, &bytes),
+            Ev::Serve(r, bytes) => self.resolver_serve(r, &bytes),
             Ev::ToServer(from, bytes) => self.server_query(from, &bytes),
             Ev::FromServer(to, bytes) => self.resolver_answer(to, &bytes),
-            Ev::ToClient(bytes) => self.client_response(&bytes),
-            Ev::Retry(pid) => {
-                if self.resolver.pending.get(&pid).is_some_and(|p| !p.done) {
-                    self.forward(pid);
+            Ev::ToClient(r, bytes) => self.client_response(r, &bytes),
+            Ev::Unpool(r, n) => {
+                let pool = &mut self.resolvers[r].pool;
+                if let Some(k) = pool.iter().position(|(m, _)| *m == n) {
+                    let (_, b) = pool.remove(k);
+                    self.schedule(now + CLIENT_LATENCY, Ev::ToClient(r, b));
                 }
             }
-            Ev::GiveUp(pid) => {
-                let Some(p) = self.resolver.pending.get_mut(&pid) else {
+            Ev::Retry(r, pid) => {
+                if self.resolvers[r].pending.get(&pid).is_some_and(|p| !p.done) {
+                    self.forward(r, pid);
+                }
+            }
+            Ev::GiveUp(r, pid) => {
+                let res = &mut self.resolvers[r];
+                let Some(p) = res.pending.get_mut(&pid) else {
                     return;
                 };
-                if !p.done {
+                if !p.done && !res.cfg.dead {
                     p.done = true;
-                    self.resolver.stats.gave_up += 1;
+                    res.stats.gave_up += 1;
                     let (id, name, qtype) = (p.client_id, p.client_name.clone(), p.qtype);
                     let bytes = error_response(id, &name, qtype, ResponseCode::ServFail);
-                    self.schedule(now + CLIENT_LATENCY, Ev::ToClient(bytes));
+                    self.schedule(now + CLIENT_LATENCY, Ev::ToClient(r, bytes));
                 }
             }
+        }
+    }
+
+    /// An answer from resolver `r` on its way to the client: straight on,
+    /// or through the reordering pool.
+    fn send_to_client(&mut self, r: usize, bytes: Vec<u8>) {
+        let now = self.now;
+        let res = &mut self.resolvers[r];
+        if res.cfg.reorder == 0 {
+            self.schedule(now + CLIENT_LATENCY, Ev::ToClient(r, bytes));
+            return;
+        }
+        let n = res.next_pooled;
+        res.next_pooled += 1;
+        res.pool.push((n, bytes));
+        let out = (res.pool.len() > res.cfg.reorder).then(|| {
+            // It overtakes the answers pooled before it.
+            let k = res.rng.below(res.pool.len() as u64) as usize;
+            if k > 0 {
+                res.stats.reordered += 1;
+                res.stats.reorder_depth = res.stats.reorder_depth.max(k);
+            }
+            res.pool.remove(k).1
+        });
+        let wait = res.cfg.reorder_wait;
+        self.schedule(now + wait, Ev::Unpool(r, n));
+        if let Some(b) = out {
+            self.schedule(now + CLIENT_LATENCY, Ev::ToClient(r, b));
         }
     }
 
@@ -390,13 +601,15 @@ impl Sim {
     fn flush_client(&mut self) {
         let now = self.now;
         while let Some(t) = self.client.poll_transmit(now, &mut self.buf) {
-            assert_eq!(
-                (t.path, t.to),
-                (0, Remote::Resolver(0)),
-                "queries go to the resolver"
+            let Remote::Resolver(r) = t.to else {
+                panic!("a DNS query to {:?}", t.to)
+            };
+            assert!(
+                t.path == 0 && r < self.resolvers.len(),
+                "queries go to a resolver"
             );
             let q = self.buf[..t.len].to_vec();
-            self.schedule(now + CLIENT_LATENCY, Ev::ToResolver(q));
+            self.schedule(now + CLIENT_LATENCY, Ev::ToResolver(r, q));
         }
         let init = self.client.engine().pending_init().map(init_index);
         if init.is_some() && init != self.last_init {
@@ -408,13 +621,13 @@ impl Sim {
         }
     }
 
-    /// The resolver's answer reaches the client.
-    fn client_response(&mut self, bytes: &[u8]) {
+    /// Resolver `r`'s answer reaches the client.
+    fn client_response(&mut self, r: usize, bytes: &[u8]) {
         let now = self.now;
         let before = self.client.drops();
         let mut tun = PacketList::default();
         self.client
-            .handle_input(now, 0, Remote::Resolver(0), bytes, &mut tun);
+            .handle_input(now, 0, Remote::Resolver(r), bytes, &mut tun);
         self.client_errors
             .extend(counted_all(&before, &self.client.drops()));
         self.client_tun
@@ -542,68 +755,108 @@ impl Sim {
         dropped.first().map_or(Ok(()), |&e| Err(e))
     }
 
-    // --- the resolver --------------------------------------------------
+    // --- the resolvers -------------------------------------------------
 
-    fn resolver_query(&mut self, bytes: &[u8]) {
+    /// A client query reaches resolver `r`: dropped (dead, rate limit, full
+    /// queue), or served now or once its queue gets to it.
+    fn resolver_query(&mut self, r: usize, bytes: &[u8]) {
         let now = self.now;
-        let r = &mut self.resolver;
-        r.stats.client_queries += 1;
+        let res = &mut self.resolvers[r];
+        res.stats.client_queries += 1;
+        res.received.push(now);
+        if res.cfg.dead {
+            res.stats.dead_drops += 1;
+            return;
+        }
+        if res.cfg.drop_longer.is_some_and(|n| bytes.len() > n) {
+            res.stats.too_long += 1;
+            return;
+        }
+        if !res.within_rate(now) {
+            res.stats.rate_limited += 1;
+            return;
+        }
+        match res.service_time(now) {
+            None => res.stats.queue_full += 1,
+            Some(t) if t <= now => self.resolver_serve(r, bytes),
+            Some(t) => self.schedule(t, Ev::Serve(r, bytes.to_vec())),
+        }
+    }
+
+    /// Resolver `r` handles a client query.
+    fn resolver_serve(&mut self, r: usize, bytes: &[u8]) {
+        let now = self.now;
         let Ok(q) = parse_query(bytes) else { return };
-        if r.rng.chance(r.cfg.drop_query) {
+        let res = &mut self.resolvers[r];
+        if !q.option.is_empty() {
+            res.stats.options += 1;
+        }
+        res.stats.longest_name = res.stats.longest_name.max(q.name_wire_len() - 2);
+        if res.cfg.direct {
+            // Straight to the server, as sent (the port stands for the
+            // client's socket).
+            let src = SocketAddr::from((Ipv4Addr::new(198, 18, r as u8, 200), 40000));
+            self.direct.insert((src, q.id), ());
+            res.stats.upstream_queries += 1;
+            let b = bytes.to_vec();
+            self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, b));
+            return;
+        }
+        if res.rng.chance(res.cfg.drop_query) {
             return;
         }
         let client_name = bytes[12..12 + q.name_wire_len()].to_vec();
-        if r.cfg.down_until.is_some_and(|t| now < t) {
-            r.stats.outage_servfails += 1;
+        if res.cfg.down_until.is_some_and(|t| now < t) {
+            res.stats.outage_servfails += 1;
             let b = error_response(q.id, &client_name, q.qtype, ResponseCode::ServFail);
-            self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+            self.send_to_client(r, b);
             return;
         }
-        if let Some((cap, code)) = r.cfg.name_cap
+        if let Some((cap, code)) = res.cfg.name_cap
             && q.name_wire_len() - 2 > cap
         {
-            r.stats.capped += 1;
+            res.stats.capped += 1;
             let b = error_response(q.id, &client_name, q.qtype, code);
-            self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+            self.send_to_client(r, b);
             return;
         }
-        let block = r.cfg.block(q.qtype);
+        let block = res.cfg.block(q.qtype);
         if block.is_some() {
-            r.stats.blocked += 1;
+            res.stats.blocked += 1;
         }
         match block {
             Some(Block::Code(code)) => {
                 let b = error_response(q.id, &client_name, q.qtype, code);
-                self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+                self.send_to_client(r, b);
                 return;
             }
             Some(Block::Drop) => return,
             Some(Block::Strip) | None => {}
         }
         let cache_key = format!("{}/{}", q.name.to_lowercase().to_ascii(), q.qtype);
-        if let Some((answer, until)) = r.cache.get(&cache_key)
+        if let Some((answer, until)) = res.cache.get(&cache_key)
             && now < *until
         {
-            r.stats.cache_hits += 1;
+            res.stats.cache_hits += 1;
             let mut b = answer.clone();
             b[..2].copy_from_slice(&q.id.to_be_bytes());
             b[12..12 + client_name.len()].copy_from_slice(&client_name);
-            self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+            self.send_to_client(r, b);
             return;
         }
-        let name = if r.cfg.randomize_case {
-            randomize_case(&q.name, &mut r.rng)
+        let name = if res.cfg.randomize_case {
+            randomize_case(&q.name, &mut res.rng)
         } else {
             q.name.clone()
         };
-        let name = if r.cfg.mangle_8bit {
+        let name = if res.cfg.mangle_8bit {
             mangle_8bit(&name)
         } else {
             name
         };
-        let pid = r.next_pid;
-        r.next_pid += 1;
-        r.pending.insert(
+        let pid = res.next_pid;
+        res.next_pid += 1;
+        res.pending.insert(
             pid,
             Pending {
                 client_id: q.id,
@@ -617,108 +870,137 @@ impl Sim {
                 tries: 0,
             },
         );
-        self.forward(pid);
-        if self.resolver.rng.chance(self.resolver.cfg.duplicate) {
-            self.forward(pid);
+        self.forward(r, pid);
+        let res = &mut self.resolvers[r];
+        if res.rng.chance(res.cfg.duplicate) {
+            self.forward(r, pid);
         }
-        let give_up = now + self.resolver.cfg.give_up_after;
-        self.schedule(give_up, Ev::GiveUp(pid));
+        let give_up = now + self.resolvers[r].cfg.give_up_after;
+        self.schedule(give_up, Ev::GiveUp(r, pid));
     }
 
-    /// Send pending query `pid` to the server (again), from a random source.
-    fn forward(&mut self, pid: u64) {
+    /// Send pending query `pid` of resolver `r` to the server (again), from
+    /// a random source of its own.
+    fn forward(&mut self, r: usize, pid: u64) {
         let now = self.now;
-        let r = &mut self.resolver;
-        let p = r.pending.get_mut(&pid).expect("pending");
+        let res = &mut self.resolvers[r];
+        let p = res.pending.get_mut(&pid).expect("pending");
         p.tries += 1;
-        let id = r.rng.next_u64() as u16;
+        let id = res.rng.next_u64() as u16;
         let src = SocketAddr::from((
-            Ipv4Addr::new(198, 18, 0, 1 + r.rng.below(r.cfg.sources as u64) as u8),
-            1024 + r.rng.below(60000) as u16,
+            Ipv4Addr::new(
+                198,
+                18,
+                r as u8,
+                1 + res.rng.below(res.cfg.sources as u64) as u8,
+            ),
+            1024 + res.rng.below(60000) as u16,
         ));
         let ty = AnswerType::of(p.qtype).expect("the client asks for data types only");
-        let bytes = build_query_as(id, &p.name, ty, r.cfg.upstream_edns).unwrap();
-        r.upstream.insert((src, id), pid);
-        r.stats.upstream_queries += 1;
-        if let Some(after) = r.cfg.retry_after.filter(|_| p.tries < 3) {
-            self.schedule(now + after, Ev::Retry(pid));
+        let bytes = build_query_as(id, &p.name, ty, res.cfg.upstream_edns).unwrap();
+        res.upstream.insert((src, id), pid);
+        res.stats.upstream_queries += 1;
+        let mut delay = SERVER_LATENCY;
+        if res.cfg.minimise && p.tries == 1 {
+            let step_id = id.wrapping_add(1);
+            let step =
+                build_query_as(step_id, &p.name, AnswerType::A, res.cfg.upstream_edns).unwrap();
+            res.steps.insert((src, step_id));
+            res.stats.minimisation_steps += 1;
+            self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, step));
+            // The real query once the step is answered (a round trip).
+            delay += 2 * SERVER_LATENCY;
         }
-        self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, bytes));
+        let res = &mut self.resolvers[r];
+        if let Some(after) = res.cfg.retry_after.filter(|_| res.pending[&pid].tries < 3) {
+            self.schedule(now + after, Ev::Retry(r, pid));
+        }
+        self.schedule(now + delay, Ev::ToServer(src, bytes));
     }
 
     fn resolver_answer(&mut self, to: SocketAddr, bytes: &[u8]) {
         let now = self.now;
-        let r = &mut self.resolver;
+        let r = resolver_of(to);
         let id = u16::from_be_bytes([bytes[0], bytes[1]]);
-        let Some(&pid) = r.upstream.get(&(to, id)) else {
-            r.violations
+        if self.direct.remove(&(to, id)).is_some() {
+            if !self.resolvers[r].cfg.dead {
+                self.send_to_client(r, bytes.to_vec());
+            }
+            return;
+        }
+        let res = &mut self.resolvers[r];
+        if res.steps.remove(&(to, id)) {
+            return;
+        }
+        let Some(&pid) = res.upstream.get(&(to, id)) else {
+            res.violations
                 .push(format!("an answer to no query: {to:?} {id}"));
             return;
         };
-        let advertised = response_limit(r.cfg.upstream_edns);
+        let advertised = response_limit(res.cfg.upstream_edns);
         if bytes.len() > advertised {
-            r.violations.push(format!(
+            res.violations.push(format!(
                 "{} bytes against an advertised {advertised}",
                 bytes.len()
             ));
         }
-        let p = r.pending.get_mut(&pid).expect("pending");
+        let p = res.pending.get_mut(&pid).expect("pending");
         let msg = Message::from_vec(bytes).expect("the server's answer parses");
         if !msg
             .queries
             .first()
             .is_some_and(|q| q.name().eq_case(&p.name))
         {
-            r.violations.push(format!(
+            res.violations.push(format!(
                 "question not echoed in its case: {:?}",
                 msg.queries
             ));
         }
-        if p.done {
-            r.stats.late_answers += 1;
+        if p.done || res.cfg.dead {
+            res.stats.late_answers += 1;
             return;
         }
         p.done = true;
         let mut b = bytes.to_vec();
-        if p.strip || r.cfg.shuffle {
+        if p.strip || res.cfg.shuffle {
             let mut m = msg.clone();
             if p.strip {
                 m.answers.clear();
             } else if m.answers.len() > 1 {
-                r.stats.shuffled += 1;
-                shuffle(&mut r.rng, &mut m.answers);
+                res.stats.shuffled += 1;
+                shuffle(&mut res.rng, &mut m.answers);
             }
             b = m.to_vec().unwrap();
         }
         b[..2].copy_from_slice(&p.client_id.to_be_bytes());
         b[12..12 + p.client_name.len()].copy_from_slice(&p.client_name);
         let mut limit = response_limit(p.client_edns);
-        if let Some(l) = r.cfg.client_limit {
+        if let Some(l) = res.cfg.client_limit {
             limit = limit.min(l);
         }
         if msg.metadata.response_code == ResponseCode::NoError {
             let ttl = msg.answers.iter().map(|a| a.ttl).min().unwrap_or(0);
-            let cache = match r.cfg.cache {
+            let cache = match res.cfg.cache {
                 Cache::Off => false,
                 Cache::RespectTtl => ttl > 0,
                 Cache::IgnoreTtl => true,
             };
             if cache {
-                r.cache.insert(
+                res.cache.insert(
                     p.cache_key.clone(),
                     (b.clone(), now + Duration::from_secs(60)),
                 );
             }
         }
         if b.len() > limit {
-            r.stats.truncated += 1;
+            res.stats.truncated += 1;
             b = truncated_response(p.client_id, &p.client_name, p.qtype);
         }
-        r.answer_sizes.push((b.len(), limit));
-        if r.rng.chance(r.cfg.drop_answer) {
+        res.answer_sizes.push((b.len(), limit));
+        if res.rng.chance(res.cfg.drop_answer) {
             return;
         }
-        self.schedule(now + CLIENT_LATENCY, Ev::ToClient(b));
+        self.send_to_client(r, b);
     }
 }
 

@@ -174,6 +174,7 @@ impl Sim {
             PathConfig::Dns {
                 domain,
                 resolvers: 1,
+                max_query: None,
                 tag: 0xdead_beef,
                 seed: 7,
             },

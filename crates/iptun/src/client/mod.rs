@@ -461,50 +461,8 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
         PathDetail::Dns {
             resolver,
             tag,
-            switches,
             info: p,
-        } => {
-            let s = p.stats;
-            let resolver = driver.resolver(*resolver);
-            let mut v = serde_json::json!({
-                "resolver": resolver,
-                "resolver_switches": switches,
-                "tag": format!("{tag:08x}"),
-                "encoding": p.encoding,
-                "record_type": p.record_type,
-                "edns_size": p.edns_size,
-                "max_name_len": p.max_name_len,
-                "upstream_fragment": p.upstream_fragment,
-                "downstream_limit": p.downstream_limit,
-                "in_flight": p.in_flight,
-                "target": p.target,
-                "window": p.window,
-                "backoff_ms": p.backoff.as_millis() as u64,
-                "stats": {
-                    "queries": s.queries,
-                    "data_queries": s.data_queries,
-                    "answers": s.answers,
-                    "data_answers": s.data_answers,
-                    "timeouts": s.timeouts,
-                    "servfails": s.servfails,
-                    "refused": s.refused,
-                    "truncated": s.truncated,
-                    "errors": s.errors,
-                    "retried": s.retried,
-                    "lost": s.lost,
-                    "fallbacks": s.fallbacks,
-                    "reprobes": s.reprobes,
-                    "encoding_probes": s.encoding_probes,
-                    "encoding_failures": s.encoding_failures,
-                    "type_probes": s.type_probes,
-                    "type_probe_failures": s.type_probe_failures,
-                    "type_fallbacks": s.type_fallbacks,
-                    "unexpected": s.unexpected,
-                },
-            });
-            extend(&mut v, driver.info());
-            v
-        }
+        } => dns_detail(*resolver, *tag, p, driver),
         PathDetail::Http(h) => {
             let mut v = serde_json::json!({
                 "mode": h.mode,
@@ -515,6 +473,103 @@ fn detail(detail: &PathDetail, driver: &PathDriver) -> Option<serde_json::Value>
             extend(&mut v, driver.info());
             v
         }
+    })
+}
+
+/// A DNS path's sizes each way, resolvers and counters, for status.
+fn dns_detail(
+    primary: usize,
+    tag: u32,
+    p: &iptun_proto::transport::dns::client::PathInfo,
+    driver: &PathDriver,
+) -> serde_json::Value {
+    let s = p.stats;
+    let z = &p.sizes;
+    let ms = |d: Option<Duration>| d.map(|d| (d.as_secs_f64() * 1e4).round() / 10.0);
+    // The driver's side of each resolver (its name, a DoT/DoH connection).
+    let links = driver.info();
+    let resolvers: Vec<serde_json::Value> = p
+        .resolvers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let c = &r.congestion;
+            let mut v = serde_json::json!({
+                "state": match r.aside {
+                    None => "active",
+                    Some(iptun_proto::transport::dns::resolvers::Aside::Silent) => "set aside (silent)",
+                    Some(iptun_proto::transport::dns::resolvers::Aside::Lossy) => "set aside (lossy)",
+                },
+                "window": c.window,
+                "slow_start": c.slow_start,
+                "in_flight_data": r.data,
+                "in_flight_polls": r.polls,
+                "srtt_ms": ms(c.srtt),
+                "min_rtt_ms": ms(c.min_rtt),
+                "pacing_per_s": c.rate.round(),
+                "base_loss": (c.base_loss * 1000.0).round() / 1000.0,
+                "backoff_ms": c.backoff.as_millis() as u64,
+                "health": (r.health * 100.0).round() / 100.0,
+                "queries": r.stats.queries,
+                "answers": r.stats.answers,
+                "lost": r.stats.lost,
+                "rejected": r.stats.rejected,
+                "set_aside": r.stats.set_aside,
+                "reductions": c.reductions,
+                "rejections": c.rejections,
+            });
+            extend(&mut v, links["resolvers"][i].clone());
+            v
+        })
+        .collect();
+    serde_json::json!({
+        "resolver": driver.resolver(primary).map(|r| r.to_string()),
+        "tag": format!("{tag:08x}"),
+        "encoding": p.encoding,
+        "record_type": p.record_type,
+        "max_name_len": z.max_name_len,
+        "upstream_fragment": p.upstream_fragment,
+        "downstream_limit": z.down,
+        "edns_size": z.edns,
+        "in_flight": p.in_flight,
+        "polls": p.polls,
+        "target": p.poll_target,
+        "window": p.window,
+        "up": {
+            "max_name_len": z.max_name_len,
+            "name_cap": z.name_cap,
+            "option_bytes": z.option_len,
+            "fragment": p.upstream_fragment,
+        },
+        "down": {
+            "limit": z.down,
+            "edns_size": z.edns,
+            "largest_answer": z.largest_answer,
+        },
+        "resolvers": resolvers,
+        "stats": {
+            "queries": s.queries,
+            "data_queries": s.data_queries,
+            "answers": s.answers,
+            "data_answers": s.data_answers,
+            "timeouts": s.timeouts,
+            "servfails": s.servfails,
+            "refused": s.refused,
+            "truncated": s.truncated,
+            "errors": s.errors,
+            "retried": s.retried,
+            "lost": s.lost,
+            "fallbacks": s.fallbacks,
+            "size_probes": s.reprobes,
+            "size_probe_failures": s.reprobe_failures,
+            "encoding_probes": s.encoding_probes,
+            "encoding_failures": s.encoding_failures,
+            "type_probes": s.type_probes,
+            "type_probe_failures": s.type_probe_failures,
+            "type_fallbacks": s.type_fallbacks,
+            "set_asides": s.set_asides,
+            "unexpected": s.unexpected,
+        },
     })
 }
 

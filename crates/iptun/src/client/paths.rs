@@ -103,13 +103,18 @@ pub fn open(server: ServerAddr, http: &HttpOptions) -> anyhow::Result<(PathDrive
                 },
             )
         }
-        ServerAddr::Dns { domain, resolvers } => {
+        ServerAddr::Dns {
+            domain,
+            resolvers,
+            max_query,
+        } => {
             let domain =
                 Domain::new(&domain).with_context(|| format!("tunnel domain `{domain}`"))?;
             let driver = DnsDriver::open(resolvers, http)?;
             let config = PathConfig::Dns {
                 domain,
                 resolvers: driver.count(),
+                max_query,
                 tag: r64(0) as u32,
                 seed: r64(8),
             };

@@ -1,59 +1,50 @@
-//! The client side of the DNS transport: queries out through a recursive
-//! resolver, answers in. See the [module docs](super) for the formats.
+//! The client side of the DNS transport: queries out through the path's
+//! resolvers (all of them at once), answers in. See the [module
+//! docs](super) for the formats.
 //!
 //! Driving it:
 //!
 //! ```text
-//! uplink.send(now, message)                 // every message the engine emits
-//! while let Some(q) = uplink.poll_query(now) { socket.send_to(q.bytes, resolver) }
-//! uplink.handle_response(now, bytes)        // every datagram from the resolver
-//! while let Some(m) = uplink.poll_message() { engine.handle_datagram(now, &m, ..) }
-//! uplink.handle_timeout(now)                // when next_timeout() passes
+//! client.send(now, message)                       // every message the engine emits
+//! while let Some((i, q)) = client.poll_query(now) { send q.bytes to resolver i }
+//! client.handle_response(now, i, bytes)           // every datagram from resolver i
+//! while let Some(m) = client.poll_message() { engine.handle_datagram(now, &m, ..) }
+//! client.handle_timeout(now)                      // when next_timeout() passes
 //! ```
 //!
-//! Pacing: the client keeps `target` queries in flight (bare polls fill up
-//! to it), doubling it while answers bring data and lowering it by one per
-//! empty answer, between [`MIN_IN_FLIGHT`] and a congestion window. The
-//! window grows by one per window of answered queries and halves (at most
-//! once per round trip) on SERVFAIL, REFUSED, NXDOMAIN or a timeout, which
-//! also start an exponential back-off ([`BACKOFF_MIN`]..[`BACKOFF_MAX`])
-//! during which no query is sent. On average at most [`MAX_RATE`] queries
-//! a second, in bursts of at most [`MAX_IN_FLIGHT`] (a token bucket: timers
-//! tick in milliseconds, so a fixed gap between queries would cap far lower
-//! than intended).
+//! # Pacing
 //!
-//! Path parameters: it starts with EDNS0 at 1232 and names of up to 253
-//! characters. TC in an answer, or FORMERR/NOTIMP to a short query, turns
-//! EDNS0 off (answers of 512 bytes); FORMERR to a long query, or long
-//! queries failing while short ones get through, shortens names to
-//! [`SHORT_NAME_LEN`]; [`FALLBACK_AFTER_TIMEOUTS`] timeouts in a row step
-//! down one of the two. After [`REPROBE_MIN`] (doubling up to
-//! [`REPROBE_MAX`] while probes fail) the full parameters are tried again.
+//! Each resolver has its own congestion controller (the one ICMP uses too:
+//! [`congestion`](crate::transport::congestion)): queries go paced at a rate
+//! that follows what the resolver delivers (loss beyond its usual share, a
+//! standing queue); the window, twice what that rate carries in a round
+//! trip, bounds queries carrying data and bare polls each (held polls fill
+//! the server, not the path). Round trips come only from answers the server
+//! gave at once; a query overdue (likely lost) whose answer comes after all
+//! was reordered, not lost; SERVFAIL and REFUSED back that resolver off. Queries go to
+//! the resolver with the least load for its window, so the resolvers carry
+//! what each can ([`resolvers`](super::resolvers)); one that falls silent
+//! or turns lossy is set aside at once and tried again later, its queries'
+//! fragments going again through the others.
 //!
-//! Encoding: names start in base32, which always works. After
-//! [`PROBE_ENCODING_AFTER`] answers in a row, outside any fallback, the next
-//! query goes out in base128 (7 bits per character, 8-bit label bytes):
-//! when a TXT answer for it comes back (the server decoded it), upstream
-//! switches to base128 (about 40% more per query); when it fails (an error
-//! code, NODATA, a timeout, a mangled name), base32 stays, and the probe is
-//! tried again after [`REPROBE_MIN`], doubling up to [`REPROBE_MAX`]. Every
-//! fallback of the path parameters also returns to base32, and a run of
-//! timeouts in base128 drops the encoding first.
+//! Bare polls keep the downstream going: at least [`MIN_POLLS`] are out
+//! (when the path is in use), one more for every answer that brings data
+//! while the server says more waits, one fewer for every poll the server
+//! held to its end without data, never more than the windows.
 //!
-//! Record types ([`AnswerType`], most preferred first: NULL, TXT, CNAME,
-//! MX, SRV, AAAA, A): it starts on TXT. After [`PROBE_TYPE_AFTER`] answers
-//! in a row, one query (never the base128 probe) asks for the most
-//! preferred type above the one in use that is not backing off; an answer
-//! of that type whose fragments all parse switches to it, anything else
-//! backs that type off ([`REPROBE_MIN`] doubling up to [`REPROBE_MAX`]).
-//! [`TYPE_FAILURES`] failures in a row of the type in use (REFUSED,
-//! NXDOMAIN, NODATA, garbled records, FORMERR/NOTIMP that neither a long
-//! name nor EDNS0 explains; NODATA to a base128 name drops base128 instead)
-//! step it down to the next type below that is not
-//! backing off, so a path that filters TXT still works and one that loses
-//! NULL falls back to TXT until a probe finds NULL again. A run of timeouts
-//! steps NULL down right after base128, and any type once EDNS0 and long
-//! names are gone too (a path may drop a type silently).
+//! # What the path carries
+//!
+//! Sizes each way ([`sizes`](super::sizes)): the query name's length (the
+//! user's cap, lowered where long queries vanish, probed up again), a
+//! payload option straight to the server, and the answer size (1232 at
+//! first; 512 after truncation; 4080 where an answer that large arrives).
+//! Encoding and record type ([`ladder`](super::ladder)): base32 then
+//! base128, TXT then NULL, down the ladder where types fail. A resolver
+//! that falls silent and then answers a minimal query at once (a bare poll
+//! in base32, TXT, 512 bytes) tells that the path drops what the client
+//! sends now: one of those steps down, the newest first (base128, a type
+//! above TXT, the option, answers beyond 1232, EDNS0, the name length, the
+//! type).
 //!
 //! Upstream fragments whose query failed are sent again only within
 //! [`RETRY_WINDOW`] of the first try (and at most [`MAX_TRIES`] times):
@@ -62,56 +53,47 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::{CLASSIC_SIZE, EDNS_SIZE, UP_HEADER_LEN, UpHeader};
+use super::ladder::{Ladder, LadderStats, PROBE_AFTER};
+use super::resolvers::{Aside, Failed, Load, ResolverInfo, Resolvers};
+use super::sizes::{Probe, Sizes, SizesInfo};
+use super::{
+    CLASSIC_SIZE, DownHeader, PAD_ANSWER, PADDING_HEADER_LEN, TAG_MASK, UP_HEADER_LEN, UpHeader,
+};
 use crate::DropReason;
 use crate::frag::{Fragmenter, Limits, Reassembler};
+use crate::transport::congestion::CongestionStats;
 use crate::wire::dns::{
-    Answer, AnswerType, BASE128_MARKER, Domain, MAX_NAME_LEN, Name, NameEncoding, build_query_as,
+    Answer, AnswerType, BASE128_MARKER, Domain, Name, NameEncoding, build_query_with,
     encode_name_as, parse_answer,
 };
 
-/// The fewest queries in flight (idle).
-pub const MIN_IN_FLIGHT: usize = 2;
-/// The most queries in flight.
-pub const MAX_IN_FLIGHT: usize = 32;
-/// A query unanswered this long is lost: the server's hold plus room for
-/// the resolver's own retries.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-/// The most queries a second, on average: polite to a resolver (unbound
-/// serves tens of thousands), and room for several Mbit/s.
-pub const MAX_RATE: f64 = 8000.0;
-/// The first back-off after a failure.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// The longest back-off.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
-/// The name length used after falling back (resolvers and middleboxes that
-/// refuse long names usually allow about 100 characters).
-pub const SHORT_NAME_LEN: usize = 96;
-/// Timeouts in a row that step the path parameters down.
-pub const FALLBACK_AFTER_TIMEOUTS: u32 = 6;
-/// Long-name failures (with short names getting through) that shorten names.
+/// The fewest bare polls out while the path is in use.
+pub const MIN_POLLS: usize = 2;
+/// The most bare polls out (over all resolvers): a resolver serves other
+/// clients too, and drops the oldest queries it waits on when its list is
+/// full (unbound keeps 1024 a thread).
+pub const MAX_POLLS: usize = 512;
+/// A query given up on (lost: unanswered a round trip and its deviations
+/// after it went, or the server's hold beyond that if it may be held) is
+/// still listed this long after it went, so a late answer still delivers
+/// its data.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(4);
+/// Long-name failures (with shorter names answered) that lower the cap.
 pub const LONG_FAILURES: u32 = 2;
-/// First wait before trying the full parameters again.
-pub const REPROBE_MIN: Duration = Duration::from_secs(30);
-/// Longest wait between probes.
-pub const REPROBE_MAX: Duration = Duration::from_secs(600);
 /// A failed fragment is sent again only this soon after its first try.
 pub const RETRY_WINDOW: Duration = Duration::from_millis(2500);
-/// Tries per fragment.
-pub const MAX_TRIES: u8 = 2;
-/// Answers in a row (outside a fallback) before base128 is probed.
-pub const PROBE_ENCODING_AFTER: u32 = 8;
-/// Answers in a row before a better record type is probed.
-pub const PROBE_TYPE_AFTER: u32 = 8;
-/// Failures in a row of the record type in use (REFUSED, NOTIMP, NODATA, a
-/// garbled answer...) that step it down the ladder.
-pub const TYPE_FAILURES: u32 = 3;
+/// Tries per fragment (a query lost one time in ten then costs the inner
+/// TCP one fragment in a thousand).
+pub const MAX_TRIES: u8 = 3;
 /// Upstream messages waiting to be split; more are dropped.
-pub const MAX_UP_QUEUE: usize = 64;
+pub const MAX_UP_QUEUE: usize = 1024;
+/// An upstream message waiting longer than this is dropped (the inner
+/// TCP sees the loss and slows down, instead of a queue growing).
+pub const MAX_UP_WAIT: Duration = Duration::from_millis(500);
 /// Partial downstream messages are dropped this long after their first fragment.
 pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A query to send to the resolver.
+/// A query to send to a resolver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Query {
     /// The DNS message id.
@@ -121,36 +103,43 @@ pub struct Query {
 }
 
 /// What the status shows of the DNS path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PathInfo {
     /// How upstream bytes are encoded in names.
     pub encoding: &'static str,
     /// The record type of queries and answers.
     pub record_type: &'static str,
-    /// The EDNS0 size advertised, `None` without EDNS0 (512-byte answers).
-    pub edns_size: Option<u16>,
-    /// The longest query name in use.
-    pub max_name_len: usize,
+    /// The sizes each way.
+    pub sizes: SizesInfo,
     /// Upstream fragment bytes per query.
     pub upstream_fragment: usize,
-    /// Largest answer the client takes.
-    pub downstream_limit: usize,
-    /// Queries in flight now.
+    /// Queries in flight now (over all resolvers).
     pub in_flight: usize,
-    /// Queries the client wants in flight.
-    pub target: usize,
-    /// The congestion window.
+    /// Bare polls out now, and how many the client wants out.
+    pub polls: usize,
+    /// See [`PathInfo::polls`].
+    pub poll_target: usize,
+    /// The resolvers' windows together.
     pub window: usize,
-    /// The current back-off (zero when none).
-    pub backoff: Duration,
+    /// The resolver carrying the most.
+    pub primary: usize,
+    /// Each resolver, in the order given.
+    pub resolvers: Vec<ResolverInfo>,
     /// Counters.
     pub stats: UplinkStats,
 }
 
-/// Counters of the uplink.
+impl PathInfo {
+    /// The congestion state of the resolver carrying the most.
+    pub fn primary_congestion(&self) -> CongestionStats {
+        self.resolvers[self.primary].congestion
+    }
+}
+
+/// Counters of the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UplinkStats {
-    /// Queries sent (data and polls).
+    /// Queries sent (data, polls, probes).
     pub queries: u64,
     /// Queries that carried a fragment.
     pub data_queries: u64,
@@ -171,12 +160,14 @@ pub struct UplinkStats {
     /// Fragments sent again.
     pub retried: u64,
     /// Upstream fragments or messages dropped (retries used up, too big for
-    /// the path after a fallback, queue full).
+    /// the path after a fallback, queue full or waited too long).
     pub lost: u64,
-    /// Times the path parameters stepped down.
+    /// Times a path parameter stepped down (sizes, encoding, type).
     pub fallbacks: u64,
-    /// Times the full parameters were tried again.
+    /// Size probes sent.
     pub reprobes: u64,
+    /// Size probes that failed.
+    pub reprobe_failures: u64,
     /// Queries sent in base128 to probe the path.
     pub encoding_probes: u64,
     /// Base128 probes that failed.
@@ -187,6 +178,8 @@ pub struct UplinkStats {
     pub type_probe_failures: u64,
     /// Times the record type stepped down the ladder.
     pub type_fallbacks: u64,
+    /// Times a resolver was set aside.
+    pub set_asides: u64,
     /// Responses that matched no query in flight, or did not parse.
     pub unexpected: u64,
 }
@@ -197,20 +190,100 @@ struct UpFrag {
     tries: u8,
 }
 
+/// What a query is for.
+enum Purpose {
+    /// Carries a fragment (or re-asks an answer that came truncated).
+    Data(Option<UpFrag>),
+    /// A bare poll.
+    Poll,
+    /// Tests a size.
+    Size(Probe),
+    /// Tries a resolver set aside.
+    Try,
+}
+
 struct InFlight {
-    id: u16,
+    resolver: usize,
     name: Name,
     qseq: u16,
+    sent: Instant,
+    purpose: Purpose,
+    /// What it counts as in its resolver's windows (`None`: nothing; given
+    /// up on, or a try).
+    load: Option<Load>,
+    /// Lost (or its resolver set aside): a late answer still counts for
+    /// its data, nothing else.
+    given_up: bool,
+    /// Its resolver was set aside after it went.
+    aside: bool,
+    /// Overdue: its resolver's controller took it as lost already.
+    overdue: bool,
+    /// The server answers it at once.
+    prompt: bool,
     /// A re-ask of an answer that came truncated.
     reask: bool,
-    sent: Instant,
-    frag: Option<UpFrag>,
-    long: bool,
-    edns: bool,
+    /// The name's length (characters, no trailing dot).
+    name_len: usize,
+    /// The answer size asked for.
+    down: usize,
+    /// It carried a payload option.
+    option: bool,
     /// The record type asked for.
     rtype: AnswerType,
 }
 
+impl InFlight {
+    /// Whether its fate tells its resolver's controller anything: not a
+    /// try, nor a query of a resolver set aside.
+    fn purpose_counts(&self) -> bool {
+        !matches!(self.purpose, Purpose::Try) && !self.aside
+    }
+
+    /// Whether its loss is still news to its resolver's controller.
+    fn loss_counts(&self) -> bool {
+        self.purpose_counts() && !self.overdue
+    }
+
+    /// What a late answer needs of a query given up on (its name is
+    /// cloned by the caller).
+    fn shell(&self) -> Self {
+        Self {
+            resolver: self.resolver,
+            name: Name::root(),
+            qseq: self.qseq,
+            sent: self.sent,
+            purpose: Purpose::Poll,
+            load: None,
+            given_up: true,
+            aside: self.aside,
+            overdue: self.overdue,
+            prompt: self.prompt,
+            reask: self.reask,
+            name_len: self.name_len,
+            down: self.down,
+            option: self.option,
+            rtype: self.rtype,
+        }
+    }
+}
+
+/// How one query is made: see [`DnsClient::make_query`].
+struct Spec {
+    resolver: usize,
+    purpose: Purpose,
+    /// A re-ask: the qseq of the query whose answer came truncated.
+    reask: Option<u16>,
+    rtype: AnswerType,
+    /// Force base32 (tries and size probes test the basics).
+    base32: bool,
+    down: usize,
+    edns: Option<u16>,
+    /// The server must not hold it.
+    prompt: bool,
+}
+
+/// How a query failed.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Failure {
     Timeout,
     ServFail,
@@ -218,117 +291,95 @@ enum Failure {
     Other,
 }
 
-/// The client's DNS uplink: see the module docs.
-pub struct DnsUplink {
+/// The client half of the DNS transport: see the module docs. Resolvers
+/// are numbered `0..n` in the order given; the driver knows what they are
+/// (an address over UDP, a DoT or DoH server).
+pub struct DnsClient {
     domain: Domain,
     tag: u32,
     rng: u64,
     qseq: u16,
     fragmenter: Fragmenter,
-    messages: VecDeque<Vec<u8>>,
+    /// Upstream messages waiting, with when they came.
+    messages: VecDeque<(Instant, Vec<u8>)>,
     frags: VecDeque<UpFrag>,
     reassembler: Reassembler<()>,
     delivered: VecDeque<Vec<u8>>,
     in_flight: HashMap<u16, InFlight>,
     /// Queries whose answer came truncated, to ask again for less.
     reask: VecDeque<u16>,
-    target: usize,
-    window: usize,
-    acked: usize,
-    /// Tokens for [`MAX_RATE`], and when they were counted.
-    tokens: f64,
-    tokens_at: Option<Instant>,
-    backoff: Duration,
-    backoff_until: Option<Instant>,
-    last_cut: Option<Instant>,
-    edns: bool,
-    long_names: bool,
-    timeouts_in_row: u32,
-    long_failures: u32,
-    short_ok: bool,
-    reprobe_at: Option<Instant>,
-    reprobe_wait: Duration,
-    last_reprobe: Option<Instant>,
-    /// How names are encoded now.
-    encoding: NameEncoding,
-    /// Answers in a row.
-    good_in_row: u32,
-    /// Base128 answered its last probe (and failed none since).
-    base128_ok: bool,
-    /// The base128 probe in flight (its DNS id).
-    encoding_probe: Option<u16>,
-    /// No base128 probe before then (the last one failed).
-    encoding_retry_at: Option<Instant>,
-    encoding_wait: Duration,
-    /// The record type of queries and answers now.
-    rtype: AnswerType,
-    /// The record type probe in flight: its DNS id and the type.
-    type_probe: Option<(u16, AnswerType)>,
-    /// Per type (in [`AnswerType::ALL`] order): no probe before then, and
-    /// the wait after its next failure.
-    type_retry_at: [Option<Instant>; 7],
-    type_wait: [Duration; 7],
-    /// Failures in a row of the type in use.
-    type_failures_in_row: u32,
-    /// Failed queries (timeouts, error codes) since the last answer.
-    failures_in_row: u32,
+    resolvers: Resolvers,
+    poll_target: usize,
     /// Keep bare polls outstanding (the path is in use); else send only
     /// queries that carry data.
     polling: bool,
+    sizes: Sizes,
+    ladder: Ladder,
+    /// The size probe in flight (its DNS id).
+    size_probe: Option<u16>,
+    /// Answers in a row.
+    good_in_row: u32,
+    /// Long-name failures in a row.
+    long_failures: u32,
+    /// Rounds of failures since the last answer with data: a failure counts
+    /// if its query was sent after the last one counted.
+    failures_in_row: u32,
+    last_failure: Option<Instant>,
+    /// The last answer said data waits at the server (a download): polls
+    /// are prompt, so their losses show within a round trip.
+    backlog: bool,
+    /// When queries given up on were last cleared out.
+    swept: Option<Instant>,
+    /// The latest time seen (for `next_timeout`).
+    now: Option<Instant>,
     stats: UplinkStats,
 }
 
-impl DnsUplink {
-    /// An uplink to the server of `domain`, as client `tag` (random, from
-    /// the caller); `seed` seeds the DNS message ids and first message id.
-    pub fn new(domain: Domain, tag: u32, seed: u64) -> Self {
+impl DnsClient {
+    /// A client of the server of `domain` through `resolvers` resolvers (at
+    /// least one), as client `tag` (random, from the caller), query names
+    /// capped at `max_query` characters (`None`: 253); `seed` seeds the DNS
+    /// message ids and the first message id; `now` starts the resolvers'
+    /// congestion controllers.
+    pub fn new(
+        domain: Domain,
+        resolvers: usize,
+        max_query: Option<usize>,
+        tag: u32,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let first = next_random(&mut rng) as u16;
         Self {
+            sizes: Sizes::new(&domain, max_query),
             domain,
-            tag,
-            rng,
+            tag: tag & TAG_MASK,
             qseq: next_random(&mut rng) as u16,
+            rng,
             fragmenter: Fragmenter::new(first),
             messages: VecDeque::new(),
             frags: VecDeque::new(),
             reassembler: Reassembler::new(Limits {
                 timeout: REASSEMBLY_TIMEOUT,
-                max_partials_per_key: 64,
-                max_bytes: 1 << 20,
+                max_partials_per_key: 256,
+                max_bytes: 4 << 20,
             }),
             delivered: VecDeque::new(),
             in_flight: HashMap::new(),
             reask: VecDeque::new(),
-            target: MIN_IN_FLIGHT,
-            window: MAX_IN_FLIGHT / 2,
-            acked: 0,
-            tokens: MAX_IN_FLIGHT as f64,
-            tokens_at: None,
-            backoff: Duration::ZERO,
-            backoff_until: None,
-            last_cut: None,
-            edns: true,
-            long_names: true,
-            timeouts_in_row: 0,
-            long_failures: 0,
-            short_ok: false,
-            reprobe_at: None,
-            reprobe_wait: REPROBE_MIN,
-            last_reprobe: None,
-            encoding: NameEncoding::Base32,
-            good_in_row: 0,
-            base128_ok: false,
-            encoding_probe: None,
-            encoding_retry_at: None,
-            encoding_wait: REPROBE_MIN,
-            rtype: AnswerType::Txt,
-            type_probe: None,
-            type_retry_at: [None; 7],
-            type_wait: [REPROBE_MIN; 7],
-            type_failures_in_row: 0,
-            failures_in_row: 0,
+            resolvers: Resolvers::new(resolvers, now),
+            poll_target: MIN_POLLS,
             polling: true,
+            ladder: Ladder::default(),
+            size_probe: None,
+            good_in_row: 0,
+            long_failures: 0,
+            failures_in_row: 0,
+            last_failure: None,
+            backlog: false,
+            swept: None,
+            now: None,
             stats: UplinkStats::default(),
         }
     }
@@ -339,15 +390,10 @@ impl DnsUplink {
         self.polling = on;
     }
 
-    /// Queries that failed (timed out, or got an error code) since the
-    /// last answer: a path whose resolver broke says so fast.
+    /// Rounds of failed queries (timed out, or an error code) since the
+    /// last answer: a path whose resolvers broke says so fast.
     pub fn failures_in_row(&self) -> u32 {
         self.failures_in_row
-    }
-
-    /// Bare polls to keep in flight.
-    fn poll_target(&self) -> usize {
-        if self.polling { self.target } else { 0 }
     }
 
     /// The client's tag.
@@ -355,61 +401,74 @@ impl DnsUplink {
         self.tag
     }
 
+    /// The resolver carrying the most now.
+    pub fn resolver(&self) -> usize {
+        self.resolvers.primary()
+    }
+
+    /// How many resolvers there are.
+    pub fn resolvers(&self) -> usize {
+        self.resolvers.len()
+    }
+
     /// The counters.
     pub fn stats(&self) -> UplinkStats {
-        self.stats
+        let mut s = self.stats;
+        let l: LadderStats = self.ladder.stats();
+        s.encoding_probes = l.encoding_probes;
+        s.encoding_failures = l.encoding_failures;
+        s.type_probes = l.type_probes;
+        s.type_probe_failures = l.type_probe_failures;
+        s.type_fallbacks = l.type_fallbacks;
+        let z = self.sizes.info().stats;
+        s.reprobes = z.probes;
+        s.reprobe_failures = z.probe_failures;
+        s.fallbacks += z.fallbacks;
+        s
     }
 
     /// The DNS path's parameters, for status.
-    pub fn path_info(&self) -> PathInfo {
+    pub fn path_info(&self, now: Instant) -> PathInfo {
         PathInfo {
-            encoding: self.encoding.as_str(),
-            record_type: self.rtype.as_str(),
-            edns_size: self.edns.then_some(EDNS_SIZE),
-            max_name_len: self.max_name_len(),
+            encoding: self.ladder.encoding().as_str(),
+            record_type: self.ladder.rtype().as_str(),
+            sizes: self.sizes.info(),
             upstream_fragment: self.fragment_len(),
-            downstream_limit: self.down_limit(),
             in_flight: self.in_flight.len(),
-            target: self.target,
-            window: self.window,
-            backoff: self.backoff,
-            stats: self.stats,
+            polls: self.resolvers.in_flight(Load::Poll),
+            poll_target: self.poll_target(),
+            window: self.resolvers.total_window(),
+            primary: self.resolvers.primary(),
+            resolvers: self.resolvers.info(now),
+            stats: self.stats(),
         }
     }
 
-    /// The longest query name in use.
-    pub fn max_name_len(&self) -> usize {
-        if self.long_names {
-            MAX_NAME_LEN
-        } else {
-            SHORT_NAME_LEN
-        }
+    /// Bare polls to keep in flight.
+    fn poll_target(&self) -> usize {
+        if self.polling { self.poll_target } else { 0 }
     }
 
-    /// The largest answer we take.
-    fn down_limit(&self) -> usize {
-        if self.edns {
-            usize::from(EDNS_SIZE)
-        } else {
-            CLASSIC_SIZE
-        }
-    }
-
-    /// Fragment bytes (header included) one query carries.
+    /// Fragment bytes (header included) one query carries: in the payload
+    /// option where the path takes one, else in the name.
     fn fragment_len(&self) -> usize {
-        self.domain
-            .upstream_capacity_as(self.max_name_len(), self.encoding)
-            .saturating_sub(UP_HEADER_LEN)
+        match self.sizes.option_len() {
+            0 => self
+                .sizes
+                .name_capacity(&self.domain, self.ladder.encoding())
+                .saturating_sub(UP_HEADER_LEN),
+            n => n,
+        }
     }
 
     /// Queue an upstream tunnel message.
     pub fn send(&mut self, now: Instant, message: &[u8]) {
-        let _ = now;
+        self.now = Some(now);
         if self.messages.len() >= MAX_UP_QUEUE {
             self.stats.lost += 1;
             return;
         }
-        self.messages.push_back(message.to_vec());
+        self.messages.push_back((now, message.to_vec()));
     }
 
     /// Whether there is upstream data waiting.
@@ -417,71 +476,171 @@ impl DnsUplink {
         !self.frags.is_empty() || !self.messages.is_empty() || !self.reask.is_empty()
     }
 
-    fn refill(&mut self, now: Instant) {
-        if let Some(at) = self.tokens_at {
-            let earned = now.saturating_duration_since(at).as_secs_f64() * MAX_RATE;
-            self.tokens = (self.tokens + earned).min(MAX_IN_FLIGHT as f64);
+    /// The next query to send, and to which resolver, if pacing allows one now.
+    pub fn poll_query(&mut self, now: Instant) -> Option<(usize, Query)> {
+        self.now = Some(now);
+        self.expire(now);
+        if let Some(i) = self.resolvers.retry_due(now) {
+            return self.try_resolver(now, i);
         }
-        self.tokens_at = Some(now);
+        if self.has_data()
+            && let Some(q) = self.data_query(now)
+        {
+            return Some(q);
+        }
+        if !self.polling {
+            return None;
+        }
+        if self.size_probe.is_none()
+            && self.good_in_row >= PROBE_AFTER
+            && let Some(probe) = self.sizes.probe_due(now)
+            && let Some(i) = self.resolvers.pick(now, Load::Poll)
+        {
+            return self.size_probe_query(now, i, probe);
+        }
+        if self.resolvers.in_flight(Load::Poll) < self.poll_target()
+            && let Some(i) = self.resolvers.pick(now, Load::Poll)
+        {
+            let spec = self.spec(i, Purpose::Poll);
+            return self.make_query(now, spec);
+        }
+        None
     }
 
-    /// The next query to send, if pacing allows one now.
-    pub fn poll_query(&mut self, now: Instant) -> Option<Query> {
-        self.expire(now);
-        if self.backoff_until.is_some_and(|t| now < t) {
-            return None;
+    /// A re-ask or a fragment, to the resolver that may take one.
+    fn data_query(&mut self, now: Instant) -> Option<(usize, Query)> {
+        let i = self.resolvers.pick(now, Load::Data)?;
+        if let Some(qseq) = self.reask.pop_front() {
+            let mut spec = self.spec(i, Purpose::Data(None));
+            spec.reask = Some(qseq);
+            return self.make_query(now, spec);
         }
-        self.refill(now);
-        if self.tokens < 1.0 {
-            return None;
-        }
-        if self.in_flight.len() >= self.window {
-            return None;
-        }
-        let reask = self.reask.pop_front();
-        let frag = if reask.is_some() {
-            None
-        } else if self.has_data() {
-            self.next_fragment(now)
-        } else {
-            None
+        let frag = self.next_fragment(now)?;
+        let spec = self.spec(i, Purpose::Data(Some(frag)));
+        self.make_query(now, spec)
+    }
+
+    /// A query to `resolver` with the path's current parameters. Data is
+    /// answered at once on the path in use (polls are held there for the
+    /// downstream), and so are polls while data waits at the server.
+    fn spec(&self, resolver: usize, purpose: Purpose) -> Spec {
+        let prompt = match purpose {
+            Purpose::Data(_) => self.polling,
+            Purpose::Poll => self.backlog,
+            Purpose::Size(_) | Purpose::Try => true,
         };
-        if reask.is_none()
-            && frag.is_none()
-            && self.in_flight.len() >= self.poll_target().min(self.window)
-        {
-            return None;
+        Spec {
+            resolver,
+            purpose,
+            reask: None,
+            rtype: self.ladder.rtype(),
+            base32: false,
+            down: self.sizes.down(),
+            edns: self.sizes.edns(),
+            prompt,
         }
-        let mut payload = vec![0u8; UP_HEADER_LEN];
+    }
+
+    /// A minimal query to resolver `i`, set aside: does it answer at all?
+    fn try_resolver(&mut self, now: Instant, i: usize) -> Option<(usize, Query)> {
+        let spec = Spec {
+            resolver: i,
+            purpose: Purpose::Try,
+            reask: None,
+            rtype: AnswerType::Txt,
+            base32: true,
+            down: CLASSIC_SIZE,
+            edns: None,
+            prompt: true,
+        };
+        self.make_query(now, spec)
+    }
+
+    /// A probe of a size, as a bare poll with padding, to `i`.
+    fn size_probe_query(&mut self, now: Instant, i: usize, probe: Probe) -> Option<(usize, Query)> {
+        let mut spec = self.spec(i, Purpose::Size(probe));
+        spec.base32 = true;
+        if let Probe::Down(size) = probe {
+            spec.down = usize::from(size);
+            spec.edns = (spec.down > CLASSIC_SIZE).then_some(size);
+        } else {
+            // Answers to name and option probes stay small.
+            spec.down = CLASSIC_SIZE;
+            spec.edns = self.sizes.edns().map(|_| CLASSIC_SIZE as u16);
+        }
+        let q = self.make_query(now, spec)?;
+        self.size_probe = Some(q.1.id);
+        self.sizes.probe_sent();
+        Some(q)
+    }
+
+    /// The upstream payload of a query: its name's part and its option's.
+    fn payload(&self, spec: &Spec, qseq: u16, encoding: NameEncoding) -> (Vec<u8>, Vec<u8>) {
+        let mut name = vec![0u8; UP_HEADER_LEN];
         UpHeader {
             tag: self.tag,
-            qseq: reask.unwrap_or(self.qseq),
-            down_limit: self.down_limit(),
+            prompt: spec.prompt,
+            qseq,
+            down_limit: spec.down,
         }
-        .emit(&mut payload);
-        if let Some(f) = &frag {
-            payload.extend_from_slice(&f.bytes);
+        .emit(&mut name);
+        let mut option = Vec::new();
+        match &spec.purpose {
+            Purpose::Data(Some(f)) if f.bytes.len() > self.name_room(encoding) => {
+                option.extend_from_slice(&f.bytes);
+            }
+            Purpose::Data(Some(f)) => name.extend_from_slice(&f.bytes),
+            Purpose::Size(Probe::NameLen(len)) => {
+                let room = self.domain.upstream_capacity_as(*len, encoding);
+                super::emit_padding(&mut name, room.saturating_sub(UP_HEADER_LEN), 0);
+            }
+            Purpose::Size(Probe::Down(_)) => {
+                super::emit_padding(&mut name, PADDING_HEADER_LEN, PAD_ANSWER);
+            }
+            Purpose::Size(Probe::Option(len)) => super::emit_padding(&mut option, *len, 0),
+            Purpose::Data(None) | Purpose::Poll | Purpose::Try => {}
         }
-        // Probe base128 with this query? (Its fragment, sized for base32,
-        // fits: base128 carries more.)
-        let probe = self.encoding == NameEncoding::Base32
-            && self.encoding_probe.is_none()
-            && self.good_in_row >= PROBE_ENCODING_AFTER
-            && self.reprobe_at.is_none()
-            && self.encoding_retry_at.is_none_or(|t| now >= t);
-        let base32_len = self
-            .domain
-            .upstream_capacity_as(self.max_name_len(), NameEncoding::Base32);
-        let encoding = if probe || payload.len() > base32_len {
+        (name, option)
+    }
+
+    /// Fragment bytes that fit the name in `encoding`.
+    fn name_room(&self, encoding: NameEncoding) -> usize {
+        self.sizes
+            .name_capacity(&self.domain, encoding)
+            .saturating_sub(UP_HEADER_LEN)
+    }
+
+    /// Build and record one query.
+    fn make_query(&mut self, now: Instant, spec: Spec) -> Option<(usize, Query)> {
+        let qseq = spec.reask.unwrap_or(self.qseq);
+        let regular = matches!(spec.purpose, Purpose::Data(_) | Purpose::Poll) && !spec.base32;
+        // Probe base128 with this query? (A fragment sized for base32 fits:
+        // base128 carries more.)
+        let probe_encoding = regular && self.ladder.encoding_probe_due(now, self.good_in_row);
+        let encoding = if spec.base32 {
+            NameEncoding::Base32
+        } else if probe_encoding {
             NameEncoding::Base128
         } else {
-            self.encoding
+            self.ladder.encoding()
+        };
+        let (name_part, option) = self.payload(&spec, qseq, encoding);
+        // A fragment split for base128 before a fallback still goes in it.
+        let base32_room = self.sizes.name_capacity(&self.domain, NameEncoding::Base32);
+        let encoding = if name_part.len() > base32_room && !spec.base32 {
+            NameEncoding::Base128
+        } else {
+            encoding
         };
         // Probe a better record type with this query? (Not one that probes
         // the encoding: a failure must say which one failed.)
-        let type_probe = if probe { None } else { self.type_to_probe(now) };
-        let rtype = type_probe.unwrap_or(self.rtype);
-        let Ok(name) = encode_name_as(&self.domain, &payload, encoding) else {
+        let type_probe = if regular && !probe_encoding {
+            self.ladder.type_to_probe(now, self.good_in_row)
+        } else {
+            None
+        };
+        let rtype = type_probe.unwrap_or(spec.rtype);
+        let Ok(name) = encode_name_as(&self.domain, &name_part, encoding) else {
             self.stats.lost += 1;
             return None;
         };
@@ -489,57 +648,78 @@ impl DnsUplink {
         while self.in_flight.contains_key(&id) {
             id = id.wrapping_add(1);
         }
-        let bytes = build_query_as(id, &name, rtype, self.edns.then_some(EDNS_SIZE)).ok()?;
-        let qseq = reask.unwrap_or(self.qseq);
-        if reask.is_none() {
+        let bytes = build_query_with(id, &name, rtype, spec.edns, &option).ok()?;
+        if spec.reask.is_none() {
             self.qseq = self.qseq.wrapping_add(1);
         }
-        self.tokens -= 1.0;
         self.stats.queries += 1;
-        if probe {
-            self.encoding_probe = Some(id);
-            self.stats.encoding_probes += 1;
+        if probe_encoding {
+            self.ladder.encoding_probe_sent(id);
         }
         if let Some(t) = type_probe {
-            self.type_probe = Some((id, t));
-            self.stats.type_probes += 1;
+            self.ladder.type_probe_sent(id, t);
         }
-        let long = name.len() > SHORT_NAME_LEN + 1;
-        if let Some(f) = &frag {
-            self.stats.data_queries += 1;
-            if f.tries > 0 {
-                self.stats.retried += 1;
+        let load = match spec.purpose {
+            Purpose::Data(_) => Some(Load::Data),
+            Purpose::Poll | Purpose::Size(_) => Some(Load::Poll),
+            Purpose::Try => None,
+        };
+        match load {
+            Some(load) => self
+                .resolvers
+                .sent(spec.resolver, now, load, id, spec.prompt),
+            None => self.resolvers.trying(spec.resolver, now, id),
+        }
+        let purpose = match spec.purpose {
+            Purpose::Data(Some(mut f)) => {
+                self.stats.data_queries += 1;
+                if f.tries > 0 {
+                    self.stats.retried += 1;
+                }
+                f.tries += 1;
+                Purpose::Data(Some(f))
             }
-        }
+            p => p,
+        };
+        let name_len = name.len().saturating_sub(1);
         self.in_flight.insert(
             id,
             InFlight {
-                id,
+                resolver: spec.resolver,
                 name,
                 qseq,
-                reask: reask.is_some(),
                 sent: now,
-                frag: frag.map(|mut f| {
-                    f.tries += 1;
-                    f
-                }),
-                long,
-                edns: self.edns,
+                purpose,
+                load,
+                given_up: false,
+                aside: false,
+                overdue: false,
+                prompt: spec.prompt,
+                reask: spec.reask.is_some(),
+                name_len,
+                down: spec.down,
+                option: !option.is_empty(),
                 rtype,
             },
         );
-        Some(Query { id, bytes })
+        Some((spec.resolver, Query { id, bytes }))
     }
 
-    /// A datagram from the resolver. Complete downstream messages come out
-    /// of [`DnsUplink::poll_message`].
-    pub fn handle_response(&mut self, now: Instant, bytes: &[u8]) -> Result<(), DropReason> {
+    /// A datagram from resolver `resolver`. Complete downstream messages
+    /// come out of [`DnsClient::poll_message`].
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        resolver: usize,
+        bytes: &[u8],
+    ) -> Result<(), DropReason> {
+        self.now = Some(now);
         let Some(&[hi, lo]) = bytes.first_chunk::<2>() else {
             self.stats.unexpected += 1;
             return Err(DropReason::Malformed);
         };
         let id = u16::from_be_bytes([hi, lo]);
-        let Some(q) = self.in_flight.get(&id) else {
+        let Some(q) = self.in_flight.get(&id).filter(|q| q.resolver == resolver) else {
             self.stats.unexpected += 1;
             return Err(DropReason::UnexpectedResponse);
         };
@@ -550,58 +730,53 @@ impl DnsUplink {
                 return Err(e);
             }
         };
-        let mut q = self.in_flight.remove(&id).expect("checked");
+        let q = self.in_flight.remove(&id).expect("checked");
         self.stats.answers += 1;
-        if let Some((_, t)) = self.type_probe.filter(|&(p, _)| p == id) {
-            self.type_probe = None;
-            if intact(&answer) {
-                self.switch_type(t);
-            } else {
-                self.type_probe_failed(now, t);
-                self.good_in_row = 0;
-                if !matches!(
-                    answer,
-                    Answer::ServerFailure | Answer::Truncated | Answer::Data(_)
-                ) {
-                    // The probed type's fault and nothing else's: its
-                    // fragment goes again, at no cost of a try.
-                    if let Some(mut f) = q.frag.take() {
-                        f.tries -= 1;
-                        self.frags.push_front(f);
-                    }
-                    return Ok(());
+        if q.given_up {
+            self.late(now, id, q, answer);
+        } else {
+            self.answered(now, id, q, answer, bytes.len());
+        }
+        Ok(())
+    }
+
+    /// A late answer to a query given up on: its data still counts, and
+    /// its resolver is alive (the loss was counted already).
+    fn late(&mut self, now: Instant, id: u16, q: InFlight, answer: Answer) {
+        self.resolvers
+            .answered(q.resolver, now, id, (None, None), (None, false));
+        if let Answer::Data(p) = answer
+            && let Some((_, pieces)) = DownHeader::parse(&p)
+        {
+            for f in super::fragments(pieces).map_while(Result::ok) {
+                if let Some(m) = self.reassembler.push(now, (), f) {
+                    self.delivered.push_back(m.to_vec());
                 }
             }
         }
-        // Whether this answer says the type in use fails.
-        let current = q.rtype == self.rtype;
-        if self.encoding_probe == Some(id) {
-            // Only a TXT answer says the server decoded the name: NODATA
-            // comes for names it could not read.
-            self.encoding_probe = None;
-            if matches!(answer, Answer::Data(_)) {
-                self.encoding = NameEncoding::Base128;
-                self.base128_ok = true;
-                self.encoding_wait = REPROBE_MIN;
-                self.encoding_retry_at = None;
-            } else {
-                self.encoding_failed(now);
-                if matches!(answer, Answer::Empty) {
-                    // NODATA: the server could not read the name. Its
-                    // fragment goes again, in base32, at no cost of a try.
-                    if let Some(mut f) = q.frag {
-                        f.tries -= 1;
-                        self.frags.push_front(f);
-                    }
-                    self.good_in_row = 0;
-                    return Ok(());
-                }
-            }
+    }
+
+    /// What an answer (not an error code) says about the resolver, the
+    /// probes and the path.
+    fn answered(&mut self, now: Instant, id: u16, mut q: InFlight, answer: Answer, len: usize) {
+        let header = match &answer {
+            Answer::Data(p) => DownHeader::parse(p).map(|(h, _)| h),
+            _ => None,
+        };
+        let answer = match (answer, header) {
+            (Answer::Data(_), None) => Answer::Garbled, // too short for a header
+            (a, _) => a,
+        };
+        self.account(now, id, &mut q, &answer, header);
+        if self.probe_answered(now, id, &mut q, &answer, header, len) {
+            return;
         }
+        let current = q.rtype == self.ladder.rtype();
         match answer {
             Answer::Data(payload) => {
+                let (header, pieces) = DownHeader::parse(&payload).expect("checked above");
                 let mut carried = false;
-                for f in super::fragments(&payload) {
+                for f in super::fragments(pieces) {
                     let Ok(f) = f else { break };
                     carried = true;
                     if let Some(m) = self.reassembler.push(now, (), f) {
@@ -609,9 +784,10 @@ impl DnsUplink {
                     }
                 }
                 if current {
-                    self.type_failures_in_row = 0;
+                    self.ladder.type_works();
                 }
-                self.success(&q, carried);
+                self.sizes.answered(q.name_len, len);
+                self.success(&q, carried, header);
             }
             Answer::Empty | Answer::Garbled => {
                 // The server always answers with a record of the type
@@ -621,70 +797,258 @@ impl DnsUplink {
                 let base128 = q.name.iter().next().and_then(<[u8]>::first) == Some(&BASE128_MARKER);
                 if answer == Answer::Empty && base128 {
                     // (Once, not again for the base128 queries in flight.)
-                    if self.encoding == NameEncoding::Base128 {
-                        self.encoding_failed(now);
+                    if self.ladder.encoding() == NameEncoding::Base128 {
+                        self.ladder.encoding_failed(now);
                     }
                 } else if current {
-                    self.type_failed(now);
+                    self.ladder.type_failed(now);
                 }
-                if let Some(f) = q.frag.take() {
-                    self.retry_fragment(now, f);
-                }
+                self.retry(now, &mut q);
             }
             Answer::Truncated => {
                 // The query got through; the answer did not fit the path.
                 self.stats.truncated += 1;
-                if q.edns && self.edns {
-                    self.edns = false;
-                    self.fell_back(now);
-                }
+                self.sizes.truncated(now, q.down);
                 // The server still has the answer: ask for it again, now
-                // within 512 bytes (the same qseq: a retry to the server).
-                if q.edns && !q.reask {
+                // smaller (the same qseq: a retry to the server).
+                if q.down > CLASSIC_SIZE && !q.reask {
                     self.reask.push_back(q.qseq);
                 }
-                self.target = (self.target.saturating_sub(1)).max(MIN_IN_FLIGHT);
             }
             Answer::ServerFailure => {
                 self.stats.servfails += 1;
-                self.failure(now, q, Failure::ServFail);
+                self.failure(now, id, q, Failure::ServFail);
             }
             Answer::Refused => {
                 self.stats.refused += 1;
                 if current {
-                    self.type_failed(now);
+                    self.ladder.type_failed(now);
                 }
-                self.failure(now, q, Failure::Refused);
+                self.failure(now, id, q, Failure::Refused);
             }
-            Answer::Other(code @ (1 | 4)) => {
+            Answer::Other(1 | 4) => {
                 // FORMERR, NOTIMP: something in the query is not accepted.
-                let _ = code;
                 self.stats.errors += 1;
-                // Blame the name if it was long (even if names have been
-                // shortened since: then this is an older query's answer).
-                if q.long {
-                    if self.long_names {
-                        self.long_names = false;
-                        self.fell_back(now);
-                    }
-                } else if q.edns && self.edns {
-                    self.edns = false;
-                    self.fell_back(now);
-                } else if current && !q.edns {
-                    // Neither the name nor EDNS0: the record type.
-                    self.type_failed(now);
-                }
-                self.failure(now, q, Failure::Other);
+                self.not_accepted(now, &q, current);
+                self.failure(now, id, q, Failure::Other);
             }
             Answer::NameError | Answer::Other(_) => {
                 self.stats.errors += 1;
                 if current {
-                    self.type_failed(now);
+                    self.ladder.type_failed(now);
                 }
-                self.failure(now, q, Failure::Other);
+                self.failure(now, id, q, Failure::Other);
             }
         }
-        Ok(())
+    }
+
+    /// The answer to `q` for its resolver's standing and controller (done
+    /// here for every answer, once): an error code is a failure, anything
+    /// else an answer.
+    fn account(
+        &mut self,
+        now: Instant,
+        id: u16,
+        q: &mut InFlight,
+        answer: &Answer,
+        header: Option<DownHeader>,
+    ) {
+        let sent = q.purpose_counts().then_some(q.sent);
+        let counted = (q.load.take(), sent);
+        let how = match answer {
+            Answer::ServerFailure | Answer::Refused => Some(Failed::Rejected),
+            Answer::NameError | Answer::Other(_) => Some(Failed::Error),
+            _ => None,
+        };
+        let back = match how {
+            Some(how) => self.resolvers.failed(q.resolver, now, id, counted, how),
+            None => {
+                let rtt = match header {
+                    Some(h) if !h.held => Some(now.saturating_duration_since(q.sent)),
+                    _ => None,
+                };
+                let back = self
+                    .resolvers
+                    .answered(q.resolver, now, id, counted, (rtt, q.overdue));
+                // Back after silence, at its first try (a minimal query), and
+                // it answered with data: what the client sent before did not
+                // pass.
+                back.filter(|&(first, why)| first && why == Aside::Silent)
+                    .inspect(|_| self.resolver_back(now))
+            }
+        };
+        let _ = back;
+    }
+
+    /// FORMERR or NOTIMP to `q`: blame the newest thing in it the path may
+    /// not take: the option, a long name, EDNS0, else the record type.
+    fn not_accepted(&mut self, now: Instant, q: &InFlight, current: bool) {
+        if q.option {
+            self.sizes.silent_step(now);
+        } else if q.name_len > self.sizes.known_good().max(self.sizes.min_name_len()) {
+            self.sizes.long_failed(now, q.name_len);
+        } else if q.down > CLASSIC_SIZE {
+            self.sizes.edns_refused(now, q.down);
+        } else if current {
+            self.ladder.type_failed(now);
+        }
+    }
+
+    /// Handle the answer to a probe (encoding, type or size); whether the
+    /// answer is done with (the probe's own failure, nothing else's).
+    fn probe_answered(
+        &mut self,
+        now: Instant,
+        id: u16,
+        q: &mut InFlight,
+        answer: &Answer,
+        header: Option<DownHeader>,
+        len: usize,
+    ) -> bool {
+        if let Purpose::Size(p) = q.purpose {
+            self.size_probe = None;
+            match (answer, header) {
+                (Answer::Data(_), Some(h)) => {
+                    self.sizes
+                        .probe_answered(now, p, q.name_len, len, h.option_read);
+                }
+                _ => self.sizes.probe_failed(now, p, q.name_len),
+            }
+            return false;
+        }
+        if let Some(t) = self.ladder.take_type_probe(id) {
+            if intact(answer) {
+                self.ladder.switch_type(t);
+            } else {
+                self.ladder.type_probe_failed(now, t);
+                self.good_in_row = 0;
+                if !matches!(
+                    answer,
+                    Answer::ServerFailure | Answer::Truncated | Answer::Data(_)
+                ) {
+                    // The probed type's fault and nothing else's: its
+                    // fragment goes again, at no cost of a try.
+                    self.requeue_free(q);
+                    return true;
+                }
+            }
+        }
+        if self.ladder.take_encoding_probe(id) {
+            // Only a data answer says the server decoded the name: NODATA
+            // comes for names it could not read.
+            if matches!(answer, Answer::Data(_)) {
+                self.ladder.encoding_works();
+            } else {
+                self.ladder.encoding_failed(now);
+                if matches!(answer, Answer::Empty) {
+                    // Its fragment goes again, in base32, at no cost of a try.
+                    self.requeue_free(q);
+                    self.good_in_row = 0;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// `q`'s fragment to the front of the queue, its try not counted.
+    fn requeue_free(&mut self, q: &mut InFlight) {
+        if let Purpose::Data(f) = &mut q.purpose
+            && let Some(mut f) = f.take()
+        {
+            f.tries -= 1;
+            self.frags.push_front(f);
+        }
+    }
+
+    /// A resolver set aside for silence answered its first try (a minimal
+    /// query) at once: something the client sends now does not pass that
+    /// the try did. Step the newest down.
+    fn resolver_back(&mut self, now: Instant) {
+        self.stats.fallbacks += 1;
+        if self.ladder.encoding() == NameEncoding::Base128 {
+            self.ladder.encoding_failed(now);
+        } else if self.ladder.above_txt() || !self.sizes.silent_step(now) {
+            // Below TXT the size steps first; the type when it cannot.
+            self.ladder.step_type_down(now);
+        }
+    }
+
+    fn success(&mut self, q: &InFlight, carried: bool, header: DownHeader) {
+        if carried {
+            self.stats.data_answers += 1;
+        }
+        self.good_in_row = self.good_in_row.saturating_add(1);
+        self.failures_in_row = 0;
+        if q.name_len > self.sizes.min_name_len() {
+            self.long_failures = 0;
+        }
+        self.backlog = header.backlog > 0;
+        // Polls: one more while answers bring data and more waits, one
+        // fewer for each held to its end without data.
+        let most = self.resolvers.total_window().clamp(MIN_POLLS, MAX_POLLS);
+        if carried && header.backlog > 0 {
+            self.poll_target = (self.poll_target + 1).min(most);
+        } else if header.held && !carried {
+            self.poll_target = self.poll_target.saturating_sub(1).max(MIN_POLLS);
+        }
+        self.poll_target = self.poll_target.min(most);
+    }
+
+    fn failure(&mut self, now: Instant, id: u16, mut q: InFlight, kind: Failure) {
+        self.good_in_row = 0;
+        if self.last_failure.is_none_or(|t| q.sent >= t) {
+            self.last_failure = Some(now);
+            self.failures_in_row = self.failures_in_row.saturating_add(1);
+        }
+        if self.ladder.take_encoding_probe(id) {
+            self.ladder.encoding_failed(now);
+        }
+        if let Some(t) = self.ladder.take_type_probe(id) {
+            self.ladder.type_probe_failed(now, t);
+        }
+        if let Purpose::Size(p) = q.purpose
+            && self.size_probe == Some(id)
+        {
+            self.size_probe = None;
+            self.sizes.probe_failed(now, p, q.name_len);
+        }
+        // Long names failing while shorter ones pass.
+        if matches!(kind, Failure::Timeout | Failure::ServFail)
+            && q.name_len > self.sizes.known_good().max(self.sizes.min_name_len())
+            && matches!(q.purpose, Purpose::Data(_))
+        {
+            self.long_failures += 1;
+            if self.long_failures >= LONG_FAILURES && self.sizes.long_failed(now, q.name_len) {
+                self.long_failures = 0;
+            }
+        }
+        // An answer was accounted for on arrival; a timeout is here.
+        if kind == Failure::Timeout {
+            let sent = q.loss_counts().then_some(q.sent);
+            let counted = (q.load.take(), sent);
+            self.resolvers
+                .failed(q.resolver, now, id, counted, Failed::Lost);
+        }
+        self.retry(now, &mut q);
+    }
+
+    /// `q`'s fragment again, if still fresh.
+    fn retry(&mut self, now: Instant, q: &mut InFlight) {
+        if let Purpose::Data(f) = &mut q.purpose
+            && let Some(f) = f.take()
+        {
+            self.retry_fragment(now, f);
+        }
+    }
+
+    /// A fragment whose query failed: again, if still fresh.
+    fn retry_fragment(&mut self, now: Instant, f: UpFrag) {
+        if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
+            self.frags.push_front(f);
+        } else {
+            self.stats.lost += 1;
+        }
     }
 
     /// The next complete downstream message.
@@ -692,72 +1056,157 @@ impl DnsUplink {
         self.delivered.pop_front()
     }
 
-    /// When [`DnsUplink::handle_timeout`] (or [`DnsUplink::poll_query`])
+    /// When [`DnsClient::handle_timeout`] (or [`DnsClient::poll_query`])
     /// wants calling.
     pub fn next_timeout(&self) -> Option<Instant> {
-        let lost = self
-            .in_flight
-            .values()
-            .map(|q| q.sent + QUERY_TIMEOUT)
-            .min();
-        let wants = self.has_data() || self.in_flight.len() < self.poll_target();
-        let send = if wants && self.in_flight.len() < self.window {
-            let gap = self
-                .tokens_at
-                .filter(|_| self.tokens < 1.0)
-                .map(|t| t + Duration::from_secs_f64((1.0 - self.tokens) / MAX_RATE));
-            match (gap, self.backoff_until) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
+        let now = self.now?;
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
             }
-        } else {
-            None
         };
-        [lost, send, self.reassembler.next_timeout(), self.reprobe_at]
-            .into_iter()
-            .flatten()
-            .min()
+        for i in 0..self.resolvers.len() {
+            at(self.resolvers.loss_due(i));
+            at(self.resolvers.overdue_due(i));
+            at(self.resolvers.silence_due(i));
+        }
+        at(self.resolvers.next_retry());
+        if self.has_data() {
+            at(self.resolvers.next_send(now, Load::Data));
+        }
+        if self.resolvers.in_flight(Load::Poll) < self.poll_target() {
+            at(self.resolvers.next_send(now, Load::Poll));
+        }
+        at(self.reassembler.next_timeout());
+        at(self.messages.front().map(|(t, _)| *t + MAX_UP_WAIT));
+        t
     }
 
-    /// Time passed: queries lost, fragments expired, probes due.
+    /// Time passed: queries lost, resolvers set aside, fragments expired.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
         self.expire(now);
         self.reassembler.expire(now);
-        if self.reprobe_at.is_some_and(|t| now >= t) {
-            self.reprobe_at = None;
-            self.edns = true;
-            self.long_names = true;
-            self.last_reprobe = Some(now);
-            self.stats.reprobes += 1;
-        }
     }
 
     fn expire(&mut self, now: Instant) {
-        let lost: Vec<u16> = self
-            .in_flight
-            .iter()
-            .filter(|(_, q)| now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in lost {
-            let q = self.in_flight.remove(&id).expect("listed");
+        while self
+            .messages
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= MAX_UP_WAIT)
+        {
+            self.messages.pop_front();
+            self.stats.lost += 1;
+        }
+        for i in 0..self.resolvers.len() {
+            self.expire_resolver(now, i);
+        }
+        self.sweep(now);
+    }
+
+    /// Queries of resolver `i` overdue or lost; `i` set aside if silent or
+    /// sick.
+    fn expire_resolver(&mut self, now: Instant, i: usize) {
+        loop {
+            let in_flight = &self.in_flight;
+            let counted = |id: u16, at: Instant| {
+                in_flight
+                    .get(&id)
+                    .is_some_and(|q| q.sent == at && q.load.is_some())
+            };
+            let Some((due, id)) = self.resolvers.next_overdue(i, counted) else {
+                break;
+            };
+            if now < due {
+                break;
+            }
+            let q = self.in_flight.get_mut(&id).expect("counted");
+            let load = q.load.take().expect("counted");
+            q.overdue = true;
+            if q.purpose_counts() {
+                self.resolvers.overdue(i, now, load, q.sent);
+            }
+        }
+        loop {
+            let in_flight = &self.in_flight;
+            let alive = |id: u16, at: Instant| {
+                in_flight
+                    .get(&id)
+                    .is_some_and(|q| q.sent == at && !q.given_up)
+            };
+            let Some((due, id)) = self.resolvers.next_loss(i, alive) else {
+                break;
+            };
+            if now < due {
+                break;
+            }
+            let mut q = self.in_flight.remove(&id).expect("alive");
             self.stats.timeouts += 1;
-            self.failure(now, q, Failure::Timeout);
+            let late = InFlight {
+                purpose: Purpose::Poll,
+                load: None,
+                given_up: true,
+                name: q.name.clone(),
+                ..q.shell()
+            };
+            q.given_up = true;
+            self.failure(now, id, q, Failure::Timeout);
+            // Listed on: a late answer still brings its data.
+            self.in_flight.insert(id, late);
+        }
+        if let Some(why) = self.resolvers.verdict(i, now) {
+            self.set_aside(now, i, why);
+        }
+    }
+
+    /// Forget queries given up on long ago (a few times a second).
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(250))
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.in_flight
+            .retain(|_, q| !(q.given_up && now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT));
+    }
+
+    /// Set resolver `i` aside: its queries' fragments go again through the
+    /// others; its polls are no longer counted.
+    fn set_aside(&mut self, now: Instant, i: usize, why: Aside) {
+        self.resolvers.set_aside(i, now, why);
+        self.stats.set_asides += 1;
+        let mut frags = Vec::new();
+        for q in self.in_flight.values_mut().filter(|q| q.resolver == i) {
+            q.load = None;
+            q.given_up = true;
+            q.aside = true;
+            if let Purpose::Data(f) = &mut q.purpose
+                && let Some(f) = f.take()
+            {
+                frags.push(f);
+            }
+            if let Purpose::Size(_) = q.purpose {
+                self.size_probe = None;
+            }
+        }
+        frags.sort_by_key(|f| std::cmp::Reverse(f.born));
+        for f in frags {
+            self.retry_fragment(now, f);
         }
     }
 
     fn next_fragment(&mut self, now: Instant) -> Option<UpFrag> {
         let max = self.fragment_len();
-        // Fragments split for base128 before a fallback to base32 still go,
-        // in base128 (see `poll_query`), if the names are long enough and
-        // base128 has not failed a probe since.
-        let max_any = if self.base128_ok {
-            self.domain
-                .upstream_capacity_as(self.max_name_len(), NameEncoding::Base128)
-                .saturating_sub(UP_HEADER_LEN)
+        // Fragments split before a fallback still go if they fit what the
+        // path may carry (base128 names, unless base128 has failed since).
+        let max_any = max.max(if self.ladder.base128_ok() {
+            self.name_room(NameEncoding::Base128)
         } else {
-            max
-        };
+            0
+        });
         loop {
             if let Some(f) = self.frags.pop_front() {
                 if f.bytes.len() <= max_any {
@@ -766,7 +1215,7 @@ impl DnsUplink {
                 self.stats.lost += 1; // made for longer names
                 continue;
             }
-            let m = self.messages.pop_front()?;
+            let (_, m) = self.messages.pop_front()?;
             match self.fragmenter.split(&m, max) {
                 Ok(split) => {
                     for f in split.fragments() {
@@ -783,218 +1232,16 @@ impl DnsUplink {
             }
         }
     }
-
-    fn success(&mut self, q: &InFlight, carried: bool) {
-        if carried {
-            self.stats.data_answers += 1;
-        }
-        self.good_in_row = self.good_in_row.saturating_add(1);
-        self.timeouts_in_row = 0;
-        self.failures_in_row = 0;
-        self.backoff = Duration::ZERO;
-        self.backoff_until = None;
-        if q.long {
-            self.long_failures = 0;
-            self.short_ok = false;
-        } else {
-            self.short_ok = true;
-        }
-        if q.edns == self.edns && (q.long || !self.long_names) {
-            // The current parameters work: a later fallback starts the
-            // probe timer afresh.
-            if self.last_reprobe.is_some() && self.reprobe_at.is_none() {
-                self.reprobe_wait = REPROBE_MIN;
-            }
-        }
-        self.acked += 1;
-        if self.acked >= self.window {
-            self.acked = 0;
-            self.window = (self.window + 1).min(MAX_IN_FLIGHT);
-        }
-        // Bare polls take at most half the window: the rest stays free for
-        // queries carrying data, which would otherwise wait for a held poll
-        // to come back (up to the server's hold).
-        self.target = if carried {
-            (self.target * 2).min(self.window / 2).max(MIN_IN_FLIGHT)
-        } else {
-            self.target.saturating_sub(1).max(MIN_IN_FLIGHT)
-        };
-    }
-
-    fn failure(&mut self, now: Instant, q: InFlight, kind: Failure) {
-        self.good_in_row = 0;
-        self.failures_in_row = self.failures_in_row.saturating_add(1);
-        if self.encoding_probe == Some(q.id) {
-            self.encoding_probe = None;
-            self.encoding_failed(now);
-        }
-        if let Some((_, t)) = self.type_probe.filter(|&(p, _)| p == q.id) {
-            self.type_probe = None;
-            self.type_probe_failed(now, t);
-        }
-        // Path parameters.
-        if matches!(kind, Failure::Timeout | Failure::ServFail) && q.long && self.long_names {
-            self.long_failures += 1;
-            if self.long_failures >= LONG_FAILURES && self.short_ok {
-                self.long_names = false;
-                self.fell_back(now);
-            }
-        }
-        // Queries of a type the client has left since say nothing of the
-        // path it uses now.
-        if matches!(kind, Failure::Timeout) && q.rtype == self.rtype {
-            self.timeouts_in_row += 1;
-            if self.timeouts_in_row >= FALLBACK_AFTER_TIMEOUTS {
-                self.timeouts_in_row = 0;
-                if self.encoding == NameEncoding::Base128 {
-                    // The newest parameter first.
-                    self.fell_back(now);
-                } else if type_index(self.rtype) < type_index(AnswerType::Txt) {
-                    // A probed record type (a path may drop NULL silently).
-                    self.step_type_down(now);
-                } else if self.edns {
-                    self.edns = false;
-                    self.fell_back(now);
-                } else if self.long_names {
-                    self.long_names = false;
-                    self.fell_back(now);
-                } else {
-                    // Nothing else left to blame.
-                    self.step_type_down(now);
-                }
-            }
-        }
-        // Congestion: cut once per round of queries.
-        if self.last_cut.is_none_or(|t| q.sent >= t) {
-            self.last_cut = Some(now);
-            self.window = (self.window / 2).max(1);
-            self.acked = 0;
-            self.backoff = if self.backoff.is_zero() {
-                BACKOFF_MIN
-            } else {
-                (self.backoff * 2).min(BACKOFF_MAX)
-            };
-            if matches!(kind, Failure::Refused) {
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-            }
-            self.backoff_until = Some(now + self.backoff);
-        }
-        self.target = self.target.min(self.window / 2).max(1);
-        if let Some(f) = q.frag {
-            self.retry_fragment(now, f);
-        }
-    }
-
-    /// A fragment whose query failed: again, if still fresh.
-    fn retry_fragment(&mut self, now: Instant, f: UpFrag) {
-        if f.tries < MAX_TRIES && now.saturating_duration_since(f.born) < RETRY_WINDOW {
-            self.frags.push_front(f);
-        } else {
-            self.stats.lost += 1;
-        }
-    }
-
-    /// The type to probe with the next query, if one is due: the most
-    /// preferred type above the one in use that is not backing off.
-    fn type_to_probe(&self, now: Instant) -> Option<AnswerType> {
-        if self.type_probe.is_some() || self.good_in_row < PROBE_TYPE_AFTER {
-            return None;
-        }
-        let above = &AnswerType::ALL[..type_index(self.rtype)];
-        above
-            .iter()
-            .copied()
-            .find(|&t| self.type_retry_at[type_index(t)].is_none_or(|at| now >= at))
-    }
-
-    /// A probe's answer came back intact: `t` from now on.
-    fn switch_type(&mut self, t: AnswerType) {
-        let i = type_index(t);
-        self.type_retry_at[i] = None;
-        self.type_wait[i] = REPROBE_MIN;
-        if type_index(t) < type_index(self.rtype) {
-            self.rtype = t;
-            self.type_failures_in_row = 0;
-        }
-    }
-
-    fn type_probe_failed(&mut self, now: Instant, t: AnswerType) {
-        self.stats.type_probe_failures += 1;
-        self.hold_off_type(now, t);
-    }
-
-    /// No probe of `t` for a while, longer each time.
-    fn hold_off_type(&mut self, now: Instant, t: AnswerType) {
-        let i = type_index(t);
-        self.type_retry_at[i] = Some(now + self.type_wait[i]);
-        self.type_wait[i] = (self.type_wait[i] * 2).min(REPROBE_MAX);
-    }
-
-    /// The type in use failed once more; after [`TYPE_FAILURES`] in a row,
-    /// step down the ladder.
-    fn type_failed(&mut self, now: Instant) {
-        self.type_failures_in_row += 1;
-        if self.type_failures_in_row >= TYPE_FAILURES {
-            self.step_type_down(now);
-        }
-    }
-
-    /// To the next type down the ladder not backing off (or just the next
-    /// one), with the back-off cleared: the type was to blame.
-    fn step_type_down(&mut self, now: Instant) {
-        self.type_failures_in_row = 0;
-        self.hold_off_type(now, self.rtype);
-        let below = &AnswerType::ALL[type_index(self.rtype) + 1..];
-        let next = below
-            .iter()
-            .find(|&&t| self.type_retry_at[type_index(t)].is_none_or(|at| now >= at))
-            .or(below.first());
-        if let Some(&t) = next {
-            self.rtype = t;
-            self.stats.type_fallbacks += 1;
-            self.backoff = Duration::ZERO;
-            self.backoff_until = None;
-        }
-    }
-
-    /// The base128 probe failed: base32 until the next try.
-    fn encoding_failed(&mut self, now: Instant) {
-        self.stats.encoding_failures += 1;
-        self.encoding = NameEncoding::Base32;
-        self.base128_ok = false;
-        self.encoding_retry_at = Some(now + self.encoding_wait);
-        self.encoding_wait = (self.encoding_wait * 2).min(REPROBE_MAX);
-    }
-
-    fn fell_back(&mut self, now: Instant) {
-        self.stats.fallbacks += 1;
-        // Back to what always works; base128 is probed again once the path
-        // is back to its full parameters.
-        self.encoding = NameEncoding::Base32;
-        self.encoding_probe = None;
-        self.good_in_row = 0;
-        // A fallback soon after a probe: the probe failed, wait longer.
-        if self
-            .last_reprobe
-            .is_some_and(|t| now.saturating_duration_since(t) < REPROBE_MIN)
-        {
-            self.reprobe_wait = (self.reprobe_wait * 2).min(REPROBE_MAX);
-        }
-        self.reprobe_at = Some(now + self.reprobe_wait);
-    }
 }
 
-/// The position of `t` on the ladder ([`AnswerType::ALL`]).
-fn type_index(t: AnswerType) -> usize {
-    AnswerType::ALL
-        .iter()
-        .position(|&x| x == t)
-        .expect("every type is on the ladder")
-}
-
-/// A data answer whose fragments all parse: the path carried it intact.
+/// A data answer whose header and fragments all parse: the path carried it
+/// intact.
 fn intact(answer: &Answer) -> bool {
-    matches!(answer, Answer::Data(p) if super::fragments(p).all(|f| f.is_ok()))
+    match answer {
+        Answer::Data(p) => DownHeader::parse(p)
+            .is_some_and(|(_, pieces)| super::fragments(pieces).all(|f| f.is_ok())),
+        _ => false,
+    }
 }
 
 fn next_random(state: &mut u64) -> u64 {
@@ -1004,122 +1251,4 @@ fn next_random(state: &mut u64) -> u64 {
     x ^= x >> 27;
     *state = x;
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
-
-/// Timeouts in a row, without an answer, after which the next resolver
-/// (if several are given) takes over.
-pub const RESOLVER_SWITCH_TIMEOUTS: u64 = 4;
-
-/// The client half as a path: the [`DnsUplink`] and the resolvers it
-/// queries, one at a time, moving to the next when the one in use stops
-/// answering. Resolvers are numbered `0..n` in the order given; the driver
-/// knows what they are (an address over UDP, a DoT or DoH server).
-pub struct DnsClient {
-    uplink: DnsUplink,
-    resolvers: usize,
-    active: usize,
-    /// Timeouts and answers when the active resolver was last judged.
-    seen: (u64, u64),
-    switches: u64,
-}
-
-impl DnsClient {
-    /// A client of the server of `domain` through `resolvers` resolvers (at
-    /// least one), as tag `tag`; `seed` seeds the query ids.
-    pub fn new(domain: Domain, resolvers: usize, tag: u32, seed: u64) -> Self {
-        assert!(resolvers > 0, "a DNS path needs a resolver");
-        Self {
-            uplink: DnsUplink::new(domain, tag, seed),
-            resolvers,
-            active: 0,
-            seen: (0, 0),
-            switches: 0,
-        }
-    }
-
-    /// The resolver in use.
-    pub fn resolver(&self) -> usize {
-        self.active
-    }
-
-    /// How many resolvers there are.
-    pub fn resolvers(&self) -> usize {
-        self.resolvers
-    }
-
-    /// Times the client moved to another resolver.
-    pub fn switches(&self) -> u64 {
-        self.switches
-    }
-
-    /// The uplink (its state and counters).
-    pub fn uplink(&self) -> &DnsUplink {
-        &self.uplink
-    }
-
-    /// Keep bare polls outstanding, or not.
-    pub fn set_polling(&mut self, on: bool) {
-        self.uplink.set_polling(on);
-    }
-
-    /// Queue an upstream tunnel message.
-    pub fn send(&mut self, now: Instant, message: &[u8]) {
-        self.uplink.send(now, message);
-    }
-
-    /// The next query to send, and to which resolver.
-    pub fn poll_query(&mut self, now: Instant) -> Option<(usize, Query)> {
-        self.judge_resolver();
-        let q = self.uplink.poll_query(now)?;
-        Some((self.resolver(), q))
-    }
-
-    /// Move on to the next resolver when the active one stopped answering.
-    fn judge_resolver(&mut self) {
-        if self.resolvers < 2 {
-            return;
-        }
-        let stats = self.uplink.stats();
-        if stats.answers > self.seen.1 {
-            self.seen = (stats.timeouts, stats.answers);
-        } else if stats.timeouts >= self.seen.0 + RESOLVER_SWITCH_TIMEOUTS {
-            self.active = (self.active + 1) % self.resolvers;
-            self.switches += 1;
-            // The queries still out went to the old resolver: their
-            // timeouts must not count against the new one.
-            let in_flight = self.uplink.path_info().in_flight as u64;
-            self.seen = (stats.timeouts + in_flight, stats.answers);
-        }
-    }
-
-    /// A response from resolver `resolver`. Complete messages come out of
-    /// [`DnsClient::poll_message`].
-    pub fn handle_response(
-        &mut self,
-        now: Instant,
-        resolver: usize,
-        bytes: &[u8],
-    ) -> Result<(), DropReason> {
-        if resolver >= self.resolvers {
-            return Err(DropReason::UnexpectedResponse);
-        }
-        self.uplink.handle_response(now, bytes)
-    }
-
-    /// The next complete downstream message.
-    pub fn poll_message(&mut self) -> Option<Vec<u8>> {
-        self.uplink.poll_message()
-    }
-
-    /// When [`DnsClient::handle_timeout`] wants calling.
-    pub fn next_timeout(&self) -> Option<Instant> {
-        self.uplink.next_timeout()
-    }
-
-    /// Time passed.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.uplink.next_timeout().is_some_and(|t| t <= now) {
-            self.uplink.handle_timeout(now);
-        }
-    }
 }

@@ -71,7 +71,10 @@
 //! answered one gets the same payload again.
 
 pub mod client;
+pub mod ladder;
+pub mod resolvers;
 pub mod server;
+pub mod sizes;
 
 use std::time::Duration;
 
@@ -83,24 +86,40 @@ use crate::frag;
 pub const HOLD: Duration = Duration::from_millis(600);
 /// Bytes before the fragment in a query's payload: tag, qseq, down.
 pub const UP_HEADER_LEN: usize = 7;
-/// Bytes of the length before each fragment in an answer.
+/// Bytes before the first piece in an answer's payload: info, backlog.
+pub const DOWN_HEADER_LEN: usize = 2;
+/// Bytes of the length before each piece in an answer.
 pub const DOWN_LEN_PREFIX: usize = 2;
 /// A query carrying data is held only while the tag holds fewer than this
 /// many others; beyond, it is answered at once.
 pub const HOLD_WITH_DATA: usize = 2;
 /// The unit of the `down` byte.
-pub const DOWN_UNIT: usize = 8;
+pub const DOWN_UNIT: usize = 16;
 /// Response size of a client without EDNS0, and the most any answer to an
 /// unauthenticated tag may have: an ordinary DNS reply.
 pub const CLASSIC_SIZE: usize = crate::wire::dns::CLASSIC_UDP_SIZE as usize;
 /// The EDNS0 size a client asks for first (the 2020 DNS flag day's).
 pub const EDNS_SIZE: u16 = crate::wire::dns::SERVER_EDNS_SIZE;
+/// The largest answer a client may ask for, straight to the server where
+/// the path carries fragmented datagrams (a resolver's own EDNS0 size,
+/// usually 1232, caps the answers it relays).
+pub const MAX_DOWN: u16 = 4080;
+/// Bytes of a padding piece's header: a fragment header whose count is 0.
+pub const PADDING_HEADER_LEN: usize = frag::HEADER_LEN;
+/// In a query's padding: answer as large as the query allows (padded).
+pub const PAD_ANSWER: u8 = 0x01;
+
+/// The tag's bits; the top bit of the first byte is the prompt flag.
+pub const TAG_MASK: u32 = 0x7FFF_FFFF;
 
 /// The decoded head of a query's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpHeader {
-    /// The client's session tag.
+    /// The client's session tag (31 bits: [`TAG_MASK`]).
     pub tag: u32,
+    /// Answer at once, never hold: the client times the query out after
+    /// a round trip, not after the server's hold.
+    pub prompt: bool,
     /// The client's query counter.
     pub qseq: u16,
     /// The largest response the client takes, in bytes.
@@ -110,17 +129,21 @@ pub struct UpHeader {
 impl UpHeader {
     /// Write the header to the start of `out` (at least [`UP_HEADER_LEN`]).
     pub fn emit(&self, out: &mut [u8]) {
-        out[..4].copy_from_slice(&self.tag.to_be_bytes());
+        let flag = if self.prompt { !TAG_MASK } else { 0 };
+        out[..4].copy_from_slice(&(self.tag & TAG_MASK | flag).to_be_bytes());
         out[4..6].copy_from_slice(&self.qseq.to_be_bytes());
         out[6] = u8::try_from(self.down_limit / DOWN_UNIT).unwrap_or(u8::MAX);
     }
 
-    /// Split a query payload into header and the rest (a fragment, or empty).
+    /// Split a query payload into header and the rest (a fragment, padding
+    /// or nothing).
     pub fn parse(payload: &[u8]) -> Option<(Self, &[u8])> {
         let (head, rest) = payload.split_first_chunk::<UP_HEADER_LEN>()?;
+        let raw = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         Some((
             Self {
-                tag: u32::from_be_bytes([head[0], head[1], head[2], head[3]]),
+                tag: raw & TAG_MASK,
+                prompt: raw & !TAG_MASK != 0,
                 qseq: u16::from_be_bytes([head[4], head[5]]),
                 down_limit: usize::from(head[6]) * DOWN_UNIT,
             },
@@ -129,32 +152,139 @@ impl UpHeader {
     }
 }
 
-/// Append `fragment` behind its length to an answer payload.
-pub fn push_fragment(payload: &mut Vec<u8>, fragment: &[u8]) {
-    let len = u16::try_from(fragment.len()).expect("fragments fit an answer");
-    payload.extend_from_slice(&len.to_be_bytes());
-    payload.extend_from_slice(fragment);
+/// What follows a query's header: a fragment, padding (a probe of the
+/// path's sizes), or nothing (a bare poll).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpBody<'a> {
+    /// A bare poll.
+    Poll,
+    /// One fragment of an upstream message.
+    Fragment(frag::Fragment<'a>),
+    /// Padding; `pad_answer`: the answer is to be padded to its limit.
+    Padding {
+        /// Answer as large as the query allows.
+        pad_answer: bool,
+    },
 }
 
-/// The fragments of an answer payload, in order; `None` ends the iteration
-/// early if the rest is malformed (what came before still counts).
-pub fn fragments(payload: &[u8]) -> impl Iterator<Item = Result<frag::Fragment<'_>, ()>> {
-    let mut rest = payload;
-    std::iter::from_fn(move || {
+impl<'a> UpBody<'a> {
+    /// What `rest` (after the header) is; `None` for bytes that are none
+    /// of the three.
+    pub fn parse(rest: &'a [u8]) -> Option<Self> {
         if rest.is_empty() {
-            return None;
+            return Some(Self::Poll);
         }
-        let Some((len, tail)) = rest.split_first_chunk::<DOWN_LEN_PREFIX>() else {
-            rest = &[];
-            return Some(Err(()));
-        };
-        let len = usize::from(u16::from_be_bytes(*len));
-        let Some((f, tail)) = tail.split_at_checked(len) else {
-            rest = &[];
-            return Some(Err(()));
-        };
-        rest = tail;
-        Some(frag::Fragment::parse(f).map_err(|_| ()))
+        if let Some(flags) = padding_flags(rest) {
+            return Some(Self::Padding {
+                pad_answer: flags & PAD_ANSWER != 0,
+            });
+        }
+        frag::Fragment::parse(rest).ok().map(Self::Fragment)
+    }
+}
+
+/// Write padding of `len` bytes (at least [`PADDING_HEADER_LEN`]) with
+/// `flags` to `out`.
+pub fn emit_padding(out: &mut Vec<u8>, len: usize, flags: u8) {
+    out.extend_from_slice(&[0, 0, flags, 0]);
+    out.resize(out.len() + len.saturating_sub(PADDING_HEADER_LEN), 0);
+}
+
+/// The flags of a padding piece (a fragment header whose count is 0).
+fn padding_flags(piece: &[u8]) -> Option<u8> {
+    match piece {
+        [_, _, flags, 0, ..] => Some(*flags),
+        _ => None,
+    }
+}
+
+/// The head of an answer's payload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DownHeader {
+    /// The server held the query (waiting for data or for the hold's end):
+    /// its round trip says nothing about the path's delay.
+    pub held: bool,
+    /// The query carried the payload option and the server read it.
+    pub option_read: bool,
+    /// Downstream fragments still queued for the tag (saturating at 255).
+    pub backlog: u8,
+}
+
+impl DownHeader {
+    const HELD: u8 = 0x80;
+    const OPTION_READ: u8 = 0x40;
+
+    /// The header's two bytes.
+    pub fn to_bytes(self) -> [u8; DOWN_HEADER_LEN] {
+        let mut info = 0;
+        if self.held {
+            info |= Self::HELD;
+        }
+        if self.option_read {
+            info |= Self::OPTION_READ;
+        }
+        [info, self.backlog]
+    }
+
+    /// Split an answer's payload into header and pieces; `None` when it is
+    /// shorter than the header.
+    pub fn parse(payload: &[u8]) -> Option<(Self, &[u8])> {
+        let ([info, backlog], rest) = payload.split_first_chunk::<DOWN_HEADER_LEN>()?;
+        Some((
+            Self {
+                held: info & Self::HELD != 0,
+                option_read: info & Self::OPTION_READ != 0,
+                backlog: *backlog,
+            },
+            rest,
+        ))
+    }
+}
+
+/// Append `piece` (a fragment or padding) behind its length to an answer's
+/// pieces.
+pub fn push_fragment(payload: &mut Vec<u8>, piece: &[u8]) {
+    let len = u16::try_from(piece.len()).expect("pieces fit an answer");
+    payload.extend_from_slice(&len.to_be_bytes());
+    payload.extend_from_slice(piece);
+}
+
+/// Append padding behind its length so that the pieces reach `len` bytes
+/// (nothing if they are within a padding piece's size of it already).
+pub fn pad_to(payload: &mut Vec<u8>, len: usize) {
+    let room = len.saturating_sub(payload.len() + DOWN_LEN_PREFIX);
+    if room >= PADDING_HEADER_LEN {
+        let mut piece = Vec::with_capacity(room);
+        emit_padding(&mut piece, room, 0);
+        push_fragment(payload, &piece);
+    }
+}
+
+/// The fragments of an answer's pieces (after the header), in order,
+/// padding skipped; an `Err` ends the iteration early if the rest is
+/// malformed (what came before still counts).
+pub fn fragments(pieces: &[u8]) -> impl Iterator<Item = Result<frag::Fragment<'_>, ()>> {
+    let mut rest = pieces;
+    std::iter::from_fn(move || {
+        loop {
+            if rest.is_empty() {
+                return None;
+            }
+            let Some((len, tail)) = rest.split_first_chunk::<DOWN_LEN_PREFIX>() else {
+                rest = &[];
+                return Some(Err(()));
+            };
+            let len = usize::from(u16::from_be_bytes(*len));
+            let Some((f, tail)) = tail.split_at_checked(len) else {
+                rest = &[];
+                return Some(Err(()));
+            };
+            rest = tail;
+            if padding_flags(f).is_some() {
+                continue;
+            }
+            return Some(frag::Fragment::parse(f).map_err(|_| ()));
+        }
     })
 }
 
@@ -165,13 +295,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn up_header_round_trips(tag: u32, qseq: u16, down in 0usize..2048, rest in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let h = UpHeader { tag, qseq, down_limit: down };
+        fn up_header_round_trips(tag: u32, prompt: bool, qseq: u16, down in 0usize..4096, rest in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let h = UpHeader { tag, prompt, qseq, down_limit: down };
             let mut buf = vec![0; UP_HEADER_LEN];
             h.emit(&mut buf);
             buf.extend_from_slice(&rest);
             let (got, tail) = UpHeader::parse(&buf).unwrap();
-            prop_assert_eq!((got.tag, got.qseq, got.down_limit), (tag, qseq, down / DOWN_UNIT * DOWN_UNIT));
+            prop_assert_eq!(
+                (got.tag, got.prompt, got.qseq, got.down_limit),
+                (tag & TAG_MASK, prompt, qseq, down / DOWN_UNIT * DOWN_UNIT)
+            );
             prop_assert_eq!(tail, &rest[..]);
         }
 
@@ -191,11 +324,47 @@ mod tests {
         }
 
         #[test]
+        fn padding_is_skipped_wherever_it_sits(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 1..4),
+            pad_at in 0usize..4,
+            pad_len in 4usize..200,
+        ) {
+            let mut payload = Vec::new();
+            let mut frags = Vec::new();
+            for (i, c) in chunks.iter().enumerate() {
+                if i == pad_at {
+                    let mut pad = Vec::new();
+                    emit_padding(&mut pad, pad_len, PAD_ANSWER);
+                    push_fragment(&mut payload, &pad);
+                }
+                let f = frag::Fragment { msg_id: i as u16, index: 0, count: 1, chunk: c };
+                let mut b = vec![0; f.wire_len()];
+                f.emit(&mut b).unwrap();
+                push_fragment(&mut payload, &b);
+                frags.push(f);
+            }
+            pad_to(&mut payload, 1000);
+            prop_assert!(payload.len() <= 1000);
+            prop_assert!(payload.len() + DOWN_LEN_PREFIX + PADDING_HEADER_LEN > 1000);
+            let got: Vec<_> = fragments(&payload).collect::<Result<_, _>>().unwrap();
+            prop_assert_eq!(got, frags);
+        }
+
+        #[test]
+        fn down_headers_round_trip(held: bool, option_read: bool, backlog: u8, rest in proptest::collection::vec(any::<u8>(), 0..20)) {
+            let h = DownHeader { held, option_read, backlog };
+            let mut b = h.to_bytes().to_vec();
+            b.extend_from_slice(&rest);
+            prop_assert_eq!(DownHeader::parse(&b), Some((h, &rest[..])));
+        }
+
+        #[test]
         fn garbage_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             for f in fragments(&bytes) {
                 let _ = f;
             }
-            let _ = UpHeader::parse(&bytes);
+            let _ = DownHeader::parse(&bytes);
+            let _ = UpHeader::parse(&bytes).map(|(_, rest)| UpBody::parse(rest));
         }
     }
 }

@@ -37,16 +37,26 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use super::{CLASSIC_SIZE, DOWN_LEN_PREFIX, HOLD, HOLD_WITH_DATA, UP_HEADER_LEN, UpHeader};
+use super::{
+    CLASSIC_SIZE, DOWN_HEADER_LEN, DOWN_LEN_PREFIX, DownHeader, HOLD, HOLD_WITH_DATA, MAX_DOWN,
+    UP_HEADER_LEN, UpBody, UpHeader,
+};
 use crate::DropReason;
 use crate::frag::{Fragment, Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
-    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, SERVER_EDNS_SIZE, build_answer,
-    build_apex_answer, build_refused, decode_name, parse_query,
+    self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, build_answer, build_apex_answer,
+    build_refused, decode_name, parse_query,
 };
 
-/// Queries held per bound tag; beyond, the oldest is answered empty.
-pub const MAX_HELD: usize = 32;
+/// Queries held per bound tag; beyond, the oldest is answered empty. As
+/// many as a client's congestion window may have out: a download fetches
+/// its data on them.
+pub const MAX_HELD: usize = 2048;
+/// Queries held over all tags; beyond, new ones are answered at once.
+pub const MAX_HELD_TOTAL: usize = 16_384;
+/// The most bytes of a query's payload option that count (more: the option
+/// is ignored).
+pub const MAX_OPTION_PAYLOAD: usize = 2048;
 /// Queries held per tag not bound to a session yet.
 pub const MAX_HELD_UNBOUND: usize = 4;
 /// Queries held over all unbound tags; beyond, new ones are answered at once.
@@ -54,13 +64,22 @@ pub const MAX_HELD_UNBOUND_TOTAL: usize = 1024;
 /// Tags tracked; a new one beyond this evicts the longest idle unbound tag
 /// (or is answered without state if there is none).
 pub const MAX_TAGS: usize = 4096;
-/// Downstream fragments queued per tag; a message that does not fit is dropped.
-pub const MAX_QUEUED: usize = 512;
+/// Downstream bytes queued per tag at most; a message that does not fit is
+/// dropped.
+pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+/// A new downstream message is dropped while the oldest queued fragment
+/// has waited this long (the inner TCP sees the loss and slows down,
+/// instead of the queue growing into seconds on a slow path).
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// Answered queries remembered per tag, to answer a resolver's retry with
 /// the same payload.
 pub const MAX_REMEMBERED: usize = 128;
 /// How long an answered query is remembered.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(10);
+/// An A or AAAA query of a tag whose queries of another type came this
+/// recently is a resolver's step of query name minimisation (RFC 9156),
+/// not the client's: see [`Tag::minimisation_step`].
+pub const MINIMISATION_WINDOW: Duration = Duration::from_secs(3);
 /// An unbound tag with nothing held is forgotten after this idle time.
 pub const UNBOUND_IDLE: Duration = Duration::from_secs(30);
 /// A bound tag is forgotten after this idle time (its session stays in the
@@ -119,6 +138,13 @@ pub struct ListenerStats {
     pub oversize: u64,
     /// Tags evicted to make room.
     pub evicted_tags: u64,
+    /// Probes of the path's sizes (queries carrying padding), answered at once.
+    pub probes: u64,
+    /// Queries whose payload option was read.
+    pub options: u64,
+    /// A and AAAA queries taken for a resolver's steps of query name
+    /// minimisation, answered at once and empty.
+    pub minimisation_steps: u64,
 }
 
 /// What the status shows of one client's path.
@@ -137,6 +163,8 @@ struct Held<A> {
     query: Query,
     qseq: u16,
     arrived: Instant,
+    /// The query's payload option was read.
+    option_read: bool,
 }
 
 enum Seen {
@@ -147,12 +175,17 @@ enum Seen {
 struct Tag<S, A> {
     session: Option<S>,
     held: VecDeque<Held<A>>,
-    queue: VecDeque<Vec<u8>>,
+    /// Downstream fragments, with when each was queued.
+    queue: VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes of the fragments in `queue`.
+    queued_bytes: usize,
     fragmenter: Fragmenter,
     seen: HashMap<u16, Seen>,
     seen_order: VecDeque<(u16, Instant)>,
     /// Downstream capacities of the latest queries (payload bytes).
     caps: VecDeque<usize>,
+    /// When the tag last asked a type other than A and AAAA.
+    other_type_at: Option<Instant>,
     last_seen: Instant,
     last_keepalive: Option<Instant>,
 }
@@ -163,13 +196,31 @@ impl<S, A> Tag<S, A> {
             session: None,
             held: VecDeque::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
             fragmenter: Fragmenter::new(tag as u16 ^ (tag >> 16) as u16),
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
             caps: VecDeque::new(),
+            other_type_at: None,
             last_seen: now,
             last_keepalive: None,
         }
+    }
+
+    /// Whether a query of `qtype` is a resolver's minimisation step. A
+    /// resolver that minimises query names asks A (or AAAA) at the names
+    /// between the apex and the full one, and unbound at the full name too,
+    /// before it asks the type the client asked. Such a step shares the
+    /// real query's tag and `qseq` but is not the client's: it must not
+    /// take downstream data (the resolver throws the answer away), shrink
+    /// the tag's fragments to fit A answers, nor make the real query look
+    /// like a retry. A client on A or AAAA asks nothing else (but a rare
+    /// probe), so its queries are taken as they are.
+    fn minimisation_step(&self, qtype: RecordType, now: Instant) -> bool {
+        matches!(qtype, RecordType::A | RecordType::AAAA)
+            && self
+                .other_type_at
+                .is_some_and(|t| now.saturating_duration_since(t) < MINIMISATION_WINDOW)
     }
 
     /// Fragments are made to fit a 512-byte answer to every recent query.
@@ -180,26 +231,62 @@ impl<S, A> Tag<S, A> {
             .copied()
             .min()
             .unwrap_or_else(|| dns::downstream_capacity(dns::MAX_NAME_LEN + 2, None));
-        cap.saturating_sub(DOWN_LEN_PREFIX)
+        cap.saturating_sub(DOWN_HEADER_LEN + DOWN_LEN_PREFIX)
     }
 
-    /// Fragments for an answer of `capacity` payload bytes, from the queue.
+    /// Fragments for an answer of `capacity` payload bytes (its header
+    /// included), from the queue.
     fn take_payload(&mut self, capacity: usize, stats: &mut ListenerStats) -> Vec<u8> {
+        let capacity = capacity.saturating_sub(DOWN_HEADER_LEN);
         let mut payload = Vec::new();
-        while let Some(front) = self.queue.front() {
+        while let Some((_, front)) = self.queue.front() {
             let need = DOWN_LEN_PREFIX + front.len();
             if payload.len() + need <= capacity {
-                let f = self.queue.pop_front().expect("checked");
+                let f = self.pop_queued().expect("checked");
                 super::push_fragment(&mut payload, &f);
             } else if payload.is_empty() {
                 // Fits no answer of this size: the client's path shrank.
-                self.queue.pop_front();
+                self.pop_queued();
                 stats.oversize += 1;
             } else {
                 break;
             }
         }
         payload
+    }
+
+    fn pop_queued(&mut self) -> Option<Vec<u8>> {
+        let (_, f) = self.queue.pop_front()?;
+        self.queued_bytes -= f.len();
+        Some(f)
+    }
+
+    fn push_queued(&mut self, now: Instant, f: Vec<u8>, front: bool) {
+        self.queued_bytes += f.len();
+        if front {
+            self.queue.push_front((now, f));
+        } else {
+            self.queue.push_back((now, f));
+        }
+    }
+
+    /// Whether a new message of `bytes` finds no room: the queue full, or
+    /// its oldest fragment waiting too long already.
+    fn queue_full(&self, now: Instant, bytes: usize) -> bool {
+        self.queued_bytes + bytes > MAX_QUEUED_BYTES
+            || self
+                .queue
+                .front()
+                .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= MAX_QUEUE_WAIT)
+    }
+
+    /// The answer's header: whether it waited, and what is left queued.
+    fn header(&self, held: bool, option_read: bool) -> DownHeader {
+        DownHeader {
+            held,
+            option_read,
+            backlog: u8::try_from(self.queue.len()).unwrap_or(u8::MAX),
+        }
     }
 
     fn remember_answer(&mut self, qseq: u16, payload: &[u8], now: Instant) {
@@ -232,9 +319,28 @@ pub struct DnsListener<S, A> {
     by_session: HashMap<S, u32>,
     reassembler: Reassembler<u32>,
     unbound_held: usize,
+    /// Queries held over all tags.
+    held_total: usize,
     out: VecDeque<Transmit<A>>,
-    scratch: [u8; MAX_UPSTREAM_PAYLOAD],
+    scratch: Box<[u8]>,
     stats: ListenerStats,
+}
+
+/// A query of a tag, decoded.
+struct Decoded {
+    header: UpHeader,
+    /// Bytes of the payload (name and option) in `scratch`.
+    len: usize,
+    /// What follows the header.
+    kind: BodyKind,
+    option_read: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Poll,
+    Fragment,
+    Probe { pad_answer: bool },
 }
 
 impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
@@ -255,8 +361,9 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 ..Limits::default()
             }),
             unbound_held: 0,
+            held_total: 0,
             out: VecDeque::new(),
-            scratch: [0; MAX_UPSTREAM_PAYLOAD],
+            scratch: vec![0; MAX_UPSTREAM_PAYLOAD + MAX_OPTION_PAYLOAD].into_boxed_slice(),
             stats: ListenerStats::default(),
         }
     }
@@ -283,12 +390,36 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
 
     /// Queries held over all tags.
     pub fn held(&self) -> usize {
-        self.tags.values().map(|t| t.held.len()).sum()
+        self.held_total
     }
 
     /// The next response to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit<A>> {
         self.out.pop_front()
+    }
+
+    /// The payload of a tunnel query (name, then option) into `scratch`:
+    /// header and what follows. `None`: not tunnel data (the apex answers).
+    fn decode(&mut self, q: &Query) -> Option<Decoded> {
+        q.answer_type()?;
+        let n = decode_name(&self.domain, &q.name, &mut self.scratch).ok()?;
+        let option = (q.option.len() <= MAX_OPTION_PAYLOAD).then_some(&q.option[..]);
+        let option_read = option.is_some_and(|o| !o.is_empty());
+        let extra = option.map_or(0, <[u8]>::len);
+        self.scratch[n..n + extra].copy_from_slice(&q.option[..extra]);
+        let len = n + extra;
+        let (header, rest) = UpHeader::parse(&self.scratch[..len])?;
+        let kind = match UpBody::parse(rest)? {
+            UpBody::Poll => BodyKind::Poll,
+            UpBody::Fragment(_) => BodyKind::Fragment,
+            UpBody::Padding { pad_answer } => BodyKind::Probe { pad_answer },
+        };
+        Some(Decoded {
+            header,
+            len,
+            kind,
+            option_read,
+        })
     }
 
     /// A datagram from a resolver at `from`. Answers (now or later) go out
@@ -309,22 +440,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             self.reply(from, build_refused(&q));
             return None;
         }
-        let decoded = q
-            .answer_type()
-            .is_some()
-            .then(|| decode_name(&self.domain, &q.name, &mut self.scratch).ok())
-            .flatten();
-        let parsed = decoded.and_then(|n| {
-            let (h, rest) = UpHeader::parse(&self.scratch[..n])?;
-            (rest.is_empty() || Fragment::parse(rest).is_ok()).then_some((h, n))
-        });
-        let Some((h, n)) = parsed else {
+        let Some(d) = self.decode(&q) else {
             self.stats.apex += 1;
             self.reply(from, build_apex_answer(&q, &self.domain));
             return None;
         };
         self.stats.queries += 1;
-        let has_fragment = n > UP_HEADER_LEN;
+        if d.option_read {
+            self.stats.options += 1;
+        }
+        let h = d.header;
         // A resolver that minimises query names (RFC 9156) asks A or AAAA at
         // the names between the apex and the full one, and such a suffix of a
         // base32 name may decode as tunnel data of a made-up tag: the first
@@ -340,48 +465,23 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         let tag = self.tags.get_mut(&h.tag).expect("just made");
         tag.last_seen = now;
         let bound = tag.session.is_some();
+        if tag.minimisation_step(q.qtype, now) {
+            // Answered at once and empty, remembered nowhere; its fragment
+            // (the real query brings it again) may complete a message.
+            self.stats.minimisation_steps += 1;
+            self.answer_now(from, q, h.down_limit, bound, Vec::new());
+            return self.deliver(now, h.tag, &d);
+        }
+        if !matches!(q.qtype, RecordType::A | RecordType::AAAA) {
+            tag.other_type_at = Some(now);
+        }
         let mut q = q;
         limit_query(&mut q, h.down_limit, bound);
 
-        // A resolver's retry: never process its fragment twice.
-        match tag.seen.get(&h.qseq) {
-            Some(Seen::Held) => {
-                self.stats.retries += 1;
-                self.stats.superseded += 1;
-                if let Some(held) = tag.held.iter_mut().find(|x| x.qseq == h.qseq) {
-                    held.to = from;
-                    held.query = q;
-                }
-                return None;
-            }
-            Some(Seen::Answered(payload)) => {
-                self.stats.retries += 1;
-                // The same fragments again, as many as fit (a client
-                // re-asking after TC takes smaller answers); the rest go
-                // back to the front of the queue.
-                let old = payload.clone();
-                let capacity = q.answer_capacity(&self.domain);
-                let mut payload = Vec::new();
-                let mut rest = Vec::new();
-                for f in super::fragments(&old).map_while(Result::ok) {
-                    let mut b = vec![0; f.wire_len()];
-                    f.emit(&mut b).expect("sized");
-                    if payload.len() + DOWN_LEN_PREFIX + b.len() <= capacity {
-                        super::push_fragment(&mut payload, &b);
-                    } else {
-                        rest.push(b);
-                    }
-                }
-                for b in rest.into_iter().rev() {
-                    tag.queue.push_front(b);
-                }
-                tag.remember_answer(h.qseq, &payload, now);
-                self.reply_data(from, &q, payload);
-                self.flush(h.tag, now);
-                return None;
-            }
-            None => {}
+        if self.retried(now, from.clone(), &q, h.tag, h.qseq) {
+            return None;
         }
+        let tag = self.tags.get_mut(&h.tag).expect("checked");
         tag.seen.insert(h.qseq, Seen::Held);
         tag.seen_order.push_back((h.qseq, now));
         // Fragments fit a 512-byte answer to the query (of its type), so an
@@ -397,46 +497,152 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             tag.caps.pop_front();
         }
 
-        let max_held = if bound { MAX_HELD } else { MAX_HELD_UNBOUND };
+        let has_fragment = d.kind == BodyKind::Fragment;
         let answer_at_once = minimised_maybe
+            || h.prompt
             || !tag.queue.is_empty()
+            || matches!(d.kind, BodyKind::Probe { .. })
             || (has_fragment && tag.held.len() >= HOLD_WITH_DATA)
+            || self.held_total >= MAX_HELD_TOTAL
             || (!bound && self.unbound_held >= MAX_HELD_UNBOUND_TOTAL);
         if answer_at_once {
-            let payload = tag.take_payload(q.answer_capacity(&self.domain), &mut self.stats);
-            tag.remember_answer(h.qseq, &payload, now);
-            self.reply_data(from, &q, payload);
+            if let BodyKind::Probe { .. } = d.kind {
+                self.stats.probes += 1;
+            }
+            let pad = matches!(d.kind, BodyKind::Probe { pad_answer: true });
+            self.answer_at_once(now, from, &q, h.tag, h.qseq, d.option_read, pad);
         } else {
-            tag.held.push_back(Held {
-                to: from,
-                query: q,
-                qseq: h.qseq,
-                arrived: now,
-            });
-            if !bound {
-                self.unbound_held += 1;
-            }
-            if tag.held.len() > max_held {
-                let old = tag.held.pop_front().expect("over the limit");
-                if !bound {
-                    self.unbound_held -= 1;
-                }
-                tag.remember_answer(old.qseq, &[], now);
-                self.reply_data(old.to, &old.query, Vec::new());
-            }
+            self.hold_query(now, from, q, h.tag, h.qseq, d.option_read);
         }
-
         if !has_fragment {
             return None;
         }
-        let session = self.tags.get(&h.tag).and_then(|t| t.session);
-        let fragment = Fragment::parse(&self.scratch[UP_HEADER_LEN..n]).ok()?;
-        let message = self.reassembler.push(now, h.tag, fragment)?;
+        self.deliver(now, h.tag, &d)
+    }
+
+    /// The fragment of a query decoded into `scratch` to the reassembler:
+    /// the message it completes, if any.
+    fn deliver(&mut self, now: Instant, tag: u32, d: &Decoded) -> Option<Delivered<'_, S>> {
+        if d.kind != BodyKind::Fragment {
+            return None;
+        }
+        let session = self.tags.get(&tag).and_then(|t| t.session);
+        let fragment = Fragment::parse(&self.scratch[UP_HEADER_LEN..d.len]).ok()?;
+        let message = self.reassembler.push(now, tag, fragment)?;
         Some(Delivered {
-            tag: h.tag,
+            tag,
             session,
             message,
         })
+    }
+
+    /// A resolver's retry of a query of `tag` seen before: never process
+    /// its fragment twice. A held one is superseded (the resolver waits
+    /// for the newest copy); an answered one gets the same fragments again,
+    /// as many as fit (a client re-asking after TC takes smaller answers),
+    /// the rest going back to the front of the queue. Whether it was one.
+    fn retried(&mut self, now: Instant, from: A, q: &Query, tag: u32, qseq: u16) -> bool {
+        let t = self.tags.get_mut(&tag).expect("checked");
+        match t.seen.get(&qseq) {
+            None => false,
+            Some(Seen::Held) => {
+                self.stats.retries += 1;
+                self.stats.superseded += 1;
+                if let Some(held) = t.held.iter_mut().find(|x| x.qseq == qseq) {
+                    held.to = from;
+                    held.query = q.clone();
+                }
+                true
+            }
+            Some(Seen::Answered(old)) => {
+                self.stats.retries += 1;
+                let old = old.clone();
+                let capacity = q
+                    .answer_capacity(&self.domain)
+                    .saturating_sub(DOWN_HEADER_LEN);
+                let mut payload = Vec::new();
+                let mut rest = Vec::new();
+                for f in super::fragments(&old).map_while(Result::ok) {
+                    let mut b = vec![0; f.wire_len()];
+                    f.emit(&mut b).expect("sized");
+                    if payload.len() + DOWN_LEN_PREFIX + b.len() <= capacity {
+                        super::push_fragment(&mut payload, &b);
+                    } else {
+                        rest.push(b);
+                    }
+                }
+                for b in rest.into_iter().rev() {
+                    t.push_queued(now, b, true);
+                }
+                t.remember_answer(qseq, &payload, now);
+                // The resolver's retry delayed it: no sample of the path.
+                let header = t.header(true, false);
+                self.reply_data(from, q, header, payload);
+                self.flush(tag, now);
+                true
+            }
+        }
+    }
+
+    /// Answer a new query of `tag` now, with what is queued (padded to the
+    /// answer's limit for a probe that asks).
+    #[allow(clippy::too_many_arguments)] // one call site, each argument named
+    fn answer_at_once(
+        &mut self,
+        now: Instant,
+        from: A,
+        q: &Query,
+        tag: u32,
+        qseq: u16,
+        option_read: bool,
+        pad: bool,
+    ) {
+        let t = self.tags.get_mut(&tag).expect("checked");
+        let capacity = q.answer_capacity(&self.domain);
+        let mut payload = t.take_payload(capacity, &mut self.stats);
+        if pad {
+            super::pad_to(&mut payload, capacity.saturating_sub(DOWN_HEADER_LEN));
+        }
+        t.remember_answer(qseq, &payload, now);
+        let header = t.header(false, option_read);
+        self.reply_data(from, q, header, payload);
+    }
+
+    /// Hold a new query of `tag` until data comes or the hold ends; the
+    /// oldest held goes out empty beyond the tag's limit.
+    fn hold_query(
+        &mut self,
+        now: Instant,
+        from: A,
+        query: Query,
+        tag: u32,
+        qseq: u16,
+        option_read: bool,
+    ) {
+        let t = self.tags.get_mut(&tag).expect("checked");
+        let bound = t.session.is_some();
+        t.held.push_back(Held {
+            to: from,
+            query,
+            qseq,
+            arrived: now,
+            option_read,
+        });
+        self.held_total += 1;
+        if !bound {
+            self.unbound_held += 1;
+        }
+        let max_held = if bound { MAX_HELD } else { MAX_HELD_UNBOUND };
+        if t.held.len() > max_held {
+            let old = t.held.pop_front().expect("over the limit");
+            self.held_total -= 1;
+            if !bound {
+                self.unbound_held -= 1;
+            }
+            t.remember_answer(old.qseq, &[], now);
+            let header = t.header(true, old.option_read);
+            self.reply_data(old.to, &old.query, header, Vec::new());
+        }
     }
 
     /// The message of `tag` authenticated as `session`: answers to the tag
@@ -482,17 +688,17 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         tag: u32,
         message: &[u8],
     ) -> Result<(), DropReason> {
-        let _ = now;
         let t = self.tags.get_mut(&tag).ok_or(DropReason::NoSession)?;
         let split = t.fragmenter.split(message, t.fragment_len())?;
-        if t.queue.len() + usize::from(split.count()) > MAX_QUEUED {
+        let bytes = message.len() + usize::from(split.count()) * crate::frag::HEADER_LEN;
+        if t.queue_full(now, bytes) {
             self.stats.queue_full += 1;
             return Ok(());
         }
         for f in split.fragments() {
             let mut b = vec![0; f.wire_len()];
             f.emit(&mut b).expect("sized");
-            t.queue.push_back(b);
+            t.push_queued(now, b, false);
         }
         self.flush(tag, now);
         Ok(())
@@ -536,6 +742,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 .is_some_and(|h| now.saturating_duration_since(h.arrived) >= hold)
             {
                 let h = t.held.pop_front().expect("checked");
+                self.held_total -= 1;
                 if t.session.is_none() {
                     self.unbound_held -= 1;
                 }
@@ -544,11 +751,10 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 let ka_due = t
                     .last_keepalive
                     .is_none_or(|at| now.saturating_duration_since(at) >= KEEPALIVE_EVERY);
+                let room = capacity.saturating_sub(DOWN_HEADER_LEN + DOWN_LEN_PREFIX);
                 if let (true, true, Some(s)) = (payload.is_empty(), ka_due, t.session)
                     && let Some(ka) = keepalive(s)
-                    && let Ok(split) = t
-                        .fragmenter
-                        .split(&ka, capacity.saturating_sub(DOWN_LEN_PREFIX))
+                    && let Ok(split) = t.fragmenter.split(&ka, room)
                     && split.count() == 1
                 {
                     let f = split.fragment(0).expect("one");
@@ -558,8 +764,9 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     t.last_keepalive = Some(now);
                 }
                 t.remember_answer(h.qseq, &payload, now);
+                let header = t.header(true, h.option_read);
                 let out = (&mut self.out, &mut self.stats, &self.domain);
-                reply_data(out, h.to, &h.query, payload);
+                reply_data(out, h.to, &h.query, header, payload);
             }
             t.trim_seen(now);
             let limit = if t.session.is_some() {
@@ -609,9 +816,11 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         } else {
             self.unbound_held -= t.held.len();
         }
+        self.held_total -= t.held.len();
         while let Some(h) = t.held.pop_front() {
+            let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
-            reply_data(out, h.to, &h.query, Vec::new());
+            reply_data(out, h.to, &h.query, header, Vec::new());
         }
     }
 
@@ -622,13 +831,15 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         };
         while !t.queue.is_empty() {
             let Some(h) = t.held.pop_front() else { break };
+            self.held_total -= 1;
             if t.session.is_none() {
                 self.unbound_held -= 1;
             }
             let payload = t.take_payload(h.query.answer_capacity(&self.domain), &mut self.stats);
             t.remember_answer(h.qseq, &payload, now);
+            let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
-            reply_data(out, h.to, &h.query, payload);
+            reply_data(out, h.to, &h.query, header, payload);
         }
     }
 
@@ -641,15 +852,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         payload: Vec<u8>,
     ) {
         limit_query(&mut q, down_limit, bound);
-        self.reply_data(to, &q, payload);
+        self.reply_data(to, &q, DownHeader::default(), payload);
     }
 
-    fn reply_data(&mut self, to: A, q: &Query, payload: Vec<u8>) {
+    fn reply_data(&mut self, to: A, q: &Query, header: DownHeader, pieces: Vec<u8>) {
         reply_data(
             (&mut self.out, &mut self.stats, &self.domain),
             to,
             q,
-            payload,
+            header,
+            pieces,
         );
     }
 
@@ -660,32 +872,38 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     }
 }
 
-/// Answer `q` with `payload` in records of its type; if even an empty
-/// answer of that type does not fit (a very long domain), NODATA.
+/// Answer `q` with `header` and `pieces` in records of its type; if even
+/// an empty answer of that type does not fit (a very long domain), NODATA.
 fn reply_data<A>(
     (out, stats, domain): (&mut VecDeque<Transmit<A>>, &mut ListenerStats, &Domain),
     to: A,
     q: &Query,
-    payload: Vec<u8>,
+    header: DownHeader,
+    pieces: Vec<u8>,
 ) {
+    let carries = super::fragments(&pieces).next().is_some();
+    let mut payload = Vec::with_capacity(DOWN_HEADER_LEN + pieces.len());
+    payload.extend_from_slice(&header.to_bytes());
+    payload.extend_from_slice(&pieces);
     let Ok(bytes) = build_answer(q, domain, &payload)
-        .or_else(|_| build_answer(q, domain, &[]))
+        .or_else(|_| build_answer(q, domain, &header.to_bytes()))
         .or_else(|_| build_apex_answer(q, domain))
     else {
         return;
     };
-    if payload.is_empty() {
-        stats.answered_empty += 1;
-    } else {
+    if carries {
         stats.answered_data += 1;
+    } else {
+        stats.answered_empty += 1;
     }
     out.push_back(Transmit { to, bytes });
 }
 
 /// Lower the query's EDNS0 size to what the answer may have: the client's
-/// limit, 1232, and an ordinary reply's 512 bytes for an unbound tag.
+/// limit, [`MAX_DOWN`], and an ordinary reply's 512 bytes for an unbound
+/// tag.
 fn limit_query(q: &mut Query, down_limit: usize, bound: bool) {
-    let mut limit = down_limit.clamp(CLASSIC_SIZE, usize::from(SERVER_EDNS_SIZE));
+    let mut limit = down_limit.clamp(CLASSIC_SIZE, usize::from(MAX_DOWN));
     if !bound {
         limit = CLASSIC_SIZE;
     }
