@@ -186,7 +186,8 @@ pub struct ClientArgs {
     pub server_key: Option<String>,
     /// The server: udp://HOST[:PORT] (port 3000 if omitted), icmp://HOST,
     /// dns://DOMAIN[?resolver=R] (R: IP[:PORT], DNS over TLS tls://HOST[:853],
-    /// DNS over HTTPS https://HOST[:443]/PATH; repeatable; /etc/resolv.conf's if none),
+    /// DNS over HTTPS https://HOST[:443]/PATH; repeatable, all used at once;
+    /// /etc/resolv.conf's if none; &max-query=N caps query names at N characters),
     /// https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH. Repeat it to give
     /// several ways to the same server, most preferred first: the client
     /// uses the first that works, moves the session to the next when it
