@@ -99,6 +99,8 @@ pub const HEAVY_LOSS: f64 = 0.5;
 pub const MIN_HEAVY: u64 = 8;
 /// The rate after a congestion, as a share of the rate before.
 pub const BETA: f64 = 0.85;
+/// The most one reduction takes: the rate keeps at least this share.
+pub const MAX_CUT: f64 = 0.25;
 /// Growth per round after slow start.
 pub const GROWTH: f64 = 0.05;
 /// Up to this much above a limit the path showed, growth is an eighth of
@@ -761,7 +763,11 @@ impl Controller {
                 (left.max(floor).min(self.rate / 2.0), Some(loss))
             }
         };
-        self.set_rate(rate);
+        // One round's count can be tiny (a download's polls are held at
+        // the far end, so few outcomes arrive while it lasts): never trust
+        // it for more than a quarter of the rate in one step, or a single
+        // loss sends a fast path to the floor for seconds.
+        self.set_rate(rate.max(before * MAX_CUT));
         self.slow_start = false;
         self.stats.reductions += 1;
         self.reduced = loss.map(|loss| (before, loss));
