@@ -1107,6 +1107,36 @@ mod tests {
         assert_eq!(c.srtt(), Some(ms(100)));
     }
 
+    /// A round of a few outcomes (held polls) with one lost says little
+    /// of a fast path: one reduction keeps a quarter of the rate, however
+    /// little the round delivered.
+    #[test]
+    fn one_reduction_keeps_a_quarter_of_the_rate() {
+        let t0 = Instant::now();
+        for why in [
+            Congestion::Loss {
+                delivered: Some(1.0),
+                loss: 1.0,
+            },
+            Congestion::BurstLoss {
+                delivered: Some(1.0),
+                loss: 1.0,
+            },
+            Congestion::BurstLoss {
+                delivered: None,
+                loss: 1.0,
+            },
+        ] {
+            let mut c = Controller::new(CONFIG, t0);
+            c.set_rate(100_000.0);
+            c.reduce(t0 + ms(1), why);
+            assert_eq!(c.pacing_rate(), 100_000.0 * MAX_CUT, "{why:?}");
+            // Repeated, it still steps down towards what was delivered.
+            c.reduce(t0 + ms(2), why);
+            assert_eq!(c.pacing_rate(), 100_000.0 * MAX_CUT * MAX_CUT, "{why:?}");
+        }
+    }
+
     #[test]
     fn an_idle_path_keeps_its_rate() {
         let t0 = Instant::now();
