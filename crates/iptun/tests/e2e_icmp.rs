@@ -540,7 +540,7 @@ kinds_by_id = {v: k for k, v in ids.items()}
 sent = {k: 0 for k in KINDS}
 answered = {k: 0 for k in KINDS}
 payloads, seen = {}, set()
-dups = mismatches = 0
+dups = mismatches = cookies = 0
 seq = 0
 
 def quoted():
@@ -550,7 +550,7 @@ def quoted():
     return h + rng.randbytes(8)
 
 def drain():
-    global dups, mismatches
+    global dups, mismatches, cookies
     while True:
         try:
             p = raw.recv(65535)
@@ -563,6 +563,12 @@ def drain():
         eid, eseq = struct.unpack("!HH", m[4:8])
         kind = kinds_by_id.get(eid)
         if kind is None:
+            continue
+        # A server under load (this flood) answers an init with a cookie
+        # reply (PROTOCOL.md §3.3a: type 4, 64 bytes) before any key work,
+        # replays included: no session state, so not an answer.
+        if kind == "replay_init" and m[8:12] == MAGIC and len(m) == 18 + 64 and m[18] == 4:
+            cookies += 1
             continue
         answered[kind] += 1
         if (eid, eseq) in seen:
@@ -618,7 +624,7 @@ while (now := time.monotonic()) < start + 2 or (now < start + secs and not (
     time.sleep(0.001)
 time.sleep(1)
 drain()
-print(json.dumps({"sent": sent, "answered": answered, "dups": dups,
+print(json.dumps({"sent": sent, "answered": answered, "dups": dups, "cookies": cookies,
                   "mismatches": mismatches, "inits": len(inits), "datas": len(datas)}), flush=True)
 "#;
 
