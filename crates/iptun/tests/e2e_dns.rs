@@ -462,23 +462,7 @@ const SECOND_RESOLVER: &str = "192.0.2.3";
 /// `url`: both up, the tunnel address assigned and a ping through.
 fn start_tunnel(tag: &str, topo: &DnsTopology, dir: &TempDir, url: &str) -> (Daemon, Daemon) {
     let (skey, ckey) = (Key::generate(dir, "server"), Key::generate(dir, "client"));
-    let listen = format!("dns://{}:53?domain={DOMAIN}", addrs::SERVER_ADDR);
-    let mut server = Daemon::spawn(
-        &topo.server,
-        tag,
-        "server",
-        &[
-            "server",
-            "--private-key",
-            skey.path(),
-            "--allow",
-            &ckey.public,
-            "--listen",
-            &listen,
-            "--nat",
-        ],
-    );
-    server.wait_up();
+    let server = start_server(tag, topo, &skey, &ckey);
     let mut client = Daemon::spawn(
         &topo.client,
         tag,
