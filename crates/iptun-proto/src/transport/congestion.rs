@@ -175,6 +175,8 @@ pub struct CongestionStats {
     pub lost: u64,
     /// Times the rate was reduced (rejections included).
     pub reductions: u64,
+    /// Of those, for a standing queue (round trips well above the least).
+    pub queue_reductions: u64,
     /// Requests the far end refused (not in `lost`).
     pub rejections: u64,
     /// The back-off after the last rejection (zero once answered).
@@ -770,6 +772,9 @@ impl Controller {
         self.set_rate(rate.max(before * MAX_CUT));
         self.slow_start = false;
         self.stats.reductions += 1;
+        if loss.is_none() {
+            self.stats.queue_reductions += 1;
+        }
         self.reduced = loss.map(|loss| (before, loss));
         self.restart(now);
     }

@@ -516,6 +516,7 @@ fn dns_detail(
                 "rejected": r.stats.rejected,
                 "set_aside": r.stats.set_aside,
                 "reductions": c.reductions,
+                "queue_reductions": c.queue_reductions,
                 "rejections": c.rejections,
             });
             extend(&mut v, links["resolvers"][i].clone());

@@ -88,6 +88,10 @@ pub const BOUND_IDLE: Duration = Duration::from_secs(600);
 /// Expired holds are answered with an engine keepalive at most this often
 /// per tag (others go empty).
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// Queued fragments an answer looks through for ones that fit.
+const PACK_LOOKAHEAD: usize = 8;
+/// Pieces a message may be split into beyond the fewest, to pack better.
+const MAX_EXTRA_PIECES: usize = 8;
 /// Partial upstream messages are dropped this long after their first
 /// fragment: a lost fragment is not retried for long.
 pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -154,8 +158,9 @@ pub struct TagInfo {
     pub held: usize,
     /// Downstream fragments waiting for a query.
     pub queued: usize,
-    /// The fragment size downstream messages are split to.
-    pub fragment_len: usize,
+    /// Payload room of the smallest recent answer: downstream messages are
+    /// split into pieces that fill answers of this size.
+    pub answer_room: usize,
 }
 
 struct Held<A> {
@@ -223,40 +228,53 @@ impl<S, A> Tag<S, A> {
                 .is_some_and(|t| now.saturating_duration_since(t) < MINIMISATION_WINDOW)
     }
 
-    /// Fragments are made to fit a 512-byte answer to every recent query.
-    fn fragment_len(&self) -> usize {
-        let cap = self
+    /// The fragment length for a message of `len` bytes: as many equal
+    /// pieces as pack the answers to the tag's recent queries best (the
+    /// smallest of their capacities). A 1452-byte packet in answers of 1160
+    /// goes as four pieces, three to an answer: 1089 bytes an answer,
+    /// where pieces sized for 512-byte answers carried about 830.
+    fn fragment_len(&self, len: usize) -> usize {
+        packing_fragment_len(len, self.answer_room())
+    }
+
+    /// Payload room (after the header) of the smallest answer to the tag's
+    /// recent queries; before any, a 512-byte answer to a full-length name.
+    fn answer_room(&self) -> usize {
+        let capacity = self
             .caps
             .iter()
             .copied()
             .min()
             .unwrap_or_else(|| dns::downstream_capacity(dns::MAX_NAME_LEN + 2, None));
-        cap.saturating_sub(DOWN_HEADER_LEN + DOWN_LEN_PREFIX)
+        capacity.saturating_sub(DOWN_HEADER_LEN)
     }
 
     /// Fragments for an answer of `capacity` payload bytes (its header
-    /// included), from the queue.
+    /// included), from the queue: the first that fit, looking a few
+    /// fragments ahead (pieces of different messages differ in size, and
+    /// the client reassembles them in any order).
     fn take_payload(&mut self, capacity: usize, stats: &mut ListenerStats) -> Vec<u8> {
         let capacity = capacity.saturating_sub(DOWN_HEADER_LEN);
         let mut payload = Vec::new();
-        while let Some((_, front)) = self.queue.front() {
-            let need = DOWN_LEN_PREFIX + front.len();
+        let mut i = 0;
+        while i < self.queue.len().min(PACK_LOOKAHEAD) {
+            let need = DOWN_LEN_PREFIX + self.queue[i].1.len();
             if payload.len() + need <= capacity {
-                let f = self.pop_queued().expect("checked");
+                let f = self.remove_queued(i).expect("checked");
                 super::push_fragment(&mut payload, &f);
-            } else if payload.is_empty() {
+            } else if payload.is_empty() && i == 0 && need > capacity {
                 // Fits no answer of this size: the client's path shrank.
-                self.pop_queued();
+                self.remove_queued(0);
                 stats.oversize += 1;
             } else {
-                break;
+                i += 1;
             }
         }
         payload
     }
 
-    fn pop_queued(&mut self) -> Option<Vec<u8>> {
-        let (_, f) = self.queue.pop_front()?;
+    fn remove_queued(&mut self, i: usize) -> Option<Vec<u8>> {
+        let (_, f) = self.queue.remove(i)?;
         self.queued_bytes -= f.len();
         Some(f)
     }
@@ -384,7 +402,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         Some(TagInfo {
             held: t.held.len(),
             queued: t.queue.len(),
-            fragment_len: t.fragment_len(),
+            answer_room: t.answer_room(),
         })
     }
 
@@ -484,17 +502,14 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         let tag = self.tags.get_mut(&h.tag).expect("checked");
         tag.seen.insert(h.qseq, Seen::Held);
         tag.seen_order.push_back((h.qseq, now));
-        // Fragments fit a 512-byte answer to the query (of its type), so an
-        // answer re-asked with a smaller size (after TC) can still carry them.
-        let ty = q.answer_type().expect("decoded only for data types");
-        tag.caps.push_back(dns::answer_capacity(
-            ty,
-            &self.domain,
-            q.name_wire_len(),
-            None,
-        ));
-        if tag.caps.len() > 8 {
-            tag.caps.pop_front();
+        // Fragments are sized for the answers to the tag's recent queries
+        // (probes ask other sizes on purpose). A retry after TC that asks
+        // less may not carry them all: the rest wait for later answers.
+        if !matches!(d.kind, BodyKind::Probe { .. }) {
+            tag.caps.push_back(q.answer_capacity(&self.domain));
+            if tag.caps.len() > 8 {
+                tag.caps.pop_front();
+            }
         }
 
         let has_fragment = d.kind == BodyKind::Fragment;
@@ -689,7 +704,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         message: &[u8],
     ) -> Result<(), DropReason> {
         let t = self.tags.get_mut(&tag).ok_or(DropReason::NoSession)?;
-        let split = t.fragmenter.split(message, t.fragment_len())?;
+        let split = t.fragmenter.split(message, t.fragment_len(message.len()))?;
         let bytes = message.len() + usize::from(split.count()) * crate::frag::HEADER_LEN;
         if t.queue_full(now, bytes) {
             self.stats.queue_full += 1;
@@ -899,6 +914,29 @@ fn reply_data<A>(
     out.push_back(Transmit { to, bytes });
 }
 
+/// The fragment length that splits `len` bytes into the equal pieces that
+/// fill answers of `room` bytes (after the header) best: the fewest
+/// answers a message, then the fewest pieces. Each piece costs its
+/// fragment header and its length prefix.
+fn packing_fragment_len(len: usize, room: usize) -> usize {
+    let overhead = crate::frag::HEADER_LEN + DOWN_LEN_PREFIX;
+    let Some(largest) = room.checked_sub(overhead).filter(|&c| c > 0) else {
+        return room.saturating_sub(DOWN_LEN_PREFIX);
+    };
+    let fewest = len.div_ceil(largest).max(1);
+    // Answers a message takes with n pieces: n / pieces-per-answer,
+    // compared as fractions.
+    let mut best = (fewest, 1);
+    for n in fewest..=(fewest + MAX_EXTRA_PIECES).min(crate::frag::MAX_FRAGMENTS) {
+        let chunk = len.div_ceil(n);
+        let per_answer = room / (chunk + overhead);
+        if per_answer > 0 && n * best.1 < best.0 * per_answer {
+            best = (n, per_answer);
+        }
+    }
+    len.div_ceil(best.0) + crate::frag::HEADER_LEN
+}
+
 /// Lower the query's EDNS0 size to what the answer may have: the client's
 /// limit, [`MAX_DOWN`], and an ordinary reply's 512 bytes for an unbound
 /// tag.
@@ -909,5 +947,47 @@ fn limit_query(q: &mut Query, down_limit: usize, bound: bool) {
     }
     if let Some(e) = q.edns_size {
         q.edns_size = Some(e.min(limit as u16));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frag::{HEADER_LEN, MAX_FRAGMENTS};
+    use proptest::prelude::*;
+
+    /// Pieces, and answers a message takes, for `len` bytes split to
+    /// fragments of `fragment_len` in answers of `room`.
+    fn answers(len: usize, fragment_len: usize, room: usize) -> (usize, f64) {
+        let pieces = len.div_ceil(fragment_len - HEADER_LEN).max(1);
+        let chunk = len.div_ceil(pieces);
+        let per_answer = room / (chunk + HEADER_LEN + DOWN_LEN_PREFIX);
+        (pieces, pieces as f64 / per_answer as f64)
+    }
+
+    #[test]
+    fn a_full_size_packet_packs_answers() {
+        // 1452 bytes (a 1420-byte packet sealed): four pieces, three to an
+        // answer of 1161, where halves would go one to an answer.
+        assert_eq!(answers(1452, packing_fragment_len(1452, 1161), 1161).0, 4);
+        // Answers of 1063: three pieces, two to an answer.
+        assert_eq!(answers(1452, packing_fragment_len(1452, 1063), 1063).0, 3);
+        // A small message goes whole.
+        assert_eq!(packing_fragment_len(84, 1161), 84 + HEADER_LEN);
+    }
+
+    proptest! {
+        #[test]
+        fn pieces_fit_and_pack_no_worse_than_the_fewest(len in 1usize..=65535, room in 16usize..=4080) {
+            let largest = room - HEADER_LEN - DOWN_LEN_PREFIX;
+            prop_assume!(len.div_ceil(largest) <= MAX_FRAGMENTS);
+            let f = packing_fragment_len(len, room);
+            prop_assert!(f > HEADER_LEN);
+            prop_assert!(f + DOWN_LEN_PREFIX <= room, "{f} in {room}");
+            let (pieces, took) = answers(len, f, room);
+            prop_assert!(pieces <= MAX_FRAGMENTS);
+            let (_, fewest) = answers(len, largest + HEADER_LEN, room);
+            prop_assert!(took <= fewest, "{took} > {fewest}");
+        }
     }
 }
