@@ -255,6 +255,9 @@ impl<S, A> Tag<S, A> {
     /// the client reassembles them in any order).
     fn take_payload(&mut self, capacity: usize, stats: &mut ListenerStats) -> Vec<u8> {
         let capacity = capacity.saturating_sub(DOWN_HEADER_LEN);
+        // Pieces were sized for recent answers; one that fits none of them
+        // never will: the client's path shrank.
+        let largest = self.caps.iter().copied().max().unwrap_or(0);
         let mut payload = Vec::new();
         let mut i = 0;
         while i < self.queue.len().min(PACK_LOOKAHEAD) {
@@ -262,11 +265,11 @@ impl<S, A> Tag<S, A> {
             if payload.len() + need <= capacity {
                 let f = self.remove_queued(i).expect("checked");
                 super::push_fragment(&mut payload, &f);
-            } else if payload.is_empty() && i == 0 && need > capacity {
-                // Fits no answer of this size: the client's path shrank.
-                self.remove_queued(0);
+            } else if DOWN_HEADER_LEN + need > largest.max(capacity + DOWN_HEADER_LEN) {
+                self.remove_queued(i);
                 stats.oversize += 1;
             } else {
+                // For a larger answer (this query's name is longer).
                 i += 1;
             }
         }
