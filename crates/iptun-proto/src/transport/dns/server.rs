@@ -979,6 +979,31 @@ mod tests {
         assert_eq!(packing_fragment_len(84, 1161), 84 + HEADER_LEN);
     }
 
+    /// A piece sized for a poll's answer waits through a query with a
+    /// longer name (a smaller answer) for the next poll; one larger than
+    /// any recent answer is dropped and counted.
+    #[test]
+    fn a_piece_waits_for_an_answer_it_fits() {
+        let now = Instant::now();
+        let mut stats = ListenerStats::default();
+        let mut t = Tag::<u32, u32>::new(now, 7);
+        t.caps.extend([1161, 1161]);
+        t.push_queued(now, vec![1; 900], false);
+        t.push_queued(now, vec![2; 100], false);
+        // A long-named query: only the small piece fits.
+        let p = t.take_payload(800, &mut stats);
+        assert_eq!(super::super::fragments(&p).count(), 1);
+        assert_eq!((t.queue.len(), stats.oversize), (1, 0));
+        // The next poll takes the large one.
+        let p = t.take_payload(1161, &mut stats);
+        assert_eq!(super::super::fragments(&p).count(), 1);
+        assert!(t.queue.is_empty());
+        // The path shrank below a queued piece: dropped, counted.
+        t.push_queued(now, vec![3; 2000], false);
+        assert!(t.take_payload(1161, &mut stats).is_empty());
+        assert_eq!((t.queue.len(), stats.oversize), (0, 1));
+    }
+
     proptest! {
         #[test]
         fn pieces_fit_and_pack_no_worse_than_the_fewest(len in 1usize..=65535, room in 16usize..=4080) {
