@@ -25,7 +25,8 @@
 #   iptbd-c 192.0.2.2 <-veth-> 192.0.2.1 iptbd-r 203.0.113.1 <-veth-> 203.0.113.2 iptbd-s
 # iptbd-r forwards between its two links (raw path, "direct" tunnels) and runs
 # unbound on 192.0.2.1:53 with a stub zone t.example.com -> 203.0.113.2@53
-# ("via unbound" tunnels), and for the dot and doh rows also on 192.0.2.1:853
+# ("via unbound" tunnels; query name minimisation, case randomisation, EDNS
+# 1232, and two source addresses toward the server, 203.0.113.1 and .3), and for the dot and doh rows also on 192.0.2.1:853
 # (DNS over TLS) and 192.0.2.1:443 (DNS over HTTPS, HTTP/2, /dns-query) with
 # a certificate from a CA made for the run (openssl); the client trusts that
 # CA (--tls-ca). For the two-resolver row a second unbound, configured alike,
@@ -51,6 +52,7 @@ ADDR_C=192.0.2.2
 ADDR_RC=192.0.2.1              # resolver, client side: unbound listens here
 ADDR_RC2=192.0.2.3             # the second unbound (two-resolver row)
 ADDR_RS=203.0.113.1            # resolver, server side
+ADDR_RS2=203.0.113.3           # resolver, server side: its second source address
 ADDR_S=203.0.113.2             # the tunnel servers' DNS address
 DOMAIN=t.example.com
 
@@ -103,6 +105,7 @@ netns3_up() {
     ip -n "$NS_R" addr add $ADDR_RC/24 dev "$VETH_RC"
     ip -n "$NS_R" addr add $ADDR_RC2/24 dev "$VETH_RC"
     ip -n "$NS_R" addr add $ADDR_RS/24 dev "$VETH_RS"
+    ip -n "$NS_R" addr add $ADDR_RS2/24 dev "$VETH_RS"
     ip -n "$NS_S" addr add $ADDR_S/24 dev "$VETH_SR"
     ip -n "$NS_C" link set "$VETH_CR" up
     ip -n "$NS_R" link set "$VETH_RC" up
@@ -167,8 +170,18 @@ ${tls}    interface-automatic: no
     harden-below-nxdomain: no
     infra-keep-probing: yes
     infra-host-ttl: 30
-    qname-minimisation: no
-    use-caps-for-id: no
+    # As a resolver is run in the wild (and as issue 11 measured): query
+    # names minimised and case-randomised, two source addresses, EDNS 1232.
+    qname-minimisation: yes
+    use-caps-for-id: yes
+    outgoing-interface: $ADDR_RS
+    outgoing-interface: $ADDR_RS2
+    edns-buffer-size: 1232
+    # Its counters in its log every 5 s (requests dropped for a full list,
+    # among others): what limits a tunnel through it.
+    statistics-interval: 5
+    statistics-cumulative: no
+    extended-statistics: yes
     local-zone: "." refuse
     local-zone: "$DOMAIN." transparent
 

@@ -70,9 +70,9 @@ use crate::wire::dns::{
 /// The fewest bare polls out while the path is in use.
 pub const MIN_POLLS: usize = 2;
 /// The most bare polls out (over all resolvers): a resolver serves other
-/// clients too, and drops the oldest queries it waits on when its list is
-/// full (unbound keeps 1024 a thread).
-pub const MAX_POLLS: usize = 512;
+/// clients too, and drops queries when its list is full (unbound keeps
+/// 1000 a thread; with a full data window, 768 of ours at most).
+pub const MAX_POLLS: usize = 256;
 /// A query given up on (lost: unanswered a round trip and its deviations
 /// after it went, or the server's hold beyond that if it may be held) is
 /// still listed this long after it went, so a late answer still delivers
