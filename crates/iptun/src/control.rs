@@ -67,6 +67,10 @@ pub struct Status {
     /// (`cookie_sent`: answered with a cookie, under load).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub handshakes: BTreeMap<String, u64>,
+    /// Server: each DNS listener's counters (queries, answers with and
+    /// without data, resolver retries, minimisation steps...), by URL.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dns: BTreeMap<String, BTreeMap<String, u64>>,
     /// Client: every candidate path, most preferred first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<CandidateStatus>,
@@ -327,6 +331,9 @@ pub fn render(s: &Status) -> String {
     }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "  dropped (no session): {}", fmt_drops(&s.drops));
+    }
+    for (url, counters) in &s.dns {
+        let _ = writeln!(out, "  {url}: {}", fmt_drops(counters));
     }
     for x in &s.sessions {
         let _ = writeln!(out, "  peer {}", x.key);

@@ -676,6 +676,7 @@ fn status(
         endpoints: urls.iter().map(ToString::to_string).collect(),
         sessions: vec![session],
         handshakes: Default::default(),
+        dns: Default::default(),
         drops: Default::default(),
         paths: candidates,
         moves: Some(st.moves),

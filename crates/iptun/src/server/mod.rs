@@ -619,6 +619,32 @@ fn handshake_map(
         .collect()
 }
 
+/// A DNS listener's counters for the status, those not zero.
+fn dns_counters(
+    s: &iptun_proto::transport::dns::server::ListenerStats,
+) -> std::collections::BTreeMap<String, u64> {
+    [
+        ("queries", s.queries),
+        ("retries", s.retries),
+        ("answered_data", s.answered_data),
+        ("answered_empty", s.answered_empty),
+        ("superseded", s.superseded),
+        ("minimisation_steps", s.minimisation_steps),
+        ("probes", s.probes),
+        ("options", s.options),
+        ("apex", s.apex),
+        ("refused", s.refused),
+        ("malformed", s.malformed),
+        ("queue_full", s.queue_full),
+        ("oversize", s.oversize),
+        ("evicted_tags", s.evicted_tags),
+    ]
+    .into_iter()
+    .filter(|&(_, n)| n > 0)
+    .map(|(name, n)| (name.to_owned(), n))
+    .collect()
+}
+
 fn status(
     ep: &Endpoint,
     drivers: &Drivers,
@@ -671,6 +697,12 @@ fn status(
         sessions,
         drops,
         handshakes: handshake_map(ep.engine().handshakes()),
+        dns: ep
+            .listeners()
+            .into_iter()
+            .zip(endpoints)
+            .filter_map(|(l, url)| Some((url.clone(), dns_counters(&l.dns?))))
+            .collect(),
         paths: Vec::new(),
         moves: None,
         searching: false,
