@@ -23,6 +23,14 @@ const _: () = assert!(HEADROOM >= VIRTIO_NET_HDR_LEN);
 const MAX_PACKET: usize = 65535;
 /// Packets staged for one coalesced write, to begin with.
 const WRITE_BATCH: usize = 512;
+/// Capacity of every write buffer. tun-rs coalesces a TCP or UDP flow's
+/// packets into the buffer of the flow's first packet, and only when that
+/// buffer can hold the whole superpacket without reallocating (its
+/// `InsufficientCap` check: `2 * offset + coalesced length`). With smaller
+/// buffers nothing coalesces and every packet is its own write, and its own
+/// trip through the kernel's TCP receive path. Untouched capacity costs
+/// address space, not memory: only a superpacket's head buffer is filled.
+const WRITE_BUFFER: usize = 2 * HEADROOM + MAX_PACKET;
 /// The most packets one write batch grows to (a long-poll body of a
 /// megabyte holds more than `WRITE_BATCH` packets); beyond, packets are
 /// dropped and counted by the caller.
@@ -62,10 +70,10 @@ impl Tun {
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             read_bufs: vec![vec![0; HEADROOM + MAX_PACKET]; IDEAL_BATCH_SIZE],
             read_sizes: vec![0; IDEAL_BATCH_SIZE],
-            // Enough to take every datagram of one UDP receive batch; buffers
-            // grow to the packet size on first use and are reused after.
+            // Enough to take every datagram of one UDP receive batch, each
+            // big enough to become a coalesced superpacket.
             write_bufs: (0..WRITE_BATCH)
-                .map(|_| Vec::with_capacity(HEADROOM + 2048))
+                .map(|_| Vec::with_capacity(WRITE_BUFFER))
                 .collect(),
             staged: 0,
             gro: GROTable::default(),
@@ -115,7 +123,7 @@ impl Tun {
     /// grows as needed up to `MAX_WRITE_BATCH` packets, and keeps its size.
     pub fn stage_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
         if self.staged == self.write_bufs.len() && self.staged < MAX_WRITE_BATCH {
-            self.write_bufs.push(Vec::with_capacity(HEADROOM + 2048));
+            self.write_bufs.push(Vec::with_capacity(WRITE_BUFFER));
         }
         let buf = self.write_bufs.get_mut(self.staged)?;
         buf.resize(HEADROOM + len, 0);
