@@ -233,6 +233,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let written = tun.written();
     loop {
         let deadline = conn.poll_timeout().unwrap_or(never);
         if timer.deadline() != deadline.into() {
@@ -251,6 +252,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 if !drivers[i].receive(&mut conn, i, &mut tun).await? {
                     tokio::task::yield_now().await;
                 }
+            }
+            // Packets staged while the TUN writer was busy: it is done now.
+            () = written.notified(), if tun.has_staged() => {
+                tun.flush().await.context("writing to the TUN device")?;
             }
             () = &mut timer => conn.handle_timeout(Instant::now()),
             _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),

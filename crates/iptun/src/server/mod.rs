@@ -418,6 +418,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let written = tun.written();
     loop {
         let deadline = ep.poll_timeout().unwrap_or(never);
         if timer.deadline() != deadline.into() {
@@ -443,6 +444,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 if let Some(ev) = ev {
                     drivers.http.receive(&mut ep, &mut tun, ev).await.context("writing to the TUN device")?;
                 }
+            }
+            // Packets staged while the TUN writer was busy: it is done now.
+            () = written.notified(), if tun.has_staged() => {
+                tun.flush().await.context("writing to the TUN device")?;
             }
             () = &mut timer => ep.handle_timeout(Instant::now()),
             _ = reports.tick() => drops.tick(Instant::now(), ep.drops()),
