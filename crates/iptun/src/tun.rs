@@ -44,6 +44,9 @@ const WRITE_BUFFER: usize = 2 * HEADROOM + MAX_PACKET;
 /// Packets staged while the writer thread is busy before [`Tun::flush`]
 /// waits for it (backpressure on the loop) instead of staging more.
 const DEFER_LIMIT: usize = 2 * IDEAL_BATCH_SIZE;
+/// A batch this small is written by the loop itself when the writer thread
+/// is idle: a ping or a few ACKs should not wait for a thread to wake.
+const INLINE_MAX: usize = 8;
 
 /// One packet buffer of a write batch: `HEADROOM` bytes, then the packet.
 /// Its bytes stay initialized between uses, so staging a packet does not
@@ -240,6 +243,8 @@ pub struct Tun {
     writer: Option<Writer>,
     /// Notified each time the writer thread is done with a batch.
     written: Arc<Notify>,
+    /// Coalescing state of the writes the loop makes itself.
+    gro: GROTable,
     /// `--pcap`: every packet read and written, if set.
     capture: Option<Capture>,
 }
@@ -264,6 +269,7 @@ impl Tun {
             batch: WriteBatch::new(),
             writer: None,
             written: Arc::new(Notify::new()),
+            gro: GROTable::default(),
             capture: None,
         })
     }
@@ -350,6 +356,9 @@ impl Tun {
         if self.batch.staged == 0 {
             return Ok(());
         }
+        if self.batch.staged <= INLINE_MAX && !self.writer.as_ref().is_some_and(|w| w.busy) {
+            return self.write_inline();
+        }
         let writer = match &mut self.writer {
             Some(w) => w,
             None => self.writer.insert(Writer::spawn(
@@ -369,6 +378,30 @@ impl Tun {
             c.flush();
         }
         writer.send(full)
+    }
+
+    /// Write the (small) staged batch from the loop: one or a few write
+    /// syscalls on the non-blocking descriptor, which a TUN device takes at
+    /// once (it never waits for room).
+    fn write_inline(&mut self) -> io::Result<()> {
+        let staged = std::mem::take(&mut self.batch.staged);
+        let bufs = &mut self.batch.bufs[..staged];
+        if let Some(c) = &mut self.capture {
+            for buf in bufs.iter() {
+                c.packet(&buf.as_ref()[HEADROOM..], Direction::OutOfTunnel);
+            }
+            c.flush();
+        }
+        let sync: &tun_rs::DeviceImpl = &self.device;
+        match sync.send_multiple(&mut self.gro, bufs, HEADROOM) {
+            Ok(_) => Ok(()),
+            // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::debug!("TUN write rejected: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -462,21 +495,30 @@ mod tests {
         let thread = format!("{name} writer");
         // comm holds at most 15 bytes.
         let thread = &thread[..thread.len().min(15)];
-        assert_eq!(threads_named(thread), 0, "no thread before the first write");
-        let written = tun.written();
-        for round in 0..3 {
-            // An IPv4 header the kernel drops (the device is down): the
-            // write path runs all the same.
-            let buf = tun.stage_buffer(20).expect("room");
-            buf.fill(0);
-            buf[0] = 0x45;
-            buf[3] = 20;
-            tun.commit(20);
-            tun.flush().await.expect("flush");
-            if round > 0 {
-                assert!(!tun.has_staged() || tun.writer.as_ref().is_some_and(|w| w.busy));
+        let stage = |tun: &mut Tun, n: usize| {
+            for _ in 0..n {
+                // An IPv4 header the kernel drops (the device is down): the
+                // write path runs all the same.
+                let buf = tun.stage_buffer(20).expect("room");
+                buf.fill(0);
+                buf[0] = 0x45;
+                buf[3] = 20;
+                tun.commit(20);
             }
+        };
+        // A ping's worth is written by the loop itself: no thread.
+        stage(&mut tun, 1);
+        tun.flush().await.expect("flush");
+        assert!(!tun.has_staged());
+        assert_eq!(threads_named(thread), 0, "small writes need no thread");
+        let written = tun.written();
+        for _ in 0..3 {
+            stage(&mut tun, INLINE_MAX + 1);
+            tun.flush().await.expect("flush");
+            // Handed over, or kept staged while the thread is busy.
+            assert!(!tun.has_staged() || tun.writer.as_ref().is_some_and(|w| w.busy));
             written.notified().await;
+            tun.flush().await.expect("flush");
         }
         assert_eq!(threads_named(thread), 1);
         drop(tun);
