@@ -305,6 +305,9 @@ measure_iptun_udp() { # [function to run while the tunnel is still up]
 # A blank line, then one row per path: Mbit/s, rtt_ms (with RTT_NOTE), a
 # column per "header:reference path:width:decimals" holding Mbit/s divided by
 # the reference's ("-" if it was not measured), and mtu if any was recorded.
+# A "%" in the reference stands for the row's variant, the part of its name
+# after the first space ("iptun-udp 4up" against "nulltun %" is divided by
+# "nulltun 4up").
 print_table() { # path-width mbit-decimals column...
     local pw=$1 md=$2 n r spec head ref w d; shift 2
     echo
@@ -321,10 +324,11 @@ print_table() { # path-width mbit-decimals column...
         printf "%-${pw}s %9s %8s" "$n" "$(awk -v m="${MBIT[$n]}" -v f="%.${md}f" 'BEGIN{printf f, m}')" "$r"
         for spec in "$@"; do
             IFS=: read -r head ref w d <<<"$spec"
+            [[ $n == *" "* ]] && ref=${ref//%/${n#* }}
             printf " %${w}s" "$(awk -v a="${MBIT[$n]}" -v b="${MBIT[$ref]:-}" -v f="%.${d}f" \
                 'BEGIN{ if (b == "") print "-"; else printf f, a / b }')"
         done
-        [[ ${#MTU[@]} -eq 0 ]] || printf ' %6s' "${MTU[$n]:-}"
+        [[ ${#MTU[@]} -eq 0 ]] || printf ' %6s' "${MTU[$n]:-${MTU[${n%% *}]:-}}"
         echo
     done
 }

@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # bench/udp.sh - throughput and RTT of iptun over UDP, compared in one run with
-# the raw veth path and with boringtun (userspace WireGuard).
+# the raw veth path, with nulltun-offload (an unencrypted TUN<->UDP forwarder
+# using the same kernel offloads: the limit of a userspace tunnel here) and
+# with boringtun (userspace WireGuard).
 #
 # Usage (as root):
-#   bench/udp.sh                       # raw veth, boringtun, iptun-udp
-#   bench/udp.sh --only raw,boringtun  # any subset of: raw,boringtun,iptun
+#   bench/udp.sh                       # raw, nulltun, boringtun, iptun, clients
+#   bench/udp.sh --only raw,boringtun  # any subset of: raw,nulltun,boringtun,iptun,clients
+#
+# Each path is measured four ways (the row's variant): 1up (one TCP stream
+# client -> server), 4up (iperf3 -P 4), 1down (-R: server -> client) and
+# 4down (-R -P 4); the idle ping RTT with the first. `clients` runs CLIENTS
+# iptun clients (each in its own namespace, on its own veth) against one
+# server at once, one stream up each, and reports the aggregate.
 #
 # Environment:
 #   IPTUN=path     iptun binary (default: <repo>/target/release/iptun; built
 #                  with `cargo build --release -p iptun` when missing)
+#   NULLTUN=path   nulltun-offload binary (default: <repo>/target/bench-peers/
+#                  release/nulltun-offload, built from NULLTUN_SRC when missing)
+#   NULLTUN_SRC=d  its sources (default: /work/shared/peers/nulltun-offload);
+#                  a benchmark peer only, never part of iptun
+#   CLIENTS=n      clients of the `clients` row (default 4)
 #   RUNS=n         measure each path n times, keep the best (default 1)
 #   DURATION=s     iperf3 seconds per measurement (default 10)
 #   PINGS=n        pings per measurement, 0.2 s apart (default 20)
@@ -18,12 +31,13 @@
 #
 # Topology: netns iptb-s (192.0.2.1/24) <-veth-> netns iptb-c (192.0.2.2/24).
 # All tunnels run over that one link; iperf3 -s runs in iptb-s, the iperf3
-# client in iptb-c (client -> server direction). Nothing leaves the namespaces.
+# client in iptb-c. The `clients` row adds namespaces iptb-c2.. with a veth
+# each to iptb-s (198.51.100.4k+1/30 <-> .4k+2). Nothing leaves the namespaces.
 set -euo pipefail
 
 PREFIX=iptb
-PATHS=raw,boringtun,iptun
-ALIASES=(iptun-udp=iptun)
+PATHS=raw,nulltun,boringtun,iptun,clients
+ALIASES=(iptun-udp=iptun nulltun-offload=nulltun)
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # namespaces, measuring, iptun, report
 
@@ -33,9 +47,26 @@ WG_SOCKS=("/var/run/wireguard/$WG_S.sock" "/var/run/wireguard/$WG_C.sock")
 WG_NET_S=10.2.0.1
 WG_NET_C=10.2.0.2
 WG_PORT=51820
-teardown_hook() { rm -f "${WG_SOCKS[@]}"; }
+NT_S=iptbnts     # nulltun-offload interfaces, addresses, ports
+NT_C=iptbntc
+NT_NET_S=10.3.0.1
+NT_NET_C=10.3.0.2
+NT_PORT_S=40010
+NT_PORT_C=40011
+CLIENTS=${CLIENTS:-4}
+EXTRA_NS=()      # the `clients` row's namespaces
+teardown_hook() {
+    local ns
+    rm -f "${WG_SOCKS[@]}"
+    for ns in "${EXTRA_NS[@]}"; do
+        kill_ns_procs "$ns"
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
 
-declare -A RSS   # iptun's peak RSS, by end
+declare -A RSS   # peak RSS (VmHWM, MiB) of each tunnel's ends: RSS[name end]
+VARIANTS=(1up 4up 1down 4down)
+declare -A VARIANT_ARGS=([1up]="" [4up]="-P 4" [1down]="-R" [4down]="-R -P 4")
 
 parse_args "$@"
 bench_start
@@ -50,7 +81,17 @@ if want boringtun; then
     fi
     BORINGTUN=$(command -v boringtun-cli)
 fi
-if want iptun; then iptun_setup; fi
+if want nulltun; then
+    NULLTUN=${NULLTUN:-$ROOT/target/bench-peers/release/nulltun-offload}
+    NULLTUN_SRC=${NULLTUN_SRC:-/work/shared/peers/nulltun-offload}
+    if [[ ! -x $NULLTUN ]]; then
+        log "$NULLTUN missing: building it from $NULLTUN_SRC"
+        cargo build --release --manifest-path "$NULLTUN_SRC/Cargo.toml" \
+            --target-dir "$ROOT/target/bench-peers" >"$TMP/cargo-nulltun.log" 2>&1
+    fi
+    [[ -x $NULLTUN ]] || die "no nulltun-offload binary at $NULLTUN"
+fi
+if want iptun || want clients; then iptun_setup; fi
 
 netns_up
 
@@ -61,20 +102,55 @@ note_mtu() { # name dev (in the client namespace)
 
 vmhwm() { awk '/^VmHWM/{printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
-# read while iptun still runs (measure_iptun_udp's hook)
-iptun_udp_extras() {
-    note_mtu iptun-udp $IPTUN_TUN
-    RSS[server]=$(vmhwm "$IT_S")
-    RSS[client]=$(vmhwm "$IT_C")
+note_rss() { # name server-pid client-pid (while they still run)
+    RSS[$1 server]=$(vmhwm "$2")
+    RSS[$1 client]=$(vmhwm "$3")
+}
+
+# The four variants of one path: "$name 1up" (with the idle RTT), "$name 4up",
+# "$name 1down", "$name 4down".
+measure_variants() { # name ns dst
+    local v rtt
+    for v in "${VARIANTS[@]}"; do
+        rtt="-"
+        [[ $v == 1up ]] && rtt="ping_avg $2 $3"
+        measure "$1 $v" "$rtt" "iperf3_mbit $2 $3 $1-$v ${VARIANT_ARGS[$v]}"
+    done
 }
 
 # 1. raw veth
 if want raw; then
-    measure_raw
-    note_mtu "raw veth" "$VETH_C"
+    pause
+    log "raw veth: $UL_C -> $UL_S"
+    measure_variants raw "$NS_C" $UL_S
+    note_mtu raw "$VETH_C"
 fi
 
-# 2. boringtun
+# 2. nulltun-offload
+if want nulltun; then
+    pause
+    log "nulltun-offload: $NT_NET_C -> $NT_NET_S over udp $UL_S:$NT_PORT_S ($NULLTUN)"
+    bg "$NS_S" "$TMP/nulltun-server.log" "$NULLTUN" $NT_S $UL_S $NT_PORT_S $UL_C $NT_PORT_C
+    NT_PID_S=$BG_PID
+    bg "$NS_C" "$TMP/nulltun-client.log" "$NULLTUN" $NT_C $UL_C $NT_PORT_C $UL_S $NT_PORT_S
+    NT_PID_C=$BG_PID
+    for _ in $(seq 50); do
+        ip -n "$NS_S" link show $NT_S >/dev/null 2>&1 && ip -n "$NS_C" link show $NT_C >/dev/null 2>&1 && break
+        kill -0 $NT_PID_S 2>/dev/null && kill -0 $NT_PID_C 2>/dev/null || die "nulltun-offload exited"
+        sleep 0.1
+    done
+    ip -n "$NS_S" addr add $NT_NET_S/24 dev $NT_S
+    ip -n "$NS_C" addr add $NT_NET_C/24 dev $NT_C
+    ip -n "$NS_S" link set $NT_S mtu 1420 up
+    ip -n "$NS_C" link set $NT_C mtu 1420 up
+    ip netns exec "$NS_C" ping -c 3 -i 0.2 -W 2 $NT_NET_S >/dev/null || die "nulltun-offload: no ping through it"
+    measure_variants nulltun "$NS_C" $NT_NET_S
+    note_mtu nulltun $NT_C
+    note_rss nulltun $NT_PID_S $NT_PID_C
+    stop_pids $NT_PID_S $NT_PID_C
+fi
+
+# 3. boringtun
 if want boringtun; then
     pause
     log "boringtun: $WG_NET_C -> $WG_NET_S over udp $UL_S:$WG_PORT ($BORINGTUN)"
@@ -104,24 +180,118 @@ if want boringtun; then
     # first packet triggers the handshake; give it a few tries
     ip netns exec "$NS_C" ping -c 5 -i 0.2 -W 2 $WG_NET_S >/dev/null 2>&1 || \
         ip netns exec "$NS_C" ping -c 1 -W 3 $WG_NET_S >/dev/null || die "boringtun: no ping through tunnel"
-    measure boringtun "ping_avg $NS_C $WG_NET_S" "iperf3_mbit $NS_C $WG_NET_S boringtun"
+    measure_variants boringtun "$NS_C" $WG_NET_S
     note_mtu boringtun $WG_C
+    note_rss boringtun $BT_S $BT_C
     stop_pids $BT_S $BT_C
     rm -f "${WG_SOCKS[@]}"
 fi
 
-# 3. iptun over UDP
-if want iptun; then measure_iptun_udp iptun_udp_extras; fi
+# 4. iptun over UDP
+if want iptun; then
+    pause
+    log "iptun-udp: client -> $IPTUN_ADDR_S over udp $UL_S:$IPTUN_PORT ($IPTUN)"
+    iptun_up udp udp://0.0.0.0:$IPTUN_PORT udp://$UL_S:$IPTUN_PORT
+    measure_variants iptun-udp "$NS_C" $IPTUN_ADDR_S
+    note_mtu iptun-udp $IPTUN_TUN
+    note_rss iptun-udp "$IT_S" "$IT_C"
+    iptun_down
+fi
+
+# 5. several iptun clients on one server at once
+# Client k's iperf3 goes to its own iperf3 -s (port 5200+k); prints the sum
+# and leaves each client's figure in PER_CLIENT.
+PER_CLIENT=()
+clients_mbit() {
+    local k pids=() sum=0 m
+    for k in $(seq "$CLIENTS"); do
+        timeout $((DURATION + 30)) ip netns exec "${CLIENT_NS[$k]}" iperf3 -c $IPTUN_ADDR_S \
+            -p $((5200 + k)) -t "$DURATION" -J >"$TMP/iperf3-clients-$k-$RUN.json" 2>&1 &
+        pids+=($!)
+    done
+    for k in "${pids[@]}"; do wait "$k" || { log "a client's iperf3 failed"; return 1; }; done
+    PER_CLIENT=()
+    for k in $(seq "$CLIENTS"); do
+        m=$(python3 - "$TMP/iperf3-clients-$k-$RUN.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+if "error" in d:
+    sys.exit("iperf3: " + d["error"])
+print("%.1f" % (d["end"]["sum_received"]["bits_per_second"] / 1e6))
+EOF
+        ) || return 1
+        PER_CLIENT+=("$m")
+        sum=$(awk -v a="$sum" -v b="$m" 'BEGIN{printf "%.1f", a + b}')
+    done
+    echo "$sum"
+}
+
+if want clients; then
+    pause
+    log "iptun-udp: $CLIENTS clients at once, one stream up each"
+    declare -A CLIENT_NS=([1]=$NS_C) CLIENT_SERVER=([1]=$UL_S)
+    allow=(--allow "$(cat "$TMP/iptun-c.pub")")
+    for k in $(seq 2 "$CLIENTS"); do
+        ns=$PREFIX-c$k
+        EXTRA_NS+=("$ns")
+        ip netns add "$ns"
+        ip link add $PREFIX-vs$k netns "$NS_S" type veth peer name $PREFIX-vc$k netns "$ns"
+        ip -n "$NS_S" addr add 198.51.100.$((4 * k + 1))/30 dev $PREFIX-vs$k
+        ip -n "$ns" addr add 198.51.100.$((4 * k + 2))/30 dev $PREFIX-vc$k
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set $PREFIX-vc$k up
+        ip -n "$NS_S" link set $PREFIX-vs$k up
+        CLIENT_NS[$k]=$ns
+        CLIENT_SERVER[$k]=198.51.100.$((4 * k + 1))
+        umask 077
+        "$IPTUN" genkey >"$TMP/iptun-c$k.key" && "$IPTUN" pubkey <"$TMP/iptun-c$k.key" >"$TMP/iptun-c$k.pub"
+        umask 022
+        allow+=(--allow "$(cat "$TMP/iptun-c$k.pub")")
+    done
+    for k in $(seq "$CLIENTS"); do
+        bg "$NS_S" "$TMP/iperf3-server-$k.log" iperf3 -s -p $((5200 + k))
+        wait_listen "$NS_S" $((5200 + k)) "$BG_PID" "iperf3 -s -p $((5200 + k))"
+    done
+    bg "$NS_S" "$TMP/iptun-clients-server.log" "$IPTUN" server --private-key "$TMP/iptun-s.key" \
+        "${allow[@]}" --listen udp://0.0.0.0:$IPTUN_PORT --tun $IPTUN_TUN
+    IT_S=$BG_PID
+    wait_ipv4 "$NS_S" $IPTUN_TUN 10 $IT_S || die "iptun server: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_S)"
+    CLIENT_PIDS=()
+    for k in $(seq "$CLIENTS"); do
+        key=$TMP/iptun-c$k.key
+        [[ $k -eq 1 ]] && key=$TMP/iptun-c.key
+        bg "${CLIENT_NS[$k]}" "$TMP/iptun-clients-client-$k.log" "$IPTUN" client --private-key "$key" \
+            --server-key "$(cat "$TMP/iptun-s.pub")" --server "udp://${CLIENT_SERVER[$k]}:$IPTUN_PORT" --tun $IPTUN_TUN
+        CLIENT_PIDS+=("$BG_PID")
+    done
+    for k in $(seq "$CLIENTS"); do
+        wait_ipv4 "${CLIENT_NS[$k]}" $IPTUN_TUN 10 "${CLIENT_PIDS[$((k - 1))]}" || die "iptun client $k: no IPv4"
+        ip netns exec "${CLIENT_NS[$k]}" ping -c 3 -i 0.2 -W 2 $IPTUN_ADDR_S >/dev/null 2>&1 || \
+            ip netns exec "${CLIENT_NS[$k]}" ping -c 1 -W 3 $IPTUN_ADDR_S >/dev/null || die "iptun client $k: no ping"
+    done
+    name="iptun-udp ${CLIENTS}clients"
+    measure "$name" "-" "clients_mbit"
+    log "$name: per client ${PER_CLIENT[*]} Mbit/s"
+    note_rss "$name" "$IT_S" "${CLIENT_PIDS[0]}"
+    kill -0 "$IT_S" 2>/dev/null || die "iptun server exited during the measurement"
+    stop_pids "$IT_S" "${CLIENT_PIDS[@]}"
+fi
 
 # ---------------------------------------------------------------- report
-print_table 11 0 "vs_raw:raw veth:8:3" "vs_boringtun:boringtun:13:2"
-if [[ -n ${RSS[server]:-} ]]; then
-    echo "iptun peak RSS (VmHWM): server ${RSS[server]} MiB, client ${RSS[client]} MiB"
-fi
-echo "(runs=$RUNS, best of; iperf3 ${DURATION}s single TCP stream client->server; ${PINGS} pings at 0.2 s; $(nproc) cores)"
+print_table 22 0 "vs_raw:raw %:8:3" "vs_nulltun:nulltun %:10:2" "vs_boringtun:boringtun %:12:2"
+echo
+echo "peak RSS (VmHWM, MiB):"
+for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients"; do
+    [[ -n ${RSS[$n server]:-} ]] || continue
+    printf '  %-22s server %6s  client %6s\n' "$n" "${RSS[$n server]}" "${RSS[$n client]}"
+done
+if [[ ${#PER_CLIENT[@]} -gt 0 ]]; then echo "iptun-udp ${CLIENTS}clients, per client (Mbit/s): ${PER_CLIENT[*]}"; fi
+echo "(runs=$RUNS, best of; iperf3 ${DURATION}s; 1up/4up: 1/4 TCP streams client->server, 1down/4down: -R;"
+echo " ${PINGS} pings at 0.2 s on the 1up row; $(nproc) cores)"
 
 rss_json=""
-if [[ -n ${RSS[server]:-} ]]; then
-    rss_json=$(printf ',"iptun_vmhwm_mib":{"server":"%s","client":"%s"}' "${RSS[server]}" "${RSS[client]}")
-fi
+for n in "${!RSS[@]}"; do
+    rss_json+=$(printf ',"%s":"%s"' "$n" "${RSS[$n]}")
+done
+[[ -z $rss_json ]] || rss_json=",\"vmhwm_mib\":{${rss_json#,}}"
 write_json "" "$rss_json"

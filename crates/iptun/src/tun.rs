@@ -8,9 +8,15 @@
 //! several Gbit/s.
 
 use std::io;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use tokio::sync::Notify;
 
 use anyhow::Context as _;
-use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    AsyncDevice, DeviceBuilder, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN,
+};
 
 use crate::capture::{Capture, Direction};
 
@@ -22,24 +28,222 @@ const _: () = assert!(HEADROOM >= VIRTIO_NET_HDR_LEN);
 /// Largest packet a TUN read or write can carry.
 const MAX_PACKET: usize = 65535;
 /// Packets staged for one coalesced write, to begin with.
-const WRITE_BATCH: usize = 512;
+const WRITE_BATCH: usize = 256;
 /// The most packets one write batch grows to (a long-poll body of a
 /// megabyte holds more than `WRITE_BATCH` packets); beyond, packets are
 /// dropped and counted by the caller.
 const MAX_WRITE_BATCH: usize = 8192;
+/// Capacity of every write buffer. tun-rs coalesces a TCP or UDP flow's
+/// packets into the buffer of the flow's first packet, and only when that
+/// buffer can hold the whole superpacket without reallocating (its
+/// `InsufficientCap` check: `2 * offset + coalesced length`). With smaller
+/// buffers nothing coalesces and every packet is its own write, and its own
+/// trip through the kernel's TCP receive path. Untouched capacity costs
+/// address space, not memory: only a superpacket's head buffer is filled.
+const WRITE_BUFFER: usize = 2 * HEADROOM + MAX_PACKET;
+/// Packets staged while the writer thread is busy before [`Tun::flush`]
+/// waits for it (backpressure on the loop) instead of staging more.
+const DEFER_LIMIT: usize = 2 * IDEAL_BATCH_SIZE;
+/// A batch this small is written by the loop itself when the writer thread
+/// is idle: a ping or a few ACKs should not wait for a thread to wake.
+const INLINE_MAX: usize = 8;
+
+/// One packet buffer of a write batch: `HEADROOM` bytes, then the packet.
+/// Its bytes stay initialized between uses, so staging a packet does not
+/// zero the buffer first (the packet is written over it at once).
+#[derive(Default)]
+struct PacketBuf {
+    /// Initialized bytes (the most ever used); capacity `WRITE_BUFFER`.
+    bytes: Vec<u8>,
+    /// Bytes in use.
+    len: usize,
+}
+
+impl PacketBuf {
+    fn new() -> Self {
+        Self {
+            bytes: Vec::with_capacity(WRITE_BUFFER),
+            len: 0,
+        }
+    }
+
+    /// Use the first `len` bytes.
+    fn set_len(&mut self, len: usize) {
+        if self.bytes.len() < len {
+            self.bytes.resize(len, 0);
+        }
+        self.len = len;
+    }
+}
+
+impl AsRef<[u8]> for PacketBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for PacketBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[..self.len]
+    }
+}
+
+impl ExpandBuffer for PacketBuf {
+    fn buf_capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        let old = self.len;
+        self.set_len(new_len);
+        if new_len > old {
+            self.bytes[old..new_len].fill(value);
+        }
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let at = self.len;
+        self.set_len(at + src.len());
+        self.bytes[at..at + src.len()].copy_from_slice(src);
+    }
+}
+
+/// Packets staged for one write.
+struct WriteBatch {
+    bufs: Vec<PacketBuf>,
+    staged: usize,
+}
+
+impl WriteBatch {
+    fn new() -> Self {
+        Self {
+            bufs: (0..WRITE_BATCH).map(|_| PacketBuf::new()).collect(),
+            staged: 0,
+        }
+    }
+}
+
+/// The thread that writes batches to the device: coalescing (tun-rs GRO)
+/// and the write syscalls, in which the kernel runs its whole receive path
+/// for the packets (TCP included), happen beside the event loop instead of
+/// inside it. Two batches exist: the loop fills one while the thread
+/// writes the other. Dropping it stops and joins the thread.
+struct Writer {
+    /// Full batches to the thread (it never holds more than the one batch
+    /// there is besides the loop's, so sends never block).
+    to_thread: Option<mpsc::SyncSender<WriteBatch>>,
+    /// Written batches back, empty.
+    written: tokio::sync::mpsc::Receiver<WriteBatch>,
+    /// The batch is with the thread.
+    busy: bool,
+    /// The first error the thread met, for the loop to report.
+    error: Arc<Mutex<Option<io::Error>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn spawn(device: Arc<AsyncDevice>, name: &str, done: Arc<Notify>) -> io::Result<Self> {
+        let (to_thread, batches) = mpsc::sync_channel::<WriteBatch>(1);
+        let (back, written) = tokio::sync::mpsc::channel(1);
+        let error = Arc::new(Mutex::new(None));
+        let thread_error = error.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name} writer"))
+            .spawn(move || {
+                let mut gro = GROTable::default();
+                // The blocking write (a TUN write never waits for room).
+                let sync: &tun_rs::DeviceImpl = &device;
+                while let Ok(mut batch) = batches.recv() {
+                    let staged = std::mem::take(&mut batch.staged);
+                    match sync.send_multiple(&mut gro, &mut batch.bufs[..staged], HEADROOM) {
+                        Ok(_) => {}
+                        // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.
+                        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                            tracing::debug!("TUN write rejected: {e}");
+                        }
+                        Err(e) => {
+                            thread_error.lock().expect("not poisoned").get_or_insert(e);
+                        }
+                    }
+                    if back.blocking_send(batch).is_err() {
+                        break;
+                    }
+                    done.notify_one();
+                }
+            })?;
+        Ok(Self {
+            to_thread: Some(to_thread),
+            written,
+            busy: false,
+            error,
+            thread: Some(thread),
+        })
+    }
+
+    /// An empty batch to fill next: a new one before the first hand-over,
+    /// then the one the thread wrote last, at once if it is done, else
+    /// (when `wait`) once it is; `None` while it is busy and not `wait`.
+    async fn take_empty(&mut self, wait: bool) -> io::Result<Option<WriteBatch>> {
+        if !self.busy {
+            return Ok(Some(WriteBatch::new()));
+        }
+        let empty = if wait {
+            self.written.recv().await
+        } else {
+            match self.written.try_recv() {
+                Ok(b) => Some(b),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        };
+        let empty = empty.ok_or_else(|| io::Error::other("the TUN writer thread stopped"))?;
+        self.busy = false;
+        if let Some(e) = self.error.lock().expect("not poisoned").take() {
+            return Err(e);
+        }
+        Ok(Some(empty))
+    }
+
+    /// Give the thread a full batch.
+    fn send(&mut self, batch: WriteBatch) -> io::Result<()> {
+        let tx = self.to_thread.as_ref().expect("set until dropped");
+        tx.send(batch)
+            .map_err(|_| io::Error::other("the TUN writer thread stopped"))?;
+        self.busy = true;
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // The thread ends when its channel closes; joining it releases its
+        // handle on the device, which then disappears.
+        drop(self.to_thread.take());
+        self.written.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// An open TUN device with its batch buffers.
 pub struct Tun {
-    device: AsyncDevice,
+    device: Arc<AsyncDevice>,
     name: String,
     /// Raw read buffer (virtio header plus superpacket).
     raw: Vec<u8>,
     /// Packets read: `HEADROOM` bytes, then the packet.
     read_bufs: Vec<Vec<u8>>,
     read_sizes: Vec<usize>,
-    /// Packets staged for writing: `HEADROOM` bytes, then the packet.
-    write_bufs: Vec<Vec<u8>>,
-    staged: usize,
+    /// Packets staged for writing (the second batch, if any, is with the
+    /// writer thread).
+    batch: WriteBatch,
+    /// `None` until the first flush: a second batch and the thread cost
+    /// nothing on a device never written.
+    writer: Option<Writer>,
+    /// Notified each time the writer thread is done with a batch.
+    written: Arc<Notify>,
+    /// Coalescing state of the writes the loop makes itself.
     gro: GROTable,
     /// `--pcap`: every packet read and written, if set.
     capture: Option<Capture>,
@@ -57,17 +261,14 @@ impl Tun {
             })?;
         let name = device.name().unwrap_or_else(|_| name.to_owned());
         Ok(Self {
-            device,
+            device: Arc::new(device),
             name,
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             read_bufs: vec![vec![0; HEADROOM + MAX_PACKET]; IDEAL_BATCH_SIZE],
             read_sizes: vec![0; IDEAL_BATCH_SIZE],
-            // Enough to take every datagram of one UDP receive batch; buffers
-            // grow to the packet size on first use and are reused after.
-            write_bufs: (0..WRITE_BATCH)
-                .map(|_| Vec::with_capacity(HEADROOM + 2048))
-                .collect(),
-            staged: 0,
+            batch: WriteBatch::new(),
+            writer: None,
+            written: Arc::new(Notify::new()),
             gro: GROTable::default(),
             capture: None,
         })
@@ -114,37 +315,85 @@ impl Tun {
     /// `None` when the batch is full (call [`Tun::flush`] first). The batch
     /// grows as needed up to `MAX_WRITE_BATCH` packets, and keeps its size.
     pub fn stage_buffer(&mut self, len: usize) -> Option<&mut [u8]> {
-        if self.staged == self.write_bufs.len() && self.staged < MAX_WRITE_BATCH {
-            self.write_bufs.push(Vec::with_capacity(HEADROOM + 2048));
+        let b = &mut self.batch;
+        if b.staged == b.bufs.len() && b.staged < MAX_WRITE_BATCH {
+            b.bufs.push(PacketBuf::new());
         }
-        let buf = self.write_bufs.get_mut(self.staged)?;
-        buf.resize(HEADROOM + len, 0);
-        Some(&mut buf[HEADROOM..])
+        let buf = b.bufs.get_mut(b.staged)?;
+        buf.set_len(HEADROOM + len);
+        Some(&mut buf.as_mut()[HEADROOM..])
     }
 
     /// Commit the packet of `len` bytes written into the last staged buffer.
     pub fn commit(&mut self, len: usize) {
-        self.write_bufs[self.staged].truncate(HEADROOM + len);
-        self.staged += 1;
+        let b = &mut self.batch;
+        b.bufs[b.staged].set_len(HEADROOM + len);
+        b.staged += 1;
     }
 
-    /// Write every staged packet (coalescing where offloads allow).
+    /// Packets staged and not yet with the writer thread: when this is
+    /// true the loop waits on [`Tun::written`] too, and then flushes.
+    pub fn has_staged(&self) -> bool {
+        self.batch.staged > 0
+    }
+
+    /// Notified each time the writer thread is done with a batch (a
+    /// notification may also be stale: flushing then does nothing).
+    pub fn written(&self) -> Arc<Notify> {
+        self.written.clone()
+    }
+
+    /// Hand the staged packets to the writer thread (coalescing where
+    /// offloads allow). When the thread is still busy with the previous
+    /// batch they stay staged (more join them) until it is done, or until
+    /// there are so many that this waits for it.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if self.staged == 0 {
+        let wait = self.batch.staged >= DEFER_LIMIT;
+        self.hand_over(wait).await
+    }
+
+    async fn hand_over(&mut self, wait: bool) -> io::Result<()> {
+        if self.batch.staged == 0 {
             return Ok(());
         }
-        let staged = std::mem::take(&mut self.staged);
+        if self.batch.staged <= INLINE_MAX && !self.writer.as_ref().is_some_and(|w| w.busy) {
+            return self.write_inline();
+        }
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            None => self.writer.insert(Writer::spawn(
+                self.device.clone(),
+                &self.name,
+                self.written.clone(),
+            )?),
+        };
+        let Some(empty) = writer.take_empty(wait).await? else {
+            return Ok(()); // stays staged: the thread is busy
+        };
+        let full = std::mem::replace(&mut self.batch, empty);
         if let Some(c) = &mut self.capture {
-            for buf in &self.write_bufs[..staged] {
-                c.packet(&buf[HEADROOM..], Direction::OutOfTunnel);
+            for buf in &full.bufs[..full.staged] {
+                c.packet(&buf.as_ref()[HEADROOM..], Direction::OutOfTunnel);
             }
             c.flush();
         }
-        let result = self
-            .device
-            .send_multiple(&mut self.gro, &mut self.write_bufs[..staged], HEADROOM)
-            .await;
-        match result {
+        writer.send(full)
+    }
+
+    /// Write the (small) staged batch from the loop: one or a few write
+    /// syscalls on the non-blocking descriptor, which a TUN device takes at
+    /// once (it never waits for room).
+    fn write_inline(&mut self) -> io::Result<()> {
+        let staged = std::mem::take(&mut self.batch.staged);
+        let bufs = &mut self.batch.bufs[..staged];
+        if let Some(c) = &mut self.capture {
+            for buf in bufs.iter() {
+                c.packet(&buf.as_ref()[HEADROOM..], Direction::OutOfTunnel);
+            }
+            c.flush();
+        }
+        let sync: &tun_rs::DeviceImpl = &self.device;
+        match sync.send_multiple(&mut self.gro, bufs, HEADROOM) {
             Ok(_) => Ok(()),
             // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -195,5 +444,88 @@ impl iptun_proto::transport::TunSink for Discard {
 impl PacketWriter for Discard {
     async fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_buffers_reuse_their_bytes_and_honour_the_resize_contract() {
+        let mut b = PacketBuf::new();
+        b.set_len(8);
+        b.as_mut().copy_from_slice(b"abcdefgh");
+        b.set_len(3);
+        assert_eq!(b.as_ref(), b"abc");
+        // Staging again keeps the old bytes (no zeroing per packet).
+        b.set_len(5);
+        assert_eq!(b.as_ref(), b"abcde");
+        // tun-rs's resize fills what it adds.
+        b.buf_resize(7, 0);
+        assert_eq!(b.as_ref(), b"abcde\0\0");
+        b.buf_extend_from_slice(b"xy");
+        assert_eq!(b.as_ref(), b"abcde\0\0xy");
+        assert!(b.buf_capacity() >= WRITE_BUFFER);
+    }
+
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|t| {
+                        std::fs::read_to_string(t.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == name)
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The writer thread starts with the first write, batches come back
+    /// to be reused, and dropping the device stops the thread and removes
+    /// the device. Needs root (skipped without /dev/net/tun access).
+    #[tokio::test]
+    async fn writer_thread_stops_and_device_goes_on_drop() {
+        let name = format!("iptw{}", std::process::id() % 100_000);
+        let Ok(mut tun) = Tun::create(&name, true) else {
+            eprintln!("skipped: cannot create a TUN device here");
+            return;
+        };
+        let thread = format!("{name} writer");
+        // comm holds at most 15 bytes.
+        let thread = &thread[..thread.len().min(15)];
+        let stage = |tun: &mut Tun, n: usize| {
+            for _ in 0..n {
+                // An IPv4 header the kernel drops (the device is down): the
+                // write path runs all the same.
+                let buf = tun.stage_buffer(20).expect("room");
+                buf.fill(0);
+                buf[0] = 0x45;
+                buf[3] = 20;
+                tun.commit(20);
+            }
+        };
+        // A ping's worth is written by the loop itself: no thread.
+        stage(&mut tun, 1);
+        tun.flush().await.expect("flush");
+        assert!(!tun.has_staged());
+        assert_eq!(threads_named(thread), 0, "small writes need no thread");
+        let written = tun.written();
+        for _ in 0..3 {
+            stage(&mut tun, INLINE_MAX + 1);
+            tun.flush().await.expect("flush");
+            // Handed over, or kept staged while the thread is busy.
+            assert!(!tun.has_staged() || tun.writer.as_ref().is_some_and(|w| w.busy));
+            written.notified().await;
+            tun.flush().await.expect("flush");
+        }
+        assert_eq!(threads_named(thread), 1);
+        drop(tun);
+        assert_eq!(threads_named(thread), 0, "the writer thread ended");
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(&name).exists(),
+            "the device is gone"
+        );
     }
 }

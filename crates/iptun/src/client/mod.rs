@@ -233,24 +233,35 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let written = tun.written();
     loop {
         let deadline = conn.poll_timeout().unwrap_or(never);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
+        // A path whose socket buffer is full: the TUN device waits
+        // (backpressure) until the socket has room again.
+        let blocked = drivers.iter().any(PathDriver::is_blocked);
         tokio::select! {
             () = &mut shutdown => break,
-            r = tun.readable() => {
+            r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
                 if !from_tun(&mut conn, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
-            (i, r) = std::future::poll_fn(|cx| ready_path(&mut drivers, cx)) => {
-                r.with_context(|| format!("waiting on --server {}", urls[i]))?;
-                if !drivers[i].receive(&mut conn, i, &mut tun).await? {
-                    tokio::task::yield_now().await;
+            (i, ready) = std::future::poll_fn(|cx| ready_path(&mut drivers, cx)) => match ready {
+                PathReady::Writable => drivers[i].retry(),
+                PathReady::Readable(r) => {
+                    r.with_context(|| format!("waiting on --server {}", urls[i]))?;
+                    if !drivers[i].receive(&mut conn, i, &mut tun).await? {
+                        tokio::task::yield_now().await;
+                    }
                 }
+            },
+            // Packets staged while the TUN writer was busy: it is done now.
+            () = written.notified(), if tun.has_staged() => {
+                tun.flush().await.context("writing to the TUN device")?;
             }
             () = &mut timer => conn.handle_timeout(Instant::now()),
             _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),
@@ -309,14 +320,24 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The index of a path whose socket is ready.
+/// What a path's socket is ready for.
+enum PathReady {
+    Readable(std::io::Result<()>),
+    /// A blocked send may go now.
+    Writable,
+}
+
+/// The index of a path whose socket is ready, and for what.
 fn ready_path(
     drivers: &mut [PathDriver],
     cx: &mut std::task::Context<'_>,
-) -> std::task::Poll<(usize, std::io::Result<()>)> {
+) -> std::task::Poll<(usize, PathReady)> {
     for (i, d) in drivers.iter_mut().enumerate() {
+        if d.poll_writable(cx).is_ready() {
+            return std::task::Poll::Ready((i, PathReady::Writable));
+        }
         if let std::task::Poll::Ready(r) = d.poll_readable(cx) {
-            return std::task::Poll::Ready((i, r));
+            return std::task::Poll::Ready((i, PathReady::Readable(r)));
         }
     }
     std::task::Poll::Pending
@@ -417,6 +438,8 @@ fn from_tun(
             }
         });
         match result {
+            // A full socket buffer: read no more until it has room.
+            Ok(()) if drivers.iter().any(PathDriver::is_blocked) => break,
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 dry = true;
@@ -623,7 +646,7 @@ fn status(
         })
         .unwrap_or_default();
     let current = &st.paths[st.current];
-    let session = SessionStatus {
+    let mut session = SessionStatus {
         key: server_key.to_base64(),
         addresses: addresses.clone(),
         transport: transport_name(&urls[st.current]).into(),
@@ -648,6 +671,12 @@ fn status(
         conn.engine().last_handshake(),
         now,
     );
+    let udp_full: u64 = drivers.iter().map(PathDriver::send_dropped).sum();
+    if udp_full > 0 {
+        session
+            .drops
+            .insert("udp_send_buffer_full".into(), udp_full);
+    }
     let candidates = st
         .paths
         .iter()

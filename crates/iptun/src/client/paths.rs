@@ -194,6 +194,35 @@ impl PathDriver {
         }
     }
 
+    /// A UDP send waits for room in the socket buffer: send nothing new
+    /// here until [`PathDriver::poll_writable`] and [`PathDriver::retry`].
+    pub fn is_blocked(&self) -> bool {
+        matches!(self, Self::Udp { tx, .. } if tx.is_blocked())
+    }
+
+    /// Ready when blocked and the socket may have room again.
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Self::Udp { tx, .. } => tx.poll_writable(cx),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Send what waited for room (it may have to wait again).
+    pub fn retry(&mut self) {
+        if let Self::Udp { tx, .. } = self {
+            tx.retry();
+        }
+    }
+
+    /// Datagrams dropped because the socket buffer stayed full.
+    pub fn send_dropped(&self) -> u64 {
+        match self {
+            Self::Udp { tx, .. } => tx.dropped(),
+            _ => 0,
+        }
+    }
+
     /// Ready to receive.
     pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {

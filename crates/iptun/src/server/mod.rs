@@ -55,6 +55,19 @@ enum ListenerDriver {
 }
 
 impl ListenerDriver {
+    /// A UDP send waits for room in the socket buffer.
+    fn is_blocked(&self) -> bool {
+        matches!(self, Self::Udp { tx, .. } if tx.is_blocked())
+    }
+
+    /// Ready when blocked and the socket may have room again.
+    fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match self {
+            Self::Udp { tx, .. } => tx.poll_writable(cx),
+            _ => Poll::Pending,
+        }
+    }
+
     fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         match self {
             Self::Udp { rx, .. } => rx.poll_readable(cx).map(drop),
@@ -418,21 +431,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let written = tun.written();
     loop {
         let deadline = ep.poll_timeout().unwrap_or(never);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
+        // A UDP socket buffer is full: the TUN device waits (backpressure)
+        // until it has room again.
+        let blocked = drivers.listeners.iter().any(ListenerDriver::is_blocked);
         tokio::select! {
             () = &mut shutdown => break,
-            r = tun.readable() => {
+            r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
                 if !from_tun(&mut ep, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
-            i = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
-                if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
+            (i, writable) = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
+                if writable {
+                    if let ListenerDriver::Udp { tx, .. } = &mut drivers.listeners[i] {
+                        tx.retry();
+                    }
+                } else if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
                     // More waited than a wakeup's worth: the server is not
                     // keeping up, and handshakes must prove their address.
                     ep.note_backlog(Instant::now());
@@ -443,6 +464,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 if let Some(ev) = ev {
                     drivers.http.receive(&mut ep, &mut tun, ev).await.context("writing to the TUN device")?;
                 }
+            }
+            // Packets staged while the TUN writer was busy: it is done now.
+            () = written.notified(), if tun.has_staged() => {
+                tun.flush().await.context("writing to the TUN device")?;
             }
             () = &mut timer => ep.handle_timeout(Instant::now()),
             _ = reports.tick() => drops.tick(Instant::now(), ep.drops()),
@@ -531,10 +556,18 @@ fn take_over_echo(family: Family, undo: &mut Undo) -> anyhow::Result<()> {
     netcfg::set_sysctl(undo, sysctl, "1").context("taking over echo replies from the kernel")
 }
 
-fn ready_listener(listeners: &[ListenerDriver], cx: &mut std::task::Context<'_>) -> Poll<usize> {
+/// A listener whose socket is ready: for a blocked send (`true`) or to
+/// receive.
+fn ready_listener(
+    listeners: &[ListenerDriver],
+    cx: &mut std::task::Context<'_>,
+) -> Poll<(usize, bool)> {
     for (i, l) in listeners.iter().enumerate() {
+        if l.poll_writable(cx).is_ready() {
+            return Poll::Ready((i, true));
+        }
         if l.poll_readable(cx).is_ready() {
-            return Poll::Ready(i);
+            return Poll::Ready((i, false));
         }
     }
     Poll::Pending
@@ -561,6 +594,8 @@ fn from_tun(ep: &mut Endpoint, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| from_tun_packet(ep, drivers, now, packet));
         match result {
+            // A full socket buffer: read no more until it has room.
+            Ok(()) if drivers.listeners.iter().any(ListenerDriver::is_blocked) => break,
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 dry = true;
@@ -688,6 +723,17 @@ fn status(
     }
     if drivers.http.queue_full > 0 {
         drops.insert("http_queue_full".into(), drivers.http.queue_full);
+    }
+    let udp_full: u64 = drivers
+        .listeners
+        .iter()
+        .map(|l| match l {
+            ListenerDriver::Udp { tx, .. } => tx.dropped(),
+            _ => 0,
+        })
+        .sum();
+    if udp_full > 0 {
+        drops.insert("udp_send_buffer_full".into(), udp_full);
     }
     Status {
         role: "server".into(),

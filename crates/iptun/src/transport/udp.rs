@@ -48,6 +48,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
             socket,
             state,
             batch: SendBatch::new(max_segments),
+            held: Box::default(),
         },
     ))
 }
@@ -114,13 +115,68 @@ impl UdpReceiver {
 }
 
 /// The sending half: datagrams to one destination are batched into GSO
-/// sends. Sends never await: when the socket buffer is full we wait briefly
-/// for room (backpressure), and past that the datagram is dropped, as the
-/// network would.
+/// sends. Sends never block or await: when the socket buffer is full the
+/// run that did not fit is held (one run, a bounded queue), the sender
+/// says it is blocked, and the loop stops reading the TUN device until the
+/// socket is writable again and the held run has gone
+/// ([`UdpSender::poll_writable`], [`UdpSender::retry`]). Runs sent while
+/// one is held are dropped, as the network would, and counted.
 pub struct UdpSender {
     socket: Arc<UdpSocket>,
     state: Arc<UdpSocketState>,
     batch: SendBatch,
+    held: Box<Held>,
+}
+
+/// The run a full socket buffer refused, kept for one retry, and the
+/// datagrams dropped while it was held. Its buffer is allocated on the
+/// first refusal only.
+#[derive(Default)]
+struct Held {
+    buf: Vec<u8>,
+    len: usize,
+    to: Option<Peer>,
+    segment: usize,
+    count: usize,
+    dropped: u64,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Keep the run of `batch`; if one is held already, drop it instead
+    /// (counted). Returns whether it was kept.
+    fn keep(&mut self, batch: &SendBatch) -> bool {
+        if !self.is_empty() {
+            self.dropped += batch.count as u64;
+            return false;
+        }
+        self.buf.resize(batch.len.max(self.buf.len()), 0);
+        self.buf[..batch.len].copy_from_slice(&batch.buf[..batch.len]);
+        self.len = batch.len;
+        self.to = batch.to;
+        self.segment = batch.segment;
+        self.count = batch.count;
+        true
+    }
+
+    fn transmit(&self) -> Option<Transmit<'_>> {
+        let to = self.to.filter(|_| self.count > 0)?;
+        Some(Transmit {
+            destination: to.addr,
+            ecn: None,
+            contents: &self.buf[..self.len],
+            segment_size: (self.count > 1).then_some(self.segment),
+            src_ip: to.local,
+        })
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
+        self.len = 0;
+    }
 }
 
 impl UdpSender {
@@ -163,11 +219,16 @@ impl UdpSender {
         self.batch.clear();
     }
 
-    fn transmit_run(&self) {
+    fn transmit_run(&mut self) {
         let b = &self.batch;
         let Some(to) = b.to.filter(|_| b.count > 0) else {
             return;
         };
+        if !self.held.is_empty() {
+            // Still blocked: the network would drop it too.
+            self.held.keep(b);
+            return;
+        }
         let t = Transmit {
             destination: to.addr,
             ecn: None,
@@ -178,16 +239,58 @@ impl UdpSender {
         // The syscall itself, not through tokio's readiness: a socket the
         // reactor has not polled yet counts as not writable there, and a
         // path's first datagram (a handshake) would be lost.
-        for _ in 0..2 {
-            match self.state.try_send(UdpSockRef::from(&*self.socket), &t) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sockopt::wait_writable(std::os::fd::AsRawFd::as_raw_fd(&*self.socket))
-                }
-                // A lost datagram is the inner protocol's business; an unreachable
-                // peer must not stop the tunnel.
-                Err(e) => return tracing::debug!("UDP send to {} failed: {e}", to.addr),
-                Ok(()) => return,
+        match self.state.try_send(UdpSockRef::from(&*self.socket), &t) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.held.keep(b);
             }
+            // A lost datagram is the inner protocol's business; an unreachable
+            // peer must not stop the tunnel.
+            Err(e) => tracing::debug!("UDP send to {} failed: {e}", to.addr),
+            Ok(()) => {}
+        }
+    }
+
+    /// A run waits for room in the socket buffer: stop feeding this sender
+    /// until [`UdpSender::retry`] sent it.
+    pub fn is_blocked(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Datagrams dropped because the socket buffer stayed full.
+    pub fn dropped(&self) -> u64 {
+        self.held.dropped
+    }
+
+    /// Ready when blocked and the socket may have room (then call
+    /// [`UdpSender::retry`]); pending otherwise.
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.is_blocked() {
+            return Poll::Pending;
+        }
+        self.socket.poll_send_ready(cx).map(drop)
+    }
+
+    /// Send the held run, through tokio's readiness this time: if the
+    /// buffer is still full, readiness is cleared and
+    /// [`UdpSender::poll_writable`] waits for the next edge.
+    pub fn retry(&mut self) {
+        let Self {
+            socket,
+            state,
+            held,
+            ..
+        } = self;
+        let Some(t) = held.transmit() else { return };
+        let r = socket.try_io(Interest::WRITABLE, || {
+            state.try_send(UdpSockRef::from(&**socket), &t)
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::debug!("UDP send to {} failed: {e}", t.destination);
+                held.clear();
+            }
+            Ok(()) => held.clear(),
         }
     }
 }
@@ -303,6 +406,27 @@ mod tests {
             ..addr(1)
         };
         assert!(!b.try_join(other, 100));
+    }
+
+    #[test]
+    fn one_refused_run_is_held_and_more_are_dropped_and_counted() {
+        let mut b = SendBatch::new(64);
+        let mut held = Held::default();
+        b.tail()[..3].copy_from_slice(b"abc");
+        assert!(b.try_join(addr(1), 3));
+        assert!(held.keep(&b), "the first refused run is held");
+        assert!(!held.is_empty());
+        b.clear();
+        assert!(b.try_join(addr(1), 100));
+        assert!(b.try_join(addr(1), 100));
+        assert!(!held.keep(&b), "the queue (one run) is full");
+        assert_eq!(held.dropped, 2, "both datagrams of the second run counted");
+        let t = held.transmit().expect("held run");
+        assert_eq!((t.contents, t.segment_size), (&b"abc"[..], None));
+        held.clear();
+        assert!(held.is_empty() && held.transmit().is_none());
+        assert!(held.keep(&b), "room again once sent");
+        assert_eq!(held.transmit().expect("run").segment_size, Some(100));
     }
 
     #[test]
