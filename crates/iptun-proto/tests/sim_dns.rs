@@ -542,6 +542,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
             prompt: false,
             qseq: i as u16,
             down_limit: 2040,
+            auth: [0; 4],
         }
         .emit(&mut p);
         // Sometimes a fragment of a big message, sometimes nothing.
@@ -553,7 +554,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
         p.truncate(domain.upstream_capacity(253));
         let name = encode_name(&domain, &p).unwrap();
         let bytes = build_query(i as u16, &name, Some(4096)).unwrap();
-        assert!(l.handle_query(now, from, &bytes).is_none());
+        assert!(l.handle_query(now, from, &bytes, &()).is_none());
         // Someone sends to an unbound tag: still only ordinary replies.
         let _ = l.send_to_tag(now, rng.next_u64() as u32 % 50, &vec![0xab; 3000]);
         if i % 100 == 0 {
@@ -579,7 +580,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
     assert!(l.held() == 0, "all answered");
     // Outside the zone: REFUSED; never an open resolver.
     let other = Name::from_ascii("www.example.org.").unwrap();
-    l.handle_query(now, from, &build_query(7, &other, None).unwrap());
+    l.handle_query(now, from, &build_query(7, &other, None).unwrap(), &());
     let t = l.poll_transmit().unwrap();
     assert_eq!(parse_response(7, &other, &t.bytes), Ok(Answer::Refused));
     assert!(t.bytes.len() <= 512);
@@ -645,11 +646,12 @@ fn a_new_tags_first_address_query_is_not_held() {
             prompt: false,
             qseq: 0,
             down_limit: 1232,
+            auth: [0; 4],
         }
         .emit(&mut p);
         let name = encode_name(&domain, &p).unwrap();
         let bytes = build_query_as(i as u16, &name, ty, Some(1232)).unwrap();
-        assert!(l.handle_query(now, from, &bytes).is_none());
+        assert!(l.handle_query(now, from, &bytes, &()).is_none());
         let answered = l.poll_transmit();
         if matches!(ty, AnswerType::A | AnswerType::Aaaa) {
             let t = answered.expect("answered at once");
@@ -663,7 +665,7 @@ fn a_new_tags_first_address_query_is_not_held() {
             p[5] = 1;
             let name = encode_name(&domain, &p).unwrap();
             let bytes = build_query_as(9, &name, ty, Some(1232)).unwrap();
-            l.handle_query(now, from, &bytes);
+            l.handle_query(now, from, &bytes, &());
             assert_eq!(l.poll_transmit(), None);
         } else {
             assert_eq!(answered, None, "{ty:?} held");

@@ -32,11 +32,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::DropCounters;
-use crate::crypto::PublicKey;
+use crate::crypto::{PollCheck, PollCounter, PollGuard, PollKind, PublicKey};
 use crate::engine::{
     AllowedChange, HandshakeCounters, InitOutcome, PathKind, Server, ServerConfig, ServerOutput,
     SessionId, SessionInfo, Traffic,
 };
+use crate::transport::dns::UpHeader;
 use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
 use crate::transport::icmp::{self, Arrived, IcmpListener, Incoming};
@@ -300,6 +301,32 @@ enum Handled {
     Dropped,
 }
 
+/// The poll keys of the engine's sessions, for the DNS listener's checks.
+struct EngineKeys<'a> {
+    engine: &'a Server<Path>,
+    now: Instant,
+}
+
+impl dns_server::PollKeys<SessionId> for EngineKeys<'_> {
+    fn check(
+        &self,
+        session: SessionId,
+        guard: &mut PollGuard,
+        header: &UpHeader,
+    ) -> Option<PollCheck> {
+        let keys = self.engine.poll_keys(self.now, session);
+        keys.clone().next()?;
+        Some(guard.check(
+            keys,
+            PollKind::Dns,
+            u64::from(header.tag),
+            PollCounter::Low16(header.qseq),
+            &header.signed(),
+            &header.auth,
+        ))
+    }
+}
+
 /// The server's endpoint: see the module docs.
 pub struct Endpoint {
     engine: Server<Path>,
@@ -444,6 +471,8 @@ impl Endpoint {
                     ("dns_queue_full", s.queue_full),
                     ("dns_oversize", s.oversize),
                     ("dns_evicted_tags", s.evicted_tags),
+                    ("dns_forged_polls", s.forged),
+                    ("dns_replayed_polls", s.replayed),
                 ]
             }
             Listener::Http(m) => vec![
@@ -572,7 +601,11 @@ impl Endpoint {
                 }
             }
             (Listener::Dns(d), Input::Datagram { from, bytes }) => {
-                let Some(delivered) = d.handle_query(now, from, bytes) else {
+                let keys = EngineKeys {
+                    engine: &self.engine,
+                    now,
+                };
+                let Some(delivered) = d.handle_query(now, from, bytes, &keys) else {
                     return;
                 };
                 let (tag, len) = (delivered.tag, delivered.message.len());
