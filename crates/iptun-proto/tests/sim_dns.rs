@@ -1267,3 +1267,155 @@ fn where_long_queries_vanish_the_client_finds_the_cap() {
     assert!(s.resolver().stats.too_long - vanished <= more);
     check_server(&s);
 }
+
+// --- bound polls -------------------------------------------------------
+
+/// A poll key of another session: a real handshake of another client key.
+fn foreign_poll_key() -> iptun_proto::crypto::PollKey {
+    use iptun_proto::crypto::{Initiator, Responder};
+    use iptun_proto::wire::message::{INIT_NOISE_LEN, RESPONSE_NOISE_LEN};
+    let server = common::server_key();
+    let mut m1 = [0u8; INIT_NOISE_LEN];
+    let init = Initiator::start(&key(2), &server.public_key(), 1, &mut m1);
+    let config = iptun_proto::TunnelConfig {
+        client_v4: std::net::Ipv4Addr::new(10, 1, 0, 3),
+        server_v4: std::net::Ipv4Addr::new(10, 1, 0, 1),
+        prefix_v4: 24,
+        v6: None,
+        mtu: 1420,
+        keepalive_secs: 10,
+    };
+    let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+    let _ = Responder::read(&server, &m1)
+        .unwrap()
+        .accept(&config, &mut m2)
+        .unwrap();
+    let (_, keys) = init.finish(&m2).unwrap();
+    keys.poll_key().clone()
+}
+
+/// A download of 1500 packets with `attack` going on from the start; the
+/// flow and the sim after it.
+fn download_under(attack: Option<Attack>) -> (Flow, Sim) {
+    let mut s = sim(ResolverConfig::default(), 70);
+    connect(&mut s);
+    s.run_for(secs(1));
+    if let Some(a) = attack {
+        let mut a = Attacker::new(a, 71);
+        a.armed = true;
+        s.attacker = Some(a);
+    }
+    let (_, down) = bulk(&mut s, 70, 1500, (false, true), 128, secs(60), |_, _| {});
+    // The attack ends with the download; what it sent arrives.
+    if let Some(a) = &mut s.attacker {
+        a.armed = false;
+    }
+    s.run_for(secs(12));
+    (down, s)
+}
+
+fn dns_stats(s: &Sim) -> iptun_proto::transport::dns::server::ListenerStats {
+    s.server.listeners()[0].dns.expect("a DNS listener")
+}
+
+/// The goal of bound polls: someone who sees the client's tag and floods
+/// the server with bare polls of it, ten for every query of the client,
+/// gets nothing, and the client's download keeps at least 90% of its rate.
+#[test]
+fn forged_polls_at_ten_times_the_clients_rate_take_nothing() {
+    let (base, _) = download_under(None);
+    let (attacked, s) = download_under(Some(Attack::Forge { per_query: 10 }));
+    let a = s.attacker.as_ref().unwrap();
+    let stats = dns_stats(&s);
+    println!(
+        "forged polls: download {:.2} Mbit/s alone, {:.2} Mbit/s with {} forged polls \
+         ({} client queries at the server); {stats:?}",
+        base.mbit(),
+        attacked.mbit(),
+        a.sent,
+        s.arrivals
+            .keys()
+            .filter(|(from, _)| *from != ATTACKER)
+            .count(),
+    );
+    assert_eq!((base.delivered, attacked.delivered), (1500, 1500));
+    assert!(a.sent > 10_000, "{}", a.sent);
+    assert_eq!(a.fragments(), 0, "a forged poll got data");
+    assert_eq!(a.answers.len() as u64, a.sent, "each answered at once");
+    assert_eq!(stats.forged, a.sent);
+    assert!(
+        attacked.mbit() >= 0.9 * base.mbit(),
+        "{attacked:?} vs {base:?}"
+    );
+    assert_eq!(
+        s.server
+            .transport_drops()
+            .iter()
+            .find(|(n, _)| *n == "dns_forged_polls"),
+        Some(&("dns_forged_polls", a.sent))
+    );
+    check_server(&s);
+}
+
+/// Polls authenticated with the keys of another session (another client of
+/// the same server that copies the tag) are forged for this one.
+#[test]
+fn cross_session_polls_take_nothing() {
+    let key = foreign_poll_key();
+    let (down, s) = download_under(Some(Attack::ForeignKey { per_query: 2, key }));
+    let a = s.attacker.as_ref().unwrap();
+    assert_eq!(down.delivered, 1500);
+    assert!(a.sent > 1000);
+    assert_eq!(a.fragments(), 0);
+    assert_eq!(dns_stats(&s).forged, a.sent);
+    check_server(&s);
+}
+
+/// A captured query sent again after its answer is forgotten (beyond the
+/// 10 s a retry is answered the same) gets nothing new: its counter was
+/// taken.
+#[test]
+fn replayed_polls_get_nothing_new() {
+    let (down, s) = download_under(Some(Attack::Replay { after: secs(11) }));
+    let a = s.attacker.as_ref().unwrap();
+    let stats = dns_stats(&s);
+    println!(
+        "late replays: {} sent, {} answered, {} arrived; {stats:?}",
+        a.sent,
+        a.answers.len(),
+        s.arrivals
+            .iter()
+            .filter(|((from, _), _)| *from == ATTACKER)
+            .map(|(_, v)| v.len())
+            .sum::<usize>()
+    );
+    assert_eq!(down.delivered, 1500);
+    assert!(a.sent > 1000);
+    assert_eq!(a.answers.len() as u64, a.sent);
+    assert_eq!(a.fragments(), 0, "a replay got data");
+    // Each is a replay (its counter taken), or forged where the counter
+    // went round since (the widening puts it in the next round).
+    assert_eq!(stats.replayed + stats.forged, a.sent, "{stats:?}");
+    assert!(stats.replayed > 0, "{stats:?}");
+}
+
+/// A copy of a held query sent at once (a race with the resolver's) is
+/// a retry: it may get what that query gets, and the client still gets it
+/// too, so its download keeps its rate.
+#[test]
+fn a_replay_of_a_held_query_does_not_take_its_answer() {
+    let (base, _) = download_under(None);
+    let (down, s) = download_under(Some(Attack::Replay { after: ms(1) }));
+    let a = s.attacker.as_ref().unwrap();
+    println!(
+        "prompt replays: {:.2} Mbit/s alone, {:.2} with {} replays ({} got data); {:?}",
+        base.mbit(),
+        down.mbit(),
+        a.sent,
+        a.data_answers(),
+        dns_stats(&s)
+    );
+    assert_eq!(down.delivered, 1500);
+    assert!(down.mbit() >= 0.9 * base.mbit(), "{down:?} vs {base:?}");
+    check_server(&s);
+}

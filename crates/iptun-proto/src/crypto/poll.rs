@@ -205,7 +205,9 @@ impl PollGuard {
             let window = self.windows.iter().position(|(i, _)| *i == index);
             let full = match counter {
                 PollCounter::Full(c) => c,
-                PollCounter::Low16(low) => widen(window.and_then(|w| self.windows[w].1.last()), low),
+                PollCounter::Low16(low) => {
+                    widen(window.and_then(|w| self.windows[w].1.last()), low)
+                }
             };
             if !key.verify(kind, tag, full, header, auth) {
                 continue;
@@ -240,9 +242,18 @@ mod tests {
     #[test]
     fn derivation_binds_both_keys_and_order() {
         let a = PollKey::derive(&[1; 32], &[2; 32]).auth(PollKind::Dns, 5, 6, b"h");
-        assert_eq!(a, PollKey::derive(&[1; 32], &[2; 32]).auth(PollKind::Dns, 5, 6, b"h"));
-        assert_ne!(a, PollKey::derive(&[2; 32], &[1; 32]).auth(PollKind::Dns, 5, 6, b"h"));
-        assert_ne!(a, PollKey::derive(&[1; 32], &[3; 32]).auth(PollKind::Dns, 5, 6, b"h"));
+        assert_eq!(
+            a,
+            PollKey::derive(&[1; 32], &[2; 32]).auth(PollKind::Dns, 5, 6, b"h")
+        );
+        assert_ne!(
+            a,
+            PollKey::derive(&[2; 32], &[1; 32]).auth(PollKind::Dns, 5, 6, b"h")
+        );
+        assert_ne!(
+            a,
+            PollKey::derive(&[1; 32], &[3; 32]).auth(PollKind::Dns, 5, 6, b"h")
+        );
     }
 
     #[test]
@@ -265,7 +276,10 @@ mod tests {
         assert_eq!(widen(Some(65_535), 0), 65_536);
         assert_eq!(widen(Some(65_540), 65_530), 65_530);
         assert_eq!(widen(Some(1 << 20), 5), (1 << 20) + 5);
-        assert_eq!(widen(Some((1 << 20) + 40_000), 5), (1 << 20) + (1 << 16) + 5);
+        assert_eq!(
+            widen(Some((1 << 20) + 40_000), 5),
+            (1 << 20) + (1 << 16) + 5
+        );
         assert_eq!(widen(Some(u64::MAX - 1), 0xffff), u64::MAX);
     }
 
@@ -276,7 +290,14 @@ mod tests {
         let keys = [(10, &old), (11, &new)];
         let check = |g: &mut PollGuard, k: &PollKey, c: u64| {
             let a = k.auth(PollKind::Dns, 3, c, b"h");
-            g.check(keys, PollKind::Dns, 3, PollCounter::Low16(c as u16), b"h", &a)
+            g.check(
+                keys,
+                PollKind::Dns,
+                3,
+                PollCounter::Low16(c as u16),
+                b"h",
+                &a,
+            )
         };
         assert_eq!(check(&mut g, &old, 65_530), PollCheck::Fresh(65_530));
         assert_eq!(check(&mut g, &old, 65_537), PollCheck::Fresh(65_537));
@@ -294,14 +315,28 @@ mod tests {
         }
         let a = old.auth(PollKind::Dns, 3, 65_540, b"h");
         assert_eq!(
-            g.check(keys, PollKind::Dns, 3, PollCounter::Low16(65_540u64 as u16), b"h", &a),
+            g.check(
+                keys,
+                PollKind::Dns,
+                3,
+                PollCounter::Low16(65_540u64 as u16),
+                b"h",
+                &a
+            ),
             PollCheck::Forged,
             "widened to the next round of the counter, it does not verify"
         );
         // A keypair that is gone takes nothing.
         let a = old.auth(PollKind::Dns, 3, 200_000, b"h");
         assert_eq!(
-            g.check([(11, &new)], PollKind::Dns, 3, PollCounter::Full(200_000), b"h", &a),
+            g.check(
+                [(11, &new)],
+                PollKind::Dns,
+                3,
+                PollCounter::Full(200_000),
+                b"h",
+                &a
+            ),
             PollCheck::Forged
         );
     }
