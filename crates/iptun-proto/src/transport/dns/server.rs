@@ -25,7 +25,9 @@
 //!
 //! What anyone may get: REFUSED outside the domain, the apex answers, and
 //! for a tag that no authenticated message has bound yet, data answers of at
-//! most [`CLASSIC_SIZE`] bytes (the handshake response rides one). Only a
+//! most [`CLASSIC_SIZE`] bytes (the handshake response rides one). A bound
+//! tag's queries must carry a poll authenticator of its session
+//! ([`PollKeys`] checks it): without one a query gets an empty answer. Only a
 //! bound tag gets answers up to its client's (and its resolver's) EDNS0
 //! size, capped at 1232.
 //!
@@ -150,8 +152,9 @@ pub struct ListenerStats {
     pub answered_data: u64,
     /// Answers carrying nothing.
     pub answered_empty: u64,
-    /// Held queries superseded by a retry (left unanswered: the resolver
-    /// waits for the newest).
+    /// Retries of held queries (kept as copies: the answer goes to the
+    /// first and the latest few, [`MAX_COPIES`]; older retries are left
+    /// unanswered).
     pub superseded: u64,
     /// Downstream messages dropped for a full queue.
     pub queue_full: u64,
@@ -609,8 +612,9 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     }
 
     /// A resolver's retry of a query of `tag` seen before: never process
-    /// its fragment twice. A held one is superseded (the resolver waits
-    /// for the newest copy); an answered one gets the same fragments again,
+    /// its fragment twice. A held one joins the query as a copy (the
+    /// resolver may wait for its newest copy only); an answered one gets
+    /// the same fragments again,
     /// as many as fit (a client re-asking after TC takes smaller answers),
     /// the rest going back to the front of the queue. Whether it was one.
     fn retried(&mut self, now: Instant, from: A, q: &Query, tag: u32, qseq: u16) -> bool {
