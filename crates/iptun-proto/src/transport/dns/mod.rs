@@ -70,9 +70,9 @@
 //! query it holds exactly once (a resolver turns silence, and long holds,
 //! into SERVFAIL). Queries carrying upstream data are held only while the
 //! tag holds fewer than [`HOLD_WITH_DATA`] others, so an upload is not
-//! paced by the hold time. A resolver's retry of a held query joins the
-//! original (both get its answer: the resolver may wait for the newest
-//! only); a retry of an answered one gets the same payload again.
+//! paced by the hold time. A resolver's retry of a held query takes the
+//! original's place (the resolver waits for the newest); a retry of an
+//! answered one gets the same payload again.
 //!
 //! # Bound polls
 //!
@@ -80,7 +80,7 @@
 //! authenticator of one of the session's keypairs (see
 //! [`crate::crypto::PollKey`]): the server answers forged ones at once and
 //! empty, and a copy of a query (a retry, a replay) gets at most what that
-//! query got. Someone who sees the tag cannot take the downstream.
+//! query gets. Someone who sees the tag cannot take the downstream.
 
 pub mod client;
 pub mod ladder;

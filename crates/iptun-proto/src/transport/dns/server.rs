@@ -95,10 +95,6 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// fragment: a lost fragment is not retried for long.
 pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Copies of one held query kept to answer (the first and the latest
-/// retries): a retry does not take the query from its first sender.
-pub const MAX_COPIES: usize = 4;
-
 /// How the listener checks the authenticator of a bound tag's query: with
 /// the poll keys of the session (the endpoint's engine has them).
 pub trait PollKeys<S> {
@@ -152,9 +148,8 @@ pub struct ListenerStats {
     pub answered_data: u64,
     /// Answers carrying nothing.
     pub answered_empty: u64,
-    /// Retries of held queries (kept as copies: the answer goes to the
-    /// first and the latest few, [`MAX_COPIES`]; older retries are left
-    /// unanswered).
+    /// Held queries superseded by a retry (left unanswered: the resolver
+    /// waits for the newest).
     pub superseded: u64,
     /// Downstream messages dropped for a full queue.
     pub queue_full: u64,
@@ -192,8 +187,6 @@ pub struct TagInfo {
 struct Held<A> {
     to: A,
     query: Query,
-    /// Retries of it that came while it was held: answered the same.
-    copies: Vec<(A, Query)>,
     qseq: u16,
     arrived: Instant,
     /// The query's payload option was read.
@@ -534,8 +527,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             Some(PollCheck::Repeat(_)) if !tag.seen.contains_key(&h.qseq) => {
                 // Authentic, but its counter was taken and no answer is
                 // remembered: a replay (or a retry too late). Nothing new.
+                // Marked held: its delay (a resolver's retry) says
+                // nothing of the path, and the client must not time it.
                 self.stats.replayed += 1;
-                self.answer_now(from, q, h.down_limit, bound, Vec::new());
+                let mut q = q;
+                limit_query(&mut q, h.down_limit, bound);
+                let header = DownHeader {
+                    held: true,
+                    ..DownHeader::default()
+                };
+                self.reply_data(from, &q, header, Vec::new());
                 return self.deliver(now, h.tag, &d);
             }
             Some(PollCheck::Fresh(_)) => {
@@ -612,9 +613,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     }
 
     /// A resolver's retry of a query of `tag` seen before: never process
-    /// its fragment twice. A held one joins the query as a copy (the
-    /// resolver may wait for its newest copy only); an answered one gets
-    /// the same fragments again,
+    /// its fragment twice. A held one is superseded (the resolver waits
+    /// for the newest copy); an answered one gets the same fragments again,
     /// as many as fit (a client re-asking after TC takes smaller answers),
     /// the rest going back to the front of the queue. Whether it was one.
     fn retried(&mut self, now: Instant, from: A, q: &Query, tag: u32, qseq: u16) -> bool {
@@ -622,16 +622,14 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         match t.seen.get(&qseq) {
             None => false,
             Some(Seen::Held) => {
-                // The resolver may wait for its newest copy only, and a
-                // replay must not take the answer from the resolver: all
-                // copies (the first and the latest few) get the answer.
+                // The resolver waits for its newest copy: it takes the
+                // query's place. (Answering every copy instead stalled
+                // uploads through unbound.)
                 self.stats.retries += 1;
                 self.stats.superseded += 1;
                 if let Some(held) = t.held.iter_mut().find(|x| x.qseq == qseq) {
-                    if held.copies.len() >= MAX_COPIES - 1 {
-                        held.copies.pop();
-                    }
-                    held.copies.push((from, q.clone()));
+                    held.to = from;
+                    held.query = q.clone();
                 }
                 true
             }
@@ -705,7 +703,6 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         t.held.push_back(Held {
             to: from,
             query,
-            copies: Vec::new(),
             qseq,
             arrived: now,
             option_read,
@@ -829,7 +826,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 if t.session.is_none() {
                     self.unbound_held -= 1;
                 }
-                let capacity = h.capacity(&self.domain);
+                let capacity = h.query.answer_capacity(&self.domain);
                 let mut payload = t.take_payload(capacity, &mut self.stats);
                 let ka_due = t
                     .last_keepalive
@@ -918,7 +915,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             if t.session.is_none() {
                 self.unbound_held -= 1;
             }
-            let payload = t.take_payload(h.capacity(&self.domain), &mut self.stats);
+            let payload = t.take_payload(h.query.answer_capacity(&self.domain), &mut self.stats);
             t.remember_answer(h.qseq, &payload, now);
             let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
@@ -955,27 +952,14 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     }
 }
 
-impl<A> Held<A> {
-    /// Payload bytes an answer may have: what the smallest copy takes.
-    fn capacity(&self, domain: &Domain) -> usize {
-        self.copies
-            .iter()
-            .map(|(_, q)| q.answer_capacity(domain))
-            .fold(self.query.answer_capacity(domain), usize::min)
-    }
-}
-
-/// Answer a held query, and every copy of it, with `header` and `pieces`.
+/// Answer a held query with `header` and `pieces`.
 fn answer_held<A>(
-    (out, stats, domain): (&mut VecDeque<Transmit<A>>, &mut ListenerStats, &Domain),
+    out: (&mut VecDeque<Transmit<A>>, &mut ListenerStats, &Domain),
     h: Held<A>,
     header: DownHeader,
     pieces: Vec<u8>,
 ) {
-    for (to, q) in h.copies {
-        reply_data((out, stats, domain), to, &q, header, pieces.clone());
-    }
-    reply_data((out, stats, domain), h.to, &h.query, header, pieces);
+    reply_data(out, h.to, &h.query, header, pieces);
 }
 
 /// Answer `q` with `header` and `pieces` in records of its type; if even
