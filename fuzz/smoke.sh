@@ -15,7 +15,7 @@ if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -eq 0 ]; then
 fi
 
 cd "$(dirname "$0")/.."
-targets=(message handshake inner_ip tunnel_config server_datagram icmp dns frag http control endpoint cookie)
+targets=(message handshake inner_ip tunnel_config server_datagram icmp dns frag http control endpoint cookie poll)
 
 stable_check() {
     echo "fuzz: checking the fuzz crate on stable"

@@ -160,6 +160,7 @@ fn endpoint_scripts(init: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         prompt: false,
         qseq: 1,
         down_limit: 1232,
+        auth: [0; 4],
     }
     .emit(&mut header);
     let garbage_data = [3u8, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 9, 0xee, 0xee];

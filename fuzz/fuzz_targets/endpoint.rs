@@ -166,6 +166,7 @@ fn input(kind: u8, op: u8, bytes: &[u8], poll_request: u64) -> Input<'_> {
             tag: u64::from(op >> 6),
             request: poll_request,
             body: bytes,
+            auth: None,
         },
     }
 }

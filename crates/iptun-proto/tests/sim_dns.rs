@@ -542,6 +542,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
             prompt: false,
             qseq: i as u16,
             down_limit: 2040,
+            auth: [0; 4],
         }
         .emit(&mut p);
         // Sometimes a fragment of a big message, sometimes nothing.
@@ -553,7 +554,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
         p.truncate(domain.upstream_capacity(253));
         let name = encode_name(&domain, &p).unwrap();
         let bytes = build_query(i as u16, &name, Some(4096)).unwrap();
-        assert!(l.handle_query(now, from, &bytes).is_none());
+        assert!(l.handle_query(now, from, &bytes, &()).is_none());
         // Someone sends to an unbound tag: still only ordinary replies.
         let _ = l.send_to_tag(now, rng.next_u64() as u32 % 50, &vec![0xab; 3000]);
         if i % 100 == 0 {
@@ -579,7 +580,7 @@ fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
     assert!(l.held() == 0, "all answered");
     // Outside the zone: REFUSED; never an open resolver.
     let other = Name::from_ascii("www.example.org.").unwrap();
-    l.handle_query(now, from, &build_query(7, &other, None).unwrap());
+    l.handle_query(now, from, &build_query(7, &other, None).unwrap(), &());
     let t = l.poll_transmit().unwrap();
     assert_eq!(parse_response(7, &other, &t.bytes), Ok(Answer::Refused));
     assert!(t.bytes.len() <= 512);
@@ -645,11 +646,12 @@ fn a_new_tags_first_address_query_is_not_held() {
             prompt: false,
             qseq: 0,
             down_limit: 1232,
+            auth: [0; 4],
         }
         .emit(&mut p);
         let name = encode_name(&domain, &p).unwrap();
         let bytes = build_query_as(i as u16, &name, ty, Some(1232)).unwrap();
-        assert!(l.handle_query(now, from, &bytes).is_none());
+        assert!(l.handle_query(now, from, &bytes, &()).is_none());
         let answered = l.poll_transmit();
         if matches!(ty, AnswerType::A | AnswerType::Aaaa) {
             let t = answered.expect("answered at once");
@@ -663,7 +665,7 @@ fn a_new_tags_first_address_query_is_not_held() {
             p[5] = 1;
             let name = encode_name(&domain, &p).unwrap();
             let bytes = build_query_as(9, &name, ty, Some(1232)).unwrap();
-            l.handle_query(now, from, &bytes);
+            l.handle_query(now, from, &bytes, &());
             assert_eq!(l.poll_transmit(), None);
         } else {
             assert_eq!(answered, None, "{ty:?} held");
@@ -1316,4 +1318,155 @@ fn a_download_fills_its_answers() {
     assert_eq!(down.delivered, 4000);
     check_server(&s);
     assert!(per_answer > 920.0, "{per_answer:.0} bytes an answer");
+}
+
+// --- bound polls -------------------------------------------------------
+
+/// A poll key of another session: a real handshake of another client key.
+fn foreign_poll_key() -> iptun_proto::crypto::PollKey {
+    use iptun_proto::crypto::{Initiator, Responder};
+    use iptun_proto::wire::message::{INIT_NOISE_LEN, RESPONSE_NOISE_LEN};
+    let server = common::server_key();
+    let mut m1 = [0u8; INIT_NOISE_LEN];
+    let init = Initiator::start(&key(2), &server.public_key(), 1, &mut m1);
+    let config = iptun_proto::TunnelConfig {
+        client_v4: std::net::Ipv4Addr::new(10, 1, 0, 3),
+        server_v4: std::net::Ipv4Addr::new(10, 1, 0, 1),
+        prefix_v4: 24,
+        v6: None,
+        mtu: 1420,
+        keepalive_secs: 10,
+    };
+    let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+    let _ = Responder::read(&server, &m1)
+        .unwrap()
+        .accept(&config, &mut m2)
+        .unwrap();
+    let (_, keys) = init.finish(&m2).unwrap();
+    keys.poll_key().clone()
+}
+
+/// A download of 1500 packets with `attack` going on from the start; the
+/// flow and the sim after it.
+fn download_under(attack: Option<Attack>) -> (Flow, Sim) {
+    let mut s = sim(ResolverConfig::default(), 70);
+    connect(&mut s);
+    s.run_for(secs(1));
+    if let Some(a) = attack {
+        let mut a = Attacker::new(a, 71);
+        a.armed = true;
+        s.attacker = Some(a);
+    }
+    let (_, down) = bulk(&mut s, 70, 1500, (false, true), 128, secs(60), |_, _| {});
+    // The attack ends with the download; what it sent arrives.
+    if let Some(a) = &mut s.attacker {
+        a.armed = false;
+    }
+    s.run_for(secs(12));
+    (down, s)
+}
+
+fn dns_stats(s: &Sim) -> iptun_proto::transport::dns::server::ListenerStats {
+    s.server.listeners()[0].dns.expect("a DNS listener")
+}
+
+/// The goal of bound polls: someone who sees the client's tag and floods
+/// the server with bare polls of it, ten for every query of the client,
+/// gets nothing, and the client's download keeps at least 90% of its rate.
+#[test]
+fn forged_polls_at_ten_times_the_clients_rate_take_nothing() {
+    let (base, _) = download_under(None);
+    let (attacked, s) = download_under(Some(Attack::Forge { per_query: 10 }));
+    let a = s.attacker.as_ref().unwrap();
+    let stats = dns_stats(&s);
+    println!(
+        "forged polls: download {:.2} Mbit/s alone, {:.2} Mbit/s with {} forged polls \
+         ({} client queries at the server); {stats:?}",
+        base.mbit(),
+        attacked.mbit(),
+        a.sent,
+        s.arrivals
+            .keys()
+            .filter(|(from, _)| *from != ATTACKER)
+            .count(),
+    );
+    assert_eq!((base.delivered, attacked.delivered), (1500, 1500));
+    assert!(a.sent > 10_000, "{}", a.sent);
+    assert_eq!(a.fragments(), 0, "a forged poll got data");
+    assert_eq!(a.answers.len() as u64, a.sent, "each answered at once");
+    assert_eq!(stats.forged, a.sent);
+    assert!(
+        attacked.mbit() >= 0.9 * base.mbit(),
+        "{attacked:?} vs {base:?}"
+    );
+    assert_eq!(
+        s.server
+            .transport_drops()
+            .iter()
+            .find(|(n, _)| *n == "dns_forged_polls"),
+        Some(&("dns_forged_polls", a.sent))
+    );
+    check_server(&s);
+}
+
+/// Polls authenticated with the keys of another session (another client of
+/// the same server that copies the tag) are forged for this one.
+#[test]
+fn cross_session_polls_take_nothing() {
+    let key = foreign_poll_key();
+    let (down, s) = download_under(Some(Attack::ForeignKey { per_query: 2, key }));
+    let a = s.attacker.as_ref().unwrap();
+    assert_eq!(down.delivered, 1500);
+    assert!(a.sent > 1000);
+    assert_eq!(a.fragments(), 0);
+    assert_eq!(dns_stats(&s).forged, a.sent);
+    check_server(&s);
+}
+
+/// A captured query sent again after its answer is forgotten (beyond the
+/// 10 s a retry is answered the same) gets nothing new: its counter was
+/// taken.
+#[test]
+fn replayed_polls_get_nothing_new() {
+    let (down, s) = download_under(Some(Attack::Replay { after: secs(11) }));
+    let a = s.attacker.as_ref().unwrap();
+    let stats = dns_stats(&s);
+    println!(
+        "late replays: {} sent, {} answered, {} arrived; {stats:?}",
+        a.sent,
+        a.answers.len(),
+        s.arrivals
+            .iter()
+            .filter(|((from, _), _)| *from == ATTACKER)
+            .map(|(_, v)| v.len())
+            .sum::<usize>()
+    );
+    assert_eq!(down.delivered, 1500);
+    assert!(a.sent > 1000);
+    assert_eq!(a.answers.len() as u64, a.sent);
+    assert_eq!(a.fragments(), 0, "a replay got data");
+    // Each is a replay (its counter taken), or forged where the counter
+    // went round since (the widening puts it in the next round).
+    assert_eq!(stats.replayed + stats.forged, a.sent, "{stats:?}");
+    assert!(stats.replayed > 0, "{stats:?}");
+}
+
+/// A copy of a query sent at once (while it is held) takes that query's
+/// place, as a resolver's retry does: the copy gets what the query gets,
+/// nothing more, and the counter is not taken twice. (The client loses
+/// those answers: see PROTOCOL.md §9.)
+#[test]
+fn a_prompt_replay_gets_only_what_its_query_gets() {
+    let (down, s) = download_under(Some(Attack::Replay { after: ms(1) }));
+    let a = s.attacker.as_ref().unwrap();
+    let stats = dns_stats(&s);
+    println!(
+        "prompt replays: {} sent, {} got data; download {:.2} Mbit/s; {stats:?}",
+        a.sent,
+        a.data_answers(),
+        down.mbit(),
+    );
+    // Every copy was a retry (of a held or an answered query), never new.
+    assert_eq!(stats.replayed + stats.forged, 0, "{stats:?}");
+    assert!(stats.retries >= a.sent, "{stats:?}");
 }

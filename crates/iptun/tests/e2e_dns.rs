@@ -224,6 +224,7 @@ fn every_record_type_passes(topo: &DnsTopology, resolver: &str) {
             prompt: false,
             qseq: 0,
             down_limit: 1232,
+            auth: [0; 4],
         }
         .emit(&mut payload);
         let name = encode_name(&domain, &payload).expect("a bare poll's name");

@@ -616,7 +616,11 @@ impl Connection {
 
     /// The next DNS query of any DNS path.
     fn poll_queries(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let key = self.engine.poll_key(now);
         for (path, c) in self.paths.iter_mut().enumerate() {
+            if let Carrier::Dns(d) = &mut c.carrier {
+                d.set_poll_key(key);
+            }
             if let Some((to, len)) = c.carrier.poll_query(now, buf) {
                 if path == self.current {
                     c.sent(now);

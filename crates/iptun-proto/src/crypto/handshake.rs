@@ -4,7 +4,7 @@
 
 use snow::{Builder, HandshakeState};
 
-use super::{NOISE_PARAMS, PROLOGUE, PrivateKey, PublicKey, SessionKeys};
+use super::{NOISE_PARAMS, PROLOGUE, PollKey, PrivateKey, PublicKey, SessionKeys};
 use crate::DropReason;
 use crate::wire::TunnelConfig;
 use crate::wire::config::CONFIG_LEN;
@@ -65,11 +65,7 @@ impl Initiator {
 
     /// The session keys, once [`Initiator::read_response`] succeeded.
     pub fn into_keys(self) -> Result<SessionKeys, DropReason> {
-        let transport = self
-            .state
-            .into_stateless_transport_mode()
-            .map_err(|_| DropReason::Unauthenticated)?;
-        Ok(SessionKeys::new(transport))
+        into_keys(self.state)
     }
 }
 
@@ -126,12 +122,22 @@ impl Responder {
             .write_message(&config.emit(), out)
             .map_err(|_| DropReason::TooLarge)?;
         debug_assert_eq!(n, RESPONSE_NOISE_LEN);
-        let transport = self
-            .state
-            .into_stateless_transport_mode()
-            .map_err(|_| DropReason::Unauthenticated)?;
-        Ok(SessionKeys::new(transport))
+        into_keys(self.state)
     }
+}
+
+/// The session keys of a finished handshake, and the poll key derived from
+/// the same split (before snow keeps the split keys to itself).
+fn into_keys(mut state: HandshakeState) -> Result<SessionKeys, DropReason> {
+    if !state.is_handshake_finished() {
+        return Err(DropReason::Unauthenticated);
+    }
+    let (k1, k2) = state.dangerously_get_raw_split();
+    let poll = PollKey::derive(&k1, &k2);
+    let transport = state
+        .into_stateless_transport_mode()
+        .map_err(|_| DropReason::Unauthenticated)?;
+    Ok(SessionKeys::new(transport, poll))
 }
 
 #[cfg(test)]
@@ -192,6 +198,16 @@ mod tests {
         };
         let m = client_keys.open(counter, ciphertext, &mut plain).unwrap();
         assert_eq!(&plain[..m], b"back");
+
+        // Both ends derive the same poll key.
+        let a = client_keys
+            .poll_key()
+            .auth(crate::crypto::PollKind::Dns, 1, 2, b"x");
+        assert!(
+            server_keys
+                .poll_key()
+                .verify(crate::crypto::PollKind::Dns, 1, 2, b"x", &a)
+        );
     }
 
     #[test]

@@ -11,12 +11,16 @@ pub mod cookie;
 mod handshake;
 mod keys;
 mod mac;
+mod poll;
 mod replay;
 mod transport;
 
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use mac::{MAC_LEN, Mac1Key};
+pub use poll::{
+    POLL_AUTH_LEN, POLL_WINDOW_WORDS, PollCheck, PollCounter, PollGuard, PollKey, PollKind, widen,
+};
 pub use replay::ReplayWindow;
 pub use transport::{REJECT_AFTER_MESSAGES, SessionKeys};
 

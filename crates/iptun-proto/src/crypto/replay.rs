@@ -1,26 +1,28 @@
 //! A sliding replay window over 64-bit counters (the bitmap scheme of
 //! RFC 6479, as WireGuard uses): O(1) per packet, 256 bytes of state, and
 //! it tolerates reordering within the last [`ReplayWindow::SIZE`] counters.
+//! Wider windows (`ReplayWindow<WORDS>`) serve polled transports, whose
+//! requests come reordered by more (several resolvers at once).
 
-const WORDS: usize = 32;
 const BITS: u64 = 64;
 
-/// Tracks which counters were already received.
+/// Tracks which counters were already received: `WORDS` words of 64 bits,
+/// `(WORDS - 1) * 64` counters.
 #[derive(Clone, Debug)]
-pub struct ReplayWindow {
+pub struct ReplayWindow<const WORDS: usize = 32> {
     /// The highest counter accepted so far (meaningless until `any`).
     last: u64,
     any: bool,
     bitmap: [u64; WORDS],
 }
 
-impl Default for ReplayWindow {
+impl<const WORDS: usize> Default for ReplayWindow<WORDS> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl ReplayWindow {
+impl<const WORDS: usize> ReplayWindow<WORDS> {
     /// How far behind the highest counter a packet may arrive and still be accepted.
     /// One word of the ring is always being reused, hence the `- 1`.
     pub const SIZE: u64 = (WORDS as u64 - 1) * BITS;
@@ -40,6 +42,11 @@ impl ReplayWindow {
             return true;
         }
         self.last - counter < Self::SIZE && !self.bit(counter)
+    }
+
+    /// The highest counter accepted so far, if any.
+    pub fn last(&self) -> Option<u64> {
+        self.any.then_some(self.last)
     }
 
     /// Whether `counter` is above every counter accepted so far: the
@@ -98,7 +105,7 @@ mod tests {
 
     #[test]
     fn in_order_then_replay() {
-        let mut w = ReplayWindow::new();
+        let mut w: ReplayWindow = ReplayWindow::new();
         for c in 0..5000 {
             assert!(w.accept(c));
         }
@@ -109,22 +116,22 @@ mod tests {
 
     #[test]
     fn reordering_within_window() {
-        let mut w = ReplayWindow::new();
+        let mut w: ReplayWindow = ReplayWindow::new();
         assert!(w.accept(100));
         assert!(w.accept(50));
         assert!(w.accept(99));
         assert!(!w.accept(50));
         assert!(w.accept(3000));
         assert!(
-            !w.accept(3000 - ReplayWindow::SIZE),
+            !w.accept(3000 - <ReplayWindow>::SIZE),
             "exactly SIZE behind is too old"
         );
-        assert!(w.accept(3001 - ReplayWindow::SIZE));
+        assert!(w.accept(3001 - <ReplayWindow>::SIZE));
     }
 
     #[test]
     fn big_jump_clears_everything() {
-        let mut w = ReplayWindow::new();
+        let mut w: ReplayWindow = ReplayWindow::new();
         assert!(w.accept(7));
         assert!(w.accept(1_000_000));
         assert!(w.accept(1_000_000 - 7));
@@ -135,11 +142,11 @@ mod tests {
         // Against a model: accept iff never seen and within the window of the max so far.
         #[test]
         fn matches_model(counters in proptest::collection::vec(0u64..5000, 1..400)) {
-            let mut w = ReplayWindow::new();
+            let mut w: ReplayWindow = ReplayWindow::new();
             let mut seen = HashSet::new();
             let mut max: Option<u64> = None;
             for c in counters {
-                let fresh = !seen.contains(&c) && max.is_none_or(|m| c > m || m - c < ReplayWindow::SIZE);
+                let fresh = !seen.contains(&c) && max.is_none_or(|m| c > m || m - c < <ReplayWindow>::SIZE);
                 prop_assert_eq!(w.accept(c), fresh, "counter {}", c);
                 if fresh {
                     seen.insert(c);

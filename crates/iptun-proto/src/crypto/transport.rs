@@ -2,7 +2,7 @@
 
 use snow::StatelessTransportState;
 
-use super::ReplayWindow;
+use super::{PollKey, ReplayWindow};
 use crate::DropReason;
 use crate::wire::message::{DATA_HEADER_LEN, DATA_OVERHEAD, Message};
 
@@ -14,15 +14,22 @@ pub struct SessionKeys {
     noise: StatelessTransportState,
     next_counter: u64,
     replay: ReplayWindow,
+    poll: PollKey,
 }
 
 impl SessionKeys {
-    pub(super) fn new(noise: StatelessTransportState) -> Self {
+    pub(super) fn new(noise: StatelessTransportState, poll: PollKey) -> Self {
         Self {
             noise,
             next_counter: 0,
             replay: ReplayWindow::new(),
+            poll,
         }
+    }
+
+    /// The keypair's poll key (see [`PollKey`]).
+    pub fn poll_key(&self) -> &PollKey {
+        &self.poll
     }
 
     /// Messages sealed so far.

@@ -27,16 +27,17 @@
 //! It also counts, per listener, the inner traffic it carried, the
 //! handshakes it saw and the messages it dropped ([`Endpoint::listeners`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::DropCounters;
-use crate::crypto::PublicKey;
+use crate::crypto::{PollCheck, PollCounter, PollGuard, PollKind, PublicKey};
 use crate::engine::{
     AllowedChange, HandshakeCounters, InitOutcome, PathKind, Server, ServerConfig, ServerOutput,
     SessionId, SessionInfo, Traffic,
 };
+use crate::transport::dns::UpHeader;
 use crate::transport::dns::server::{self as dns_server, DnsListener};
 use crate::transport::http::{self, LEN_PREFIX, Mailboxes, messages};
 use crate::transport::icmp::{self, Arrived, IcmpListener, Incoming};
@@ -221,6 +222,8 @@ pub enum Input<'a> {
         request: u64,
         /// The body.
         body: &'a [u8],
+        /// The request's poll counter and authenticator (`p=`), if any.
+        auth: Option<http::PollAuth>,
     },
 }
 
@@ -281,6 +284,10 @@ struct Counters {
     handshakes: HandshakeCounters,
     drops: DropCounters,
     http_malformed: u64,
+    /// Long-poll requests of a bound tag without a good authenticator.
+    http_forged: u64,
+    /// Authentic long-poll requests whose counter was taken before.
+    http_replayed: u64,
 }
 
 enum Listener {
@@ -298,6 +305,32 @@ enum Handled {
     Done,
     /// Not authenticated, or dropped: no answer at all.
     Dropped,
+}
+
+/// The poll keys of the engine's sessions, for the DNS listener's checks.
+struct EngineKeys<'a> {
+    engine: &'a Server<Path>,
+    now: Instant,
+}
+
+impl dns_server::PollKeys<SessionId> for EngineKeys<'_> {
+    fn check(
+        &self,
+        session: SessionId,
+        guard: &mut PollGuard,
+        header: &UpHeader,
+    ) -> Option<PollCheck> {
+        let keys = self.engine.poll_keys(self.now, session);
+        keys.clone().next()?;
+        Some(guard.check(
+            keys,
+            PollKind::Dns,
+            u64::from(header.tag),
+            PollCounter::Low16(header.qseq),
+            &header.signed(),
+            &header.auth,
+        ))
+    }
 }
 
 /// The server's endpoint: see the module docs.
@@ -318,6 +351,9 @@ pub struct Endpoint {
     counters: Vec<Counters>,
     /// Packets from the TUN device that could not be sent, by reason.
     tun_drops: DropCounters,
+    /// Long-poll tags that are a session's path, with the replay windows
+    /// of their requests' poll counters.
+    poll_bound: HashMap<(ListenerId, u64), (SessionId, PollGuard)>,
 }
 
 impl Endpoint {
@@ -342,6 +378,7 @@ impl Endpoint {
             tun_full: 0,
             counters,
             tun_drops: DropCounters::default(),
+            poll_bound: HashMap::new(),
         }
     }
 
@@ -444,11 +481,15 @@ impl Endpoint {
                     ("dns_queue_full", s.queue_full),
                     ("dns_oversize", s.oversize),
                     ("dns_evicted_tags", s.evicted_tags),
+                    ("dns_forged_polls", s.forged),
+                    ("dns_replayed_polls", s.replayed),
                 ]
             }
             Listener::Http(m) => vec![
                 ("http_malformed", self.counters[i].http_malformed),
                 ("http_mailbox_dropped", m.dropped),
+                ("http_forged_polls", self.counters[i].http_forged),
+                ("http_replayed_polls", self.counters[i].http_replayed),
             ],
         }
     }
@@ -572,7 +613,11 @@ impl Endpoint {
                 }
             }
             (Listener::Dns(d), Input::Datagram { from, bytes }) => {
-                let Some(delivered) = d.handle_query(now, from, bytes) else {
+                let keys = EngineKeys {
+                    engine: &self.engine,
+                    now,
+                };
+                let Some(delivered) = d.handle_query(now, from, bytes, &keys) else {
                     return;
                 };
                 let (tag, len) = (delivered.tag, delivered.message.len());
@@ -610,25 +655,90 @@ impl Endpoint {
                 }
                 self.counters[listener].http_malformed += u64::from(msgs.malformed());
             }
-            (Listener::Http(m), Input::Poll { tag, request, body }) => {
+            (
+                Listener::Http(m),
+                Input::Poll {
+                    tag,
+                    request,
+                    body,
+                    auth,
+                },
+            ) => {
                 m.open(now, tag);
+                let verdict = self.check_poll(now, listener, tag, auth);
                 let path = Path::Poll { listener, tag };
                 let mut msgs = messages(body);
                 for msg in msgs.by_ref() {
+                    let session = self.engine.session_of(msg);
                     if let Handled::Reply(n) = self.handle_message(now, path, msg, tun)
                         && let Listener::Http(m) = &mut self.listeners[listener]
                     {
                         m.send(tag, &self.reply[..n]);
                     }
+                    // The tag is the session's path now: bind its polls.
+                    if let Some(s) = session
+                        && self.engine.path_of(s) == Some(&path)
+                        && self
+                            .poll_bound
+                            .get(&(listener, tag))
+                            .is_none_or(|b| b.0 != s)
+                    {
+                        self.poll_bound
+                            .insert((listener, tag), (s, PollGuard::new()));
+                    }
                 }
                 self.counters[listener].http_malformed += u64::from(msgs.malformed());
-                let answers = self
-                    .mailboxes(listener)
-                    .request(now, tag, request, !body.is_empty());
+                let answers = match verdict {
+                    // Not the client's, or a request seen before: its
+                    // messages were handled (they authenticate on their
+                    // own), but it takes nothing of the downstream.
+                    Some(PollCheck::Forged | PollCheck::Repeat(_)) => {
+                        let c = &mut self.counters[listener];
+                        if verdict == Some(PollCheck::Forged) {
+                            c.http_forged += 1;
+                        } else {
+                            c.http_replayed += 1;
+                        }
+                        vec![http::Answer {
+                            request,
+                            body: Vec::new(),
+                        }]
+                    }
+                    Some(PollCheck::Fresh(_)) | None => {
+                        self.mailboxes(listener)
+                            .request(now, tag, request, !body.is_empty())
+                    }
+                };
                 self.queue_answers(listener, answers);
             }
             _ => debug_assert!(false, "input of another transport on listener {listener}"),
         }
+    }
+
+    /// Check a long-poll request of `tag` whose tag is a session's path:
+    /// `None` if it is not (or the session has no live keys: nothing to
+    /// send it either).
+    fn check_poll(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        tag: u64,
+        auth: Option<http::PollAuth>,
+    ) -> Option<PollCheck> {
+        let (session, guard) = self.poll_bound.get_mut(&(listener, tag))?;
+        let keys = self.engine.poll_keys(now, *session);
+        keys.clone().next()?;
+        let Some(a) = auth else {
+            return Some(PollCheck::Forged);
+        };
+        Some(guard.check(
+            keys,
+            PollKind::Http,
+            tag,
+            PollCounter::Full(a.counter),
+            &[],
+            &a.auth,
+        ))
     }
 
     fn mailboxes(&mut self, listener: ListenerId) -> &mut Mailboxes<u64> {
@@ -916,6 +1026,13 @@ impl Endpoint {
                 }
             }
             Path::Poll { listener, tag } => {
+                if self
+                    .poll_bound
+                    .get(&(listener, tag))
+                    .is_some_and(|b| b.0 == session)
+                {
+                    self.poll_bound.remove(&(listener, tag));
+                }
                 let answers = self.mailboxes(listener).close(tag);
                 self.queue_answers(listener, answers);
             }

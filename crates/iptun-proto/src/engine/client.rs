@@ -9,7 +9,7 @@ use super::{
     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
 };
 use crate::crypto::cookie::{COOKIE_SECRET_LIFETIME, Cookie, CookieSealKey, mac2};
-use crate::crypto::{Initiator, Mac1Key, PrivateKey, PublicKey};
+use crate::crypto::{Initiator, Mac1Key, PollKey, PrivateKey, PublicKey};
 use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, INIT_WITH_MAC2_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
@@ -140,6 +140,16 @@ impl Client {
             traffic: Traffic::default(),
             drops: DropCounters::default(),
         }
+    }
+
+    /// The poll key of the keys the client sends with now, and their index
+    /// (it changes with every handshake): what binds its polls (DNS
+    /// queries, long-poll requests) to the session.
+    pub fn poll_key(&self, now: Instant) -> Option<(u32, &PollKey)> {
+        self.current
+            .as_ref()
+            .filter(|k| !k.expired(now))
+            .map(|k| (k.local_index, k.keys.poll_key()))
     }
 
     /// Seal an inner packet from the TUN device into a data message in `out`.

@@ -22,7 +22,7 @@ use super::{
     Traffic, random_index,
 };
 use crate::crypto::cookie::CookieJar;
-use crate::crypto::{Mac1Key, PrivateKey, PublicKey, Responder};
+use crate::crypto::{Mac1Key, PollKey, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{COOKIE_REPLY_LEN, INIT_LEN, RESPONSE_LEN, RESPONSE_NOISE_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
@@ -454,6 +454,23 @@ impl<P: PathKind> Server<P> {
             }
             _ => None,
         }
+    }
+
+    /// The poll keys of `session`'s live keypairs (current, next, previous)
+    /// with their indices: a poll of the tag or mailbox bound to the session
+    /// must carry an authenticator made with one of them. None when the
+    /// session has no live keys (nothing to send it, nothing to bind).
+    pub fn poll_keys(
+        &self,
+        now: Instant,
+        session: SessionId,
+    ) -> impl Iterator<Item = (u32, &PollKey)> + Clone {
+        self.peers
+            .get(session.0)
+            .into_iter()
+            .flat_map(|p| [&p.current, &p.next, &p.previous])
+            .filter_map(move |k| k.as_ref().filter(|k| !k.expired(now)))
+            .map(|k| (k.local_index, k.keys.poll_key()))
     }
 
     /// A keepalive for `session` into `out` (its length): how a poll

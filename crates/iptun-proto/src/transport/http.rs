@@ -25,10 +25,17 @@
 //! while the client keeps [`POLLERS`] polls outstanding. Requests are
 //! sorted by the client's random 64-bit tag: requests of one client arrive
 //! on several TCP connections, through proxies that pool and reuse them.
-//! The tag only routes; the session's keys authenticate.
+//! The tag only routes; the session's keys authenticate. Once the tag is
+//! the session's path, every request must also carry a poll authenticator
+//! (`p=`: [`PollSigner`], checked by the endpoint): a request without a
+//! good one is answered at once and empty, so someone who learnt the tag
+//! cannot take the client's downstream.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+
+use crate::crypto::{POLL_AUTH_LEN, PollKey, PollKind};
 
 /// Bytes of the length before each message.
 pub const LEN_PREFIX: usize = 2;
@@ -75,6 +82,86 @@ pub fn poll_tag(query: Option<&str>) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(value, 16).ok()
+}
+
+/// A long-poll request's poll counter and authenticator (`p=`: the
+/// counter as 16 lowercase hex digits, then the authenticator as 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollAuth {
+    /// The client's request counter under its current keys.
+    pub counter: u64,
+    /// The authenticator ([`PollKey::auth`] of kind HTTP over the tag and
+    /// the counter).
+    pub auth: [u8; POLL_AUTH_LEN],
+}
+
+/// Hex digits of `p=`.
+const AUTH_HEX: usize = 16 + 2 * POLL_AUTH_LEN;
+
+/// The `p=` parameter of a long-poll request's query, if it has a
+/// well-formed one.
+pub fn poll_auth(query: Option<&str>) -> Option<PollAuth> {
+    let value = query?.split('&').find_map(|kv| kv.strip_prefix("p="))?;
+    if value.len() != AUTH_HEX || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let counter = u64::from_str_radix(&value[..16], 16).ok()?;
+    let mut auth = [0; POLL_AUTH_LEN];
+    for (i, b) in auth.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&value[16 + 2 * i..18 + 2 * i], 16).ok()?;
+    }
+    Some(PollAuth { counter, auth })
+}
+
+/// The client's side of bound long-polls: the query of each request, with
+/// the tag and, once the client has keys, a fresh counter and its
+/// authenticator. Give it the engine's poll key whenever it may have
+/// changed ([`crate::engine::Client::poll_key`]): a new key starts the
+/// counter at 0.
+#[derive(Clone, Debug)]
+pub struct PollSigner {
+    tag: u64,
+    key: Option<(u32, PollKey)>,
+    counter: u64,
+}
+
+impl PollSigner {
+    /// A signer for client `tag`, without keys yet.
+    pub fn new(tag: u64) -> Self {
+        Self {
+            tag,
+            key: None,
+            counter: 0,
+        }
+    }
+
+    /// The client's tag.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The poll key of the client's current keys, and their index.
+    pub fn set_key(&mut self, key: Option<(u32, &PollKey)>) {
+        if self.key.as_ref().map(|(i, _)| *i) != key.map(|(i, _)| i) {
+            self.key = key.map(|(i, k)| (i, k.clone()));
+            self.counter = 0;
+        }
+    }
+
+    /// The query of the next request (each call takes a new counter).
+    pub fn next_query(&mut self) -> String {
+        let mut q = poll_query(self.tag);
+        if let Some((_, key)) = &self.key {
+            let counter = self.counter;
+            self.counter += 1;
+            let auth = key.auth(PollKind::Http, self.tag, counter, &[]);
+            let _ = write!(q, "&p={counter:016x}");
+            for b in auth {
+                let _ = write!(q, "{b:02x}");
+            }
+        }
+        q
+    }
 }
 
 /// Builds one batch of framed messages. Its buffer is zeroed once and
@@ -574,6 +661,35 @@ impl<R> Mailboxes<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_queries_round_trip_and_verify() {
+        let key = PollKey::from_bytes(&[3; 32]);
+        let mut s = PollSigner::new(0xabc);
+        assert_eq!(s.next_query(), "c=0000000000000abc");
+        assert_eq!(poll_auth(Some("c=0000000000000abc")), None);
+        s.set_key(Some((7, &key)));
+        for counter in 0..3 {
+            let q = s.next_query();
+            assert_eq!(poll_tag(Some(&q)), Some(0xabc));
+            let a = poll_auth(Some(&q)).unwrap();
+            assert_eq!(a.counter, counter);
+            assert!(key.verify(PollKind::Http, 0xabc, counter, &[], &a.auth));
+        }
+        // A new key starts the counter again; the same key does not.
+        s.set_key(Some((7, &key)));
+        assert_eq!(poll_auth(Some(&s.next_query())).unwrap().counter, 3);
+        s.set_key(Some((8, &key)));
+        assert_eq!(poll_auth(Some(&s.next_query())).unwrap().counter, 0);
+        for bad in [
+            "p=",
+            "p=00",
+            "p=000000000000000g00000000",
+            "p=0000000000000000000000000",
+        ] {
+            assert_eq!(poll_auth(Some(bad)), None, "{bad}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

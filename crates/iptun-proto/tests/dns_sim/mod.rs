@@ -34,12 +34,15 @@ use hickory_proto::op::{Message, OpCode, Query as Question, ResponseCode};
 use hickory_proto::rr::RecordType;
 use iptun_proto::DropReason;
 use iptun_proto::connection::{Connection, Event, PathConfig, PathDetail, Remote};
+use iptun_proto::crypto::PollKey;
 use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, UdpAddr};
 use iptun_proto::engine::ServerConfig;
 use iptun_proto::transport::PacketList;
 use iptun_proto::transport::dns::client::{PathInfo, UplinkStats};
+use iptun_proto::transport::dns::{DownHeader, UP_HEADER_LEN, UpHeader, fragments};
 use iptun_proto::wire::dns::{
-    AnswerType, Domain, Name, Query, build_query_as, parse_query, response_limit,
+    Answer, AnswerType, Domain, Name, Query, build_query_as, parse_answer, parse_query,
+    response_limit,
 };
 
 use crate::common::{
@@ -55,6 +58,81 @@ pub const RESOLVER: SocketAddr =
 /// The server's address, where the resolver sends its queries.
 pub const SERVER: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)), 53);
+/// Where an attacker sends its queries from (straight to the server).
+pub const ATTACKER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66)), 5353);
+
+/// What an attacker who sees the client's queries arrive at the server
+/// (a resolver's operator, anyone on the path) sends the server for each.
+#[derive(Clone, Debug)]
+pub enum Attack {
+    /// Bare polls with the client's tag and the next qseqs, their
+    /// authenticators guessed (random).
+    Forge { per_query: usize },
+    /// The same, authenticated with another session's poll key (over the
+    /// counters the client will use next).
+    ForeignKey { per_query: usize, key: PollKey },
+    /// The client's query itself, byte for byte, `after` it arrived.
+    Replay { after: Duration },
+}
+
+/// The attacker and what it got.
+pub struct Attacker {
+    pub attack: Attack,
+    /// Start only once the client is connected (the tag bound).
+    pub armed: bool,
+    pub sent: u64,
+    /// Answers the server gave it: (when, answer bytes).
+    pub answers: Vec<(Instant, Vec<u8>)>,
+    /// Its queries by id: name and type.
+    asked: HashMap<u16, (Name, AnswerType)>,
+    rng: Rng,
+}
+
+impl Attacker {
+    pub fn new(attack: Attack, seed: u64) -> Self {
+        Self {
+            attack,
+            armed: false,
+            sent: 0,
+            answers: Vec::new(),
+            asked: HashMap::new(),
+            rng: Rng::new(seed),
+        }
+    }
+
+    /// Fragments in the answers it got.
+    pub fn fragments(&self) -> usize {
+        self.answers
+            .iter()
+            .map(|(_, b)| self.answer_fragments(b))
+            .sum()
+    }
+
+    /// Answers that carried at least one fragment.
+    pub fn data_answers(&self) -> usize {
+        self.answers
+            .iter()
+            .filter(|(_, b)| self.answer_fragments(b) > 0)
+            .count()
+    }
+
+    /// Fragments carried by an answer to one of its queries.
+    fn answer_fragments(&self, bytes: &[u8]) -> usize {
+        let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let Some((name, ty)) = self.asked.get(&id) else {
+            return 0;
+        };
+        let domain = Domain::new(DOMAIN).unwrap();
+        let Ok(Answer::Data(payload)) = parse_answer(id, name, *ty, &domain, bytes) else {
+            return 0;
+        };
+        let Some((_, pieces)) = DownHeader::parse(&payload) else {
+            return 0;
+        };
+        fragments(pieces).filter(Result::is_ok).count()
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cache {
@@ -384,6 +462,8 @@ pub struct Sim {
     /// Direct paths: queries passed to the server, by (source, id).
     direct: HashMap<(SocketAddr, u16), ()>,
     buf: Vec<u8>,
+    /// Someone who copies what it sees of the client's queries.
+    pub attacker: Option<Attacker>,
 }
 
 impl Sim {
@@ -441,6 +521,7 @@ impl Sim {
             server_violations: Vec::new(),
             direct: HashMap::new(),
             buf: Vec::new(),
+            attacker: None,
         };
         sim.flush_client();
         sim
@@ -709,6 +790,60 @@ impl Sim {
         self.server_tun
             .extend(tun.packets.into_iter().map(|p| (now, p)));
         self.flush_server();
+        if from.addr != ATTACKER {
+            self.attack(bytes);
+        }
+    }
+
+    /// The attacker sees the client's query `bytes` arrive at the server.
+    fn attack(&mut self, bytes: &[u8]) {
+        let now = self.now;
+        let Some(a) = self.attacker.as_mut().filter(|a| a.armed) else {
+            return;
+        };
+        let Ok(q) = parse_query(bytes) else { return };
+        let domain = Domain::new(DOMAIN).unwrap();
+        let mut payload = vec![0; 4096];
+        let Ok(n) = iptun_proto::wire::dns::decode_name(&domain, &q.name, &mut payload) else {
+            return;
+        };
+        let Some((h, _)) = UpHeader::parse(&payload[..n]) else {
+            return;
+        };
+        let mut out = Vec::new();
+        match a.attack.clone() {
+            Attack::Replay { after } => {
+                let Some(ty) = q.answer_type() else { return };
+                a.asked.insert(q.id, (q.name.clone(), ty));
+                out.push((now + after, bytes.to_vec()));
+            }
+            Attack::Forge { per_query } | Attack::ForeignKey { per_query, .. } => {
+                for k in 0..per_query {
+                    let mut f = UpHeader {
+                        tag: h.tag,
+                        prompt: false,
+                        qseq: h.qseq.wrapping_add(1 + k as u16),
+                        down_limit: 1232,
+                        auth: (a.rng.next_u64() as u32).to_le_bytes(),
+                    };
+                    if let Attack::ForeignKey { key, .. } = &a.attack {
+                        f.authenticate(key, u64::from(f.qseq));
+                    }
+                    let mut p = vec![0; UP_HEADER_LEN];
+                    f.emit(&mut p);
+                    let name = iptun_proto::wire::dns::encode_name(&domain, &p).unwrap();
+                    let id = a.rng.next_u64() as u16;
+                    a.asked.insert(id, (name.clone(), AnswerType::Txt));
+                    let spread = Duration::from_micros(a.rng.next_u64() % 2000);
+                    let q = build_query_as(id, &name, AnswerType::Txt, Some(1232)).unwrap();
+                    out.push((now + spread, q));
+                }
+            }
+        }
+        a.sent += out.len() as u64;
+        for (at, q) in out {
+            self.schedule(at, Ev::ToServer(ATTACKER, q));
+        }
     }
 
     /// Send the answers the endpoint has, noting which query each answers.
@@ -725,6 +860,7 @@ impl Sim {
             );
             let bytes = self.buf[..t.len].to_vec();
             let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+
             match self
                 .arrivals
                 .get_mut(&(to.addr, id))
@@ -735,6 +871,12 @@ impl Sim {
                     "answer to {:?} id {id}, which is not open",
                     to.addr
                 )),
+            }
+            if to.addr == ATTACKER {
+                if let Some(a) = &mut self.attacker {
+                    a.answers.push((now, bytes));
+                }
+                continue;
             }
             self.schedule(now + SERVER_LATENCY, Ev::FromServer(to.addr, bytes));
         }

@@ -346,6 +346,10 @@ fn ready_path(
 /// Send what the connection has to send, and flush every batch.
 pub fn transmit(conn: &mut Connection, drivers: &mut [PathDriver], buf: &mut Vec<u8>) {
     let now = Instant::now();
+    // New keys come in on any path (a handshake's response): long-poll
+    // requests are signed with the keys in use from the next one on.
+    let key = conn.engine().poll_key(now);
+    drivers.iter().for_each(|d| d.set_poll_key(key));
     while let Some(t) = conn.poll_transmit(now, buf) {
         if let Some(e) = drivers[t.path].send(t, &buf[..t.len]) {
             conn.handle_path_event(now, t.path, e);

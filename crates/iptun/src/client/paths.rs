@@ -2,13 +2,15 @@
 //! [`Connection`] gives them and hand it what arrives. No protocol here.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use iptun_proto::connection::{Connection, PathConfig, PathEvent, PathId, Remote, Transmit};
-use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE};
+use iptun_proto::crypto::PollKey;
+use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE, PollSigner};
 use iptun_proto::wire::dns::Domain;
 use tokio::sync::mpsc;
 
@@ -64,6 +66,8 @@ pub struct HttpDriver {
     /// Batches dropped because the connection could not take them.
     dropped: u64,
     task: tokio::task::JoinHandle<()>,
+    /// Signs the task's long-poll requests.
+    signer: Arc<Mutex<PollSigner>>,
 }
 
 impl Drop for HttpDriver {
@@ -289,6 +293,14 @@ impl PathDriver {
         Ok(dry)
     }
 
+    /// Give an HTTP path's long-poll requests the client's current poll
+    /// key (call whenever the engine may have new keys).
+    pub fn set_poll_key(&self, key: Option<(u32, &PollKey)>) {
+        if let Self::Http(h) = self {
+            http_client::set_poll_key(&h.signer, key);
+        }
+    }
+
     /// Tell an HTTP path's task to open or close its connection.
     pub fn command(&mut self, command: Command) {
         if let Self::Http(h) = self
@@ -358,12 +370,13 @@ impl HttpDriver {
         } else {
             None
         };
+        let signer = Arc::new(Mutex::new(PollSigner::new(tag)));
         let config = http_client::Config {
             url: url.clone(),
             connect_to: first_hop,
             proxy: proxy.clone(),
             tls,
-            tag,
+            signer: signer.clone(),
         };
         let (commands, commands_rx) = mpsc::channel(8);
         let (up, up_rx) = mpsc::channel(UP_QUEUE);
@@ -380,6 +393,7 @@ impl HttpDriver {
             batch: Vec::new(),
             dropped: 0,
             task,
+            signer,
         })
     }
 

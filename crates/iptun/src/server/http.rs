@@ -102,7 +102,12 @@ impl HttpConnections {
                 Event::WsData { conn, body } => {
                     ep.handle_input(now, listener, Input::WebSocket { conn, body: &body }, tun);
                 }
-                Event::Poll { tag, body, reply } => {
+                Event::Poll {
+                    tag,
+                    auth,
+                    body,
+                    reply,
+                } => {
                     let request = self.next_request;
                     self.next_request += 1;
                     self.polls.insert(request, reply);
@@ -110,6 +115,7 @@ impl HttpConnections {
                         tag,
                         request,
                         body: &body,
+                        auth,
                     };
                     ep.handle_input(now, listener, input, tun);
                 }

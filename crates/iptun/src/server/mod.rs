@@ -665,6 +665,8 @@ fn dns_counters(
         ("answered_empty", s.answered_empty),
         ("superseded", s.superseded),
         ("minimisation_steps", s.minimisation_steps),
+        ("forged", s.forged),
+        ("replayed", s.replayed),
         ("probes", s.probes),
         ("options", s.options),
         ("apex", s.apex),

@@ -11,7 +11,7 @@
 //! polls held on the server for downstream ones.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -21,7 +21,10 @@ use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use iptun_proto::transport::http::{BATCH_TARGET, Command, HOLD, HttpEvent, MAX_BODY, POLLERS};
+use iptun_proto::crypto::PollKey;
+use iptun_proto::transport::http::{
+    BATCH_TARGET, Command, HOLD, HttpEvent, MAX_BODY, POLLERS, PollSigner,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
@@ -86,8 +89,17 @@ pub struct Config {
     pub connect_to: SocketAddr,
     pub proxy: Option<Proxy>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// The long-poll tag.
-    pub tag: u64,
+    /// The long-poll tag and what signs each request (the client loop
+    /// gives it the engine's poll key: [`set_poll_key`]).
+    pub signer: Arc<Mutex<PollSigner>>,
+}
+
+/// Give a long-poll task's signer the client's current poll key.
+pub fn set_poll_key(signer: &Mutex<PollSigner>, key: Option<(u32, &PollKey)>) {
+    signer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .set_key(key);
 }
 
 /// From the task to the client loop.
@@ -424,7 +436,16 @@ impl PollConn {
     /// after each response (tinyproxy does): then a new one carries it.
     /// Also a request lost that way is resent once.
     async fn exchange(&mut self, config: &Config, body: Bytes) -> anyhow::Result<Bytes> {
-        let query = format!("?{}", iptun_proto::transport::http::poll_query(config.tag));
+        // A fresh counter for every request (a resend below is the same
+        // request: the server answers the copy it did not see).
+        let query = format!(
+            "?{}",
+            config
+                .signer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .next_query()
+        );
         let absolute = self.absolute; // the same for every connection
         let post = || {
             request(config, absolute, Method::POST, &query)

@@ -39,6 +39,8 @@ pub enum Event {
     /// response body goes.
     Poll {
         tag: u64,
+        /// The request's poll counter and authenticator (`p=`).
+        auth: Option<iptun_proto::transport::http::PollAuth>,
         body: Bytes,
         reply: oneshot::Sender<Vec<u8>>,
     },
@@ -163,7 +165,8 @@ async fn handle(
     if req.method() == Method::POST
         && let Some(tag) = iptun_proto::transport::http::poll_tag(req.uri().query())
     {
-        return long_poll(req, tag, listener.index, events).await;
+        let auth = iptun_proto::transport::http::poll_auth(req.uri().query());
+        return long_poll(req, tag, auth, listener.index, events).await;
     }
     plain(
         StatusCode::BAD_REQUEST,
@@ -284,6 +287,7 @@ where
 async fn long_poll(
     req: Request<Incoming>,
     tag: u64,
+    auth: Option<iptun_proto::transport::http::PollAuth>,
     index: usize,
     events: Events,
 ) -> Response<Full<Bytes>> {
@@ -293,7 +297,15 @@ async fn long_poll(
     };
     let (reply, answer) = oneshot::channel();
     if events
-        .send((index, Event::Poll { tag, body, reply }))
+        .send((
+            index,
+            Event::Poll {
+                tag,
+                auth,
+                body,
+                reply,
+            },
+        ))
         .await
         .is_err()
     {

@@ -60,6 +60,7 @@ use super::{
     CLASSIC_SIZE, DownHeader, PAD_ANSWER, PADDING_HEADER_LEN, TAG_MASK, UP_HEADER_LEN, UpHeader,
 };
 use crate::DropReason;
+use crate::crypto::{POLL_AUTH_LEN, PollKey};
 use crate::frag::{Fragmenter, Limits, Reassembler};
 use crate::transport::congestion::CongestionStats;
 use crate::wire::dns::{
@@ -205,7 +206,8 @@ enum Purpose {
 struct InFlight {
     resolver: usize,
     name: Name,
-    qseq: u16,
+    /// The query counter (its low 16 bits are the qseq).
+    qseq: u64,
     sent: Instant,
     purpose: Purpose,
     /// What it counts as in its resolver's windows (`None`: nothing; given
@@ -272,7 +274,7 @@ struct Spec {
     resolver: usize,
     purpose: Purpose,
     /// A re-ask: the qseq of the query whose answer came truncated.
-    reask: Option<u16>,
+    reask: Option<u64>,
     rtype: AnswerType,
     /// Force base32 (tries and size probes test the basics).
     base32: bool,
@@ -298,7 +300,11 @@ pub struct DnsClient {
     domain: Domain,
     tag: u32,
     rng: u64,
-    qseq: u16,
+    /// The query counter under the current poll key: the qseq is its low
+    /// 16 bits; a new key keeps those and starts the rest at 0.
+    qseq: u64,
+    /// The poll key of the client's current keys, with their index.
+    poll_key: Option<(u32, PollKey)>,
     fragmenter: Fragmenter,
     /// Upstream messages waiting, with when they came.
     messages: VecDeque<(Instant, Vec<u8>)>,
@@ -307,7 +313,7 @@ pub struct DnsClient {
     delivered: VecDeque<Vec<u8>>,
     in_flight: HashMap<u16, InFlight>,
     /// Queries whose answer came truncated, to ask again for less.
-    reask: VecDeque<u16>,
+    reask: VecDeque<u64>,
     resolvers: Resolvers,
     poll_target: usize,
     /// Keep bare polls outstanding (the path is in use); else send only
@@ -355,7 +361,8 @@ impl DnsClient {
             sizes: Sizes::new(&domain, max_query),
             domain,
             tag: tag & TAG_MASK,
-            qseq: next_random(&mut rng) as u16,
+            qseq: next_random(&mut rng) & 0xFFFF,
+            poll_key: None,
             rng,
             fragmenter: Fragmenter::new(first),
             messages: VecDeque::new(),
@@ -388,6 +395,19 @@ impl DnsClient {
     /// queries that carry data (a path kept in reserve).
     pub fn set_polling(&mut self, on: bool) {
         self.polling = on;
+    }
+
+    /// The poll key of the engine's current keys and their index (the
+    /// engine's [`poll_key`](crate::engine::Client::poll_key)): queries
+    /// carry its authenticator from now on. A new key keeps the qseq and
+    /// starts the counter's upper bits at 0 (the server widens the first
+    /// qseq under a key as it is).
+    pub fn set_poll_key(&mut self, key: Option<(u32, &PollKey)>) {
+        if self.poll_key.as_ref().map(|(i, _)| *i) == key.map(|(i, _)| i) {
+            return;
+        }
+        self.poll_key = key.map(|(i, k)| (i, k.clone()));
+        self.qseq &= 0xFFFF;
     }
 
     /// Rounds of failed queries (timed out, or an error code) since the
@@ -575,15 +595,19 @@ impl DnsClient {
     }
 
     /// The upstream payload of a query: its name's part and its option's.
-    fn payload(&self, spec: &Spec, qseq: u16, encoding: NameEncoding) -> (Vec<u8>, Vec<u8>) {
+    fn payload(&self, spec: &Spec, qseq: u64, encoding: NameEncoding) -> (Vec<u8>, Vec<u8>) {
         let mut name = vec![0u8; UP_HEADER_LEN];
-        UpHeader {
+        let mut header = UpHeader {
             tag: self.tag,
             prompt: spec.prompt,
-            qseq,
+            qseq: qseq as u16,
             down_limit: spec.down,
+            auth: [0; POLL_AUTH_LEN],
+        };
+        if let Some((_, key)) = &self.poll_key {
+            header.authenticate(key, qseq);
         }
-        .emit(&mut name);
+        header.emit(&mut name);
         let mut option = Vec::new();
         match &spec.purpose {
             Purpose::Data(Some(f)) if f.bytes.len() > self.name_room(encoding) => {

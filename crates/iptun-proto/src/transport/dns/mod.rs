@@ -19,7 +19,7 @@
 //! ([`encode_name_as`](crate::wire::dns::encode_name_as)):
 //!
 //! ```text
-//! | tag u32 | qseq u16 | down u8 | fragment (frag.rs), or nothing |
+//! | prompt:1 tag:31 | qseq u16 | down u8 | auth 4 | fragment (frag.rs), or nothing |
 //! ```
 //!
 //! - `tag`: the client's random session tag. The server keys everything by
@@ -33,6 +33,10 @@
 //!   bytes (64: 512 bytes without EDNS0, 154: EDNS0 at 1232). The server
 //!   cannot see the client's EDNS0 size (the resolver sends its own), so the
 //!   client says it.
+//! - `auth`: the poll authenticator ([`PollKey`](crate::crypto::PollKey))
+//!   over the 7 bytes before it and the whole query counter under the
+//!   client's current keys (zeros before it has keys): once the tag is
+//!   bound to a session, a query without a good one gets nothing.
 //! - then one fragment of an upstream tunnel message, or nothing (a bare
 //!   poll, which gives the server a query to hold for downstream data).
 //!
@@ -69,6 +73,14 @@
 //! paced by the hold time. A resolver's retry of a held query takes the
 //! original's place (the resolver waits for the newest); a retry of an
 //! answered one gets the same payload again.
+//!
+//! # Bound polls
+//!
+//! Once a tag is bound to a session, its queries must carry a poll
+//! authenticator of one of the session's keypairs (see
+//! [`crate::crypto::PollKey`]): the server answers forged ones at once and
+//! empty, and a copy of a query (a retry, a replay) gets at most what that
+//! query gets. Someone who sees the tag cannot take the downstream.
 
 pub mod client;
 pub mod ladder;
@@ -78,14 +90,17 @@ pub mod sizes;
 
 use std::time::Duration;
 
+use crate::crypto::{POLL_AUTH_LEN, PollKey, PollKind};
 use crate::frag;
 
 /// How long the server holds a query before answering it empty. Resolvers
 /// time out their upstream queries after roughly 0.4–3 s and retry; a hold
 /// well inside that keeps them from turning our holds into SERVFAIL.
 pub const HOLD: Duration = Duration::from_millis(600);
-/// Bytes before the fragment in a query's payload: tag, qseq, down.
-pub const UP_HEADER_LEN: usize = 7;
+/// Bytes before the fragment in a query's payload: tag, qseq, down, auth.
+pub const UP_HEADER_LEN: usize = SIGNED_HEADER_LEN + POLL_AUTH_LEN;
+/// Bytes of a query's header that its authenticator covers: tag, qseq, down.
+pub const SIGNED_HEADER_LEN: usize = 7;
 /// Bytes before the first piece in an answer's payload: info, backlog.
 pub const DOWN_HEADER_LEN: usize = 2;
 /// Bytes of the length before each piece in an answer.
@@ -124,15 +139,36 @@ pub struct UpHeader {
     pub qseq: u16,
     /// The largest response the client takes, in bytes.
     pub down_limit: usize,
+    /// The poll authenticator (zeros from a client without keys).
+    pub auth: [u8; POLL_AUTH_LEN],
 }
 
 impl UpHeader {
     /// Write the header to the start of `out` (at least [`UP_HEADER_LEN`]).
     pub fn emit(&self, out: &mut [u8]) {
+        out[..SIGNED_HEADER_LEN].copy_from_slice(&self.signed());
+        out[SIGNED_HEADER_LEN..UP_HEADER_LEN].copy_from_slice(&self.auth);
+    }
+
+    /// The bytes the authenticator covers (the header's first 7).
+    pub fn signed(&self) -> [u8; SIGNED_HEADER_LEN] {
         let flag = if self.prompt { !TAG_MASK } else { 0 };
+        let mut out = [0; SIGNED_HEADER_LEN];
         out[..4].copy_from_slice(&(self.tag & TAG_MASK | flag).to_be_bytes());
         out[4..6].copy_from_slice(&self.qseq.to_be_bytes());
         out[6] = u8::try_from(self.down_limit / DOWN_UNIT).unwrap_or(u8::MAX);
+        out
+    }
+
+    /// Set `auth` for the client's query counter `counter` (whose low 16
+    /// bits are `qseq`) under `key`.
+    pub fn authenticate(&mut self, key: &PollKey, counter: u64) {
+        self.auth = key.auth(
+            PollKind::Dns,
+            u64::from(self.tag & TAG_MASK),
+            counter,
+            &self.signed(),
+        );
     }
 
     /// Split a query payload into header and the rest (a fragment, padding
@@ -146,6 +182,7 @@ impl UpHeader {
                 prompt: raw & !TAG_MASK != 0,
                 qseq: u16::from_be_bytes([head[4], head[5]]),
                 down_limit: usize::from(head[6]) * DOWN_UNIT,
+                auth: [head[7], head[8], head[9], head[10]],
             },
             rest,
         ))
@@ -295,15 +332,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn up_header_round_trips(tag: u32, prompt: bool, qseq: u16, down in 0usize..4096, rest in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let h = UpHeader { tag, prompt, qseq, down_limit: down };
+        fn up_header_round_trips(tag: u32, prompt: bool, qseq: u16, down in 0usize..4096, auth: [u8; 4], rest in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let h = UpHeader { tag, prompt, qseq, down_limit: down, auth };
             let mut buf = vec![0; UP_HEADER_LEN];
             h.emit(&mut buf);
             buf.extend_from_slice(&rest);
             let (got, tail) = UpHeader::parse(&buf).unwrap();
             prop_assert_eq!(
-                (got.tag, got.prompt, got.qseq, got.down_limit),
-                (tag & TAG_MASK, prompt, qseq, down / DOWN_UNIT * DOWN_UNIT)
+                (got.tag, got.prompt, got.qseq, got.down_limit, got.auth),
+                (tag & TAG_MASK, prompt, qseq, down / DOWN_UNIT * DOWN_UNIT, auth)
             );
             prop_assert_eq!(tail, &rest[..]);
         }

@@ -25,7 +25,9 @@
 //!
 //! What anyone may get: REFUSED outside the domain, the apex answers, and
 //! for a tag that no authenticated message has bound yet, data answers of at
-//! most [`CLASSIC_SIZE`] bytes (the handshake response rides one). Only a
+//! most [`CLASSIC_SIZE`] bytes (the handshake response rides one). A bound
+//! tag's queries must carry a poll authenticator of its session
+//! ([`PollKeys`] checks it): without one a query gets an empty answer. Only a
 //! bound tag gets answers up to its client's (and its resolver's) EDNS0
 //! size, capped at 1232.
 //!
@@ -42,6 +44,7 @@ use super::{
     UP_HEADER_LEN, UpBody, UpHeader,
 };
 use crate::DropReason;
+use crate::crypto::{PollCheck, PollGuard};
 use crate::frag::{Fragment, Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
     self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, build_answer, build_apex_answer,
@@ -96,6 +99,22 @@ const MAX_EXTRA_PIECES: usize = 8;
 /// fragment: a lost fragment is not retried for long.
 pub const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How the listener checks the authenticator of a bound tag's query: with
+/// the poll keys of the session (the endpoint's engine has them).
+pub trait PollKeys<S> {
+    /// Check the query header `header` of `tag` against `session`'s live
+    /// keypairs with `guard` (the tag's replay windows); `None` when the
+    /// session has no live keys (the tag is then taken as unbound).
+    fn check(&self, session: S, guard: &mut PollGuard, header: &UpHeader) -> Option<PollCheck>;
+}
+
+/// No keys: queries are never checked (tests of the listener alone).
+impl<S> PollKeys<S> for () {
+    fn check(&self, _: S, _: &mut PollGuard, _: &UpHeader) -> Option<PollCheck> {
+        None
+    }
+}
+
 /// A response to send to a resolver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit<A> {
@@ -149,6 +168,13 @@ pub struct ListenerStats {
     /// A and AAAA queries taken for a resolver's steps of query name
     /// minimisation, answered at once and empty.
     pub minimisation_steps: u64,
+    /// Queries of a bound tag whose authenticator no keypair of its session
+    /// made: answered at once and empty, their fragments dropped.
+    pub forged: u64,
+    /// Authentic queries of a bound tag whose counter was taken before
+    /// but which are no retry the listener remembers (replays, or retries
+    /// too late): answered at once and empty.
+    pub replayed: u64,
 }
 
 /// What the status shows of one client's path.
@@ -193,6 +219,8 @@ struct Tag<S, A> {
     other_type_at: Option<Instant>,
     last_seen: Instant,
     last_keepalive: Option<Instant>,
+    /// Replay windows of the bound tag's poll counters.
+    guard: PollGuard,
 }
 
 impl<S, A> Tag<S, A> {
@@ -209,6 +237,7 @@ impl<S, A> Tag<S, A> {
             other_type_at: None,
             last_seen: now,
             last_keepalive: None,
+            guard: PollGuard::new(),
         }
     }
 
@@ -446,11 +475,18 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
     /// A datagram from a resolver at `from`. Answers (now or later) go out
     /// through [`DnsListener::poll_transmit`]; a complete upstream message
     /// comes back.
+    ///
+    /// A query of a tag bound to a session must carry an authenticator of
+    /// one of the session's keypairs (`keys` checks it): a forged one is
+    /// answered at once, empty, and its fragment dropped; an authentic one
+    /// whose counter was taken before is a retry (answered as its first
+    /// copy is) or, if no copy is remembered, a replay (answered empty).
     pub fn handle_query(
         &mut self,
         now: Instant,
         from: A,
         bytes: &[u8],
+        keys: &impl PollKeys<S>,
     ) -> Option<Delivered<'_, S>> {
         let Ok(q) = parse_query(bytes) else {
             self.stats.malformed += 1;
@@ -487,11 +523,51 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         tag.last_seen = now;
         let bound = tag.session.is_some();
         if tag.minimisation_step(q.qtype, now) {
-            // Answered at once and empty, remembered nowhere; its fragment
-            // (the real query brings it again) may complete a message.
+            // Answered at once and empty, remembered nowhere, its counter
+            // not taken; its fragment (the real query brings it again) may
+            // complete a message of a tag no session has yet.
             self.stats.minimisation_steps += 1;
             self.answer_now(from, q, h.down_limit, bound, Vec::new());
+            if bound {
+                return None;
+            }
             return self.deliver(now, h.tag, &d);
+        }
+        let check = match tag.session {
+            Some(s) => keys.check(s, &mut tag.guard, &h),
+            None => None,
+        };
+        match check {
+            Some(PollCheck::Forged) => {
+                // Not the client's: nothing of its downstream, no more bytes
+                // than an ordinary reply, its fragment dropped.
+                self.stats.forged += 1;
+                self.answer_now(from, q, h.down_limit, false, Vec::new());
+                return None;
+            }
+            Some(PollCheck::Repeat(_)) if !tag.seen.contains_key(&h.qseq) => {
+                // Authentic, but its counter was taken and no answer is
+                // remembered: a replay (or a retry too late). Nothing new.
+                // Marked held: its delay (a resolver's retry) says
+                // nothing of the path, and the client must not time it.
+                self.stats.replayed += 1;
+                let mut q = q;
+                limit_query(&mut q, h.down_limit, bound);
+                let header = DownHeader {
+                    held: true,
+                    ..DownHeader::default()
+                };
+                self.reply_data(from, &q, header, Vec::new());
+                return self.deliver(now, h.tag, &d);
+            }
+            Some(PollCheck::Fresh(_)) => {
+                // A new query: an answer remembered under its qseq belongs
+                // to the counter's previous round.
+                if matches!(tag.seen.get(&h.qseq), Some(Seen::Answered(_))) {
+                    tag.seen.remove(&h.qseq);
+                }
+            }
+            Some(PollCheck::Repeat(_)) | None => {}
         }
         if !matches!(q.qtype, RecordType::A | RecordType::AAAA) {
             tag.other_type_at = Some(now);
@@ -564,6 +640,9 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         match t.seen.get(&qseq) {
             None => false,
             Some(Seen::Held) => {
+                // The resolver waits for its newest copy: it takes the
+                // query's place. (Answering every copy instead stalled
+                // uploads through unbound.)
                 self.stats.retries += 1;
                 self.stats.superseded += 1;
                 if let Some(held) = t.held.iter_mut().find(|x| x.qseq == qseq) {
@@ -659,7 +738,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             }
             t.remember_answer(old.qseq, &[], now);
             let header = t.header(true, old.option_read);
-            self.reply_data(old.to, &old.query, header, Vec::new());
+            let out = (&mut self.out, &mut self.stats, &self.domain);
+            answer_held(out, old, header, Vec::new());
         }
     }
 
@@ -784,7 +864,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                 t.remember_answer(h.qseq, &payload, now);
                 let header = t.header(true, h.option_read);
                 let out = (&mut self.out, &mut self.stats, &self.domain);
-                reply_data(out, h.to, &h.query, header, payload);
+                answer_held(out, h, header, payload);
             }
             t.trim_seen(now);
             let limit = if t.session.is_some() {
@@ -838,7 +918,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         while let Some(h) = t.held.pop_front() {
             let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
-            reply_data(out, h.to, &h.query, header, Vec::new());
+            answer_held(out, h, header, Vec::new());
         }
     }
 
@@ -857,7 +937,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             t.remember_answer(h.qseq, &payload, now);
             let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
-            reply_data(out, h.to, &h.query, header, payload);
+            answer_held(out, h, header, payload);
         }
     }
 
@@ -888,6 +968,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             self.out.push_back(Transmit { to, bytes });
         }
     }
+}
+
+/// Answer a held query with `header` and `pieces`.
+fn answer_held<A>(
+    out: (&mut VecDeque<Transmit<A>>, &mut ListenerStats, &Domain),
+    h: Held<A>,
+    header: DownHeader,
+    pieces: Vec<u8>,
+) {
+    reply_data(out, h.to, &h.query, header, pieces);
 }
 
 /// Answer `q` with `header` and `pieces` in records of its type; if even
