@@ -247,8 +247,22 @@ fn every_record_type_passes(topo: &DnsTopology, resolver: &str) {
 
 // ---------------------------------------------------------------- tests
 
+/// The tests share the machine; the one that times a transfer against a
+/// pace has it alone (two tests at once on two cores, each with its
+/// daemons and resolvers, cost it seconds).
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn share_machine() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn machine_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn dns_through_unbound() {
+    let _machine = share_machine();
     let path = through_unbound("dns", |_| {}, "DNS via unbound");
     // unbound carries 8-bit label bytes: the client probed base128 and
     // switched to it.
@@ -261,6 +275,7 @@ fn dns_through_unbound() {
 /// must not skip the IPv4 one after it, and must move on to it.
 #[test]
 fn dns_through_the_system_resolver() {
+    let _machine = share_machine();
     require_root();
     let tag = "dnssys";
     let topo = DnsTopology::new(tag, false);
@@ -296,6 +311,7 @@ impl Drop for NetnsResolvConf {
 
 #[test]
 fn dns_through_unbound_caps_for_id() {
+    let _machine = share_machine();
     let _ = through_unbound(
         "dnscaps",
         |o| o.caps_for_id = true,
@@ -305,6 +321,7 @@ fn dns_through_unbound_caps_for_id() {
 
 #[test]
 fn dns_through_unbound_edns_512() {
+    let _machine = share_machine();
     let _ = through_unbound(
         "dns512",
         |o| o.edns_buffer_size = Some(512),
@@ -314,6 +331,7 @@ fn dns_through_unbound_edns_512() {
 
 #[test]
 fn dns_direct() {
+    let _machine = share_machine();
     require_root();
     let tag = "dnsdir";
     let topo = DnsTopology::new(tag, true);
@@ -369,6 +387,7 @@ fn doh_url() -> (String, String) {
 /// the test CA (`--tls-ca`) and its address.
 #[test]
 fn dns_over_tls_through_unbound() {
+    let _machine = share_machine();
     let (topo, pki, _unbound) = secure_unbound("dot");
     let (url, shown) = dot_url();
     let via = Via::secure(&url, &shown, &["--tls-ca", pki.ca()]);
@@ -379,6 +398,7 @@ fn dns_over_tls_through_unbound() {
 /// DNS over HTTPS (HTTP/2) to unbound's `https-port`.
 #[test]
 fn dns_over_https_through_unbound() {
+    let _machine = share_machine();
     let (topo, pki, _unbound) = secure_unbound("doh");
     let (url, shown) = doh_url();
     let via = Via::secure(&url, &shown, &["--tls-ca", pki.ca()]);
@@ -391,6 +411,7 @@ fn dns_over_https_through_unbound() {
 /// the 2 MiB case above covers the throughput.)
 #[test]
 fn dns_over_https_through_a_proxy() {
+    let _machine = share_machine();
     let (topo, pki, _unbound) = secure_unbound("dohsquid");
     let squid = topo.start_squid();
     let (url, shown) = doh_url();
@@ -417,6 +438,7 @@ fn dns_over_https_through_a_proxy() {
 /// and its status and log say why.
 #[test]
 fn dns_over_tls_with_a_wrong_pin_is_refused() {
+    let _machine = share_machine();
     let tag = "dotpin";
     let (topo, _pki, _unbound) = secure_unbound(tag);
     let dir = TempDir::new(tag);
@@ -506,6 +528,7 @@ fn realistic_unbound(topo: &DnsTopology, addr: &str) -> Unbound {
 /// set aside, and a download after runs on the other alone.
 #[test]
 fn dns_through_two_unbounds_one_killed_mid_transfer() {
+    let _machine = machine_alone();
     require_root();
     let tag = "dns2res";
     let topo = DnsTopology::new(tag, false);
@@ -593,6 +616,7 @@ fn dns_through_two_unbounds_one_killed_mid_transfer() {
 /// characters): the client finds the cap and the tunnel carries data.
 #[test]
 fn dns_through_a_path_that_drops_long_queries() {
+    let _machine = share_machine();
     require_root();
     let tag = "dnslen";
     let topo = DnsTopology::new(tag, false);
@@ -638,6 +662,7 @@ fn dns_through_a_path_that_drops_long_queries() {
 /// tunnel carries data.
 #[test]
 fn dns_with_query_names_of_72_characters() {
+    let _machine = share_machine();
     require_root();
     let tag = "dns72";
     let topo = DnsTopology::new(tag, false);
