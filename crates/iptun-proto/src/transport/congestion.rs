@@ -1165,7 +1165,7 @@ mod tests {
         let mut c = Controller::new(CONFIG, t0);
         c.set_rate(10_000.0);
         let mut now = t0 + ms(1);
-        let sample = |c: &mut Controller, now: Instant, rtt: Duration| {
+        let mut sample = |c: &mut Controller, now: Instant, rtt: Duration| {
             c.on_rtt(now, now - rtt, rtt);
         };
         for _ in 0..100 {
