@@ -123,11 +123,6 @@ pub const QUEUE_DELAY: Duration = Duration::from_millis(25);
 pub const SLOW_START_DELAY: Duration = Duration::from_millis(4);
 /// Round trips in a row that must show a queue (one alone may be jitter).
 pub const DELAY_SAMPLES: u32 = 8;
-/// How long round trips in a row must show a standing queue: a far end
-/// that stalls (a resolver not scheduled for a few tens of milliseconds)
-/// delays every answer behind the stall, hundreds at a high rate, and
-/// then drains; a queue that the rate builds stays.
-pub const QUEUE_PERSIST: Duration = Duration::from_millis(100);
 /// How long the minimum round trip is remembered: paths change.
 pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// The pacing bucket holds this much time's worth of requests (and at
@@ -339,8 +334,6 @@ pub struct Controller {
     /// building up, and that show a standing queue.
     building: u32,
     queued: u32,
-    /// When the round trips in a row that show a standing queue began.
-    queued_since: Option<Instant>,
     /// The back-off after the last rejection (zero: none since an answer),
     /// and until when nothing goes.
     backoff: Duration,
@@ -373,7 +366,6 @@ impl Controller {
             limit: None,
             building: 0,
             queued: 0,
-            queued_since: None,
             backoff: Duration::ZERO,
             backoff_until: None,
             rejected_at: None,
@@ -583,14 +575,9 @@ impl Controller {
             // A queue begins to build: doubling would soon overfill it.
             self.slow_start = false;
         }
-        if rtt <= min + min.max(QUEUE_DELAY) {
-            self.queued = 0;
-            self.queued_since = None;
-            return;
-        }
-        self.queued += 1;
-        let since = *self.queued_since.get_or_insert(now);
-        if self.queued >= DELAY_SAMPLES && now.saturating_duration_since(since) >= QUEUE_PERSIST {
+        let queued = rtt > min + min.max(QUEUE_DELAY);
+        self.queued = if queued { self.queued + 1 } else { 0 };
+        if self.queued >= DELAY_SAMPLES {
             self.reduce(now, Congestion::Queue);
         }
     }
@@ -800,7 +787,6 @@ impl Controller {
         self.changed_at = now;
         self.building = 0;
         self.queued = 0;
-        self.queued_since = None;
     }
 
     fn set_rate(&mut self, rate: f64) {
@@ -1154,40 +1140,6 @@ mod tests {
             c.reduce(t0 + ms(2), why);
             assert_eq!(c.pacing_rate(), 100_000.0 * MAX_CUT * MAX_CUT, "{why:?}");
         }
-    }
-
-    /// A far end that stalls for 40 ms delays every answer behind the
-    /// stall, hundreds at a high rate, then drains: no standing queue. A
-    /// queue that stays is one.
-    #[test]
-    fn a_stall_is_not_a_standing_queue() {
-        let t0 = Instant::now();
-        let mut c = Controller::new(CONFIG, t0);
-        c.set_rate(10_000.0);
-        let mut now = t0 + ms(1);
-        let mut sample = |c: &mut Controller, now: Instant, rtt: Duration| {
-            c.on_rtt(now, now - rtt, rtt);
-        };
-        for _ in 0..100 {
-            now += Duration::from_micros(100);
-            sample(&mut c, now, ms(1));
-        }
-        // The stall: 400 answers of the last 40 ms arrive at once.
-        now += ms(40);
-        for i in 0..400u64 {
-            sample(&mut c, now, ms(41) - Duration::from_micros(i * 100));
-        }
-        for _ in 0..100 {
-            now += Duration::from_micros(100);
-            sample(&mut c, now, ms(1));
-        }
-        assert_eq!(c.stats().queue_reductions, 0);
-        // A queue of 40 ms that stays for 100 ms.
-        for _ in 0..1100 {
-            now += Duration::from_micros(100);
-            sample(&mut c, now, ms(41));
-        }
-        assert_eq!(c.stats().queue_reductions, 1);
     }
 
     #[test]
