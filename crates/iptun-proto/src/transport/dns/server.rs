@@ -285,8 +285,9 @@ impl<S, A> Tag<S, A> {
     fn take_payload(&mut self, capacity: usize, stats: &mut ListenerStats) -> Vec<u8> {
         let capacity = capacity.saturating_sub(DOWN_HEADER_LEN);
         // Pieces were sized for recent answers; one that fits none of them
-        // never will: the client's path shrank.
-        let largest = self.caps.iter().copied().max().unwrap_or(0);
+        // (nor this one) never will: the client's path shrank.
+        let largest_room = self.caps.iter().copied().max().unwrap_or(0);
+        let largest_room = capacity.max(largest_room.saturating_sub(DOWN_HEADER_LEN));
         let mut payload = Vec::new();
         let mut i = 0;
         while i < self.queue.len().min(PACK_LOOKAHEAD) {
@@ -294,7 +295,7 @@ impl<S, A> Tag<S, A> {
             if payload.len() + need <= capacity {
                 let f = self.remove_queued(i).expect("checked");
                 super::push_fragment(&mut payload, &f);
-            } else if DOWN_HEADER_LEN + need > largest.max(capacity + DOWN_HEADER_LEN) {
+            } else if need > largest_room {
                 self.remove_queued(i);
                 stats.oversize += 1;
             } else {
