@@ -42,7 +42,13 @@ run_one() { # target
     mkdir -p "fuzz/corpus/$t"
     if chrt -i 0 cargo +nightly fuzz run "$t" "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1; then
+        # cmin rewrites the directory and would drop the hand-made seeds that
+        # add no coverage; they stay, as gen_corpus writes them.
+        local seeds="fuzz/target/long-seeds/$t"
+        rm -rf "$seeds" && mkdir -p "$seeds"
+        find "fuzz/corpus/$t" -maxdepth 1 -name 'seed-*' -exec mv {} "$seeds/" \;
         chrt -i 0 cargo +nightly fuzz cmin "$t" "fuzz/corpus/$t" >"$log.cmin" 2>&1 || true
+        find "$seeds" -maxdepth 1 -name 'seed-*' -exec mv {} "fuzz/corpus/$t/" \;
         printf '%-16s %12s execs  %6s cov  %5s corpus files  ok\n' "$t" \
             "$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")" \
             "$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)" \
