@@ -14,7 +14,7 @@ use dns_sim::*;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use iptun_proto::engine::REKEY_AFTER_TIME;
-use iptun_proto::transport::dns::server::DnsListener;
+use iptun_proto::transport::dns::server::{DnsListener, ListenerStats};
 use iptun_proto::transport::dns::sizes::OPTION_LEN;
 use iptun_proto::transport::dns::{DownHeader, HOLD, UP_HEADER_LEN, UpHeader};
 use iptun_proto::wire::dns::{
@@ -934,15 +934,47 @@ fn a_clean_resolver_carries_a_bulk_transfer_each_way() {
     assert!(up.mbit() > 8.0 && down.mbit() > 8.0, "{up:?} {down:?}");
 }
 
-/// A resolver that minimises query names as unbound does (an A query at
-/// the full name before the type asked) costs the tunnel a round trip per
-/// query, not its answers' size: the server takes the steps for what they
-/// are, keeps its fragments sized for the type in use and hands no data to
-/// answers the resolver throws away.
+/// A resolver that minimises query names as unbound does costs the tunnel
+/// a round trip per query, not its answers' size nor more upstream
+/// queries: the server answers the first step (one label below the apex)
+/// NXDOMAIN, so the resolver sends the full name at once; a first step that
+/// decodes as tunnel data gets NOERROR and an A query at the full name
+/// follows, which the server takes for what it is (fragments stay sized
+/// for the type in use, and no data goes to an answer thrown away).
+/// A resolver that takes an unsigned NXDOMAIN as final (RFC 8020) answers
+/// the client NXDOMAIN when the server answers its first minimisation step
+/// so, and never sends the full name. The server sees full names stop
+/// following its NXDOMAINs, answers NODATA below the apex instead, and the
+/// tunnel comes up and carries data, a few seconds late.
+#[test]
+fn a_resolver_that_trusts_nxdomain_turns_the_server_back_to_nodata() {
+    let cfg = ResolverConfig {
+        minimise: Minimise::Strict,
+        ..ResolverConfig::default()
+    };
+    let mut s = sim(cfg, 44);
+    let start = s.now;
+    connect(&mut s);
+    let up_after = s.now - start;
+    let (up, down) = bulk(&mut s, 45, 500, (true, true), 64, secs(60), |_, _| {});
+    let stats = dns_stats(&s);
+    println!(
+        "strict minimising: up after {up_after:?}; up {:.1} Mbit/s, down {:.1} Mbit/s; listener {stats:?}; resolver {:?}",
+        up.mbit(),
+        down.mbit(),
+        s.resolver().stats,
+    );
+    assert_eq!((up.delivered, down.delivered), (500, 500));
+    check_server(&s);
+    assert_eq!(stats.name_error_fallbacks, 1, "{stats:?}");
+    assert!(s.resolver().stats.name_errors_to_client > 0);
+    assert!(up_after < secs(10), "{up_after:?}");
+}
+
 #[test]
 fn a_qname_minimising_resolver_keeps_full_answers() {
     let cfg = ResolverConfig {
-        minimise: true,
+        minimise: Minimise::Relaxed,
         ..ResolverConfig::default()
     };
     let mut s = sim(cfg, 43);
@@ -950,14 +982,28 @@ fn a_qname_minimising_resolver_keeps_full_answers() {
     let (up, down) = bulk(&mut s, 45, 1500, (true, true), 128, secs(60), |_, _| {});
     let info = s.path_info();
     println!(
-        "minimising: up {:.1} Mbit/s, down {:.1} Mbit/s; resolver {:?}; {info:?}",
+        "minimising: up {:.1} Mbit/s, down {:.1} Mbit/s; resolver {:?}; listener {:?}; {info:?}",
         up.mbit(),
         down.mbit(),
         s.resolver().stats,
+        dns_stats(&s),
     );
     assert_eq!((up.delivered, down.delivered), (1500, 1500));
     check_server(&s);
-    assert!(s.resolver().stats.minimisation_steps > 1000);
+    let stats = dns_stats(&s);
+    let resolver = &s.resolver().stats;
+    assert!(resolver.minimisation_steps > 1000, "{resolver:?}");
+    // Most first steps get NXDOMAIN (a single label rarely decodes), so
+    // few A queries at the full name follow.
+    assert!(
+        stats.name_errors * 10 > resolver.minimisation_steps * 8,
+        "{stats:?} {resolver:?}"
+    );
+    assert!(
+        stats.minimisation_steps * 5 < resolver.minimisation_steps,
+        "{stats:?} {resolver:?}"
+    );
+    assert_eq!(stats.name_error_fallbacks, 0, "{stats:?}");
     assert_eq!(info.record_type, "NULL", "{info:?}");
     // Answers as large as without minimisation (a fragment sized for A
     // answers would carry 43 bytes).
@@ -1366,7 +1412,8 @@ fn download_under(attack: Option<Attack>) -> (Flow, Sim) {
     (down, s)
 }
 
-fn dns_stats(s: &Sim) -> iptun_proto::transport::dns::server::ListenerStats {
+/// The counters of the server's DNS listener.
+fn dns_stats(s: &Sim) -> ListenerStats {
     s.server.listeners()[0].dns.expect("a DNS listener")
 }
 

@@ -44,15 +44,17 @@
 //! else if q.answer_type() is Some
 //!      && decode_name(domain, &q.name, buf) is Ok -> tunnel data: park q,
 //!                                                    later build_answer(&q, domain, ..)
-//! else                               -> build_apex_answer(&q, domain)
+//! else if domain.is_host(&q.name)    -> build_apex_answer(&q, domain)
+//! else                               -> build_name_error(&q, domain)
+//!                                       (or NODATA, see the listener)
 //! ```
 //! [`build_apex_answer`] answers SOA and NS at the apex and gives every other
-//! question inside the zone NOERROR with no answer and the SOA in the
-//! authority section (NODATA, RFC 2308), never NXDOMAIN: resolvers that
-//! minimise query names (RFC 9156, on by default in unbound) first ask for
-//! `A` at the shorter names between the apex and the full query name, and an
-//! NXDOMAIN there would tell them that nothing exists below it (RFC 8020), so
-//! the real TXT query would never be sent.
+//! question there NOERROR with no answer and the SOA in the authority
+//! section (NODATA, RFC 2308). Below the apex, a name without tunnel data is
+//! a minimising resolver's first step (RFC 9156): [`build_name_error`]
+//! answers it NXDOMAIN, so that a best-effort minimiser sends the full name
+//! at once; the DNS listener falls back to NODATA where a resolver takes
+//! that NXDOMAIN as final (RFC 8020) instead.
 //!
 //! The delegation: the parent zone should name a nameserver outside the
 //! tunnel domain (`t.example.com NS tns.example.com` plus the address record
@@ -428,6 +430,33 @@ impl Domain {
     /// Whether `name` is the domain itself (ignoring case).
     pub fn is_apex(&self, name: &Name) -> bool {
         self.name.eq_ignore_root(name)
+    }
+
+    /// The label of `name` next to the domain (`b` in `a.b.t.example.com`),
+    /// if `name` is below it.
+    pub fn label_below<'a>(&self, name: &'a Name) -> Option<&'a [u8]> {
+        if !self.contains(name) {
+            return None;
+        }
+        let below = name
+            .iter()
+            .count()
+            .checked_sub(self.name.iter().count() + 1)?;
+        name.iter().nth(below)
+    }
+
+    /// Whether `name` exists in the zone without carrying tunnel data: the
+    /// apex, or the nameserver its records name (`ns.<domain>` unless set).
+    pub fn is_host(&self, name: &Name) -> bool {
+        let ns_label = name
+            .iter()
+            .next()
+            .is_some_and(|l| l.eq_ignore_ascii_case(b"ns"));
+        self.is_apex(name)
+            || match &self.nameserver {
+                Some(ns) => ns.eq_ignore_root(name),
+                None => ns_label && name.iter().count() == self.name.iter().count() + 1,
+            }
     }
 
     /// How many payload bytes [`encode_name`] fits into a query name of at
@@ -1125,8 +1154,8 @@ pub fn build_refused(q: &Query) -> Result<Vec<u8>, DnsError> {
 /// (mname: the nameserver, rname: `hostmaster.<domain>`, serial 1, negative
 /// TTL 0) or NS record (the nameserver, no glue), with TTL [`APEX_TTL`];
 /// every other question, at the apex or below it, gets NODATA (NOERROR, no
-/// answer, the SOA in the authority section; see the module docs for why
-/// not NXDOMAIN). The apex names are written with the question's case, so
+/// answer, the SOA in the authority section; the listener gives it below
+/// the apex only where [`build_name_error`] fails). The apex names are written with the question's case, so
 /// they compress against the question.
 ///
 /// The caller checks [`Domain::contains`] first (names outside get
@@ -1137,15 +1166,8 @@ pub fn build_apex_answer(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError
     }
     // The apex as the question spells it.
     let apex = q.name.trim_to(domain.name.iter().count());
-    let nameserver = match &domain.nameserver {
-        Some(ns) => ns.clone(),
-        None => apex.prepend_label(&b"ns"[..])?,
-    };
-    let soa = || -> Result<Record, DnsError> {
-        let hostmaster = apex.prepend_label(&b"hostmaster"[..])?;
-        let soa = SOA::new(nameserver.clone(), hostmaster, 1, 3600, 600, 86400, 0);
-        Ok(Record::from_rdata(apex.clone(), APEX_TTL, RData::SOA(soa)))
-    };
+    let nameserver = domain_nameserver(&apex, domain)?;
+    let soa = || zone_soa(&apex, domain);
     let mut msg = response(q, ResponseCode::NoError, true);
     let at_apex = domain.is_apex(&q.name);
     match q.qtype {
@@ -1171,6 +1193,54 @@ pub fn build_apex_answer(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError
         }
     }
     finish(&msg, q.response_limit())
+}
+
+/// NXDOMAIN (with the zone's SOA in the authority section, negative TTL 0)
+/// for a name below the apex that carries no tunnel data: the first step of
+/// a resolver that minimises query names. A resolver that minimises on a
+/// best-effort basis (unbound, BIND and Knot Resolver by default) takes an
+/// NXDOMAIN there as a server that does not know empty non-terminals and
+/// sends the full name at once, so one query costs it two upstream queries
+/// instead of one for each label. A resolver that trusts an unsigned
+/// NXDOMAIN to mean nothing below exists (RFC 8020) would answer the full
+/// name NXDOMAIN itself: the listener only gives this answer while full
+/// names keep following it (see the DNS listener).
+pub fn build_name_error(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError> {
+    if !domain.contains(&q.name) {
+        return build_refused(q);
+    }
+    let apex = q.name.trim_to(domain.name.iter().count());
+    let mut msg = response(q, ResponseCode::NXDomain, true);
+    msg.add_authority(zone_soa(&apex, domain)?);
+    if let Ok(bytes) = finish(&msg, q.response_limit()) {
+        return Ok(bytes);
+    }
+    msg.authorities.clear();
+    finish(&msg, q.response_limit())
+}
+
+/// The zone's SOA record, owned by `apex` as a question spells it.
+fn zone_soa(apex: &Name, domain: &Domain) -> Result<Record, DnsError> {
+    let hostmaster = apex.prepend_label(&b"hostmaster"[..])?;
+    let soa = SOA::new(
+        domain_nameserver(apex, domain)?,
+        hostmaster,
+        1,
+        3600,
+        600,
+        86400,
+        0,
+    );
+    Ok(Record::from_rdata(apex.clone(), APEX_TTL, RData::SOA(soa)))
+}
+
+/// The nameserver the zone's SOA and NS records name: the one configured,
+/// else `ns.<apex>`.
+fn domain_nameserver(apex: &Name, domain: &Domain) -> Result<Name, DnsError> {
+    match &domain.nameserver {
+        Some(ns) => Ok(ns.clone()),
+        None => Ok(apex.prepend_label(&b"ns"[..])?),
+    }
 }
 
 /// A response to `q`: its id, RD and CD, the question echoed, an OPT record
@@ -1689,6 +1759,42 @@ mod tests {
                 assert_eq!(parse_response(3, &name, &bytes), Ok(Answer::Empty));
             }
         }
+    }
+
+    #[test]
+    fn nxdomain_below_the_apex_and_which_names_exist() {
+        let d = domain();
+        let name = Name::from_ascii("xyz.abc.T.example.com.").unwrap();
+        assert_eq!(d.label_below(&name), Some(&b"abc"[..]));
+        assert_eq!(
+            d.label_below(&Name::from_ascii("t.example.com.").unwrap()),
+            None
+        );
+        assert_eq!(
+            d.label_below(&Name::from_ascii("a.example.com.").unwrap()),
+            None
+        );
+        for (host, is) in [
+            ("t.example.com.", true),
+            ("NS.t.example.com.", true),
+            ("ns.ns.t.example.com.", false),
+            ("xyz.t.example.com.", false),
+        ] {
+            assert_eq!(d.is_host(&Name::from_ascii(host).unwrap()), is, "{host}");
+        }
+        let mut msg = Message::new(3, MessageType::Query, OpCode::Query);
+        msg.add_query(Question::query(name.clone(), RecordType::A));
+        let q = parse_query(&msg.to_vec().unwrap()).unwrap();
+        let bytes = build_name_error(&q, &d).unwrap();
+        let msg = Message::from_vec(&bytes).unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+        assert!(msg.metadata.authoritative);
+        assert!(msg.answers.is_empty());
+        assert_eq!(msg.authorities[0].record_type(), RecordType::SOA);
+        // A nameserver set outside the zone: `ns.` below the apex is no host.
+        let far = domain().with_nameserver("tns.example.com").unwrap();
+        assert!(!far.is_host(&Name::from_ascii("ns.t.example.com.").unwrap()));
+        assert!(far.is_host(&Name::from_ascii("TNS.example.com.").unwrap()));
     }
 
     #[test]

@@ -203,10 +203,33 @@ pub struct ResolverConfig {
     /// The resolver serves this many client queries a second, from a queue
     /// of at most `queue` (beyond: dropped): its delay grows with load.
     pub capacity: Option<(f64, usize)>,
-    /// Query name minimisation as unbound does it: before the type asked,
-    /// an A query at the full name (its answer thrown away), and the real
-    /// query only once that is answered.
-    pub minimise: bool,
+    /// Query name minimisation (RFC 9156), if any.
+    pub minimise: Minimise,
+}
+
+/// How a resolver minimises query names (RFC 9156).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Minimise {
+    #[default]
+    Off,
+    /// As unbound by default: an A query one label below the apex first.
+    /// NXDOMAIN there, and it sends the full name at once; NOERROR, and it
+    /// asks A at the full name, then the type asked (the steps between
+    /// are left out: they cost the same round trips).
+    Relaxed,
+    /// As a resolver that takes an unsigned NXDOMAIN as final (RFC 8020;
+    /// unbound with `qname-minimisation-strict`): NXDOMAIN at the first
+    /// step goes to the client, the full name never to the server.
+    Strict,
+}
+
+/// A minimisation step sent for a pending query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// A at the name one label below the apex.
+    First,
+    /// A at the full name.
+    Full,
 }
 
 impl Default for ResolverConfig {
@@ -236,7 +259,7 @@ impl Default for ResolverConfig {
             reorder_wait: Duration::from_millis(200),
             rate_limit: None,
             capacity: None,
-            minimise: false,
+            minimise: Minimise::Off,
         }
     }
 }
@@ -286,6 +309,8 @@ pub struct ResolverStats {
     pub reordered: u64,
     /// Minimisation steps sent to the server.
     pub minimisation_steps: u64,
+    /// NXDOMAINs at a first step passed to the client (a strict resolver).
+    pub name_errors_to_client: u64,
     /// Client queries that carried a payload option.
     pub options: u64,
     /// Queries that vanished for their size.
@@ -316,8 +341,8 @@ pub struct Resolver {
     rng: Rng,
     pending: HashMap<u64, Pending>,
     upstream: HashMap<(SocketAddr, u16), u64>,
-    /// Minimisation steps sent: their answers are thrown away.
-    steps: std::collections::HashSet<(SocketAddr, u16)>,
+    /// Minimisation steps sent, for which pending query.
+    steps: HashMap<(SocketAddr, u16), (u64, Step)>,
     next_pid: u64,
     cache: HashMap<String, (Vec<u8>, Instant)>,
     pub stats: ResolverStats,
@@ -345,7 +370,7 @@ impl Resolver {
             rng: Rng::new(seed ^ 0x5eed ^ (index as u64) << 32),
             pending: HashMap::new(),
             upstream: HashMap::new(),
-            steps: std::collections::HashSet::new(),
+            steps: HashMap::new(),
             next_pid: 0,
             cache: HashMap::new(),
             stats: ResolverStats::default(),
@@ -1038,26 +1063,73 @@ impl Sim {
             ),
             1024 + res.rng.below(60000) as u16,
         ));
+        let minimise = res.cfg.minimise != Minimise::Off && p.tries == 1;
+        let labels = p.name.num_labels() as usize;
+        if let Some(after) = res.cfg.retry_after.filter(|_| p.tries < 3) {
+            self.schedule(now + after, Ev::Retry(r, pid));
+        }
+        if minimise {
+            // One label below the apex is the full name: A there first.
+            let apex = Name::from_ascii(DOMAIN).unwrap().num_labels() as usize;
+            let step = if labels > apex + 1 {
+                Step::First
+            } else {
+                Step::Full
+            };
+            self.send_step(r, pid, src, id, step);
+        } else {
+            self.send_full(r, pid, src, id);
+        }
+    }
+
+    /// Send pending query `pid` of resolver `r` to the server, as asked.
+    fn send_full(&mut self, r: usize, pid: u64, src: SocketAddr, id: u16) {
+        let res = &mut self.resolvers[r];
+        let p = &res.pending[&pid];
         let ty = AnswerType::of(p.qtype).expect("the client asks for data types only");
         let bytes = build_query_as(id, &p.name, ty, res.cfg.upstream_edns).unwrap();
         res.upstream.insert((src, id), pid);
         res.stats.upstream_queries += 1;
-        let mut delay = SERVER_LATENCY;
-        if res.cfg.minimise && p.tries == 1 {
-            let step_id = id.wrapping_add(1);
-            let step =
-                build_query_as(step_id, &p.name, AnswerType::A, res.cfg.upstream_edns).unwrap();
-            res.steps.insert((src, step_id));
-            res.stats.minimisation_steps += 1;
-            self.schedule(now + SERVER_LATENCY, Ev::ToServer(src, step));
-            // The real query once the step is answered (a round trip).
-            delay += 2 * SERVER_LATENCY;
-        }
+        self.schedule(self.now + SERVER_LATENCY, Ev::ToServer(src, bytes));
+    }
+
+    /// Send a minimisation step of pending query `pid` of resolver `r`.
+    fn send_step(&mut self, r: usize, pid: u64, src: SocketAddr, id: u16, step: Step) {
         let res = &mut self.resolvers[r];
-        if let Some(after) = res.cfg.retry_after.filter(|_| res.pending[&pid].tries < 3) {
-            self.schedule(now + after, Ev::Retry(r, pid));
+        let name = &res.pending[&pid].name;
+        let name = match step {
+            Step::First => {
+                name.trim_to(Name::from_ascii(DOMAIN).unwrap().num_labels() as usize + 1)
+            }
+            Step::Full => name.clone(),
+        };
+        let bytes = build_query_as(id, &name, AnswerType::A, res.cfg.upstream_edns).unwrap();
+        res.steps.insert((src, id), (pid, step));
+        res.stats.minimisation_steps += 1;
+        self.schedule(self.now + SERVER_LATENCY, Ev::ToServer(src, bytes));
+    }
+
+    /// The server's answer to a minimisation step: the next step, the full
+    /// query, or (a strict resolver, NXDOMAIN) the client's answer.
+    fn step_answered(&mut self, r: usize, src: SocketAddr, pid: u64, step: Step, bytes: &[u8]) {
+        let res = &mut self.resolvers[r];
+        let Some(p) = res.pending.get_mut(&pid).filter(|p| !p.done) else {
+            return;
+        };
+        let nxdomain = Message::from_vec(bytes)
+            .is_ok_and(|m| m.metadata.response_code == ResponseCode::NXDomain);
+        let id = res.rng.next_u64() as u16;
+        match step {
+            Step::First if nxdomain && res.cfg.minimise == Minimise::Strict => {
+                p.done = true;
+                res.stats.name_errors_to_client += 1;
+                let b =
+                    error_response(p.client_id, &p.client_name, p.qtype, ResponseCode::NXDomain);
+                self.send_to_client(r, b);
+            }
+            Step::First if !nxdomain => self.send_step(r, pid, src, id, Step::Full),
+            _ => self.send_full(r, pid, src, id),
         }
-        self.schedule(now + delay, Ev::ToServer(src, bytes));
     }
 
     fn resolver_answer(&mut self, to: SocketAddr, bytes: &[u8]) {
@@ -1071,7 +1143,8 @@ impl Sim {
             return;
         }
         let res = &mut self.resolvers[r];
-        if res.steps.remove(&(to, id)) {
+        if let Some((pid, step)) = res.steps.remove(&(to, id)) {
+            self.step_answered(r, to, pid, step, bytes);
             return;
         }
         let Some(&pid) = res.upstream.get(&(to, id)) else {

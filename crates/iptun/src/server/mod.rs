@@ -665,6 +665,8 @@ fn dns_counters(
         ("answered_empty", s.answered_empty),
         ("superseded", s.superseded),
         ("minimisation_steps", s.minimisation_steps),
+        ("name_errors", s.name_errors),
+        ("name_error_fallbacks", s.name_error_fallbacks),
         ("forged", s.forged),
         ("replayed", s.replayed),
         ("probes", s.probes),

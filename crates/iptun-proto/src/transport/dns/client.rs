@@ -818,8 +818,7 @@ impl DnsClient {
                 // asked: the path strips or alters them, or (NODATA) the
                 // server could not read a base128 name.
                 self.good_in_row = 0;
-                let base128 = q.name.iter().next().and_then(<[u8]>::first) == Some(&BASE128_MARKER);
-                if answer == Answer::Empty && base128 {
+                if answer == Answer::Empty && base128_name(&q.name) {
                     // (Once, not again for the base128 queries in flight.)
                     if self.ladder.encoding() == NameEncoding::Base128 {
                         self.ladder.encoding_failed(now);
@@ -858,7 +857,13 @@ impl DnsClient {
             }
             Answer::NameError | Answer::Other(_) => {
                 self.stats.errors += 1;
-                if current {
+                if answer == Answer::NameError && base128_name(&q.name) {
+                    // A name the server could not read (an altered one
+                    // reads as no tunnel data below the apex: NXDOMAIN).
+                    if self.ladder.encoding() == NameEncoding::Base128 {
+                        self.ladder.encoding_failed(now);
+                    }
+                } else if current {
                     self.ladder.type_failed(now);
                 }
                 self.failure(now, id, q, Failure::Other);
@@ -1266,6 +1271,12 @@ fn intact(answer: &Answer) -> bool {
             .is_some_and(|(_, pieces)| super::fragments(pieces).all(|f| f.is_ok())),
         _ => false,
     }
+}
+
+/// Whether `name` is written in base128 (its first label starts with the
+/// marker).
+fn base128_name(name: &Name) -> bool {
+    name.iter().next().and_then(<[u8]>::first) == Some(&BASE128_MARKER)
 }
 
 fn next_random(state: &mut u64) -> u64 {

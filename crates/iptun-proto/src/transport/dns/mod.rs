@@ -84,6 +84,7 @@
 
 pub mod client;
 pub mod ladder;
+mod name_errors;
 pub mod resolvers;
 pub mod server;
 pub mod sizes;

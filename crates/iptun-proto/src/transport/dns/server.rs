@@ -39,6 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use super::name_errors::NameErrors;
 use super::{
     CLASSIC_SIZE, DOWN_HEADER_LEN, DOWN_LEN_PREFIX, DownHeader, HOLD, HOLD_WITH_DATA, MAX_DOWN,
     UP_HEADER_LEN, UpBody, UpHeader,
@@ -48,7 +49,7 @@ use crate::crypto::{PollCheck, PollGuard};
 use crate::frag::{Fragment, Fragmenter, Limits, Reassembler};
 use crate::wire::dns::{
     self, Domain, MAX_UPSTREAM_PAYLOAD, Query, RecordType, build_answer, build_apex_answer,
-    build_refused, decode_name, parse_query,
+    build_name_error, build_refused, decode_name, parse_query,
 };
 
 /// Queries held per bound tag; beyond, the oldest is answered empty. As
@@ -142,8 +143,14 @@ pub struct ListenerStats {
     pub malformed: u64,
     /// Questions outside the domain, answered REFUSED.
     pub refused: u64,
-    /// Questions in the zone without tunnel data, given the apex answer.
+    /// Questions at the apex or the nameserver's name, given the apex answer.
     pub apex: u64,
+    /// Questions below the apex without tunnel data (a minimising
+    /// resolver's first step), answered NXDOMAIN.
+    pub name_errors: u64,
+    /// Times full names stopped following those NXDOMAINs (a resolver
+    /// took them as final) and the listener answered NODATA for a while.
+    pub name_error_fallbacks: u64,
     /// Tunnel queries received (retries included).
     pub queries: u64,
     /// Resolver retries of queries already seen.
@@ -374,6 +381,7 @@ pub struct DnsListener<S, A> {
     held_total: usize,
     out: VecDeque<Transmit<A>>,
     scratch: Box<[u8]>,
+    name_errors: NameErrors,
     stats: ListenerStats,
 }
 
@@ -415,6 +423,7 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             held_total: 0,
             out: VecDeque::new(),
             scratch: vec![0; MAX_UPSTREAM_PAYLOAD + MAX_OPTION_PAYLOAD].into_boxed_slice(),
+            name_errors: NameErrors::new(),
             stats: ListenerStats::default(),
         }
     }
@@ -499,10 +508,17 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             return None;
         }
         let Some(d) = self.decode(&q) else {
-            self.stats.apex += 1;
-            self.reply(from, build_apex_answer(&q, &self.domain));
+            if self.domain.is_host(&q.name) {
+                self.stats.apex += 1;
+                self.reply(from, build_apex_answer(&q, &self.domain));
+            } else {
+                self.answer_below_apex(now, from, &q);
+            }
             return None;
         };
+        if let Some(label) = self.domain.label_below(&q.name) {
+            self.name_errors.on_tunnel_query(label);
+        }
         self.stats.queries += 1;
         if d.option_read {
             self.stats.options += 1;
@@ -940,6 +956,21 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             let out = (&mut self.out, &mut self.stats, &self.domain);
             answer_held(out, h, header, payload);
         }
+    }
+
+    /// A name below the apex without tunnel data: a minimising resolver's
+    /// first step, answered NXDOMAIN so that it sends the full name at once
+    /// (see [`NameErrors`]), or NODATA while that fails.
+    fn answer_below_apex(&mut self, now: Instant, from: A, q: &Query) {
+        let label = self.domain.label_below(&q.name).unwrap_or_default();
+        if self.name_errors.answer_nxdomain(now, label) {
+            self.stats.name_errors += 1;
+            self.reply(from, build_name_error(q, &self.domain));
+        } else {
+            self.stats.apex += 1;
+            self.reply(from, build_apex_answer(q, &self.domain));
+        }
+        self.stats.name_error_fallbacks = self.name_errors.fallbacks;
     }
 
     fn answer_now(
