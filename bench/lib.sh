@@ -230,6 +230,13 @@ print("%.1f" % (d["end"]["sum_received"]["bits_per_second"] / 1e6))
 EOF
 }
 
+# A measurement failed: the run ends, unless MAY_FAIL=1 (a peer known to
+# fail on this path): then the path is logged as not measured and left out.
+measurement_failed() { # name what
+    [[ ${MAY_FAIL:-0} == 1 ]] || die "$1: $2 measurement failed"
+    log "$1: $2 measurement failed: not measured"
+}
+
 # RUNS rounds of: RTT, then throughput; keeps the best of each in RTT/MBIT.
 # The commands are words, split on spaces (so: no spaces inside arguments).
 measure() { # name "rtt-cmd args" "mbit-cmd args"   (rtt-cmd "-": no RTT)
@@ -242,10 +249,10 @@ measure() { # name "rtt-cmd args" "mbit-cmd args"   (rtt-cmd "-": no RTT)
         # ptunnel-ng helpers do)
         r="-"
         if [[ $2 != - ]]; then
-            "${rtt_cmd[@]}" >"$TMP/result" || die "$name: RTT measurement failed"
+            "${rtt_cmd[@]}" >"$TMP/result" || { measurement_failed "$name" RTT; return 0; }
             r=$(<"$TMP/result")
         fi
-        "${mbit_cmd[@]}" >"$TMP/result" || die "$name: throughput measurement failed"
+        "${mbit_cmd[@]}" >"$TMP/result" || { measurement_failed "$name" throughput; return 0; }
         m=$(<"$TMP/result")
         log "$name run $i: $m Mbit/s$([[ $r == - ]] || echo ", rtt avg $r ms")"
         awk -v a="$m" -v b="$best_m" 'BEGIN{exit !(a>b)}' && best_m=$m

@@ -235,6 +235,11 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// A poll the server answers at once, still awaited.
+    fn is_prompt_poll(&self) -> bool {
+        matches!(self.purpose, Purpose::Poll) && self.prompt && !self.given_up
+    }
+
     /// Whether its fate tells its resolver's controller anything: not a
     /// try, nor a query of a resolver set aside.
     fn purpose_counts(&self) -> bool {
@@ -333,7 +338,11 @@ pub struct DnsClient {
     last_failure: Option<Instant>,
     /// The last answer said data waits at the server (a download): polls
     /// are prompt, so their losses show within a round trip.
-    backlog: bool,
+    /// Pieces the server had queued after its latest answer (nothing held
+    /// to take them).
+    backlog: usize,
+    /// Prompt polls in flight, not given up (recounted at each sweep).
+    prompt_polls: usize,
     /// When queries given up on were last cleared out.
     swept: Option<Instant>,
     /// The latest time seen (for `next_timeout`).
@@ -384,7 +393,8 @@ impl DnsClient {
             long_failures: 0,
             failures_in_row: 0,
             last_failure: None,
-            backlog: false,
+            backlog: 0,
+            prompt_polls: 0,
             swept: None,
             now: None,
             stats: UplinkStats::default(),
@@ -546,7 +556,11 @@ impl DnsClient {
     fn spec(&self, resolver: usize, purpose: Purpose) -> Spec {
         let prompt = match purpose {
             Purpose::Data(_) => self.polling,
-            Purpose::Poll => self.backlog,
+            // Enough prompt polls to take the backlog (answers take two or
+            // three pieces); more came back empty, each a query through a
+            // resolver whose load is per query (half the answers of a
+            // download through unbound were empty).
+            Purpose::Poll => self.prompt_polls < self.backlog.div_ceil(2),
             Purpose::Size(_) | Purpose::Try => true,
         };
         Spec {
@@ -706,6 +720,9 @@ impl DnsClient {
             p => p,
         };
         let name_len = name.len().saturating_sub(1);
+        if matches!(purpose, Purpose::Poll) && spec.prompt {
+            self.prompt_polls += 1;
+        }
         self.in_flight.insert(
             id,
             InFlight {
@@ -755,6 +772,7 @@ impl DnsClient {
             }
         };
         let q = self.in_flight.remove(&id).expect("checked");
+        self.settled(&q);
         self.stats.answers += 1;
         if q.given_up {
             self.late(now, id, q, answer);
@@ -1012,7 +1030,7 @@ impl DnsClient {
         if q.name_len > self.sizes.min_name_len() {
             self.long_failures = 0;
         }
-        self.backlog = header.backlog > 0;
+        self.backlog = usize::from(header.backlog);
         // Polls: one more while answers bring data and more waits, one
         // fewer for each held to its end without data.
         let most = self.resolvers.total_window().clamp(MIN_POLLS, MAX_POLLS);
@@ -1171,6 +1189,7 @@ impl DnsClient {
                 break;
             }
             let mut q = self.in_flight.remove(&id).expect("alive");
+            self.settled(&q);
             self.stats.timeouts += 1;
             let late = InFlight {
                 purpose: Purpose::Poll,
@@ -1200,6 +1219,18 @@ impl DnsClient {
         self.swept = Some(now);
         self.in_flight
             .retain(|_, q| !(q.given_up && now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT));
+        self.prompt_polls = self
+            .in_flight
+            .values()
+            .filter(|q| q.is_prompt_poll())
+            .count();
+    }
+
+    /// `q` is answered or given up on: no longer a prompt poll in flight.
+    fn settled(&mut self, q: &InFlight) {
+        if q.is_prompt_poll() {
+            self.prompt_polls = self.prompt_polls.saturating_sub(1);
+        }
     }
 
     /// Set resolver `i` aside: its queries' fragments go again through the
@@ -1209,6 +1240,9 @@ impl DnsClient {
         self.stats.set_asides += 1;
         let mut frags = Vec::new();
         for q in self.in_flight.values_mut().filter(|q| q.resolver == i) {
+            if q.is_prompt_poll() {
+                self.prompt_polls = self.prompt_polls.saturating_sub(1);
+            }
             q.load = None;
             q.given_up = true;
             q.aside = true;

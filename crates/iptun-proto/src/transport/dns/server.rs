@@ -92,6 +92,14 @@ pub const BOUND_IDLE: Duration = Duration::from_secs(600);
 /// Expired holds are answered with an engine keepalive at most this often
 /// per tag (others go empty).
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// How long the last pieces of a split message wait for the next message
+/// to fill an answer with them, while queries are held. Without the wait a
+/// download spread every packet over two answers (three pieces, then one)
+/// wherever the client kept many polls waiting: answers carried 690 bytes
+/// where they have room for 1089, and through a resolver, whose load is
+/// per query, that is the download's rate. A message that goes whole (a
+/// ping, an ACK) never waits.
+pub const FILL_WAIT: Duration = Duration::from_millis(1);
 /// Queued fragments an answer looks through for ones that fit.
 const PACK_LOOKAHEAD: usize = 8;
 /// Pieces a message may be split into beyond the fewest, to pack better.
@@ -191,8 +199,8 @@ pub struct TagInfo {
     pub held: usize,
     /// Downstream fragments waiting for a query.
     pub queued: usize,
-    /// Payload room of the smallest recent answer: downstream messages are
-    /// split into pieces that fill answers of this size.
+    /// Payload room of the median recent answer (downstream messages are
+    /// split into pieces that fill the recent answers best).
     pub answer_room: usize,
 }
 
@@ -217,6 +225,8 @@ struct Tag<S, A> {
     queue: VecDeque<(Instant, Vec<u8>)>,
     /// Bytes of the fragments in `queue`.
     queued_bytes: usize,
+    /// Queued pieces of messages split in more than one.
+    queued_split: usize,
     fragmenter: Fragmenter,
     seen: HashMap<u16, Seen>,
     seen_order: VecDeque<(u16, Instant)>,
@@ -237,6 +247,7 @@ impl<S, A> Tag<S, A> {
             held: VecDeque::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            queued_split: 0,
             fragmenter: Fragmenter::new(tag as u16 ^ (tag >> 16) as u16),
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
@@ -265,24 +276,24 @@ impl<S, A> Tag<S, A> {
     }
 
     /// The fragment length for a message of `len` bytes: as many equal
-    /// pieces as pack the answers to the tag's recent queries best (the
-    /// smallest of their capacities). A 1452-byte packet in answers of 1160
-    /// goes as four pieces, three to an answer: 1089 bytes an answer,
-    /// where pieces sized for 512-byte answers carried about 830.
+    /// pieces as pack the answers to the tag's recent queries best. A
+    /// 1452-byte packet in answers of 1160 goes as four pieces, three to an
+    /// answer: 1089 bytes an answer, where pieces sized for 512-byte answers
+    /// carried about 830.
     fn fragment_len(&self, len: usize) -> usize {
-        packing_fragment_len(len, self.answer_room())
+        packing_fragment_len(len, &self.answer_rooms())
     }
 
-    /// Payload room (after the header) of the smallest answer to the tag's
-    /// recent queries; before any, a 512-byte answer to a full-length name.
-    fn answer_room(&self) -> usize {
-        let capacity = self
-            .caps
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or_else(|| dns::downstream_capacity(dns::MAX_NAME_LEN + 2, None));
-        capacity.saturating_sub(DOWN_HEADER_LEN)
+    /// Payload room (after the header) of the answers to the tag's recent
+    /// queries; before any, that of a 512-byte answer to a full-length name.
+    fn answer_rooms(&self) -> Vec<usize> {
+        let rooms = self.caps.iter().map(|c| c.saturating_sub(DOWN_HEADER_LEN));
+        let mut rooms: Vec<usize> = rooms.collect();
+        if rooms.is_empty() {
+            let first = dns::downstream_capacity(dns::MAX_NAME_LEN + 2, None);
+            rooms.push(first.saturating_sub(DOWN_HEADER_LEN));
+        }
+        rooms
     }
 
     /// Fragments for an answer of `capacity` payload bytes (its header
@@ -316,16 +327,38 @@ impl<S, A> Tag<S, A> {
     fn remove_queued(&mut self, i: usize) -> Option<Vec<u8>> {
         let (_, f) = self.queue.remove(i)?;
         self.queued_bytes -= f.len();
+        self.queued_split -= usize::from(is_split_piece(&f));
         Some(f)
     }
 
     fn push_queued(&mut self, now: Instant, f: Vec<u8>, front: bool) {
         self.queued_bytes += f.len();
+        self.queued_split += usize::from(is_split_piece(&f));
         if front {
             self.queue.push_front((now, f));
         } else {
             self.queue.push_back((now, f));
         }
+    }
+
+    /// Whether an answer with `room` payload bytes (after its header) had
+    /// better wait for more data ([`FILL_WAIT`]): all that is queued is
+    /// pieces of split messages, too few to fill it, queued just now.
+    fn waits_to_fill(&self, room: usize, now: Instant) -> bool {
+        let Some(&(oldest, _)) = self.queue.front() else {
+            return false;
+        };
+        self.queued_split == self.queue.len()
+            && self.queued_bytes + DOWN_LEN_PREFIX * self.queue.len() < room
+            && now.saturating_duration_since(oldest) < FILL_WAIT
+    }
+
+    /// When queued pieces stop waiting to fill an answer, if they wait.
+    fn fill_deadline(&self) -> Option<Instant> {
+        if self.held.is_empty() {
+            return None;
+        }
+        self.queue.front().map(|&(at, _)| at + FILL_WAIT)
     }
 
     /// Whether a new message of `bytes` finds no room: the queue full, or
@@ -444,7 +477,11 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         Some(TagInfo {
             held: t.held.len(),
             queued: t.queue.len(),
-            answer_room: t.answer_room(),
+            answer_room: {
+                let mut rooms = t.answer_rooms();
+                rooms.sort_unstable();
+                rooms[rooms.len() / 2]
+            },
         })
     }
 
@@ -609,9 +646,12 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         }
 
         let has_fragment = d.kind == BodyKind::Fragment;
+        let room = q
+            .answer_capacity(&self.domain)
+            .saturating_sub(DOWN_HEADER_LEN);
         let answer_at_once = minimised_maybe
             || h.prompt
-            || !tag.queue.is_empty()
+            || (!tag.queue.is_empty() && !tag.waits_to_fill(room, now))
             || matches!(d.kind, BodyKind::Probe { .. })
             || (has_fragment && tag.held.len() >= HOLD_WITH_DATA)
             || self.held_total >= MAX_HELD_TOTAL
@@ -833,8 +873,10 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
                     UNBOUND_IDLE
                 }
         });
+        let fills = self.tags.values().filter_map(Tag::fill_deadline);
         holds
             .chain(idle)
+            .chain(fills)
             .chain(self.reassembler.next_timeout())
             .min()
     }
@@ -896,6 +938,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         for id in idle {
             self.forget(id);
         }
+        // Pieces that waited to fill an answer go as they are.
+        let filled: Vec<u32> = self
+            .tags
+            .iter()
+            .filter(|(_, t)| t.fill_deadline().is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in filled {
+            self.flush(id, now);
+        }
     }
 
     /// Make sure `tag` has state; false if there is no room.
@@ -944,13 +996,18 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         let Some(t) = self.tags.get_mut(&tag) else {
             return;
         };
-        while !t.queue.is_empty() {
-            let Some(h) = t.held.pop_front() else { break };
+        while let Some(h) = t.held.front() {
+            let capacity = h.query.answer_capacity(&self.domain);
+            let room = capacity.saturating_sub(DOWN_HEADER_LEN);
+            if t.queue.is_empty() || t.waits_to_fill(room, now) {
+                break;
+            }
+            let h = t.held.pop_front().expect("checked");
             self.held_total -= 1;
             if t.session.is_none() {
                 self.unbound_held -= 1;
             }
-            let payload = t.take_payload(h.query.answer_capacity(&self.domain), &mut self.stats);
+            let payload = t.take_payload(capacity, &mut self.stats);
             t.remember_answer(h.qseq, &payload, now);
             let header = t.header(true, h.option_read);
             let out = (&mut self.out, &mut self.stats, &self.domain);
@@ -1040,26 +1097,43 @@ fn reply_data<A>(
 }
 
 /// The fragment length that splits `len` bytes into the equal pieces that
-/// fill answers of `room` bytes (after the header) best: the fewest
-/// answers a message, then the fewest pieces. Each piece costs its
-/// fragment header and its length prefix.
-fn packing_fragment_len(len: usize, room: usize) -> usize {
+/// fill answers of `rooms` bytes (after the header; the answers to come are
+/// taken to be like these) best: the fewest answers a message, then the
+/// fewest pieces. Each piece costs its fragment header and its length
+/// prefix. Not sized for the smallest room: during a download most queries
+/// are bare polls with short names, whose answers take three pieces of a
+/// packet, and the few that carry the uplink's ACKs echo a long name and
+/// take two; pieces for those carried 726 bytes an answer instead of 1089
+/// (through unbound, whose load is per query, that is the download's
+/// rate). A piece too big for a smaller answer waits for a larger one.
+fn packing_fragment_len(len: usize, rooms: &[usize]) -> usize {
     let overhead = crate::frag::HEADER_LEN + DOWN_LEN_PREFIX;
+    let room = rooms.iter().copied().max().unwrap_or(0);
     let Some(largest) = room.checked_sub(overhead).filter(|&c| c > 0) else {
         return room.saturating_sub(DOWN_LEN_PREFIX);
     };
     let fewest = len.div_ceil(largest).max(1);
-    // Answers a message takes with n pieces: n / pieces-per-answer,
-    // compared as fractions.
-    let mut best = (fewest, 1);
-    for n in fewest..=(fewest + MAX_EXTRA_PIECES).min(crate::frag::MAX_FRAGMENTS) {
+    let smallest = rooms.iter().copied().min().unwrap_or(room);
+    let most = len.div_ceil(smallest.saturating_sub(overhead).max(1)) + MAX_EXTRA_PIECES;
+    // Answers a message takes with n pieces: n / the pieces an answer takes
+    // on average, compared as fractions (n / total, total over the rooms).
+    // More pieces must take 1/32 fewer answers: each one lost loses the
+    // message.
+    let mut best = (fewest, 0);
+    for n in fewest..=most.max(fewest).min(crate::frag::MAX_FRAGMENTS) {
         let chunk = len.div_ceil(n);
-        let per_answer = room / (chunk + overhead);
-        if per_answer > 0 && n * best.1 < best.0 * per_answer {
-            best = (n, per_answer);
+        let total: usize = rooms.iter().map(|r| r / (chunk + overhead)).sum();
+        if total > 0 && (best.1 == 0 || 32 * n * best.1 < 31 * best.0 * total) {
+            best = (n, total);
         }
     }
     len.div_ceil(best.0) + crate::frag::HEADER_LEN
+}
+
+/// Whether a queued piece (a fragment on the wire: its header's fourth byte
+/// is the count, see `frag`) is one of several.
+fn is_split_piece(piece: &[u8]) -> bool {
+    piece.get(3).is_some_and(|&count| count > 1)
 }
 
 /// Lower the query's EDNS0 size to what the answer may have: the client's
@@ -1094,11 +1168,17 @@ mod tests {
     fn a_full_size_packet_packs_answers() {
         // 1452 bytes (a 1420-byte packet sealed): four pieces, three to an
         // answer of 1161, where halves would go one to an answer.
-        assert_eq!(answers(1452, packing_fragment_len(1452, 1161), 1161).0, 4);
+        assert_eq!(
+            answers(1452, packing_fragment_len(1452, &[1161]), 1161).0,
+            4
+        );
         // Answers of 1063: three pieces, two to an answer.
-        assert_eq!(answers(1452, packing_fragment_len(1452, 1063), 1063).0, 3);
+        assert_eq!(
+            answers(1452, packing_fragment_len(1452, &[1063]), 1063).0,
+            3
+        );
         // A small message goes whole.
-        assert_eq!(packing_fragment_len(84, 1161), 84 + HEADER_LEN);
+        assert_eq!(packing_fragment_len(84, &[1161]), 84 + HEADER_LEN);
     }
 
     /// A piece sized for a poll's answer waits through a query with a
@@ -1131,7 +1211,7 @@ mod tests {
         fn pieces_fit_and_pack_no_worse_than_the_fewest(len in 1usize..=65535, room in 16usize..=4080) {
             let largest = room - HEADER_LEN - DOWN_LEN_PREFIX;
             prop_assume!(len.div_ceil(largest) <= MAX_FRAGMENTS);
-            let f = packing_fragment_len(len, room);
+            let f = packing_fragment_len(len, &[room]);
             prop_assert!(f > HEADER_LEN);
             prop_assert!(f + DOWN_LEN_PREFIX <= room, "{f} in {room}");
             let (pieces, took) = answers(len, f, room);
@@ -1139,5 +1219,39 @@ mod tests {
             let (_, fewest) = answers(len, largest + HEADER_LEN, room);
             prop_assert!(took <= fewest, "{took} > {fewest}");
         }
+
+        /// Over several rooms, pieces fit the largest, and the answers they
+        /// take on average are no more than those of pieces that fit the
+        /// smallest (but for the 1/32 that more pieces must gain).
+        #[test]
+        fn pieces_pack_mixed_answers_no_worse_than_for_the_smallest(
+            len in 1usize..=65535,
+            rooms in proptest::collection::vec(16usize..=4080, 1..8),
+        ) {
+            let (small, large) = (*rooms.iter().min().unwrap(), *rooms.iter().max().unwrap());
+            let fewest = len.div_ceil(small - HEADER_LEN - DOWN_LEN_PREFIX);
+            prop_assume!(fewest + MAX_EXTRA_PIECES <= MAX_FRAGMENTS);
+            let f = packing_fragment_len(len, &rooms);
+            prop_assert!(f > HEADER_LEN);
+            prop_assert!(f + DOWN_LEN_PREFIX <= large, "{f} in {large}");
+            // Answers a message takes on average over the rooms.
+            let mean = |f: usize| {
+                let pieces = len.div_ceil(f - HEADER_LEN).max(1);
+                let chunk = len.div_ceil(pieces) + HEADER_LEN + DOWN_LEN_PREFIX;
+                let per: usize = rooms.iter().map(|r| r / chunk).sum();
+                pieces as f64 * rooms.len() as f64 / per as f64
+            };
+            let for_smallest = packing_fragment_len(len, &[small]);
+            let bound = mean(for_smallest) * 32.0 / 31.0 + 1e-9;
+            prop_assert!(mean(f) <= bound, "{} > {bound}", mean(f));
+        }
+    }
+
+    #[test]
+    fn a_download_through_a_resolver_fills_poll_answers() {
+        // Seven polls' answers and one that echoes a long name: four
+        // pieces, three to a poll's answer (not two halves, one to each).
+        let f = packing_fragment_len(1452, &[1161, 1161, 1161, 1161, 940, 1161, 1161, 1161]);
+        assert_eq!(answers(1452, f, 1161).0, 4);
     }
 }
