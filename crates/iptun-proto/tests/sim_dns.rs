@@ -525,6 +525,84 @@ fn the_session_survives_a_resolver_outage_and_backs_off() {
     check_server(&s);
 }
 
+/// Pieces in each answer the listener sent (to queries of `names`).
+fn pieces_per_answer(
+    l: &mut DnsListener<u32, SocketAddr>,
+    names: &HashMap<u16, Name>,
+) -> Vec<usize> {
+    let mut counts = Vec::new();
+    while let Some(t) = l.poll_transmit() {
+        let id = u16::from_be_bytes([t.bytes[0], t.bytes[1]]);
+        let Ok(Answer::Data(payload)) = parse_response(id, &names[&id], &t.bytes) else {
+            panic!("no data answer");
+        };
+        let (_, pieces) = DownHeader::parse(&payload).expect("a header");
+        counts.push(iptun_proto::transport::dns::fragments(pieces).count());
+    }
+    counts
+}
+
+/// With polls held, the last pieces of a split message wait (up to
+/// FILL_WAIT) for the next message to fill an answer with them, instead of
+/// going alone; a message that goes whole never waits.
+#[test]
+fn split_messages_fill_answers_and_leftovers_wait_a_moment() {
+    use iptun_proto::transport::dns::server::FILL_WAIT;
+    let domain = Domain::new(DOMAIN).unwrap();
+    let mut l: DnsListener<u32, SocketAddr> = DnsListener::new(domain.clone());
+    let from: SocketAddr = "198.18.0.1:5353".parse().unwrap();
+    let (tag, t0) = (77, Instant::now());
+    let mut asked = HashMap::new();
+    let mut poll = |l: &mut DnsListener<u32, SocketAddr>, now: Instant| {
+        let qseq = asked.len() as u16;
+        let mut p = vec![0; UP_HEADER_LEN];
+        UpHeader {
+            tag,
+            prompt: false,
+            qseq,
+            down_limit: 512,
+            auth: [0; 4],
+        }
+        .emit(&mut p);
+        let name = encode_name(&domain, &p).unwrap();
+        let bytes = build_query(qseq, &name, Some(512)).unwrap();
+        assert!(l.handle_query(now, from, &bytes, &()).is_none());
+        asked.insert(qseq, name);
+        asked.clone()
+    };
+    // Five polls: an unbound tag holds four, the first goes out empty.
+    let mut names = HashMap::new();
+    for _ in 0..5 {
+        names = poll(&mut l, t0);
+    }
+    assert!(l.poll_transmit().is_some());
+    assert!(l.poll_transmit().is_none(), "polls are held");
+    // Answers of 512 bytes to these short names: a 1000-byte message goes
+    // as five pieces, two to an answer; the fifth waits, though a poll is
+    // held for it.
+    l.send_to_tag(t0, tag, &[1; 1000]).unwrap();
+    assert_eq!(pieces_per_answer(&mut l, &names), [2, 2]);
+    assert!(l.next_timeout().unwrap() <= t0 + FILL_WAIT);
+    l.handle_timeout(t0 + FILL_WAIT / 2, |_| None);
+    assert!(l.poll_transmit().is_none());
+    // No next message in time: it goes alone.
+    l.handle_timeout(t0 + FILL_WAIT, |_| None);
+    assert_eq!(pieces_per_answer(&mut l, &names), [1]);
+    // The last held poll takes two pieces of the next message.
+    let t1 = t0 + FILL_WAIT * 2;
+    l.send_to_tag(t1, tag, &[2; 1000]).unwrap();
+    assert_eq!(pieces_per_answer(&mut l, &names), [2]);
+    // A new poll finds three pieces, enough to fill it: answered at once.
+    let names = poll(&mut l, t1);
+    assert_eq!(pieces_per_answer(&mut l, &names), [2]);
+    // The next finds the last piece alone: held, to fill.
+    let names = poll(&mut l, t1);
+    assert!(l.poll_transmit().is_none());
+    // A message that goes whole goes at once, and the piece with it.
+    l.send_to_tag(t1, tag, &[4; 100]).unwrap();
+    assert_eq!(pieces_per_answer(&mut l, &names), [2]);
+}
+
 #[test]
 fn unauthenticated_queries_get_no_more_than_an_ordinary_reply() {
     let domain = Domain::new(DOMAIN).unwrap();
@@ -1344,6 +1422,7 @@ fn a_download_fills_its_answers() {
     let mut s = sim(cfg, 44);
     connect(&mut s);
     let answers_before = s.path_info().stats.data_answers;
+    let server_before = dns_stats(&s);
     let v4 = s.client_v4();
     let mut acks = 0;
     let (_, down) = bulk(&mut s, 50, 4000, (false, true), 512, secs(60), |s, _| {
@@ -1357,13 +1436,50 @@ fn a_download_fills_its_answers() {
     });
     let answers = s.path_info().stats.data_answers - answers_before;
     let per_answer = (down.delivered * (bulk_len() + 20)) as f64 / answers as f64;
+    let server = dns_stats(&s);
+    let empty = server.answered_empty - server_before.answered_empty;
     println!(
-        "download with acknowledgements: {:.1} Mbit/s, {answers} data answers, {per_answer:.0} B each",
+        "download with acknowledgements: {:.1} Mbit/s, {answers} data answers, {per_answer:.0} B each, {empty} empty",
         down.mbit(),
     );
     assert_eq!(down.delivered, 4000);
     check_server(&s);
     assert!(per_answer > 920.0, "{per_answer:.0} bytes an answer");
+    assert!(
+        empty * 20 < answers as u64,
+        "{empty} empty, {answers} with data"
+    );
+}
+
+/// Straight to the server, a download's polls come back with data: the
+/// client keeps only as many prompt polls (answered at once, empty if
+/// other polls took the data first) as the server's backlog needs.
+#[test]
+fn a_download_brings_few_empty_answers() {
+    let cfg = ResolverConfig {
+        direct: true,
+        ..ResolverConfig::default()
+    };
+    BULK.with(|b| b.set(1400));
+    let mut s = sim(cfg, 45);
+    connect(&mut s);
+    let before = dns_stats(&s);
+    let (_, down) = bulk(&mut s, 50, 4000, (false, true), 512, secs(60), |_, _| {});
+    let after = dns_stats(&s);
+    let (data, empty) = (
+        after.answered_data - before.answered_data,
+        after.answered_empty - before.answered_empty,
+    );
+    println!(
+        "download: {:.1} Mbit/s, {data} data answers, {empty} empty",
+        down.mbit()
+    );
+    assert_eq!(down.delivered, 4000);
+    check_server(&s);
+    // 100 empty for 1523 with data; 160 when every poll that followed an
+    // answer showing a backlog went prompt (through unbound, where polls
+    // wait less for each other, half the answers were empty).
+    assert!(empty * 100 < data * 8, "{empty} empty, {data} with data");
 }
 
 // --- bound polls -------------------------------------------------------
