@@ -1445,10 +1445,7 @@ fn a_download_fills_its_answers() {
     assert_eq!(down.delivered, 4000);
     check_server(&s);
     assert!(per_answer > 920.0, "{per_answer:.0} bytes an answer");
-    assert!(
-        empty * 20 < answers as u64,
-        "{empty} empty, {answers} with data"
-    );
+    assert!(empty * 20 < answers, "{empty} empty, {answers} with data");
 }
 
 /// Straight to the server, a download's polls come back with data: the
