@@ -336,10 +336,9 @@ pub struct DnsClient {
     /// if its query was sent after the last one counted.
     failures_in_row: u32,
     last_failure: Option<Instant>,
-    /// The last answer said data waits at the server (a download): polls
-    /// are prompt, so their losses show within a round trip.
-    /// Pieces the server had queued after its latest answer (nothing held
-    /// to take them).
+    /// Pieces the server had queued after its latest answer, with nothing
+    /// held to take them (a download): as many polls as take them are
+    /// prompt, so their losses show within a round trip.
     backlog: usize,
     /// Prompt polls in flight, not given up (recounted at each sweep).
     prompt_polls: usize,
