@@ -53,6 +53,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const MAX_MESSAGE: usize = 65535;
 /// The media type of DoH bodies.
 const DNS_MESSAGE: &str = "application/dns-message";
+/// DoH exchanges one HTTP/2 connection carries before another opens:
+/// resolvers cap the streams of a connection (unbound at 100), and held
+/// polls keep theirs for up to 600 ms. Beyond the cap, requests waited
+/// inside the connection, the client took them for lost and cut its
+/// window: downloads through unbound over DoH ran at a fifth of DoT's.
+const STREAMS_PER_CONNECTION: usize = 90;
+/// HTTP/2 connections to one DoH resolver at most.
+const MAX_DOH_CONNECTIONS: usize = 4;
 
 /// How queries reach the resolver.
 #[derive(Clone, Debug)]
@@ -204,11 +212,12 @@ async fn connect_and_carry(config: &Config, first: Bytes, link: Carry<'_>) -> an
             carry_dot(stream, first, link, quick_ack).await
         }
         Protocol::Https { url, proxy } => {
-            let stream = open_doh(config, url, proxy.as_ref()).await?;
+            let open = || open_doh(config, url, proxy.as_ref());
+            let stream = open().await?;
             if !link.connected().await {
                 return Ok(());
             }
-            carry_doh(stream, url, first, link).await
+            carry_doh(stream, url, first, link, open).await
         }
     }
 }
@@ -375,36 +384,43 @@ async fn carry_dot<S: AsyncRead + AsyncWrite + Unpin>(
 /// fails (a wrong path, say: nothing would work), or nothing was in flight
 /// for [`IDLE_CLOSE`] (then `Ok`). A later exchange that fails loses its
 /// query only: the core times it out.
-async fn carry_doh<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+async fn carry_doh<S, F, O>(
     stream: S,
     url: &HttpUrl,
     first: Bytes,
     mut link: Carry<'_>,
-) -> anyhow::Result<()> {
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        // Pings while streams are open tell a dead connection.
-        .keep_alive_interval(DEAD_AFTER / 2)
-        .keep_alive_timeout(DEAD_AFTER / 2)
-        .handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP/2 handshake")?;
-    tokio::pin!(conn);
+    open: O,
+) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    F: Future<Output = anyhow::Result<S>>,
+    O: Fn() -> F,
+{
     let uri: hyper::Uri = url.to_string().parse().context("the DoH URL")?;
+    let mut pool = DohPool::default();
+    pool.add(stream).await?;
     let mut exchanges = FuturesUnordered::new();
-    exchanges.push(exchange(send.clone(), uri.clone(), first));
+    exchanges.push(pool.exchange(0, &uri, first));
     let mut idle_since = Instant::now();
     loop {
         tokio::select! {
-            r = &mut conn => {
-                r.context("HTTP/2")?;
+            Some(r) = pool.closed.next() => {
+                r.context("the HTTP/2 connection's task")?.context("HTTP/2")?;
                 bail!("closed by the resolver");
             }
             query = link.queries.recv() => {
                 let Some(query) = query else { return Ok(()) };
-                exchanges.push(exchange(send.clone(), uri.clone(), query));
+                let mut i = pool.least_busy();
+                if pool.in_flight[i] >= STREAMS_PER_CONNECTION && pool.sends.len() < MAX_DOH_CONNECTIONS {
+                    match open().await {
+                        Ok(stream) => i = pool.add(stream).await?,
+                        Err(e) => tracing::debug!("DoH {url}: another connection: {e:#}"),
+                    }
+                }
+                exchanges.push(pool.exchange(i, &uri, query));
             }
-            Some(answer) = exchanges.next(), if !exchanges.is_empty() => {
+            Some((i, answer)) = exchanges.next(), if !exchanges.is_empty() => {
+                pool.in_flight[i] -= 1;
                 idle_since = Instant::now();
                 match answer {
                     Ok(bytes) => {
@@ -419,6 +435,65 @@ async fn carry_doh<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             () = tokio::time::sleep_until(idle_since + IDLE_CLOSE), if exchanges.is_empty() => {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The HTTP/2 connections to one DoH resolver.
+#[derive(Default)]
+struct DohPool {
+    sends: Vec<hyper::client::conn::http2::SendRequest<Full<Bytes>>>,
+    /// Exchanges in flight on each.
+    in_flight: Vec<usize>,
+    /// The connections' own tasks: one that ends ends the link.
+    closed: FuturesUnordered<tokio::task::JoinHandle<hyper::Result<()>>>,
+}
+
+impl DohPool {
+    /// Handshake HTTP/2 on `stream`; its index.
+    async fn add<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+        &mut self,
+        stream: S,
+    ) -> anyhow::Result<usize> {
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Pings while streams are open tell a dead connection.
+            .keep_alive_interval(DEAD_AFTER / 2)
+            .keep_alive_timeout(DEAD_AFTER / 2)
+            .handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP/2 handshake")?;
+        self.closed.push(tokio::spawn(conn));
+        self.sends.push(send);
+        self.in_flight.push(0);
+        Ok(self.sends.len() - 1)
+    }
+
+    /// The connection with the fewest exchanges in flight.
+    fn least_busy(&self) -> usize {
+        (0..self.sends.len())
+            .min_by_key(|&i| self.in_flight[i])
+            .unwrap_or(0)
+    }
+
+    /// An exchange of `query` on connection `i`, yielding `i` with it.
+    fn exchange(
+        &mut self,
+        i: usize,
+        uri: &hyper::Uri,
+        query: Bytes,
+    ) -> impl Future<Output = (usize, anyhow::Result<Bytes>)> + use<> {
+        self.in_flight[i] += 1;
+        let answer = exchange(self.sends[i].clone(), uri.clone(), query);
+        async move { (i, answer.await) }
+    }
+}
+
+impl Drop for DohPool {
+    fn drop(&mut self) {
+        // The connections close with the link.
+        for task in &self.closed {
+            task.abort();
         }
     }
 }
@@ -617,9 +692,9 @@ mod tests {
         accept: Option<String>,
     }
 
-    /// An HTTP/2 DoH resolver on `io` (hyper's server): each POST is
-    /// answered with `answer_to(body)` after `gate` lets it through, or
-    /// with `status` when that is not 200.
+    /// An HTTP/2 DoH resolver on `io` (hyper's server, 100 streams at
+    /// most, as unbound): each POST is answered with `answer_to(body)`
+    /// after `gate` lets it through, or with `status` when that is not 200.
     async fn doh_resolver(
         io: tokio::io::DuplexStream,
         gate: Arc<tokio::sync::Barrier>,
@@ -651,8 +726,14 @@ mod tests {
             }
         });
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(100)
             .serve_connection(TokioIo::new(io), service)
             .await;
+    }
+
+    /// For a test of one connection: no other opens.
+    async fn no_more() -> anyhow::Result<tokio::io::DuplexStream> {
+        anyhow::bail!("one connection in this test")
     }
 
     fn doh_url() -> HttpUrl {
@@ -677,7 +758,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(doh_resolver(server, gate, StatusCode::OK, seen.clone()));
         let start = Instant::now();
-        carry_doh(client, &doh_url(), query(0), h.carry())
+        carry_doh(client, &doh_url(), query(0), h.carry(), no_more)
             .await
             .unwrap();
         assert_eq!(start.elapsed(), IDLE_CLOSE, "closed when idle");
@@ -700,6 +781,38 @@ mod tests {
         }
     }
 
+    /// More exchanges at once than a connection's streams: another
+    /// connection opens for them (none would be answered here until all
+    /// 150 are in, which one connection of 100 streams never gets to).
+    #[tokio::test(start_paused = true)]
+    async fn doh_opens_another_connection_for_more_streams() {
+        const QUERIES: u8 = 150;
+        let mut h = Harness::new();
+        for i in 1..QUERIES {
+            h.queries.try_send(query(i)).unwrap();
+        }
+        let gate = Arc::new(tokio::sync::Barrier::new(usize::from(QUERIES)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let open = || {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(doh_resolver(
+                server,
+                gate.clone(),
+                StatusCode::OK,
+                seen.clone(),
+            ));
+            connections.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(client) }
+        };
+        let first = open().await.unwrap();
+        carry_doh(first, &doh_url(), query(0), h.carry(), open)
+            .await
+            .unwrap();
+        assert_eq!(h.answers().len(), usize::from(QUERIES));
+        assert_eq!(connections.load(Ordering::Relaxed), 2);
+    }
+
     #[tokio::test]
     async fn doh_a_first_exchange_refused_fails_the_connection() {
         let (client, server) = tokio::io::duplex(1 << 16);
@@ -707,7 +820,7 @@ mod tests {
         let gate = Arc::new(tokio::sync::Barrier::new(1));
         let seen = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(doh_resolver(server, gate, StatusCode::NOT_FOUND, seen));
-        let e = carry_doh(client, &doh_url(), query(0), h.carry())
+        let e = carry_doh(client, &doh_url(), query(0), h.carry(), no_more)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("404"), "{e}");
