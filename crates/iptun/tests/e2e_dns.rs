@@ -145,14 +145,11 @@ fn server_dns_counters(server: &mut Daemon) -> Value {
 /// tunnel up, a ping to the target, 2 MiB each way checked by sha256 and
 /// timed.
 fn tunnel_case(tag: &str, topo: &DnsTopology, via: &Via<'_>, what: &str) -> Finished {
-    let dir = TempDir::new(tag);
-    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
-    let mut server = start_server(tag, topo, &skey, &ckey);
-    let mut client = start_client(tag, topo, &skey, &ckey, via);
-    let started = Instant::now();
-    let addr = client.wait_tunnel_address(TUNNEL_UP);
-    assert!(addr.starts_with("10.1.0."), "{addr}");
-    eprintln!("{what}: tunnel up in {:.2?}", started.elapsed());
+    let Pair {
+        mut server,
+        mut client,
+        _dir,
+    } = Pair::up(tag, topo, via, what);
     let st = client.status_ok();
     let session = &st["sessions"][0];
     assert_eq!(session["transport"], "dns", "{st:#}");
@@ -160,19 +157,7 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, via: &Via<'_>, what: &str) -> Fini
     // TXT first; NULL once a probe got through (maybe already).
     let record_type = &session["path"]["record_type"];
     assert!(record_type == "TXT" || record_type == "NULL", "{st:#}");
-
-    wait_until(Duration::from_secs(20), "a ping through the tunnel", || {
-        ping(&topo.client, TARGET_ADDR, 1)
-    });
-
-    transfer_both_ways(
-        &topo.client,
-        &topo.target,
-        TARGET_ADDR,
-        via.transfer,
-        TRANSFER_TIMEOUT,
-        what,
-    );
+    ping_and_transfer(topo, via.transfer, what);
     let st = server.status_ok();
     let session = &st["sessions"][0];
     assert_eq!(session["transport"], "dns", "{st:#}");
@@ -200,6 +185,49 @@ fn tunnel_case(tag: &str, topo: &DnsTopology, via: &Via<'_>, what: &str) -> Fini
     client.assert_running();
     server.assert_running();
     Finished { path, server_dns }
+}
+
+/// A server on 203.0.113.2:53 and a client through the resolver as `via`
+/// says, the tunnel up.
+struct Pair {
+    server: Daemon,
+    client: Daemon,
+    /// Their keys.
+    _dir: TempDir,
+}
+
+impl Pair {
+    fn up(tag: &str, topo: &DnsTopology, via: &Via<'_>, what: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+        let server = start_server(tag, topo, &skey, &ckey);
+        let mut client = start_client(tag, topo, &skey, &ckey, via);
+        let started = Instant::now();
+        let addr = client.wait_tunnel_address(TUNNEL_UP);
+        assert!(addr.starts_with("10.1.0."), "{addr}");
+        eprintln!("{what}: tunnel up in {:.2?}", started.elapsed());
+        Self {
+            server,
+            client,
+            _dir: dir,
+        }
+    }
+}
+
+/// A ping through the tunnel, then `bytes` each way checked by sha256 and
+/// timed.
+fn ping_and_transfer(topo: &DnsTopology, bytes: u64, what: &str) {
+    wait_until(Duration::from_secs(20), "a ping through the tunnel", || {
+        ping(&topo.client, TARGET_ADDR, 1)
+    });
+    transfer_both_ways(
+        &topo.client,
+        &topo.target,
+        TARGET_ADDR,
+        bytes,
+        TRANSFER_TIMEOUT,
+        what,
+    );
 }
 
 fn through_unbound(tag: &str, tweak: impl FnOnce(&mut UnboundOptions), what: &str) -> Finished {
@@ -387,24 +415,13 @@ fn dns_through_a_strictly_minimising_unbound() {
     opts.extra.push("qname-minimisation-strict: yes".to_owned());
     let _unbound: Unbound = topo.start_unbound(&opts);
     let via = Via::plain(addrs::RESOLVER_ADDR, true);
-    let dir = TempDir::new(tag);
-    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
-    let mut server = start_server(tag, &topo, &skey, &ckey);
-    let mut client = start_client(tag, &topo, &skey, &ckey, &via);
-    let started = Instant::now();
-    client.wait_tunnel_address(TUNNEL_UP);
-    eprintln!("strict unbound: tunnel up in {:.2?}", started.elapsed());
-    wait_until(Duration::from_secs(20), "a ping through the tunnel", || {
-        ping(&topo.client, TARGET_ADDR, 1)
-    });
-    transfer_both_ways(
-        &topo.client,
-        &topo.target,
-        TARGET_ADDR,
-        256 << 10,
-        TRANSFER_TIMEOUT,
-        "DNS via a strictly minimising unbound",
-    );
+    let what = "DNS via a strictly minimising unbound";
+    let Pair {
+        mut server,
+        mut client,
+        _dir,
+    } = Pair::up(tag, &topo, &via, what);
+    ping_and_transfer(&topo, 256 << 10, what);
     let c = server_dns_counters(&mut server);
     eprintln!("strict unbound: server DNS counters {c}");
     assert_eq!(c["name_error_fallbacks"], 1, "{c:#}");

@@ -1155,8 +1155,8 @@ pub fn build_refused(q: &Query) -> Result<Vec<u8>, DnsError> {
 /// TTL 0) or NS record (the nameserver, no glue), with TTL [`APEX_TTL`];
 /// every other question, at the apex or below it, gets NODATA (NOERROR, no
 /// answer, the SOA in the authority section; the listener gives it below
-/// the apex only where [`build_name_error`] fails). The apex names are written with the question's case, so
-/// they compress against the question.
+/// the apex only where [`build_name_error`] fails). The apex names are
+/// written with the question's case, so they compress against the question.
 ///
 /// The caller checks [`Domain::contains`] first (names outside get
 /// [`build_refused`]); for a name outside the zone this builds a REFUSED.
@@ -1167,31 +1167,17 @@ pub fn build_apex_answer(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError
     // The apex as the question spells it.
     let apex = q.name.trim_to(domain.name.iter().count());
     let nameserver = domain_nameserver(&apex, domain)?;
-    let soa = || zone_soa(&apex, domain);
     let mut msg = response(q, ResponseCode::NoError, true);
     let at_apex = domain.is_apex(&q.name);
     match q.qtype {
-        RecordType::SOA if at_apex => {
-            msg.add_answer(soa()?);
-        }
-        RecordType::NS if at_apex => {
-            msg.add_answer(Record::from_rdata(
-                apex.clone(),
-                APEX_TTL,
-                RData::NS(NS(nameserver.clone())),
-            ));
-        }
-        _ => {
-            msg.add_authority(soa()?);
-            // Only a very long domain, nameserver name and question together
-            // overflow 512 bytes: then NODATA without the SOA (RFC 2308
-            // allows it; it is just not cached, which we want anyway).
-            if let Ok(bytes) = finish(&msg, q.response_limit()) {
-                return Ok(bytes);
-            }
-            msg.authorities.clear();
-        }
-    }
+        RecordType::SOA if at_apex => msg.add_answer(zone_soa(&apex, domain)?),
+        RecordType::NS if at_apex => msg.add_answer(Record::from_rdata(
+            apex.clone(),
+            APEX_TTL,
+            RData::NS(NS(nameserver)),
+        )),
+        _ => return finish_negative(msg, zone_soa(&apex, domain)?, q.response_limit()),
+    };
     finish(&msg, q.response_limit())
 }
 
@@ -1210,13 +1196,21 @@ pub fn build_name_error(q: &Query, domain: &Domain) -> Result<Vec<u8>, DnsError>
         return build_refused(q);
     }
     let apex = q.name.trim_to(domain.name.iter().count());
-    let mut msg = response(q, ResponseCode::NXDomain, true);
-    msg.add_authority(zone_soa(&apex, domain)?);
-    if let Ok(bytes) = finish(&msg, q.response_limit()) {
+    let msg = response(q, ResponseCode::NXDomain, true);
+    finish_negative(msg, zone_soa(&apex, domain)?, q.response_limit())
+}
+
+/// A negative answer (NODATA or NXDOMAIN) with the zone's `soa` in its
+/// authority section. Only a very long domain, nameserver name and question
+/// together overflow 512 bytes: then without the SOA (RFC 2308 allows it;
+/// the answer is just not cached, which we want anyway).
+fn finish_negative(mut msg: Message, soa: Record, limit: usize) -> Result<Vec<u8>, DnsError> {
+    msg.add_authority(soa);
+    if let Ok(bytes) = finish(&msg, limit) {
         return Ok(bytes);
     }
     msg.authorities.clear();
-    finish(&msg, q.response_limit())
+    finish(&msg, limit)
 }
 
 /// The zone's SOA record, owned by `apex` as a question spells it.

@@ -1064,14 +1064,13 @@ impl Sim {
             1024 + res.rng.below(60000) as u16,
         ));
         let minimise = res.cfg.minimise != Minimise::Off && p.tries == 1;
-        let labels = p.name.num_labels() as usize;
+        let below_apex = p.name.num_labels() as usize - apex_labels();
         if let Some(after) = res.cfg.retry_after.filter(|_| p.tries < 3) {
             self.schedule(now + after, Ev::Retry(r, pid));
         }
         if minimise {
             // One label below the apex is the full name: A there first.
-            let apex = Name::from_ascii(DOMAIN).unwrap().num_labels() as usize;
-            let step = if labels > apex + 1 {
+            let step = if below_apex > 1 {
                 Step::First
             } else {
                 Step::Full
@@ -1098,9 +1097,7 @@ impl Sim {
         let res = &mut self.resolvers[r];
         let name = &res.pending[&pid].name;
         let name = match step {
-            Step::First => {
-                name.trim_to(Name::from_ascii(DOMAIN).unwrap().num_labels() as usize + 1)
-            }
+            Step::First => name.trim_to(apex_labels() + 1),
             Step::Full => name.clone(),
         };
         let bytes = build_query_as(id, &name, AnswerType::A, res.cfg.upstream_edns).unwrap();
@@ -1290,4 +1287,9 @@ fn truncated_response(id: u16, client_name: &[u8], qtype: RecordType) -> Vec<u8>
 /// A query as a resolver would forward it, for direct tests of the listener.
 pub fn parsed(bytes: &[u8]) -> Query {
     parse_query(bytes).unwrap()
+}
+
+/// Labels of the tunnel domain.
+fn apex_labels() -> usize {
+    Name::from_ascii(DOMAIN).unwrap().num_labels() as usize
 }

@@ -412,6 +412,8 @@ where
                 let Some(query) = query else { return Ok(()) };
                 let mut i = pool.least_busy();
                 if pool.in_flight[i] >= STREAMS_PER_CONNECTION && pool.sends.len() < MAX_DOH_CONNECTIONS {
+                    // Inline: answers wait out one handshake, at most three
+                    // times a connection's life.
                     match open().await {
                         Ok(stream) => i = pool.add(stream).await?,
                         Err(e) => tracing::debug!("DoH {url}: another connection: {e:#}"),

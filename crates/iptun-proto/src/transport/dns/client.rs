@@ -1218,6 +1218,10 @@ impl DnsClient {
         self.swept = Some(now);
         self.in_flight
             .retain(|_, q| !(q.given_up && now.saturating_duration_since(q.sent) >= QUERY_TIMEOUT));
+        self.recount_prompt_polls();
+    }
+
+    fn recount_prompt_polls(&mut self) {
         self.prompt_polls = self
             .in_flight
             .values()
@@ -1239,9 +1243,6 @@ impl DnsClient {
         self.stats.set_asides += 1;
         let mut frags = Vec::new();
         for q in self.in_flight.values_mut().filter(|q| q.resolver == i) {
-            if q.is_prompt_poll() {
-                self.prompt_polls = self.prompt_polls.saturating_sub(1);
-            }
             q.load = None;
             q.given_up = true;
             q.aside = true;
@@ -1254,6 +1255,8 @@ impl DnsClient {
                 self.size_probe = None;
             }
         }
+        // Its prompt polls are given up on.
+        self.recount_prompt_polls();
         frags.sort_by_key(|f| std::cmp::Reverse(f.born));
         for f in frags {
             self.retry_fragment(now, f);

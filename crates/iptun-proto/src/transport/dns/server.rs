@@ -100,6 +100,9 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// per query, that is the download's rate. A message that goes whole (a
 /// ping, an ACK) never waits.
 pub const FILL_WAIT: Duration = Duration::from_millis(1);
+/// Recent answers per tag whose sizes the pieces of downstream messages are
+/// cut for.
+const RECENT_ANSWERS: usize = 8;
 /// Queued fragments an answer looks through for ones that fit.
 const PACK_LOOKAHEAD: usize = 8;
 /// Pieces a message may be split into beyond the fewest, to pack better.
@@ -281,19 +284,22 @@ impl<S, A> Tag<S, A> {
     /// answer: 1089 bytes an answer, where pieces sized for 512-byte answers
     /// carried about 830.
     fn fragment_len(&self, len: usize) -> usize {
-        packing_fragment_len(len, &self.answer_rooms())
+        packing_fragment_len(len, self.answer_rooms(&mut [0; RECENT_ANSWERS]))
     }
 
     /// Payload room (after the header) of the answers to the tag's recent
     /// queries; before any, that of a 512-byte answer to a full-length name.
-    fn answer_rooms(&self) -> Vec<usize> {
-        let rooms = self.caps.iter().map(|c| c.saturating_sub(DOWN_HEADER_LEN));
-        let mut rooms: Vec<usize> = rooms.collect();
-        if rooms.is_empty() {
+    /// Written into `rooms` (no allocation: this runs for every message).
+    fn answer_rooms<'r>(&self, rooms: &'r mut [usize; RECENT_ANSWERS]) -> &'r mut [usize] {
+        if self.caps.is_empty() {
             let first = dns::downstream_capacity(dns::MAX_NAME_LEN + 2, None);
-            rooms.push(first.saturating_sub(DOWN_HEADER_LEN));
+            rooms[0] = first.saturating_sub(DOWN_HEADER_LEN);
+            return &mut rooms[..1];
         }
-        rooms
+        for (room, cap) in rooms.iter_mut().zip(&self.caps) {
+            *room = cap.saturating_sub(DOWN_HEADER_LEN);
+        }
+        &mut rooms[..self.caps.len()]
     }
 
     /// Fragments for an answer of `capacity` payload bytes (its header
@@ -478,7 +484,8 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
             held: t.held.len(),
             queued: t.queue.len(),
             answer_room: {
-                let mut rooms = t.answer_rooms();
+                let mut rooms = [0; RECENT_ANSWERS];
+                let rooms = t.answer_rooms(&mut rooms);
                 rooms.sort_unstable();
                 rooms[rooms.len() / 2]
             },
@@ -638,17 +645,16 @@ impl<S: Copy + Eq + Hash, A: Clone> DnsListener<S, A> {
         // Fragments are sized for the answers to the tag's recent queries
         // (probes ask other sizes on purpose). A retry after TC that asks
         // less may not carry them all: the rest wait for later answers.
+        let capacity = q.answer_capacity(&self.domain);
         if !matches!(d.kind, BodyKind::Probe { .. }) {
-            tag.caps.push_back(q.answer_capacity(&self.domain));
-            if tag.caps.len() > 8 {
+            tag.caps.push_back(capacity);
+            if tag.caps.len() > RECENT_ANSWERS {
                 tag.caps.pop_front();
             }
         }
 
         let has_fragment = d.kind == BodyKind::Fragment;
-        let room = q
-            .answer_capacity(&self.domain)
-            .saturating_sub(DOWN_HEADER_LEN);
+        let room = capacity.saturating_sub(DOWN_HEADER_LEN);
         let answer_at_once = minimised_maybe
             || h.prompt
             || (!tag.queue.is_empty() && !tag.waits_to_fill(room, now))
