@@ -65,6 +65,7 @@ fn main() {
         v6: None,
         mtu: 1420,
         keepalive_secs: 10,
+        cipher: iptun_proto::crypto::Cipher::ChaCha20Poly1305,
     };
     let dual = TunnelConfig {
         v6: Some((a6, "fd69:7074:756e::1".parse::<Ipv6Addr>().unwrap(), 64)),

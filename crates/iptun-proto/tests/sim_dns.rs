@@ -1490,7 +1490,13 @@ fn foreign_poll_key() -> iptun_proto::crypto::PollKey {
     use iptun_proto::wire::message::{INIT_NOISE_LEN, RESPONSE_NOISE_LEN};
     let server = common::server_key();
     let mut m1 = [0u8; INIT_NOISE_LEN];
-    let init = Initiator::start(&key(2), &server.public_key(), 1, &mut m1);
+    let init = Initiator::start(
+        &key(2),
+        &server.public_key(),
+        1,
+        Default::default(),
+        &mut m1,
+    );
     let config = iptun_proto::TunnelConfig {
         client_v4: std::net::Ipv4Addr::new(10, 1, 0, 3),
         server_v4: std::net::Ipv4Addr::new(10, 1, 0, 1),
@@ -1498,6 +1504,7 @@ fn foreign_poll_key() -> iptun_proto::crypto::PollKey {
         v6: None,
         mtu: 1420,
         keepalive_secs: 10,
+        cipher: iptun_proto::crypto::Cipher::ChaCha20Poly1305,
     };
     let mut m2 = [0u8; RESPONSE_NOISE_LEN];
     let _ = Responder::read(&server, &m1)

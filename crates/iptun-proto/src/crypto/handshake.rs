@@ -1,9 +1,10 @@
 //! The two ends of the Noise IK handshake, with iptun's payloads: the
-//! client's timestamp (against replayed inits) and the server's
-//! [`TunnelConfig`].
+//! client's timestamp (against replayed inits) and the ciphers it offers,
+//! and the server's [`TunnelConfig`] (with the cipher it chose).
 
 use snow::{Builder, HandshakeState};
 
+use super::cipher::{Cipher, DataKey};
 use super::{NOISE_PARAMS, PROLOGUE, PollKey, PrivateKey, PublicKey, SessionKeys};
 use crate::DropReason;
 use crate::wire::TunnelConfig;
@@ -17,18 +18,25 @@ fn builder<'a>(local: &'a PrivateKey) -> Builder<'a> {
         .expect("static key and prologue are accepted")
 }
 
+/// Init payload byte 8, bit 0: the client offers AES-256-GCM for data.
+const OFFER_AES256GCM: u8 = 1;
+
 /// The client's half-finished handshake.
 pub struct Initiator {
     state: HandshakeState,
+    offer: Cipher,
 }
 
 impl Initiator {
     /// Write Noise message 1 into `out`, carrying `timestamp` (nanoseconds
-    /// since the Unix epoch; the server requires it to grow).
+    /// since the Unix epoch; the server requires it to grow) and the
+    /// data cipher the client prefers (`offer`; ChaCha20-Poly1305 is always
+    /// acceptable).
     pub fn start(
         local: &PrivateKey,
         server: &PublicKey,
         timestamp: u64,
+        offer: Cipher,
         out: &mut [u8; INIT_NOISE_LEN],
     ) -> Self {
         let mut state = builder(local)
@@ -37,11 +45,14 @@ impl Initiator {
             .expect("a 32-byte server key is accepted");
         let mut payload = [0u8; INIT_PAYLOAD_LEN];
         payload[..8].copy_from_slice(&timestamp.to_le_bytes());
+        if offer == Cipher::Aes256Gcm {
+            payload[8] = OFFER_AES256GCM;
+        }
         let n = state
             .write_message(&payload, out)
             .expect("message 1 fits its fixed size");
         debug_assert_eq!(n, INIT_NOISE_LEN);
-        Self { state }
+        Self { state, offer }
     }
 
     /// Read Noise message 2: the server's config and the session keys.
@@ -53,19 +64,25 @@ impl Initiator {
     /// Read Noise message 2 and return the server's config. A message that
     /// does not authenticate leaves the handshake as it was (snow restores
     /// its state on a failed read), so a forged response cannot spoil the
-    /// real one that follows it.
+    /// real one that follows it. A server choosing a cipher the client did
+    /// not offer is refused.
     pub fn read_response(&mut self, noise: &[u8]) -> Result<TunnelConfig, DropReason> {
         let mut payload = [0u8; CONFIG_LEN + 16];
         let n = self
             .state
             .read_message(noise, &mut payload)
             .map_err(|_| DropReason::Unauthenticated)?;
-        TunnelConfig::parse(&payload[..n])
+        let config = TunnelConfig::parse(&payload[..n])?;
+        if config.cipher != self.offer.agree(config.cipher) {
+            return Err(DropReason::Malformed);
+        }
+        self.offer = config.cipher;
+        Ok(config)
     }
 
     /// The session keys, once [`Initiator::read_response`] succeeded.
     pub fn into_keys(self) -> Result<SessionKeys, DropReason> {
-        into_keys(self.state)
+        into_keys(self.state, self.offer)
     }
 }
 
@@ -74,6 +91,7 @@ pub struct Responder {
     state: HandshakeState,
     client: PublicKey,
     timestamp: u64,
+    offer: Cipher,
 }
 
 impl Responder {
@@ -94,10 +112,17 @@ impl Responder {
             .map(PublicKey)
             .ok_or(DropReason::Unauthenticated)?;
         let timestamp = u64::from_le_bytes(payload[..8].try_into().unwrap());
+        // Bits not defined are ignored: a later client may offer more.
+        let offer = if payload[8] & OFFER_AES256GCM != 0 {
+            Cipher::Aes256Gcm
+        } else {
+            Cipher::ChaCha20Poly1305
+        };
         Ok(Self {
             state,
             client,
             timestamp,
+            offer,
         })
     }
 
@@ -111,33 +136,50 @@ impl Responder {
         self.timestamp
     }
 
-    /// Write Noise message 2 carrying `config` into `out`; returns the keys.
+    /// The data cipher the client prefers.
+    pub fn offer(&self) -> Cipher {
+        self.offer
+    }
+
+    /// Write Noise message 2 carrying `config` into `out`; returns the
+    /// keys, for `config.cipher` (which the client must have offered).
     pub fn accept(
         mut self,
         config: &TunnelConfig,
         out: &mut [u8; RESPONSE_NOISE_LEN],
     ) -> Result<SessionKeys, DropReason> {
+        if config.cipher != self.offer.agree(config.cipher) {
+            return Err(DropReason::Malformed);
+        }
         let n = self
             .state
             .write_message(&config.emit(), out)
             .map_err(|_| DropReason::TooLarge)?;
         debug_assert_eq!(n, RESPONSE_NOISE_LEN);
-        into_keys(self.state)
+        into_keys(self.state, config.cipher)
     }
 }
 
-/// The session keys of a finished handshake, and the poll key derived from
-/// the same split (before snow keeps the split keys to itself).
-fn into_keys(mut state: HandshakeState) -> Result<SessionKeys, DropReason> {
+/// The session keys of a finished handshake: Noise's Split() gives the
+/// client-to-server key first, the server-to-client key second; the poll
+/// key is derived from both.
+fn into_keys(mut state: HandshakeState, cipher: Cipher) -> Result<SessionKeys, DropReason> {
     if !state.is_handshake_finished() {
         return Err(DropReason::Unauthenticated);
     }
     let (k1, k2) = state.dangerously_get_raw_split();
     let poll = PollKey::derive(&k1, &k2);
-    let transport = state
-        .into_stateless_transport_mode()
-        .map_err(|_| DropReason::Unauthenticated)?;
-    Ok(SessionKeys::new(transport, poll))
+    let (send, receive) = if state.is_initiator() {
+        (k1, k2)
+    } else {
+        (k2, k1)
+    };
+    Ok(SessionKeys::new(
+        cipher,
+        DataKey::new(cipher, &send),
+        DataKey::new(cipher, &receive),
+        poll,
+    ))
 }
 
 #[cfg(test)]
@@ -153,6 +195,7 @@ mod tests {
             v6: None,
             mtu: 1420,
             keepalive_secs: 10,
+            cipher: Cipher::ChaCha20Poly1305,
         }
     }
 
@@ -160,7 +203,13 @@ mod tests {
     fn full_handshake_then_data_both_ways() {
         let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
         let mut m1 = [0u8; INIT_NOISE_LEN];
-        let init = Initiator::start(&client, &server.public_key(), 42, &mut m1);
+        let init = Initiator::start(
+            &client,
+            &server.public_key(),
+            42,
+            Cipher::ChaCha20Poly1305,
+            &mut m1,
+        );
         let resp = Responder::read(&server, &m1).unwrap();
         assert_eq!(resp.client(), &client.public_key());
         assert_eq!(resp.timestamp(), 42);
@@ -218,7 +267,7 @@ mod tests {
             PrivateKey::generate(),
         );
         let mut m1 = [0u8; INIT_NOISE_LEN];
-        Initiator::start(&client, &other.public_key(), 1, &mut m1);
+        Initiator::start(&client, &other.public_key(), 1, Cipher::Aes256Gcm, &mut m1);
         assert!(Responder::read(&server, &m1).is_err());
     }
 
@@ -226,13 +275,18 @@ mod tests {
     fn tampered_data_fails() {
         let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
         let mut m1 = [0u8; INIT_NOISE_LEN];
-        let init = Initiator::start(&client, &server.public_key(), 1, &mut m1);
+        let init = Initiator::start(&client, &server.public_key(), 1, Cipher::Aes256Gcm, &mut m1);
         let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+        let aes = TunnelConfig {
+            cipher: Cipher::Aes256Gcm,
+            ..config()
+        };
         let mut server_keys = Responder::read(&server, &m1)
             .unwrap()
-            .accept(&config(), &mut m2)
+            .accept(&aes, &mut m2)
             .unwrap();
         let (_, mut client_keys) = init.finish(&m2).unwrap();
+        assert_eq!(client_keys.cipher(), Cipher::Aes256Gcm);
         let mut msg = [0u8; 64];
         let n = client_keys.seal(7, b"hello", &mut msg).unwrap();
         msg[20] ^= 1;
@@ -244,5 +298,82 @@ mod tests {
         // A forged message must not move the replay window.
         msg[20] ^= 1;
         assert_eq!(server_keys.open(0, &msg[16..n], &mut plain), Ok(5));
+    }
+
+    /// Run a handshake with the client offering `offer` and the server
+    /// choosing `choice`; returns what each end made of it.
+    fn negotiate(
+        offer: Cipher,
+        choice: Cipher,
+    ) -> (
+        Result<SessionKeys, DropReason>,
+        Result<(TunnelConfig, SessionKeys), DropReason>,
+    ) {
+        let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut m1 = [0u8; INIT_NOISE_LEN];
+        let init = Initiator::start(&client, &server.public_key(), 1, offer, &mut m1);
+        let responder = Responder::read(&server, &m1).unwrap();
+        assert_eq!(responder.offer(), offer);
+        let mut m2 = [0u8; RESPONSE_NOISE_LEN];
+        let config = TunnelConfig {
+            cipher: choice,
+            ..config()
+        };
+        let server_keys = responder.accept(&config, &mut m2);
+        let client_end = server_keys
+            .as_ref()
+            .map_err(|e| *e)
+            .and_then(|_| init.finish(&m2));
+        (server_keys, client_end)
+    }
+
+    #[test]
+    fn aes_only_when_offered() {
+        use Cipher::*;
+        for (offer, choice) in [
+            (Aes256Gcm, Aes256Gcm),
+            (Aes256Gcm, ChaCha20Poly1305),
+            (ChaCha20Poly1305, ChaCha20Poly1305),
+        ] {
+            let (server, client) = negotiate(offer, choice);
+            let (config, client) = client.unwrap();
+            assert_eq!(config.cipher, choice);
+            assert_eq!(
+                (server.unwrap().cipher(), client.cipher()),
+                (choice, choice)
+            );
+        }
+        // A server cannot pick a cipher the client did not offer.
+        assert_eq!(
+            negotiate(ChaCha20Poly1305, Aes256Gcm).0.err(),
+            Some(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn chacha_data_is_what_noise_would_seal() {
+        // Sessions sealed by iptun 0.x through snow's transport state must
+        // open here, and the other way round: same keys, nonce and tag.
+        let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
+        let mut i = builder(&client)
+            .remote_public_key(&server.public_key().0)
+            .and_then(Builder::build_initiator)
+            .unwrap();
+        let mut r = builder(&server).build_responder().unwrap();
+        let (mut m1, mut m2, mut payload) = ([0u8; 256], [0u8; 256], [0u8; 256]);
+        let n = i.write_message(&[0; INIT_PAYLOAD_LEN], &mut m1).unwrap();
+        r.read_message(&m1[..n], &mut payload).unwrap();
+        let n = r.write_message(&config().emit(), &mut m2).unwrap();
+        i.read_message(&m2[..n], &mut payload).unwrap();
+        let (k1, _) = i.dangerously_get_raw_split();
+        let noise = i.into_stateless_transport_mode().unwrap();
+        let mut by_noise = [0u8; 64];
+        let n = noise
+            .write_message(0x0102_0304_0506, b"inner packet", &mut by_noise)
+            .unwrap();
+        let mut ours = [0u8; 64];
+        let key = DataKey::new(Cipher::ChaCha20Poly1305, &k1);
+        assert_eq!(key.seal(0x0102_0304_0506, b"inner packet", &mut ours), n);
+        assert_eq!(ours[..n], by_noise[..n]);
     }
 }

@@ -5,8 +5,10 @@
 //! proves its own in the first message, so the server can refuse unknown
 //! keys before it spends anything on them. Data messages use the split
 //! transport keys with an explicit 64-bit counter as nonce, so they survive
-//! loss and reordering.
+//! loss and reordering, under ChaCha20-Poly1305 or, where both ends have
+//! AES in hardware, AES-256-GCM.
 
+mod cipher;
 pub mod cookie;
 mod handshake;
 mod keys;
@@ -15,6 +17,7 @@ mod poll;
 mod replay;
 mod transport;
 
+pub use cipher::{Cipher, DataKey};
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use mac::{MAC_LEN, Mac1Key};

@@ -1,30 +1,38 @@
 //! Sealing and opening data messages with the keys of one handshake.
 
-use snow::StatelessTransportState;
-
+use super::cipher::{Cipher, DataKey};
 use super::{PollKey, ReplayWindow};
 use crate::DropReason;
-use crate::wire::message::{DATA_HEADER_LEN, DATA_OVERHEAD, Message};
+use crate::wire::message::{DATA_HEADER_LEN, DATA_OVERHEAD, Message, TAG_LEN};
 
 /// A sender stops using a keypair before its counter can wrap (WireGuard's margin).
 pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
 /// The keys of one completed handshake, with the send counter and replay window.
 pub struct SessionKeys {
-    noise: StatelessTransportState,
+    cipher: Cipher,
+    send: DataKey,
+    receive: DataKey,
     next_counter: u64,
     replay: ReplayWindow,
     poll: PollKey,
 }
 
 impl SessionKeys {
-    pub(super) fn new(noise: StatelessTransportState, poll: PollKey) -> Self {
+    pub(super) fn new(cipher: Cipher, send: DataKey, receive: DataKey, poll: PollKey) -> Self {
         Self {
-            noise,
+            cipher,
+            send,
+            receive,
             next_counter: 0,
             replay: ReplayWindow::new(),
             poll,
         }
+    }
+
+    /// The cipher its data messages are sealed with.
+    pub fn cipher(&self) -> Cipher {
+        self.cipher
     }
 
     /// The keypair's poll key (see [`PollKey`]).
@@ -55,9 +63,8 @@ impl SessionKeys {
         }
         self.next_counter += 1;
         Message::emit_data_header(receiver, counter, out);
-        self.noise
-            .write_message(counter, plaintext, &mut out[DATA_HEADER_LEN..len])
-            .map_err(|_| DropReason::TooLarge)?;
+        self.send
+            .seal(counter, plaintext, &mut out[DATA_HEADER_LEN..len]);
         Ok(len)
     }
 
@@ -81,14 +88,10 @@ impl SessionKeys {
         if !self.replay.is_fresh(counter) {
             return Err(DropReason::Replay);
         }
-        // snow would allocate when `out` is shorter than the ciphertext.
-        if out.len() < ciphertext.len() {
+        if out.len() + TAG_LEN < ciphertext.len() {
             return Err(DropReason::TooLarge);
         }
-        let n = self
-            .noise
-            .read_message(counter, ciphertext, out)
-            .map_err(|_| DropReason::Unauthenticated)?;
+        let n = self.receive.open(counter, ciphertext, out)?;
         // Only an authenticated counter may move the window.
         self.replay.accept(counter);
         Ok(n)

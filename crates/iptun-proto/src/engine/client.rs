@@ -9,7 +9,7 @@ use super::{
     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
 };
 use crate::crypto::cookie::{COOKIE_SECRET_LIFETIME, Cookie, CookieSealKey, mac2};
-use crate::crypto::{Initiator, Mac1Key, PollKey, PrivateKey, PublicKey};
+use crate::crypto::{Cipher, Initiator, Mac1Key, PollKey, PrivateKey, PublicKey};
 use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, INIT_WITH_MAC2_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
@@ -23,6 +23,8 @@ pub struct ClientConfig {
     pub server_key: PublicKey,
     /// Start a new handshake after this many messages on one keypair.
     pub rekey_after_messages: u64,
+    /// The data cipher to offer (ChaCha20-Poly1305 is always acceptable).
+    pub cipher: Cipher,
 }
 
 impl ClientConfig {
@@ -32,6 +34,7 @@ impl ClientConfig {
             private_key,
             server_key,
             rekey_after_messages: REKEY_AFTER_MESSAGES,
+            cipher: Cipher::fastest_here(),
         }
     }
 }
@@ -445,6 +448,7 @@ impl Client {
             &self.config.private_key,
             &self.config.server_key,
             timestamp,
+            self.config.cipher,
             noise,
         );
         Message::emit_init_header(local_index, out);

@@ -22,7 +22,7 @@ use super::{
     Traffic, random_index,
 };
 use crate::crypto::cookie::CookieJar;
-use crate::crypto::{Mac1Key, PollKey, PrivateKey, PublicKey, Responder};
+use crate::crypto::{Cipher, Mac1Key, PollKey, PrivateKey, PublicKey, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{COOKIE_REPLY_LEN, INIT_LEN, RESPONSE_LEN, RESPONSE_NOISE_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// most; it also sets when the server is under load and asks for
     /// cookies, and each source's share (see `engine/gate.rs`).
     pub handshakes_per_sec: u32,
+    /// The data cipher the server prefers (AES-256-GCM is used with
+    /// clients that offer it too).
+    pub cipher: Cipher,
 }
 
 impl ServerConfig {
@@ -70,6 +73,7 @@ impl ServerConfig {
             mtu: 1420,
             keepalive_secs: DEFAULT_KEEPALIVE_SECS,
             handshakes_per_sec: DEFAULT_HANDSHAKES_PER_SEC,
+            cipher: Cipher::fastest_here(),
         }
     }
 }
@@ -166,6 +170,7 @@ pub struct Server<P> {
     pool: AddressPool,
     mtu: u16,
     keepalive_secs: u16,
+    cipher: Cipher,
     peers: Vec<Peer<P>>,
     by_key: HashMap<PublicKey, usize>,
     by_index: HashMap<u32, usize>,
@@ -197,6 +202,7 @@ impl<P: PathKind> Server<P> {
             pool: config.pool,
             mtu: config.mtu,
             keepalive_secs: config.keepalive_secs,
+            cipher: config.cipher,
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
@@ -560,7 +566,7 @@ impl<P: PathKind> Server<P> {
         let id = self
             .peer_for(key)
             .ok_or_else(|| self.count(DropReason::PoolExhausted))?;
-        let config = self.tunnel_config(self.peers[id].lease);
+        let config = self.tunnel_config(self.peers[id].lease, self.cipher.agree(responder.offer()));
         let peer = &mut self.peers[id];
         let timestamp = responder.timestamp();
         if timestamp <= peer.last_timestamp {
@@ -642,7 +648,7 @@ impl<P: PathKind> Server<P> {
         }
     }
 
-    fn tunnel_config(&self, lease: Lease) -> TunnelConfig {
+    fn tunnel_config(&self, lease: Lease, cipher: Cipher) -> TunnelConfig {
         let server = self.pool.server();
         TunnelConfig {
             client_v4: lease.v4,
@@ -654,6 +660,7 @@ impl<P: PathKind> Server<P> {
             },
             mtu: self.mtu,
             keepalive_secs: self.keepalive_secs,
+            cipher,
         }
     }
 

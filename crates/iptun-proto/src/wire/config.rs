@@ -6,17 +6,21 @@
 //! | ver  | flags| prefix4  | prefix6  | mtu u16| keepalive u16 |
 //! 8: client IPv4 (4) | 12: server IPv4 (4) | 16: client IPv6 (16) | 32: server IPv6 (16) | 48
 //! ```
-//! `flags` bit 0: the IPv6 fields are present (otherwise zero). Integers are
-//! little-endian. Version 1 is the only one defined.
+//! `flags` bit 0: the IPv6 fields are present (otherwise zero); bit 1: data
+//! messages are sealed with AES-256-GCM, not ChaCha20-Poly1305 (set only
+//! when the client offered it). Integers are little-endian. Version 1 is the
+//! only one defined.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::DropReason;
+use crate::crypto::Cipher;
 
 /// Encoded length of a [`TunnelConfig`].
 pub const CONFIG_LEN: usize = 48;
 const VERSION: u8 = 1;
 const FLAG_IPV6: u8 = 1;
+const FLAG_AES256GCM: u8 = 2;
 
 /// What a client needs to configure its side of the tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +37,8 @@ pub struct TunnelConfig {
     pub mtu: u16,
     /// Seconds between keepalives when the tunnel is idle.
     pub keepalive_secs: u16,
+    /// The cipher of the session's data messages.
+    pub cipher: Cipher,
 }
 
 impl TunnelConfig {
@@ -45,8 +51,11 @@ impl TunnelConfig {
         b[6..8].copy_from_slice(&self.keepalive_secs.to_le_bytes());
         b[8..12].copy_from_slice(&self.client_v4.octets());
         b[12..16].copy_from_slice(&self.server_v4.octets());
+        if self.cipher == Cipher::Aes256Gcm {
+            b[1] |= FLAG_AES256GCM;
+        }
         if let Some((client, server, prefix)) = self.v6 {
-            b[1] = FLAG_IPV6;
+            b[1] |= FLAG_IPV6;
             b[3] = prefix;
             b[16..32].copy_from_slice(&client.octets());
             b[32..48].copy_from_slice(&server.octets());
@@ -58,7 +67,12 @@ impl TunnelConfig {
     pub fn parse(b: &[u8]) -> Result<Self, DropReason> {
         let b: &[u8; CONFIG_LEN] = b.try_into().map_err(|_| DropReason::Malformed)?;
         let mtu = u16::from_le_bytes([b[4], b[5]]);
-        if b[0] != VERSION || b[1] & !FLAG_IPV6 != 0 || b[2] > 32 || b[3] > 128 || mtu < 576 {
+        if b[0] != VERSION
+            || b[1] & !(FLAG_IPV6 | FLAG_AES256GCM) != 0
+            || b[2] > 32
+            || b[3] > 128
+            || mtu < 576
+        {
             return Err(DropReason::Malformed);
         }
         let v4 = |at: usize| Ipv4Addr::from(<[u8; 4]>::try_from(&b[at..at + 4]).unwrap());
@@ -70,6 +84,11 @@ impl TunnelConfig {
             v6: (b[1] & FLAG_IPV6 != 0).then(|| (v6(16), v6(32), b[3])),
             mtu,
             keepalive_secs: u16::from_le_bytes([b[6], b[7]]),
+            cipher: if b[1] & FLAG_AES256GCM != 0 {
+                Cipher::Aes256Gcm
+            } else {
+                Cipher::ChaCha20Poly1305
+            },
         })
     }
 }
@@ -88,6 +107,7 @@ mod tests {
             v6: None,
             mtu: 1420,
             keepalive_secs: 10,
+            cipher: Cipher::ChaCha20Poly1305,
         };
         let b = c.emit();
         assert_eq!(
@@ -107,9 +127,10 @@ mod tests {
             v6: None,
             mtu: 1420,
             keepalive_secs: 10,
+            cipher: Cipher::ChaCha20Poly1305,
         }
         .emit();
-        for (at, value) in [(0, 2), (1, 0x80), (2, 33), (3, 129), (5, 0)] {
+        for (at, value) in [(0, 2), (1, 0x80), (1, 4), (2, 33), (3, 129), (5, 0)] {
             let mut b = good;
             b[at] = value;
             assert_eq!(
@@ -123,10 +144,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips(c4: [u8; 4], s4: [u8; 4], p4 in 0u8..=32, v6 in proptest::option::of((any::<[u8; 16]>(), any::<[u8; 16]>(), 0u8..=128)), mtu in 576u16.., ka: u16) {
+        fn round_trips(c4: [u8; 4], s4: [u8; 4], p4 in 0u8..=32, v6 in proptest::option::of((any::<[u8; 16]>(), any::<[u8; 16]>(), 0u8..=128)), mtu in 576u16.., ka: u16, aes: bool) {
             let c = TunnelConfig {
                 client_v4: c4.into(), server_v4: s4.into(), prefix_v4: p4,
-                v6: v6.map(|(a, b, p)| (a.into(), b.into(), p)), mtu, keepalive_secs: ka,
+                v6: v6.map(|(a, b, p)| (a.into(), b.into(), p)), mtu, keepalive_secs: ka, cipher: if aes { Cipher::Aes256Gcm } else { Cipher::ChaCha20Poly1305 },
             };
             prop_assert_eq!(TunnelConfig::parse(&c.emit()), Ok(c));
         }

@@ -405,11 +405,12 @@ fn configure(
     netcfg::configure_interface(tun.name(), &addrs, mtu)?;
     let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     tracing::info!(
-        "tunnel up on {}: {} via {} (MTU {})",
+        "tunnel up on {}: {} via {} (MTU {}, {})",
         tun.name(),
         shown.join(", "),
         config.server_v4,
-        mtu
+        mtu,
+        config.cipher.name()
     );
     if previous.is_some() {
         return Ok(()); // routes stay: they name the device, not the addresses
@@ -675,11 +676,10 @@ fn status(
         conn.engine().last_handshake(),
         now,
     );
-    let udp_full: u64 = drivers.iter().map(PathDriver::send_dropped).sum();
-    if udp_full > 0 {
-        session
-            .drops
-            .insert("udp_send_buffer_full".into(), udp_full);
+    for (name, n) in drivers.iter().map(PathDriver::send_dropped) {
+        if n > 0 {
+            *session.drops.entry(name.into()).or_default() += n;
+        }
     }
     let candidates = st
         .paths

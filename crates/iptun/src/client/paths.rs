@@ -198,32 +198,42 @@ impl PathDriver {
         }
     }
 
-    /// A UDP send waits for room in the socket buffer: send nothing new
-    /// here until [`PathDriver::poll_writable`] and [`PathDriver::retry`].
+    /// A UDP or ICMP send waits for room in the socket buffer: send
+    /// nothing new here until [`PathDriver::poll_writable`] and
+    /// [`PathDriver::retry`].
     pub fn is_blocked(&self) -> bool {
-        matches!(self, Self::Udp { tx, .. } if tx.is_blocked())
+        match self {
+            Self::Udp { tx, .. } => tx.is_blocked(),
+            Self::Icmp { socket, .. } => socket.is_blocked(),
+            Self::Dns(_) | Self::Http(_) => false,
+        }
     }
 
     /// Ready when blocked and the socket may have room again.
     pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
         match self {
             Self::Udp { tx, .. } => tx.poll_writable(cx),
-            _ => Poll::Pending,
+            Self::Icmp { socket, .. } => socket.poll_writable(cx),
+            Self::Dns(_) | Self::Http(_) => Poll::Pending,
         }
     }
 
     /// Send what waited for room (it may have to wait again).
     pub fn retry(&mut self) {
-        if let Self::Udp { tx, .. } = self {
-            tx.retry();
+        match self {
+            Self::Udp { tx, .. } => tx.retry(),
+            Self::Icmp { socket, .. } => socket.retry(),
+            Self::Dns(_) | Self::Http(_) => {}
         }
     }
 
-    /// Datagrams dropped because the socket buffer stayed full.
-    pub fn send_dropped(&self) -> u64 {
+    /// Datagrams dropped because the socket buffer stayed full, and the
+    /// drop counter they are shown under.
+    pub fn send_dropped(&self) -> (&'static str, u64) {
         match self {
-            Self::Udp { tx, .. } => tx.dropped(),
-            _ => 0,
+            Self::Udp { tx, .. } => ("udp_send_buffer_full", tx.dropped()),
+            Self::Icmp { socket, .. } => ("icmp_send_buffer_full", socket.dropped()),
+            Self::Dns(_) | Self::Http(_) => ("", 0),
         }
     }
 

@@ -30,7 +30,13 @@ pub fn handshake_cost() -> Duration {
     let server = PrivateKey::generate();
     let client = PrivateKey::generate();
     let mut init = [0u8; INIT_NOISE_LEN];
-    Initiator::start(&client, &server.public_key(), 1, &mut init);
+    Initiator::start(
+        &client,
+        &server.public_key(),
+        1,
+        iptun_proto::crypto::Cipher::ChaCha20Poly1305,
+        &mut init,
+    );
     let config = TunnelConfig {
         client_v4: Ipv4Addr::new(10, 1, 0, 2),
         server_v4: Ipv4Addr::new(10, 1, 0, 1),
@@ -38,6 +44,7 @@ pub fn handshake_cost() -> Duration {
         v6: None,
         mtu: 1420,
         keepalive_secs: 10,
+        cipher: iptun_proto::crypto::Cipher::ChaCha20Poly1305,
     };
     let sample = || {
         let start = Instant::now();

@@ -55,16 +55,30 @@ enum ListenerDriver {
 }
 
 impl ListenerDriver {
-    /// A UDP send waits for room in the socket buffer.
+    /// A UDP or ICMP send waits for room in the socket buffer.
     fn is_blocked(&self) -> bool {
-        matches!(self, Self::Udp { tx, .. } if tx.is_blocked())
+        match self {
+            Self::Udp { tx, .. } => tx.is_blocked(),
+            Self::Icmp { socket, .. } => socket.is_blocked(),
+            Self::Http { .. } => false,
+        }
     }
 
     /// Ready when blocked and the socket may have room again.
     fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         match self {
             Self::Udp { tx, .. } => tx.poll_writable(cx),
-            _ => Poll::Pending,
+            Self::Icmp { socket, .. } => socket.poll_writable(cx),
+            Self::Http { .. } => Poll::Pending,
+        }
+    }
+
+    /// Send what waited for room (it may have to wait again).
+    fn retry(&mut self) {
+        match self {
+            Self::Udp { tx, .. } => tx.retry(),
+            Self::Icmp { socket, .. } => socket.retry(),
+            Self::Http { .. } => {}
         }
     }
 
@@ -450,9 +464,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             (i, writable) = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
                 if writable {
-                    if let ListenerDriver::Udp { tx, .. } = &mut drivers.listeners[i] {
-                        tx.retry();
-                    }
+                    drivers.listeners[i].retry();
                 } else if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
                     // More waited than a wakeup's worth: the server is not
                     // keeping up, and handshakes must prove their address.
@@ -728,16 +740,15 @@ fn status(
     if drivers.http.queue_full > 0 {
         drops.insert("http_queue_full".into(), drivers.http.queue_full);
     }
-    let udp_full: u64 = drivers
-        .listeners
-        .iter()
-        .map(|l| match l {
-            ListenerDriver::Udp { tx, .. } => tx.dropped(),
-            _ => 0,
-        })
-        .sum();
-    if udp_full > 0 {
-        drops.insert("udp_send_buffer_full".into(), udp_full);
+    for l in &drivers.listeners {
+        let (name, n) = match l {
+            ListenerDriver::Udp { tx, .. } => ("udp_send_buffer_full", tx.dropped()),
+            ListenerDriver::Icmp { socket, .. } => ("icmp_send_buffer_full", socket.dropped()),
+            ListenerDriver::Http { .. } => continue,
+        };
+        if n > 0 {
+            *drops.entry(name.into()).or_default() += n;
+        }
     }
     Status {
         role: "server".into(),

@@ -28,10 +28,24 @@ pub enum Role {
     Client,
 }
 
-/// A raw ICMP socket of one family.
+/// A raw ICMP socket of one family. Sends never block: a message the full
+/// socket buffer refused is held (one, as UDP holds one run), the socket
+/// says it is blocked, and the loop sends nothing new on it until it is
+/// writable and the held message has gone ([`IcmpSocket::poll_writable`],
+/// [`IcmpSocket::retry`]). Messages sent meanwhile are dropped and counted.
 pub struct IcmpSocket {
     fd: AsyncFd<Socket>,
     family: Family,
+    held: Held,
+}
+
+/// The message a full socket buffer refused. Its buffer stays allocated
+/// once a message was held.
+#[derive(Default)]
+struct Held {
+    to: Option<(IpAddr, Option<IpAddr>)>,
+    message: Vec<u8>,
+    dropped: u64,
 }
 
 impl IcmpSocket {
@@ -76,7 +90,11 @@ impl IcmpSocket {
         // SAFETY: the socket owns its fd and keeps it open for as long as the
         // AsyncFd (which owns the socket) lives.
         let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { fd, family })
+        Ok(Self {
+            fd,
+            family,
+            held: Held::default(),
+        })
     }
 
     /// Ready for a receive.
@@ -134,23 +152,68 @@ impl IcmpSocket {
 
     /// Send one ICMP message to `to`, from the local address `from` when
     /// given (a reply leaves from the address its request was sent to, or a
-    /// stateful firewall would not match it). Waits briefly when the socket
-    /// buffer is full, then drops (as the network would).
-    /// An error other than a full buffer (no route, say) is returned.
-    pub fn send(&self, to: IpAddr, from: Option<IpAddr>, message: &[u8]) -> io::Result<()> {
-        for _ in 0..2 {
-            match send_with_source(self.fd.as_raw_fd(), to, from, message) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sockopt::wait_writable(self.fd.as_raw_fd())
-                }
-                Err(e) => {
-                    tracing::debug!("ICMP send to {to} failed: {e}");
-                    return Err(e);
-                }
-                Ok(()) => return Ok(()),
-            }
+    /// stateful firewall would not match it). A full socket buffer holds
+    /// the message (see [`IcmpSocket`]); while one is held, the message is
+    /// dropped and counted, as the network would drop it. An error other
+    /// than a full buffer (no route, say) is returned.
+    pub fn send(&mut self, to: IpAddr, from: Option<IpAddr>, message: &[u8]) -> io::Result<()> {
+        if self.is_blocked() {
+            self.held.dropped += 1;
+            return Ok(());
         }
-        Ok(())
+        match send_with_source(self.fd.as_raw_fd(), to, from, message) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.held.to = Some((to, from));
+                self.held.message.clear();
+                self.held.message.extend_from_slice(message);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!("ICMP send to {to} failed: {e}");
+                Err(e)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// A message waits for room in the socket buffer.
+    pub fn is_blocked(&self) -> bool {
+        self.held.to.is_some()
+    }
+
+    /// Messages dropped because the socket buffer stayed full.
+    pub fn dropped(&self) -> u64 {
+        self.held.dropped
+    }
+
+    /// Ready when blocked and the socket may have room (then call
+    /// [`IcmpSocket::retry`]); pending otherwise.
+    pub fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if !self.is_blocked() {
+            return std::task::Poll::Pending;
+        }
+        self.fd.poll_write_ready(cx).map(drop)
+    }
+
+    /// Send the held message, through tokio's readiness: if the buffer is
+    /// still full, readiness is cleared and [`IcmpSocket::poll_writable`]
+    /// waits for the next edge.
+    pub fn retry(&mut self) {
+        let Some((to, from)) = self.held.to else {
+            return;
+        };
+        let message = &self.held.message;
+        let r = self.fd.try_io(Interest::WRITABLE, |s| {
+            send_with_source(s.as_raw_fd(), to, from, message)
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::debug!("ICMP send to {to} failed: {e}");
+                self.held.to = None;
+            }
+            Ok(()) => self.held.to = None,
+        }
     }
 }
 

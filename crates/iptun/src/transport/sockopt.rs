@@ -38,16 +38,3 @@ pub fn size_buffers(fd: RawFd) {
         }
     }
 }
-
-/// Block up to 50 ms for room in the socket's send buffer (backpressure
-/// without awaiting: the caller is mid-batch). Only the ICMP socket still
-/// does this; UDP holds the refused run and waits on tokio's readiness.
-pub fn wait_writable(fd: RawFd) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&raw mut pfd, 1, 50) };
-}
