@@ -217,6 +217,15 @@ ping_avg() { # ns dst -> avg RTT ms
     sed -n 's#^rtt [^=]*= [0-9.]*/\([0-9.]*\)/.*#\1#p' <<<"$out"
 }
 
+ping_median() { # ns dst -> median RTT ms: one slow wakeup moves an average
+    # of an idle link's few pings far more than the link's typical RTT
+    local out
+    out=$(ip netns exec "$1" ping -c "$PINGS" -i 0.2 -W 2 "$2" 2>&1) || { echo "$out" >&2; return 1; }
+    sed -n 's#.* time=\([0-9.]*\) ms#\1#p' <<<"$out" | sort -g | awk '{v[NR]=$1} END {
+        if (NR == 0) exit 1
+        printf "%.3f\n", NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2 }'
+}
+
 iperf3_mbit() { # ns dst tag [iperf3 args] -> Mbit/s received
     local ns=$1 dst=$2 js="$TMP/iperf3-$3-$RUN.json"; shift 3
     timeout $((DURATION + 30)) ip netns exec "$ns" iperf3 -c "$dst" -t "$DURATION" -J "$@" >"$js" 2>&1 \

@@ -24,7 +24,8 @@
 #   CLIENTS=n      clients of the `clients` row (default 4)
 #   RUNS=n         measure each path n times, keep the best (default 1)
 #   DURATION=s     iperf3 seconds per measurement (default 10)
-#   PINGS=n        pings per measurement, 0.2 s apart (default 20)
+#   PINGS=n        pings per measurement, 0.2 s apart (default 50); the
+#                  rtt_ms column is their median
 #   PAUSE=s        idle seconds between measurements (default 3)
 #   JSON=file      also write the results there as JSON
 #   KEEP_LOGS=1    keep the temp dir with logs (it is kept on failure anyway)
@@ -36,6 +37,7 @@
 set -euo pipefail
 
 PREFIX=iptb
+PINGS=${PINGS:-50}
 PATHS=raw,nulltun,boringtun,iptun,clients
 ALIASES=(iptun-udp=iptun nulltun-offload=nulltun)
 # shellcheck source=bench/lib.sh
@@ -113,7 +115,7 @@ measure_variants() { # name ns dst
     local v rtt
     for v in "${VARIANTS[@]}"; do
         rtt="-"
-        [[ $v == 1up ]] && rtt="ping_avg $2 $3"
+        [[ $v == 1up ]] && rtt="ping_median $2 $3"
         measure "$1 $v" "$rtt" "iperf3_mbit $2 $3 $1-$v ${VARIANT_ARGS[$v]}"
     done
 }
@@ -287,7 +289,7 @@ for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients"; do
 done
 if [[ ${#PER_CLIENT[@]} -gt 0 ]]; then echo "iptun-udp ${CLIENTS}clients, per client (Mbit/s): ${PER_CLIENT[*]}"; fi
 echo "(runs=$RUNS, best of; iperf3 ${DURATION}s; 1up/4up: 1/4 TCP streams client->server, 1down/4down: -R;"
-echo " ${PINGS} pings at 0.2 s on the 1up row; $(nproc) cores)"
+echo " rtt: median of ${PINGS} pings at 0.2 s on the 1up row; $(nproc) cores)"
 
 rss_json=""
 for n in "${!RSS[@]}"; do

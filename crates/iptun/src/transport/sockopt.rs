@@ -38,3 +38,15 @@ pub fn size_buffers(fd: RawFd) {
         }
     }
 }
+
+/// Whether the socket has send-buffer room now (`poll` with no timeout:
+/// a check, never a wait).
+pub fn writable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&raw mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLOUT != 0 }
+}
