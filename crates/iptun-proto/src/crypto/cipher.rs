@@ -38,7 +38,13 @@ impl Cipher {
         }
     }
 
-    /// Its name, as `iptun status` shows it.
+    /// Whether a client that offered `self` accepts `chosen`:
+    /// ChaCha20-Poly1305 always, AES-256-GCM only if offered.
+    pub fn permits(self, chosen: Self) -> bool {
+        chosen == Self::ChaCha20Poly1305 || chosen == self
+    }
+
+    /// Its name, as the client's log shows it.
     pub fn name(self) -> &'static str {
         match self {
             Self::ChaCha20Poly1305 => "chacha20-poly1305",
@@ -81,6 +87,15 @@ impl DataKey {
         let key = UnboundKey::new(algorithm, key).expect("32-byte keys fit both ciphers");
         Self {
             key: LessSafeKey::new(key),
+        }
+    }
+
+    /// The cipher it is a key of.
+    pub fn cipher(&self) -> Cipher {
+        if self.key.algorithm() == &AES_256_GCM {
+            Cipher::Aes256Gcm
+        } else {
+            Cipher::ChaCha20Poly1305
         }
     }
 
@@ -135,6 +150,8 @@ mod tests {
         assert_eq!(Aes256Gcm.agree(Aes256Gcm), Aes256Gcm);
         assert_eq!(Aes256Gcm.agree(ChaCha20Poly1305), ChaCha20Poly1305);
         assert_eq!(ChaCha20Poly1305.agree(Aes256Gcm), ChaCha20Poly1305);
+        assert!(Aes256Gcm.permits(Aes256Gcm) && Aes256Gcm.permits(ChaCha20Poly1305));
+        assert!(!ChaCha20Poly1305.permits(Aes256Gcm));
     }
 
     proptest! {
@@ -143,6 +160,7 @@ mod tests {
                              plain in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let cipher = CIPHERS[aes as usize];
             let key = DataKey::new(cipher, &[3; 32]);
+            prop_assert_eq!(key.cipher(), cipher);
             let mut sealed = vec![0u8; plain.len() + TAG_LEN];
             prop_assert_eq!(key.seal(counter, &plain, &mut sealed), sealed.len());
             let mut out = vec![0u8; plain.len()];

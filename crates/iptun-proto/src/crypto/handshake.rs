@@ -25,6 +25,8 @@ const OFFER_AES256GCM: u8 = 1;
 pub struct Initiator {
     state: HandshakeState,
     offer: Cipher,
+    /// The server's choice, once its response is read.
+    chosen: Cipher,
 }
 
 impl Initiator {
@@ -52,7 +54,11 @@ impl Initiator {
             .write_message(&payload, out)
             .expect("message 1 fits its fixed size");
         debug_assert_eq!(n, INIT_NOISE_LEN);
-        Self { state, offer }
+        Self {
+            state,
+            offer,
+            chosen: Cipher::ChaCha20Poly1305,
+        }
     }
 
     /// Read Noise message 2: the server's config and the session keys.
@@ -73,16 +79,16 @@ impl Initiator {
             .read_message(noise, &mut payload)
             .map_err(|_| DropReason::Unauthenticated)?;
         let config = TunnelConfig::parse(&payload[..n])?;
-        if config.cipher != self.offer.agree(config.cipher) {
+        if !self.offer.permits(config.cipher) {
             return Err(DropReason::Malformed);
         }
-        self.offer = config.cipher;
+        self.chosen = config.cipher;
         Ok(config)
     }
 
     /// The session keys, once [`Initiator::read_response`] succeeded.
     pub fn into_keys(self) -> Result<SessionKeys, DropReason> {
-        into_keys(self.state, self.offer)
+        into_keys(self.state, self.chosen)
     }
 }
 
@@ -148,7 +154,7 @@ impl Responder {
         config: &TunnelConfig,
         out: &mut [u8; RESPONSE_NOISE_LEN],
     ) -> Result<SessionKeys, DropReason> {
-        if config.cipher != self.offer.agree(config.cipher) {
+        if !self.offer.permits(config.cipher) {
             return Err(DropReason::Malformed);
         }
         let n = self
@@ -175,7 +181,6 @@ fn into_keys(mut state: HandshakeState, cipher: Cipher) -> Result<SessionKeys, D
         (k2, k1)
     };
     Ok(SessionKeys::new(
-        cipher,
         DataKey::new(cipher, &send),
         DataKey::new(cipher, &receive),
         poll,

@@ -17,7 +17,7 @@ mod poll;
 mod replay;
 mod transport;
 
-pub use cipher::{Cipher, DataKey};
+pub use cipher::Cipher;
 pub use handshake::{Initiator, Responder};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use mac::{MAC_LEN, Mac1Key};

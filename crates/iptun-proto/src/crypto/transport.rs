@@ -10,7 +10,6 @@ pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
 /// The keys of one completed handshake, with the send counter and replay window.
 pub struct SessionKeys {
-    cipher: Cipher,
     send: DataKey,
     receive: DataKey,
     next_counter: u64,
@@ -19,9 +18,8 @@ pub struct SessionKeys {
 }
 
 impl SessionKeys {
-    pub(super) fn new(cipher: Cipher, send: DataKey, receive: DataKey, poll: PollKey) -> Self {
+    pub(super) fn new(send: DataKey, receive: DataKey, poll: PollKey) -> Self {
         Self {
-            cipher,
             send,
             receive,
             next_counter: 0,
@@ -32,7 +30,7 @@ impl SessionKeys {
 
     /// The cipher its data messages are sealed with.
     pub fn cipher(&self) -> Cipher {
-        self.cipher
+        self.send.cipher()
     }
 
     /// The keypair's poll key (see [`PollKey`]).

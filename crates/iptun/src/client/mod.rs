@@ -676,7 +676,7 @@ fn status(
         conn.engine().last_handshake(),
         now,
     );
-    for (name, n) in drivers.iter().map(PathDriver::send_dropped) {
+    for (name, n) in drivers.iter().filter_map(PathDriver::send_dropped) {
         if n > 0 {
             *session.drops.entry(name.into()).or_default() += n;
         }

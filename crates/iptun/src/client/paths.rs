@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::dns::DnsDriver;
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::http_client::{self, Down, Mode, Proxy};
-use crate::transport::icmp::{IcmpSocket, Role};
+use crate::transport::icmp::{self, IcmpSocket, Role};
 use crate::transport::tls::{self, Trust};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::PacketWriter;
@@ -227,13 +227,13 @@ impl PathDriver {
         }
     }
 
-    /// Datagrams dropped because the socket buffer stayed full, and the
+    /// Datagrams dropped because the socket buffer stayed full, with the
     /// drop counter they are shown under.
-    pub fn send_dropped(&self) -> (&'static str, u64) {
+    pub fn send_dropped(&self) -> Option<(&'static str, u64)> {
         match self {
-            Self::Udp { tx, .. } => ("udp_send_buffer_full", tx.dropped()),
-            Self::Icmp { socket, .. } => ("icmp_send_buffer_full", socket.dropped()),
-            Self::Dns(_) | Self::Http(_) => ("", 0),
+            Self::Udp { tx, .. } => Some((udp::SEND_BUFFER_FULL, tx.dropped())),
+            Self::Icmp { socket, .. } => Some((icmp::SEND_BUFFER_FULL, socket.dropped())),
+            Self::Dns(_) | Self::Http(_) => None,
         }
     }
 

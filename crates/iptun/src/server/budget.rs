@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use iptun_proto::crypto::{Initiator, PrivateKey, Responder};
+use iptun_proto::crypto::{Cipher, Initiator, PrivateKey, Responder};
 use iptun_proto::wire::TunnelConfig;
 use iptun_proto::wire::message::{INIT_NOISE_LEN, RESPONSE_NOISE_LEN};
 
@@ -34,7 +34,7 @@ pub fn handshake_cost() -> Duration {
         &client,
         &server.public_key(),
         1,
-        iptun_proto::crypto::Cipher::ChaCha20Poly1305,
+        Cipher::ChaCha20Poly1305,
         &mut init,
     );
     let config = TunnelConfig {
@@ -44,7 +44,7 @@ pub fn handshake_cost() -> Duration {
         v6: None,
         mtu: 1420,
         keepalive_secs: 10,
-        cipher: iptun_proto::crypto::Cipher::ChaCha20Poly1305,
+        cipher: Cipher::ChaCha20Poly1305,
     };
     let sample = || {
         let start = Instant::now();

@@ -30,7 +30,7 @@ use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::metrics::{self, ListenerLabel};
 use crate::netcfg::{self, Undo};
 use crate::service::{self, Request};
-use crate::transport::icmp::{IcmpSocket, Role};
+use crate::transport::icmp::{self, IcmpSocket, Role};
 use crate::transport::tls;
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
@@ -742,8 +742,8 @@ fn status(
     }
     for l in &drivers.listeners {
         let (name, n) = match l {
-            ListenerDriver::Udp { tx, .. } => ("udp_send_buffer_full", tx.dropped()),
-            ListenerDriver::Icmp { socket, .. } => ("icmp_send_buffer_full", socket.dropped()),
+            ListenerDriver::Udp { tx, .. } => (udp::SEND_BUFFER_FULL, tx.dropped()),
+            ListenerDriver::Icmp { socket, .. } => (icmp::SEND_BUFFER_FULL, socket.dropped()),
             ListenerDriver::Http { .. } => continue,
         };
         if n > 0 {

@@ -19,6 +19,9 @@ use super::sockopt;
 const ICMP_FILTER: libc::c_int = 1;
 const ICMPV6_FILTER: libc::c_int = 1;
 
+/// The status counter of messages dropped for a full send buffer or qdisc.
+pub const SEND_BUFFER_FULL: &str = "icmp_send_buffer_full";
+
 /// Which echo messages a socket wants to see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {

@@ -24,6 +24,9 @@ const GSO_MAX_BYTES: usize = 65000;
 /// The largest datagram we ever build.
 const MAX_DATAGRAM: usize = 65535;
 
+/// The status counter of datagrams dropped for a full send buffer.
+pub const SEND_BUFFER_FULL: &str = "udp_send_buffer_full";
+
 /// A remote address, and our address it reached us at (replies leave
 /// from it).
 pub use iptun_proto::endpoint::UdpAddr as Peer;
