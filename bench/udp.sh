@@ -12,7 +12,8 @@
 # client -> server), 4up (iperf3 -P 4), 1down (-R: server -> client) and
 # 4down (-R -P 4); the idle ping RTT with the first. `clients` runs CLIENTS
 # iptun clients (each in its own namespace, on its own veth) against one
-# server at once, one stream up each, and reports the aggregate.
+# server at once, one stream up each, and reports the aggregate: with the
+# server's default workers (one per core), then with --workers 1.
 #
 # Environment:
 #   IPTUN=path     iptun binary (default: <repo>/target/release/iptun; built
@@ -204,6 +205,7 @@ fi
 # Client k's iperf3 goes to its own iperf3 -s (port 5200+k); prints the sum
 # and leaves each client's figure in PER_CLIENT.
 PER_CLIENT=()
+declare -A PER_CLIENT_OF=()
 clients_mbit() {
     local k pids=() sum=0 m
     for k in $(seq "$CLIENTS"); do
@@ -254,40 +256,54 @@ if want clients; then
         bg "$NS_S" "$TMP/iperf3-server-$k.log" iperf3 -s -p $((5200 + k))
         wait_listen "$NS_S" $((5200 + k)) "$BG_PID" "iperf3 -s -p $((5200 + k))"
     done
-    bg "$NS_S" "$TMP/iptun-clients-server.log" "$IPTUN" server --private-key "$TMP/iptun-s.key" \
-        "${allow[@]}" --listen udp://0.0.0.0:$IPTUN_PORT --tun $IPTUN_TUN
-    IT_S=$BG_PID
-    wait_ipv4 "$NS_S" $IPTUN_TUN 10 $IT_S || die "iptun server: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_S)"
-    CLIENT_PIDS=()
-    for k in $(seq "$CLIENTS"); do
-        key=$TMP/iptun-c$k.key
-        [[ $k -eq 1 ]] && key=$TMP/iptun-c.key
-        bg "${CLIENT_NS[$k]}" "$TMP/iptun-clients-client-$k.log" "$IPTUN" client --private-key "$key" \
-            --server-key "$(cat "$TMP/iptun-s.pub")" --server "udp://${CLIENT_SERVER[$k]}:$IPTUN_PORT" --tun $IPTUN_TUN
-        CLIENT_PIDS+=("$BG_PID")
+    # The server with its default workers (one per core), then with one
+    # loop: the baseline of the same sitting.
+    for workers in default 1; do
+        [[ $workers == 1 ]] && pause
+        server_args=()
+        [[ $workers == default ]] || server_args=(--workers "$workers")
+        bg "$NS_S" "$TMP/iptun-clients-$workers-server.log" "$IPTUN" server --private-key "$TMP/iptun-s.key" \
+            "${allow[@]}" --listen udp://0.0.0.0:$IPTUN_PORT --tun $IPTUN_TUN "${server_args[@]}"
+        IT_S=$BG_PID
+        wait_ipv4 "$NS_S" $IPTUN_TUN 10 $IT_S || die "iptun server: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_S)"
+        CLIENT_PIDS=()
+        for k in $(seq "$CLIENTS"); do
+            key=$TMP/iptun-c$k.key
+            [[ $k -eq 1 ]] && key=$TMP/iptun-c.key
+            bg "${CLIENT_NS[$k]}" "$TMP/iptun-clients-$workers-client-$k.log" "$IPTUN" client --private-key "$key" \
+                --server-key "$(cat "$TMP/iptun-s.pub")" --server "udp://${CLIENT_SERVER[$k]}:$IPTUN_PORT" --tun $IPTUN_TUN
+            CLIENT_PIDS+=("$BG_PID")
+        done
+        for k in $(seq "$CLIENTS"); do
+            wait_ipv4 "${CLIENT_NS[$k]}" $IPTUN_TUN 10 "${CLIENT_PIDS[$((k - 1))]}" || die "iptun client $k: no IPv4"
+            ip netns exec "${CLIENT_NS[$k]}" ping -c 3 -i 0.2 -W 2 $IPTUN_ADDR_S >/dev/null 2>&1 || \
+                ip netns exec "${CLIENT_NS[$k]}" ping -c 1 -W 3 $IPTUN_ADDR_S >/dev/null || die "iptun client $k: no ping"
+        done
+        name="iptun-udp ${CLIENTS}clients"
+        [[ $workers == default ]] || name+=" ${workers}worker"
+        measure "$name" "-" "clients_mbit"
+        log "$name: per client ${PER_CLIENT[*]} Mbit/s"
+        PER_CLIENT_OF[$name]="${PER_CLIENT[*]}"
+        note_rss "$name" "$IT_S" "${CLIENT_PIDS[0]}"
+        kill -0 "$IT_S" 2>/dev/null || die "iptun server exited during the measurement"
+        stop_pids "$IT_S" "${CLIENT_PIDS[@]}"
     done
-    for k in $(seq "$CLIENTS"); do
-        wait_ipv4 "${CLIENT_NS[$k]}" $IPTUN_TUN 10 "${CLIENT_PIDS[$((k - 1))]}" || die "iptun client $k: no IPv4"
-        ip netns exec "${CLIENT_NS[$k]}" ping -c 3 -i 0.2 -W 2 $IPTUN_ADDR_S >/dev/null 2>&1 || \
-            ip netns exec "${CLIENT_NS[$k]}" ping -c 1 -W 3 $IPTUN_ADDR_S >/dev/null || die "iptun client $k: no ping"
-    done
-    name="iptun-udp ${CLIENTS}clients"
-    measure "$name" "-" "clients_mbit"
-    log "$name: per client ${PER_CLIENT[*]} Mbit/s"
-    note_rss "$name" "$IT_S" "${CLIENT_PIDS[0]}"
-    kill -0 "$IT_S" 2>/dev/null || die "iptun server exited during the measurement"
-    stop_pids "$IT_S" "${CLIENT_PIDS[@]}"
+    log "iptun server workers (default): $(grep -o 'on [0-9]* loops' "$TMP/iptun-clients-default-server.log" | head -1)"
 fi
 
 # ---------------------------------------------------------------- report
 print_table 22 0 "vs_raw:raw %:8:3" "vs_nulltun:nulltun %:10:2" "vs_boringtun:boringtun %:12:2"
 echo
 echo "peak RSS (VmHWM, MiB):"
-for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients"; do
+for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients" "iptun-udp ${CLIENTS}clients 1worker"; do
     [[ -n ${RSS[$n server]:-} ]] || continue
     printf '  %-22s server %6s  client %6s\n' "$n" "${RSS[$n server]}" "${RSS[$n client]}"
 done
-if [[ ${#PER_CLIENT[@]} -gt 0 ]]; then echo "iptun-udp ${CLIENTS}clients, per client (Mbit/s): ${PER_CLIENT[*]}"; fi
+for n in "${!PER_CLIENT_OF[@]}"; do echo "$n, per client (Mbit/s): ${PER_CLIENT_OF[$n]}"; done
+one="iptun-udp ${CLIENTS}clients 1worker"
+if [[ -n ${MBIT[$one]:-} && -n ${MBIT[iptun-udp ${CLIENTS}clients]:-} ]]; then
+    echo "workers: ${CLIENTS} clients with the default workers / with one: $(awk -v a="${MBIT[iptun-udp ${CLIENTS}clients]}" -v b="${MBIT[$one]}" 'BEGIN{if (b > 0) printf "%.2f", a / b; else print "-"}')"
+fi
 echo "(runs=$RUNS, best of; iperf3 ${DURATION}s; 1up/4up: 1/4 TCP streams client->server, 1down/4down: -R;"
 echo " rtt: median of ${PINGS} pings at 0.2 s on the 1up row; $(nproc) cores)"
 

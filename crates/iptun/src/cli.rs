@@ -169,6 +169,12 @@ pub struct ServerArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_offload: bool,
+    /// Threads carrying the traffic of udp:// and dns:// listeners, each
+    /// with its own queue of the TUN device and its own socket on each
+    /// listener's port; clients spread over them [default: one per core,
+    /// at most 8; 1 when there are icmp:// or http(s):// listeners or --pcap].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// Read settings from this TOML file (keys named like the flags).
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
@@ -345,6 +351,7 @@ impl ServerArgs {
             pcap: self.pcap.or(file.pcap),
             pcap_limit: self.pcap_limit.or(file.pcap_limit),
             no_offload: self.no_offload || file.no_offload,
+            workers: self.workers.or(file.workers),
             config: Some(path),
         })
     }

@@ -80,6 +80,19 @@ pub struct Status {
     /// Client: the path in use failed and the others are being probed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub searching: bool,
+    /// Server: what each loop carrying traffic carried (the main loop
+    /// first, then the workers: `--workers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// What one of the server's loops carried.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Datagrams received on its UDP and DNS sockets.
+    pub datagrams: u64,
+    /// Packets read from its queue of the TUN device.
+    pub tun_packets: u64,
 }
 
 /// One of a client's candidate paths.
@@ -334,6 +347,19 @@ pub fn render(s: &Status) -> String {
     }
     for (url, counters) in &s.dns {
         let _ = writeln!(out, "  {url}: {}", fmt_drops(counters));
+    }
+    if s.workers.len() > 1 {
+        let each: Vec<String> = s
+            .workers
+            .iter()
+            .map(|w| format!("{}/{}", w.datagrams, w.tun_packets))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {} workers, datagrams received/TUN packets read: {}",
+            s.workers.len(),
+            each.join(", ")
+        );
     }
     for x in &s.sessions {
         let _ = writeln!(out, "  peer {}", x.key);

@@ -226,7 +226,13 @@ impl Drop for Writer {
     }
 }
 
-/// An open TUN device with its batch buffers.
+/// A queue of a multi-queue device, to be served by another thread.
+pub struct Queue {
+    device: tun_rs::SyncDevice,
+    name: String,
+}
+
+/// An open TUN device (one queue of it) with its batch buffers.
 pub struct Tun {
     device: Arc<AsyncDevice>,
     name: String,
@@ -247,22 +253,60 @@ pub struct Tun {
     gro: GROTable,
     /// `--pcap`: every packet read and written, if set.
     capture: Option<Capture>,
+    /// Packets read so far.
+    packets_read: u64,
 }
 
 impl Tun {
     /// Create the device `name` (it disappears when this is dropped).
     pub fn create(name: &str, offload: bool) -> anyhow::Result<Self> {
+        let (tun, _) = Self::create_queues(name, offload, 1)?;
+        Ok(tun)
+    }
+
+    /// Create the device `name` with `queues` queues (`IFF_MULTI_QUEUE`
+    /// when more than one): this one, and the others for workers' threads
+    /// to open there ([`Tun::open_queue`]). The kernel spreads the packets
+    /// it routes into the device over the queues by flow, and sends a
+    /// flow's packets to the queue that last wrote that flow's packets (its
+    /// flow table keys both directions alike): a session's replies come
+    /// back to the worker whose socket its packets arrive on.
+    pub fn create_queues(
+        name: &str,
+        offload: bool,
+        queues: usize,
+    ) -> anyhow::Result<(Self, Vec<Queue>)> {
         let device = DeviceBuilder::new()
             .name(name)
             .offload(offload)
-            .build_async()
+            .multi_queue(queues > 1)
+            .build_sync()
             .with_context(|| {
                 format!("creating TUN device {name} (is /dev/net/tun there, and are we root?)")
             })?;
         let name = device.name().unwrap_or_else(|_| name.to_owned());
+        let others = (1..queues)
+            .map(|_| {
+                let device = device
+                    .try_clone()
+                    .with_context(|| format!("opening another queue of {name}"))?;
+                Ok(Queue {
+                    device,
+                    name: name.clone(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tun = Self::open_queue(Queue { device, name })?;
+        Ok((tun, others))
+    }
+
+    /// Serve one queue of the device from this thread's runtime.
+    pub fn open_queue(queue: Queue) -> anyhow::Result<Self> {
+        let device = AsyncDevice::new(queue.device)
+            .with_context(|| format!("registering TUN device {} with the runtime", queue.name))?;
         Ok(Self {
             device: Arc::new(device),
-            name,
+            name: queue.name,
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             read_bufs: vec![vec![0; HEADROOM + MAX_PACKET]; IDEAL_BATCH_SIZE],
             read_sizes: vec![0; IDEAL_BATCH_SIZE],
@@ -271,7 +315,13 @@ impl Tun {
             written: Arc::new(Notify::new()),
             gro: GROTable::default(),
             capture: None,
+            packets_read: 0,
         })
+    }
+
+    /// Packets read so far.
+    pub fn packets_read(&self) -> u64 {
+        self.packets_read
     }
 
     /// Record every packet read and written in `capture`.
@@ -292,23 +342,33 @@ impl Tun {
     /// Read one batch without blocking and hand each packet to `f`.
     /// Returns `WouldBlock` when nothing is pending.
     pub fn try_read_batch(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+        self.try_read()?.for_each(&mut f);
+        Ok(())
+    }
+
+    /// Read one batch without blocking: its packets. Returns `WouldBlock`
+    /// when nothing is pending.
+    pub fn try_read(&mut self) -> io::Result<impl Iterator<Item = &[u8]> + Clone> {
         let n = self.device.try_recv_multiple(
             &mut self.raw,
             &mut self.read_bufs,
             &mut self.read_sizes,
             HEADROOM,
         )?;
-        for (buf, &size) in self.read_bufs.iter().zip(&self.read_sizes).take(n) {
-            let packet = &buf[HEADROOM..HEADROOM + size];
-            if let Some(c) = &mut self.capture {
+        self.packets_read += n as u64;
+        let packets = self
+            .read_bufs
+            .iter()
+            .zip(&self.read_sizes)
+            .take(n)
+            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size]);
+        if let Some(c) = &mut self.capture {
+            for packet in packets.clone() {
                 c.packet(packet, Direction::IntoTunnel);
             }
-            f(packet);
-        }
-        if let Some(c) = &mut self.capture {
             c.flush();
         }
-        Ok(())
+        Ok(packets)
     }
 
     /// A buffer of at least `len` bytes to write the next packet into, or

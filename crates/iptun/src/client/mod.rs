@@ -714,6 +714,7 @@ fn status(
         paths: candidates,
         moves: Some(st.moves),
         searching: st.searching,
+        workers: Vec::new(),
     }
 }
 

@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use iptun_proto::endpoint::{Endpoint, Input, ListenerId};
+use iptun_proto::endpoint::{Input, ListenerId};
 use iptun_proto::transport::http::BATCH_TARGET;
 use tokio::sync::{mpsc, oneshot};
 
+use super::worker::Core;
 use crate::transport::http_server::{self, Event, Listener};
 use crate::tun::Tun;
 
@@ -81,7 +82,7 @@ impl HttpConnections {
     /// Hand `first` and whatever other events wait (up to a bound) to the endpoint.
     pub async fn receive(
         &mut self,
-        ep: &mut Endpoint,
+        core: &Core,
         tun: &mut Tun,
         first: (usize, Event),
     ) -> std::io::Result<()> {
@@ -100,7 +101,8 @@ impl HttpConnections {
                     self.ws.remove(&conn);
                 }
                 Event::WsData { conn, body } => {
-                    ep.handle_input(now, listener, Input::WebSocket { conn, body: &body }, tun);
+                    let input = Input::WebSocket { conn, body: &body };
+                    core.lock().ep.handle_input(now, listener, input, tun);
                 }
                 Event::Poll {
                     tag,
@@ -117,7 +119,7 @@ impl HttpConnections {
                         body: &body,
                         auth,
                     };
-                    ep.handle_input(now, listener, input, tun);
+                    core.lock().ep.handle_input(now, listener, input, tun);
                 }
             }
             tun.flush().await?;

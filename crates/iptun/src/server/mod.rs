@@ -7,8 +7,10 @@
 
 mod budget;
 mod http;
+mod worker;
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -36,6 +38,7 @@ use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
 use http::HttpConnections;
+use worker::{Assignment, Core, Workers};
 
 /// One listener's socket (UDP and DNS listeners are both UDP sockets);
 /// HTTP listeners' connections live in [`HttpConnections`].
@@ -92,33 +95,40 @@ impl ListenerDriver {
 
     /// Drain the socket (up to a bound) into the endpoint and the TUN
     /// device. Returns whether it ran dry.
+    /// The endpoint's lock is taken once per batch, after the syscall.
     async fn receive(
         &mut self,
-        ep: &mut Endpoint,
+        core: &Core,
         listener: usize,
         tun: &mut Tun,
     ) -> anyhow::Result<bool> {
         match self {
             Self::Udp { rx, .. } => {
                 for _ in 0..MAX_BATCHES_PER_WAKEUP {
-                    let now = Instant::now();
-                    let r = rx.try_recv_batch(|from, bytes| {
-                        ep.handle_input(now, listener, Input::Datagram { from, bytes }, tun);
-                    });
-                    match r {
-                        Ok(()) => {}
+                    let datagrams = match rx.try_recv() {
+                        Ok(d) => d,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
                         // An ICMP error from an earlier send: not ours to stop for.
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                         Err(e) => return Err(e).context("receiving on a UDP socket"),
+                    };
+                    {
+                        let now = Instant::now();
+                        let ep = &mut core.lock().ep;
+                        for (from, bytes) in datagrams {
+                            ep.handle_input(now, listener, Input::Datagram { from, bytes }, tun);
+                        }
                     }
                     tun.flush().await.context("writing to the TUN device")?;
                 }
                 Ok(false)
             }
             Self::Icmp { socket, buf } => {
-                let dry = socket
-                    .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
+                // Only the main loop has ICMP listeners (no other worker
+                // waits on the lock).
+                let dry = {
+                    let ep = &mut core.lock().ep;
+                    socket.drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
                         let input = Input::Icmp {
                             from: r.from,
                             to: r.to,
@@ -126,7 +136,8 @@ impl ListenerDriver {
                         };
                         ep.handle_input(Instant::now(), listener, input, tun);
                     })
-                    .context("receiving on an ICMP socket")?;
+                }
+                .context("receiving on an ICMP socket")?;
                 tun.flush().await.context("writing to the TUN device")?;
                 Ok(dry)
             }
@@ -143,9 +154,43 @@ struct Drivers {
     /// straight into its send batch.
     first_udp: Option<usize>,
     scratch: Vec<u8>,
+    /// What [`Endpoint::poll_transmit`] writes into.
+    transmits: Vec<u8>,
 }
 
 impl Drivers {
+    fn new() -> Self {
+        Self {
+            listeners: Vec::new(),
+            http: HttpConnections::new(),
+            first_udp: None,
+            scratch: vec![0; iptun_proto::endpoint::BUF_LEN],
+            transmits: Vec::new(),
+        }
+    }
+
+    /// A UDP or ICMP socket's buffer is full: reading the TUN device waits
+    /// (backpressure) until it has room again.
+    fn is_blocked(&self) -> bool {
+        self.listeners.iter().any(ListenerDriver::is_blocked)
+    }
+
+    /// What this loop carried, with `tun`, its TUN queue (UDP sockets
+    /// only: ICMP's are counted apart, by the main loop).
+    fn carried(&self, tun: &Tun) -> worker::Carried {
+        let mut c = worker::Carried {
+            tun_packets: tun.packets_read(),
+            ..Default::default()
+        };
+        for l in &self.listeners {
+            if let ListenerDriver::Udp { rx, tx } = l {
+                c.datagrams += rx.received();
+                c.send_buffer_full += tx.dropped();
+            }
+        }
+        c
+    }
+
     /// Send one transmit of `bytes`.
     fn send(&mut self, t: Transmit, bytes: &[u8]) {
         match (&mut self.listeners[t.listener], t.to) {
@@ -187,6 +232,8 @@ struct Settings {
     pcap: Option<(PathBuf, u64)>,
     /// For `https://` listeners.
     tls: Option<tls::ServerTls>,
+    /// Loops carrying traffic: the main one and the workers.
+    workers: usize,
 }
 
 /// Where the admitted keys come from: `--allow` (fixed while the server
@@ -307,6 +354,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         anyhow::ensure!(k >= 1, "--keepalive must be at least 1 second");
         config.keepalive_secs = k;
     }
+    let workers = worker_count(args.workers, &listen, args.pcap.is_some())?;
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config,
@@ -321,7 +369,54 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
             .pcap
             .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         tls,
+        workers,
     })
+}
+
+/// How many loops carry traffic: `--workers`, or one per core where the
+/// listeners allow more than one.
+fn worker_count(asked: Option<usize>, listen: &[Listen], pcap: bool) -> anyhow::Result<usize> {
+    // A raw ICMP socket receives every echo request, and an HTTP
+    // connection lives on the thread that accepted it: those listeners
+    // stay on the main loop, and so does everything else.
+    let single = listen
+        .iter()
+        .find(|l| matches!(l, Listen::Icmp(_) | Listen::Http { .. }));
+    let Some(n) = asked else {
+        return Ok(if single.is_some() || pcap {
+            1
+        } else {
+            worker::default_count()
+        });
+    };
+    anyhow::ensure!(
+        (1..=worker::MAX).contains(&n),
+        "--workers {n}: must be between 1 and {}",
+        worker::MAX
+    );
+    if n > 1 {
+        if let Some(l) = single {
+            anyhow::bail!(
+                "--workers {n}: {}:// listeners are served by one loop; give --workers 1, or listen on udp:// and dns:// only",
+                transport_name(l)
+            );
+        }
+        anyhow::ensure!(
+            !pcap,
+            "--workers {n}: --pcap records one loop's packets; give --workers 1 with --pcap"
+        );
+    }
+    Ok(n)
+}
+
+/// Bind a UDP or DNS listener's socket, shared with the workers' when
+/// there are any.
+fn bind_udp(addr: SocketAddr, workers: usize) -> anyhow::Result<(UdpReceiver, UdpSender)> {
+    if workers > 1 {
+        udp::open(udp::bind_shared(addr)?)
+    } else {
+        udp::bind(addr)
+    }
 }
 
 /// Run the server until SIGINT/SIGTERM.
@@ -335,7 +430,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .transpose()?;
     // Before anything on the system changes: a port in use stops us here.
     let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
-    let mut tun = Tun::create(&s.tun, s.offload)?;
+    let (mut tun, queues) = Tun::create_queues(&s.tun, s.offload, s.workers)?;
     if let Some(c) = capture {
         tun.set_capture(c);
     }
@@ -351,19 +446,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if s.nat {
         netcfg::enable_nat(&mut undo, tun.name(), net4, net6)?;
     }
-    let mut drivers = Drivers {
-        listeners: Vec::new(),
-        http: HttpConnections::new(),
-        first_udp: None,
-        scratch: vec![0; iptun_proto::endpoint::BUF_LEN],
-    };
+    let mut drivers = Drivers::new();
     let mut configs = Vec::new();
     let mut endpoints = Vec::new();
     for l in &s.listen {
         let index = drivers.listeners.len();
         let (driver, config) = match l {
             &Listen::Udp(addr) => {
-                let (rx, tx) = udp::bind(addr)?;
+                let (rx, tx) = bind_udp(addr, s.workers)?;
                 endpoints.push(format!("udp://{}", rx.local_addr()?));
                 drivers.first_udp.get_or_insert(index);
                 (ListenerDriver::Udp { rx, tx }, ListenerConfig::Udp)
@@ -383,7 +473,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             Listen::Dns { addr, domain } => {
                 let d = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
-                let (rx, tx) = udp::bind(*addr).with_context(|| format!("DNS listener {addr}"))?;
+                let (rx, tx) =
+                    bind_udp(*addr, s.workers).with_context(|| format!("DNS listener {addr}"))?;
                 endpoints.push(format!("dns://{}?domain={domain}", rx.local_addr()?));
                 (ListenerDriver::Udp { rx, tx }, ListenerConfig::Dns(d))
             }
@@ -415,7 +506,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             url: e.split(' ').next().unwrap_or(e).to_owned(),
         })
         .collect();
-    let mut ep = Endpoint::new(s.config, configs, Instant::now());
+    let assignments = queues
+        .into_iter()
+        .map(|queue| -> anyhow::Result<Assignment> {
+            let sockets = drivers
+                .listeners
+                .iter()
+                .map(|l| match l {
+                    ListenerDriver::Udp { rx, .. } => udp::bind_shared(rx.local_addr()?),
+                    _ => unreachable!("workers serve UDP sockets only (see settings)"),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Assignment { queue, sockets })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let core = Core::new(Endpoint::new(s.config, configs, Instant::now()), s.workers);
+    let mut workers = Workers::spawn(&core, assignments)?;
     let (requests, mut asked) = service::channel();
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
@@ -432,14 +538,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tracing::info!("listening on {e}");
     }
     let addr_text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    tracing::info!("server up on {} with {}", tun.name(), addr_text.join(", "));
+    tracing::info!(
+        "server up on {} with {}, traffic on {} loops (--workers)",
+        tun.name(),
+        addr_text.join(", "),
+        s.workers
+    );
 
     let mut reports = tokio::time::interval(Duration::from_secs(10));
     let mut drops = DropReporter::new();
     let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
     let mut hangup = daemon::hangup_signal()?;
-    let mut buf = Vec::new();
     service::ready(&format!("serving on {}", endpoints.join(", ")));
     // One timer, moved only when the deadline changes.
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -447,67 +557,77 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let written = tun.written();
     loop {
-        let deadline = ep.poll_timeout().unwrap_or(never);
+        let deadline = core.main_deadline().unwrap_or(never);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
-        // A UDP socket buffer is full: the TUN device waits (backpressure)
-        // until it has room again.
-        let blocked = drivers.listeners.iter().any(ListenerDriver::is_blocked);
+        let blocked = drivers.is_blocked();
         tokio::select! {
             () = &mut shutdown => break,
+            e = workers.failed() => return Err(e),
+            // A worker's batch needs the timer sooner: the loop resets it.
+            () = core.main_woken() => {}
             r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
-                if !from_tun(&mut ep, &mut tun, &mut drivers)? {
+                if !from_tun(&core, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
             (i, writable) = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
                 if writable {
                     drivers.listeners[i].retry();
-                } else if !drivers.listeners[i].receive(&mut ep, i, &mut tun).await? {
+                } else if !drivers.listeners[i].receive(&core, i, &mut tun).await? {
                     // More waited than a wakeup's worth: the server is not
                     // keeping up, and handshakes must prove their address.
-                    ep.note_backlog(Instant::now());
+                    core.lock().ep.note_backlog(Instant::now());
                     tokio::task::yield_now().await;
                 }
             }
             ev = drivers.http.next_event() => {
                 if let Some(ev) = ev {
-                    drivers.http.receive(&mut ep, &mut tun, ev).await.context("writing to the TUN device")?;
+                    drivers.http.receive(&core, &mut tun, ev).await.context("writing to the TUN device")?;
                 }
             }
             // Packets staged while the TUN writer was busy: it is done now.
             () = written.notified(), if tun.has_staged() => {
                 tun.flush().await.context("writing to the TUN device")?;
             }
-            () = &mut timer => ep.handle_timeout(Instant::now()),
-            _ = reports.tick() => drops.tick(Instant::now(), ep.drops()),
+            () = &mut timer => core.lock().ep.handle_timeout(Instant::now()),
+            _ = reports.tick() => drops.tick(Instant::now(), core.lock().ep.drops()),
             c = control.accept() => {
                 if let Ok(c) = c {
                     control::serve(c, requests.clone());
                 }
             }
-            Some(request) = asked.recv() => match request {
-                Request::Status(reply) => {
-                    let _ = reply.send(status(&ep, &drivers, tun.name(), &addr_text, &endpoints));
+            Some(request) = asked.recv() => {
+                let shared = &mut *core.lock();
+                match request {
+                    Request::Status(reply) => {
+                        shared.carried[0] = drivers.carried(&tun);
+                        let status = status(shared, &drivers, tun.name(), &addr_text, &endpoints);
+                        let _ = reply.send(status);
+                    }
+                    Request::Metrics(reply) => {
+                        let queue_full = drivers.http.queue_full;
+                        let _ = reply.send(metrics::server(&shared.ep, &labels, per_client, queue_full));
+                    }
+                    Request::Reload(reply) => {
+                        let _ = reply.send(reload(&mut shared.ep, &s.allow).map_err(|e| {
+                            format!("reload refused, the admitted keys stay as they were: {e:#}")
+                        }));
+                    }
                 }
-                Request::Metrics(reply) => {
-                    let queue_full = drivers.http.queue_full;
-                    let _ = reply.send(metrics::server(&ep, &labels, per_client, queue_full));
-                }
-                Request::Reload(reply) => {
-                    let _ = reply.send(reload(&mut ep, &s.allow).map_err(|e| {
-                        format!("reload refused, the admitted keys stay as they were: {e:#}")
-                    }));
-                }
-            },
+            }
             _ = hangup.recv() => {
-                let _ = reload(&mut ep, &s.allow);
+                let _ = reload(&mut core.lock().ep, &s.allow);
             }
         }
-        transmit(&mut ep, &mut drivers, &mut buf);
+        transmit(&mut core.lock().ep, &mut drivers);
+        drivers.flush();
     }
+    // The workers close their TUN queues and sockets before the network
+    // settings are undone.
+    drop(workers);
     drop(undo);
     Ok(())
 }
@@ -585,35 +705,41 @@ fn ready_listener(
     Poll::Pending
 }
 
-/// Send what the endpoint has to send, and flush every batch.
-fn transmit(ep: &mut Endpoint, drivers: &mut Drivers, buf: &mut Vec<u8>) {
+/// Send what the endpoint has to send, into the batches (flushed by the
+/// caller, once the endpoint's lock is released).
+fn transmit(ep: &mut Endpoint, drivers: &mut Drivers) {
     let now = Instant::now();
-    while let Some(t) = ep.poll_transmit(now, buf) {
+    let mut buf = std::mem::take(&mut drivers.transmits);
+    while let Some(t) = ep.poll_transmit(now, &mut buf) {
         if let Destination::PollAnswer(request) = t.to {
-            drivers.http.answer(request, std::mem::take(buf)); // no copy of the body
+            drivers.http.answer(request, std::mem::take(&mut buf)); // no copy of the body
         } else {
             drivers.send(t, &buf[..t.len]);
         }
     }
-    drivers.flush();
+    drivers.transmits = buf;
 }
 
 /// Drain the TUN device (up to a bound): seal each packet for the client
 /// that owns its destination. Returns whether the device ran dry.
-fn from_tun(ep: &mut Endpoint, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::Result<bool> {
+fn from_tun(core: &Core, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::Result<bool> {
     let mut dry = false;
     for _ in 0..MAX_BATCHES_PER_WAKEUP {
-        let now = Instant::now();
-        let result = tun.try_read_batch(|packet| from_tun_packet(ep, drivers, now, packet));
-        match result {
-            // A full socket buffer: read no more until it has room.
-            Ok(()) if drivers.listeners.iter().any(ListenerDriver::is_blocked) => break,
-            Ok(()) => {}
+        let packets = match tun.try_read() {
+            Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 dry = true;
                 break;
             }
             Err(e) => return Err(e).context("reading the TUN device"),
+        };
+        let now = Instant::now();
+        for packet in packets {
+            from_tun_packet(core, drivers, now, packet);
+        }
+        // A full socket buffer: read no more until it has room.
+        if drivers.is_blocked() {
+            break;
         }
     }
     drivers.flush();
@@ -622,8 +748,9 @@ fn from_tun(ep: &mut Endpoint, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::
 
 /// One packet from the TUN device: sealed straight into the first UDP
 /// listener's send batch (no copy) when it goes there, else sent from a
-/// scratch buffer by its own listener.
-fn from_tun_packet(ep: &mut Endpoint, drivers: &mut Drivers, now: Instant, packet: &[u8]) {
+/// scratch buffer by its own listener. The endpoint's lock is held for
+/// the sealing only: a send batch that fills leaves (a syscall) after.
+fn from_tun_packet(core: &Core, drivers: &mut Drivers, now: Instant, packet: &[u8]) {
     let Drivers {
         listeners,
         first_udp,
@@ -635,7 +762,7 @@ fn from_tun_packet(ep: &mut Endpoint, drivers: &mut Drivers, now: Instant, packe
         && let ListenerDriver::Udp { tx, .. } = &mut listeners[u]
     {
         tx.send_with_any(|buf| {
-            let t = ep.handle_tun_packet(now, packet, buf)?;
+            let t = core.lock().ep.handle_tun_packet(now, packet, buf)?;
             match t.to {
                 Destination::Udp(peer) if t.listener == u => Some((peer, t.len)),
                 _ => {
@@ -646,7 +773,7 @@ fn from_tun_packet(ep: &mut Endpoint, drivers: &mut Drivers, now: Instant, packe
             }
         });
     } else {
-        elsewhere = ep.handle_tun_packet(now, packet, scratch);
+        elsewhere = core.lock().ep.handle_tun_packet(now, packet, scratch);
     }
     if let Some(t) = elsewhere {
         let bytes = std::mem::take(&mut drivers.scratch);
@@ -697,12 +824,13 @@ fn dns_counters(
 }
 
 fn status(
-    ep: &Endpoint,
+    shared: &worker::Shared,
     drivers: &Drivers,
     tun: &str,
     addresses: &[String],
     endpoints: &[String],
 ) -> Status {
+    let ep = &shared.ep;
     let now = Instant::now();
     let transport = |path: &iptun_proto::endpoint::Path| match (
         path.kind(),
@@ -740,12 +868,15 @@ fn status(
     if drivers.http.queue_full > 0 {
         drops.insert("http_queue_full".into(), drivers.http.queue_full);
     }
-    for l in &drivers.listeners {
-        let (name, n) = match l {
-            ListenerDriver::Udp { tx, .. } => (udp::SEND_BUFFER_FULL, tx.dropped()),
-            ListenerDriver::Icmp { socket, .. } => (icmp::SEND_BUFFER_FULL, socket.dropped()),
-            ListenerDriver::Http { .. } => continue,
-        };
+    let udp_full: u64 = shared.carried.iter().map(|c| c.send_buffer_full).sum();
+    let icmp_full = drivers.listeners.iter().map(|l| match l {
+        ListenerDriver::Icmp { socket, .. } => socket.dropped(),
+        _ => 0,
+    });
+    for (name, n) in [
+        (udp::SEND_BUFFER_FULL, udp_full),
+        (icmp::SEND_BUFFER_FULL, icmp_full.sum()),
+    ] {
         if n > 0 {
             *drops.entry(name.into()).or_default() += n;
         }
@@ -767,5 +898,13 @@ fn status(
         paths: Vec::new(),
         moves: None,
         searching: false,
+        workers: shared
+            .carried
+            .iter()
+            .map(|c| control::WorkerStatus {
+                datagrams: c.datagrams,
+                tun_packets: c.tun_packets,
+            })
+            .collect(),
     }
 }

@@ -34,6 +34,31 @@ pub use iptun_proto::endpoint::UdpAddr as Peer;
 /// Bind a UDP socket to `addr` and return its receiving and sending halves.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
     let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    open(socket)
+}
+
+/// Bind one of several sockets sharing `addr` (`SO_REUSEPORT`): the kernel
+/// spreads the datagrams over them by their source and destination, so
+/// each client's datagrams keep to one socket. Any of them sends from
+/// `addr`. Only sockets of the same user can join the group. Serve it
+/// with [`open`], from the thread whose runtime is to wait on it.
+pub fn bind_shared(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let bind = || -> io::Result<std::net::UdpSocket> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        Ok(socket.into())
+    };
+    bind().with_context(|| format!("binding UDP {addr} (shared with the other workers)"))
+}
+
+/// A bound socket's receiving and sending halves, registered with this
+/// thread's runtime.
+pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSender)> {
     socket.set_nonblocking(true)?;
     sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
     let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
@@ -44,6 +69,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> {
         state: state.clone(),
         bufs: vec![0; RECV_BUFFER_LEN * RECV_BUFFERS],
         meta: vec![RecvMeta::default(); RECV_BUFFERS],
+        received: 0,
     };
     Ok((
         receiver,
@@ -75,12 +101,19 @@ pub struct UdpReceiver {
     /// `RECV_BUFFERS` receive buffers back to back.
     bufs: Vec<u8>,
     meta: Vec<RecvMeta>,
+    /// Datagrams received so far.
+    received: u64,
 }
 
 impl UdpReceiver {
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// Ready for a receive (as a poll function, so a loop can wait on many).
@@ -91,11 +124,21 @@ impl UdpReceiver {
     /// Receive one batch without blocking and hand each datagram to `f`.
     /// Returns `WouldBlock` when nothing is pending.
     pub fn try_recv_batch(&mut self, mut f: impl FnMut(Peer, &[u8])) -> io::Result<()> {
+        for (peer, datagram) in self.try_recv()? {
+            f(peer, datagram);
+        }
+        Ok(())
+    }
+
+    /// Receive one batch without blocking: its datagrams, with where each
+    /// came from. Returns `WouldBlock` when nothing is pending.
+    pub fn try_recv(&mut self) -> io::Result<impl Iterator<Item = (Peer, &[u8])>> {
         let Self {
             socket,
             state,
             bufs,
             meta,
+            received,
         } = self;
         let mut chunks = bufs.chunks_mut(RECV_BUFFER_LEN);
         let mut slices: [IoSliceMut<'_>; RECV_BUFFERS] =
@@ -103,17 +146,19 @@ impl UdpReceiver {
         let n = socket.try_io(Interest::READABLE, || {
             state.recv(UdpSockRef::from(&**socket), &mut slices, meta)
         })?;
-        for (m, buf) in meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n) {
-            // With GRO one buffer holds several datagrams of `stride` bytes.
+        let batch = meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n);
+        *received += batch
+            .clone()
+            .map(|(m, _)| m.len.div_ceil(m.stride.max(1)) as u64)
+            .sum::<u64>();
+        Ok(batch.flat_map(|(m, buf)| {
             let peer = Peer {
                 addr: m.addr,
                 local: m.dst_ip,
             };
-            for datagram in buf[..m.len].chunks(m.stride.max(1)) {
-                f(peer, datagram);
-            }
-        }
-        Ok(())
+            // With GRO one buffer holds several datagrams of `stride` bytes.
+            buf[..m.len].chunks(m.stride.max(1)).map(move |d| (peer, d))
+        }))
     }
 }
 

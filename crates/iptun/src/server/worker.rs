@@ -1,0 +1,238 @@
+//! Workers: the server's data path on every core.
+//!
+//! Each worker is a thread with a runtime of its own, one queue of the
+//! multi-queue TUN device and one socket of each UDP or DNS listener, all
+//! bound to the same address (`SO_REUSEPORT`). The kernel keeps a client's
+//! datagrams on one socket (it picks by source and destination) and sends
+//! the replies of a flow to the queue that wrote the flow's packets, so a
+//! client's traffic stays on one worker both ways; several clients, or
+//! several flows of one, spread over the cores.
+//!
+//! The workers share the one [`Endpoint`] (sessions, handshakes, every
+//! transport's state) under a lock taken once per batch of packets, never
+//! across an await, and never around a syscall: reads, writes and sends,
+//! where the kernel does most of the work, run in parallel. The main loop
+//! is worker 0; it alone keeps the timers, the control socket, and the
+//! ICMP and HTTP listeners (a raw socket sees every echo request, and an
+//! HTTP connection lives on one thread), so a server with those runs one
+//! worker.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use iptun_proto::endpoint::Endpoint;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Drivers, ListenerDriver, from_tun, ready_listener, transmit};
+use crate::transport::udp;
+use crate::tun::{Queue, Tun};
+
+/// What every worker shares.
+pub struct Core {
+    state: Mutex<Shared>,
+    /// A worker's batch set a deadline before the one the main loop
+    /// sleeps to (a handshake's first sweep, a DNS answer's fill wait).
+    wake_main: Notify,
+}
+
+/// The state behind [`Core`]'s lock.
+pub struct Shared {
+    pub ep: Endpoint,
+    /// When the main loop's timer fires next.
+    main_deadline: Option<Instant>,
+    /// What each worker carried, as of its last batch (the main loop's,
+    /// first, is counted when asked: see [`Drivers::carried`]).
+    pub carried: Vec<Carried>,
+}
+
+/// What one loop carried.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Carried {
+    /// Datagrams received on its sockets.
+    pub datagrams: u64,
+    /// Packets read from its TUN queue.
+    pub tun_packets: u64,
+    /// Datagrams it dropped for a full socket buffer.
+    pub send_buffer_full: u64,
+}
+
+impl Core {
+    /// The endpoint, to be served by `loops` loops (the main one included).
+    pub fn new(ep: Endpoint, loops: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(Shared {
+                ep,
+                main_deadline: None,
+                carried: vec![Carried::default(); loops],
+            }),
+            wake_main: Notify::new(),
+        })
+    }
+
+    /// Take the lock (a worker that panicked holding it has already
+    /// stopped the server: see [`Workers`]).
+    pub fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The main loop: when its timer is due, to sleep until then.
+    pub fn main_deadline(&self) -> Option<Instant> {
+        let mut shared = self.lock();
+        shared.main_deadline = shared.ep.poll_timeout();
+        shared.main_deadline
+    }
+
+    /// Resolves when a worker moved the main loop's deadline earlier.
+    pub async fn main_woken(&self) {
+        self.wake_main.notified().await;
+    }
+
+    /// After a worker's batch: wake the main loop if the endpoint's next
+    /// deadline came before the one it sleeps to.
+    fn after_batch(&self, shared: &mut Shared) {
+        let next = shared.ep.poll_timeout();
+        if next.is_some_and(|t| shared.main_deadline.is_none_or(|d| t < d)) {
+            shared.main_deadline = next;
+            self.wake_main.notify_one();
+        }
+    }
+}
+
+/// The workers besides the main loop, running until dropped.
+pub struct Workers {
+    stop: CancellationToken,
+    threads: Vec<JoinHandle<()>>,
+    /// A worker that stopped on an error (or panicked), and why.
+    failed: mpsc::UnboundedReceiver<anyhow::Error>,
+}
+
+/// What a worker serves: a TUN queue and, for each of the endpoint's
+/// listeners (in order), a socket sharing that listener's address.
+pub struct Assignment {
+    pub queue: Queue,
+    pub sockets: Vec<std::net::UdpSocket>,
+}
+
+impl Workers {
+    /// Start one worker per assignment (numbered from 1: the main loop is 0).
+    pub fn spawn(core: &Arc<Core>, assignments: Vec<Assignment>) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let (report, failed) = mpsc::unbounded_channel();
+        let mut threads = Vec::new();
+        for (n, a) in (1..).zip(assignments) {
+            let (core, stop, report) = (core.clone(), stop.clone(), report.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("iptun worker {n}"))
+                .spawn(move || {
+                    // A panic in the worker is reported like an error.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(&core, n, a, &stop)
+                    }))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
+                    if let Err(e) = outcome {
+                        let _ = report.send(e.context(format!("worker {n}")));
+                    }
+                })
+                .context("starting a worker thread")?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            stop,
+            threads,
+            failed,
+        })
+    }
+
+    /// Resolves with the error of the first worker that stopped.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        match self.failed.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await, // no workers
+        }
+    }
+}
+
+impl Drop for Workers {
+    /// Stop every worker and wait for it: its TUN queue and sockets close
+    /// before the server undoes its network settings.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(core: &Arc<Core>, n: usize, a: Assignment, stop: &CancellationToken) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let tun = Tun::open_queue(a.queue)?;
+        let mut drivers = Drivers::new();
+        for (i, socket) in a.sockets.into_iter().enumerate() {
+            let (rx, tx) = udp::open(socket)?;
+            drivers.first_udp.get_or_insert(i);
+            drivers.listeners.push(ListenerDriver::Udp { rx, tx });
+        }
+        serve(core, n, tun, drivers, stop).await
+    })
+}
+
+/// One worker's loop: the main loop's data path, without its timers and
+/// control.
+async fn serve(
+    core: &Core,
+    n: usize,
+    mut tun: Tun,
+    mut drivers: Drivers,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let written = tun.written();
+    loop {
+        let blocked = drivers.is_blocked();
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            r = tun.readable(), if !blocked => {
+                r.context("waiting on the TUN device")?;
+                if !from_tun(core, &mut tun, &mut drivers)? {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (i, writable) = poll_fn(|cx| ready_listener(&drivers.listeners, cx)) => {
+                if writable {
+                    drivers.listeners[i].retry();
+                } else if !drivers.listeners[i].receive(core, i, &mut tun).await? {
+                    core.lock().ep.note_backlog(Instant::now());
+                    tokio::task::yield_now().await;
+                }
+            }
+            () = written.notified(), if tun.has_staged() => {
+                tun.flush().await.context("writing to the TUN device")?;
+            }
+        }
+        let mut shared = core.lock();
+        transmit(&mut shared.ep, &mut drivers);
+        shared.carried[n] = drivers.carried(&tun);
+        core.after_batch(&mut shared);
+        drop(shared);
+        drivers.flush();
+    }
+}
+
+/// Workers to start by default: one per core, at most `MAX_DEFAULT`.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_DEFAULT))
+}
+
+/// Beyond this many, the shared endpoint's lock (about a fifth of a
+/// packet's work happens under it) gains little from more threads.
+const MAX_DEFAULT: usize = 8;
+
+/// The most workers `--workers` takes (a TUN device has at most 256 queues).
+pub const MAX: usize = 64;
