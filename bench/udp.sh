@@ -285,6 +285,7 @@ if want clients; then
         log "$name: per client ${PER_CLIENT[*]} Mbit/s"
         PER_CLIENT_OF[$name]="${PER_CLIENT[*]}"
         note_rss "$name" "$IT_S" "${CLIENT_PIDS[0]}"
+        log "$name: $(ip netns exec "$NS_S" "$IPTUN" status | grep -o '[0-9]* workers.*' || echo 'one loop')"
         kill -0 "$IT_S" 2>/dev/null || die "iptun server exited during the measurement"
         stop_pids "$IT_S" "${CLIENT_PIDS[@]}"
     done

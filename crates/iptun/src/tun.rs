@@ -33,14 +33,17 @@ const WRITE_BATCH: usize = 256;
 /// megabyte holds more than `WRITE_BATCH` packets); beyond, packets are
 /// dropped and counted by the caller.
 const MAX_WRITE_BATCH: usize = 8192;
-/// Capacity of every write buffer. tun-rs coalesces a TCP or UDP flow's
+/// The most a write buffer grows to. tun-rs coalesces a TCP or UDP flow's
 /// packets into the buffer of the flow's first packet, and only when that
-/// buffer can hold the whole superpacket without reallocating (its
-/// `InsufficientCap` check: `2 * offset + coalesced length`). With smaller
-/// buffers nothing coalesces and every packet is its own write, and its own
-/// trip through the kernel's TCP receive path. Untouched capacity costs
-/// address space, not memory: only a superpacket's head buffer is filled.
+/// buffer says it can hold the whole superpacket (its `InsufficientCap`
+/// check: `2 * offset + coalesced length`). With less nothing coalesces
+/// and every packet is its own write, and its own trip through the
+/// kernel's TCP receive path.
 const WRITE_BUFFER: usize = 2 * HEADROOM + MAX_PACKET;
+/// What a write buffer holds of its own: a packet at the default MTU.
+const PACKET_BUFFER: usize = 2 * HEADROOM + 1500;
+/// Superpacket-sized buffers a thread keeps for coalescing, at most.
+const LARGE_POOL: usize = 64;
 /// Packets staged while the writer thread is busy before [`Tun::flush`]
 /// waits for it (backpressure on the loop) instead of staging more.
 const DEFER_LIMIT: usize = 2 * IDEAL_BATCH_SIZE;
@@ -48,22 +51,35 @@ const DEFER_LIMIT: usize = 2 * IDEAL_BATCH_SIZE;
 /// is idle: a ping or a few ACKs should not wait for a thread to wake.
 const INLINE_MAX: usize = 8;
 
+thread_local! {
+    /// Superpacket-sized buffers, lent to the write buffers tun-rs
+    /// coalesces into for the time of one write ([`PacketBuf::release`]).
+    /// Any buffer of a batch may become a superpacket's head: were each
+    /// one superpacket-sized, all of them would come to be filled once
+    /// and stay in memory (tens of MiB per TUN queue). The heads of one
+    /// write are few, and so are these.
+    static LARGE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One packet buffer of a write batch: `HEADROOM` bytes, then the packet.
 /// Its bytes stay initialized between uses, so staging a packet does not
 /// zero the buffer first (the packet is written over it at once).
 #[derive(Default)]
 struct PacketBuf {
-    /// Initialized bytes (the most ever used); capacity `WRITE_BUFFER`.
+    /// Initialized bytes (the most ever used).
     bytes: Vec<u8>,
     /// Bytes in use.
     len: usize,
+    /// The buffer's own bytes while `bytes` is a large one from [`LARGE`].
+    own: Option<Vec<u8>>,
 }
 
 impl PacketBuf {
     fn new() -> Self {
         Self {
-            bytes: Vec::with_capacity(WRITE_BUFFER),
+            bytes: Vec::with_capacity(PACKET_BUFFER),
             len: 0,
+            own: None,
         }
     }
 
@@ -73,6 +89,38 @@ impl PacketBuf {
             self.bytes.resize(len, 0);
         }
         self.len = len;
+    }
+
+    /// Coalescing is about to grow the packet to `len` bytes: beyond the
+    /// buffer's own capacity, it continues in a large buffer of the pool.
+    fn reserve_coalescing(&mut self, len: usize) {
+        if len <= self.bytes.capacity() {
+            return;
+        }
+        let mut large = LARGE
+            .with(|pool| pool.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER));
+        if large.len() < self.len {
+            large.resize(self.len, 0);
+        }
+        large[..self.len].copy_from_slice(&self.bytes[..self.len]);
+        let own = std::mem::replace(&mut self.bytes, large);
+        self.own.get_or_insert(own);
+    }
+
+    /// After a write: a large buffer goes back to the pool (of the thread
+    /// that wrote, the one whose coalescing took it).
+    fn release(&mut self) {
+        if let Some(own) = self.own.take() {
+            let large = std::mem::replace(&mut self.bytes, own);
+            self.len = 0;
+            LARGE.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < LARGE_POOL {
+                    pool.push(large);
+                }
+            });
+        }
     }
 }
 
@@ -89,11 +137,13 @@ impl AsMut<[u8]> for PacketBuf {
 }
 
 impl ExpandBuffer for PacketBuf {
+    /// What coalescing may grow the buffer to (see [`LARGE`]).
     fn buf_capacity(&self) -> usize {
-        self.bytes.capacity()
+        self.bytes.capacity().max(WRITE_BUFFER)
     }
 
     fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.reserve_coalescing(new_len);
         let old = self.len;
         self.set_len(new_len);
         if new_len > old {
@@ -103,6 +153,7 @@ impl ExpandBuffer for PacketBuf {
 
     fn buf_extend_from_slice(&mut self, src: &[u8]) {
         let at = self.len;
+        self.reserve_coalescing(at + src.len());
         self.set_len(at + src.len());
         self.bytes[at..at + src.len()].copy_from_slice(src);
     }
@@ -142,20 +193,24 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(device: Arc<AsyncDevice>, name: &str, done: Arc<Notify>) -> io::Result<Self> {
+    /// The thread is called `thread` (at most 15 bytes show).
+    fn spawn(device: Arc<AsyncDevice>, thread: &str, done: Arc<Notify>) -> io::Result<Self> {
         let (to_thread, batches) = mpsc::sync_channel::<WriteBatch>(1);
         let (back, written) = tokio::sync::mpsc::channel(1);
         let error = Arc::new(Mutex::new(None));
         let thread_error = error.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("{name} writer"))
+            .name(thread.to_owned())
             .spawn(move || {
                 let mut gro = GROTable::default();
                 // The blocking write (a TUN write never waits for room).
                 let sync: &tun_rs::DeviceImpl = &device;
                 while let Ok(mut batch) = batches.recv() {
                     let staged = std::mem::take(&mut batch.staged);
-                    match sync.send_multiple(&mut gro, &mut batch.bufs[..staged], HEADROOM) {
+                    let bufs = &mut batch.bufs[..staged];
+                    let result = sync.send_multiple(&mut gro, bufs, HEADROOM);
+                    bufs.iter_mut().for_each(PacketBuf::release);
+                    match result {
                         Ok(_) => {}
                         // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.
                         Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -230,12 +285,16 @@ impl Drop for Writer {
 pub struct Queue {
     device: tun_rs::SyncDevice,
     name: String,
+    /// 0 for the first queue.
+    index: usize,
 }
 
 /// An open TUN device (one queue of it) with its batch buffers.
 pub struct Tun {
     device: Arc<AsyncDevice>,
     name: String,
+    /// Which queue of the device this is (0 for the first).
+    queue: usize,
     /// Raw read buffer (virtio header plus superpacket).
     raw: Vec<u8>,
     /// Packets read: `HEADROOM` bytes, then the packet.
@@ -286,17 +345,22 @@ impl Tun {
             })?;
         let name = device.name().unwrap_or_else(|_| name.to_owned());
         let others = (1..queues)
-            .map(|_| {
+            .map(|index| {
                 let device = device
                     .try_clone()
                     .with_context(|| format!("opening another queue of {name}"))?;
                 Ok(Queue {
                     device,
                     name: name.clone(),
+                    index,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let tun = Self::open_queue(Queue { device, name })?;
+        let tun = Self::open_queue(Queue {
+            device,
+            name,
+            index: 0,
+        })?;
         Ok((tun, others))
     }
 
@@ -307,8 +371,13 @@ impl Tun {
         Ok(Self {
             device: Arc::new(device),
             name: queue.name,
+            queue: queue.index,
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            read_bufs: vec![vec![0; HEADROOM + MAX_PACKET]; IDEAL_BATCH_SIZE],
+            // Not `vec![vec![..]; n]`, whose clones would copy (and so
+            // bring into memory) every buffer's zeros.
+            read_bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| vec![0; HEADROOM + MAX_PACKET])
+                .collect(),
             read_sizes: vec![0; IDEAL_BATCH_SIZE],
             batch: WriteBatch::new(),
             writer: None,
@@ -423,7 +492,10 @@ impl Tun {
             Some(w) => w,
             None => self.writer.insert(Writer::spawn(
                 self.device.clone(),
-                &self.name,
+                &match self.queue {
+                    0 => format!("{} writer", self.name),
+                    q => format!("{} writer {q}", self.name),
+                },
                 self.written.clone(),
             )?),
         };
@@ -453,7 +525,9 @@ impl Tun {
             c.flush();
         }
         let sync: &tun_rs::DeviceImpl = &self.device;
-        match sync.send_multiple(&mut self.gro, bufs, HEADROOM) {
+        let result = sync.send_multiple(&mut self.gro, bufs, HEADROOM);
+        bufs.iter_mut().for_each(PacketBuf::release);
+        match result {
             Ok(_) => Ok(()),
             // A packet the kernel refuses (e.g. a bad header) must not stop the tunnel.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
@@ -527,6 +601,16 @@ mod tests {
         b.buf_extend_from_slice(b"xy");
         assert_eq!(b.as_ref(), b"abcde\0\0xy");
         assert!(b.buf_capacity() >= WRITE_BUFFER);
+        // Coalescing past the buffer's own capacity borrows a large one,
+        // which goes back after the write; the packet's bytes move along.
+        let own = b.bytes.capacity();
+        b.buf_extend_from_slice(&[7; 4096]);
+        assert!(b.bytes.capacity() >= WRITE_BUFFER);
+        assert_eq!(&b.as_ref()[..9], b"abcde\0\0xy");
+        assert_eq!(b.as_ref().len(), 9 + 4096);
+        b.release();
+        assert_eq!(b.bytes.capacity(), own);
+        assert_eq!(LARGE.with(|p| p.borrow().len()), 1, "back in the pool");
     }
 
     fn threads_named(name: &str) -> usize {
