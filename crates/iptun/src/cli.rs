@@ -169,10 +169,10 @@ pub struct ServerArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_offload: bool,
-    /// Threads carrying the traffic of udp:// and dns:// listeners, each
-    /// with its own queue of the TUN device and its own socket on each
-    /// listener's port; clients spread over them [default: one per core,
-    /// at most 8; 1 when there are icmp:// or http(s):// listeners or --pcap].
+    /// Threads carrying the traffic of udp:// listeners, each with its own
+    /// queue of the TUN device and its own socket on each listener's port;
+    /// clients spread over them (the other transports stay with the first)
+    /// [default: one per core, at most 8; 1 with --pcap].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Read settings from this TOML file (keys named like the flags).

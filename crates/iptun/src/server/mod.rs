@@ -55,6 +55,9 @@ enum ListenerDriver {
     Http {
         tls: bool,
     },
+    /// In a worker, a listener only the main loop serves (DNS, ICMP,
+    /// HTTP): what the worker has to send on it goes to the main loop.
+    Main,
 }
 
 impl ListenerDriver {
@@ -63,7 +66,7 @@ impl ListenerDriver {
         match self {
             Self::Udp { tx, .. } => tx.is_blocked(),
             Self::Icmp { socket, .. } => socket.is_blocked(),
-            Self::Http { .. } => false,
+            Self::Http { .. } | Self::Main => false,
         }
     }
 
@@ -72,7 +75,7 @@ impl ListenerDriver {
         match self {
             Self::Udp { tx, .. } => tx.poll_writable(cx),
             Self::Icmp { socket, .. } => socket.poll_writable(cx),
-            Self::Http { .. } => Poll::Pending,
+            Self::Http { .. } | Self::Main => Poll::Pending,
         }
     }
 
@@ -81,7 +84,7 @@ impl ListenerDriver {
         match self {
             Self::Udp { tx, .. } => tx.retry(),
             Self::Icmp { socket, .. } => socket.retry(),
-            Self::Http { .. } => {}
+            Self::Http { .. } | Self::Main => {}
         }
     }
 
@@ -89,7 +92,7 @@ impl ListenerDriver {
         match self {
             Self::Udp { rx, .. } => rx.poll_readable(cx).map(drop),
             Self::Icmp { socket, .. } => socket.poll_readable(cx).map(drop),
-            Self::Http { .. } => Poll::Pending,
+            Self::Http { .. } | Self::Main => Poll::Pending,
         }
     }
 
@@ -141,7 +144,7 @@ impl ListenerDriver {
                 tun.flush().await.context("writing to the TUN device")?;
                 Ok(dry)
             }
-            Self::Http { .. } => Ok(true),
+            Self::Http { .. } | Self::Main => Ok(true),
         }
     }
 }
@@ -156,6 +159,10 @@ struct Drivers {
     scratch: Vec<u8>,
     /// What [`Endpoint::poll_transmit`] writes into.
     transmits: Vec<u8>,
+    /// In a worker: where transmits for [`ListenerDriver::Main`] go.
+    main: Option<worker::ToMain>,
+    /// Transmits dropped because that queue was full.
+    to_main_full: u64,
 }
 
 impl Drivers {
@@ -166,6 +173,8 @@ impl Drivers {
             first_udp: None,
             scratch: vec![0; iptun_proto::endpoint::BUF_LEN],
             transmits: Vec::new(),
+            main: None,
+            to_main_full: 0,
         }
     }
 
@@ -188,12 +197,35 @@ impl Drivers {
                 c.send_buffer_full += tx.dropped();
             }
         }
+        c.to_main_full = self.to_main_full;
         c
+    }
+
+    /// Send a transmit whose bytes are ours to keep (no copy of a
+    /// long-poll body).
+    fn send_owned(&mut self, t: Transmit, bytes: Vec<u8>) {
+        match (&self.listeners[t.listener], t.to) {
+            (ListenerDriver::Main, _) => self.hand_to_main(t, bytes),
+            (ListenerDriver::Http { .. }, Destination::PollAnswer(request)) => {
+                self.http.answer(request, bytes);
+            }
+            _ => self.send(t, &bytes),
+        }
+    }
+
+    /// Hand a transmit to the main loop, or drop it (counted) when the
+    /// main loop is that far behind.
+    fn hand_to_main(&mut self, t: Transmit, bytes: Vec<u8>) {
+        let sent = self.main.as_ref().map(|m| m.try_send((t, bytes)));
+        if !matches!(sent, Some(Ok(()))) {
+            self.to_main_full += 1;
+        }
     }
 
     /// Send one transmit of `bytes`.
     fn send(&mut self, t: Transmit, bytes: &[u8]) {
         match (&mut self.listeners[t.listener], t.to) {
+            (ListenerDriver::Main, _) => self.hand_to_main(t, bytes.to_vec()),
             (ListenerDriver::Udp { tx, .. }, Destination::Udp(peer)) => tx.send(peer, bytes),
             (ListenerDriver::Icmp { socket, .. }, Destination::Icmp { to, from }) => {
                 let _ = socket.send(to, Some(from), bytes);
@@ -354,7 +386,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         anyhow::ensure!(k >= 1, "--keepalive must be at least 1 second");
         config.keepalive_secs = k;
     }
-    let workers = worker_count(args.workers, &listen, args.pcap.is_some())?;
+    let workers = worker_count(args.workers, args.pcap.is_some())?;
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config,
@@ -373,39 +405,21 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
     })
 }
 
-/// How many loops carry traffic: `--workers`, or one per core where the
-/// listeners allow more than one.
-fn worker_count(asked: Option<usize>, listen: &[Listen], pcap: bool) -> anyhow::Result<usize> {
-    // A raw ICMP socket receives every echo request, and an HTTP
-    // connection lives on the thread that accepted it: those listeners
-    // stay on the main loop, and so does everything else.
-    let single = listen
-        .iter()
-        .find(|l| matches!(l, Listen::Icmp(_) | Listen::Http { .. }));
+/// How many loops carry traffic: `--workers`, or one per core (one with
+/// `--pcap`, which records what one loop sees).
+fn worker_count(asked: Option<usize>, pcap: bool) -> anyhow::Result<usize> {
     let Some(n) = asked else {
-        return Ok(if single.is_some() || pcap {
-            1
-        } else {
-            worker::default_count()
-        });
+        return Ok(if pcap { 1 } else { worker::default_count() });
     };
     anyhow::ensure!(
         (1..=worker::MAX).contains(&n),
         "--workers {n}: must be between 1 and {}",
         worker::MAX
     );
-    if n > 1 {
-        if let Some(l) = single {
-            anyhow::bail!(
-                "--workers {n}: {}:// listeners are served by one loop; give --workers 1, or listen on udp:// and dns:// only",
-                transport_name(l)
-            );
-        }
-        anyhow::ensure!(
-            !pcap,
-            "--workers {n}: --pcap records one loop's packets; give --workers 1 with --pcap"
-        );
-    }
+    anyhow::ensure!(
+        n == 1 || !pcap,
+        "--workers {n}: --pcap records one loop's packets; give --workers 1 with --pcap"
+    );
     Ok(n)
 }
 
@@ -473,8 +487,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
             Listen::Dns { addr, domain } => {
                 let d = Domain::new(domain).with_context(|| format!("tunnel domain `{domain}`"))?;
-                let (rx, tx) =
-                    bind_udp(*addr, s.workers).with_context(|| format!("DNS listener {addr}"))?;
+                let (rx, tx) = udp::bind(*addr).with_context(|| format!("DNS listener {addr}"))?;
                 endpoints.push(format!("dns://{}?domain={domain}", rx.local_addr()?));
                 (ListenerDriver::Udp { rx, tx }, ListenerConfig::Dns(d))
             }
@@ -509,19 +522,26 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let assignments = queues
         .into_iter()
         .map(|queue| -> anyhow::Result<Assignment> {
+            // A UDP listener's socket of the worker's own; the others
+            // (DNS: a session's queries come from any port of its
+            // resolvers, and spread over workers they would reach the TUN
+            // device out of order) stay with the main loop.
             let sockets = drivers
                 .listeners
                 .iter()
-                .map(|l| match l {
-                    ListenerDriver::Udp { rx, .. } => udp::bind_shared(rx.local_addr()?),
-                    _ => unreachable!("workers serve UDP sockets only (see settings)"),
+                .zip(&configs)
+                .map(|(l, config)| match (l, config) {
+                    (ListenerDriver::Udp { rx, .. }, ListenerConfig::Udp) => {
+                        udp::bind_shared(rx.local_addr()?).map(Some)
+                    }
+                    _ => Ok(None),
                 })
                 .collect::<anyhow::Result<_>>()?;
             Ok(Assignment { queue, sockets })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let core = Core::new(Endpoint::new(s.config, configs, Instant::now()), s.workers);
-    let mut workers = Workers::spawn(&core, assignments)?;
+    let (mut workers, mut from_workers) = Workers::spawn(&core, assignments)?;
     let (requests, mut asked) = service::channel();
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
@@ -567,6 +587,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             e = workers.failed() => return Err(e),
             // A worker's batch needs the timer sooner: the loop resets it.
             () = core.main_woken() => {}
+            Some((t, bytes)) = from_workers.recv() => drivers.send_owned(t, bytes),
             r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
                 if !from_tun(&core, &mut tun, &mut drivers)? {
@@ -711,8 +732,8 @@ fn transmit(ep: &mut Endpoint, drivers: &mut Drivers) {
     let now = Instant::now();
     let mut buf = std::mem::take(&mut drivers.transmits);
     while let Some(t) = ep.poll_transmit(now, &mut buf) {
-        if let Destination::PollAnswer(request) = t.to {
-            drivers.http.answer(request, std::mem::take(&mut buf)); // no copy of the body
+        if let Destination::PollAnswer(_) = t.to {
+            drivers.send_owned(t, std::mem::take(&mut buf));
         } else {
             drivers.send(t, &buf[..t.len]);
         }
@@ -869,6 +890,7 @@ fn status(
         drops.insert("http_queue_full".into(), drivers.http.queue_full);
     }
     let udp_full: u64 = shared.carried.iter().map(|c| c.send_buffer_full).sum();
+    let to_main_full: u64 = shared.carried.iter().map(|c| c.to_main_full).sum();
     let icmp_full = drivers.listeners.iter().map(|l| match l {
         ListenerDriver::Icmp { socket, .. } => socket.dropped(),
         _ => 0,
@@ -876,6 +898,7 @@ fn status(
     for (name, n) in [
         (udp::SEND_BUFFER_FULL, udp_full),
         (icmp::SEND_BUFFER_FULL, icmp_full.sum()),
+        ("worker_queue_full", to_main_full),
     ] {
         if n > 0 {
             *drops.entry(name.into()).or_default() += n;
@@ -906,5 +929,41 @@ fn status(
                 tun_packets: c.tun_packets,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iptun_proto::endpoint::UdpAddr;
+
+    /// In a worker, what is to go out on a listener the main loop serves
+    /// alone (a DNS answer, an echo reply, a long-poll body) goes to the
+    /// main loop whole; when its queue is full it is dropped and counted,
+    /// never waited for.
+    #[test]
+    fn a_worker_hands_the_main_loops_transmits_over_and_counts_what_does_not_fit() {
+        let (to_main, mut from_workers) = tokio::sync::mpsc::channel(2);
+        let mut drivers = Drivers::new();
+        drivers.listeners.push(ListenerDriver::Main);
+        drivers.main = Some(to_main);
+        let peer = UdpAddr::from("192.0.2.7:53".parse::<SocketAddr>().unwrap());
+        let answer = Transmit {
+            listener: 0,
+            to: Destination::Udp(peer),
+            len: 3,
+        };
+        let body = Transmit {
+            listener: 0,
+            to: Destination::PollAnswer(9),
+            len: 4,
+        };
+        drivers.send(answer, b"dns");
+        drivers.send_owned(body, b"body".to_vec());
+        drivers.send(answer, b"one too many");
+        assert_eq!(from_workers.try_recv().unwrap(), (answer, b"dns".to_vec()));
+        assert_eq!(from_workers.try_recv().unwrap(), (body, b"body".to_vec()));
+        assert!(from_workers.try_recv().is_err(), "the third did not fit");
+        assert_eq!(drivers.to_main_full, 1);
     }
 }

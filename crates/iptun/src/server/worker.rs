@@ -1,21 +1,24 @@
 //! Workers: the server's data path on every core.
 //!
 //! Each worker is a thread with a runtime of its own, one queue of the
-//! multi-queue TUN device and one socket of each UDP or DNS listener, all
-//! bound to the same address (`SO_REUSEPORT`). The kernel keeps a client's
+//! multi-queue TUN device and a socket of each UDP listener, all bound to
+//! the listener's address (`SO_REUSEPORT`). The kernel keeps a client's
 //! datagrams on one socket (it picks by source and destination) and sends
 //! the replies of a flow to the queue that wrote the flow's packets, so a
-//! client's traffic stays on one worker both ways; several clients, or
-//! several flows of one, spread over the cores.
+//! client's traffic stays on one worker both ways, and several clients
+//! spread over the cores.
 //!
 //! The workers share the one [`Endpoint`] (sessions, handshakes, every
-//! transport's state) under a lock taken once per batch of packets, never
-//! across an await, and never around a syscall: reads, writes and sends,
-//! where the kernel does most of the work, run in parallel. The main loop
-//! is worker 0; it alone keeps the timers, the control socket, and the
-//! ICMP and HTTP listeners (a raw socket sees every echo request, and an
-//! HTTP connection lives on one thread), so a server with those runs one
-//! worker.
+//! transport's state) under a lock held while a packet is opened or
+//! sealed, never across an await or around a syscall: reads, writes and
+//! sends, where the kernel does most of the work, run in parallel. The
+//! main loop is worker 0; it alone keeps the timers, the control socket
+//! and the other listeners: a raw ICMP socket sees every echo request, an
+//! HTTP connection lives on one thread, and a DNS session's queries come
+//! from any port of its resolvers (spread over workers, they would reach
+//! the TUN device out of order). Their sessions' replies come back to the
+//! main loop's queue; what a worker has to send there all the same goes to
+//! the main loop through a bounded queue.
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use iptun_proto::endpoint::Endpoint;
+use iptun_proto::endpoint::{Endpoint, Transmit};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +61,8 @@ pub struct Carried {
     pub tun_packets: u64,
     /// Datagrams it dropped for a full socket buffer.
     pub send_buffer_full: u64,
+    /// Transmits it dropped because the main loop's queue was full.
+    pub to_main_full: u64,
 }
 
 impl Core {
@@ -111,26 +116,44 @@ pub struct Workers {
 }
 
 /// What a worker serves: a TUN queue and, for each of the endpoint's
-/// listeners (in order), a socket sharing that listener's address.
+/// listeners (in order), a socket sharing a UDP listener's address, or
+/// `None` for a listener the main loop serves alone.
 pub struct Assignment {
     pub queue: Queue,
-    pub sockets: Vec<std::net::UdpSocket>,
+    pub sockets: Vec<Option<std::net::UdpSocket>>,
 }
 
+/// Where a worker sends what is to go out on a listener the main loop
+/// serves alone (rare: the kernel brings a session's packets to the queue
+/// of the loop whose listener received the session's packets).
+pub type ToMain = mpsc::Sender<(Transmit, Vec<u8>)>;
+
+/// Transmits the workers may queue for the main loop.
+const TO_MAIN: usize = 1024;
+
+/// The main loop's end of [`ToMain`].
+pub type FromWorkers = mpsc::Receiver<(Transmit, Vec<u8>)>;
+
 impl Workers {
-    /// Start one worker per assignment (numbered from 1: the main loop is 0).
-    pub fn spawn(core: &Arc<Core>, assignments: Vec<Assignment>) -> anyhow::Result<Self> {
+    /// Start one worker per assignment (numbered from 1: the main loop is
+    /// 0, and receives what they send on its listeners).
+    pub fn spawn(
+        core: &Arc<Core>,
+        assignments: Vec<Assignment>,
+    ) -> anyhow::Result<(Self, FromWorkers)> {
         let stop = CancellationToken::new();
         let (report, failed) = mpsc::unbounded_channel();
+        let (to_main, from_workers) = mpsc::channel(TO_MAIN);
         let mut threads = Vec::new();
         for (n, a) in (1..).zip(assignments) {
             let (core, stop, report) = (core.clone(), stop.clone(), report.clone());
+            let to_main = to_main.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("iptun worker {n}"))
                 .spawn(move || {
                     // A panic in the worker is reported like an error.
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(&core, n, a, &stop)
+                        run(&core, n, a, to_main, &stop)
                     }))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
                     if let Err(e) = outcome {
@@ -140,11 +163,12 @@ impl Workers {
                 .context("starting a worker thread")?;
             threads.push(thread);
         }
-        Ok(Self {
+        let workers = Self {
             stop,
             threads,
             failed,
-        })
+        };
+        Ok((workers, from_workers))
     }
 
     /// Resolves with the error of the first worker that stopped.
@@ -167,7 +191,13 @@ impl Drop for Workers {
     }
 }
 
-fn run(core: &Arc<Core>, n: usize, a: Assignment, stop: &CancellationToken) -> anyhow::Result<()> {
+fn run(
+    core: &Arc<Core>,
+    n: usize,
+    a: Assignment,
+    to_main: ToMain,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,7 +205,12 @@ fn run(core: &Arc<Core>, n: usize, a: Assignment, stop: &CancellationToken) -> a
     runtime.block_on(async {
         let tun = Tun::open_queue(a.queue)?;
         let mut drivers = Drivers::new();
+        drivers.main = Some(to_main);
         for (i, socket) in a.sockets.into_iter().enumerate() {
+            let Some(socket) = socket else {
+                drivers.listeners.push(ListenerDriver::Main);
+                continue;
+            };
             let (rx, tx) = udp::open(socket)?;
             drivers.first_udp.get_or_insert(i);
             drivers.listeners.push(ListenerDriver::Udp { rx, tx });
