@@ -89,7 +89,7 @@ pub struct Status {
 /// What one of the server's loops carried.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerStatus {
-    /// Datagrams received on its UDP and DNS sockets.
+    /// Datagrams received on its sockets of the UDP listeners.
     pub datagrams: u64,
     /// Packets read from its queue of the TUN device.
     pub tun_packets: u64,

@@ -97,8 +97,8 @@ impl ListenerDriver {
     }
 
     /// Drain the socket (up to a bound) into the endpoint and the TUN
-    /// device. Returns whether it ran dry.
-    /// The endpoint's lock is taken once per batch, after the syscall.
+    /// device, taking the endpoint's lock after each receive syscall, not
+    /// around it. Returns whether it ran dry.
     async fn receive(
         &mut self,
         core: &Core,
@@ -127,20 +127,18 @@ impl ListenerDriver {
                 Ok(false)
             }
             Self::Icmp { socket, buf } => {
-                // Only the main loop has ICMP listeners (no other worker
-                // waits on the lock).
-                let dry = {
-                    let ep = &mut core.lock().ep;
-                    socket.drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
+                let dry = socket
+                    .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
                         let input = Input::Icmp {
                             from: r.from,
                             to: r.to,
                             bytes: r.icmp,
                         };
-                        ep.handle_input(Instant::now(), listener, input, tun);
+                        core.lock()
+                            .ep
+                            .handle_input(Instant::now(), listener, input, tun);
                     })
-                }
-                .context("receiving on an ICMP socket")?;
+                    .context("receiving on an ICMP socket")?;
                 tun.flush().await.context("writing to the TUN device")?;
                 Ok(dry)
             }
@@ -423,8 +421,8 @@ fn worker_count(asked: Option<usize>, pcap: bool) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// Bind a UDP or DNS listener's socket, shared with the workers' when
-/// there are any.
+/// Bind a UDP listener's socket, shared with the workers' when there are
+/// any.
 fn bind_udp(addr: SocketAddr, workers: usize) -> anyhow::Result<(UdpReceiver, UdpSender)> {
     if workers > 1 {
         udp::open(udp::bind_shared(addr)?)
