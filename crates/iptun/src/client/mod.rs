@@ -432,7 +432,11 @@ fn from_tun(
     drivers: &mut [PathDriver],
 ) -> anyhow::Result<bool> {
     let mut dry = false;
-    for _ in 0..MAX_BATCHES_PER_WAKEUP {
+    for batch in 0..MAX_BATCHES_PER_WAKEUP {
+        if batch == 1 {
+            // The first batch leaves at once (see the server's from_tun).
+            drivers.iter_mut().for_each(PathDriver::flush);
+        }
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
             // Sealed straight into the path's send buffer: no copy.

@@ -743,7 +743,13 @@ fn transmit(ep: &mut Endpoint, drivers: &mut Drivers) {
 /// that owns its destination. Returns whether the device ran dry.
 fn from_tun(core: &Core, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::Result<bool> {
     let mut dry = false;
-    for _ in 0..MAX_BATCHES_PER_WAKEUP {
+    for batch in 0..MAX_BATCHES_PER_WAKEUP {
+        if batch == 1 {
+            // The first batch leaves at once: a lone packet (a ping, an
+            // ACK) should not wait for the read that finds the device
+            // empty. The ones after are batched.
+            drivers.flush();
+        }
         let packets = match tun.try_read() {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
