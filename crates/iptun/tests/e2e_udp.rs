@@ -824,6 +824,19 @@ fn bad_flags_give_clear_errors() {
     let err = iptun_fails(&ns, &server, &["--allow", allow, "--keepalive", "0"]);
     assert!(err.contains("--keepalive"), "{err}");
 
+    let err = iptun_fails(&ns, &server, &["--allow", allow, "--workers", "0"]);
+    assert!(
+        err.contains("--workers 0") && err.contains("between"),
+        "{err}"
+    );
+    let pcap = dir.file("w.pcap");
+    let pcap = pcap.to_str().unwrap();
+    let err = iptun_fails(&ns, &server, &["--workers", "2", "--pcap", pcap]);
+    assert!(
+        err.contains("--workers 2") && err.contains("--pcap"),
+        "{err}"
+    );
+
     let more = [
         "--server-key",
         server_key,
