@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 
 use super::dns::DnsDriver;
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
+use crate::transport::HeldSend;
 use crate::transport::http_client::{self, Down, Mode, Proxy};
-use crate::transport::icmp::{self, IcmpSocket, Role};
+use crate::transport::icmp::{IcmpSocket, Role};
 use crate::transport::tls::{self, Trust};
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::PacketWriter;
@@ -198,43 +199,46 @@ impl PathDriver {
         }
     }
 
+    /// The UDP or ICMP socket's sending side.
+    fn held(&self) -> Option<&dyn HeldSend> {
+        match self {
+            Self::Udp { tx, .. } => Some(tx),
+            Self::Icmp { socket, .. } => Some(socket),
+            Self::Dns(_) | Self::Http(_) => None,
+        }
+    }
+
+    fn held_mut(&mut self) -> Option<&mut dyn HeldSend> {
+        match self {
+            Self::Udp { tx, .. } => Some(tx),
+            Self::Icmp { socket, .. } => Some(socket),
+            Self::Dns(_) | Self::Http(_) => None,
+        }
+    }
+
     /// A UDP or ICMP send waits for room in the socket buffer: send
     /// nothing new here until [`PathDriver::poll_writable`] and
     /// [`PathDriver::retry`].
     pub fn is_blocked(&self) -> bool {
-        match self {
-            Self::Udp { tx, .. } => tx.is_blocked(),
-            Self::Icmp { socket, .. } => socket.is_blocked(),
-            Self::Dns(_) | Self::Http(_) => false,
-        }
+        self.held().is_some_and(HeldSend::is_blocked)
     }
 
     /// Ready when blocked and the socket may have room again.
     pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match self {
-            Self::Udp { tx, .. } => tx.poll_writable(cx),
-            Self::Icmp { socket, .. } => socket.poll_writable(cx),
-            Self::Dns(_) | Self::Http(_) => Poll::Pending,
-        }
+        self.held().map_or(Poll::Pending, |h| h.poll_writable(cx))
     }
 
     /// Send what waited for room (it may have to wait again).
     pub fn retry(&mut self) {
-        match self {
-            Self::Udp { tx, .. } => tx.retry(),
-            Self::Icmp { socket, .. } => socket.retry(),
-            Self::Dns(_) | Self::Http(_) => {}
+        if let Some(h) = self.held_mut() {
+            h.retry();
         }
     }
 
     /// Datagrams dropped because the socket buffer stayed full, with the
     /// drop counter they are shown under.
     pub fn send_dropped(&self) -> Option<(&'static str, u64)> {
-        match self {
-            Self::Udp { tx, .. } => Some((udp::SEND_BUFFER_FULL, tx.dropped())),
-            Self::Icmp { socket, .. } => Some((icmp::SEND_BUFFER_FULL, socket.dropped())),
-            Self::Dns(_) | Self::Http(_) => None,
-        }
+        self.held().map(|h| (h.drop_counter(), h.dropped()))
     }
 
     /// Ready to receive.

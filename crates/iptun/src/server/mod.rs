@@ -32,6 +32,7 @@ use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::metrics::{self, ListenerLabel};
 use crate::netcfg::{self, Undo};
 use crate::service::{self, Request};
+use crate::transport::HeldSend;
 use crate::transport::icmp::{self, IcmpSocket, Role};
 use crate::transport::tls;
 use crate::transport::udp::{self, UdpReceiver, UdpSender};
@@ -61,30 +62,37 @@ enum ListenerDriver {
 }
 
 impl ListenerDriver {
+    /// The UDP or ICMP socket's sending side.
+    fn held(&self) -> Option<&dyn HeldSend> {
+        match self {
+            Self::Udp { tx, .. } => Some(tx),
+            Self::Icmp { socket, .. } => Some(socket),
+            Self::Http { .. } | Self::Main => None,
+        }
+    }
+
+    fn held_mut(&mut self) -> Option<&mut dyn HeldSend> {
+        match self {
+            Self::Udp { tx, .. } => Some(tx),
+            Self::Icmp { socket, .. } => Some(socket),
+            Self::Http { .. } | Self::Main => None,
+        }
+    }
+
     /// A UDP or ICMP send waits for room in the socket buffer.
     fn is_blocked(&self) -> bool {
-        match self {
-            Self::Udp { tx, .. } => tx.is_blocked(),
-            Self::Icmp { socket, .. } => socket.is_blocked(),
-            Self::Http { .. } | Self::Main => false,
-        }
+        self.held().is_some_and(HeldSend::is_blocked)
     }
 
     /// Ready when blocked and the socket may have room again.
     fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        match self {
-            Self::Udp { tx, .. } => tx.poll_writable(cx),
-            Self::Icmp { socket, .. } => socket.poll_writable(cx),
-            Self::Http { .. } | Self::Main => Poll::Pending,
-        }
+        self.held().map_or(Poll::Pending, |h| h.poll_writable(cx))
     }
 
     /// Send what waited for room (it may have to wait again).
     fn retry(&mut self) {
-        match self {
-            Self::Udp { tx, .. } => tx.retry(),
-            Self::Icmp { socket, .. } => socket.retry(),
-            Self::Http { .. } | Self::Main => {}
+        if let Some(h) = self.held_mut() {
+            h.retry();
         }
     }
 

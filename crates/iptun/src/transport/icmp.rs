@@ -13,7 +13,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::sockopt;
+use super::{HeldSend, sockopt};
 
 // From <linux/icmp.h> and <linux/icmpv6.h>; libc does not carry them.
 const ICMP_FILTER: libc::c_int = 1;
@@ -34,8 +34,8 @@ pub enum Role {
 /// A raw ICMP socket of one family. Sends never block: a message the full
 /// socket buffer refused is held (one, as UDP holds one run), the socket
 /// says it is blocked, and the loop sends nothing new on it until it is
-/// writable and the held message has gone ([`IcmpSocket::poll_writable`],
-/// [`IcmpSocket::retry`]). Messages sent meanwhile are dropped and counted.
+/// writable and the held message has gone ([`HeldSend::poll_writable`],
+/// [`HeldSend::retry`]). Messages sent meanwhile are dropped and counted.
 pub struct IcmpSocket {
     fd: AsyncFd<Socket>,
     family: Family,
@@ -178,20 +178,17 @@ impl IcmpSocket {
             Ok(()) => Ok(()),
         }
     }
+}
 
+impl HeldSend for IcmpSocket {
     /// A message waits for room in the socket buffer.
-    pub fn is_blocked(&self) -> bool {
+    fn is_blocked(&self) -> bool {
         self.held.to.is_some()
     }
 
-    /// Messages dropped because the socket buffer stayed full.
-    pub fn dropped(&self) -> u64 {
-        self.held.dropped
-    }
-
     /// Ready when blocked and the socket may have room (then call
-    /// [`IcmpSocket::retry`]); pending otherwise.
-    pub fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    /// [`HeldSend::retry`]); pending otherwise.
+    fn poll_writable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if !self.is_blocked() {
             return std::task::Poll::Pending;
         }
@@ -199,11 +196,11 @@ impl IcmpSocket {
     }
 
     /// Send the held message. If there is still no room, tokio's
-    /// readiness is cleared, so [`IcmpSocket::poll_writable`] waits for
+    /// readiness is cleared, so [`HeldSend::poll_writable`] waits for
     /// the socket's next write-space wakeup; but if the socket has room
     /// and the send failed all the same, the queue that refused it was a
     /// qdisc's, and the message is dropped (no wakeup would come for it).
-    pub fn retry(&mut self) {
+    fn retry(&mut self) {
         let Some((to, from)) = self.held.to else {
             return;
         };
@@ -226,6 +223,15 @@ impl IcmpSocket {
             }
             Ok(()) => self.held.to = None,
         }
+    }
+
+    /// Messages dropped because the socket buffer stayed full.
+    fn dropped(&self) -> u64 {
+        self.held.dropped
+    }
+
+    fn drop_counter(&self) -> &'static str {
+        SEND_BUFFER_FULL
     }
 }
 

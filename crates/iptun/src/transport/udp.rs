@@ -14,7 +14,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::sockopt;
+use super::{HeldSend, sockopt};
 
 /// Receive buffers per batch, each large enough for a full GRO train.
 const RECV_BUFFERS: usize = 8;
@@ -167,7 +167,7 @@ impl UdpReceiver {
 /// run that did not fit is held (one run, a bounded queue), the sender
 /// says it is blocked, and the loop stops reading the TUN device until the
 /// socket is writable again and the held run has gone
-/// ([`UdpSender::poll_writable`], [`UdpSender::retry`]). Runs sent while
+/// ([`HeldSend::poll_writable`], [`HeldSend::retry`]). Runs sent while
 /// one is held are dropped, as the network would, and counted.
 pub struct UdpSender {
     socket: Arc<UdpSocket>,
@@ -297,21 +297,18 @@ impl UdpSender {
             Ok(()) => {}
         }
     }
+}
 
+impl HeldSend for UdpSender {
     /// A run waits for room in the socket buffer: stop feeding this sender
-    /// until [`UdpSender::retry`] sent it.
-    pub fn is_blocked(&self) -> bool {
+    /// until [`HeldSend::retry`] sent it.
+    fn is_blocked(&self) -> bool {
         !self.held.is_empty()
     }
 
-    /// Datagrams dropped because the socket buffer stayed full.
-    pub fn dropped(&self) -> u64 {
-        self.held.dropped
-    }
-
     /// Ready when blocked and the socket may have room (then call
-    /// [`UdpSender::retry`]); pending otherwise.
-    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// [`HeldSend::retry`]); pending otherwise.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.is_blocked() {
             return Poll::Pending;
         }
@@ -320,8 +317,8 @@ impl UdpSender {
 
     /// Send the held run, through tokio's readiness this time: if the
     /// buffer is still full, readiness is cleared and
-    /// [`UdpSender::poll_writable`] waits for the next edge.
-    pub fn retry(&mut self) {
+    /// [`HeldSend::poll_writable`] waits for the next edge.
+    fn retry(&mut self) {
         let Self {
             socket,
             state,
@@ -340,6 +337,15 @@ impl UdpSender {
             }
             Ok(()) => held.clear(),
         }
+    }
+
+    /// Datagrams dropped because the socket buffer stayed full.
+    fn dropped(&self) -> u64 {
+        self.held.dropped
+    }
+
+    fn drop_counter(&self) -> &'static str {
+        SEND_BUFFER_FULL
     }
 }
 
