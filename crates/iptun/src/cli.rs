@@ -172,7 +172,8 @@ pub struct ServerArgs {
     /// Threads carrying the traffic of udp:// listeners, each with its own
     /// queue of the TUN device and its own socket on each listener's port;
     /// clients spread over them (the other transports stay with the first)
-    /// [default: one per core, at most 8; 1 with --pcap].
+    /// [default: one per core, at most 8, when every listener is udp://;
+    /// otherwise, and with --pcap, 1].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Read settings from this TOML file (keys named like the flags).

@@ -239,6 +239,39 @@ fn icmp4_through_nat_ping_and_10mb() {
     client.assert_running();
 }
 
+/// Workers asked for beside an ICMP listener (`--workers 2`): the ICMP
+/// session stays with the main loop, whatever a worker reads of it goes
+/// there, and the tunnel carries both ways intact.
+#[test]
+fn icmp_beside_udp_workers() {
+    require_root();
+    let tag = "iw";
+    let topo = RoutedTopology::new(tag);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "client"));
+    let listen = [
+        "--listen",
+        "icmp://0.0.0.0",
+        "--listen",
+        "udp://0.0.0.0:3000",
+    ];
+    let mut args = listen.to_vec();
+    args.extend(["--nat", "--workers", "2"]);
+    let mut server = start_server(&topo.server, tag, &skey, &ckey, &args);
+    let url = format!("icmp://{SERVER_ADDR}");
+    let mut client = start_client(&topo.client, tag, &ckey, &skey, &url);
+    ping_eventually(&topo.client, TARGET_ADDR, Duration::from_secs(10));
+    transfers_both_ways(&topo, "ICMPv4 beside UDP workers");
+    assert_icmp_session(&mut server, &ckey, ROUTER_SERVER_ADDR);
+    let status = server.status_ok();
+    assert_eq!(
+        status["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{status:#}"
+    );
+    client.assert_running();
+}
+
 #[test]
 fn icmp6_through_nat_ping_and_10mb() {
     require_root();

@@ -392,7 +392,7 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
         anyhow::ensure!(k >= 1, "--keepalive must be at least 1 second");
         config.keepalive_secs = k;
     }
-    let workers = worker_count(args.workers, args.pcap.is_some())?;
+    let workers = worker_count(args.workers, &listen, args.pcap.is_some())?;
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config,
@@ -411,11 +411,18 @@ fn settings(args: ServerArgs) -> anyhow::Result<Settings> {
     })
 }
 
-/// How many loops carry traffic: `--workers`, or one per core (one with
-/// `--pcap`, which records what one loop sees).
-fn worker_count(asked: Option<usize>, pcap: bool) -> anyhow::Result<usize> {
+/// How many loops carry traffic: `--workers`, or one per core for a
+/// server that listens on UDP only. The other transports stay with the
+/// main loop whatever the count, so beside them workers are to be asked
+/// for; `--pcap` records what one loop sees.
+fn worker_count(asked: Option<usize>, listen: &[Listen], pcap: bool) -> anyhow::Result<usize> {
+    let udp_only = listen.iter().all(|l| matches!(l, Listen::Udp(_)));
     let Some(n) = asked else {
-        return Ok(if pcap { 1 } else { worker::default_count() });
+        return Ok(if udp_only && !pcap {
+            worker::default_count()
+        } else {
+            1
+        });
     };
     anyhow::ensure!(
         (1..=worker::MAX).contains(&n),
