@@ -217,10 +217,11 @@ ping_avg() { # ns dst -> avg RTT ms
     sed -n 's#^rtt [^=]*= [0-9.]*/\([0-9.]*\)/.*#\1#p' <<<"$out"
 }
 
-ping_median() { # ns dst -> median RTT ms: one slow wakeup moves an average
-    # of an idle link's few pings far more than the link's typical RTT
+ping_median() { # ns dst [interval [count]] -> median RTT ms: one slow wakeup
+    # moves an average of an idle link's few pings far more than the link's
+    # typical RTT
     local out
-    out=$(ip netns exec "$1" ping -c "$PINGS" -i 0.2 -W 2 "$2" 2>&1) || { echo "$out" >&2; return 1; }
+    out=$(ip netns exec "$1" ping -c "${4:-$PINGS}" -i "${3:-0.2}" -W 2 "$2" 2>&1) || { echo "$out" >&2; return 1; }
     sed -n 's#.* time=\([0-9.]*\) ms#\1#p' <<<"$out" | sort -g | awk '{v[NR]=$1} END {
         if (NR == 0) exit 1
         printf "%.3f\n", NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2 }'
