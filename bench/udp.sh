@@ -306,11 +306,13 @@ for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients" "iptun-udp ${
     [[ -n ${RSS[$n server]:-} ]] || continue
     printf '  %-22s server %6s  client %6s\n' "$n" "${RSS[$n server]}" "${RSS[$n client]}"
 done
-echo
-echo "rtt with pings 10 ms apart (median of 300, ms; the ends stay awake):"
-for n in raw nulltun boringtun iptun-udp; do
-    [[ -n ${BUSY_RTT[$n]:-} ]] && printf '  %-22s %6s\n' "$n" "${BUSY_RTT[$n]}"
-done
+if [[ ${#BUSY_RTT[@]} -gt 0 ]]; then
+    echo
+    echo "rtt with pings 10 ms apart (median of 300, ms; the ends stay awake):"
+    for n in raw nulltun boringtun iptun-udp; do
+        [[ -n ${BUSY_RTT[$n]:-} ]] && printf '  %-22s %6s\n' "$n" "${BUSY_RTT[$n]}"
+    done
+fi
 for n in "${!PER_CLIENT_OF[@]}"; do echo "$n, per client (Mbit/s): ${PER_CLIENT_OF[$n]}"; done
 one="iptun-udp ${CLIENTS}clients 1worker"
 if [[ -n ${MBIT[$one]:-} && -n ${MBIT[iptun-udp ${CLIENTS}clients]:-} ]]; then
