@@ -187,6 +187,8 @@ struct Writer {
     written: tokio::sync::mpsc::Receiver<WriteBatch>,
     /// The batch is with the thread.
     busy: bool,
+    /// The batch the thread wrote last, taken back (see [`Writer::reclaim`]).
+    spare: Option<WriteBatch>,
     /// The first error the thread met, for the loop to report.
     error: Arc<Mutex<Option<io::Error>>>,
     thread: Option<JoinHandle<()>>,
@@ -230,43 +232,62 @@ impl Writer {
             to_thread: Some(to_thread),
             written,
             busy: false,
+            spare: None,
             error,
             thread: Some(thread),
         })
+    }
+
+    /// Take back the batch the thread is done with, if it is, without
+    /// waiting: then the thread is idle (a batch that is with the thread
+    /// only in name must not keep small writes from going inline).
+    fn reclaim(&mut self) -> io::Result<()> {
+        if !self.busy {
+            return Ok(());
+        }
+        match self.written.try_recv() {
+            Ok(b) => self.took_back(b),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Ok(()),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => Err(stopped()),
+        }
     }
 
     /// An empty batch to fill next: a new one before the first hand-over,
     /// then the one the thread wrote last, at once if it is done, else
     /// (when `wait`) once it is; `None` while it is busy and not `wait`.
     async fn take_empty(&mut self, wait: bool) -> io::Result<Option<WriteBatch>> {
-        if !self.busy {
-            return Ok(Some(WriteBatch::new()));
+        if wait && self.busy {
+            let b = self.written.recv().await.ok_or_else(stopped)?;
+            self.took_back(b)?;
         }
-        let empty = if wait {
-            self.written.recv().await
-        } else {
-            match self.written.try_recv() {
-                Ok(b) => Some(b),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(None),
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
-            }
-        };
-        let empty = empty.ok_or_else(|| io::Error::other("the TUN writer thread stopped"))?;
+        self.reclaim()?;
+        if self.busy {
+            return Ok(None);
+        }
+        Ok(Some(self.spare.take().unwrap_or_else(WriteBatch::new)))
+    }
+
+    /// The thread gave a batch back: keep it, and report what the thread met.
+    fn took_back(&mut self, batch: WriteBatch) -> io::Result<()> {
         self.busy = false;
-        if let Some(e) = self.error.lock().expect("not poisoned").take() {
-            return Err(e);
+        self.spare = Some(batch);
+        match self.error.lock().expect("not poisoned").take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(Some(empty))
     }
 
     /// Give the thread a full batch.
     fn send(&mut self, batch: WriteBatch) -> io::Result<()> {
         let tx = self.to_thread.as_ref().expect("set until dropped");
-        tx.send(batch)
-            .map_err(|_| io::Error::other("the TUN writer thread stopped"))?;
+        tx.send(batch).map_err(|_| stopped())?;
         self.busy = true;
         Ok(())
     }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the TUN writer thread stopped")
 }
 
 impl Drop for Writer {
@@ -485,6 +506,9 @@ impl Tun {
         if self.batch.staged == 0 {
             return Ok(());
         }
+        if let Some(w) = &mut self.writer {
+            w.reclaim()?;
+        }
         if self.batch.staged <= INLINE_MAX && !self.writer.as_ref().is_some_and(|w| w.busy) {
             return self.write_inline();
         }
@@ -665,6 +689,28 @@ mod tests {
             tun.flush().await.expect("flush");
         }
         assert_eq!(threads_named(thread), 1);
+        // Once the thread is done with its batch (back in the channel, not
+        // yet taken), a ping's worth is written by the loop again instead
+        // of waking the thread: after a burst, small packets keep their RTT.
+        let back = |tun: &Tun| {
+            tun.writer
+                .as_ref()
+                .is_some_and(|w| !w.busy || !w.written.is_empty())
+        };
+        for _ in 0..2000 {
+            if back(&tun) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(back(&tun), "the thread finished its batch");
+        stage(&mut tun, 1);
+        tun.flush().await.expect("flush");
+        assert!(!tun.has_staged());
+        assert!(
+            !tun.writer.as_ref().expect("started").busy,
+            "written inline, not handed to the thread"
+        );
         drop(tun);
         assert_eq!(threads_named(thread), 0, "the writer thread ended");
         assert!(
