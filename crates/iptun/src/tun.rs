@@ -720,7 +720,7 @@ mod tests {
             if back(&tun) {
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert!(back(&tun), "the thread finished its batch");
         tokio::time::sleep(INLINE_AFTER).await; // not under load any more
