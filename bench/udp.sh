@@ -321,14 +321,10 @@ fi
 echo "(runs=$RUNS, best of; iperf3 ${DURATION}s; 1up/4up: 1/4 TCP streams client->server, 1down/4down: -R;"
 echo " rtt_ms: median of ${PINGS} pings 0.2 s apart (idle) on the 1up row; $(nproc) cores)"
 
-rss_json=""
-for n in "${!RSS[@]}"; do
-    rss_json+=$(printf ',"%s":"%s"' "$n" "${RSS[$n]}")
-done
-[[ -z $rss_json ]] || rss_json=",\"vmhwm_mib\":{${rss_json#,}}"
-busy_json=""
-for n in "${!BUSY_RTT[@]}"; do
-    busy_json+=$(printf ',"%s":"%s"' "$n" "${BUSY_RTT[$n]}")
-done
-[[ -z $busy_json ]] || rss_json+=",\"rtt_ms_pings_10ms_apart\":{${busy_json#,}}"
-write_json "" "$rss_json"
+json_map() { # key assoc-array-name -> ,"key":{"name":"value",...} (nothing if empty)
+    local -n map=$2
+    local n fields=""
+    for n in "${!map[@]}"; do fields+=$(printf ',"%s":"%s"' "$n" "${map[$n]}"); done
+    [[ -z $fields ]] || printf ',"%s":{%s}' "$1" "${fields#,}"
+}
+write_json "" "$(json_map vmhwm_mib RSS)$(json_map rtt_ms_pings_10ms_apart BUSY_RTT)"
