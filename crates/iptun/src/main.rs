@@ -18,9 +18,11 @@ mod netcfg;
 mod probe;
 mod server;
 mod service;
+mod steering;
 mod transport;
 mod tun;
 mod url;
+mod workers;
 
 use std::io::Read as _;
 

@@ -6,6 +6,7 @@
 //! `iptun_proto::wire::control`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -13,7 +14,7 @@ use iptun_proto::connection::{Connection, Event};
 use serde::Serialize;
 
 use crate::cli::ProbeArgs;
-use crate::client::{self, OpenPaths, PathDriver};
+use crate::client::{self, Core, OpenPaths, PathDriver};
 use crate::daemon;
 use crate::tun::Discard;
 use crate::url::ServerUrl;
@@ -118,7 +119,7 @@ fn table(reports: &[Report]) -> String {
 
 /// One URL's session.
 struct Session {
-    conn: Connection,
+    core: Arc<Core>,
     drivers: Vec<PathDriver>,
     sink: Discard,
     buf: Vec<u8>,
@@ -136,7 +137,7 @@ async fn probe(s: &client::Settings, seconds: Duration, report: &mut Report) -> 
     let start = Instant::now();
     let conn = Connection::new(s.config.clone(), configs, start, daemon::unix_nanos());
     let mut session = Session {
-        conn,
+        core: Core::new(conn, 1),
         drivers,
         sink: Discard::default(),
         buf: Vec::new(),
@@ -144,7 +145,9 @@ async fn probe(s: &client::Settings, seconds: Duration, report: &mut Report) -> 
         replies: Vec::new(),
     };
     let up = session
-        .run_until(HANDSHAKE_TIMEOUT, |s| s.conn.is_connected(Instant::now()))
+        .run_until(HANDSHAKE_TIMEOUT, |s| {
+            s.core.lock().is_connected(Instant::now())
+        })
         .await?;
     anyhow::ensure!(up, "no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
     report.handshake_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
@@ -170,9 +173,9 @@ async fn probe(s: &client::Settings, seconds: Duration, report: &mut Report) -> 
 
 impl Session {
     fn measure(&mut self, len: u16, reply_len: u16) -> bool {
-        let path = self.conn.current_path();
-        self.conn
-            .measure(Instant::now(), path, usize::from(len), reply_len)
+        let mut conn = self.core.lock();
+        let path = conn.current_path();
+        conn.measure(Instant::now(), path, usize::from(len), reply_len)
     }
 
     /// Keep `WINDOW` probes of `len` bytes asking for `reply_len` in flight
@@ -217,8 +220,11 @@ impl Session {
     ) -> anyhow::Result<bool> {
         let end = tokio::time::Instant::now() + limit;
         loop {
-            client::transmit(&mut self.conn, &mut self.drivers, &mut self.buf);
-            while let Some(e) = self.conn.poll_event() {
+            client::transmit(&self.core, &mut self.drivers, &mut self.buf);
+            loop {
+                let Some(e) = self.core.lock().poll_event() else {
+                    break;
+                };
                 match e {
                     Event::Measured {
                         sent,
@@ -235,7 +241,8 @@ impl Session {
                 return Ok(true);
             }
             let deadline = self
-                .conn
+                .core
+                .lock()
                 .poll_timeout()
                 .map_or(end, |t| tokio::time::Instant::from_std(t).min(end));
             let ready = std::future::poll_fn(|cx| {
@@ -249,13 +256,13 @@ impl Session {
             tokio::select! {
                 (i, r) = ready => {
                     r.with_context(|| format!("waiting on {}", self.url))?;
-                    self.drivers[i].receive(&mut self.conn, i, &mut self.sink).await?;
+                    self.drivers[i].receive(&self.core, i, &mut self.sink).await?;
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     if tokio::time::Instant::now() >= end {
                         return Ok(done(self));
                     }
-                    self.conn.handle_timeout(Instant::now());
+                    self.core.lock().handle_timeout(Instant::now());
                 }
             }
         }

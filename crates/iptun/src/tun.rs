@@ -328,6 +328,12 @@ pub struct Queue {
     index: usize,
 }
 
+impl std::os::fd::AsRawFd for Queue {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.device.as_raw_fd()
+    }
+}
+
 /// An open TUN device (one queue of it) with its batch buffers.
 pub struct Tun {
     device: Arc<AsyncDevice>,
@@ -356,12 +362,6 @@ pub struct Tun {
 }
 
 impl Tun {
-    /// Create the device `name` (it disappears when this is dropped).
-    pub fn create(name: &str, offload: bool) -> anyhow::Result<Self> {
-        let (tun, _) = Self::create_queues(name, offload, 1)?;
-        Ok(tun)
-    }
-
     /// Create the device `name` with `queues` queues (`IFF_MULTI_QUEUE`
     /// when more than one): this one, and the others for workers' threads
     /// to open there ([`Tun::open_queue`]). The kernel spreads the packets
@@ -721,7 +721,7 @@ mod tests {
     #[tokio::test]
     async fn writer_thread_stops_and_device_goes_on_drop() {
         let name = format!("iptw{}", std::process::id() % 100_000);
-        let Ok(mut tun) = Tun::create(&name, true) else {
+        let Ok((mut tun, _)) = Tun::create_queues(&name, true, 1) else {
             eprintln!("skipped: cannot create a TUN device here");
             return;
         };

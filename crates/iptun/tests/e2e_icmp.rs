@@ -53,7 +53,19 @@ fn start_server(ns: &Netns, tag: &str, key: &Key, client: &Key, extra: &[&str]) 
 /// Starts a client of `server_url` routing the target network, and waits
 /// until its tunnel is up.
 fn start_client(ns: &Netns, tag: &str, key: &Key, server_key: &Key, server_url: &str) -> Daemon {
-    let args = [
+    start_client_with(ns, tag, key, server_key, server_url, &[])
+}
+
+/// [`start_client`] with more flags.
+fn start_client_with(
+    ns: &Netns,
+    tag: &str,
+    key: &Key,
+    server_key: &Key,
+    server_url: &str,
+    extra: &[&str],
+) -> Daemon {
+    let mut args = vec![
         "client",
         "--private-key",
         key.path(),
@@ -64,6 +76,7 @@ fn start_client(ns: &Netns, tag: &str, key: &Key, server_key: &Key, server_url: 
         "--route",
         TARGET_NET,
     ];
+    args.extend_from_slice(extra);
     let mut d = Daemon::spawn(ns, tag, "client", &args);
     let addr = d.wait_tunnel_address(TUNNEL_UP);
     assert!(addr.starts_with("10.1.0."), "{addr}");
@@ -241,7 +254,9 @@ fn icmp4_through_nat_ping_and_10mb() {
 
 /// Workers asked for beside an ICMP listener (`--workers 2`): the ICMP
 /// session stays with the main loop, whatever a worker reads of it goes
-/// there, and the tunnel carries both ways intact.
+/// there, and the tunnel carries both ways intact. The client has a worker
+/// too, which cannot send on ICMP: what it reads goes to the client's
+/// main loop, and eight flows at once arrive intact.
 #[test]
 fn icmp_beside_udp_workers() {
     require_root();
@@ -259,9 +274,12 @@ fn icmp_beside_udp_workers() {
     args.extend(["--nat", "--workers", "2"]);
     let mut server = start_server(&topo.server, tag, &skey, &ckey, &args);
     let url = format!("icmp://{SERVER_ADDR}");
-    let mut client = start_client(&topo.client, tag, &ckey, &skey, &url);
+    let workers = ["--workers", "2"];
+    let mut client = start_client_with(&topo.client, tag, &ckey, &skey, &url, &workers);
     ping_eventually(&topo.client, TARGET_ADDR, Duration::from_secs(10));
     transfers_both_ways(&topo, "ICMPv4 beside UDP workers");
+    let (from, to) = (&topo.client, &topo.target);
+    transfers_over_two_queues(&mut client, from, to, TARGET_ADDR, 1 << 20);
     assert_icmp_session(&mut server, &ckey, ROUTER_SERVER_ADDR);
     let status = server.status_ok();
     assert_eq!(

@@ -321,6 +321,45 @@ fn clients_on_several_workers_get_only_their_own_traffic() {
     assert!(!nft_tables(&topo.server).contains("iptun"));
 }
 
+/// `--workers 2` on the client: its TUN device has two queues and a worker
+/// thread reads the second. Flows spread over the queues by hash: eight
+/// transfers into the tunnel at once each arrive intact, each loop reads
+/// a share of them, and the worker sends its own (nothing queued for the
+/// main loop). Stopping the client ends the worker and removes the device.
+#[test]
+fn client_workers_carry_flows_of_both_queues() {
+    require_root();
+    let tag = "cwork";
+    let topo = Topology::new(tag);
+    let dir = TempDir::new(tag);
+    let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "c0"));
+    let _server = start_server(&topo.server, tag, &skey, &[&ckey], &["--nat"]);
+    let c = &topo.clients[0];
+    let extra = ["--route", TARGET_NET, "--workers", "2"];
+    let mut client = start_client(&c.ns, tag, "c0", &ckey, &skey, &c.server_addr, &extra);
+    client.wait_tunnel_address(TUNNEL_UP);
+    let queues =
+        c.ns.exec_ok(&["ls", &format!("/sys/class/net/{TUN}/queues")]);
+    let tx_queues = queues.split_whitespace().filter(|q| q.starts_with("tx-"));
+    assert_eq!(tx_queues.count(), 2, "the device's queues: {queues}");
+    assert_eq!(threads_named(client.pid(), "iptun worker"), 1);
+    ping_eventually(&c.ns, TARGET_ADDR, Duration::from_secs(10));
+
+    transfers_over_two_queues(&mut client, &c.ns, &topo.target, TARGET_ADDR, 2 << 20);
+    let status = client.status_ok();
+    assert_eq!(
+        drops(&status["sessions"][0]["drops"], "worker_queue_full"),
+        0
+    );
+
+    client.stop();
+    wait_until(
+        Duration::from_secs(3),
+        "the client's TUN device to go",
+        || !link_exists(&c.ns, TUN),
+    );
+}
+
 /// `--pcap` on both ends: a ping through the tunnel reads back with
 /// `tcpdump -r` as an echo request and its reply, in both files; the server
 /// tags each packet with its client. A path that cannot be written is named

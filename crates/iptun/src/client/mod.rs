@@ -4,6 +4,7 @@
 
 mod dns;
 mod paths;
+pub mod worker;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use iptun_proto::wire::message::DATA_OVERHEAD;
 
 use crate::capture::Capture;
 use crate::cli::ClientArgs;
-use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status};
+use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status, WorkerStatus};
 use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
 use crate::metrics;
 use crate::netcfg::{self, Undo};
@@ -27,7 +28,9 @@ use crate::transport::http_client::Mode;
 use crate::transport::tls::{self, Trust};
 use crate::tun::Tun;
 use crate::url::{HttpUrl, ResolverUrl, ServerUrl};
+use crate::workers::Workers;
 pub use paths::{HttpOptions, PathDriver};
+pub use worker::Core;
 
 /// What `--route` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +53,12 @@ pub struct Settings {
     pcap: Option<(std::path::PathBuf, u64)>,
     metrics: Option<metrics::Settings>,
     pub http: HttpOptions,
+    /// Loops reading the TUN device: the main one and the workers.
+    workers: usize,
 }
+
+/// The most `--workers` a client takes (a TUN device has at most 256 queues).
+const MAX_WORKERS: usize = 64;
 
 /// Validate the client's flags (shared with `iptun probe`).
 pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
@@ -103,6 +111,15 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         mode: args.http_mode.unwrap_or(Mode::Auto),
     };
     let metrics = metrics::Settings::parse(args.metrics.as_deref(), args.metrics_public, false)?;
+    let workers = args.workers.unwrap_or(1);
+    anyhow::ensure!(
+        (1..=MAX_WORKERS).contains(&workers),
+        "--workers {workers}: must be between 1 and {MAX_WORKERS}"
+    );
+    anyhow::ensure!(
+        workers == 1 || args.pcap.is_none(),
+        "--workers {workers}: --pcap records one loop's packets; give --workers 1 with --pcap"
+    );
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config: ClientConfig::new(private_key, server_key),
@@ -116,6 +133,7 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
             .pcap
             .map(|p| (p, args.pcap_limit.unwrap_or(100).saturating_mul(1 << 20))),
         http,
+        workers,
     })
 }
 
@@ -210,11 +228,30 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         .map(|(path, limit)| Capture::create(path, *limit, false))
         .transpose()?;
     let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
-    let mut tun = Tun::create(&s.tun, s.offload)?;
+    let (mut tun, queues) = Tun::create_queues(&s.tun, s.offload, s.workers)?;
     if let Some(c) = capture {
         tun.set_capture(c);
     }
-    let mut conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
+    if let Some(q) = queues.first() {
+        // Every packet from the server is written on the main loop's
+        // queue: without this, all flows would come back to it.
+        crate::steering::by_flow_hash(q).context("steering flows over the TUN queues")?;
+    }
+    let conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
+    let core = Core::new(conn, s.workers);
+    let assignments = queues
+        .into_iter()
+        .map(|queue| {
+            let sockets = drivers
+                .iter()
+                .map(PathDriver::udp_socket)
+                .collect::<std::io::Result<_>>()
+                .context("another descriptor of a UDP path's socket")?;
+            Ok(worker::Assignment { queue, sockets })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (jobs, mut from_workers) = worker::jobs(&core, assignments);
+    let mut workers = Workers::spawn(jobs)?;
     let (requests, mut asked) = service::channel();
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
@@ -223,6 +260,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let mut configured: Option<TunnelConfig> = None;
     let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
     tracing::info!("connecting to {}", shown.join(", then "));
+    if s.workers > 1 {
+        tracing::info!("traffic into the tunnel on {} loops (--workers)", s.workers);
+    }
 
     let mut drops = DropReporter::new();
     let mut reports = tokio::time::interval(Duration::from_secs(10));
@@ -235,7 +275,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let written = tun.written();
     loop {
-        let deadline = conn.poll_timeout().unwrap_or(never);
+        let deadline = core.main_deadline().unwrap_or(never);
         if timer.deadline() != deadline.into() {
             timer.as_mut().reset(deadline.into());
         }
@@ -246,7 +286,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = &mut shutdown => break,
             r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
-                if !from_tun(&mut conn, &mut tun, &mut drivers)? {
+                if !from_tun(&core, &mut tun, &mut drivers)? {
                     tokio::task::yield_now().await;
                 }
             }
@@ -254,7 +294,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 PathReady::Writable => drivers[i].retry(),
                 PathReady::Readable(r) => {
                     r.with_context(|| format!("waiting on --server {}", urls[i]))?;
-                    if !drivers[i].receive(&mut conn, i, &mut tun).await? {
+                    if !drivers[i].receive(&core, i, &mut tun).await? {
                         tokio::task::yield_now().await;
                     }
                 }
@@ -263,8 +303,12 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = written.notified(), if tun.has_staged() => {
                 tun.flush().await.context("writing to the TUN device")?;
             }
-            () = &mut timer => conn.handle_timeout(Instant::now()),
-            _ = reports.tick() => drops.tick(Instant::now(), conn.drops()),
+            () = &mut timer => core.lock().handle_timeout(Instant::now()),
+            // A worker's packet moved the deadline (transmit below).
+            () = core.main_woken() => {}
+            Some(packet) = from_workers.recv() => from_workers_queue(&core, packet, &mut from_workers, &mut drivers),
+            e = workers.failed() => return Err(e),
+            _ = reports.tick() => drops.tick(Instant::now(), core.lock().drops()),
             c = control.accept() => {
                 if let Ok(c) = c {
                     control::serve(c, requests.clone());
@@ -272,27 +316,34 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
             Some(request) = asked.recv() => match request {
                 Request::Status(reply) => {
-                    let st = status(&conn, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    let mut st = status(&core, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    st.workers = loops(&core, &drivers, &tun);
                     let _ = reply.send(st);
                 }
                 Request::Metrics(reply) => {
-                    let _ = reply.send(metrics::client(&conn, &urls));
+                    let _ = reply.send(metrics::client(&core.lock(), &urls));
                 }
                 Request::Reload(reply) => {
                     let _ = reply.send(Err("a client has nothing to reload (reload re-reads a server's --allow-file)".into()));
                 }
             },
         }
-        transmit(&mut conn, &mut drivers, &mut buf);
-        while let Some(event) = conn.poll_event() {
+        transmit(&core, &mut drivers, &mut buf);
+        loop {
+            let Some(event) = core.lock().poll_event() else {
+                break;
+            };
             match event {
                 Event::Configured(config) => {
+                    let conn = core.lock();
                     let mtu = tunnel_mtu(&config, &conn);
                     let underlay: Vec<IpAddr> = drivers
                         .iter()
                         .enumerate()
                         .flat_map(|(i, d)| d.underlay(&conn, i))
                         .collect();
+                    let current = conn.current_path();
+                    drop(conn);
                     configure(
                         &tun,
                         &config,
@@ -303,7 +354,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                         &mut undo,
                     )?;
                     // systemd: the tunnel is up (its addresses and routes set).
-                    service::ready(&format!("tunnel up via {}", urls[conn.current_path()]));
+                    service::ready(&format!("tunnel up via {}", urls[current]));
                     configured = Some(config);
                 }
                 Event::Moved { from, to, why } => {
@@ -316,6 +367,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // The workers' queues and sockets close before the settings go.
+    drop(workers);
     drop(undo);
     Ok(())
 }
@@ -343,16 +396,23 @@ fn ready_path(
     std::task::Poll::Pending
 }
 
-/// Send what the connection has to send, and flush every batch.
-pub fn transmit(conn: &mut Connection, drivers: &mut [PathDriver], buf: &mut Vec<u8>) {
+/// Send what the connection has to send, and flush every batch (the
+/// connection's lock is held to take each transmit, not to send it).
+pub fn transmit(core: &Core, drivers: &mut [PathDriver], buf: &mut Vec<u8>) {
     let now = Instant::now();
     // New keys come in on any path (a handshake's response): long-poll
     // requests are signed with the keys in use from the next one on.
-    let key = conn.engine().poll_key(now);
-    drivers.iter().for_each(|d| d.set_poll_key(key));
-    while let Some(t) = conn.poll_transmit(now, buf) {
+    {
+        let conn = core.lock();
+        let key = conn.engine().poll_key(now);
+        drivers.iter().for_each(|d| d.set_poll_key(key));
+    }
+    loop {
+        let Some(t) = core.lock().poll_transmit(now, buf) else {
+            break;
+        };
         if let Some(e) = drivers[t.path].send(t, &buf[..t.len]) {
-            conn.handle_path_event(now, t.path, e);
+            core.lock().handle_path_event(now, t.path, e);
         }
     }
     drivers.iter_mut().for_each(PathDriver::flush);
@@ -426,11 +486,7 @@ fn configure(
     Ok(())
 }
 
-fn from_tun(
-    conn: &mut Connection,
-    tun: &mut Tun,
-    drivers: &mut [PathDriver],
-) -> anyhow::Result<bool> {
+fn from_tun(core: &Core, tun: &mut Tun, drivers: &mut [PathDriver]) -> anyhow::Result<bool> {
     let mut dry = false;
     for batch in 0..MAX_BATCHES_PER_WAKEUP {
         if batch == 1 {
@@ -438,14 +494,7 @@ fn from_tun(
             drivers.iter_mut().for_each(PathDriver::flush);
         }
         let now = Instant::now();
-        let result = tun.try_read_batch(|packet| {
-            // Sealed straight into the path's send buffer: no copy.
-            let path = conn.current_path();
-            let failed = drivers[path].send_with(|buf| conn.handle_tun_packet(now, packet, buf));
-            if let Some(e) = failed {
-                conn.handle_path_event(now, path, e);
-            }
-        });
+        let result = tun.try_read_batch(|packet| carry(core, drivers, now, packet));
         match result {
             // A full socket buffer: read no more until it has room.
             Ok(()) if drivers.iter().any(PathDriver::is_blocked) => break,
@@ -459,6 +508,54 @@ fn from_tun(
     }
     drivers.iter_mut().for_each(PathDriver::flush);
     Ok(dry)
+}
+
+/// One packet into the tunnel, sealed straight into the current path's
+/// send buffer (no copy).
+fn carry(core: &Core, drivers: &mut [PathDriver], now: Instant, packet: &[u8]) {
+    let path = core.lock().current_path();
+    let failed = drivers[path].send_with(|buf| core.lock().handle_tun_packet(now, packet, buf));
+    if let Some(e) = failed {
+        core.lock().handle_path_event(now, path, e);
+    }
+}
+
+/// Packets the workers could not send (the current path is not UDP):
+/// this one and what else is queued, up to a bound.
+fn from_workers_queue(
+    core: &Core,
+    first: Vec<u8>,
+    queue: &mut worker::FromWorkers,
+    drivers: &mut [PathDriver],
+) {
+    let now = Instant::now();
+    carry(core, drivers, now, &first);
+    for _ in 0..MAX_BATCHES_PER_WAKEUP {
+        let Ok(packet) = queue.try_recv() else { break };
+        carry(core, drivers, now, &packet);
+    }
+    drivers.iter_mut().for_each(PathDriver::flush);
+}
+
+/// What each loop carried, for status (none with one loop): the main loop
+/// receives every datagram, and the workers only read their queues.
+fn loops(core: &Core, drivers: &[PathDriver], tun: &Tun) -> Vec<WorkerStatus> {
+    let workers: Vec<u64> = core.workers_tun_packets().collect();
+    if workers.is_empty() {
+        return Vec::new();
+    }
+    let main = WorkerStatus {
+        datagrams: drivers
+            .iter()
+            .filter_map(PathDriver::datagrams_received)
+            .sum(),
+        tun_packets: tun.packets_read(),
+    };
+    let others = workers.into_iter().map(|tun_packets| WorkerStatus {
+        datagrams: 0,
+        tun_packets,
+    });
+    std::iter::once(main).chain(others).collect()
 }
 
 /// The transport's name as users know it (`https` for TLS).
@@ -638,7 +735,7 @@ fn endpoint(
 }
 
 fn status(
-    conn: &Connection,
+    core: &Core,
     drivers: &[PathDriver],
     urls: &[ServerUrl],
     tun: &str,
@@ -646,6 +743,7 @@ fn status(
     config: Option<&TunnelConfig>,
 ) -> Status {
     let now = Instant::now();
+    let conn = core.lock();
     let st = conn.status(now);
     let addresses: Vec<String> = config
         .map(|c| {
@@ -663,7 +761,7 @@ fn status(
             &current.detail,
             &drivers[st.current],
             &urls[st.current],
-            conn,
+            &conn,
             st.current,
         )),
         rx_bytes: 0,
@@ -680,7 +778,12 @@ fn status(
         conn.engine().last_handshake(),
         now,
     );
-    for (name, n) in drivers.iter().filter_map(PathDriver::send_dropped) {
+    let queue_full = ("worker_queue_full", core.to_main_full());
+    for (name, n) in drivers
+        .iter()
+        .filter_map(PathDriver::send_dropped)
+        .chain([queue_full])
+    {
         if n > 0 {
             *session.drops.entry(name.into()).or_default() += n;
         }

@@ -14,6 +14,7 @@ use iptun_proto::transport::http::{Command, LEN_PREFIX, MAX_MESSAGE, PollSigner}
 use iptun_proto::wire::dns::Domain;
 use tokio::sync::mpsc;
 
+use super::Core;
 use super::dns::DnsDriver;
 use crate::daemon::MAX_BATCHES_PER_WAKEUP;
 use crate::transport::HeldSend;
@@ -241,6 +242,23 @@ impl PathDriver {
         self.held().map(|h| (h.drop_counter(), h.dropped()))
     }
 
+    /// For a UDP path, another descriptor of its socket and the server's
+    /// address (for a worker to send on).
+    pub fn udp_socket(&self) -> std::io::Result<Option<(std::net::UdpSocket, SocketAddr)>> {
+        match self {
+            Self::Udp { rx, server, .. } => Ok(Some((rx.try_clone_socket()?, *server))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Datagrams a UDP path's socket received.
+    pub fn datagrams_received(&self) -> Option<u64> {
+        match self {
+            Self::Udp { rx, .. } => Some(rx.received()),
+            _ => None,
+        }
+    }
+
     /// Ready to receive.
     pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {
@@ -253,9 +271,11 @@ impl PathDriver {
 
     /// Drain what arrived (up to a bound) into the connection and the TUN
     /// device. Returns whether the source ran dry.
+    /// The connection's lock is held per datagram (or message, or batch
+    /// of answers), never across the socket's syscalls or an await.
     pub async fn receive(
         &mut self,
-        conn: &mut Connection,
+        conn: &Core,
         path: PathId,
         tun: &mut impl PacketWriter,
     ) -> anyhow::Result<bool> {
@@ -264,13 +284,14 @@ impl PathDriver {
                 for _ in 0..MAX_BATCHES_PER_WAKEUP {
                     let now = Instant::now();
                     let r = rx.try_recv_batch(|peer, datagram| {
-                        conn.handle_input(now, path, Remote::Addr(peer.addr), datagram, tun);
+                        let from = Remote::Addr(peer.addr);
+                        conn.lock().handle_input(now, path, from, datagram, tun);
                     });
                     match r {
                         Ok(()) => tun.flush().await.context("writing to the TUN device")?,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
                         Err(e) if is_unreachable(&e) => {
-                            conn.handle_path_event(now, path, unreachable(e));
+                            conn.lock().handle_path_event(now, path, unreachable(e));
                         }
                         Err(e) => return Err(e).context("receiving on the UDP socket"),
                     }
@@ -279,11 +300,13 @@ impl PathDriver {
             }
             Self::Icmp { socket, buf } => socket
                 .drain(buf, MAX_BATCHES_PER_WAKEUP * 8, |r| {
-                    let from = SocketAddr::new(r.from, 0);
-                    conn.handle_input(Instant::now(), path, Remote::Addr(from), r.icmp, tun);
+                    let from = Remote::Addr(SocketAddr::new(r.from, 0));
+                    conn.lock()
+                        .handle_input(Instant::now(), path, from, r.icmp, tun);
                 })
                 .context("receiving on the ICMP socket")?,
-            Self::Dns(d) => d.receive(conn, path, tun)?,
+            // Not a fast path: the lock is held for the whole batch.
+            Self::Dns(d) => d.receive(&mut conn.lock(), path, tun)?,
             Self::Http(h) => {
                 let mut dry = false;
                 for _ in 0..MAX_BATCHES_PER_WAKEUP {
@@ -294,9 +317,12 @@ impl PathDriver {
                     let now = Instant::now();
                     match down {
                         Down::Data(body) => {
-                            conn.handle_input(now, path, Remote::Connection, &body, tun);
+                            conn.lock()
+                                .handle_input(now, path, Remote::Connection, &body, tun);
                         }
-                        Down::Event(e) => conn.handle_path_event(now, path, PathEvent::Http(e)),
+                        Down::Event(e) => {
+                            conn.lock().handle_path_event(now, path, PathEvent::Http(e));
+                        }
                     }
                     tun.flush().await.context("writing to the TUN device")?;
                 }

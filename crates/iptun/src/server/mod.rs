@@ -39,7 +39,9 @@ use crate::transport::udp::{self, UdpReceiver, UdpSender};
 use crate::tun::Tun;
 use crate::url::Listen;
 use http::HttpConnections;
-use worker::{Assignment, Core, Workers};
+use worker::{Assignment, Core};
+
+use crate::workers::Workers;
 
 /// One listener's socket (UDP and DNS listeners are both UDP sockets);
 /// HTTP listeners' connections live in [`HttpConnections`].
@@ -554,7 +556,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let core = Core::new(Endpoint::new(s.config, configs, Instant::now()), s.workers);
-    let (mut workers, mut from_workers) = Workers::spawn(&core, assignments)?;
+    let (jobs, mut from_workers) = worker::jobs(&core, assignments);
+    let mut workers = Workers::spawn(jobs)?;
     let (requests, mut asked) = service::channel();
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());

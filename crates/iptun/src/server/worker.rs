@@ -22,7 +22,6 @@
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -33,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Drivers, ListenerDriver, from_tun, ready_listener, transmit};
 use crate::transport::udp;
 use crate::tun::{Queue, Tun};
+use crate::workers::{self, Job};
 
 /// What every worker shares.
 pub struct Core {
@@ -79,7 +79,7 @@ impl Core {
     }
 
     /// Take the lock (a worker that panicked holding it has already
-    /// stopped the server: see [`Workers`]).
+    /// stopped the server: see [`crate::workers::Workers`]).
     pub fn lock(&self) -> MutexGuard<'_, Shared> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -107,14 +107,6 @@ impl Core {
     }
 }
 
-/// The workers besides the main loop, running until dropped.
-pub struct Workers {
-    stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
-    /// A worker that stopped on an error (or panicked), and why.
-    failed: mpsc::UnboundedReceiver<anyhow::Error>,
-}
-
 /// What a worker serves: a TUN queue and, for each of the endpoint's
 /// listeners (in order), a socket sharing a UDP listener's address, or
 /// `None` for a listener the main loop serves alone.
@@ -134,61 +126,18 @@ const TO_MAIN: usize = 1024;
 /// The main loop's end of [`ToMain`].
 pub type FromWorkers = mpsc::Receiver<(Transmit, Vec<u8>)>;
 
-impl Workers {
-    /// Start one worker per assignment (numbered from 1: the main loop is
-    /// 0, and receives what they send on its listeners).
-    pub fn spawn(
-        core: &Arc<Core>,
-        assignments: Vec<Assignment>,
-    ) -> anyhow::Result<(Self, FromWorkers)> {
-        let stop = CancellationToken::new();
-        let (report, failed) = mpsc::unbounded_channel();
-        let (to_main, from_workers) = mpsc::channel(TO_MAIN);
-        let mut threads = Vec::new();
-        for (n, a) in (1..).zip(assignments) {
-            let (core, stop, report) = (core.clone(), stop.clone(), report.clone());
-            let to_main = to_main.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("iptun worker {n}"))
-                .spawn(move || {
-                    // A panic in the worker is reported like an error.
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(&core, n, a, to_main, &stop)
-                    }))
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
-                    if let Err(e) = outcome {
-                        let _ = report.send(e.context(format!("worker {n}")));
-                    }
-                })
-                .context("starting a worker thread")?;
-            threads.push(thread);
-        }
-        let workers = Self {
-            stop,
-            threads,
-            failed,
-        };
-        Ok((workers, from_workers))
-    }
-
-    /// Resolves with the error of the first worker that stopped.
-    pub async fn failed(&mut self) -> anyhow::Error {
-        match self.failed.recv().await {
-            Some(e) => e,
-            None => std::future::pending().await, // no workers
-        }
-    }
-}
-
-impl Drop for Workers {
-    /// Stop every worker and wait for it: its TUN queue and sockets close
-    /// before the server undoes its network settings.
-    fn drop(&mut self) {
-        self.stop.cancel();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// The workers' jobs, one per assignment (numbered from 1: the main loop
+/// is 0, and receives what they send on its listeners).
+pub fn jobs(core: &Arc<Core>, assignments: Vec<Assignment>) -> (Vec<Job>, FromWorkers) {
+    let (to_main, from_workers) = mpsc::channel(TO_MAIN);
+    let jobs = (1..)
+        .zip(assignments)
+        .map(|(n, a)| {
+            let (core, to_main) = (core.clone(), to_main.clone());
+            Box::new(move |stop: &CancellationToken| run(&core, n, a, to_main, stop)) as Job
+        })
+        .collect();
+    (jobs, from_workers)
 }
 
 fn run(
@@ -198,11 +147,7 @@ fn run(
     to_main: ToMain,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
+    workers::block_on(async {
         let tun = Tun::open_queue(a.queue)?;
         let mut drivers = Drivers::new();
         drivers.main = Some(to_main);

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use anyhow::Context as _;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 
 use super::{HeldSend, sockopt};
@@ -74,12 +75,31 @@ pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSend
     Ok((
         receiver,
         UdpSender {
-            socket,
+            socket: SendSocket::Shared(socket),
             state,
             batch: SendBatch::new(max_segments),
             held: Box::default(),
         },
     ))
+}
+
+/// Another sending half for a socket whose receiving half another loop
+/// serves: registered with this thread's runtime for writing only, so the
+/// datagrams arriving on it never wake this thread.
+pub fn open_sender(socket: std::net::UdpSocket) -> anyhow::Result<UdpSender> {
+    socket.set_nonblocking(true)?;
+    let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
+    let max_segments = state.max_gso_segments();
+    // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and
+    // the same until the AsyncFd goes.
+    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    Ok(UdpSender {
+        socket: SendSocket::WriteOnly(Arc::new(socket)),
+        state,
+        batch: SendBatch::new(max_segments),
+        held: Box::default(),
+    })
 }
 
 /// A socket for talking to `server` from any local port.
@@ -109,6 +129,12 @@ impl UdpReceiver {
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// A second descriptor of the socket, for [`open_sender`] on another
+    /// thread.
+    pub fn try_clone_socket(&self) -> io::Result<std::net::UdpSocket> {
+        Ok(socket2::SockRef::from(&*self.socket).try_clone()?.into())
     }
 
     /// Datagrams received so far.
@@ -170,7 +196,7 @@ impl UdpReceiver {
 /// ([`HeldSend::poll_writable`], [`HeldSend::retry`]). Runs sent while
 /// one is held are dropped, as the network would, and counted.
 pub struct UdpSender {
-    socket: Arc<UdpSocket>,
+    socket: SendSocket,
     state: Arc<UdpSocketState>,
     batch: SendBatch,
     held: Box<Held>,
@@ -287,7 +313,7 @@ impl UdpSender {
         // The syscall itself, not through tokio's readiness: a socket the
         // reactor has not polled yet counts as not writable there, and a
         // path's first datagram (a handshake) would be lost.
-        match self.state.try_send(UdpSockRef::from(&*self.socket), &t) {
+        match self.state.try_send(self.socket.sock_ref(), &t) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.held.keep(b);
             }
@@ -312,7 +338,10 @@ impl HeldSend for UdpSender {
         if !self.is_blocked() {
             return Poll::Pending;
         }
-        self.socket.poll_send_ready(cx).map(drop)
+        match &self.socket {
+            SendSocket::Shared(s) => s.poll_send_ready(cx).map(drop),
+            SendSocket::WriteOnly(s) => s.poll_write_ready(cx).map(drop),
+        }
     }
 
     /// Send the held run, through tokio's readiness this time: if the
@@ -326,9 +355,12 @@ impl HeldSend for UdpSender {
             ..
         } = self;
         let Some(t) = held.transmit() else { return };
-        let r = socket.try_io(Interest::WRITABLE, || {
-            state.try_send(UdpSockRef::from(&**socket), &t)
-        });
+        let socket = &*socket;
+        let send = || state.try_send(socket.sock_ref(), &t);
+        let r = match socket {
+            SendSocket::Shared(s) => s.try_io(Interest::WRITABLE, send),
+            SendSocket::WriteOnly(s) => s.try_io(Interest::WRITABLE, |_| send()),
+        };
         match r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
@@ -346,6 +378,22 @@ impl HeldSend for UdpSender {
 
     fn drop_counter(&self) -> &'static str {
         SEND_BUFFER_FULL
+    }
+}
+
+/// The socket a [`UdpSender`] sends on: shared with its [`UdpReceiver`]
+/// (registered both ways), or one it only writes to ([`open_sender`]).
+enum SendSocket {
+    Shared(Arc<UdpSocket>),
+    WriteOnly(Arc<AsyncFd<std::net::UdpSocket>>),
+}
+
+impl SendSocket {
+    fn sock_ref(&self) -> UdpSockRef<'_> {
+        match self {
+            Self::Shared(s) => UdpSockRef::from(&**s),
+            Self::WriteOnly(s) => UdpSockRef::from(s.get_ref()),
+        }
     }
 }
 

@@ -690,6 +690,50 @@ pub fn assert_same_transfer(sent: &str, received: &str, bytes: u64) {
     assert!(sent.ends_with(&format!(" {bytes}")), "{sent}");
 }
 
+/// Eight transfers of `each` bytes at once from `from` through `client`'s
+/// tunnel (a `--workers 2` client), each checked intact, repeated with new
+/// flows until each of the client's two loops read a share of them (the
+/// flow hash may put all eight on one queue, once in 128). A share, not
+/// the odd packet a flow sends before the kernel learned where it goes:
+/// every packet from the server is written on the first queue. Returns
+/// the packets each loop read.
+pub fn transfers_over_two_queues(
+    client: &mut daemon::Daemon,
+    from: &Netns,
+    to: &Netns,
+    to_addr: &str,
+    each: u64,
+) -> Vec<u64> {
+    for round in 0.. {
+        std::thread::scope(|s| {
+            let running: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| tcp_transfer_sha256(from, to, to_addr, each)))
+                .collect();
+            for t in running {
+                let (sent, received) = t.join().unwrap();
+                assert_same_transfer(&sent, &received, each);
+            }
+        });
+        let status = client.status_ok();
+        let loops = status["workers"].as_array().expect("workers").clone();
+        assert_eq!(loops.len(), 2, "{status:#}");
+        let read: Vec<u64> = loops
+            .iter()
+            .map(|w| w["tun_packets"].as_u64().unwrap())
+            .collect();
+        eprintln!("round {round}: packets read per loop {read:?}");
+        let total: u64 = read.iter().sum();
+        if read.iter().all(|&n| n * 20 > total) {
+            return read;
+        }
+        assert!(
+            round < 3,
+            "the flows never spread over both queues: {status:#}"
+        );
+    }
+    unreachable!()
+}
+
 /// `bytes` from `client` to the target and `bytes` back (on a connection the
 /// client opens: the target may have no way to reach it), each checked by
 /// sha256, each within `timeout`; prints the rates under `what` and
