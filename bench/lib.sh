@@ -288,13 +288,13 @@ measure_raw() {
 }
 
 # iptun server + client over one transport; sets IT_S, IT_C
-iptun_up() { # tag listen-url server-url
+iptun_up() { # tag listen-url server-url [client flags...]
     bg "$NS_S" "$TMP/iptun-$1-server.log" "$IPTUN" server --private-key "$TMP/iptun-s.key" \
         --allow "$(cat "$TMP/iptun-c.pub")" --listen "$2" --tun $IPTUN_TUN
     IT_S=$BG_PID
     wait_ipv4 "$NS_S" $IPTUN_TUN 10 $IT_S || die "iptun server: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_S)"
     bg "$NS_C" "$TMP/iptun-$1-client.log" "$IPTUN" client --private-key "$TMP/iptun-c.key" \
-        --server-key "$(cat "$TMP/iptun-s.pub")" --server "$3" --tun $IPTUN_TUN
+        --server-key "$(cat "$TMP/iptun-s.pub")" --server "$3" --tun $IPTUN_TUN "${@:4}"
     IT_C=$BG_PID
     wait_ipv4 "$NS_C" $IPTUN_TUN 10 $IT_C || die "iptun client: no IPv4 on $IPTUN_TUN within 10 s$(alive $IT_C)"
     log "iptun client address: $(ip -n "$NS_C" -4 -o addr show dev $IPTUN_TUN | awk '{print $4}')"

@@ -5,12 +5,14 @@
 # with boringtun (userspace WireGuard).
 #
 # Usage (as root):
-#   bench/udp.sh                       # raw, nulltun, boringtun, iptun, clients
-#   bench/udp.sh --only raw,boringtun  # any subset of: raw,nulltun,boringtun,iptun,clients
+#   bench/udp.sh                       # raw, nulltun, boringtun, iptun, cworkers, clients
+#   bench/udp.sh --only raw,boringtun  # any subset of: raw,nulltun,boringtun,iptun,cworkers,clients
 #
 # Each path is measured four ways (the row's variant): 1up (one TCP stream
 # client -> server), 4up (iperf3 -P 4), 1down (-R: server -> client) and
-# 4down (-R -P 4); the idle ping RTT with the first. `clients` runs CLIENTS
+# 4down (-R -P 4); the idle ping RTT with the first. `cworkers` measures 4up
+# and 4down again with the client's `--workers CLIENT_WORKERS` (one stream
+# each on most of its threads), beside iptun's own. `clients` runs CLIENTS
 # iptun clients (each in its own namespace, on its own veth) against one
 # server at once, one stream up each, and reports the aggregate: with the
 # server's default workers (one per core), then with --workers 1.
@@ -23,6 +25,7 @@
 #   NULLTUN_SRC=d  its sources (default: /work/shared/peers/nulltun-offload);
 #                  a benchmark peer only, never part of iptun
 #   CLIENTS=n      clients of the `clients` row (default 4)
+#   CLIENT_WORKERS=n  the client's --workers in the `cworkers` rows (default 2)
 #   RUNS=n         measure each path n times, keep the best (default 1)
 #   DURATION=s     iperf3 seconds per measurement (default 10)
 #   PINGS=n        pings per measurement, 0.2 s apart (default 50); the
@@ -40,7 +43,7 @@ set -euo pipefail
 
 PREFIX=iptb
 PINGS=${PINGS:-50}
-PATHS=raw,nulltun,boringtun,iptun,clients
+PATHS=raw,nulltun,boringtun,iptun,cworkers,clients
 ALIASES=(iptun-udp=iptun nulltun-offload=nulltun)
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # namespaces, measuring, iptun, report
@@ -58,6 +61,8 @@ NT_NET_C=10.3.0.2
 NT_PORT_S=40010
 NT_PORT_C=40011
 CLIENTS=${CLIENTS:-4}
+CLIENT_WORKERS=${CLIENT_WORKERS:-2}
+CW=iptun-cw$CLIENT_WORKERS  # the `cworkers` rows' name
 EXTRA_NS=()      # the `clients` row's namespaces
 teardown_hook() {
     local ns
@@ -99,7 +104,7 @@ if want nulltun; then
     fi
     [[ -x $NULLTUN ]] || die "no nulltun-offload binary at $NULLTUN"
 fi
-if want iptun || want clients; then iptun_setup; fi
+if want iptun || want cworkers || want clients; then iptun_setup; fi
 
 netns_up
 
@@ -207,7 +212,20 @@ if want iptun; then
     iptun_down
 fi
 
-# 5. several iptun clients on one server at once
+# 5. the same with the client's workers: several streams on several threads
+if want cworkers; then
+    pause
+    log "$CW: iptun-udp with client --workers $CLIENT_WORKERS"
+    iptun_up udpcw udp://0.0.0.0:$IPTUN_PORT udp://$UL_S:$IPTUN_PORT --workers "$CLIENT_WORKERS"
+    for v in 4up 4down; do
+        measure "$CW $v" "-" "iperf3_mbit $NS_C $IPTUN_ADDR_S $CW-$v ${VARIANT_ARGS[$v]}"
+    done
+    note_mtu "$CW" $IPTUN_TUN
+    note_rss "$CW" "$IT_S" "$IT_C"
+    iptun_down
+fi
+
+# 6. several iptun clients on one server at once
 # Client k's iperf3 goes to its own iperf3 -s (port 5200+k); prints the sum
 # and leaves each client's figure in PER_CLIENT.
 PER_CLIENT=()
@@ -302,7 +320,7 @@ fi
 print_table 22 0 "vs_raw:raw %:8:3" "vs_nulltun:nulltun %:10:2" "vs_boringtun:boringtun %:12:2"
 echo
 echo "peak RSS (VmHWM, MiB):"
-for n in nulltun boringtun iptun-udp "iptun-udp ${CLIENTS}clients" "iptun-udp ${CLIENTS}clients 1worker"; do
+for n in nulltun boringtun iptun-udp "$CW" "iptun-udp ${CLIENTS}clients" "iptun-udp ${CLIENTS}clients 1worker"; do
     [[ -n ${RSS[$n server]:-} ]] || continue
     printf '  %-22s server %6s  client %6s\n' "$n" "${RSS[$n server]}" "${RSS[$n client]}"
 done
@@ -314,9 +332,15 @@ if [[ ${#BUSY_RTT[@]} -gt 0 ]]; then
     done
 fi
 for n in "${!PER_CLIENT_OF[@]}"; do echo "$n, per client (Mbit/s): ${PER_CLIENT_OF[$n]}"; done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (b > 0) printf "%.2f", a / b; else print "-"}'; }
+for v in 4up 4down; do
+    if [[ -n ${MBIT[$CW $v]:-} && -n ${MBIT[iptun-udp $v]:-} ]]; then
+        echo "client workers: $v with --workers $CLIENT_WORKERS / with one: $(ratio "${MBIT[$CW $v]}" "${MBIT[iptun-udp $v]}")"
+    fi
+done
 one="iptun-udp ${CLIENTS}clients 1worker"
 if [[ -n ${MBIT[$one]:-} && -n ${MBIT[iptun-udp ${CLIENTS}clients]:-} ]]; then
-    echo "workers: ${CLIENTS} clients with the default workers / with one: $(awk -v a="${MBIT[iptun-udp ${CLIENTS}clients]}" -v b="${MBIT[$one]}" 'BEGIN{if (b > 0) printf "%.2f", a / b; else print "-"}')"
+    echo "workers: ${CLIENTS} clients with the default workers / with one: $(ratio "${MBIT[iptun-udp ${CLIENTS}clients]}" "${MBIT[$one]}")"
 fi
 echo "(runs=$RUNS, best of; iperf3 ${DURATION}s; 1up/4up: 1/4 TCP streams client->server, 1down/4down: -R;"
 echo " rtt_ms: median of ${PINGS} pings 0.2 s apart (idle) on the 1up row; $(nproc) cores)"
