@@ -228,6 +228,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         .map(|(path, limit)| Capture::create(path, *limit, false))
         .transpose()?;
     let metrics_port = s.metrics.as_ref().map(metrics::bind).transpose()?;
+    // Declared before the workers: on every way out, they stop (and close
+    // their queues and sockets) before the network settings are undone.
+    let mut undo = Undo::new();
     let (mut tun, queues) = Tun::create_queues(&s.tun, s.offload, s.workers)?;
     if let Some(c) = capture {
         tun.set_capture(c);
@@ -256,7 +259,6 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
     }
-    let mut undo = Undo::new();
     let mut configured: Option<TunnelConfig> = None;
     let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
     tracing::info!("connecting to {}", shown.join(", then "));
@@ -367,7 +369,6 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // The workers' queues and sockets close before the settings go.
     drop(workers);
     drop(undo);
     Ok(())

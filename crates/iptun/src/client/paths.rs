@@ -270,9 +270,9 @@ impl PathDriver {
     }
 
     /// Drain what arrived (up to a bound) into the connection and the TUN
-    /// device. Returns whether the source ran dry.
-    /// The connection's lock is held per datagram (or message, or batch
-    /// of answers), never across the socket's syscalls or an await.
+    /// device. Returns whether the source ran dry. The connection's lock
+    /// is held per datagram (or message, or batch of answers), never
+    /// across an await, nor around the UDP and ICMP sockets' syscalls.
     pub async fn receive(
         &mut self,
         conn: &Core,
