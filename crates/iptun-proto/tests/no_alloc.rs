@@ -221,15 +221,39 @@ fn connection_and_endpoint_data_path_does_not_allocate() {
 
     // A packet each way every millisecond for a second, with the drivers'
     // whole loop: timers, inputs, and the (empty) transmit queues drained.
+    // Every other packet up is reserved and then sealed apart, as the
+    // client's loops do outside its lock; every fourth millisecond one
+    // more goes up, reserved after that one but sealed and delivered
+    // before it: the server takes the two as reordered.
     let mut now = start;
+    let mut reordered = 0;
     let n = allocations(|| {
-        for _ in 0..1000 {
+        for i in 0..1000 {
             now += Duration::from_millis(1);
             p.timers(now);
-            let t = p
-                .conn
-                .handle_tun_packet(now, &up, &mut p.a)
-                .expect("sealed");
+            let t = if i % 2 == 1 {
+                let room = p.a.len();
+                let reserve = p.conn.reserve_tun_packet(now, 0, &up, room);
+                let (first, t) = reserve.expect("reserved");
+                if i % 4 == 3 {
+                    let reserve = p.conn.reserve_tun_packet(now, 0, &up, room);
+                    let (second, t) = reserve.expect("reserved");
+                    let len = second.seal(&up, &mut p.b).expect("sealed");
+                    assert_eq!(len, t.len);
+                    let input = Input::Datagram {
+                        from: p.client,
+                        bytes: &p.b[..len],
+                    };
+                    p.endpoint.handle_input(now, 0, input, &mut tun);
+                    reordered += 1;
+                }
+                first.seal(&up, &mut p.a).expect("sealed");
+                t
+            } else {
+                p.conn
+                    .handle_tun_packet(now, &up, &mut p.a)
+                    .expect("sealed")
+            };
             let input = Input::Datagram {
                 from: p.client,
                 bytes: &p.a[..t.len],
@@ -244,6 +268,11 @@ fn connection_and_endpoint_data_path_does_not_allocate() {
             assert_eq!(p.exchange(now, &mut tun), 0, "nothing else to send");
         }
     });
-    assert_eq!(tun.written, 2000, "every packet delivered, each way");
+    assert_eq!(reordered, 250);
+    assert_eq!(
+        tun.written,
+        2000 + reordered,
+        "every packet delivered, each way"
+    );
     assert_eq!(n, 0, "allocations on the data path");
 }

@@ -55,12 +55,14 @@ pub use policy::{
 };
 pub use status::{ConnectionStatus, PathDetail, PathState, PathStatus};
 
+use crate::crypto::Reserved;
 use crate::engine::{Client, ClientConfig, ClientEvent, ClientOutput, Traffic};
 use crate::transport::dns::client::DnsClient;
 use crate::transport::http::{self, HttpClient, HttpEvent, messages};
 use crate::transport::icmp::IcmpClient;
 use crate::transport::{Kind, TunSink};
 use crate::wire::dns::Domain;
+use crate::wire::message::DATA_OVERHEAD;
 use crate::wire::message::TYPE_INIT;
 use crate::{DropCounters, DropReason, TunnelConfig};
 
@@ -332,6 +334,35 @@ impl Connection {
             to: c.carrier.destination(),
             len,
         })
+    }
+
+    /// A packet from the TUN device for `path`, the current path and a
+    /// UDP one (whose datagrams are data messages, unframed), reserved
+    /// only ([`Client::reserve_tun_packet`]): the caller seals it with
+    /// [`Reserved::seal`] into the first `room` bytes of its buffer,
+    /// without this connection's lock, and sends it as the transmit says.
+    /// `None`: dropped and counted, or `path` is not the current UDP path.
+    ///
+    /// [`Client::reserve_tun_packet`]: crate::engine::Client::reserve_tun_packet
+    pub fn reserve_tun_packet(
+        &mut self,
+        now: Instant,
+        path: PathId,
+        packet: &[u8],
+        room: usize,
+    ) -> Option<(Reserved, Transmit)> {
+        let c = &mut self.paths[path];
+        if path != self.current || !matches!(c.carrier, Carrier::Udp { .. }) {
+            return None;
+        }
+        let reserved = self.engine.reserve_tun_packet(now, packet, room).ok()?;
+        c.sent(now);
+        let t = Transmit {
+            path,
+            to: c.carrier.destination(),
+            len: packet.len() + DATA_OVERHEAD,
+        };
+        Some((reserved, t))
     }
 
     /// Bytes that arrived on `path`'s socket from `from`: a UDP datagram,

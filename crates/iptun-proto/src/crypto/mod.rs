@@ -25,7 +25,7 @@ pub use poll::{
     POLL_AUTH_LEN, POLL_WINDOW_WORDS, PollCheck, PollCounter, PollGuard, PollKey, PollKind, widen,
 };
 pub use replay::ReplayWindow;
-pub use transport::{REJECT_AFTER_MESSAGES, SessionKeys};
+pub use transport::{REJECT_AFTER_MESSAGES, Reserved, SessionKeys};
 
 /// The Noise protocol name.
 pub(crate) const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";

@@ -1,5 +1,7 @@
 //! Sealing and opening data messages with the keys of one handshake.
 
+use std::sync::Arc;
+
 use super::cipher::{Cipher, DataKey};
 use super::{PollKey, ReplayWindow};
 use crate::DropReason;
@@ -10,7 +12,8 @@ pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
 /// The keys of one completed handshake, with the send counter and replay window.
 pub struct SessionKeys {
-    send: DataKey,
+    /// Shared with the [`Reserved`] messages not sealed yet.
+    send: Arc<DataKey>,
     receive: DataKey,
     next_counter: u64,
     replay: ReplayWindow,
@@ -20,7 +23,7 @@ pub struct SessionKeys {
 impl SessionKeys {
     pub(super) fn new(send: DataKey, receive: DataKey, poll: PollKey) -> Self {
         Self {
-            send,
+            send: Arc::new(send),
             receive,
             next_counter: 0,
             replay: ReplayWindow::new(),
@@ -51,19 +54,37 @@ impl SessionKeys {
         plaintext: &[u8],
         out: &mut [u8],
     ) -> Result<usize, DropReason> {
-        let len = plaintext.len() + DATA_OVERHEAD;
-        if out.len() < len {
-            return Err(DropReason::TooLarge);
-        }
+        fits(plaintext.len(), out.len())?;
+        let counter = self.next_counter()?;
+        Ok(seal(&self.send, receiver, counter, plaintext, out))
+    }
+
+    /// Take the next message's counter for a `plaintext_len`-byte packet
+    /// that is to be sealed into `room` bytes, without sealing it: the
+    /// [`Reserved`] message seals on its own, so that whatever guards
+    /// these keys need not be held for the encryption. Messages sealed
+    /// out of order arrive as a reordering, which the replay window takes.
+    pub fn reserve(
+        &mut self,
+        receiver: u32,
+        plaintext_len: usize,
+        room: usize,
+    ) -> Result<Reserved, DropReason> {
+        fits(plaintext_len, room)?;
+        Ok(Reserved {
+            key: self.send.clone(),
+            receiver,
+            counter: self.next_counter()?,
+        })
+    }
+
+    fn next_counter(&mut self) -> Result<u64, DropReason> {
         let counter = self.next_counter;
         if counter >= REJECT_AFTER_MESSAGES {
             return Err(DropReason::Expired);
         }
         self.next_counter += 1;
-        Message::emit_data_header(receiver, counter, out);
-        self.send
-            .seal(counter, plaintext, &mut out[DATA_HEADER_LEN..len]);
-        Ok(len)
+        Ok(counter)
     }
 
     /// Whether a message with `counter` would be the newest received (the
@@ -94,4 +115,40 @@ impl SessionKeys {
         self.replay.accept(counter);
         Ok(n)
     }
+}
+
+/// A data message whose counter is taken ([`SessionKeys::reserve`]), to
+/// be sealed outside the lock that guards the keys.
+pub struct Reserved {
+    key: Arc<DataKey>,
+    receiver: u32,
+    counter: u64,
+}
+
+impl Reserved {
+    /// Write the complete data message carrying `plaintext` into `out`;
+    /// returns its length. `TooLarge` if it does not fit after all (the
+    /// reservation was for a smaller packet or more room): the counter goes
+    /// unused, which the peer sees as a lost message.
+    pub fn seal(self, plaintext: &[u8], out: &mut [u8]) -> Result<usize, DropReason> {
+        fits(plaintext.len(), out.len())?;
+        Ok(seal(&self.key, self.receiver, self.counter, plaintext, out))
+    }
+}
+
+/// `TooLarge` unless a data message of `plaintext_len` bytes fits in `room`.
+fn fits(plaintext_len: usize, room: usize) -> Result<(), DropReason> {
+    if room < plaintext_len + DATA_OVERHEAD {
+        return Err(DropReason::TooLarge);
+    }
+    Ok(())
+}
+
+/// Write the data message (header, ciphertext, tag) into `out`, which
+/// has room for it; returns its length.
+fn seal(key: &DataKey, receiver: u32, counter: u64, plaintext: &[u8], out: &mut [u8]) -> usize {
+    let len = plaintext.len() + DATA_OVERHEAD;
+    Message::emit_data_header(receiver, counter, out);
+    key.seal(counter, plaintext, &mut out[DATA_HEADER_LEN..len]);
+    len
 }

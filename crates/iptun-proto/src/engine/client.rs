@@ -9,7 +9,7 @@ use super::{
     REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, Traffic, random_index,
 };
 use crate::crypto::cookie::{COOKIE_SECRET_LIFETIME, Cookie, CookieSealKey, mac2};
-use crate::crypto::{Cipher, Initiator, Mac1Key, PollKey, PrivateKey, PublicKey};
+use crate::crypto::{Cipher, Initiator, Mac1Key, PollKey, PrivateKey, PublicKey, Reserved};
 use crate::wire::message::{INIT_LEN, INIT_MAC_LEN, INIT_NOISE_LEN, INIT_WITH_MAC2_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
 use crate::{DropCounters, DropReason};
@@ -169,26 +169,70 @@ impl Client {
         result
     }
 
+    /// As [`Client::handle_tun_packet`], but only take the packet's place
+    /// in the session (its counter, and what sending it means for keepalives
+    /// and rekeying): the caller seals it with [`Reserved::seal`] into at
+    /// most `room` bytes, and need not hold whatever guards this client
+    /// meanwhile.
+    pub fn reserve_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        room: usize,
+    ) -> Result<Reserved, DropReason> {
+        let result = self.reserve_packet(now, packet, room);
+        if let Err(reason) = result {
+            self.drops.add(reason);
+        }
+        result
+    }
+
     fn seal_packet(
         &mut self,
         now: Instant,
         packet: &[u8],
         out: &mut [u8],
     ) -> Result<usize, DropReason> {
+        let n = self.sending_keypair(now, packet)?.seal(packet, out)?;
+        self.sent(now, packet.len());
+        Ok(n)
+    }
+
+    fn reserve_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        room: usize,
+    ) -> Result<Reserved, DropReason> {
+        let keypair = self.sending_keypair(now, packet)?;
+        let reserved = keypair
+            .keys
+            .reserve(keypair.remote_index, packet.len(), room)?;
+        self.sent(now, packet.len());
+        Ok(reserved)
+    }
+
+    /// The keypair to send `packet` with (which must be an IP packet).
+    fn sending_keypair(&mut self, now: Instant, packet: &[u8]) -> Result<&mut Keypair, DropReason> {
         InnerPacket::new_checked(packet)?;
-        let Some(keypair) = self.current.as_mut().filter(|k| !k.expired(now)) else {
+        if self.current.as_ref().is_none_or(|k| k.expired(now)) {
             self.want_handshake(now);
             return Err(DropReason::NoSession);
-        };
-        let n = keypair.seal(packet, out)?;
-        let rekey = keypair.keys.sent() >= self.config.rekey_after_messages
-            || now.saturating_duration_since(keypair.born) >= REKEY_AFTER_TIME;
+        }
+        Ok(self.current.as_mut().expect("checked just above"))
+    }
+
+    /// A packet of `len` bytes went out with the current keypair.
+    fn sent(&mut self, now: Instant, len: usize) {
+        let rekey = self.current.as_ref().is_some_and(|k| {
+            k.keys.sent() >= self.config.rekey_after_messages
+                || now.saturating_duration_since(k.born) >= REKEY_AFTER_TIME
+        });
         if rekey {
             self.want_handshake(now);
         }
         self.last_tx = now;
-        self.traffic.tx(packet.len());
-        Ok(n)
+        self.traffic.tx(len);
     }
 
     /// Handle a message from the server.

@@ -514,8 +514,9 @@ fn from_tun(core: &Core, tun: &mut Tun, drivers: &mut [PathDriver]) -> anyhow::R
 /// One packet into the tunnel, sealed straight into the current path's
 /// send buffer (no copy).
 fn carry(core: &Core, drivers: &mut [PathDriver], now: Instant, packet: &[u8]) {
-    let path = core.lock().current_path();
-    let failed = drivers[path].send_with(|buf| core.lock().handle_tun_packet(now, packet, buf));
+    let conn = core.lock();
+    let path = conn.current_path();
+    let failed = drivers[path].send_with(move |buf| worker::seal(conn, now, path, packet, buf));
     if let Some(e) = failed {
         core.lock().handle_path_event(now, path, e);
     }

@@ -5,10 +5,10 @@
 //! stays on one queue, in order. The main loop serves queue 0 and all the
 //! rest: every socket's receiving side, the timers, the control socket.
 //! Each worker is a thread with a runtime of its own that reads its queue,
-//! seals each packet under the connection's lock (held for the sealing
-//! only, never across an await or around a syscall) and sends it on its
-//! own descriptor of the current path's UDP socket, registered for writing
-//! only. A packet the worker cannot send (the current path is ICMP, DNS or
+//! takes each packet's place in the session under the connection's lock
+//! (never held across an await or around a syscall), seals it without the
+//! lock, and sends it on its own descriptor of the current path's UDP
+//! socket, registered for writing only. A packet the worker cannot send (the current path is ICMP, DNS or
 //! HTTP) goes to the main loop through a bounded queue, and is dropped
 //! (counted) when that is full.
 //!
@@ -24,7 +24,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use iptun_proto::connection::Connection;
+use iptun_proto::connection::{Connection, PathId, Transmit};
+use iptun_proto::transport::Kind;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -202,21 +203,18 @@ fn from_tun(
         }
         let now = Instant::now();
         let result = tun.try_read_batch(|packet| {
-            let path = core.lock().current_path();
-            match senders.get_mut(path).and_then(Option::as_mut) {
-                // Sealed for the path it was read for: if the main loop
-                // moved the session meanwhile, the packet is lost, as
-                // packets are at a move.
-                Some((tx, server)) => tx.send_with((*server).into(), |buf| {
-                    let t = core.lock().handle_tun_packet(now, packet, buf)?;
-                    (t.path == path).then_some(t.len)
-                }),
-                None => {
-                    if to_main.try_send(packet.to_vec()).is_err() {
-                        core.to_main_full.fetch_add(1, Ordering::Relaxed);
-                    }
+            let conn = core.lock();
+            let path = conn.current_path();
+            let Some((tx, server)) = senders.get_mut(path).and_then(Option::as_mut) else {
+                drop(conn);
+                if to_main.try_send(packet.to_vec()).is_err() {
+                    core.to_main_full.fetch_add(1, Ordering::Relaxed);
                 }
-            }
+                return;
+            };
+            tx.send_with((*server).into(), move |buf| {
+                Some(seal(conn, now, path, packet, buf)?.len)
+            });
         });
         core.after_batch();
         match result {
@@ -232,4 +230,24 @@ fn from_tun(
     }
     flush(senders);
     Ok(dry)
+}
+
+/// Seal `packet` into `buf` for `path`, the connection's current path,
+/// given its lock: on UDP only the packet's counter is taken under the
+/// lock and the encryption (most of the work) happens without it; the
+/// other transports frame under it (their framing is the connection's).
+pub fn seal(
+    mut conn: MutexGuard<'_, Connection>,
+    now: Instant,
+    path: PathId,
+    packet: &[u8],
+    buf: &mut [u8],
+) -> Option<Transmit> {
+    if conn.kind(path) != Kind::Udp {
+        return conn.handle_tun_packet(now, packet, buf);
+    }
+    let (reserved, t) = conn.reserve_tun_packet(now, path, packet, buf.len())?;
+    drop(conn);
+    reserved.seal(packet, buf).ok()?;
+    Some(t)
 }
