@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use iptun_proto::connection::{self, Connection, Event, PathConfig, Remote};
 use iptun_proto::crypto::PrivateKey;
-use iptun_proto::endpoint::{self, Endpoint, Input, ListenerConfig, UdpAddr};
+use iptun_proto::endpoint::{self, Endpoint, Input, ListenerConfig, Reservation, UdpAddr};
 use iptun_proto::engine::{Client, ClientConfig, ClientOutput, Server, ServerConfig, ServerOutput};
 use iptun_proto::pool::AddressPool;
 use iptun_proto::transport::{PacketList, TunSink};
@@ -259,12 +259,22 @@ fn connection_and_endpoint_data_path_does_not_allocate() {
                 bytes: &p.a[..t.len],
             };
             p.endpoint.handle_input(now, 0, input, &mut tun);
-            let t = p
-                .endpoint
-                .handle_tun_packet(now, &down, &mut p.b)
-                .expect("sealed");
+            // Down, likewise: every other packet reserved, sealed apart.
+            let len = if i % 2 == 1 {
+                let room = p.b.len();
+                let Reservation::Udp(reserved, to) =
+                    p.endpoint.reserve_tun_packet(now, 0, &down, room)
+                else {
+                    panic!("not reserved for the client's UDP peer")
+                };
+                assert_eq!(to, p.client);
+                reserved.seal(&down, &mut p.b).expect("sealed")
+            } else {
+                let t = p.endpoint.handle_tun_packet(now, &down, &mut p.b);
+                t.expect("sealed").len
+            };
             p.conn
-                .handle_input(now, 0, Remote::Addr(p.server), &p.b[..t.len], &mut tun);
+                .handle_input(now, 0, Remote::Addr(p.server), &p.b[..len], &mut tun);
             assert_eq!(p.exchange(now, &mut tun), 0, "nothing else to send");
         }
     });

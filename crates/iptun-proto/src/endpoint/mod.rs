@@ -32,7 +32,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use crate::DropCounters;
-use crate::crypto::{PollCheck, PollCounter, PollGuard, PollKind, PublicKey};
+use crate::crypto::{PollCheck, PollCounter, PollGuard, PollKind, PublicKey, Reserved};
 use crate::engine::{
     AllowedChange, HandshakeCounters, InitOutcome, PathKind, Server, ServerConfig, ServerOutput,
     SessionId, SessionInfo, Traffic,
@@ -255,6 +255,18 @@ pub struct Transmit {
     pub to: Destination,
     /// Its length.
     pub len: usize,
+}
+
+/// What [`Endpoint::reserve_tun_packet`] made of a packet.
+pub enum Reservation {
+    /// Its place in its session is taken: seal it with [`Reserved::seal`]
+    /// and send it to this peer on the UDP listener asked about.
+    Udp(Reserved, UdpAddr),
+    /// Dropped, and counted.
+    Dropped,
+    /// Its session is on another listener, or has no path yet: give it to
+    /// [`Endpoint::handle_tun_packet`].
+    Elsewhere,
 }
 
 /// One listener's numbers, for status and metrics.
@@ -508,6 +520,35 @@ impl Endpoint {
             self.release(now, session, old);
         }
         change
+    }
+
+    /// A packet from the TUN device whose session is on UDP listener
+    /// `listener`, reserved only: the caller seals it ([`Reserved::seal`])
+    /// into at most `room` bytes without this endpoint's lock, so that
+    /// loops sharing the endpoint encrypt in parallel.
+    pub fn reserve_tun_packet(
+        &mut self,
+        now: Instant,
+        listener: ListenerId,
+        packet: &[u8],
+        room: usize,
+    ) -> Reservation {
+        match self.engine.route(packet) {
+            Some(&Path::Udp { listener: l, .. }) if l == listener => {}
+            _ => return Reservation::Elsewhere,
+        }
+        match self.engine.reserve_tun_packet(now, packet, room) {
+            Ok((Path::Udp { peer, .. }, reserved)) => {
+                self.counters[listener].traffic.tx(packet.len());
+                Reservation::Udp(reserved, peer)
+            }
+            // Cannot be: the route above was this listener.
+            Ok(_) => Reservation::Elsewhere,
+            Err(reason) => {
+                self.tun_drops.add(reason);
+                Reservation::Dropped
+            }
+        }
     }
 
     /// A packet from the TUN device, for the client that owns its

@@ -22,7 +22,7 @@ use super::{
     Traffic, random_index,
 };
 use crate::crypto::cookie::CookieJar;
-use crate::crypto::{Cipher, Mac1Key, PollKey, PrivateKey, PublicKey, Responder};
+use crate::crypto::{Cipher, Mac1Key, PollKey, PrivateKey, PublicKey, Reserved, Responder};
 use crate::pool::{AddressPool, Lease};
 use crate::wire::message::{COOKIE_REPLY_LEN, INIT_LEN, RESPONSE_LEN, RESPONSE_NOISE_LEN};
 use crate::wire::{Control, ControlKind, InnerPacket, Message, TunnelConfig};
@@ -347,6 +347,27 @@ impl<P: PathKind> Server<P> {
             .ok_or_else(|| self.count(DropReason::NoRoute))?;
         let (path, n) = seal_to(&mut self.peers[id], now, packet, out)?;
         Ok(ServerOutput::Send(path, &out[..n]))
+    }
+
+    /// As [`Server::handle_tun_packet`], but only take the packet's place
+    /// in its session: the caller seals it with [`Reserved::seal`] into at
+    /// most `room` bytes, and need not hold whatever guards this server
+    /// meanwhile.
+    pub fn reserve_tun_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        room: usize,
+    ) -> Result<(P, Reserved), DropReason> {
+        let dst = InnerPacket::new_checked(packet)
+            .map_err(|e| self.count(e))?
+            .dst();
+        let id = self
+            .owner(dst)
+            .ok_or_else(|| self.count(DropReason::NoRoute))?;
+        send_to(&mut self.peers[id], now, packet, |k| {
+            k.keys.reserve(k.remote_index, packet.len(), room)
+        })
     }
 
     /// The path a packet from the TUN device would be sent on, without
@@ -791,6 +812,17 @@ fn seal_to<P: Clone>(
     packet: &[u8],
     out: &mut [u8],
 ) -> Result<(P, usize), DropReason> {
+    send_to(peer, now, packet, |k| k.seal(packet, out))
+}
+
+/// Send `packet` to `peer` with `seal` (which seals it, or reserves its
+/// place): where it goes, and what `seal` gave. Drops are counted.
+fn send_to<P: Clone, R>(
+    peer: &mut Peer<P>,
+    now: Instant,
+    packet: &[u8],
+    seal: impl FnOnce(&mut Keypair) -> Result<R, DropReason>,
+) -> Result<(P, R), DropReason> {
     let (Some(keypair), Some(path)) = (
         peer.current.as_mut().filter(|k| !k.expired(now)),
         &peer.path,
@@ -798,11 +830,9 @@ fn seal_to<P: Clone>(
         peer.drops.add(DropReason::NoSession);
         return Err(DropReason::NoSession);
     };
-    let n = keypair
-        .seal(packet, out)
-        .inspect_err(|&e| peer.drops.add(e))?;
+    let sealed = seal(keypair).inspect_err(|&e| peer.drops.add(e))?;
     if !packet.is_empty() && !Control::is_control(packet) {
         peer.traffic.tx(packet.len());
     }
-    Ok((path.clone(), n))
+    Ok((path.clone(), sealed))
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use iptun_proto::crypto::PublicKey;
-use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Transmit};
+use iptun_proto::endpoint::{Destination, Endpoint, Input, ListenerConfig, Reservation, Transmit};
 use iptun_proto::engine::ServerConfig;
 use iptun_proto::pool::AddressPool;
 use iptun_proto::transport::Kind;
@@ -791,8 +791,10 @@ fn from_tun(core: &Core, tun: &mut Tun, drivers: &mut Drivers) -> anyhow::Result
 
 /// One packet from the TUN device: sealed straight into the first UDP
 /// listener's send batch (no copy) when it goes there, else sent from a
-/// scratch buffer by its own listener. The endpoint's lock is held for
-/// the sealing only: a send batch that fills leaves (a syscall) after.
+/// scratch buffer by its own listener. The endpoint's lock is held to
+/// take the packet's place in its session; on UDP it is sealed after (the
+/// loops encrypt in parallel), and a send batch that fills leaves (a
+/// syscall) after that.
 fn from_tun_packet(core: &Core, drivers: &mut Drivers, now: Instant, packet: &[u8]) {
     let Drivers {
         listeners,
@@ -805,7 +807,16 @@ fn from_tun_packet(core: &Core, drivers: &mut Drivers, now: Instant, packet: &[u
         && let ListenerDriver::Udp { tx, .. } = &mut listeners[u]
     {
         tx.send_with_any(|buf| {
-            let t = core.lock().ep.handle_tun_packet(now, packet, buf)?;
+            let mut shared = core.lock();
+            match shared.ep.reserve_tun_packet(now, u, packet, buf.len()) {
+                Reservation::Udp(reserved, peer) => {
+                    drop(shared);
+                    return Some((peer, reserved.seal(packet, buf).ok()?));
+                }
+                Reservation::Dropped => return None,
+                Reservation::Elsewhere => {}
+            }
+            let t = shared.ep.handle_tun_packet(now, packet, buf)?;
             match t.to {
                 Destination::Udp(peer) if t.listener == u => Some((peer, t.len)),
                 _ => {
