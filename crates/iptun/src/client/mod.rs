@@ -308,7 +308,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = &mut timer => core.lock().handle_timeout(Instant::now()),
             // A worker's packet moved the deadline (transmit below).
             () = core.main_woken() => {}
-            Some(packet) = from_workers.recv() => from_workers_queue(&core, packet, &mut from_workers, &mut drivers),
+            Some(packet) = from_workers.recv() => {
+                from_workers_queue(&core, packet, &mut from_workers, &mut drivers);
+            }
             e = workers.failed() => return Err(e),
             _ = reports.tick() => drops.tick(Instant::now(), core.lock().drops()),
             c = control.accept() => {
@@ -318,7 +320,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
             Some(request) = asked.recv() => match request {
                 Request::Status(reply) => {
-                    let mut st = status(&core, &drivers, &urls, tun.name(), &server_key, configured.as_ref());
+                    let config = configured.as_ref();
+                    let mut st = status(&core, &drivers, &urls, tun.name(), &server_key, config);
                     st.workers = loops(&core, &drivers, &tun);
                     let _ = reply.send(st);
                 }

@@ -6,11 +6,12 @@
 //! rest: every socket's receiving side, the timers, the control socket.
 //! Each worker is a thread with a runtime of its own that reads its queue,
 //! takes each packet's place in the session under the connection's lock
-//! (never held across an await or around a syscall), seals it without the
-//! lock, and sends it on its own descriptor of the current path's UDP
-//! socket, registered for writing only. A packet the worker cannot send (the current path is ICMP, DNS or
-//! HTTP) goes to the main loop through a bounded queue, and is dropped
-//! (counted) when that is full.
+//! (never held across an await, nor around a syscall of the UDP data
+//! path), seals it without the lock, and sends it on its own descriptor of
+//! the current path's UDP socket, registered for writing only. A packet
+//! the worker cannot send (the current path is ICMP, DNS or HTTP) goes to
+//! the main loop through a bounded queue, and is dropped (counted) when
+//! that is full.
 //!
 //! Downstream stays on the main loop: the server's datagrams all come to
 //! one socket from one address, and spreading them over threads would
