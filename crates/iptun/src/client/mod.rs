@@ -235,10 +235,17 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     if let Some(c) = capture {
         tun.set_capture(c);
     }
-    if let Some(q) = queues.first() {
+    if let Some(q) = queues.first()
+        && let Err(e) = crate::steering::by_flow_hash(q)
+    {
         // Every packet from the server is written on the main loop's
-        // queue: without this, all flows would come back to it.
-        crate::steering::by_flow_hash(q).context("steering flows over the TUN queues")?;
+        // queue: without steering, the flows it writes come back to it.
+        // The tunnel works all the same.
+        tracing::warn!(
+            "--workers {}: cannot steer flows over the TUN queues ({e}); \
+             flows with traffic from the server stay with the first thread",
+            s.workers
+        );
     }
     let conn = Connection::new(s.config, configs, Instant::now(), daemon::unix_nanos());
     let core = Core::new(conn, s.workers);
