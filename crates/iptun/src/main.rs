@@ -19,6 +19,8 @@ mod probe;
 mod server;
 mod service;
 mod steering;
+#[cfg(test)]
+mod testing;
 mod transport;
 mod tun;
 mod url;

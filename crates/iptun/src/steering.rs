@@ -115,15 +115,9 @@ pub fn by_flow_hash(queue: &impl AsRawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;
-    use std::process::Command;
 
     use super::*;
-
-    fn run(cmd: &str) {
-        let args: Vec<&str> = cmd.split_whitespace().collect();
-        let status = Command::new(args[0]).args(&args[1..]).status();
-        assert!(status.is_ok_and(|s| s.success()), "{cmd}");
-    }
+    use crate::testing::{in_own_netns, run};
 
     /// A datagram to `socket` from its peer, as the tunnel would write it.
     fn reply(socket: &UdpSocket) -> Vec<u8> {
@@ -142,13 +136,7 @@ mod tests {
     /// own thread (needs root; it goes with the thread).
     #[test]
     fn flows_written_on_one_queue_spread_over_all() {
-        std::thread::spawn(|| {
-            // SAFETY: affects only this thread (and what it spawns).
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "unshare (root?)"
-            );
+        in_own_netns(|| {
             let queue0 = tun_rs::DeviceBuilder::new()
                 .name("iptsteer")
                 .multi_queue(true)
@@ -194,8 +182,6 @@ mod tests {
                 counts.iter().all(|&c| c > 0),
                 "spread over both queues: {counts:?}"
             );
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

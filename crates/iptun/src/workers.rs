@@ -1,6 +1,7 @@
 //! Worker threads: each runs a job (a loop with a runtime of its own) until
 //! the [`Workers`] are dropped, which stops and joins them all.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context as _;
@@ -17,6 +18,35 @@ pub struct Workers {
 
 /// What a worker runs: until the token is cancelled, or an error.
 pub type Job = Box<dyn FnOnce(&CancellationToken) -> anyhow::Result<()> + Send>;
+
+/// What one worker runs: worker `n` (from 1) of what all share, with its
+/// assignment and its end of the queue to the main loop.
+pub type Run<S, A, T> =
+    fn(&Arc<S>, usize, A, mpsc::Sender<T>, &CancellationToken) -> anyhow::Result<()>;
+
+/// One job per assignment, each running `run`, and the main loop's end of
+/// the bounded queue (`capacity`) they all send to.
+pub fn jobs<S, A, T>(
+    shared: &Arc<S>,
+    assignments: Vec<A>,
+    capacity: usize,
+    run: Run<S, A, T>,
+) -> (Vec<Job>, mpsc::Receiver<T>)
+where
+    S: Send + Sync + 'static,
+    A: Send + 'static,
+    T: Send + 'static,
+{
+    let (to_main, from_workers) = mpsc::channel(capacity);
+    let jobs = (1..)
+        .zip(assignments)
+        .map(|(n, a)| {
+            let (shared, to_main) = (shared.clone(), to_main.clone());
+            Box::new(move |stop: &CancellationToken| run(&shared, n, a, to_main, stop)) as Job
+        })
+        .collect();
+    (jobs, from_workers)
+}
 
 impl Workers {
     /// Start one thread per job, named "iptun worker N" (numbered from 1:

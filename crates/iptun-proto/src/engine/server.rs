@@ -339,12 +339,7 @@ impl<P: PathKind> Server<P> {
         packet: &[u8],
         out: &'a mut [u8],
     ) -> Result<ServerOutput<'a, P>, DropReason> {
-        let dst = InnerPacket::new_checked(packet)
-            .map_err(|e| self.count(e))?
-            .dst();
-        let id = self
-            .owner(dst)
-            .ok_or_else(|| self.count(DropReason::NoRoute))?;
+        let id = self.recipient(packet)?;
         let (path, n) = seal_to(&mut self.peers[id], now, packet, out)?;
         Ok(ServerOutput::Send(path, &out[..n]))
     }
@@ -359,15 +354,20 @@ impl<P: PathKind> Server<P> {
         packet: &[u8],
         room: usize,
     ) -> Result<(P, Reserved), DropReason> {
-        let dst = InnerPacket::new_checked(packet)
-            .map_err(|e| self.count(e))?
-            .dst();
-        let id = self
-            .owner(dst)
-            .ok_or_else(|| self.count(DropReason::NoRoute))?;
+        let id = self.recipient(packet)?;
         send_to(&mut self.peers[id], now, packet, |k| {
             k.keys.reserve(k.remote_index, packet.len(), room)
         })
+    }
+
+    /// The peer a packet from the TUN device is for (an IP packet to an
+    /// address the pool gave a peer); what is not is counted.
+    fn recipient(&mut self, packet: &[u8]) -> Result<usize, DropReason> {
+        let dst = InnerPacket::new_checked(packet)
+            .map_err(|e| self.count(e))?
+            .dst();
+        self.owner(dst)
+            .ok_or_else(|| self.count(DropReason::NoRoute))
     }
 
     /// The path a packet from the TUN device would be sent on, without

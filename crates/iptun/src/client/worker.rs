@@ -118,28 +118,29 @@ pub struct Assignment {
 
 /// The workers' jobs, one per assignment.
 pub fn jobs(core: &Arc<Core>, assignments: Vec<Assignment>) -> (Vec<Job>, FromWorkers) {
-    let (to_main, from_workers) = mpsc::channel(TO_MAIN);
-    let jobs = (1..)
-        .zip(assignments)
-        .map(|(n, a)| {
-            let (core, to_main) = (core.clone(), to_main.clone());
-            Box::new(move |stop: &CancellationToken| {
-                workers::block_on(async {
-                    let tun = Tun::open_queue(a.queue)?;
-                    let senders = a
-                        .sockets
-                        .into_iter()
-                        .map(|s| {
-                            s.map(|(socket, server)| Ok((udp::open_sender(socket)?, server)))
-                                .transpose()
-                        })
-                        .collect::<anyhow::Result<_>>()?;
-                    serve(&core, n, tun, senders, &to_main, stop).await
-                })
-            }) as Job
-        })
-        .collect();
-    (jobs, from_workers)
+    workers::jobs(core, assignments, TO_MAIN, run)
+}
+
+/// Worker `n`: its queue and its senders, on a runtime of its own.
+fn run(
+    core: &Arc<Core>,
+    n: usize,
+    a: Assignment,
+    to_main: mpsc::Sender<Vec<u8>>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    workers::block_on(async {
+        let tun = Tun::open_queue(a.queue)?;
+        let senders = a
+            .sockets
+            .into_iter()
+            .map(|s| {
+                s.map(|(socket, server)| Ok((udp::open_sender(socket)?, server)))
+                    .transpose()
+            })
+            .collect::<anyhow::Result<_>>()?;
+        serve(core, n, tun, senders, &to_main, stop).await
+    })
 }
 
 /// A path's sender in a worker, and where the server is.

@@ -129,15 +129,7 @@ pub type FromWorkers = mpsc::Receiver<(Transmit, Vec<u8>)>;
 /// The workers' jobs, one per assignment (numbered from 1: the main loop
 /// is 0, and receives what they send on its listeners).
 pub fn jobs(core: &Arc<Core>, assignments: Vec<Assignment>) -> (Vec<Job>, FromWorkers) {
-    let (to_main, from_workers) = mpsc::channel(TO_MAIN);
-    let jobs = (1..)
-        .zip(assignments)
-        .map(|(n, a)| {
-            let (core, to_main) = (core.clone(), to_main.clone());
-            Box::new(move |stop: &CancellationToken| run(&core, n, a, to_main, stop)) as Job
-        })
-        .collect();
-    (jobs, from_workers)
+    workers::jobs(core, assignments, TO_MAIN, run)
 }
 
 fn run(

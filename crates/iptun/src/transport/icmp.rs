@@ -393,13 +393,7 @@ fn filter(fd: i32, family: Family, role: Role) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
-
-    fn run(cmd: &str) {
-        let args: Vec<&str> = cmd.split_whitespace().collect();
-        let status = Command::new(args[0]).args(&args[1..]).status();
-        assert!(status.is_ok_and(|s| s.success()), "{cmd}");
-    }
+    use crate::testing::{in_own_netns, run};
 
     /// A full socket buffer holds one message and drops (and counts) the
     /// rest without blocking the loop; room again sends the held one.
@@ -409,13 +403,7 @@ mod tests {
     /// send buffer.
     #[test]
     fn full_send_buffer_holds_one_and_counts_drops() {
-        std::thread::spawn(|| {
-            // SAFETY: affects only this thread (and what it spawns).
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "unshare (root?)"
-            );
+        in_own_netns(|| {
             run("ip link add name iptqa type veth peer name iptqb");
             run("ip link set dev iptqa up");
             run("ip link set dev iptqb up");
@@ -469,8 +457,6 @@ mod tests {
                 .expect("the held message left once there was room");
                 assert_eq!(socket.dropped(), 5);
             });
-        })
-        .join()
-        .unwrap();
+        });
     }
 }
