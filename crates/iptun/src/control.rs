@@ -211,8 +211,23 @@ impl ControlSocket {
     }
 
     /// Wait for the next `iptun status`.
-    pub async fn accept(&self) -> std::io::Result<UnixStream> {
-        self.listener.accept().await.map(|(s, _)| s)
+    /// Serve the socket from a task of its own: each request reaches the
+    /// daemon's loop through `requests`. The socket file goes with the
+    /// runtime (when the daemon stops).
+    pub fn spawn(self, requests: mpsc::Sender<Request>) {
+        tokio::spawn(async move {
+            loop {
+                match self.listener.accept().await {
+                    Ok((stream, _)) => serve(stream, requests.clone()),
+                    // Out of descriptors, say: try again a little later
+                    // rather than spin.
+                    Err(e) => {
+                        tracing::debug!("control socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -12,8 +12,19 @@ use tokio_util::sync::CancellationToken;
 pub struct Workers {
     stop: CancellationToken,
     threads: Vec<JoinHandle<()>>,
-    /// A worker that stopped on an error (or panicked), and why.
-    failed: mpsc::UnboundedReceiver<anyhow::Error>,
+}
+
+/// Reports of workers that stopped on an error (or panicked), and why.
+pub struct Failures(mpsc::UnboundedReceiver<anyhow::Error>);
+
+impl Failures {
+    /// The next worker to fail (never, with no workers).
+    pub async fn next(&mut self) -> anyhow::Error {
+        match self.0.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await, // no workers
+        }
+    }
 }
 
 /// What a worker runs: until the token is cancelled, or an error.
@@ -50,8 +61,8 @@ where
 
 impl Workers {
     /// Start one thread per job, named "iptun worker N" (numbered from 1:
-    /// the main loop is 0).
-    pub fn spawn(jobs: Vec<Job>) -> anyhow::Result<Self> {
+    /// the main loop is 0), and the reports of those that fail.
+    pub fn spawn(jobs: Vec<Job>) -> anyhow::Result<(Self, Failures)> {
         let stop = CancellationToken::new();
         let (report, failed) = mpsc::unbounded_channel();
         let mut threads = Vec::new();
@@ -71,19 +82,7 @@ impl Workers {
                 .context("starting a worker thread")?;
             threads.push(thread);
         }
-        Ok(Self {
-            stop,
-            threads,
-            failed,
-        })
-    }
-
-    /// Resolves with the error of the first worker that stopped.
-    pub async fn failed(&mut self) -> anyhow::Error {
-        match self.failed.recv().await {
-            Some(e) => e,
-            None => std::future::pending().await, // no workers
-        }
+        Ok((Self { stop, threads }, Failures(failed)))
     }
 }
 

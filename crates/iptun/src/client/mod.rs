@@ -20,7 +20,7 @@ use iptun_proto::wire::message::DATA_OVERHEAD;
 use crate::capture::Capture;
 use crate::cli::ClientArgs;
 use crate::control::{self, CandidateStatus, ControlSocket, SessionStatus, Status, WorkerStatus};
-use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
+use crate::daemon::{self, MAX_BATCHES_PER_WAKEUP};
 use crate::metrics;
 use crate::netcfg::{self, Undo};
 use crate::service::{self, Request};
@@ -261,8 +261,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (jobs, mut from_workers) = worker::jobs(&core, assignments);
-    let mut workers = Workers::spawn(jobs)?;
+    let (workers, failures) = Workers::spawn(jobs)?;
+    let mut stop = daemon::watch_stop(failures)?;
     let (requests, mut asked) = service::channel();
+    control.spawn(requests.clone());
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
     }
@@ -273,10 +275,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         tracing::info!("traffic into the tunnel on {} loops (--workers)", s.workers);
     }
 
-    let mut drops = DropReporter::new();
-    let mut reports = tokio::time::interval(Duration::from_secs(10));
-    let shutdown = daemon::shutdown_signal();
-    tokio::pin!(shutdown);
+    daemon::report_drops({
+        let core = core.clone();
+        move || core.lock().drops()
+    });
     let mut buf = Vec::new();
     // One timer, moved only when the deadline changes (not re-armed per packet).
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -292,7 +294,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         // (backpressure) until the socket has room again.
         let blocked = drivers.iter().any(PathDriver::is_blocked);
         tokio::select! {
-            () = &mut shutdown => break,
+            why = &mut stop => match why {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) | Err(_) => break,
+            },
             r = tun.readable(), if !blocked => {
                 r.context("waiting on the TUN device")?;
                 if !from_tun(&core, &mut tun, &mut drivers)? {
@@ -317,13 +322,6 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = core.main_woken() => {}
             Some(packet) = from_workers.recv() => {
                 from_workers_queue(&core, packet, &mut from_workers, &mut drivers);
-            }
-            e = workers.failed() => return Err(e),
-            _ = reports.tick() => drops.tick(Instant::now(), core.lock().drops()),
-            c = control.accept() => {
-                if let Ok(c) = c {
-                    control::serve(c, requests.clone());
-                }
             }
             Some(request) = asked.recv() => match request {
                 Request::Status(reply) => {

@@ -28,7 +28,7 @@ use iptun_proto::wire::icmp::Family;
 use crate::capture::Capture;
 use crate::cli::ServerArgs;
 use crate::control::{self, ControlSocket, SessionStatus, Status};
-use crate::daemon::{self, DropReporter, MAX_BATCHES_PER_WAKEUP};
+use crate::daemon::{self, MAX_BATCHES_PER_WAKEUP};
 use crate::metrics::{self, ListenerLabel};
 use crate::netcfg::{self, Undo};
 use crate::service::{self, Request};
@@ -557,8 +557,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let core = Core::new(Endpoint::new(s.config, configs, Instant::now()), s.workers);
     let (jobs, mut from_workers) = worker::jobs(&core, assignments);
-    let mut workers = Workers::spawn(jobs)?;
+    let (workers, failures) = Workers::spawn(jobs)?;
+    let mut stop = daemon::watch_stop(failures)?;
     let (requests, mut asked) = service::channel();
+    control.spawn(requests.clone());
+    daemon::reload_on_hangup(requests.clone())?;
     if let Some(port) = metrics_port {
         metrics::spawn(port, requests.clone());
     }
@@ -581,11 +584,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         s.workers
     );
 
-    let mut reports = tokio::time::interval(Duration::from_secs(10));
-    let mut drops = DropReporter::new();
-    let shutdown = daemon::shutdown_signal();
-    tokio::pin!(shutdown);
-    let mut hangup = daemon::hangup_signal()?;
+    daemon::report_drops({
+        let core = core.clone();
+        move || core.lock().ep.drops()
+    });
     service::ready(&format!("serving on {}", endpoints.join(", ")));
     // One timer, moved only when the deadline changes.
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -599,8 +601,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         let blocked = drivers.is_blocked();
         tokio::select! {
-            () = &mut shutdown => break,
-            e = workers.failed() => return Err(e),
+            why = &mut stop => match why {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) | Err(_) => break,
+            },
             // A worker's batch needs the timer sooner: the loop resets it.
             () = core.main_woken() => {}
             Some((t, bytes)) = from_workers.recv() => drivers.send_owned(t, bytes),
@@ -630,12 +634,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 tun.flush().await.context("writing to the TUN device")?;
             }
             () = &mut timer => core.lock().ep.handle_timeout(Instant::now()),
-            _ = reports.tick() => drops.tick(Instant::now(), core.lock().ep.drops()),
-            c = control.accept() => {
-                if let Ok(c) = c {
-                    control::serve(c, requests.clone());
-                }
-            }
             Some(request) = asked.recv() => {
                 let shared = &mut *core.lock();
                 match request {
@@ -654,9 +652,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                         }));
                     }
                 }
-            }
-            _ = hangup.recv() => {
-                let _ = reload(&mut core.lock().ep, &s.allow);
             }
         }
         transmit(&mut core.lock().ep, &mut drivers);
