@@ -210,7 +210,6 @@ impl ControlSocket {
         })
     }
 
-    /// Wait for the next `iptun status`.
     /// Serve the socket from a task of its own: each request reaches the
     /// daemon's loop through `requests`. The socket file goes with the
     /// runtime (when the daemon stops).

@@ -533,16 +533,18 @@ impl Endpoint {
         packet: &[u8],
         room: usize,
     ) -> Reservation {
-        match self.engine.route(packet) {
-            Some(&Path::Udp { listener: l, .. }) if l == listener => {}
-            _ => return Reservation::Elsewhere,
-        }
-        match self.engine.reserve_tun_packet(now, packet, room) {
-            Ok((Path::Udp { peer, .. }, reserved)) => {
+        let on_listener =
+            |path: &Path| matches!(path, Path::Udp { listener: l, .. } if *l == listener);
+        match self
+            .engine
+            .reserve_tun_packet(now, packet, room, on_listener)
+        {
+            Ok(Some((Path::Udp { peer, .. }, reserved))) => {
                 self.counters[listener].traffic.tx(packet.len());
                 Reservation::Udp(reserved, peer)
             }
-            // Cannot be: the route above was this listener.
+            // Another listener's, or no path yet (`on_listener` holds
+            // only for this UDP listener).
             Ok(_) => Reservation::Elsewhere,
             Err(reason) => {
                 self.tun_drops.add(reason);

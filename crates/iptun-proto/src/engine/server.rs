@@ -347,17 +347,24 @@ impl<P: PathKind> Server<P> {
     /// As [`Server::handle_tun_packet`], but only take the packet's place
     /// in its session: the caller seals it with [`Reserved::seal`] into at
     /// most `room` bytes, and need not hold whatever guards this server
-    /// meanwhile.
+    /// meanwhile. Only when the peer's path is one `on` takes: else
+    /// `Ok(None)`, and nothing is taken or counted.
     pub fn reserve_tun_packet(
         &mut self,
         now: Instant,
         packet: &[u8],
         room: usize,
-    ) -> Result<(P, Reserved), DropReason> {
+        on: impl FnOnce(&P) -> bool,
+    ) -> Result<Option<(P, Reserved)>, DropReason> {
         let id = self.recipient(packet)?;
-        send_to(&mut self.peers[id], now, packet, |k| {
+        let peer = &mut self.peers[id];
+        if !peer.path.as_ref().is_some_and(on) {
+            return Ok(None);
+        }
+        send_to(peer, now, packet, |k| {
             k.keys.reserve(k.remote_index, packet.len(), room)
         })
+        .map(Some)
     }
 
     /// The peer a packet from the TUN device is for (an IP packet to an
