@@ -340,11 +340,7 @@ pub struct Tun {
     name: String,
     /// Which queue of the device this is (0 for the first).
     queue: usize,
-    /// Raw read buffer (virtio header plus superpacket).
-    raw: Vec<u8>,
-    /// Packets read: `HEADROOM` bytes, then the packet.
-    read_bufs: Vec<Vec<u8>>,
-    read_sizes: Vec<usize>,
+    reads: ReadBufs,
     /// Packets staged for writing (the second batch, if any, is with the
     /// writer thread).
     batch: WriteBatch,
@@ -356,9 +352,117 @@ pub struct Tun {
     /// Coalescing state of the writes the loop makes itself.
     gro: GROTable,
     /// `--pcap`: every packet read and written, if set.
-    capture: Option<Capture>,
+    capture: Option<SharedCapture>,
+}
+
+/// A `--pcap` capture, shared by the threads that read and write a device.
+type SharedCapture = Arc<Mutex<Capture>>;
+
+/// Record `packets` in the capture, if there is one.
+fn record<'a>(
+    capture: &Option<SharedCapture>,
+    packets: impl Iterator<Item = &'a [u8]>,
+    direction: Direction,
+) {
+    if let Some(c) = capture {
+        let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+        packets.for_each(|p| c.packet(p, direction));
+        c.flush();
+    }
+}
+
+/// The buffers a batched read fills.
+struct ReadBufs {
+    /// Raw read buffer (virtio header plus superpacket).
+    raw: Vec<u8>,
+    /// Packets read: `HEADROOM` bytes, then the packet.
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
     /// Packets read so far.
-    packets_read: u64,
+    packets: u64,
+}
+
+impl ReadBufs {
+    fn new() -> Self {
+        Self {
+            raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            // Not `vec![vec![..]; n]`, whose clones would copy (and so
+            // bring into memory) every buffer's zeros.
+            bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| vec![0; HEADROOM + MAX_PACKET])
+                .collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            packets: 0,
+        }
+    }
+
+    /// Read one batch with `recv` (the device's batched read into the raw
+    /// buffer, split into the packet buffers at `HEADROOM`, returning how
+    /// many): its packets.
+    fn read<R>(&mut self, recv: R) -> io::Result<impl Iterator<Item = &[u8]> + Clone>
+    where
+        R: FnOnce(&mut [u8], &mut [Vec<u8>], &mut [usize]) -> io::Result<usize>,
+    {
+        let n = recv(&mut self.raw, &mut self.bufs, &mut self.sizes)?;
+        self.packets += n as u64;
+        Ok(self
+            .bufs
+            .iter()
+            .zip(&self.sizes)
+            .take(n)
+            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size]))
+    }
+}
+
+/// One queue of the device, read by a lean worker (one that waits in
+/// `poll(2)` itself, without a runtime: see [`crate::workers::wait`]).
+pub struct TunReader {
+    device: tun_rs::SyncDevice,
+    reads: ReadBufs,
+    /// `--pcap`: every packet read, if set.
+    capture: Option<SharedCapture>,
+}
+
+impl TunReader {
+    fn new(queue: Queue) -> anyhow::Result<Self> {
+        queue
+            .device
+            .set_nonblocking(true)
+            .with_context(|| format!("opening a queue of TUN device {}", queue.name))?;
+        Ok(Self {
+            device: queue.device,
+            reads: ReadBufs::new(),
+            capture: None,
+        })
+    }
+
+    /// Read one batch without blocking: its packets. Returns `WouldBlock`
+    /// when nothing is pending.
+    pub fn try_read(&mut self) -> io::Result<impl Iterator<Item = &[u8]> + Clone> {
+        let device = &self.device;
+        let packets = self
+            .reads
+            .read(|raw, bufs, sizes| device.recv_multiple(raw, bufs, sizes, HEADROOM))?;
+        record(&self.capture, packets.clone(), Direction::IntoTunnel);
+        Ok(packets)
+    }
+
+    /// Packets read so far.
+    pub fn packets_read(&self) -> u64 {
+        self.reads.packets
+    }
+}
+
+impl std::os::fd::AsRawFd for TunReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.device.as_raw_fd()
+    }
+}
+
+impl std::os::fd::AsFd for TunReader {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.device.as_fd()
+    }
 }
 
 impl Tun {
@@ -374,6 +478,16 @@ impl Tun {
         offload: bool,
         queues: usize,
     ) -> anyhow::Result<(Self, Vec<Queue>)> {
+        let (first, others) = Self::create_device(name, offload, queues)?;
+        Ok((Self::open_queue(first)?, others))
+    }
+
+    /// The device `name` with `queues` queues: the first, and the others.
+    fn create_device(
+        name: &str,
+        offload: bool,
+        queues: usize,
+    ) -> anyhow::Result<(Queue, Vec<Queue>)> {
         let device = DeviceBuilder::new()
             .name(name)
             .offload(offload)
@@ -395,12 +509,35 @@ impl Tun {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let tun = Self::open_queue(Queue {
+        let first = Queue {
             device,
             name,
             index: 0,
-        })?;
-        Ok((tun, others))
+        };
+        Ok((first, others))
+    }
+
+    /// Create the device `name` with `queues` queues (`IFF_MULTI_QUEUE`
+    /// when more than one): this one, and the others for lean readers.
+    /// `capture` records what all of them read, and what this one writes.
+    pub fn create_with_readers(
+        name: &str,
+        offload: bool,
+        queues: usize,
+        capture: Option<Capture>,
+    ) -> anyhow::Result<(Self, Vec<TunReader>)> {
+        let (first, others) = Self::create_device(name, offload, queues)?;
+        let mut tun = Self::open_queue(first)?;
+        tun.capture = capture.map(|c| Arc::new(Mutex::new(c)));
+        let readers = others
+            .into_iter()
+            .map(|q| {
+                let mut r = TunReader::new(q)?;
+                r.capture = tun.capture.clone();
+                Ok(r)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok((tun, readers))
     }
 
     /// Serve one queue of the device from this thread's runtime.
@@ -411,30 +548,23 @@ impl Tun {
             device: Arc::new(device),
             name: queue.name,
             queue: queue.index,
-            raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            // Not `vec![vec![..]; n]`, whose clones would copy (and so
-            // bring into memory) every buffer's zeros.
-            read_bufs: (0..IDEAL_BATCH_SIZE)
-                .map(|_| vec![0; HEADROOM + MAX_PACKET])
-                .collect(),
-            read_sizes: vec![0; IDEAL_BATCH_SIZE],
+            reads: ReadBufs::new(),
             batch: WriteBatch::new(),
             writer: None,
             written: Arc::new(Notify::new()),
             gro: GROTable::default(),
             capture: None,
-            packets_read: 0,
         })
     }
 
     /// Packets read so far.
     pub fn packets_read(&self) -> u64 {
-        self.packets_read
+        self.reads.packets
     }
 
     /// Record every packet read and written in `capture`.
     pub fn set_capture(&mut self, capture: Capture) {
-        self.capture = Some(capture);
+        self.capture = Some(Arc::new(Mutex::new(capture)));
     }
 
     /// The kernel's name for the device.
@@ -457,25 +587,11 @@ impl Tun {
     /// Read one batch without blocking: its packets. Returns `WouldBlock`
     /// when nothing is pending.
     pub fn try_read(&mut self) -> io::Result<impl Iterator<Item = &[u8]> + Clone> {
-        let n = self.device.try_recv_multiple(
-            &mut self.raw,
-            &mut self.read_bufs,
-            &mut self.read_sizes,
-            HEADROOM,
-        )?;
-        self.packets_read += n as u64;
+        let device = &self.device;
         let packets = self
-            .read_bufs
-            .iter()
-            .zip(&self.read_sizes)
-            .take(n)
-            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size]);
-        if let Some(c) = &mut self.capture {
-            for packet in packets.clone() {
-                c.packet(packet, Direction::IntoTunnel);
-            }
-            c.flush();
-        }
+            .reads
+            .read(|raw, bufs, sizes| device.try_recv_multiple(raw, bufs, sizes, HEADROOM))?;
+        record(&self.capture, packets.clone(), Direction::IntoTunnel);
         Ok(packets)
     }
 
@@ -546,12 +662,12 @@ impl Tun {
             return Ok(()); // stays staged: the thread is busy
         };
         let full = std::mem::replace(&mut self.batch, empty);
-        if let Some(c) = &mut self.capture {
-            for buf in &full.bufs[..full.staged] {
-                c.packet(&buf.as_ref()[HEADROOM..], Direction::OutOfTunnel);
-            }
-            c.flush();
-        }
+        let packets = full.bufs[..full.staged].iter();
+        record(
+            &self.capture,
+            packets.map(|b| &b.as_ref()[HEADROOM..]),
+            Direction::OutOfTunnel,
+        );
         writer.send(full)
     }
 
@@ -561,12 +677,8 @@ impl Tun {
     fn write_inline(&mut self) -> io::Result<()> {
         let staged = std::mem::take(&mut self.batch.staged);
         let bufs = &mut self.batch.bufs[..staged];
-        if let Some(c) = &mut self.capture {
-            for buf in bufs.iter() {
-                c.packet(&buf.as_ref()[HEADROOM..], Direction::OutOfTunnel);
-            }
-            c.flush();
-        }
+        let packets = bufs.iter().map(|b| &b.as_ref()[HEADROOM..]);
+        record(&self.capture, packets, Direction::OutOfTunnel);
         let sync: &tun_rs::DeviceImpl = &self.device;
         let result = sync.send_multiple(&mut self.gro, bufs, HEADROOM);
         bufs.iter_mut().for_each(PacketBuf::release);

@@ -325,7 +325,8 @@ fn clients_on_several_workers_get_only_their_own_traffic() {
 /// thread reads the second. Flows spread over the queues by hash: eight
 /// transfers into the tunnel at once each arrive intact, each loop reads
 /// a share of them, and the worker sends its own (nothing queued for the
-/// main loop). Stopping the client ends the worker and removes the device.
+/// main loop), and `--pcap` records what both read. Stopping the client
+/// ends the worker and removes the device.
 #[test]
 fn client_workers_carry_flows_of_both_queues() {
     require_root();
@@ -335,7 +336,9 @@ fn client_workers_carry_flows_of_both_queues() {
     let (skey, ckey) = (Key::generate(&dir, "server"), Key::generate(&dir, "c0"));
     let _server = start_server(&topo.server, tag, &skey, &[&ckey], &["--nat"]);
     let c = &topo.clients[0];
-    let extra = ["--route", TARGET_NET, "--workers", "2"];
+    let pcap = dir.file("client.pcapng");
+    let pcap = pcap.to_str().unwrap();
+    let extra = ["--route", TARGET_NET, "--workers", "2", "--pcap", pcap];
     let mut client = start_client(&c.ns, tag, "c0", &ckey, &skey, &c.server_addr, &extra);
     client.wait_tunnel_address(TUNNEL_UP);
     let queues =
@@ -351,6 +354,12 @@ fn client_workers_carry_flows_of_both_queues() {
         drops(&status["sessions"][0]["drops"], "worker_queue_full"),
         0
     );
+    let read: u64 = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["tun_packets"].as_u64().unwrap())
+        .sum();
 
     client.stop();
     wait_until(
@@ -358,6 +367,20 @@ fn client_workers_carry_flows_of_both_queues() {
         "the client's TUN device to go",
         || !link_exists(&c.ns, TUN),
     );
+    // Every packet either thread read into the tunnel is in the capture
+    // (all but the target's replies, which went the other way).
+    let into_tunnel = [
+        "tcpdump",
+        "-n",
+        "-r",
+        pcap,
+        "not",
+        "src",
+        "host",
+        TARGET_ADDR,
+    ];
+    let captured = run_ok(&into_tunnel).lines().count() as u64;
+    assert!(captured >= read, "{captured} captured of {read} read");
 }
 
 /// `--pcap` on both ends: a ping through the tunnel reads back with

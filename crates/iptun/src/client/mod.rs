@@ -116,10 +116,6 @@ pub fn settings(args: ClientArgs) -> anyhow::Result<Settings> {
         (1..=MAX_WORKERS).contains(&workers),
         "--workers {workers}: must be between 1 and {MAX_WORKERS}"
     );
-    anyhow::ensure!(
-        workers == 1 || args.pcap.is_none(),
-        "--workers {workers}: --pcap records one loop's packets; give --workers 1 with --pcap"
-    );
     let tun = args.tun.unwrap_or_else(|| "iptun0".to_owned());
     Ok(Settings {
         config: ClientConfig::new(private_key, server_key),
@@ -231,10 +227,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     // Declared before the workers: on every way out, they stop (and close
     // their queues and sockets) before the network settings are undone.
     let mut undo = Undo::new();
-    let (mut tun, queues) = Tun::create_queues(&s.tun, s.offload, s.workers)?;
-    if let Some(c) = capture {
-        tun.set_capture(c);
-    }
+    let (mut tun, queues) = Tun::create_with_readers(&s.tun, s.offload, s.workers, capture)?;
     if let Some(q) = queues.first()
         && let Err(e) = crate::steering::by_flow_hash(q)
     {
@@ -320,7 +313,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             () = &mut timer => core.lock().handle_timeout(Instant::now()),
             // A worker's packet moved the deadline (transmit below).
             () = core.main_woken() => {}
-            Some(packet) = from_workers.recv() => {
+            // The packets for a path that is not UDP (while a path is
+            // blocked they wait: the workers read no more once the queue
+            // is full).
+            Some(packet) = from_workers.recv(), if !blocked => {
                 from_workers_queue(&core, packet, &mut from_workers, &mut drivers);
             }
             Some(request) = asked.recv() => match request {

@@ -24,10 +24,10 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::workers::Stop;
 use anyhow::Context as _;
 use iptun_proto::endpoint::{Endpoint, Transmit};
 use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
 
 use super::{Drivers, ListenerDriver, from_tun, ready_listener, transmit};
 use crate::transport::udp;
@@ -137,7 +137,7 @@ fn run(
     n: usize,
     a: Assignment,
     to_main: ToMain,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     workers::block_on(async {
         let tun = Tun::open_queue(a.queue)?;
@@ -163,7 +163,7 @@ async fn serve(
     n: usize,
     mut tun: Tun,
     mut drivers: Drivers,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) -> anyhow::Result<()> {
     let written = tun.written();
     loop {

@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use anyhow::Context as _;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 
 use super::{HeldSend, sockopt};
@@ -84,18 +83,15 @@ pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSend
 }
 
 /// Another sending half for a socket whose receiving half another loop
-/// serves: registered with this thread's runtime for writing only, so the
-/// datagrams arriving on it never wake this thread.
-pub fn open_sender(socket: std::net::UdpSocket) -> anyhow::Result<UdpSender> {
+/// serves, for a lean worker (no runtime): when it is blocked, the worker
+/// waits in `poll(2)` for the socket ([`UdpSender::socket_fd`]) to be
+/// writable, then calls [`HeldSend::retry`].
+pub fn open_plain_sender(socket: std::net::UdpSocket) -> anyhow::Result<UdpSender> {
     socket.set_nonblocking(true)?;
     let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
     let max_segments = state.max_gso_segments();
-    // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and
-    // the same until the AsyncFd goes.
-    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
-        .map_err(|e| e.into_parts().1)?;
     Ok(UdpSender {
-        socket: SendSocket::WriteOnly(Arc::new(socket)),
+        socket: SendSocket::Plain(socket),
         state,
         batch: SendBatch::new(max_segments),
         held: Box::default(),
@@ -287,6 +283,15 @@ impl UdpSender {
         });
     }
 
+    /// The socket, for a lean worker to wait on.
+    pub fn socket_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match &self.socket {
+            SendSocket::Shared(s) => s.as_fd(),
+            SendSocket::Plain(s) => s.as_fd(),
+        }
+    }
+
     /// Send whatever is batched.
     pub fn flush(&mut self) {
         self.transmit_run();
@@ -340,13 +345,14 @@ impl HeldSend for UdpSender {
         }
         match &self.socket {
             SendSocket::Shared(s) => s.poll_send_ready(cx).map(drop),
-            SendSocket::WriteOnly(s) => s.poll_write_ready(cx).map(drop),
+            // A lean worker waits for it itself.
+            SendSocket::Plain(_) => Poll::Pending,
         }
     }
 
-    /// Send the held run, through tokio's readiness this time: if the
-    /// buffer is still full, readiness is cleared and
-    /// [`HeldSend::poll_writable`] waits for the next edge.
+    /// Send the held run, through tokio's readiness this time (for a
+    /// socket registered with it): if the buffer is still full, readiness
+    /// is cleared and [`HeldSend::poll_writable`] waits for the next edge.
     fn retry(&mut self) {
         let Self {
             socket,
@@ -359,7 +365,7 @@ impl HeldSend for UdpSender {
         let send = || state.try_send(socket.sock_ref(), &t);
         let r = match socket {
             SendSocket::Shared(s) => s.try_io(Interest::WRITABLE, send),
-            SendSocket::WriteOnly(s) => s.try_io(Interest::WRITABLE, |_| send()),
+            SendSocket::Plain(_) => send(),
         };
         match r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -382,17 +388,18 @@ impl HeldSend for UdpSender {
 }
 
 /// The socket a [`UdpSender`] sends on: shared with its [`UdpReceiver`]
-/// (registered both ways), or one it only writes to ([`open_sender`]).
+/// (registered with the runtime), or one a lean worker writes to
+/// ([`open_plain_sender`]).
 enum SendSocket {
     Shared(Arc<UdpSocket>),
-    WriteOnly(Arc<AsyncFd<std::net::UdpSocket>>),
+    Plain(std::net::UdpSocket),
 }
 
 impl SendSocket {
     fn sock_ref(&self) -> UdpSockRef<'_> {
         match self {
             Self::Shared(s) => UdpSockRef::from(&**s),
-            Self::WriteOnly(s) => UdpSockRef::from(s.get_ref()),
+            Self::Plain(s) => UdpSockRef::from(s),
         }
     }
 }
