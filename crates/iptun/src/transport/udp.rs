@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use anyhow::Context as _;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 
 use super::{HeldSend, sockopt};
 
@@ -62,10 +62,14 @@ pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSend
     socket.set_nonblocking(true)?;
     sockopt::size_buffers(std::os::fd::AsRawFd::as_raw_fd(&socket));
     let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
-    let socket = Arc::new(UdpSocket::from_std(socket)?);
     let max_segments = state.max_gso_segments();
+    let sending = socket.try_clone()?;
+    // Registered for reading only: with writing too, every datagram sent
+    // would wake the loop once more when its buffer is freed (the socket's
+    // write space callback), which costs an idle round trip tens of µs.
+    let socket = register(socket, Interest::READABLE)?;
     let receiver = UdpReceiver {
-        socket: socket.clone(),
+        socket,
         state: state.clone(),
         bufs: vec![0; RECV_BUFFER_LEN * RECV_BUFFERS],
         meta: vec![RecvMeta::default(); RECV_BUFFERS],
@@ -74,7 +78,10 @@ pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSend
     Ok((
         receiver,
         UdpSender {
-            socket: SendSocket::Shared(socket),
+            socket: SendSocket::Runtime {
+                socket: sending,
+                waiting: None,
+            },
             state,
             batch: SendBatch::new(max_segments),
             held: Box::default(),
@@ -112,7 +119,7 @@ pub fn bind_for(server: SocketAddr) -> anyhow::Result<(UdpReceiver, UdpSender)> 
 
 /// The receiving half: batched `recvmmsg` with GRO.
 pub struct UdpReceiver {
-    socket: Arc<UdpSocket>,
+    socket: AsyncFd<std::net::UdpSocket>,
     state: Arc<UdpSocketState>,
     /// `RECV_BUFFERS` receive buffers back to back.
     bufs: Vec<u8>,
@@ -124,13 +131,13 @@ pub struct UdpReceiver {
 impl UdpReceiver {
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.socket.get_ref().local_addr()
     }
 
     /// A second descriptor of the socket, for [`open_sender`] on another
     /// thread.
     pub fn try_clone_socket(&self) -> io::Result<std::net::UdpSocket> {
-        Ok(socket2::SockRef::from(&*self.socket).try_clone()?.into())
+        self.socket.get_ref().try_clone()
     }
 
     /// Datagrams received so far.
@@ -140,7 +147,7 @@ impl UdpReceiver {
 
     /// Ready for a receive (as a poll function, so a loop can wait on many).
     pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.socket.poll_recv_ready(cx)
+        self.socket.poll_read_ready(cx).map_ok(drop)
     }
 
     /// Receive one batch without blocking and hand each datagram to `f`.
@@ -165,8 +172,8 @@ impl UdpReceiver {
         let mut chunks = bufs.chunks_mut(RECV_BUFFER_LEN);
         let mut slices: [IoSliceMut<'_>; RECV_BUFFERS] =
             std::array::from_fn(|_| IoSliceMut::new(chunks.next().expect("RECV_BUFFERS chunks")));
-        let n = socket.try_io(Interest::READABLE, || {
-            state.recv(UdpSockRef::from(&**socket), &mut slices, meta)
+        let n = socket.try_io(Interest::READABLE, |s| {
+            state.recv(UdpSockRef::from(s), &mut slices, meta)
         })?;
         let batch = meta.iter().zip(bufs.chunks(RECV_BUFFER_LEN)).take(n);
         *received += batch
@@ -247,6 +254,12 @@ impl Held {
         self.count = 0;
         self.len = 0;
     }
+
+    /// Drop the held run (counted).
+    fn drop_run(&mut self) {
+        self.dropped += self.count as u64;
+        self.clear();
+    }
 }
 
 impl UdpSender {
@@ -287,8 +300,7 @@ impl UdpSender {
     pub fn socket_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         match &self.socket {
-            SendSocket::Shared(s) => s.as_fd(),
-            SendSocket::Plain(s) => s.as_fd(),
+            SendSocket::Runtime { socket, .. } | SendSocket::Plain(socket) => socket.as_fd(),
         }
     }
 
@@ -320,7 +332,9 @@ impl UdpSender {
         // path's first datagram (a handshake) would be lost.
         match self.state.try_send(self.socket.sock_ref(), &t) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.held.keep(b);
+                if self.held.keep(b) && !self.socket.wait_writable() {
+                    self.held.drop_run();
+                }
             }
             // A lost datagram is the inner protocol's business; an unreachable
             // peer must not stop the tunnel.
@@ -344,7 +358,11 @@ impl HeldSend for UdpSender {
             return Poll::Pending;
         }
         match &self.socket {
-            SendSocket::Shared(s) => s.poll_send_ready(cx).map(drop),
+            SendSocket::Runtime {
+                waiting: Some(w), ..
+            } => w.poll_write_ready(cx).map(drop),
+            // Never blocked without (see `wait_writable`).
+            SendSocket::Runtime { waiting: None, .. } => Poll::Pending,
             // A lean worker waits for it itself.
             SendSocket::Plain(_) => Poll::Pending,
         }
@@ -361,20 +379,20 @@ impl HeldSend for UdpSender {
             ..
         } = self;
         let Some(t) = held.transmit() else { return };
-        let socket = &*socket;
-        let send = || state.try_send(socket.sock_ref(), &t);
-        let r = match socket {
-            SendSocket::Shared(s) => s.try_io(Interest::WRITABLE, send),
-            SendSocket::Plain(_) => send(),
+        let r = match &*socket {
+            SendSocket::Runtime {
+                socket: s,
+                waiting: Some(w),
+            } => w.try_io(Interest::WRITABLE, |_| state.try_send(s.into(), &t)),
+            s => state.try_send(s.sock_ref(), &t),
         };
         match r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                tracing::debug!("UDP send to {} failed: {e}", t.destination);
-                held.clear();
-            }
-            Ok(()) => held.clear(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => tracing::debug!("UDP send to {} failed: {e}", t.destination),
+            Ok(()) => {}
         }
+        held.clear();
+        socket.stop_waiting();
     }
 
     /// Datagrams dropped because the socket buffer stayed full.
@@ -387,19 +405,57 @@ impl HeldSend for UdpSender {
     }
 }
 
-/// The socket a [`UdpSender`] sends on: shared with its [`UdpReceiver`]
-/// (registered with the runtime), or one a lean worker writes to
-/// ([`open_plain_sender`]).
+/// Register `socket` with this thread's runtime for `interest`.
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and
+    // the same until the AsyncFd goes.
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// The socket a [`UdpSender`] sends on: a runtime's loop's, registered
+/// with it for writing only while a run is held (see [`open`] for why not
+/// always), or one a lean worker writes to ([`open_plain_sender`]).
 enum SendSocket {
-    Shared(Arc<UdpSocket>),
+    Runtime {
+        socket: std::net::UdpSocket,
+        waiting: Option<AsyncFd<std::net::UdpSocket>>,
+    },
     Plain(std::net::UdpSocket),
 }
 
 impl SendSocket {
     fn sock_ref(&self) -> UdpSockRef<'_> {
         match self {
-            Self::Shared(s) => UdpSockRef::from(&**s),
-            Self::Plain(s) => UdpSockRef::from(s),
+            Self::Runtime { socket, .. } | Self::Plain(socket) => socket.into(),
+        }
+    }
+
+    /// A run is held: have the runtime say when the socket has room.
+    /// Returns false if it cannot (no descriptor left): the run is then
+    /// dropped, as the network would.
+    fn wait_writable(&mut self) -> bool {
+        let Self::Runtime { socket, waiting } = self else {
+            return true; // a lean worker waits itself
+        };
+        if waiting.is_some() {
+            return true;
+        }
+        let registered = socket
+            .try_clone()
+            .and_then(|s| register(s, Interest::WRITABLE));
+        match registered {
+            Ok(w) => *waiting = Some(w),
+            Err(e) => tracing::debug!("waiting for room on a UDP socket: {e}"),
+        }
+        waiting.is_some()
+    }
+
+    fn stop_waiting(&mut self) {
+        if let Self::Runtime { waiting, .. } = self {
+            *waiting = None;
         }
     }
 }
@@ -536,6 +592,17 @@ mod tests {
         assert!(held.is_empty() && held.transmit().is_none());
         assert!(held.keep(&b), "room again once sent");
         assert_eq!(held.transmit().expect("run").segment_size, Some(100));
+    }
+
+    #[test]
+    fn a_held_run_that_cannot_wait_is_dropped_and_counted() {
+        let mut b = SendBatch::new(64);
+        let mut held = Held::default();
+        assert!(b.try_join(addr(1), 100) && b.try_join(addr(1), 100));
+        assert!(held.keep(&b));
+        held.drop_run();
+        assert!(held.is_empty() && held.transmit().is_none());
+        assert_eq!(held.dropped, 2);
     }
 
     #[test]
