@@ -65,8 +65,8 @@ pub fn open(socket: std::net::UdpSocket) -> anyhow::Result<(UdpReceiver, UdpSend
     let max_segments = state.max_gso_segments();
     let sending = socket.try_clone()?;
     // Registered for reading only: with writing too, every datagram sent
-    // would wake the loop once more when its buffer is freed (the socket's
-    // write space callback), which costs an idle round trip tens of µs.
+    // would wake the loop once more, for nothing, when the kernel frees
+    // its buffer (the socket's write space callback).
     let socket = register(socket, Interest::READABLE)?;
     let receiver = UdpReceiver {
         socket,
@@ -134,8 +134,7 @@ impl UdpReceiver {
         self.socket.get_ref().local_addr()
     }
 
-    /// A second descriptor of the socket, for [`open_sender`] on another
-    /// thread.
+    /// A second descriptor of the socket, for a sender on another thread.
     pub fn try_clone_socket(&self) -> io::Result<std::net::UdpSocket> {
         self.socket.get_ref().try_clone()
     }
