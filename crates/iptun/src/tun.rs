@@ -398,19 +398,25 @@ impl ReadBufs {
 
     /// Read one batch with `recv` (the device's batched read into the raw
     /// buffer, split into the packet buffers at `HEADROOM`, returning how
-    /// many): its packets.
-    fn read<R>(&mut self, recv: R) -> io::Result<impl Iterator<Item = &[u8]> + Clone>
+    /// many), recorded in `capture`: its packets.
+    fn read<R>(
+        &mut self,
+        capture: &Option<SharedCapture>,
+        recv: R,
+    ) -> io::Result<impl Iterator<Item = &[u8]> + Clone>
     where
         R: FnOnce(&mut [u8], &mut [Vec<u8>], &mut [usize]) -> io::Result<usize>,
     {
         let n = recv(&mut self.raw, &mut self.bufs, &mut self.sizes)?;
         self.packets += n as u64;
-        Ok(self
+        let packets = self
             .bufs
             .iter()
             .zip(&self.sizes)
             .take(n)
-            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size]))
+            .map(|(buf, &size)| &buf[HEADROOM..HEADROOM + size]);
+        record(capture, packets.clone(), Direction::IntoTunnel);
+        Ok(packets)
     }
 }
 
@@ -440,11 +446,9 @@ impl TunReader {
     /// when nothing is pending.
     pub fn try_read(&mut self) -> io::Result<impl Iterator<Item = &[u8]> + Clone> {
         let device = &self.device;
-        let packets = self
-            .reads
-            .read(|raw, bufs, sizes| device.recv_multiple(raw, bufs, sizes, HEADROOM))?;
-        record(&self.capture, packets.clone(), Direction::IntoTunnel);
-        Ok(packets)
+        self.reads.read(&self.capture, |raw, bufs, sizes| {
+            device.recv_multiple(raw, bufs, sizes, HEADROOM)
+        })
     }
 
     /// Packets read so far.
@@ -588,11 +592,9 @@ impl Tun {
     /// when nothing is pending.
     pub fn try_read(&mut self) -> io::Result<impl Iterator<Item = &[u8]> + Clone> {
         let device = &self.device;
-        let packets = self
-            .reads
-            .read(|raw, bufs, sizes| device.try_recv_multiple(raw, bufs, sizes, HEADROOM))?;
-        record(&self.capture, packets.clone(), Direction::IntoTunnel);
-        Ok(packets)
+        self.reads.read(&self.capture, |raw, bufs, sizes| {
+            device.try_recv_multiple(raw, bufs, sizes, HEADROOM)
+        })
     }
 
     /// A buffer of at least `len` bytes to write the next packet into, or
